@@ -1,0 +1,7 @@
+"""fineserve-jax: serve mixed-precision LLMs from one shared KV pool per device."""
+
+from fineserve_jax.llm import LLM
+from serving.sampling import SamplingParams
+from serving.sequence import CompletionOutput, RequestOutput
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,132 @@
+"""The `fineserve` command line: `generate` one prompt, `batch` a JSONL file of prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from models.errors import ModelLoadError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fineserve", description="Serve mixed-precision LLMs with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+
+    batch = sub.add_parser("batch", help="generate for every prompt of a JSONL file")
+    _add_model_args(batch)
+    _add_sampling_args(batch)
+    batch.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    batch.add_argument("--output", required=True)
+    return parser
+
+
+def _sampling(args):
+    from serving.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, stop=args.stop, seed=args.seed if args.temperature > 0 else None)
+
+
+def _llm(args):
+    from fineserve_jax.llm import LLM
+
+    kwargs = {"max_model_len": args.max_model_len, "seed": args.seed}
+    if args.kv_cache_bytes is not None:
+        kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    return LLM(args.model, precision=args.precision, dtype=args.dtype, **kwargs)
+
+
+def _result_dict(out) -> dict:
+    c = out.outputs[0]
+    m = out.metrics
+    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "ttft_s": m.ttft if m is not None else None}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+                raise ValueError(f'{path}:{n}: each line needs a "prompt" string or a "messages" list')
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no prompts")
+    return rows
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    else:
+        out = llm.generate([args.prompt], params)[0]
+    print(json.dumps(_result_dict(out)) if args.json else out.text)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    rows = _read_jsonl(args.input)
+    params = _sampling(args)
+    llm = _llm(args)
+    plain = [(i, r["prompt"]) for i, r in enumerate(rows) if "prompt" in r]
+    chats = [(i, r["messages"]) for i, r in enumerate(rows) if "prompt" not in r]
+    results: dict[int, dict] = {}
+    # One engine run per kind, so all prompts of a kind batch together; tqdm shows progress.
+    if plain:
+        for (i, _), out in zip(plain, llm.generate([p for _, p in plain], params, use_tqdm=True)):
+            results[i] = _result_dict(out)
+    if chats:
+        for (i, _), out in zip(chats, llm.chat([m for _, m in chats], params, use_tqdm=True)):
+            results[i] = _result_dict(out)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for i in range(len(rows)):
+            f.write(json.dumps({"index": i, **results[i]}) + "\n")
+    print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "batch": cmd_batch}[args.command](args)
+    except (ModelLoadError, ValueError, TypeError, OSError) as e:
+        print(f"fineserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

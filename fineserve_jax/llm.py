@@ -1,0 +1,188 @@
+"""vLLM-style offline API: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(messages)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence as Seq
+
+from models.loader import load_model
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.engine import EngineConfig, LLMEngine
+from serving.kv_pool import KVPool, slab_bytes_for
+from serving.sampling import SamplingParams
+from serving.sequence import RequestOutput
+
+PRECISIONS = ("bf16",)
+DEFAULT_KV_CACHE_BYTES = 512 << 20
+
+
+class LLM:
+    """One model on one device, with its own KV pool.
+
+    Args:
+      model: a known name (`smollm2-135m`), an HF checkpoint directory or a `.gguf` file.
+      precision: weight/activation/KV preset; "bf16" (unquantized, in `dtype`).
+      dtype: "bfloat16" or "float32": compute and weight dtype of unquantized parts, and KV dtype.
+      kv_cache_bytes: size of the device KV pool.
+      max_num_seqs, max_model_len, max_num_batched_tokens: batching limits as in vLLM.
+      tokens_per_page: KV page size in tokens.
+      seed: engine seed, used for requests that do not set their own.
+    """
+
+    def __init__(self, model: str, precision: str = "bf16", dtype: str = "bfloat16", *,
+                 kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_num_seqs: int = 32,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
+                 tokens_per_page: int = 16, seed: int = 0):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unsupported precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+        if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
+            raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+        loaded = load_model(model, dtype)
+        cfg = loaded.config
+        self.model_name = str(model)
+        self.config = cfg
+        self.tokenizer = loaded.tokenizer
+        layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
+                              kv_dtype="float32" if loaded.dtype.dtype.itemsize == 4 else "bfloat16")
+        slab_bytes = slab_bytes_for([layout.page_bytes])
+        num_slabs = kv_cache_bytes // slab_bytes
+        if num_slabs == 0:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one slab ({slab_bytes} bytes)")
+        pool = KVPool(num_slabs, slab_bytes)
+        layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register(self.model_name, layout.page_bytes))
+        limit = cfg.max_model_len if max_model_len is None else min(max_model_len, cfg.max_model_len)
+        eos = tuple(cfg.eos_token_ids) or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        if self.tokenizer is not None:
+            eos = tuple(sorted(set(eos) | set(self.tokenizer.eos_token_ids)))
+        self.engine = LLMEngine(
+            loaded.model, layout, pool, self.model_name,
+            EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         prefill_chunk=max_num_batched_tokens, seed=seed),
+            tokenizer=self.tokenizer, eos_token_ids=eos)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: str | Seq[str] | None = None,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        requests = self._prepare(prompts, sampling_params, prompt_token_ids)
+        return self._run(requests, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """`messages` is one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so chat templates are unavailable")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages or [])
+        if not conversations:
+            raise ValueError("chat needs at least one conversation")
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt)
+                 for c in conversations]
+        # The template already holds every special token the model expects.
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        requests = self._prepare(None, sampling_params, ids, texts)
+        return self._run(requests, use_tqdm)
+
+    def generate_stream(self, prompt: str | Seq[int], sampling_params: SamplingParams | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Yield the growing output of one request after each token (the last one is finished)."""
+        (ids, text, params), = self._prepare(
+            [prompt] if isinstance(prompt, str) else None, sampling_params,
+            None if isinstance(prompt, str) else [prompt])
+        if params.n != 1:
+            raise ValueError("generate_stream supports n=1 only")
+        rid = self.engine.add_request(ids, params, prompt=text)
+        while True:
+            for out in self.engine.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _prepare(self, prompts, sampling_params, prompt_token_ids, texts=None):
+        """Validate every input before queueing any, so a bad one loses nothing."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not all(isinstance(p, str) for p in prompts):
+                raise TypeError("prompts must be strings (use prompt_token_ids= for token ids)")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass prompt_token_ids instead")
+            ids = [self.tokenizer.encode(p) for p in prompts]
+            texts = list(prompts)
+        else:
+            ids = [list(p) for p in prompt_token_ids]
+            texts = texts or [None] * len(ids)
+        if not ids:
+            raise ValueError("no prompts given")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(ids)
+        if len(params) != len(ids):
+            raise ValueError(f"got {len(params)} sampling params for {len(ids)} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        limit = self.engine.config.max_model_len
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"prompt {i} is empty")
+            if len(x) >= limit:
+                raise ValueError(f"prompt {i} is {len(x)} tokens long; this model's maximum context is "
+                                 f"{limit} tokens (prompt plus at least one generated token)")
+            bad = [t for t in x if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+        return list(zip(ids, texts, params))
+
+    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        groups: list[list[str]] = []
+        try:
+            for ids, text, params in requests:
+                if params.n == 1:
+                    groups.append([self.engine.add_request(ids, params, prompt=text)])
+                    continue
+                # n samples: independent requests with distinct seeds, merged below.
+                children = []
+                for i in range(params.n):
+                    seed = None if params.seed is None else params.seed + i
+                    child = dataclasses.replace(params, n=1, seed=seed)
+                    children.append(self.engine.add_request(ids, child, prompt=text))
+                groups.append(children)
+            finished: dict[str, RequestOutput] = {}
+            total = sum(len(g) for g in groups)
+            bar = None
+            if use_tqdm:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=total, desc="generate", unit="req")
+            for out in self.engine.run_until_done():
+                if out.finished:
+                    finished[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                bar.close()
+        except BaseException:
+            for g in groups:
+                for rid in g:
+                    self.engine.abort_request(rid)
+            raise
+        results = []
+        for g in groups:
+            first = finished[g[0]]
+            outs = []
+            for i, rid in enumerate(g):
+                o = finished[rid].outputs[0]
+                outs.append(dataclasses.replace(o, index=i))
+            results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outs, True,
+                                         first.metrics))
+        return results

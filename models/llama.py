@@ -1,0 +1,127 @@
+"""Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): GQA, RMSNorm, SwiGLU.
+
+The model reads and writes its KV cache only through page tables into the shared pool: every forward
+call takes a batch of token rows `[B, S]` (S = 1 for decode, a chunk for prefill) starting at
+`start_pos[b]`, writes their K/V into the sequence's pages and attends over all cached tokens.
+
+Layers are stacked (one `DecoderLayer` whose parameters carry a leading layer axis) and run under
+`lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
+from pallas_kernels.paged_attention import paged_attention
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x):
+        # As HF: normalise in float32, cast back, then scale.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def _linear(din, dout, bias, dtype, rngs):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
+        self.q_proj = _linear(h, cfg.num_heads * d, cfg.attention_bias, dtype, rngs)
+        self.k_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.v_proj = _linear(h, cfg.num_kv_heads * d, cfg.attention_bias, dtype, rngs)
+        self.o_proj = _linear(cfg.num_heads * d, h, False, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
+        self.gate_proj = _linear(h, cfg.intermediate_size, False, dtype, rngs)
+        self.up_proj = _linear(h, cfg.intermediate_size, False, dtype, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, h, False, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+
+    def __call__(self, x, cos, sin, kv: "PagedKV", pool, layer):
+        b, s, _ = x.shape
+        h = self.input_layernorm(x)
+        q = apply_rope(self.q_proj(h).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim)
+        n = b * s
+        pool = write_kv_tokens(pool, kv.layout, kv.write_pages.reshape(n), kv.write_slots.reshape(n),
+                               kv.write_valid.reshape(n), layer,
+                               k.reshape(n, self.num_kv_heads, self.head_dim),
+                               v.reshape(n, self.num_kv_heads, self.head_dim))
+        attn = paged_attention(q, pool, kv.layout, layer, kv.page_table, kv.positions, kv.kv_lens,
+                               implementation=kv.implementation)
+        x = x + self.o_proj(attn.reshape(b, s, self.num_heads * self.head_dim))
+        h = self.post_attention_layernorm(x)
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, pool
+
+
+class PagedKV:
+    """Where this batch's tokens live in the pool: derived once per forward, shared by all layers."""
+
+    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, implementation):
+        t = layout.tokens_per_page
+        self.layout, self.page_table, self.implementation = layout, page_table, implementation
+        offsets = jnp.arange(seq_len, dtype=jnp.int32)
+        self.positions = start_pos[:, None] + offsets[None, :]                      # [B, S]
+        self.write_valid = offsets[None, :] < num_new[:, None]                       # [B, S]
+        page_idx = jnp.where(self.write_valid, self.positions // t, 0)
+        self.write_pages = jnp.take_along_axis(page_table, page_idx, axis=1)         # [B, S]
+        self.write_slots = self.positions % t
+        self.kv_lens = start_pos + num_new
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
+                 attention_impl: str = "xla"):
+        """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P].
+        Returns the final hidden states [B, S, hidden] and the updated pool."""
+        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], attention_impl)
+        cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
+        x = self.embed_tokens(tokens)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x, pool = carry
+            state, layer = xs
+            x, pool = nnx.merge(graphdef, state)(x, cos, sin, kv, pool, layer)
+            return (x, pool), None
+
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, pool), _ = jax.lax.scan(body, (x, pool), (layer_state, layer_ids))
+        return self.norm(x), pool
+
+    def logits(self, hidden):
+        """hidden [..., hidden] -> float32 logits [..., vocab]."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)

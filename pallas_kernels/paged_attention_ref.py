@@ -1,0 +1,71 @@
+"""Pure-XLA reference for attention over KV pages of the shared pool (prefill, chunked prefill, decode).
+
+Queries attend to every cached token of their sequence at a position <= their own (causal). Pages are
+visited a block at a time with an online softmax (flash-decoding style), so no sequence's whole
+context is ever gathered into one contiguous buffer, and the loop stops at the longest live context
+in the batch rather than at the page table's width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+
+
+def paged_attention_reference(
+    q: jax.Array,            # [B, S, Hq, D] queries (RoPE applied)
+    pool: jax.Array,         # uint32[num_slabs, slab_words]
+    layout: KVPageLayout,
+    layer,                   # int or traced int32 scalar
+    page_table: jax.Array,   # int32[B, P]; entries past a sequence's pages may be any valid page
+    q_positions: jax.Array,  # int32[B, S] absolute position of each query
+    kv_lens: jax.Array,      # int32[B] cached tokens per sequence (after this step's writes)
+    *,
+    pages_per_block: int = 8,
+) -> jax.Array:
+    batch, seq, num_q_heads, head_dim = q.shape
+    num_kv_heads = layout.num_kv_heads
+    group = num_q_heads // num_kv_heads
+    num_pages = page_table.shape[1]
+    pages_per_block = min(pages_per_block, num_pages)
+    if num_pages % pages_per_block:
+        raise ValueError(f"page table width {num_pages} must be a multiple of {pages_per_block}")
+    block_tokens = pages_per_block * layout.tokens_per_page
+    scale = head_dim ** -0.5
+
+    qg = q.reshape(batch, seq, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
+    m0 = jnp.full((batch, num_kv_heads, group, seq), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((batch, num_kv_heads, group, seq), jnp.float32)
+    acc0 = jnp.zeros((batch, num_kv_heads, group, seq, head_dim), jnp.float32)
+
+    def block(i, carry):
+        m, l, acc = carry
+        ids = lax.dynamic_slice_in_dim(page_table, i * pages_per_block, pages_per_block, axis=1)
+        k, v = read_kv_pages(pool, layout, ids, layer)  # [B, pb, T, Hkv, D]
+        k = k.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
+        v = v.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
+        k_pos = i * block_tokens + jnp.arange(block_tokens)
+        k_live = k_pos[None, :] < kv_lens[:, None]                                   # [B, K]
+        # Pages past a sequence's end may hold anything (NaN included): zero them before use.
+        k = jnp.where(k_live[:, :, None, None], k, 0.0)
+        v = jnp.where(k_live[:, :, None, None], v, 0.0)
+        mask = k_live[:, None, :] & (k_pos[None, None, :] <= q_positions[:, :, None])  # [B, S, K]
+        s = jnp.einsum("bshgd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("bhgsk,bkhd->bhgsd", p, v,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    num_blocks = (jnp.max(kv_lens) + block_tokens - 1) // block_tokens
+    _, l, acc = lax.fori_loop(0, num_blocks, block, (m0, l0, acc0))
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]                 # queries with no keys -> 0
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, num_q_heads, head_dim)
+    return out.astype(q.dtype)

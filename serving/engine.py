@@ -1,0 +1,202 @@
+"""Single-model engine: request queue, continuous batching, streaming outputs, per-request timing.
+
+`add_request` queues a prompt; each `step` runs one batch (chosen by the Scheduler) through the
+ModelRunner and returns a RequestOutput for every request that produced a token or finished.
+Requests that arrive while others are decoding join the running batch at the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.kv_pool import KVPool
+from serving.model_runner import ModelRunner
+from serving.page_manager import PageManager
+from serving.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
+from serving.scheduler import Scheduler
+from serving.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_num_batched_tokens: int = 512
+    prefill_chunk: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        self.prefill_chunk = min(self.prefill_chunk, self.max_num_batched_tokens)
+
+
+@dataclass
+class StepStats:
+    """Where the time of the last steps went: host (scheduling, batching, sampling bookkeeping,
+    detokenising) versus waiting for the device program."""
+
+    steps: int = 0
+    tokens: int = 0
+    total_seconds: float = 0.0
+    device_seconds: float = 0.0
+    per_step: list[tuple[bool, int, float, float]] = field(default_factory=list)  # prefill?, rows, total, device
+
+    @property
+    def host_share(self) -> float:
+        return 1.0 - self.device_seconds / self.total_seconds if self.total_seconds else 0.0
+
+
+class LLMEngine:
+    def __init__(self, model, layout: KVPageLayout, pool: KVPool, model_key: str, config: EngineConfig,
+                 tokenizer=None, eos_token_ids: tuple[int, ...] = ()):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.pool = pool
+        self.layout = layout
+        self.pages = PageManager(pool.allocator, model_key, layout)
+        pool_pages = pool.allocator.num_free_pages(model_key)
+        if pool_pages < layout.pages_for(config.max_model_len):
+            raise ValueError(
+                f"the KV pool holds {pool_pages * layout.tokens_per_page} tokens for this model, fewer than "
+                f"max_model_len={config.max_model_len}; give it more KV cache memory or lower max_model_len")
+        self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   prefill_chunk=config.prefill_chunk)
+        self.runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=config.max_model_len,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  prefill_chunk=config.prefill_chunk)
+        self.vocab_size = model.config.vocab_size
+        self._seeds = np.random.default_rng(config.seed)
+        self._ids = itertools.count()
+        self.requests: dict[str, Sequence] = {}
+        self.stats = StepStats()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt is {len(ids)} tokens long; this model's maximum context is {limit} tokens "
+                f"(prompt plus at least one generated token)")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
+        detok = self.tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens) if self.tokenizer else None
+        seq = Sequence(request_id, prompt, [int(t) for t in ids], params, seed, detok, arrival_time)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+    def warmup(self, sampling_variants: list[SamplingParams] | None = None) -> None:
+        self.pool.words = self.runner.warmup(self.pool.words, sampling_variants)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
+        self.pool.words, result = self.runner.execute(self.pool.words, batch.is_prefill, batch.seqs,
+                                                      batch.num_tokens, sample_rows)
+        now = time.time()
+        outputs = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            seq.num_computed += n
+            if not sample_rows[i]:
+                continue
+            self._append_token(seq, int(result.sampled[i]), result, i, now)
+            outputs.append(self._output(seq))
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+        total = time.perf_counter() - t0
+        s = self.stats
+        s.steps += 1
+        s.tokens += sum(sample_rows)
+        s.total_seconds += total
+        s.device_seconds += result.device_seconds
+        s.per_step.append((batch.is_prefill, len(batch.seqs), total, result.device_seconds))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, result, row: int, now: float) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        seq.metrics.token_times.append(now)
+        if seq.output_logprobs is not None:
+            k = p.logprobs or 0
+            top = {int(t): float(v) for t, v in zip(result.top_ids[row][:k], result.top_logprobs[row][:k])}
+            seq.output_logprobs.append(TokenLogprobs(token, float(result.logprobs[row]), top))
+        checked_from = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.step(token) or ""
+        num_out = len(seq.output_token_ids)
+        may_stop = num_out >= p.min_tokens
+        reason, stop_reason = None, None
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif may_stop and token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif may_stop and p.stop and (hit := find_stop(seq.text, p.stop, checked_from)) is not None:
+            index, stop = hit
+            seq.text = seq.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
+            reason, stop_reason = "stop", stop
+        elif p.max_tokens is not None and num_out >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.config.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            seq.stop_reason = stop_reason
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        visible = seq.text
+        if not seq.is_finished and seq.params.stop:
+            # Hold back text that may turn out to be the start of a stop string.
+            held = longest_partial_stop_suffix(seq.text, seq.params.stop)
+            visible = seq.text[:len(seq.text) - held]
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [seq.output(visible)],
+                             seq.is_finished, seq.metrics)
+
+    def run_until_done(self):
+        """Step until every queued request is finished; yields outputs as they are produced."""
+        while self.has_unfinished_requests():
+            yield from self.step()

@@ -1,0 +1,138 @@
+"""Runs one model's jitted prefill/decode programs over the shared pool, in fixed shape buckets.
+
+Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up to max_num_seqs;
+prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
+budget. The page table always has the width of a maximum-length sequence, so it never changes a
+shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
+reports how many programs exist.
+
+The pool is donated to every step, so it is updated in place and never copied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llama import LlamaForCausalLM
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
+from serving.sequence import Sequence
+
+MIN_PREFILL_BUCKET = 16
+PAGES_PER_ATTENTION_BLOCK = 8
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class StepResult:
+    sampled: np.ndarray             # int32[rows] sampled token per scheduled sequence
+    logprobs: np.ndarray | None     # float32[rows]
+    top_ids: np.ndarray | None      # int32[rows, K]
+    top_logprobs: np.ndarray | None
+    device_seconds: float           # from dispatch until results were on the host
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
+                 max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
+                 attention_impl: str = "xla"):
+        self.layout = layout
+        self.vocab_size = model.config.vocab_size
+        self.max_batch = _pow2_at_least(max_num_seqs)
+        self.prefill_chunk = prefill_chunk
+        self.max_num_batched_tokens = max_num_batched_tokens
+        pages = layout.pages_for(max_model_len)
+        self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
+        graphdef, self.state = nnx.split(model)
+
+        def forward(state, pool, tokens, start_pos, num_new, page_table):
+            model = nnx.merge(graphdef, state)
+            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, attention_impl)
+            last = jnp.maximum(num_new - 1, 0)[:, None, None]
+            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
+
+        self._forward = jax.jit(forward, donate_argnums=(1,))
+
+    # ---- buckets -------------------------------------------------------------------------------
+    def decode_buckets(self) -> list[int]:
+        return [1 << i for i in range(self.max_batch.bit_length())]
+
+    def prefill_buckets(self) -> list[tuple[int, int]]:
+        out = []
+        s = MIN_PREFILL_BUCKET
+        while s <= _pow2_at_least(self.prefill_chunk):
+            b = 1
+            while b <= self.max_batch and b * s <= max(self.max_num_batched_tokens, s):
+                out.append((b, s))
+                b *= 2
+            s *= 2
+        return out
+
+    def bucket_for(self, is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
+        batch = _pow2_at_least(len(num_tokens))
+        seq = max(MIN_PREFILL_BUCKET, _pow2_at_least(max(num_tokens))) if is_prefill else 1
+        return batch, seq
+
+    @property
+    def num_compilations(self) -> int:
+        return self._forward._cache_size() + sample._cache_size()
+
+    # ---- execution -----------------------------------------------------------------------------
+    def execute(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int],
+                sample_rows: list[bool]) -> tuple[jax.Array, StepResult]:
+        """Run one step. Returns the new pool and, for rows with sample_rows[i], the sampled token."""
+        batch, seq_len = self.bucket_for(is_prefill, num_tokens)
+        tokens = np.zeros((batch, seq_len), np.int32)
+        start = np.zeros((batch,), np.int32)
+        count = np.zeros((batch,), np.int32)
+        table = np.zeros((batch, self.table_width), np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
+            tokens[i, :n] = seq.tokens(seq.num_computed, seq.num_computed + n)
+            start[i] = seq.num_computed
+            count[i] = n
+            table[i, :len(seq.pages)] = seq.pages
+        params = [s.params for s in seqs]
+        histories = [(s.prompt_token_ids + s.output_token_ids, len(s.prompt_token_ids))
+                     if s.params.uses_penalties else ((), 0) for s in seqs]
+        sampling, flags = build_sampling_batch(
+            params, histories, [len(s.output_token_ids) for s in seqs], [s.seed for s in seqs],
+            batch, self.vocab_size)
+        t0 = time.perf_counter()
+        logits, pool = self._forward(self.state, pool, tokens, start, count, table)
+        out: SamplerOutput = sample(logits, sampling, flags=flags)
+        n = len(seqs)
+        if flags.num_logprobs or any(p.logprobs is not None for p in params):
+            sampled, logprobs, top_ids, top_lp = jax.device_get(
+                (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+            result = StepResult(sampled[:n], logprobs[:n], top_ids[:n], top_lp[:n], 0.0)
+        else:
+            result = StepResult(np.asarray(out.token_ids)[:n], None, None, None, 0.0)
+        result.device_seconds = time.perf_counter() - t0
+        return pool, result
+
+    def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None) -> jax.Array:
+        """Compile every bucket (and the given sampling variants at every batch size)."""
+        variants = sampling_variants or [SamplingParams(temperature=0.0),
+                                         SamplingParams(temperature=0.8, top_p=0.95, top_k=50),
+                                         SamplingParams(temperature=0.8)]
+        shapes = [(b, 1) for b in self.decode_buckets()] + self.prefill_buckets()
+        table = None
+        for b, s in shapes:
+            zeros = np.zeros((b,), np.int32)
+            if table is None or table.shape[0] != b:
+                table = np.zeros((b, self.table_width), np.int32)
+            logits, pool = self._forward(self.state, pool, np.zeros((b, s), np.int32), zeros, zeros, table)
+            for v in variants:
+                batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
+                sample(logits, batch, flags=flags)
+        jax.block_until_ready(pool)
+        return pool

@@ -1,0 +1,117 @@
+"""Continuous batching for one model: which sequences run in the next step, and with how many tokens.
+
+Each step is either a prefill step (chunks of prompts, new requests admitted FCFS) or a decode step
+(one token for every running sequence whose prompt is fully cached). Prefill goes first so new
+requests join the running decode batch as soon as possible. When the pool runs out of pages during
+decode, the most recently admitted sequence is preempted: its pages are freed and it is recomputed
+later from its prompt plus the tokens it has generated (its outputs are kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from serving.page_manager import PageManager
+from serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    is_prefill: bool
+    seqs: list[Sequence]
+    num_tokens: list[int]  # tokens each sequence computes this step
+
+
+class Scheduler:
+    def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int):
+        self.pages = pages
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch is None:
+            batch = self._schedule_decode()
+        if batch is None and self.running:
+            # Every running sequence is mid-prefill and none can get a page: free the newest.
+            self._preempt(self.running[-1])
+            return self.schedule()
+        return batch
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_num_batched_tokens
+        seqs, counts = [], []
+
+        def take(seq: Sequence) -> bool:
+            nonlocal budget
+            n = min(seq.num_uncomputed, self.prefill_chunk, budget)
+            if n <= 0 or not self.pages.can_grow(seq, n):
+                return False
+            self.pages.grow(seq, n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            return True
+
+        for seq in self.running:
+            if seq.num_uncomputed > 1:  # mid-prefill; the last token is computed by a decode step
+                take(seq)
+        now = time.time()
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not take(seq):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+            self.running.append(seq)
+        return ScheduledBatch(True, seqs, counts) if seqs else None
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        seqs = []
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted below while making room
+            while not self.pages.can_grow(seq, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.pages.grow(seq, 1)
+                seqs.append(seq)
+        return ScheduledBatch(False, seqs, [1] * len(seqs)) if seqs else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pages.release(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and return its pages; works for waiting and running sequences."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.pages.release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.metrics.finished_time = time.time()
