@@ -1,0 +1,381 @@
+"""Tests for pallas_kernels/kv_pages.py (page reads/writes in the shared uint32 pool) and
+pallas_kernels/paged_attention_ref.py (the pure-XLA paged attention reference).
+
+Every pool starts out filled with NaN bit patterns, so any word a read or an attention step should
+not depend on (unwritten pages, the unused tail of a partly filled page, the table entries past a
+sequence's pages, the slab remainder) would poison the result. Page tables are random permutations
+of the pool's pages, so nothing relies on pages being contiguous or in order.
+
+Pool writes are checked bit for bit against a numpy model of the layout documented in kv_pages.py,
+which also proves that no word outside the written rows changes. Attention is checked against a
+dense float64 softmax(q k^T / sqrt(D)) v with GQA grouping and a causal mask.
+
+Compile budget: the jitted functions take the layout as a static argument and the layer as a traced
+int32, and all shapes within one parametrization are fixed (B, P, N, S), so each of the 16 parameter
+combinations compiles write, read, decode attention and prefill attention once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, write_kv_tokens
+from pallas_kernels.paged_attention_ref import paged_attention_reference
+from serving.kv_pool import SlabAllocator
+
+# 0x7FC00000 is a float32 quiet NaN, but read as two bfloat16 elements its low half is +0.0. The
+# pattern 0x7FC07FC0 is a NaN whether the word is read as one float32 or as two bfloat16s.
+POISON = np.uint32(0x7FC07FC0)
+
+NUM_LAYERS = 2
+B = 6               # batch rows: lengths 1, a multiple of T, several blocks, random, random, 0
+P = 24              # page-table width: 3 attention blocks of 8 pages
+PAGES_PER_BLOCK = 8
+PAGES_PER_SLAB = 3  # pages of one sequence straddle slabs
+S_PREFILL = 6
+U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand, round to nearest even)
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+_write = jax.jit(write_kv_tokens, static_argnums=1)
+_read = jax.jit(read_kv_pages, static_argnums=1)
+_attn = jax.jit(paged_attention_reference, static_argnums=2, static_argnames="pages_per_block")
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy model of the layout
+
+
+def to_words(x: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """[..., n] values -> uint32[..., n * itemsize / 4], the bytes stored in the pool."""
+    e = np.ascontiguousarray(np.asarray(x, np.float32).astype(NP_DTYPES[kv_dtype]))
+    return e.view(np.uint32)  # little-endian: element 0 of a word is its low half, as XLA's bitcast
+
+
+def bits(x) -> np.ndarray:
+    """Bit pattern of an array (NaN-safe exact comparison)."""
+    x = np.ascontiguousarray(np.asarray(x))
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def model_write(pool: np.ndarray, layout: KVPageLayout, pages, slots, valid, layer, k, v) -> np.ndarray:
+    """What write_kv_tokens must do, computed from the layout's documented formula."""
+    pool = pool.copy()
+    rw = layout.row_words
+    for i in np.flatnonzero(valid):
+        slab, local = divmod(int(pages[i]), layout.pages_per_slab)
+        for kind, x in ((0, k), (1, v)):
+            w = local * layout.page_words + (layer * 2 + kind) * layout.chunk_words + int(slots[i]) * rw
+            pool[slab, w:w + rw] = to_words(x[i].reshape(-1), layout.kv_dtype)
+    return pool
+
+
+def page_words(layout: KVPageLayout, page: int) -> tuple[int, slice]:
+    slab, local = divmod(page, layout.pages_per_slab)
+    return slab, slice(local * layout.page_words, (local + 1) * layout.page_words)
+
+
+def make_pool(layout: KVPageLayout, num_slabs: int, spare_words: int = 5) -> np.ndarray:
+    """Poisoned pool whose slabs hold `pages_per_slab` pages plus a remainder that fits no page."""
+    slab_words = layout.pages_per_slab * layout.page_words + spare_words
+    return np.full((num_slabs, slab_words), POISON, np.uint32)
+
+
+def dense_attention(q, k, v, q_pos, kv_len) -> np.ndarray:
+    """float64 softmax(q k^T / sqrt(D)) v for one sequence. q: [S, Hq, D]; k, v: [>=kv_len, Hkv, D].
+    q head h reads kv head h // (Hq / Hkv). A query that sees no key gives 0."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k[:kv_len], v[:kv_len]))
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    kh = np.repeat(k, hq // hkv, axis=1)  # [L, Hq, D]
+    vh = np.repeat(v, hq // hkv, axis=1)
+    s = np.einsum("shd,lhd->hsl", q, kh) / np.sqrt(d)
+    mask = np.arange(kv_len)[None, :] <= np.asarray(q_pos)[:, None]  # [S, L]
+    s = np.where(mask[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    p = np.where(mask[None], np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = p.sum(axis=-1, keepdims=True)
+    out = np.einsum("hsl,lhd->shd", p / np.where(l > 0, l, 1.0), vh)
+    return out
+
+
+def bf16_error_bound(q, k, v, q_pos, kv_len) -> np.ndarray:
+    """Rigorous bound on |attention(K, V) - attention(bf16(K), bf16(V))| per [S, Hq] (float32 math
+    aside). Rounding gives |dk| <= u|k| and |dv| <= u|v| elementwise (u = 2^-8), hence every score
+    moves by at most eps = u * max_i sum_d |q_d k_id| / sqrt(D), every softmax weight by a factor in
+    [e^-2eps, e^2eps], so sum_i |p_i - p'_i| <= e^(2 eps) - 1, and
+        |out - out'| <= sum_i |p_i - p'_i| |v_i| + sum_i p'_i |dv_i| <= max|v| (e^(2 eps) - 1 + u)."""
+    q, k, v = (np.abs(np.asarray(a, np.float64)) for a in (q, k[:kv_len], v[:kv_len]))
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    kh = np.repeat(k, hq // hkv, axis=1)
+    vmax = np.repeat(v, hq // hkv, axis=1).max(axis=(0, 2), initial=0.0)  # [Hq]
+    eps = U_BF16 * np.einsum("shd,lhd->shl", q, kh).max(axis=-1, initial=0.0) / np.sqrt(d)  # [S, Hq]
+    return vmax[None, :] * (np.expm1(2 * eps) + U_BF16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The main round trip: write ragged sequences into scattered pages, read back, attend
+
+
+def ragged_lengths(rng, t: int) -> np.ndarray:
+    block = PAGES_PER_BLOCK * t
+    return np.array([
+        1,                                         # a single token
+        t * int(rng.integers(1, 5)),               # exactly fills its last page
+        int(rng.integers(2 * block + 1, P * t + 1)),  # spans all three attention blocks
+        int(rng.integers(2, P * t + 1)),
+        int(rng.integers(2, block + 1)),
+        0,                                         # nothing cached
+    ])
+
+
+def scattered_batch(rng, layout: KVPageLayout, lens: np.ndarray, num_pages: int):
+    """Page table: each sequence's pages drawn from a random permutation of the pool; entries past a
+    sequence's pages point at random pages never written (poison)."""
+    t = layout.tokens_per_page
+    need = [layout.pages_for(int(n)) for n in lens]
+    perm = rng.permutation(num_pages)
+    used, spare = perm[:sum(need)], perm[sum(need):]
+    assert len(spare) > 0
+    table = rng.choice(spare, size=(len(lens), P)).astype(np.int32)
+    offs = np.cumsum([0] + need)
+    for b, n in enumerate(need):
+        table[b, :n] = used[offs[b]:offs[b + 1]]
+    # The tokens to write: every cached position of every sequence, in a random order, with padding
+    # rows (valid=False) pointing at live pages and carrying NaN K/V scattered among them.
+    tok_b = np.concatenate([np.full(n, b) for b, n in enumerate(lens)]).astype(np.int64)
+    tok_pos = np.concatenate([np.arange(n) for n in lens]).astype(np.int64)
+    n_tok = len(tok_b)
+    n_rows = len(lens) * P * t  # fixed, so the write compiles once per layout
+    order = rng.permutation(n_rows)
+    valid = np.zeros(n_rows, bool)
+    valid[order[:n_tok]] = True
+    rows_b = np.zeros(n_rows, np.int64)
+    rows_pos = np.zeros(n_rows, np.int64)
+    rows_b[order[:n_tok]], rows_pos[order[:n_tok]] = tok_b, tok_pos
+    rows_b[order[n_tok:]] = rng.integers(0, len(lens), n_rows - n_tok)
+    rows_pos[order[n_tok:]] = rng.integers(0, P * t, n_rows - n_tok)
+    pages = table[rows_b, rows_pos // t].astype(np.int32)
+    slots = (rows_pos % t).astype(np.int32)
+    return table, used, spare, valid, rows_b, rows_pos, pages, slots
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("tokens_per_page", [8, 16])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
+    rng = np.random.default_rng()
+    hq, hkv = heads
+    t = tokens_per_page
+    layout = KVPageLayout(NUM_LAYERS, hkv, head_dim, t, kv_dtype, pages_per_slab=PAGES_PER_SLAB)
+    num_slabs = -(-(B * P + 8) // PAGES_PER_SLAB)
+    num_pages = num_slabs * PAGES_PER_SLAB
+    pool0 = make_pool(layout, num_slabs)
+
+    lens = ragged_lengths(rng, t)
+    table, used, spare, valid, rows_b, rows_pos, pages, slots = scattered_batch(rng, layout, lens, num_pages)
+    max_len = P * t
+    # Per-layer K/V of each sequence, float32 (the same shapes every run).
+    kv = rng.standard_normal((NUM_LAYERS, 2, B, max_len, hkv, head_dim)).astype(np.float32)
+
+    pool = jnp.asarray(pool0)
+    expected = pool0
+    for layer in range(NUM_LAYERS):
+        k_rows = kv[layer, 0, rows_b, rows_pos]
+        v_rows = kv[layer, 1, rows_b, rows_pos]
+        k_rows[~valid] = np.nan  # padding rows carry garbage that must never land
+        v_rows[~valid] = np.inf
+        pool = _write(pool, layout, jnp.asarray(pages), jnp.asarray(slots), jnp.asarray(valid),
+                      jnp.int32(layer), jnp.asarray(k_rows), jnp.asarray(v_rows))
+        expected = model_write(expected, layout, pages, slots, valid, layer, k_rows, v_rows)
+
+    # 1. The pool is exactly the layout model: written rows hold the K/V bits, every other word
+    #    (pages never written, page tails, slab remainders, padding targets) is still poison.
+    pool_np = np.asarray(pool)
+    assert pool_np.dtype == np.uint32 and pool_np.shape == pool0.shape
+    assert np.array_equal(pool_np, expected)
+    for p in spare:
+        slab, sl = page_words(layout, int(p))
+        assert (pool_np[slab, sl] == POISON).all()
+    assert (pool_np[:, PAGES_PER_SLAB * layout.page_words:] == POISON).all()
+
+    # 2. Read back through the page table, bit for bit.
+    kv_cast = kv.astype(NP_DTYPES[kv_dtype])
+    for layer in range(NUM_LAYERS):
+        k, v = _read(pool, layout, jnp.asarray(table), jnp.int32(layer))
+        assert k.dtype == layout.dtype and k.shape == (B, P, t, hkv, head_dim)
+        k = np.asarray(k).reshape(B, max_len, hkv, head_dim)
+        v = np.asarray(v).reshape(B, max_len, hkv, head_dim)
+        for b, n in enumerate(lens):
+            assert np.array_equal(bits(k[b, :n]), bits(kv_cast[layer, 0, b, :n]))
+            assert np.array_equal(bits(v[b, :n]), bits(kv_cast[layer, 1, b, :n]))
+            assert np.isnan(k[b, n:]).all() and np.isnan(v[b, n:]).all()  # never written: poison
+
+    # 3. Attention, decode (one query at len - 1) and prefill (the last S positions, causal).
+    # Tolerances: the kernel computes in float32 (bf16 K/V are upcast exactly), so against a float64
+    # reference built from the *stored* K/V only float32 rounding in the dot products, exp and the
+    # online-softmax rescaling remains: a few ulps (~1e-7 relative) per op over <= 384 keys, i.e.
+    # ~1e-6; rtol = atol = 2e-5 leaves margin (outputs are O(0.1..1), so atol only matters near 0).
+    # Against the unrounded float32 K/V, bf16 storage adds the error bounded in bf16_error_bound.
+    kv_stored = kv_cast.astype(np.float64)
+    for s_len in (1, S_PREFILL):
+        q = rng.standard_normal((B, s_len, hq, head_dim)).astype(np.float32)
+        q_pos = (lens[:, None] - s_len + np.arange(s_len)[None, :]).astype(np.int32)  # may be < 0
+        for layer in range(NUM_LAYERS):
+            out = _attn(jnp.asarray(q), pool, layout, jnp.int32(layer), jnp.asarray(table),
+                        jnp.asarray(q_pos), jnp.asarray(lens, dtype=jnp.int32),
+                        pages_per_block=PAGES_PER_BLOCK)
+            out = np.asarray(out)
+            assert out.shape == (B, s_len, hq, head_dim) and out.dtype == np.float32
+            assert np.isfinite(out).all()
+            for b, n in enumerate(lens):
+                ref = dense_attention(q[b], kv_stored[layer, 0, b], kv_stored[layer, 1, b], q_pos[b], n)
+                np.testing.assert_allclose(out[b], ref, rtol=2e-5, atol=2e-5,
+                                           err_msg=f"layer {layer} row {b} len {n} S {s_len}")
+                if kv_dtype == "bfloat16":
+                    k32, v32 = kv[layer, 0, b], kv[layer, 1, b]
+                    ref32 = dense_attention(q[b], k32, v32, q_pos[b], n)
+                    bound = bf16_error_bound(q[b], k32, v32, q_pos[b], n)
+                    err = np.abs(out[b] - ref32).max(axis=-1)  # [S, Hq]
+                    assert (err <= bound + 2e-5).all(), (err.max(), bound.min())
+            assert not out[lens == 0].any()  # no keys: exactly zero
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writes touch exactly their rows
+
+SMALL = KVPageLayout(num_layers=2, num_kv_heads=2, head_dim=64, tokens_per_page=4, kv_dtype="bfloat16",
+                     pages_per_slab=4)
+
+
+@pytest.mark.parametrize("layout", [SMALL, dataclasses.replace(SMALL, kv_dtype="float32", pages_per_slab=2)],
+                         ids=["bf16", "f32"])
+def test_padding_writes_touch_nothing(layout):
+    rng = np.random.default_rng()
+    num_slabs = 3
+    num_pages = num_slabs * layout.pages_per_slab
+    n = 16
+    # Start from random words (not all poison), so "unchanged" is a strong statement.
+    pool0 = rng.integers(0, 2 ** 32, (num_slabs, layout.pages_per_slab * layout.page_words + 3),
+                         dtype=np.uint32)
+    pool0[rng.random(pool0.shape) < 0.3] = POISON
+    # Distinct (page, slot) targets so the valid rows' outcome is order independent; padding rows
+    # aim at the same pages, including the very rows the valid ones write.
+    targets = rng.choice(num_pages * layout.tokens_per_page, n, replace=False)
+    pages, slots = (targets // layout.tokens_per_page).astype(np.int32), (targets % layout.tokens_per_page).astype(np.int32)
+    k = rng.standard_normal((n, layout.num_kv_heads, layout.head_dim)).astype(np.float32)
+    v = rng.standard_normal((n, layout.num_kv_heads, layout.head_dim)).astype(np.float32)
+    pool = jnp.asarray(pool0)
+
+    # All padding: nothing changes at all.
+    none = np.zeros(n, bool)
+    out = _write(pool, layout, jnp.asarray(pages), jnp.asarray(slots), jnp.asarray(none), jnp.int32(1),
+                 jnp.asarray(k), jnp.asarray(v))
+    assert np.array_equal(np.asarray(out), pool0)
+
+    # Mixed: exactly the valid rows change; padding aimed at the same rows does not overwrite them.
+    valid = rng.random(n) < 0.5
+    valid[0], valid[1] = True, False
+    pages2 = pages.copy()
+    pages2[~valid] = rng.choice(pages[valid], (~valid).sum())  # padding collides with real rows
+    slots2 = slots.copy()
+    slots2[~valid] = rng.choice(slots[valid], (~valid).sum())
+    kp, vp = k.copy(), v.copy()
+    kp[~valid], vp[~valid] = np.nan, 1e30
+    for layer in (0, 1):
+        out = _write(pool, layout, jnp.asarray(pages2), jnp.asarray(slots2), jnp.asarray(valid),
+                     jnp.int32(layer), jnp.asarray(kp), jnp.asarray(vp))
+        expected = model_write(pool0, layout, pages2, slots2, valid, layer, kp, vp)
+        out = np.asarray(out)
+        assert np.array_equal(out, expected)
+        changed = out != pool0
+        rows = np.zeros_like(changed)
+        rows_touched = model_write(np.zeros_like(pool0), layout, pages2, slots2, valid, layer,
+                                   np.ones_like(kp), np.ones_like(vp)) != 0
+        rows |= rows_touched
+        assert not (changed & ~rows).any()
+
+
+def test_one_model_write_leaves_other_bytes():
+    """Two models with different page sizes format different slabs of one pool (via SlabAllocator);
+    writing every row of model A's pages changes only those pages, never model B's or free slabs."""
+    rng = np.random.default_rng()
+    la = SMALL                                                                     # bf16, 2 layers
+    lb = KVPageLayout(num_layers=1, num_kv_heads=1, head_dim=64, tokens_per_page=6, kv_dtype="float32")
+    slab_bytes = 4 * la.page_bytes + 12  # B's pages (5 per slab) do not tile it exactly either
+    alloc = SlabAllocator(num_slabs=5, slab_bytes=slab_bytes)
+    la = dataclasses.replace(la, pages_per_slab=alloc.register("a", la.page_bytes))
+    lb = dataclasses.replace(lb, pages_per_slab=alloc.register("b", lb.page_bytes))
+    assert la.pages_per_slab == 4 and lb.pages_per_slab == 5
+    pa_first = alloc.allocate("a", 3)
+    pb = alloc.allocate("b", 7)              # two slabs of b
+    pa = pa_first + alloc.allocate("a", 3)   # fills a's slab, then a fresh one
+    pool0 = np.full((alloc.num_slabs, slab_bytes // 4), POISON, np.uint32)
+
+    def fill(pool, layout, pages, layers):
+        ids = np.repeat(np.asarray(pages, np.int32), layout.tokens_per_page)
+        sl = np.tile(np.arange(layout.tokens_per_page, dtype=np.int32), len(pages))
+        ok = np.ones(len(ids), bool)
+        expected = np.asarray(pool)
+        for layer in layers:
+            k = rng.standard_normal((len(ids), layout.num_kv_heads, layout.head_dim)).astype(np.float32)
+            v = rng.standard_normal((len(ids), layout.num_kv_heads, layout.head_dim)).astype(np.float32)
+            pool = _write(pool, layout, jnp.asarray(ids), jnp.asarray(sl), jnp.asarray(ok), jnp.int32(layer),
+                          jnp.asarray(k), jnp.asarray(v))
+            expected = model_write(expected, layout, ids, sl, ok, layer, k, v)
+        assert np.array_equal(np.asarray(pool), expected)
+        return pool
+
+    pool = fill(jnp.asarray(pool0), lb, pb, [0])
+    before = np.asarray(pool)
+    pool = fill(pool, la, pa, [0, 1])
+    after = np.asarray(pool)
+    inside = np.zeros(after.shape, bool)
+    for p in pa:
+        slab, sl = page_words(la, p)
+        inside[slab, sl] = True
+    assert np.array_equal(after[~inside], before[~inside])
+    assert (after[inside] != POISON).all()       # A's pages fully rewritten (two layers, K and V)
+    for p in pb:                                 # B's data intact
+        slab, sl = page_words(lb, p)
+        assert not inside[slab, sl].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows with nothing cached
+
+def test_empty_rows_give_zeros():
+    rng = np.random.default_rng()
+    layout = dataclasses.replace(SMALL, kv_dtype="float32", pages_per_slab=2)
+    num_slabs, p_width = 4, 8
+    pool0 = make_pool(layout, num_slabs)  # nothing written: every page is NaN
+    hq, d = 4, layout.head_dim
+    q = jnp.asarray(rng.standard_normal((3, 2, hq, d)).astype(np.float32))
+    table = jnp.asarray(rng.integers(0, num_slabs * 2, (3, p_width)), dtype=jnp.int32)
+    pos = jnp.asarray([[0, 1], [5, 6], [-1, 0]], dtype=jnp.int32)
+    # All rows empty: the block loop never runs.
+    out = np.asarray(_attn(q, jnp.asarray(pool0), layout, jnp.int32(0), table, pos,
+                           jnp.zeros(3, jnp.int32), pages_per_block=PAGES_PER_BLOCK))
+    assert not np.isnan(out).any() and not out.any()
+
+    # One row live (its first page written), the others empty while reading the same NaN pages.
+    t = layout.tokens_per_page
+    n = 3
+    k = rng.standard_normal((n, layout.num_kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((n, layout.num_kv_heads, d)).astype(np.float32)
+    page = int(table[1, 0])
+    pool = _write(jnp.asarray(pool0), layout, jnp.full(n, page, jnp.int32), jnp.arange(n, dtype=jnp.int32),
+                  jnp.ones(n, bool), jnp.int32(1), jnp.asarray(k), jnp.asarray(v))
+    assert n < t
+    out = np.asarray(_attn(q, pool, layout, jnp.int32(1), table, pos, jnp.asarray([0, n, 0], jnp.int32),
+                           pages_per_block=PAGES_PER_BLOCK))
+    assert not np.isnan(out).any()
+    assert not out[0].any() and not out[2].any()
+    ref = dense_attention(np.asarray(q[1]), k, v, np.asarray(pos[1]), n)
+    np.testing.assert_allclose(out[1], ref, rtol=2e-5, atol=2e-5)
