@@ -34,7 +34,7 @@ def model_from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], d
     Raises WeightsError naming any missing or mis-shaped tensor."""
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
 
     def fetch(name, shape, transpose):
         if name not in weights:

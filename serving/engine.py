@@ -71,13 +71,14 @@ class LLMEngine:
             raise ValueError(
                 f"the KV pool holds {pool_pages * layout.tokens_per_page} tokens for this model, fewer than "
                 f"max_model_len={config.max_model_len}; give it more KV cache memory or lower max_model_len")
-        self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   prefill_chunk=config.prefill_chunk)
         self.runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs,
                                   max_model_len=config.max_model_len,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   prefill_chunk=config.prefill_chunk)
+        self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   prefill_chunk=config.prefill_chunk,
+                                   prefill_fits=self.runner.prefill_fits)
         self.vocab_size = model.config.vocab_size
         self._seeds = np.random.default_rng(config.seed)
         self._ids = itertools.count()

@@ -61,6 +61,7 @@ class ModelRunner:
             return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
+        self._prefill_bucket_set = set(self.prefill_buckets())
 
     # ---- buckets -------------------------------------------------------------------------------
     def decode_buckets(self) -> list[int]:
@@ -76,6 +77,10 @@ class ModelRunner:
                 b *= 2
             s *= 2
         return out
+
+    def prefill_fits(self, num_tokens: list[int]) -> bool:
+        """Whether a prefill batch with these per-row token counts pads to a bucket."""
+        return self.bucket_for(True, num_tokens) in self._prefill_bucket_set
 
     def bucket_for(self, is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
         batch = _pow2_at_least(len(num_tokens))

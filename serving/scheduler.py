@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from serving.page_manager import PageManager
 from serving.sequence import Sequence, SequenceStatus
@@ -26,8 +27,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int):
+                 prefill_chunk: int, prefill_fits: Callable[[list[int]], bool] = lambda counts: True):
         self.pages = pages
+        self.prefill_fits = prefill_fits  # whether a prefill batch pads to a compiled shape
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
@@ -58,7 +60,7 @@ class Scheduler:
         def take(seq: Sequence) -> bool:
             nonlocal budget
             n = min(seq.num_uncomputed, self.prefill_chunk, budget)
-            if n <= 0 or not self.pages.can_grow(seq, n):
+            if n <= 0 or not self.prefill_fits(counts + [n]) or not self.pages.can_grow(seq, n):
                 return False
             self.pages.grow(seq, n)
             seqs.append(seq)

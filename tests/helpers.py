@@ -54,3 +54,22 @@ class PagedForward:
                                                 self.table)
         self.length += n
         return np.asarray(logits[0, :n])
+
+
+def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_slab: int = 4, **config):
+    """An LLMEngine over a pool of exactly `num_pages` pages (in slabs of `pages_per_slab`)."""
+    from serving.engine import EngineConfig, LLMEngine
+
+    cfg = loaded.config
+    dtype = "float32" if np.dtype(loaded.dtype).itemsize == 4 else "bfloat16"
+    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, dtype)
+    pool = KVPool(-(-num_pages // pages_per_slab), layout.page_bytes * pages_per_slab)
+    layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register("m", layout.page_bytes))
+    eos = tuple(cfg.eos_token_ids) or (loaded.tokenizer.eos_token_ids if loaded.tokenizer else ())
+    return LLMEngine(loaded.model, layout, pool, "m", EngineConfig(**config),
+                     tokenizer=loaded.tokenizer, eos_token_ids=eos)
+
+
+def drain(engine) -> dict[str, object]:
+    """Run an engine until idle; the final RequestOutput of each request by id."""
+    return {o.request_id: o for o in engine.run_until_done() if o.finished}
