@@ -80,3 +80,31 @@ def test_llm_generate_greedy_matches_hf(case):
                         sampling_params=SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     assert [o.token_ids for o in outs] == [ref["greedy_0"].tolist(), ref["greedy_1"].tolist()]
     assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_gguf_conversion_of_hf_model_matches_hf(tmp_path):
+    """The Mistral fixture written as llama.cpp would (Q/K rows permuted, GGUF names and vocab)
+    loads through the GGUF path and reproduces HF's logits and greedy tokens."""
+    from models.hf_loader import read_hf_config, read_hf_weights
+    from tests.gguf_writer import write_llama_gguf
+
+    src = FIXTURES / "mistral"
+    cfg = read_hf_config(src).replace(architecture="llama")
+    weights = {k: v.astype(np.float32) for k, v in read_hf_weights(src).items()}
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {a["content"] for a in tok["added_tokens"] if a["special"]}
+    tokens = [t for t, _ in vocab]
+    types = [3 if t in specials else 1 for t in tokens]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+    path = write_llama_gguf(tmp_path / "mistral.gguf", weights, cfg, vocab=(tokens, types, merges))
+
+    ref = reference("mistral")
+    loaded = load_model(path, dtype="float32")
+    assert loaded.config.num_layers == cfg.num_layers and not loaded.config.tie_word_embeddings
+    logits = PagedForward(loaded.model).step(ref["ids_0"])
+    np.testing.assert_allclose(logits, ref["logits_0"], atol=TOL, rtol=0)
+    llm = LLM(path, dtype="float32", kv_cache_bytes=8 << 20)
+    out = llm.generate(prompt_token_ids=[ref["ids_1"].tolist()],
+                       sampling_params=SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+    assert out.token_ids == ref["greedy_1"].tolist()
