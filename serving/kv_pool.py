@@ -76,6 +76,8 @@ class SlabAllocator:
     def allocate(self, model: str, n: int) -> list[int]:
         """n page ids for `model`, all or nothing; raises PoolExhausted."""
         m = self._models[model]
+        if n < 0:
+            raise ValueError(f"{model}: cannot allocate {n} pages")
         if n > self.num_free_pages(model):
             raise PoolExhausted(f"{model}: {n} pages requested, {self.num_free_pages(model)} free")
         pages: list[int] = []
@@ -96,14 +98,18 @@ class SlabAllocator:
         return pages
 
     def free(self, model: str, pages: list[int]) -> None:
+        """Return pages; all or nothing (every page is checked before any is freed)."""
         m = self._models[model]
-        for page in pages:
-            slab, local = divmod(page, m.pages_per_slab)
+        located = [divmod(page, m.pages_per_slab) for page in pages]
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"pages of {model!r} listed twice in one free: {sorted(pages)}")
+        for page, (slab, local) in zip(pages, located):
             if self._owner.get(slab) != model:
                 raise ValueError(f"page {page} of {model!r} is not allocated")
-            free = m.free_pages.setdefault(slab, [])
-            if local in free:
+            if local in m.free_pages.get(slab, ()):
                 raise ValueError(f"page {page} of {model!r} freed twice")
+        for slab, local in located:
+            free = m.free_pages.setdefault(slab, [])
             free.append(local)
             if len(free) == m.pages_per_slab:  # reclaim the empty slab for any model
                 del m.free_pages[slab]

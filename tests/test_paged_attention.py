@@ -218,11 +218,13 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
             assert np.isnan(k[b, n:]).all() and np.isnan(v[b, n:]).all()  # never written: poison
 
     # 3. Attention, decode (one query at len - 1) and prefill (the last S positions, causal).
-    # Tolerances: the kernel computes in float32 (bf16 K/V are upcast exactly), so against a float64
-    # reference built from the *stored* K/V only float32 rounding in the dot products, exp and the
-    # online-softmax rescaling remains: a few ulps (~1e-7 relative) per op over <= 384 keys, i.e.
-    # ~1e-6; rtol = atol = 2e-5 leaves margin (outputs are O(0.1..1), so atol only matters near 0).
-    # Against the unrounded float32 K/V, bf16 storage adds the error bounded in bf16_error_bound.
+    # Tolerances. The kernel computes in float32 (bf16 K/V are upcast exactly), so against a float64
+    # reference built from the K/V *as stored* (bf16-rounded for bfloat16) only float32 rounding in
+    # the dot products, exp and the online-softmax rescaling remains: a few float32 ulps (6e-8) per
+    # operation over <= 384 keys, i.e. ~1e-6 absolute on outputs of magnitude <= ~3 (measured max
+    # 7e-7). rtol = 1e-5 with atol = 5e-6 (for outputs near 0, where a relative test is meaningless)
+    # leaves ~7x margin. Against the *unrounded* float32 K/V, bf16 storage adds an error bounded by
+    # bf16_error_bound (rigorous, from bf16's 2^-8 unit roundoff) and, in RMS, by 2^-8 |v|.
     kv_stored = kv_cast.astype(np.float64)
     for s_len in (1, S_PREFILL):
         q = rng.standard_normal((B, s_len, hq, head_dim)).astype(np.float32)
@@ -234,16 +236,24 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
             out = np.asarray(out)
             assert out.shape == (B, s_len, hq, head_dim) and out.dtype == np.float32
             assert np.isfinite(out).all()
+            sq_err = sq_v = 0.0
             for b, n in enumerate(lens):
                 ref = dense_attention(q[b], kv_stored[layer, 0, b], kv_stored[layer, 1, b], q_pos[b], n)
-                np.testing.assert_allclose(out[b], ref, rtol=2e-5, atol=2e-5,
+                np.testing.assert_allclose(out[b], ref, rtol=1e-5, atol=5e-6,
                                            err_msg=f"layer {layer} row {b} len {n} S {s_len}")
-                if kv_dtype == "bfloat16":
+                if kv_dtype == "bfloat16" and n:
                     k32, v32 = kv[layer, 0, b], kv[layer, 1, b]
                     ref32 = dense_attention(q[b], k32, v32, q_pos[b], n)
                     bound = bf16_error_bound(q[b], k32, v32, q_pos[b], n)
-                    err = np.abs(out[b] - ref32).max(axis=-1)  # [S, Hq]
-                    assert (err <= bound + 2e-5).all(), (err.max(), bound.min())
+                    err = np.abs(out[b] - ref32)
+                    assert (err.max(axis=-1) <= bound + 5e-6).all(), (err.max(), bound.min())
+                    sq_err += np.sum(err[q_pos[b] >= 0] ** 2)
+                    sq_v += np.sum(v32[:n] ** 2) / n * (q_pos[b] >= 0).sum() * hq * head_dim
+            if kv_dtype == "bfloat16":
+                # The worst-case bound above is loose (it lets every rounding push the same way);
+                # the roundings have random signs and average out, so over the batch the RMS error
+                # stays within bf16's relative precision of the RMS value (measured: < 0.25 u).
+                assert np.sqrt(sq_err) <= U_BF16 * np.sqrt(sq_v), (np.sqrt(sq_err / sq_v) / U_BF16)
             assert not out[lens == 0].any()  # no keys: exactly zero
 
 
@@ -294,12 +304,11 @@ def test_padding_writes_touch_nothing(layout):
         expected = model_write(pool0, layout, pages2, slots2, valid, layer, kp, vp)
         out = np.asarray(out)
         assert np.array_equal(out, expected)
-        changed = out != pool0
-        rows = np.zeros_like(changed)
-        rows_touched = model_write(np.zeros_like(pool0), layout, pages2, slots2, valid, layer,
-                                   np.ones_like(kp), np.ones_like(vp)) != 0
-        rows |= rows_touched
-        assert not (changed & ~rows).any()
+        # Spelled out: no word outside the valid rows' K and V rows differs from before.
+        rows = model_write(np.zeros_like(pool0), layout, pages2, slots2, valid, layer,
+                           np.ones_like(kp), np.ones_like(vp)) != 0
+        assert rows.sum() == valid.sum() * 2 * layout.row_words
+        assert np.array_equal(out[~rows], pool0[~rows])
 
 
 def test_one_model_write_leaves_other_bytes():
@@ -378,4 +387,4 @@ def test_empty_rows_give_zeros():
     assert not np.isnan(out).any()
     assert not out[0].any() and not out[2].any()
     ref = dense_attention(np.asarray(q[1]), k, v, np.asarray(pos[1]), n)
-    np.testing.assert_allclose(out[1], ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(out[1], ref, rtol=1e-5, atol=5e-6)
