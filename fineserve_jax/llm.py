@@ -6,9 +6,7 @@ import dataclasses
 from typing import Iterator, Sequence as Seq
 
 from models.loader import load_model
-from pallas_kernels.kv_pages import KVPageLayout
-from serving.engine import EngineConfig, LLMEngine
-from serving.kv_pool import KVPool, slab_bytes_for
+from serving.engine import EngineConfig, engine_with_own_pool
 from serving.sampling import SamplingParams
 from serving.sequence import RequestOutput
 
@@ -44,24 +42,14 @@ class LLM:
         self.model_name = str(model)
         self.config = cfg
         self.tokenizer = loaded.tokenizer
-        layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
-                              kv_dtype="float32" if loaded.dtype.dtype.itemsize == 4 else "bfloat16")
-        slab_bytes = slab_bytes_for([layout.page_bytes])
-        num_slabs = kv_cache_bytes // slab_bytes
-        if num_slabs == 0:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one slab ({slab_bytes} bytes)")
-        pool = KVPool(num_slabs, slab_bytes)
-        layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register(self.model_name, layout.page_bytes))
         limit = cfg.max_model_len if max_model_len is None else min(max_model_len, cfg.max_model_len)
-        eos = tuple(cfg.eos_token_ids) or (self.tokenizer.eos_token_ids if self.tokenizer else ())
-        if self.tokenizer is not None:
-            eos = tuple(sorted(set(eos) | set(self.tokenizer.eos_token_ids)))
-        self.engine = LLMEngine(
-            loaded.model, layout, pool, self.model_name,
+        self.engine = engine_with_own_pool(
+            loaded.model,
             EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
                          max_num_batched_tokens=max_num_batched_tokens,
                          prefill_chunk=max_num_batched_tokens, seed=seed),
-            tokenizer=self.tokenizer, eos_token_ids=eos)
+            kv_dtype=loaded.dtype_name, kv_cache_bytes=kv_cache_bytes, tokens_per_page=tokens_per_page,
+            tokenizer=self.tokenizer, eos_token_ids=loaded.eos_token_ids, model_key=self.model_name)
 
     def get_tokenizer(self):
         return self.tokenizer

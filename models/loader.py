@@ -36,6 +36,16 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     dtype: object
 
+    @property
+    def dtype_name(self) -> str:
+        return "float32" if self.dtype == jnp.float32 else "bfloat16"
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """EOS ids from the config and the tokenizer (HF configs and GGUF metadata may list different ones)."""
+        ids = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        return tuple(sorted(ids))
+
 
 def resolve_model_path(name_or_path: str) -> Path:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):

@@ -7,6 +7,7 @@ Requests that arrive while others are decoding join the running batch at the nex
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv_pool import KVPool
+from serving.kv_pool import KVPool, slab_bytes_for
 from serving.model_runner import ModelRunner
 from serving.page_manager import PageManager
 from serving.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
 from serving.scheduler import Scheduler
-from serving.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
+from serving.sequence import RequestOutput, Sequence, TokenLogprobs
 
 
 class PromptTooLongError(ValueError):
@@ -136,7 +137,7 @@ class LLMEngine:
             return []
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
         self.pool.words, result = self.runner.execute(self.pool.words, batch.is_prefill, batch.seqs,
-                                                      batch.num_tokens, sample_rows)
+                                                      batch.num_tokens)
         now = time.time()
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
@@ -201,3 +202,17 @@ class LLMEngine:
         """Step until every queued request is finished; yields outputs as they are produced."""
         while self.has_unfinished_requests():
             yield from self.step()
+
+
+def engine_with_own_pool(model, config: EngineConfig, *, kv_dtype: str, kv_cache_bytes: int,
+                         tokens_per_page: int = 16, slab_bytes: int | None = None, tokenizer=None,
+                         eos_token_ids: tuple[int, ...] = (), model_key: str = "model") -> LLMEngine:
+    """One model alone on a pool of `kv_cache_bytes` (slabs sized for its pages unless given)."""
+    cfg = model.config
+    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, kv_dtype)
+    slab_bytes = slab_bytes or slab_bytes_for([layout.page_bytes])
+    if kv_cache_bytes < slab_bytes:
+        raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one slab ({slab_bytes} bytes)")
+    pool = KVPool(kv_cache_bytes // slab_bytes, slab_bytes)
+    layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register(model_key, layout.page_bytes))
+    return LLMEngine(model, layout, pool, model_key, config, tokenizer=tokenizer, eos_token_ids=eos_token_ids)

@@ -92,9 +92,10 @@ class ModelRunner:
         return self._forward._cache_size() + sample._cache_size()
 
     # ---- execution -----------------------------------------------------------------------------
-    def execute(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int],
-                sample_rows: list[bool]) -> tuple[jax.Array, StepResult]:
-        """Run one step. Returns the new pool and, for rows with sample_rows[i], the sampled token."""
+    def execute(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int]
+                ) -> tuple[jax.Array, StepResult]:
+        """Run one step: seqs[i] computes its next num_tokens[i] tokens. Returns the new pool and a
+        token sampled after each row's last token (the caller ignores it for mid-prefill rows)."""
         batch, seq_len = self.bucket_for(is_prefill, num_tokens)
         tokens = np.zeros((batch, seq_len), np.int32)
         start = np.zeros((batch,), np.int32)
@@ -115,14 +116,13 @@ class ModelRunner:
         logits, pool = self._forward(self.state, pool, tokens, start, count, table)
         out: SamplerOutput = sample(logits, sampling, flags=flags)
         n = len(seqs)
-        if flags.num_logprobs or any(p.logprobs is not None for p in params):
+        if any(p.logprobs is not None for p in params):
             sampled, logprobs, top_ids, top_lp = jax.device_get(
                 (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
-            result = StepResult(sampled[:n], logprobs[:n], top_ids[:n], top_lp[:n], 0.0)
+            sampled, logprobs, top_ids, top_lp = sampled[:n], logprobs[:n], top_ids[:n], top_lp[:n]
         else:
-            result = StepResult(np.asarray(out.token_ids)[:n], None, None, None, 0.0)
-        result.device_seconds = time.perf_counter() - t0
-        return pool, result
+            sampled, logprobs, top_ids, top_lp = np.asarray(out.token_ids)[:n], None, None, None
+        return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0)
 
     def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None) -> jax.Array:
         """Compile every bucket (and the given sampling variants at every batch size)."""

@@ -57,17 +57,17 @@ class PagedForward:
 
 
 def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_slab: int = 4, **config):
-    """An LLMEngine over a pool of exactly `num_pages` pages (in slabs of `pages_per_slab`)."""
-    from serving.engine import EngineConfig, LLMEngine
+    """An LLMEngine over a pool of at least `num_pages` pages (in slabs of `pages_per_slab`)."""
+    from serving.engine import EngineConfig, engine_with_own_pool
 
     cfg = loaded.config
-    dtype = "float32" if np.dtype(loaded.dtype).itemsize == 4 else "bfloat16"
-    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, dtype)
-    pool = KVPool(-(-num_pages // pages_per_slab), layout.page_bytes * pages_per_slab)
-    layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register("m", layout.page_bytes))
-    eos = tuple(cfg.eos_token_ids) or (loaded.tokenizer.eos_token_ids if loaded.tokenizer else ())
-    return LLMEngine(loaded.model, layout, pool, "m", EngineConfig(**config),
-                     tokenizer=loaded.tokenizer, eos_token_ids=eos)
+    page_bytes = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
+                              loaded.dtype_name).page_bytes
+    slab_bytes = page_bytes * pages_per_slab
+    return engine_with_own_pool(loaded.model, EngineConfig(**config), kv_dtype=loaded.dtype_name,
+                                kv_cache_bytes=slab_bytes * -(-num_pages // pages_per_slab),
+                                tokens_per_page=tokens_per_page, slab_bytes=slab_bytes,
+                                tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
 
 
 def drain(engine) -> dict[str, object]:
