@@ -7,7 +7,6 @@ matrices), with the metadata and a small byte-level BPE vocabulary.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -17,21 +16,14 @@ import numpy as np
 
 from models.config import ModelConfig
 
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def find_smollm2_gguf() -> Path | None:
-    """The real SmolLM2 GGUF, looked up in <repo>/.cache/models/smollm2-135m/, then
-    $FINESERVE_CACHE/models/smollm2-135m/, then ~/.cache/fineserve-jax/models/smollm2-135m/."""
-    roots = [Path(__file__).resolve().parent.parent / ".cache"]
-    if os.environ.get("FINESERVE_CACHE"):
-        roots.append(Path(os.environ["FINESERVE_CACHE"]))
-    roots.append(Path.home() / ".cache" / "fineserve-jax")
-    for root in roots:
-        p = root / "models" / "smollm2-135m" / SMOL_FILE
-        if p.is_file():
-            return p
-    return None
+def find_smollm2_gguf() -> Path:
+    """Where scripts/setup.sh puts the real SmolLM2 GGUF (the loader's own resolution). Tests that
+    use it fail, rather than skip, when it is missing: setup is part of running the suite."""
+    from models.loader import KNOWN_MODELS, model_cache_dir
+
+    return model_cache_dir() / KNOWN_MODELS["smollm2-135m"]
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
