@@ -120,16 +120,11 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
-        limit = self.engine.config.max_model_len
         for i, x in enumerate(ids):
-            if not x:
-                raise ValueError(f"prompt {i} is empty")
-            if len(x) >= limit:
-                raise ValueError(f"prompt {i} is {len(x)} tokens long; this model's maximum context is "
-                                 f"{limit} tokens (prompt plus at least one generated token)")
-            bad = [t for t in x if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+            try:
+                self.engine.validate_prompt(x)
+            except ValueError as e:
+                raise type(e)(f"prompt {i}: {e}") from None
         return list(zip(ids, texts, params))
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:

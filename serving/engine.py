@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,7 +52,8 @@ class StepStats:
     tokens: int = 0
     total_seconds: float = 0.0
     device_seconds: float = 0.0
-    per_step: list[tuple[bool, int, float, float]] = field(default_factory=list)  # prefill?, rows, total, device
+    # (prefill?, rows, total seconds, device seconds) of the most recent steps
+    per_step: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
     @property
     def host_share(self) -> float:
@@ -91,26 +93,30 @@ class LLMEngine:
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
-        limit = self.config.max_model_len
-        if len(ids) >= limit:
-            raise PromptTooLongError(
-                f"the prompt is {len(ids)} tokens long; this model's maximum context is {limit} tokens "
-                f"(prompt plus at least one generated token)")
+        ids = [int(t) for t in prompt_token_ids]
+        self.validate_prompt(ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
         detok = self.tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens) if self.tokenizer else None
-        seq = Sequence(request_id, prompt, [int(t) for t in ids], params, seed, detok, arrival_time)
+        seq = Sequence(request_id, prompt, ids, params, seed, detok, arrival_time)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def validate_prompt(self, ids) -> None:
+        """Raise ValueError (PromptTooLongError for length) if `ids` cannot be served."""
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt is {len(ids)} tokens long; this model's maximum context is {limit} tokens "
+                f"(prompt plus at least one generated token)")
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
