@@ -1,0 +1,429 @@
+"""Numeric formats for quantized weights, activations and KV caches: the single owner of packed layouts.
+
+Every Pallas kernel and XLA reference matmul that reads a quantized tensor goes through the layouts
+defined here. All functions are pure `jnp` and work under `jax.jit` (axes, formats and group sizes are
+static Python values; shape checks raise `ValueError` at trace time).
+
+Formats
+-------
+=========  ==========================================================================================
+int8       symmetric int8, `scale = absmax / 127` (per output channel for weights, per token for
+           activations); `x ~= q * scale`.
+fp8        float8_e4m3fn values, `scale = absmax / 448`; `x ~= float(q) * scale`. Casts go through
+           `saturating_cast_e4m3` because XLA's fp8 convert does NOT saturate (500.0 -> NaN).
+int4       asymmetric unsigned int4 in [0, 15], groups of `group_size` along the K (input) axis,
+           `scale = (max - min) / 15`, integer zero point `z = round(-min / scale)`,
+           `x ~= (q - z) * scale` (AWQ/GPTQ convention). The group range is widened to include 0
+           (as GPTQ does), so `z` always lies in [0, 15] and clipping it never breaks the range.
+int4_sym   symmetric signed int4 in [-8, 7], `scale = absmax / 7`, `x ~= q * scale`.
+kv_int8    KV cache, symmetric int8 per token per head, `scale = absmax / 127`.
+kv_fp8     KV cache, e4m3 per token per head, `scale = absmax / 448`.
+kv_int4    KV cache, asymmetric int4 per token per head, `scale = (max - min) / 15`, float offset
+           `zero = min`, `x ~= q * scale + min`; values packed two per byte along head_dim.
+=========  ==========================================================================================
+
+int4 packing
+------------
+* uint8 form (`pack_int4`): two elements per byte along the packed axis; element `2i` in the low
+  nibble (bits 0..3) and element `2i+1` in the high nibble (bits 4..7). `[1, 2] -> 0x21`.
+* uint32 form (`pack_int4_u32`): eight elements per word; element `8j+i` in bits `4i..4i+3` of word
+  `j` (FireQ/AWQ-style word order, before any AWQ column reordering). `[1..8] -> 0x87654321`.
+Signed values are stored as their two's-complement low nibble (-1 -> 0xF); unsigned as-is.
+
+Scales are computed in float32 and stored in `scale_dtype` (float32 by default, so dequantization is
+exact with respect to what was stored); when a narrower `scale_dtype` is asked for, values are
+quantized against the *rounded* scale so dequantization stays consistent with the stored numbers.
+Byte accounting (`kv_bytes_per_token_per_layer`, `weight_bytes`) is computed from bit widths, never
+from `.nbytes` (XLA:CPU reports one byte per int4 element).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+E4M3_MAX = 448.0
+INT8_MAX = 127.0
+INT4_SYM_MAX = 7.0
+UINT4_MAX = 15.0
+
+KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
+WEIGHT_FORMATS = ("bf16", "float32", "int8", "fp8", "int4", "int4_sym")
+# Serving-level format names -> weight storage format.
+WEIGHT_FORMAT_ALIASES = {
+    "bfloat16": "bf16",
+    "f32": "float32",
+    "w8a8": "int8",
+    "w4a16": "int4",
+    "w4a8kv4": "int4",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# int4 packing
+
+
+def _check_packable(n: int, per: int, axis: int) -> None:
+    if n % per:
+        raise ValueError(f"int4 packing needs the packed axis ({axis}) length {n} divisible by {per}")
+
+
+def pack_int4(q: jax.Array, axis: int = -1) -> jax.Array:
+    """Pack int4 values two per byte along `axis` -> uint8 with that axis halved.
+
+    `q` holds signed values in [-8, 7] (int8/int32) or unsigned values in [0, 15] (any int dtype);
+    only the low nibble of each element is kept (not range-checked: values are traced under jit).
+    Element 2i goes to the low nibble, element 2i+1 to the high nibble.
+    """
+    q = jnp.moveaxis(jnp.asarray(q), axis, -1)
+    _check_packable(q.shape[-1], 2, axis)
+    nib = (q.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+    pairs = nib.reshape(*nib.shape[:-1], nib.shape[-1] // 2, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_int4(packed: jax.Array, signed: bool, axis: int = -1) -> jax.Array:
+    """Inverse of `pack_int4`: uint8 -> int8 with `axis` doubled; signed in [-8, 7] or unsigned in [0, 15]."""
+    p = jnp.moveaxis(jnp.asarray(packed, jnp.uint8), axis, -1)
+    if signed:
+        # Sign-extend each nibble with arithmetic shifts on the int8 view of the byte.
+        s = lax.bitcast_convert_type(p, jnp.int8)
+        lo = (s << 4) >> 4
+        hi = s >> 4
+    else:
+        lo = (p & 0xF).astype(jnp.int8)
+        hi = (p >> 4).astype(jnp.int8)
+    out = jnp.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    return jnp.moveaxis(out, -1, axis)
+
+
+_U32_SHIFTS = np.arange(8, dtype=np.uint32) * 4
+
+
+def pack_int4_u32(q: jax.Array, axis: int = -1) -> jax.Array:
+    """Pack int4 values eight per uint32 along `axis`: element 8j+i in bits 4i..4i+3 of word j."""
+    q = jnp.moveaxis(jnp.asarray(q), axis, -1)
+    _check_packable(q.shape[-1], 8, axis)
+    nib = (q.astype(jnp.int32) & 0xF).astype(jnp.uint32)
+    nib = nib.reshape(*nib.shape[:-1], nib.shape[-1] // 8, 8) << _U32_SHIFTS
+    # The nibbles occupy disjoint bits, so an integer sum is the bitwise OR.
+    words = jnp.sum(nib, axis=-1, dtype=jnp.uint32)
+    return jnp.moveaxis(words, -1, axis)
+
+
+def unpack_int4_u32(packed: jax.Array, signed: bool, axis: int = -1) -> jax.Array:
+    """Inverse of `pack_int4_u32`: uint32 -> int8 with `axis` multiplied by 8."""
+    w = jnp.moveaxis(jnp.asarray(packed, jnp.uint32), axis, -1)[..., None]
+    if signed:
+        # Move nibble i to the top 4 bits, then an arithmetic right shift sign-extends it.
+        s = lax.bitcast_convert_type(w, jnp.int32)
+        nib = (s << (28 - _U32_SHIFTS.astype(np.int32))) >> 28
+    else:
+        nib = (w >> _U32_SHIFTS) & 0xF
+    out = nib.astype(jnp.int8).reshape(*w.shape[:-2], w.shape[-2] * 8)
+    return jnp.moveaxis(out, -1, axis)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8
+
+
+def saturating_cast_e4m3(x: jax.Array) -> jax.Array:
+    """Cast to float8_e4m3fn, clipping to +-448 first (XLA's convert maps out-of-range values to NaN).
+
+    NaN stays NaN (clip propagates NaN); +-inf saturates to +-448.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized containers
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized tensor plus what is needed to dequantize it (a pytree; `fmt`, `axis`,
+    `group_size` are static metadata).
+
+    values: int8 | float8_e4m3fn | uint8 (int4 packed two per byte along `axis`).
+    scales: per-channel/per-token scales with size 1 on the reduced axis (int8, fp8, KV), or
+            per-group scales `[..., K // group_size, ...]` in place of the K axis (int4 weights).
+    zeros:  None, the integer zero point stored as float (int4), or the float offset `min` (kv_int4).
+    axis:   the reduced axis (weights: K axis; activations/KV: last axis). Non-negative.
+    """
+
+    values: jax.Array
+    scales: jax.Array
+    zeros: jax.Array | None
+    fmt: str
+    axis: int
+    group_size: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical (unpacked) shape."""
+        s = list(self.values.shape)
+        if self.fmt in ("int4", "int4_sym", "kv_int4"):
+            s[self.axis] *= 2
+        return tuple(s)
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        return dequantize(self, dtype)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor,
+    data_fields=["values", "scales", "zeros"],
+    meta_fields=["fmt", "axis", "group_size"],
+)
+
+
+def dequantize(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
+    """Dequantize any `QuantizedTensor` (computed in float32, returned in `dtype`)."""
+    fmt = qt.fmt
+    s = qt.scales.astype(jnp.float32)
+    if fmt in ("int8", "fp8", "kv_int8", "kv_fp8"):
+        out = qt.values.astype(jnp.float32) * s
+    elif fmt == "kv_int4":
+        q = unpack_int4(qt.values, signed=False, axis=qt.axis).astype(jnp.float32)
+        out = q * s + qt.zeros.astype(jnp.float32)
+    elif fmt in ("int4", "int4_sym"):
+        q = unpack_int4(qt.values, signed=(fmt == "int4_sym"), axis=qt.axis).astype(jnp.float32)
+        grouped = _split_groups(q, qt.axis, qt.group_size)
+        sg = jnp.expand_dims(s, qt.axis + 1)
+        if fmt == "int4":
+            grouped = grouped - jnp.expand_dims(qt.zeros.astype(jnp.float32), qt.axis + 1)
+        out = (grouped * sg).reshape(q.shape)
+    else:
+        raise ValueError(f"unknown quantized format {fmt!r}")
+    return out.astype(dtype)
+
+
+def dequantize_kv(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
+    """Dequantize a KV tensor produced by `quantize_kv` back to `[..., heads, head_dim]`."""
+    if not qt.fmt.startswith("kv_"):
+        raise ValueError(f"not a KV format: {qt.fmt!r}")
+    return dequantize(qt, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantizers
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for rank {ndim}")
+    return axis % ndim
+
+
+def _safe_scale(scale: jax.Array, scale_dtype: Any) -> jax.Array:
+    """Round the scale to its storage dtype; an all-zero row/group gets scale 1 so q = 0 exactly."""
+    scale = scale.astype(scale_dtype)
+    return jnp.where(scale == 0, jnp.ones_like(scale), scale)
+
+
+def _symmetric_int(x, axis: int, qmax: float, scale_dtype, out_dtype):
+    x = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = _safe_scale(absmax / qmax, scale_dtype)
+    # Quantize against the stored (possibly rounded) scale; clip covers rounding of the scale down.
+    q = jnp.clip(jnp.round(x / scale.astype(jnp.float32)), -qmax, qmax)
+    return q.astype(out_dtype), scale
+
+
+def quantize_int8_per_channel(w: jax.Array, axis: int = 0, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """Symmetric int8 weights, one scale per output channel: `axis` is the reduced (K/input) axis.
+
+    For an `[in, out]` kernel use axis=0: scales have shape `[1, out]`, `scale = absmax / 127`.
+    """
+    axis = _norm_axis(axis, w.ndim)
+    q, scale = _symmetric_int(w, axis, INT8_MAX, scale_dtype, jnp.int8)
+    return QuantizedTensor(q, scale, None, "int8", axis)
+
+
+def quantize_int8_per_token(x: jax.Array, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """Dynamic symmetric int8 activations, one scale per token (last axis reduced; scales `[..., 1]`)."""
+    axis = x.ndim - 1
+    q, scale = _symmetric_int(x, axis, INT8_MAX, scale_dtype, jnp.int8)
+    return QuantizedTensor(q, scale, None, "int8", axis)
+
+
+def _fp8(x, axis: int, scale_dtype):
+    x = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = _safe_scale(absmax / E4M3_MAX, scale_dtype)
+    return saturating_cast_e4m3(x / scale.astype(jnp.float32)), scale
+
+
+def quantize_fp8_per_channel(w: jax.Array, axis: int = 0, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """float8_e4m3fn weights, one scale per output channel (`axis` reduced), `scale = absmax / 448`."""
+    axis = _norm_axis(axis, w.ndim)
+    q, scale = _fp8(w, axis, scale_dtype)
+    return QuantizedTensor(q, scale, None, "fp8", axis)
+
+
+def quantize_fp8_per_token(x: jax.Array, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """Dynamic float8_e4m3fn activations, one scale per token (last axis reduced)."""
+    axis = x.ndim - 1
+    q, scale = _fp8(x, axis, scale_dtype)
+    return QuantizedTensor(q, scale, None, "fp8", axis)
+
+
+def _split_groups(x: jax.Array, axis: int, group_size: int) -> jax.Array:
+    """[..., K, ...] -> [..., K // g, g, ...] (groups are contiguous runs along `axis`)."""
+    k = x.shape[axis]
+    return x.reshape(*x.shape[:axis], k // group_size, group_size, *x.shape[axis + 1:])
+
+
+def quantize_int4_groupwise(
+    w: jax.Array,
+    group_size: int = 128,
+    axis: int = 0,
+    asymmetric: bool = True,
+    scale_dtype: Any = jnp.float32,
+) -> QuantizedTensor:
+    """Round-to-nearest int4 weights with one scale (and zero point) per group of `group_size`
+    consecutive elements along `axis` (the K/input axis of an `[in, out]` kernel).
+
+    values: uint8, packed two per byte along `axis` (shape `[K // 2, out]` for axis=0).
+    scales, zeros: `[K // group_size, out]` (the K axis replaced by the group axis).
+    asymmetric: unsigned q in [0, 15], `x ~= (q - zero) * scale` (zero is an integer stored as float).
+    symmetric:  signed q in [-8, 7], `scale = absmax / 7`, `x ~= q * scale`, zeros None.
+    """
+    axis = _norm_axis(axis, w.ndim)
+    k = w.shape[axis]
+    if group_size <= 0 or group_size % 2 or k % group_size:
+        raise ValueError(f"K axis length {k} must be a multiple of an even group_size ({group_size})")
+    g = _split_groups(w.astype(jnp.float32), axis, group_size)
+    red = axis + 1
+    if asymmetric:
+        # Widen the range to include 0 (GPTQ) so the zero point is always representable in [0, 15].
+        gmin = jnp.minimum(jnp.min(g, axis=red, keepdims=True), 0.0)
+        gmax = jnp.maximum(jnp.max(g, axis=red, keepdims=True), 0.0)
+        scale = _safe_scale((gmax - gmin) / UINT4_MAX, scale_dtype)
+        s32 = scale.astype(jnp.float32)
+        zero = jnp.clip(jnp.round(-gmin / s32), 0.0, UINT4_MAX)
+        q = jnp.clip(jnp.round(g / s32) + zero, 0.0, UINT4_MAX)
+        zeros = jnp.squeeze(zero, red).astype(scale_dtype)
+        fmt = "int4"
+    else:
+        absmax = jnp.max(jnp.abs(g), axis=red, keepdims=True)
+        scale = _safe_scale(absmax / INT4_SYM_MAX, scale_dtype)
+        q = jnp.clip(jnp.round(g / scale.astype(jnp.float32)), -8.0, INT4_SYM_MAX)
+        zeros = None
+        fmt = "int4_sym"
+    q = q.astype(jnp.int32).reshape(w.shape)
+    return QuantizedTensor(pack_int4(q, axis=axis), jnp.squeeze(scale, red), zeros, fmt, axis, group_size)
+
+
+def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """Quantize K or V `[..., heads, head_dim]` with one scale per token per head (head_dim reduced).
+
+    kv_format "int8": symmetric, `scale = absmax / 127`.
+    kv_format "fp8":  e4m3, `scale = absmax / 448`.
+    kv_format "int4": asymmetric, `scale = (max - min) / 15`, zeros = float offset `min`,
+                      q in [0, 15] packed two per byte along head_dim, `x ~= q * scale + min`.
+    scales (and zeros) have shape `[..., heads, 1]`.
+    """
+    if x.ndim < 2:
+        raise ValueError("KV tensors must be [..., heads, head_dim]")
+    axis = x.ndim - 1
+    if kv_format == "int8":
+        q, scale = _symmetric_int(x, axis, INT8_MAX, scale_dtype, jnp.int8)
+        return QuantizedTensor(q, scale, None, "kv_int8", axis)
+    if kv_format == "fp8":
+        q, scale = _fp8(x, axis, scale_dtype)
+        return QuantizedTensor(q, scale, None, "kv_fp8", axis)
+    if kv_format == "int4":
+        _check_packable(x.shape[-1], 2, axis)
+        x = x.astype(jnp.float32)
+        xmin = jnp.min(x, axis=axis, keepdims=True)
+        xmax = jnp.max(x, axis=axis, keepdims=True)
+        # A constant row gets scale 1: q = 0 and dequant gives `min` exactly.
+        scale = _safe_scale((xmax - xmin) / UINT4_MAX, scale_dtype)
+        zero = xmin.astype(scale_dtype)
+        q = jnp.round((x - zero.astype(jnp.float32)) / scale.astype(jnp.float32))
+        q = jnp.clip(q, 0.0, UINT4_MAX).astype(jnp.int32)
+        return QuantizedTensor(pack_int4(q, axis=axis), scale, zero, "kv_int4", axis)
+    raise ValueError(f"unsupported kv_format {kv_format!r}; quantized KV formats: fp8, int8, int4")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Byte accounting (from bit widths)
+
+
+def _dtype_bits(dtype: Any) -> int:
+    return np.dtype(dtype).itemsize * 8
+
+
+def _bits_to_bytes(bits: int, what: str) -> int:
+    if bits % 8:
+        raise ValueError(f"{what} is not a whole number of bytes ({bits} bits)")
+    return bits // 8
+
+
+def kv_bytes_per_token_per_layer(
+    kv_format: str, num_kv_heads: int, head_dim: int, scale_dtype: Any = jnp.bfloat16
+) -> int:
+    """Exact bytes one token occupies in one layer's KV cache: K and V, values + scales + zeros.
+
+    bf16/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4: 4 bits/element
+    + one scale and one zero (both `scale_dtype`) per head.
+    """
+    elems = num_kv_heads * head_dim
+    sbits = _dtype_bits(scale_dtype)
+    if kv_format == "bf16":
+        bits = elems * 16
+    elif kv_format == "float32":
+        bits = elems * 32
+    elif kv_format in ("fp8", "int8"):
+        bits = elems * 8 + num_kv_heads * sbits
+    elif kv_format == "int4":
+        bits = elems * 4 + num_kv_heads * 2 * sbits
+    else:
+        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: {KV_FORMATS}")
+    return 2 * _bits_to_bytes(bits, "a token's K row")
+
+
+def weight_bytes(
+    fmt: str,
+    shape: tuple[int, ...],
+    group_size: int = 128,
+    axis: int = 0,
+    scale_dtype: Any = jnp.bfloat16,
+    zero_dtype: Any = jnp.bfloat16,
+) -> int:
+    """Exact storage bytes of a weight of logical `shape` in `fmt` (aliases such as "w4a16" accepted).
+
+    int8/fp8: 1 byte/element + one scale per output channel (every index of the non-`axis` dims).
+    int4: 4 bits/element + per group of `group_size` along `axis`: a scale and a zero point.
+    int4_sym: 4 bits/element + a scale per group.
+    """
+    fmt = WEIGHT_FORMAT_ALIASES.get(fmt, fmt)
+    n = int(np.prod(shape, dtype=np.int64))
+    axis = _norm_axis(axis, len(shape))
+    k = shape[axis]
+    sbits, zbits = _dtype_bits(scale_dtype), _dtype_bits(zero_dtype)
+    if fmt == "bf16":
+        bits = n * 16
+    elif fmt == "float32":
+        bits = n * 32
+    elif fmt in ("int8", "fp8"):
+        bits = n * 8 + (n // k) * sbits
+    elif fmt in ("int4", "int4_sym"):
+        if k % group_size:
+            raise ValueError(f"K axis length {k} not divisible by group_size {group_size}")
+        groups = n // group_size
+        bits = n * 4 + groups * (sbits + (zbits if fmt == "int4" else 0))
+    else:
+        raise ValueError(f"unsupported weight format {fmt!r}; supported: {WEIGHT_FORMATS}")
+    return _bits_to_bytes(bits, "the weight")
