@@ -11,7 +11,8 @@ from models.errors import ModelLoadError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="bf16", help="bf16, w8a8, fp8, w4a16 or w4a8kv4")
+    p.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
@@ -55,7 +56,7 @@ def _sampling(args):
 def _llm(args):
     from fineserve_jax.llm import LLM
 
-    kwargs = {"max_model_len": args.max_model_len, "seed": args.seed}
+    kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     return LLM(args.model, precision=args.precision, dtype=args.dtype, **kwargs)

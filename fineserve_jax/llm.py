@@ -6,11 +6,11 @@ import dataclasses
 from typing import Iterator, Sequence as Seq
 
 from models.loader import load_model
+from models.precision import resolve_precision
 from serving.engine import EngineConfig, engine_with_own_pool
 from serving.sampling import SamplingParams
 from serving.sequence import RequestOutput
 
-PRECISIONS = ("bf16",)
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
 
@@ -19,8 +19,10 @@ class LLM:
 
     Args:
       model: a known name (`smollm2-135m`), an HF checkpoint directory or a `.gguf` file.
-      precision: weight/activation/KV preset; "bf16" (unquantized, in `dtype`).
-      dtype: "bfloat16" or "float32": compute and weight dtype of unquantized parts, and KV dtype.
+      precision: weight/activation/KV preset: "bf16", "w8a8", "fp8", "w4a16" or "w4a8kv4"
+        (see `models.precision`); quantized presets are calibrated on the shipped text at load time.
+      kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8" or "int4".
+      dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.
       kv_cache_bytes: size of the device KV pool.
       max_num_seqs, max_model_len, max_num_batched_tokens: batching limits as in vLLM.
       tokens_per_page: KV page size in tokens.
@@ -28,18 +30,19 @@ class LLM:
     """
 
     def __init__(self, model: str, precision: str = "bf16", dtype: str = "bfloat16", *,
-                 kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
-                 tokens_per_page: int = 16, seed: int = 0):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unsupported precision {precision!r}; supported: {', '.join(PRECISIONS)}")
+                 kv_dtype: str | None = None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+                 max_num_seqs: int = 32, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
+                 calib_samples: int = 8):
+        precision = resolve_precision(precision, kv_dtype)  # bad names fail before any loading
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
             raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
-        loaded = load_model(model, dtype)
+        loaded = load_model(model, dtype, precision, calib_samples=calib_samples)
         cfg = loaded.config
         self.model_name = str(model)
+        self.precision = loaded.precision
         self.config = cfg
         self.tokenizer = loaded.tokenizer
         limit = cfg.max_model_len if max_model_len is None else min(max_model_len, cfg.max_model_len)
@@ -48,7 +51,7 @@ class LLM:
             EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
                          max_num_batched_tokens=max_num_batched_tokens,
                          prefill_chunk=max_num_batched_tokens, seed=seed),
-            kv_dtype=loaded.dtype_name, kv_cache_bytes=kv_cache_bytes, tokens_per_page=tokens_per_page,
+            kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes, tokens_per_page=tokens_per_page,
             tokenizer=self.tokenizer, eos_token_ids=loaded.eos_token_ids, model_key=self.model_name)
 
     def get_tokenizer(self):

@@ -50,23 +50,41 @@ class DecoderLayer(nnx.Module):
         self.down_proj = _linear(cfg.intermediate_size, h, False, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
 
-    def __call__(self, x, cos, sin, kv: "PagedKV", pool, layer):
+    def __call__(self, x, cos, sin, attend, cache, observe=None):
+        """One decoder layer. `attend(q, k, v, cache) -> (out [B, S, Hq, D], cache)` is paged attention
+        over the pool in serving and dense causal attention in calibration; `observe(site, x)` sees
+        the input of every linear group (calibration statistics), with sites "attn_in", "o_in",
+        "mlp_in" and "down_in"."""
+        observe = observe or (lambda site, value: None)
         b, s, _ = x.shape
         h = self.input_layernorm(x)
+        observe("attn_in", h)
         q = apply_rope(self.q_proj(h).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim)
-        n = b * s
-        pool = write_kv_tokens(pool, kv.layout, kv.write_pages.reshape(n), kv.write_slots.reshape(n),
-                               kv.write_valid.reshape(n), layer,
-                               k.reshape(n, self.num_kv_heads, self.head_dim),
-                               v.reshape(n, self.num_kv_heads, self.head_dim))
-        attn = paged_attention(q, pool, kv.layout, layer, kv.page_table, kv.positions, kv.kv_lens,
-                               implementation=kv.implementation)
-        x = x + self.o_proj(attn.reshape(b, s, self.num_heads * self.head_dim))
+        attn, cache = attend(q, k, v, cache)
+        attn = attn.reshape(b, s, self.num_heads * self.head_dim)
+        observe("o_in", attn)
+        x = x + self.o_proj(attn)
         h = self.post_attention_layernorm(x)
-        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x, pool
+        observe("mlp_in", h)
+        act = jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)
+        observe("down_in", act)
+        x = x + self.down_proj(act)
+        return x, cache
+
+
+def dense_causal_attention(q, k, v):
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> [B, S, Hq, D]: plain causal GQA attention in float32
+    (calibration runs whole windows at once, without the pool)."""
+    b, s, hq, d = q.shape
+    group = hq // k.shape[2]
+    qg = q.reshape(b, s, k.shape[2], group, d).astype(jnp.float32) * d ** -0.5
+    scores = jnp.einsum("bshgd,bthd->bhgst", qg, k.astype(jnp.float32))
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhgst,bthd->bshgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, s, hq, d).astype(q.dtype)
 
 
 class PagedKV:
@@ -82,6 +100,16 @@ class PagedKV:
         self.write_pages = jnp.take_along_axis(page_table, page_idx, axis=1)         # [B, S]
         self.write_slots = self.positions % t
         self.kv_lens = start_pos + num_new
+
+    def attend(self, q, k, v, pool, layer):
+        """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages."""
+        b, s, hkv, d = k.shape
+        n = b * s
+        pool = write_kv_tokens(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
+                               self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d))
+        out = paged_attention(q, pool, self.layout, layer, self.page_table, self.positions, self.kv_lens,
+                              implementation=self.implementation)
+        return out, pool
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -111,12 +139,35 @@ class LlamaForCausalLM(nnx.Module):
         def body(carry, xs):
             x, pool = carry
             state, layer = xs
-            x, pool = nnx.merge(graphdef, state)(x, cos, sin, kv, pool, layer)
+            attend = lambda q, k, v, pool: kv.attend(q, k, v, pool, layer)
+            x, pool = nnx.merge(graphdef, state)(x, cos, sin, attend, pool)
             return (x, pool), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x, pool), _ = jax.lax.scan(body, (x, pool), (layer_state, layer_ids))
         return self.norm(x), pool
+
+    def forward_dense(self, tokens, observe_fn=None):
+        """Calibration forward over whole windows without the pool: tokens int32[B, S] -> (final hidden
+        [B, S, hidden], stats). `observe_fn(x) -> pytree` reduces each linear group's input; stats maps
+        each site to that pytree stacked over layers."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        cos, sin = rope_cos_sin(positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x, state):
+            stats = {}
+
+            def observe(site, value):
+                if observe_fn is not None:
+                    stats[site] = observe_fn(value)
+
+            attend = lambda q, k, v, cache: (dense_causal_attention(q, k, v), cache)
+            x, _ = nnx.merge(graphdef, state)(x, cos, sin, attend, None, observe)
+            return x, stats
+
+        x, stats = jax.lax.scan(body, self.embed_tokens(tokens), layer_state)
+        return self.norm(x), stats
 
     def logits(self, hidden):
         """hidden [..., hidden] -> float32 logits [..., vocab]."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.errors import ModelLoadError, ModelNotFoundError
+from models.precision import PRESETS, PrecisionPreset, layout_kv_dtype, resolve_precision
 from models.tokenizer import Tokenizer
 
 KNOWN_MODELS = {
@@ -35,10 +36,12 @@ class LoadedModel:
     model: object  # LlamaForCausalLM
     tokenizer: Tokenizer | None
     dtype: object
+    precision: PrecisionPreset = PRESETS["bf16"]
 
     @property
-    def dtype_name(self) -> str:
-        return "float32" if self.dtype == jnp.float32 else "bfloat16"
+    def kv_dtype(self) -> str:
+        """The KV page format this model's pages use."""
+        return layout_kv_dtype(self.precision, self.dtype)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -78,14 +81,34 @@ def parse_dtype(dtype) -> object:
     raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
 
 
-def load_model(name_or_path: str, dtype="bfloat16") -> LoadedModel:
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calib_text.txt"
+CALIBRATION_WINDOW = 256
+
+
+def calibration_tokens(tokenizer: Tokenizer | None, samples: int):
+    """int32[n, CALIBRATION_WINDOW] windows of the shipped calibration text, or None without a tokenizer."""
+    from models.quantize import calibration_windows
+    if tokenizer is None or samples <= 0:
+        return None
+    ids = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
+    return calibration_windows(ids, CALIBRATION_WINDOW, samples)
+
+
+def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPreset = "bf16",
+               kv_dtype: str | None = None, calib_samples: int = 8) -> LoadedModel:
     """Load everything or raise a ModelLoadError naming the problem; nothing half-loaded survives
-    a failure (intermediate arrays are dropped before the error propagates)."""
+    a failure (intermediate arrays are dropped before the error propagates).
+
+    precision: a preset name (`models.precision.PRESETS`); the float checkpoint is quantized after
+    loading, calibrated on `calib_samples` windows of the shipped calibration text (0: plain RTN).
+    kv_dtype overrides the preset's KV format."""
     from models.gguf_loader import load_gguf
     from models.hf_loader import read_hf_config, read_hf_weights
+    from models.quantize import quantize_model
     from models.weights import model_from_hf_weights
 
     jdtype = parse_dtype(dtype)
+    preset = resolve_precision(precision, kv_dtype)
     path = resolve_model_path(name_or_path)
     try:
         if path.is_file():
@@ -100,7 +123,10 @@ def load_model(name_or_path: str, dtype="bfloat16") -> LoadedModel:
             tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
         model = model_from_hf_weights(config, weights, jdtype)
         del weights
+        if preset.quantized_weights:
+            calib = calibration_tokens(tokenizer, calib_samples) if preset.calibration else None
+            model = quantize_model(model, preset, calib)
     except BaseException:
         gc.collect()
         raise
-    return LoadedModel(str(name_or_path), config, model, tokenizer, jdtype)
+    return LoadedModel(str(name_or_path), config, model, tokenizer, jdtype, preset)

@@ -62,9 +62,9 @@ def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_
 
     cfg = loaded.config
     page_bytes = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
-                              loaded.dtype_name).page_bytes
+                              loaded.kv_dtype).page_bytes
     slab_bytes = page_bytes * pages_per_slab
-    return engine_with_own_pool(loaded.model, EngineConfig(**config), kv_dtype=loaded.dtype_name,
+    return engine_with_own_pool(loaded.model, EngineConfig(**config), kv_dtype=loaded.kv_dtype,
                                 kv_cache_bytes=slab_bytes * -(-num_pages // pages_per_slab),
                                 tokens_per_page=tokens_per_page, slab_bytes=slab_bytes,
                                 tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)

@@ -1,0 +1,115 @@
+"""Precision presets: which formats a model's weights, activations and KV cache use.
+
+=========  =====================  ===================  =========  ================================
+preset     weights                activations          KV cache   calibration
+=========  =====================  ===================  =========  ================================
+bf16       bf16                   bf16                 bf16       -
+w8a8       int8 per channel       int8 per token       bf16       SmoothQuant migration (alpha 0.5)
+fp8        e4m3 per channel       e4m3 per token       fp8        -
+w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale search (RTN without data)
+w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data)
+=========  =====================  ===================  =========  ================================
+
+`kv_dtype` overrides a preset's KV format on its own (`resolve_precision("w4a16", kv_dtype="fp8")`).
+The embedding (and a tied LM head) stays in the model dtype in every preset, as AWQ/GPTQ do.
+Group size: 128 where the input dimension allows it, else the largest of 64/32 that divides it
+(SmolLM2's hidden size 576 is not a multiple of 128); `group_size_for` is the one rule.
+The formats themselves (packing, scales, byte counts) live in `pallas_kernels/quant_formats.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from pallas_kernels.quant_formats import kv_bytes_per_token_per_layer, weight_bytes
+
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class PrecisionPreset:
+    name: str
+    weight_format: str               # "bf16" | "int8" | "fp8" | "int4"
+    activation_format: str | None    # None: the model dtype; "int8" | "fp8": quantized per token
+    kv_format: str                   # "bf16" | "fp8" | "int8" | "int4"
+    group_size: int | None = None    # int4: preferred group along K; None: per channel
+    calibration: str | None = None   # "smoothquant" | "awq" | None
+    smoothquant_alpha: float = 0.5
+
+    @property
+    def quantized_weights(self) -> bool:
+        return self.weight_format != "bf16"
+
+    def group_size_for(self, k: int) -> int | None:
+        """The group size used for an input dimension `k` (None: per channel)."""
+        if self.weight_format != "int4":
+            return None
+        if self.group_size is None:
+            return k
+        for g in (self.group_size, 64, 32):
+            if g <= self.group_size and k % g == 0:
+                return g
+        raise ValueError(f"input dimension {k} is not a multiple of 32; int4 groups cannot tile it")
+
+    def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
+        """Exact KV bytes per token over all layers (K and V, scales included)."""
+        fmt = "bf16" if self.kv_format == "bf16" else self.kv_format
+        return cfg.num_layers * kv_bytes_per_token_per_layer(fmt, cfg.num_kv_heads, cfg.head_dim)
+
+    def weight_bytes(self, cfg: ModelConfig) -> int:
+        """Exact bytes of all weights (quantized linears in their packed format, the rest bf16)."""
+        h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        linears = [(h, cfg.num_heads * d), (h, cfg.num_kv_heads * d), (h, cfg.num_kv_heads * d),
+                   (cfg.num_heads * d, h), (h, inter), (h, inter), (inter, h)]
+        total = 0
+        for k, n in linears:
+            if self.quantized_weights:
+                total += weight_bytes(self.weight_format, (k, n), group_size=self.group_size_for(k) or 128)
+            else:
+                total += weight_bytes("bf16", (k, n))
+        total *= cfg.num_layers
+        bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * d if cfg.attention_bias else 0
+        norms = cfg.num_layers * (2 * h + bias) + h
+        embeds = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+        return total + 2 * (norms + embeds)
+
+
+PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (
+    PrecisionPreset("bf16", "bf16", None, "bf16"),
+    PrecisionPreset("w8a8", "int8", "int8", "bf16", calibration="smoothquant"),
+    PrecisionPreset("fp8", "fp8", "fp8", "fp8"),
+    PrecisionPreset("w4a16", "int4", None, "bf16", group_size=128, calibration="awq"),
+    PrecisionPreset("w4a8kv4", "int4", "fp8", "int4", group_size=128, calibration="awq"),
+)}
+
+# Baselines for the quality report only (not served by name): naive round-to-nearest int4.
+RTN_INT4_PER_CHANNEL = PrecisionPreset("w4a16-rtn-channel", "int4", None, "bf16", group_size=None)
+RTN_INT4_GROUPED = PrecisionPreset("w4a16-rtn", "int4", None, "bf16", group_size=128)
+
+
+def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str | None = None) -> PrecisionPreset:
+    """A preset by name (or as given), with the KV format optionally overridden."""
+    if isinstance(precision, PrecisionPreset):
+        preset = precision
+    elif isinstance(precision, str) and precision.lower() in PRESETS:
+        preset = PRESETS[precision.lower()]
+    else:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRESETS)}")
+    if kv_dtype is not None:
+        kv = {"bfloat16": "bf16"}.get(kv_dtype, kv_dtype)
+        if kv not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
+        if kv != preset.kv_format:
+            preset = dataclasses.replace(preset, kv_format=kv, name=f"{preset.name}+kv-{kv}")
+    return preset
+
+
+def layout_kv_dtype(preset: PrecisionPreset, model_dtype) -> str:
+    """The KVPageLayout dtype name for a preset: bf16 KV follows the model dtype (float32 models in tests)."""
+    if preset.kv_format == "bf16":
+        return "float32" if model_dtype == jnp.float32 else "bfloat16"
+    return preset.kv_format
