@@ -4,10 +4,29 @@ The pool is one `uint32[num_slabs, slab_words]` device buffer per device. A mode
 is given into pages of its own size: page id `p` lives in slab `p // pages_per_slab` at word
 `(p % pages_per_slab) * page_words`. Inside a page the layout is layer-major,
 
-    page = [layer][K|V][token][kv_head][head_dim]   (elements of the KV dtype, packed into words)
+    page  = [layer][K|V][chunk]                      (one chunk of `chunk_words` words each)
+    chunk = [token][kv_head][head_dim]               bfloat16 / float32: the elements, packed into words
+    chunk = [values region][scales region]           fp8 / int8 / int4 (quantized on write)
+      values region = [token][kv_head][head_dim]     1-byte elements (float8_e4m3fn bits, int8), or int4
+                                                     packed two per byte along head_dim (element 2i in
+                                                     the low nibble, as `quant_formats.pack_int4`):
+                                                     `row_words = Hkv * D * bits / 32` words per token
+      scales region = [token][scale_row_words]       bfloat16: fp8/int8 one scale per kv head
+                                                     [s_0 .. s_H-1]; int4 a scale then a zero (the float
+                                                     offset `min`) per kv head [s_0 .. s_H-1, z_0 .. z_H-1];
+                                                     each token's row zero-padded to whole 32-bit words
 
-so one layer's K (or V) for a page is a single contiguous chunk of `chunk_words` words, read with one
-dynamic slice. Word offsets stay within a slab, so int32 indexing is enough for any pool size.
+so one layer's K (or V) for a page, values and scales alike, is a single contiguous chunk, read with
+one dynamic slice; a Pallas kernel loads the values tile and the scale tile of a page with one slice
+each. Padding scale rows to whole words means no two tokens share a word, so every write is a word
+scatter. Word offsets stay within a slab, so int32 indexing is enough for any pool size. Sizes
+(`page_words`, `bytes_per_token`) are exact: scales and padding included.
+
+Quantized formats follow `quant_formats.quantize_kv` (per token per kv head, bfloat16 scales):
+`write_kv_tokens` quantizes the K/V rows it is given (plain jnp: a per-head max, then elementwise
+ops, which XLA fuses with the packing into words and, as far as its fusion heuristics allow, with the
+RoPE that produced the rows), `read_kv_pages` dequantizes to float32 and `read_kv_pages_quantized`
+returns the stored values and scales as `QuantizedTensor`s.
 
 Writes for padding tokens go to slab index `num_slabs` (out of bounds) and are dropped by the scatter,
 so no page, and no other model's page, is ever touched by padding.
@@ -22,10 +41,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-WORD_BYTES = 4
+from pallas_kernels.quant_formats import QuantizedTensor, dequantize_kv, quantize_kv
 
-# KV formats this layout stores unquantized. Quantized formats (fp8/int8/int4 with scales) join later.
-KV_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+WORD_BYTES = 4
+WORD_BITS = 32
+
+# KV formats -> (storage dtype of the value elements, bits per value). int4 is stored as uint8 bytes
+# holding two values each.
+KV_DTYPES = {
+    "bfloat16": (jnp.bfloat16, 16),
+    "float32": (jnp.float32, 32),
+    "fp8": (jnp.float8_e4m3fn, 8),
+    "int8": (jnp.int8, 8),
+    "int4": (jnp.uint8, 4),
+}
+KV_DTYPE_ALIASES = {"bf16": "bfloat16"}
+QUANTIZED_KV_DTYPES = ("fp8", "int8", "int4")
+SCALE_DTYPE = jnp.bfloat16
+SCALE_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -34,34 +67,66 @@ class KVPageLayout:
     num_kv_heads: int
     head_dim: int
     tokens_per_page: int
-    kv_dtype: str = "bfloat16"
+    kv_dtype: str = "bfloat16"  # bfloat16 (alias bf16), float32, fp8, int8, int4
     pages_per_slab: int = 1  # set once the pool's slab size is known
 
     def __post_init__(self):
+        object.__setattr__(self, "kv_dtype", KV_DTYPE_ALIASES.get(self.kv_dtype, self.kv_dtype))
         if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"unsupported kv_dtype {self.kv_dtype!r}; supported: {sorted(KV_DTYPES)}")
-        if (self.num_kv_heads * self.head_dim * self.itemsize) % WORD_BYTES:
-            raise ValueError("a token's K row must fill whole 32-bit words")
+            raise ValueError(f"unsupported kv_dtype {self.kv_dtype!r}; supported: {sorted(KV_DTYPES)} "
+                             f"(aliases: {sorted(KV_DTYPE_ALIASES)})")
+        if self.num_kv_heads <= 0 or self.head_dim <= 0:
+            raise ValueError("num_kv_heads and head_dim must be positive")
+        if (self.num_kv_heads * self.head_dim * self.value_bits) % WORD_BITS:
+            raise ValueError(f"a token's K row ({self.num_kv_heads} kv heads x {self.head_dim} x "
+                             f"{self.value_bits} bits) must fill whole 32-bit words")
+        if self.kv_dtype == "int4" and self.head_dim % 2:
+            raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
 
     @property
-    def dtype(self):
-        return KV_DTYPES[self.kv_dtype]
+    def quantized(self) -> bool:
+        return self.kv_dtype in QUANTIZED_KV_DTYPES
 
     @property
-    def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+    def value_dtype(self):
+        """Dtype of the stored value elements (uint8 for int4: two packed values per byte)."""
+        return KV_DTYPES[self.kv_dtype][0]
+
+    @property
+    def value_bits(self) -> int:
+        return KV_DTYPES[self.kv_dtype][1]
+
+    @property
+    def dtype(self):
+        """Dtype `read_kv_pages` returns: the stored dtype, or float32 (dequantized) when quantized."""
+        return jnp.float32 if self.quantized else self.value_dtype
+
+    @property
+    def scales_per_token(self) -> int:
+        """bfloat16 scale-row entries per token (K or V, one layer): H (fp8/int8), 2H (int4), 0."""
+        return {"fp8": 1, "int8": 1, "int4": 2}.get(self.kv_dtype, 0) * self.num_kv_heads
 
     @property
     def row_words(self) -> int:
-        """Words holding one token's K (or V) for one layer: kv_heads x head_dim elements."""
-        return self.num_kv_heads * self.head_dim * self.itemsize // WORD_BYTES
+        """Words holding one token's K (or V) values for one layer: kv_heads x head_dim elements."""
+        return self.num_kv_heads * self.head_dim * self.value_bits // WORD_BITS
+
+    @property
+    def scale_row_words(self) -> int:
+        """Words holding one token's K (or V) scales (and zeros) for one layer, padded to whole words."""
+        return -(-self.scales_per_token * SCALE_BITS // WORD_BITS)
+
+    @property
+    def scales_offset(self) -> int:
+        """Word offset of the scales region inside a chunk (the values region's size)."""
+        return self.tokens_per_page * self.row_words
 
     @property
     def chunk_words(self) -> int:
-        """Words holding one layer's K (or V) for a whole page."""
-        return self.tokens_per_page * self.row_words
+        """Words holding one layer's K (or V) for a whole page: values region + scales region."""
+        return self.tokens_per_page * (self.row_words + self.scale_row_words)
 
     @property
     def page_words(self) -> int:
@@ -73,7 +138,7 @@ class KVPageLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        """KV bytes per token over all layers, K and V."""
+        """KV bytes per token over all layers, K and V (scales and padding included)."""
         return self.page_bytes // self.tokens_per_page
 
     def pages_for(self, num_tokens: int) -> int:
@@ -90,6 +155,7 @@ def _words_to_elements(words: jax.Array, dtype) -> jax.Array:
 
 
 def _elements_to_words(x: jax.Array) -> jax.Array:
+    """dtype[..., m] -> uint32[..., m * itemsize / 4]; m must fill whole words."""
     itemsize = np.dtype(x.dtype).itemsize
     if itemsize == WORD_BYTES:
         return lax.bitcast_convert_type(x, jnp.uint32)
@@ -104,34 +170,90 @@ def _page_origin(layout: KVPageLayout, page_ids: jax.Array, layer, kind: int):
     return slab, word
 
 
-def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
-    """K and V of one layer for the given pages: int32[...] page ids -> 2 x dtype[..., T, Hkv, D]."""
-    out = []
+def _gather_words(pool: jax.Array, slab: jax.Array, word: jax.Array, n: int) -> jax.Array:
+    """pool[slab, word:word + n] for every index: int32[...] x 2 -> uint32[..., n]."""
+    starts = jnp.stack([slab, word], axis=-1)
+    return lax.gather(
+        pool, starts,
+        lax.GatherDimensionNumbers(offset_dims=(starts.ndim - 1,), collapsed_slice_dims=(0,),
+                                   start_index_map=(0, 1)),
+        slice_sizes=(1, n), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _scatter_words(pool: jax.Array, slab: jax.Array, word: jax.Array, rows: jax.Array) -> jax.Array:
+    """pool[slab[i], word[i]:word[i] + n] = rows[i] (rows: uint32[N, n]); out-of-bounds slabs dropped."""
+    return lax.scatter(
+        pool, jnp.stack([slab, word], axis=-1), rows,
+        lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
+                                    scatter_dims_to_operand_dims=(0, 1)),
+        indices_are_sorted=False, unique_indices=False, mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _split_chunk(layout: KVPageLayout, chunk: jax.Array):
+    """uint32[..., chunk_words] -> (value elements [..., T, Hkv, D or D/2], scale words [..., T, srw])."""
+    t = layout.tokens_per_page
+    values = _words_to_elements(chunk[..., :layout.scales_offset], layout.value_dtype)
+    values = values.reshape(*chunk.shape[:-1], t, layout.num_kv_heads, -1)
+    scales = chunk[..., layout.scales_offset:].reshape(*chunk.shape[:-1], t, layout.scale_row_words)
+    return values, scales
+
+
+def _read_chunks(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """Yield (value elements, scale words) of `layer`'s K then V chunk of every page."""
     for kind in (0, 1):
         slab, word = _page_origin(layout, page_ids, layer, kind)
-        starts = jnp.stack([slab, word], axis=-1)
-        chunk = lax.gather(
-            pool, starts,
-            lax.GatherDimensionNumbers(offset_dims=(starts.ndim - 1,), collapsed_slice_dims=(0,),
-                                       start_index_map=(0, 1)),
-            slice_sizes=(1, layout.chunk_words), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-        elems = _words_to_elements(chunk, layout.dtype)
-        out.append(elems.reshape(*page_ids.shape, layout.tokens_per_page, layout.num_kv_heads, layout.head_dim))
+        yield _split_chunk(layout, _gather_words(pool, slab, word, layout.chunk_words))
+
+
+def read_kv_pages_quantized(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """K and V of one layer, as stored, for a quantized layout: int32[...] page ids -> 2 x QuantizedTensor
+    (values [..., T, Hkv, D] (int4: uint8 [..., T, Hkv, D/2]), bfloat16 scales/zeros [..., T, Hkv, 1]),
+    with `quantize_kv`'s conventions (fmt "kv_<format>", axis = last)."""
+    if not layout.quantized:
+        raise ValueError(f"read_kv_pages_quantized needs a quantized layout, not {layout.kv_dtype!r}")
+    out = []
+    h = layout.num_kv_heads
+    for values, scale_words in _read_chunks(pool, layout, page_ids, layer):
+        s = _words_to_elements(scale_words, SCALE_DTYPE)[..., None]  # [..., T, 2 * scale_row_words, 1]
+        zeros = s[..., h:2 * h, :] if layout.kv_dtype == "int4" else None
+        out.append(QuantizedTensor(values, s[..., :h, :], zeros, f"kv_{layout.kv_dtype}", values.ndim - 1))
     return out[0], out[1]
+
+
+def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """K and V of one layer for the given pages: int32[...] page ids -> 2 x dtype[..., T, Hkv, D], in the
+    stored dtype, or dequantized to float32 for quantized layouts."""
+    if layout.quantized:
+        k, v = read_kv_pages_quantized(pool, layout, page_ids, layer)
+        return dequantize_kv(k), dequantize_kv(v)
+    k, v = (values for values, _ in _read_chunks(pool, layout, page_ids, layer))
+    return k, v
+
+
+def _quantized_rows(layout: KVPageLayout, x: jax.Array):
+    """[N, Hkv, D] -> (value words uint32[N, row_words], scale words uint32[N, scale_row_words])."""
+    qt = quantize_kv(x, layout.kv_dtype, scale_dtype=SCALE_DTYPE)
+    n = x.shape[0]
+    scales = [qt.scales.reshape(n, -1)] + ([qt.zeros.reshape(n, -1)] if qt.zeros is not None else [])
+    pad = layout.scale_row_words * (WORD_BITS // SCALE_BITS) - layout.scales_per_token
+    scales.append(jnp.zeros((n, pad), SCALE_DTYPE))
+    return (_elements_to_words(qt.values.reshape(n, -1)),
+            _elements_to_words(jnp.concatenate(scales, axis=-1)))
 
 
 def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: jax.Array,
                     valid: jax.Array, layer, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Write one layer's K/V rows of N tokens: page_ids, slots, valid: [N]; k, v: [N, Hkv, D]."""
+    """Write one layer's K/V rows of N tokens: page_ids, slots, valid: [N]; k, v: [N, Hkv, D] (any float
+    dtype; cast to the stored dtype, or quantized per token per kv head for quantized layouts)."""
     num_slabs = pool.shape[0]
     for kind, x in ((0, k), (1, v)):
         slab, word = _page_origin(layout, page_ids, layer, kind)
         slab = jnp.where(valid, slab, num_slabs)  # out of bounds: dropped
-        word = word + slots * layout.row_words
-        rows = _elements_to_words(x.astype(layout.dtype).reshape(x.shape[0], -1))
-        pool = lax.scatter(
-            pool, jnp.stack([slab, word], axis=-1), rows,
-            lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
-                                        scatter_dims_to_operand_dims=(0, 1)),
-            indices_are_sorted=False, unique_indices=False, mode=lax.GatherScatterMode.FILL_OR_DROP)
+        if layout.quantized:
+            rows, scale_rows = _quantized_rows(layout, x)
+            pool = _scatter_words(pool, slab, word + layout.scales_offset + slots * layout.scale_row_words,
+                                  scale_rows)
+        else:
+            rows = _elements_to_words(x.astype(layout.value_dtype).reshape(x.shape[0], -1))
+        pool = _scatter_words(pool, slab, word + slots * layout.row_words, rows)
     return pool

@@ -4,6 +4,11 @@ Queries attend to every cached token of their sequence at a position <= their ow
 visited a block at a time with an online softmax (flash-decoding style), so no sequence's whole
 context is ever gathered into one contiguous buffer, and the loop stops at the longest live context
 in the batch rather than at the page table's width.
+
+Every KV format of `KVPageLayout` works: quantized pages (fp8 / int8 / int4 with bfloat16 scales) are
+dequantized to float32 inside the block loop, one block of pages at a time (`read_kv_pages`), so the
+cache is never expanded as a whole. Positions past a sequence's end are zeroed before use, so garbage
+there (NaN values, or garbage scale words that dequantize to NaN/inf) never reaches a live result.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ def paged_attention_reference(
     def block(i, carry):
         m, l, acc = carry
         ids = lax.dynamic_slice_in_dim(page_table, i * pages_per_block, pages_per_block, axis=1)
-        k, v = read_kv_pages(pool, layout, ids, layer)  # [B, pb, T, Hkv, D]
+        k, v = read_kv_pages(pool, layout, ids, layer)  # [B, pb, T, Hkv, D], dequantized if quantized
         k = k.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
         v = v.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
         k_pos = i * block_tokens + jnp.arange(block_tokens)
         k_live = k_pos[None, :] < kv_lens[:, None]                                   # [B, K]
-        # Pages past a sequence's end may hold anything (NaN included): zero them before use.
+        # Pages past a sequence's end may hold anything (NaN values or scales included): zero them
+        # before use.
         k = jnp.where(k_live[:, :, None, None], k, 0.0)
         v = jnp.where(k_live[:, :, None, None], v, 0.0)
         mask = k_live[:, None, :] & (k_pos[None, None, :] <= q_positions[:, :, None])  # [B, S, K]

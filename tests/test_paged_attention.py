@@ -1,18 +1,23 @@
 """Tests for pallas_kernels/kv_pages.py (page reads/writes in the shared uint32 pool) and
-pallas_kernels/paged_attention_ref.py (the pure-XLA paged attention reference).
+pallas_kernels/paged_attention_ref.py (the pure-XLA paged attention reference), for every KV format:
+bfloat16 and float32 stored as is, fp8 / int8 / int4 quantized on write (per token per kv head,
+bfloat16 scales) and dequantized inside the attention.
 
 Every pool starts out filled with NaN bit patterns, so any word a read or an attention step should
 not depend on (unwritten pages, the unused tail of a partly filled page, the table entries past a
 sequence's pages, the slab remainder) would poison the result. Page tables are random permutations
 of the pool's pages, so nothing relies on pages being contiguous or in order.
 
-Pool writes are checked bit for bit against a numpy model of the layout documented in kv_pages.py,
-which also proves that no word outside the written rows changes. Attention is checked against a
-dense float64 softmax(q k^T / sqrt(D)) v with GQA grouping and a causal mask.
+Pool writes are checked bit for bit against a numpy model of the layout documented in kv_pages.py
+(quantized rows: `quantize_kv`'s codes and bfloat16 scales, placed by numpy), which also proves that
+no word outside the written rows changes. Attention is checked against a dense float64
+softmax(q k^T / sqrt(D)) v with GQA grouping and a causal mask, computed on the K/V as stored
+(rounded to bfloat16, or dequantized), and against the original float32 K/V with an error budget
+derived from each format's precision.
 
 Compile budget: the jitted functions take the layout as a static argument and the layer as a traced
-int32, and all shapes within one parametrization are fixed (B, P, N, S), so each of the 16 parameter
-combinations compiles write, read, decode attention and prefill attention once.
+int32, and all shapes within one parametrization are fixed (B, P, N, S), so each of the 40 parameter
+combinations compiles write, read, decode attention (bfloat16/float32 only) and prefill attention once.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, write_kv_tokens
 from pallas_kernels.paged_attention_ref import paged_attention_reference
+from pallas_kernels.quant_formats import dequantize_kv, quantize_kv
 from serving.kv_pool import SlabAllocator
 
 # 0x7FC00000 is a float32 quiet NaN, but read as two bfloat16 elements its low half is +0.0. The
@@ -42,10 +48,16 @@ S_PREFILL = 6
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand, round to nearest even)
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+QUANTIZED = ("fp8", "int8", "int4")
+KV_DTYPES = ("float32", "bfloat16") + QUANTIZED
 
 _write = jax.jit(write_kv_tokens, static_argnums=1)
 _read = jax.jit(read_kv_pages, static_argnums=1)
 _attn = jax.jit(paged_attention_reference, static_argnums=2, static_argnames="pages_per_block")
+# The reference quantization (bfloat16 scales, as the pool stores them), compiled as one function.
+_quantize_kv = jax.jit(lambda x, kv_format: quantize_kv(x, kv_format, scale_dtype=jnp.bfloat16),
+                       static_argnums=1)
+_dequantize_kv = jax.jit(dequantize_kv)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +70,29 @@ def to_words(x: np.ndarray, kv_dtype: str) -> np.ndarray:
     return e.view(np.uint32)  # little-endian: element 0 of a word is its low half, as XLA's bitcast
 
 
+def quantized_words(x: np.ndarray, kv_format: str) -> tuple[np.ndarray, np.ndarray]:
+    """[N, H, D] -> (uint32[N, row_words], uint32[N, scale_row_words]): a quantized token row as
+    stored. Values: quantize_kv's codes (int4: its packed bytes), row-major [H][D], 4 bytes a word;
+    scales: bfloat16 [s_0..s_H-1] (int4: then [z_0..z_H-1]), zero-padded to a whole word."""
+    qt = _quantize_kv(jnp.asarray(x), kv_format)
+    n = x.shape[0]
+    values = np.ascontiguousarray(np.asarray(qt.values)).view(np.uint8).reshape(n, -1)
+    scales = [np.asarray(qt.scales).reshape(n, -1)]
+    if qt.zeros is not None:
+        scales.append(np.asarray(qt.zeros).reshape(n, -1))
+    scales = np.concatenate(scales, axis=1).view(np.uint16)
+    scales = np.pad(scales, ((0, 0), (0, scales.shape[1] % 2)))  # pad half words with +0.0
+    return values.view("<u4"), np.ascontiguousarray(scales).view("<u4")
+
+
+def stored_kv(x: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """The K/V values a read returns for rows `x` [..., H, D]: rounded to the stored dtype, or
+    quantized then dequantized (float32) for quantized formats."""
+    if kv_dtype in QUANTIZED:
+        return np.asarray(_dequantize_kv(_quantize_kv(jnp.asarray(x), kv_dtype)))
+    return np.asarray(x, np.float32).astype(NP_DTYPES[kv_dtype])
+
+
 def bits(x) -> np.ndarray:
     """Bit pattern of an array (NaN-safe exact comparison)."""
     x = np.ascontiguousarray(np.asarray(x))
@@ -65,14 +100,24 @@ def bits(x) -> np.ndarray:
 
 
 def model_write(pool: np.ndarray, layout: KVPageLayout, pages, slots, valid, layer, k, v) -> np.ndarray:
-    """What write_kv_tokens must do, computed from the layout's documented formula."""
+    """What write_kv_tokens must do, computed from the layout's documented formula: a chunk is
+    [token][row_words] values, then (quantized formats) [token][scale_row_words] scales."""
     pool = pool.copy()
-    rw = layout.row_words
-    for i in np.flatnonzero(valid):
-        slab, local = divmod(int(pages[i]), layout.pages_per_slab)
-        for kind, x in ((0, k), (1, v)):
-            w = local * layout.page_words + (layer * 2 + kind) * layout.chunk_words + int(slots[i]) * rw
-            pool[slab, w:w + rw] = to_words(x[i].reshape(-1), layout.kv_dtype)
+    rw, srw, t = layout.row_words, layout.scale_row_words, layout.tokens_per_page
+    for kind, x in ((0, k), (1, v)):
+        x = np.asarray(x)
+        if layout.quantized:
+            rows, scale_rows = quantized_words(x, layout.kv_dtype)
+        else:
+            rows, scale_rows = to_words(x.reshape(len(x), -1), layout.kv_dtype), None
+        for i in np.flatnonzero(valid):
+            slab, local = divmod(int(pages[i]), layout.pages_per_slab)
+            chunk = local * layout.page_words + (layer * 2 + kind) * layout.chunk_words
+            w = chunk + int(slots[i]) * rw
+            pool[slab, w:w + rw] = rows[i]
+            if scale_rows is not None:
+                w = chunk + t * rw + int(slots[i]) * srw
+                pool[slab, w:w + srw] = scale_rows[i]
     return pool
 
 
@@ -116,6 +161,43 @@ def bf16_error_bound(q, k, v, q_pos, kv_len) -> np.ndarray:
     vmax = np.repeat(v, hq // hkv, axis=1).max(axis=(0, 2), initial=0.0)  # [Hq]
     eps = U_BF16 * np.einsum("shd,lhd->shl", q, kh).max(axis=-1, initial=0.0) / np.sqrt(d)  # [S, Hq]
     return vmax[None, :] * (np.expm1(2 * eps) + U_BF16)
+
+
+def quant_step(x: np.ndarray, kv_format: str) -> np.ndarray:
+    """Quantization step (spacing of the representable values around each element) of K/V rows
+    x [..., H, D], in x's units, from the stored bfloat16 scales: int8 and int4 one step of `scale`
+    (absmax/127, (max - min)/15) per token and head; fp8 e4m3 has 3 mantissa bits, so the spacing
+    at y = |x| / scale is 2^(floor(log2 y) - 3) (relative 2^-4..2^-3), and 2^-9 below 2^-6."""
+    qt = _quantize_kv(jnp.asarray(x), kv_format)
+    scale = np.asarray(qt.scales.astype(jnp.float32), np.float64)
+    if kv_format != "fp8":
+        return np.broadcast_to(scale, x.shape)
+    y = np.abs(np.asarray(x, np.float64)) / scale
+    return 2.0 ** (np.floor(np.log2(np.maximum(y, 2.0 ** -6))) - 3) * scale
+
+
+def predicted_sq_error(q, k, v, var_k, var_v, q_pos, kv_len) -> float:
+    """Expected sum of squared attention-output errors when K and V carry independent zero-mean
+    errors of variance var_k, var_v (per element), to first order. With weights p_i and output o,
+        d_out = sum_i p_i dv_i + sum_i p_i ds_i (v_i - o),  ds_i = q . dk_i / sqrt(D)
+    (the softmax's normalisation turns sum_i p_i (ds_i - sum_j p_j ds_j) v_i into the second sum), so
+        E|d_out|^2 = sum_i p_i^2 (sum_d var_v[i, d] + Var(ds_i) |v_i - o|^2),
+        Var(ds_i) = sum_d q_d^2 var_k[i, d] / D."""
+    q = np.asarray(q, np.float64)
+    k, v, var_k, var_v = (np.asarray(a, np.float64)[:kv_len] for a in (k, v, var_k, var_v))
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    k, v, var_k, var_v = (np.repeat(a, hq // hkv, axis=1) for a in (k, v, var_k, var_v))  # [L, Hq, D]
+    s = np.einsum("shd,lhd->hsl", q, k) / np.sqrt(d)
+    mask = np.arange(kv_len)[None, :] <= np.asarray(q_pos)[:, None]
+    s = np.where(mask[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    p = np.where(mask[None], np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    p /= np.where(p.sum(axis=-1, keepdims=True) > 0, p.sum(axis=-1, keepdims=True), 1.0)
+    o = np.einsum("hsl,lhd->hsd", p, v)
+    var_s = np.einsum("shd,lhd->hsl", q ** 2, var_k) / d
+    dev2 = (np.einsum("lhd,lhd->hl", v, v)[:, None, :] - 2 * np.einsum("lhd,hsd->hsl", v, o)
+            + np.einsum("hsd,hsd->hs", o, o)[:, :, None])                      # |v_i - o|^2
+    return float(np.sum(p ** 2 * (var_v.sum(axis=-1).T[:, None, :] + var_s * dev2)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,7 +250,7 @@ def scattered_batch(rng, layout: KVPageLayout, lens: np.ndarray, num_pages: int)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("tokens_per_page", [8, 16])
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
     rng = np.random.default_rng()
     hq, hkv = heads
@@ -205,8 +287,9 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
         assert (pool_np[slab, sl] == POISON).all()
     assert (pool_np[:, PAGES_PER_SLAB * layout.page_words:] == POISON).all()
 
-    # 2. Read back through the page table, bit for bit.
-    kv_cast = kv.astype(NP_DTYPES[kv_dtype])
+    # 2. Read back through the page table, bit for bit: the stored dtype, or for quantized formats
+    #    float32 equal to dequantize(quantize(x)) with bfloat16 scales.
+    kv_cast = stored_kv(kv, kv_dtype)
     for layer in range(NUM_LAYERS):
         k, v = _read(pool, layout, jnp.asarray(table), jnp.int32(layer))
         assert k.dtype == layout.dtype and k.shape == (B, P, t, hkv, head_dim)
@@ -216,6 +299,7 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
             assert np.array_equal(bits(k[b, :n]), bits(kv_cast[layer, 0, b, :n]))
             assert np.array_equal(bits(v[b, :n]), bits(kv_cast[layer, 1, b, :n]))
             assert np.isnan(k[b, n:]).all() and np.isnan(v[b, n:]).all()  # never written: poison
+            # (Quantized: poison scale words are NaN, so a read that ignored the scales fails here.)
 
     # 3. Attention, decode (one query at len - 1) and prefill (the last S positions, causal).
     # Tolerances. The kernel computes in float32 (bf16 K/V are upcast exactly), so against a float64
@@ -225,8 +309,18 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
     # 7e-7). rtol = 1e-5 with atol = 5e-6 (for outputs near 0, where a relative test is meaningless)
     # leaves ~7x margin. Against the *unrounded* float32 K/V, bf16 storage adds an error bounded by
     # bf16_error_bound (rigorous, from bf16's 2^-8 unit roundoff) and, in RMS, by 2^-8 |v|.
+    # Quantized formats: against the *dequantized* K/V the same float32-only tolerance holds (the
+    # values are dequantized to float32 before any arithmetic), which checks the kernel logic
+    # exactly; against the original K/V see the error budget below.
     kv_stored = kv_cast.astype(np.float64)
-    for s_len in (1, S_PREFILL):
+    if layout.quantized:
+        # Rounding to a grid of step h leaves an error uniform in [-h/2, h/2]: variance h^2 / 12.
+        var = quant_step(kv, kv_dtype) ** 2 / 12
+        sq_err_q = sq_pred = 0.0
+    # Quantized formats run the prefill shape only: its last query is the decode query (position
+    # len - 1), and the kernel's path through the dequantization does not depend on S, so a decode
+    # compile per format would only add test time (the bfloat16/float32 runs cover S = 1).
+    for s_len in (S_PREFILL,) if layout.quantized else (1, S_PREFILL):
         q = rng.standard_normal((B, s_len, hq, head_dim)).astype(np.float32)
         q_pos = (lens[:, None] - s_len + np.arange(s_len)[None, :]).astype(np.int32)  # may be < 0
         for layer in range(NUM_LAYERS):
@@ -241,6 +335,11 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
                 ref = dense_attention(q[b], kv_stored[layer, 0, b], kv_stored[layer, 1, b], q_pos[b], n)
                 np.testing.assert_allclose(out[b], ref, rtol=1e-5, atol=5e-6,
                                            err_msg=f"layer {layer} row {b} len {n} S {s_len}")
+                if layout.quantized and n:
+                    ref32 = dense_attention(q[b], kv[layer, 0, b], kv[layer, 1, b], q_pos[b], n)
+                    sq_err_q += np.sum((out[b] - ref32) ** 2)
+                    sq_pred += predicted_sq_error(q[b], kv[layer, 0, b], kv[layer, 1, b], var[layer, 0, b],
+                                                  var[layer, 1, b], q_pos[b], n)
                 if kv_dtype == "bfloat16" and n:
                     k32, v32 = kv[layer, 0, b], kv[layer, 1, b]
                     ref32 = dense_attention(q[b], k32, v32, q_pos[b], n)
@@ -255,6 +354,51 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
                 # stays within bf16's relative precision of the RMS value (measured: < 0.25 u).
                 assert np.sqrt(sq_err) <= U_BF16 * np.sqrt(sq_v), (np.sqrt(sq_err / sq_v) / U_BF16)
             assert not out[lens == 0].any()  # no keys: exactly zero
+    if layout.quantized:
+        # Against the original float32 K/V the error comes from quantization alone. Its size follows
+        # from each format's step (quant_step: int8 absmax/127, int4 (max - min)/15, fp8 2^-4..2^-3
+        # relative): rounding errors are independent and uniform within half a step, and
+        # predicted_sq_error propagates them through the softmax to first order. The measured RMS
+        # error over the batch must match that prediction to within a factor 1.25 either way.
+        # Measured over 48 runs: 0.94..1.04 (the absmax/min/max elements round exactly, the model
+        # ignores second-order terms).
+        # Quantization that did nothing (ratio 0), used a wrong scale (off by 2x) or the wrong
+        # bits falls outside the window.
+        ratio = np.sqrt(sq_err_q / sq_pred)
+        assert 0.8 <= ratio <= 1.25, ratio
+
+
+def test_error_grows_as_precision_drops():
+    """The same K/V and queries through every KV format: the attention error against the float32
+    K/V must order as the formats' precision. Per-element RMS storage error for N(0, 1) K/V with
+    head_dim 64 (absmax ~2.5, range ~5): float32 0; bfloat16 2^-9/sqrt(3) ~ 1e-3 (relative);
+    int8 (2.5/127)/sqrt(12) ~ 6e-3; fp8 e4m3 ~ 2.6e-2 (spacing 2^-4..2^-3 relative); int4
+    (5/15)/sqrt(12) ~ 0.1. Measured output RMS errors: 3e-8, 5e-4, 1.8e-3, 7.6e-3, 2.8e-2 (neighbours
+    3.4x..4.2x apart, float32 aside), so a factor 2 between neighbours is asserted; a format whose
+    quantization silently did nothing (or too much) breaks the chain."""
+    rng = np.random.default_rng()
+    # The shapes of test_write_read_attend[*-8-gqa4-64], so the jitted write and attention are shared.
+    t, hq, hkv, d = 8, 8, 2, 64
+    num_slabs = -(-(B * P + 8) // PAGES_PER_SLAB)
+    lens = ragged_lengths(rng, t)
+    kv = rng.standard_normal((2, B, P * t, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((B, S_PREFILL, hq, d)).astype(np.float32)
+    q_pos = (lens[:, None] - S_PREFILL + np.arange(S_PREFILL)[None, :]).astype(np.int32)
+    refs = [dense_attention(q[b], kv[0, b], kv[1, b], q_pos[b], n) for b, n in enumerate(lens)]
+    rms = {}
+    for kv_dtype in ("float32", "bfloat16", "int8", "fp8", "int4"):
+        layout = KVPageLayout(NUM_LAYERS, hkv, d, t, kv_dtype, pages_per_slab=PAGES_PER_SLAB)
+        table, _, _, valid, rows_b, rows_pos, pages, slots = scattered_batch(
+            rng, layout, lens, num_slabs * PAGES_PER_SLAB)
+        pool = _write(jnp.asarray(make_pool(layout, num_slabs)), layout, jnp.asarray(pages), jnp.asarray(slots),
+                      jnp.asarray(valid), jnp.int32(1), jnp.asarray(kv[0, rows_b, rows_pos]),
+                      jnp.asarray(kv[1, rows_b, rows_pos]))
+        out = np.asarray(_attn(jnp.asarray(q), pool, layout, jnp.int32(1), jnp.asarray(table), jnp.asarray(q_pos),
+                               jnp.asarray(lens, dtype=jnp.int32), pages_per_block=PAGES_PER_BLOCK))
+        rms[kv_dtype] = np.sqrt(np.mean([np.mean((out[b] - refs[b]) ** 2) for b in range(B)]))
+    names = list(rms)
+    for lo, hi in zip(names, names[1:]):
+        assert rms[hi] > 2 * rms[lo], rms
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,8 +408,11 @@ SMALL = KVPageLayout(num_layers=2, num_kv_heads=2, head_dim=64, tokens_per_page=
                      pages_per_slab=4)
 
 
-@pytest.mark.parametrize("layout", [SMALL, dataclasses.replace(SMALL, kv_dtype="float32", pages_per_slab=2)],
-                         ids=["bf16", "f32"])
+@pytest.mark.parametrize("layout", [SMALL, dataclasses.replace(SMALL, kv_dtype="float32", pages_per_slab=2),
+                                    dataclasses.replace(SMALL, kv_dtype="int8", num_kv_heads=3),
+                                    dataclasses.replace(SMALL, kv_dtype="fp8", num_kv_heads=1, pages_per_slab=3),
+                                    dataclasses.replace(SMALL, kv_dtype="int4", num_kv_heads=3)],
+                         ids=["bf16", "f32", "int8", "fp8", "int4"])
 def test_padding_writes_touch_nothing(layout):
     rng = np.random.default_rng()
     num_slabs = 3
@@ -304,26 +451,33 @@ def test_padding_writes_touch_nothing(layout):
         expected = model_write(pool0, layout, pages2, slots2, valid, layer, kp, vp)
         out = np.asarray(out)
         assert np.array_equal(out, expected)
-        # Spelled out: no word outside the valid rows' K and V rows differs from before.
-        rows = model_write(np.zeros_like(pool0), layout, pages2, slots2, valid, layer,
-                           np.ones_like(kp), np.ones_like(vp)) != 0
-        assert rows.sum() == valid.sum() * 2 * layout.row_words
+        # Spelled out: no word outside the valid rows' K and V rows (values and scale rows) differs
+        # from before. The rows are the words the model writes over both an all-0 and an all-1 pool.
+        rows = (model_write(np.zeros_like(pool0), layout, pages2, slots2, valid, layer, k, v)
+                == model_write(np.full_like(pool0, 0xFFFFFFFF), layout, pages2, slots2, valid, layer, k, v))
+        assert rows.sum() == valid.sum() * 2 * (layout.row_words + layout.scale_row_words)
         assert np.array_equal(out[~rows], pool0[~rows])
 
 
 def test_one_model_write_leaves_other_bytes():
-    """Two models with different page sizes format different slabs of one pool (via SlabAllocator);
-    writing every row of model A's pages changes only those pages, never model B's or free slabs."""
+    """Three models with different page sizes and KV formats format different slabs of one pool (via
+    SlabAllocator); writing every row of one model's pages changes only those pages, never another
+    model's or free slabs."""
     rng = np.random.default_rng()
     la = SMALL                                                                     # bf16, 2 layers
     lb = KVPageLayout(num_layers=1, num_kv_heads=1, head_dim=64, tokens_per_page=6, kv_dtype="float32")
-    slab_bytes = 4 * la.page_bytes + 12  # B's pages (5 per slab) do not tile it exactly either
-    alloc = SlabAllocator(num_slabs=5, slab_bytes=slab_bytes)
+    # Quantized, odd head count: 27 words a token per (layer, K|V) (24 of values, 3 of scales/zeros).
+    lc = KVPageLayout(num_layers=2, num_kv_heads=3, head_dim=64, tokens_per_page=4, kv_dtype="int4")
+    slab_bytes = 4 * la.page_bytes + 12  # B's pages (5 per slab) and C's do not tile it exactly either
+    alloc = SlabAllocator(num_slabs=7, slab_bytes=slab_bytes)
     la = dataclasses.replace(la, pages_per_slab=alloc.register("a", la.page_bytes))
     lb = dataclasses.replace(lb, pages_per_slab=alloc.register("b", lb.page_bytes))
+    lc = dataclasses.replace(lc, pages_per_slab=alloc.register("c", lc.page_bytes))
     assert la.pages_per_slab == 4 and lb.pages_per_slab == 5
+    assert lc.page_bytes == 2 * 2 * 4 * 27 * 4 and lc.pages_per_slab == slab_bytes // lc.page_bytes == 9
     pa_first = alloc.allocate("a", 3)
     pb = alloc.allocate("b", 7)              # two slabs of b
+    pc = alloc.allocate("c", 11)             # two slabs of c
     pa = pa_first + alloc.allocate("a", 3)   # fills a's slab, then a fresh one
     pool0 = np.full((alloc.num_slabs, slab_bytes // 4), POISON, np.uint32)
 
@@ -341,19 +495,25 @@ def test_one_model_write_leaves_other_bytes():
         assert np.array_equal(np.asarray(pool), expected)
         return pool
 
+    def pages_mask(layout, pages):
+        inside = np.zeros(pool0.shape, bool)
+        for p in pages:
+            slab, sl = page_words(layout, p)
+            inside[slab, sl] = True
+        return inside
+
     pool = fill(jnp.asarray(pool0), lb, pb, [0])
+    after_b = np.asarray(pool)
+    pool = fill(pool, lc, pc, [0, 1])
     before = np.asarray(pool)
+    inside_c = pages_mask(lc, pc)
+    assert np.array_equal(before[~inside_c], after_b[~inside_c])  # C's writes stay in C's pages
     pool = fill(pool, la, pa, [0, 1])
     after = np.asarray(pool)
-    inside = np.zeros(after.shape, bool)
-    for p in pa:
-        slab, sl = page_words(la, p)
-        inside[slab, sl] = True
+    inside = pages_mask(la, pa)
     assert np.array_equal(after[~inside], before[~inside])
     assert (after[inside] != POISON).all()       # A's pages fully rewritten (two layers, K and V)
-    for p in pb:                                 # B's data intact
-        slab, sl = page_words(lb, p)
-        assert not inside[slab, sl].any()
+    assert not (inside & (pages_mask(lb, pb) | inside_c)).any()  # B's and C's data intact
 
 
 # ---------------------------------------------------------------------------------------------------
