@@ -8,13 +8,15 @@ Formats
 -------
 =========  ==========================================================================================
 int8       symmetric int8, `scale = absmax / 127` (per output channel for weights, per token for
-           activations); `x ~= q * scale`.
+           activations); `x ~= q * scale`. Imported weights (GGUF Q8_0) may instead carry one scale
+           per group of `group_size` along K (`group_size` set, scales `[K // g, out]`).
 fp8        float8_e4m3fn values, `scale = absmax / 448`; `x ~= float(q) * scale`. Casts go through
            `saturating_cast_e4m3` because XLA's fp8 convert does NOT saturate (500.0 -> NaN).
 int4       asymmetric unsigned int4 in [0, 15], groups of `group_size` along the K (input) axis,
            `scale = (max - min) / 15`, integer zero point `z = round(-min / scale)`,
            `x ~= (q - z) * scale` (AWQ/GPTQ convention). The group range is widened to include 0
            (as GPTQ does), so `z` always lies in [0, 15] and clipping it never breaks the range.
+           Imported zeros may be non-integer floats (GGUF Q4_1: `z = -min / d`).
 int4_sym   symmetric signed int4 in [-8, 7], `scale = absmax / 7`, `x ~= q * scale`.
 kv_int8    KV cache, symmetric int8 per token per head, `scale = absmax / 127`.
 kv_fp8     KV cache, e4m3 per token per head, `scale = absmax / 448`.
@@ -34,7 +36,8 @@ Scales are computed in float32 and stored in `scale_dtype` (float32 by default, 
 exact with respect to what was stored); when a narrower `scale_dtype` is asked for, values are
 quantized against the *rounded* scale so dequantization stays consistent with the stored numbers.
 Byte accounting (`kv_bytes_per_token_per_layer`, `weight_bytes`) is computed from bit widths, never
-from `.nbytes` (XLA:CPU reports one byte per int4 element).
+from `.nbytes` (XLA:CPU reports one byte per int4 element). KV bytes count what the paged KV cache
+(`kv_pages.py`) stores: each token's scale row (and values row) is padded to whole 32-bit words.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ class QuantizedTensor:
 
     values: int8 | float8_e4m3fn | uint8 (int4 packed two per byte along `axis`).
     scales: per-channel/per-token scales with size 1 on the reduced axis (int8, fp8, KV), or
-            per-group scales `[..., K // group_size, ...]` in place of the K axis (int4 weights).
+            per-group scales `[..., K // group_size, ...]` in place of the K axis (int4 weights,
+            and int8 weights when `group_size` is set).
     zeros:  None, the integer zero point stored as float (int4), or the float offset `min` (kv_int4).
     axis:   the reduced axis (weights: K axis; activations/KV: last axis). Non-negative.
     """
@@ -191,7 +195,12 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
     """Dequantize any `QuantizedTensor` (computed in float32, returned in `dtype`)."""
     fmt = qt.fmt
     s = qt.scales.astype(jnp.float32)
-    if fmt in ("int8", "fp8", "kv_int8", "kv_fp8"):
+    if fmt == "int8" and qt.group_size is not None:
+        # Group-wise int8 (imported GGUF Q8_0): one scale per `group_size` run along `axis`.
+        v = qt.values.astype(jnp.float32)
+        grouped = _split_groups(v, qt.axis, qt.group_size)
+        out = (grouped * jnp.expand_dims(s, qt.axis + 1)).reshape(v.shape)
+    elif fmt in ("int8", "fp8", "kv_int8", "kv_fp8"):
         out = qt.values.astype(jnp.float32) * s
     elif fmt == "kv_int4":
         q = unpack_int4(qt.values, signed=False, axis=qt.axis).astype(jnp.float32)
@@ -374,24 +383,30 @@ def _bits_to_bytes(bits: int, what: str) -> int:
 def kv_bytes_per_token_per_layer(
     kv_format: str, num_kv_heads: int, head_dim: int, scale_dtype: Any = jnp.bfloat16
 ) -> int:
-    """Exact bytes one token occupies in one layer's KV cache: K and V, values + scales + zeros.
+    """Exact bytes one token occupies in one layer's KV cache: K and V, values + scales + zeros, as
+    stored by `kv_pages.KVPageLayout` (a page's bytes per token divided by its number of layers).
 
-    bf16/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4: 4 bits/element
-    + one scale and one zero (both `scale_dtype`) per head.
+    bf16 (alias bfloat16)/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4:
+    4 bits/element + one scale and one zero (both `scale_dtype`) per head. Each token's values row and
+    its scale row fill whole 32-bit words: the values row must (ValueError otherwise), the scale row is
+    zero-padded (e.g. int8 with 3 KV heads and bf16 scales: 6 bytes of scales stored in 8).
     """
+    kv_format = "bf16" if kv_format == "bfloat16" else kv_format
     elems = num_kv_heads * head_dim
     sbits = _dtype_bits(scale_dtype)
     if kv_format == "bf16":
-        bits = elems * 16
+        bits, scale_bits = elems * 16, 0
     elif kv_format == "float32":
-        bits = elems * 32
+        bits, scale_bits = elems * 32, 0
     elif kv_format in ("fp8", "int8"):
-        bits = elems * 8 + num_kv_heads * sbits
+        bits, scale_bits = elems * 8, num_kv_heads * sbits
     elif kv_format == "int4":
-        bits = elems * 4 + num_kv_heads * 2 * sbits
+        bits, scale_bits = elems * 4, num_kv_heads * 2 * sbits
     else:
-        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: {KV_FORMATS}")
-    return 2 * _bits_to_bytes(bits, "a token's K row")
+        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: {KV_FORMATS} (and bfloat16)")
+    if bits % 32:
+        raise ValueError(f"a token's K row is not a whole number of 32-bit words ({bits} bits)")
+    return 2 * (bits + -(-scale_bits // 32) * 32) // 8
 
 
 def weight_bytes(
@@ -401,10 +416,13 @@ def weight_bytes(
     axis: int = 0,
     scale_dtype: Any = jnp.bfloat16,
     zero_dtype: Any = jnp.bfloat16,
+    grouped: bool = False,
 ) -> int:
     """Exact storage bytes of a weight of logical `shape` in `fmt` (aliases such as "w4a16" accepted).
 
     int8/fp8: 1 byte/element + one scale per output channel (every index of the non-`axis` dims).
+    int8 with grouped=True: 1 byte/element + one scale per group of `group_size` along `axis`
+    (int4 formats are always grouped; fp8 has no grouped form).
     int4: 4 bits/element + per group of `group_size` along `axis`: a scale and a zero point.
     int4_sym: 4 bits/element + a scale per group.
     """
@@ -417,6 +435,12 @@ def weight_bytes(
         bits = n * 16
     elif fmt == "float32":
         bits = n * 32
+    elif grouped and fmt == "fp8":
+        raise ValueError("grouped scales are supported for int8 weights, not fp8")
+    elif fmt == "int8" and grouped:
+        if k % group_size:
+            raise ValueError(f"K axis length {k} not divisible by group_size {group_size}")
+        bits = n * 8 + (n // group_size) * sbits
     elif fmt in ("int8", "fp8"):
         bits = n * 8 + (n // k) * sbits
     elif fmt in ("int4", "int4_sym"):

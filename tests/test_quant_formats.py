@@ -367,6 +367,25 @@ def test_kv_bytes_llama3_8b():
         kv_bytes_per_token_per_layer("int4", 1, 1)  # half a byte is not storable
 
 
+def test_kv_bytes_pad_scale_rows_to_words():
+    # The paged KV cache stores each token's scale row in whole 32-bit words (tokens never share a
+    # word). SmolLM2-135M geometry, 3 KV heads of 64, per K (or V):
+    # int8/fp8: 192 bytes + 3 bf16 scales (6 bytes) padded to 8.
+    assert kv_bytes_per_token_per_layer("int8", 3, 64) == 2 * (192 + 8) == 400
+    assert kv_bytes_per_token_per_layer("fp8", 3, 64) == 400
+    # int4: 96 bytes + 3 scales + 3 zeros (12 bytes, whole words already).
+    assert kv_bytes_per_token_per_layer("int4", 3, 64) == 2 * (96 + 12) == 216
+    # One head: int8 64 + 2 -> 4; int4 32 + 4; float32 scales fill their words.
+    assert kv_bytes_per_token_per_layer("int8", 1, 64) == 2 * (64 + 4)
+    assert kv_bytes_per_token_per_layer("int4", 1, 64) == 2 * (32 + 4)
+    assert kv_bytes_per_token_per_layer("int8", 3, 64, scale_dtype=jnp.float32) == 2 * (192 + 12)
+    # Unquantized: values only; "bfloat16" is an alias of "bf16".
+    assert kv_bytes_per_token_per_layer("bfloat16", 3, 64) == kv_bytes_per_token_per_layer("bf16", 3, 64) == 768
+    # A values row that is not whole words cannot be stored.
+    with pytest.raises(ValueError):
+        kv_bytes_per_token_per_layer("int8", 1, 2)
+
+
 def test_weight_bytes_llama3_8b_mlp():
     k, n = 4096, 14336
     # int4 group 128: half a byte per element + (4096/128)*14336 groups * (bf16 scale + bf16 zero).
