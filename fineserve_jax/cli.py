@@ -1,17 +1,21 @@
-"""The `fineserve` command line: `generate` one prompt, `batch` a JSONL file of prompts."""
+"""The `fineserve` command line: `generate` one prompt, `batch` a JSONL file of prompts, `quantize`
+a model into a checkpoint directory that `--model DIR` (and `LLM(model=DIR)`) serves."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from models.errors import ModelLoadError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
-    p.add_argument("--precision", default="bf16", help="bf16, w8a8, fp8, w4a16 or w4a8kv4")
+    p.add_argument("--precision", default="auto",
+                   help="auto (the checkpoint as it is), native (auto, but GGUF Q4/Q8 blocks stay quantized), "
+                        "or a preset: bf16, w8a8, fp8, w4a16, w4a8kv4")
     p.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -43,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(batch)
     batch.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
     batch.add_argument("--output", required=True)
+
+    quant = sub.add_parser("quantize", help="quantize a model and save it as a checkpoint directory")
+    quant.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
+    quant.add_argument("--precision", required=True,
+                       help="bf16, w8a8, fp8, w4a16 or w4a8kv4 (auto/native: save as loaded)")
+    quant.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    quant.add_argument("--calib-samples", type=int, default=8,
+                       help="calibration windows of the shipped text (0: plain round-to-nearest)")
+    quant.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
+    quant.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    quant.add_argument("--force", action="store_true", help="replace an existing checkpoint in --out")
     return parser
 
 
@@ -120,10 +135,35 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from models.checkpoint import is_quantized_checkpoint, save_quantized
+    from models.loader import check_precision, load_model
+    from models.quantize import model_weight_bytes
+
+    if args.calib_samples < 0:
+        raise ValueError(f"--calib-samples must be >= 0, got {args.calib_samples}")
+    check_precision(args.precision, args.kv_dtype)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):  # checked before the (slow) load; save_quantized re-checks
+        if not args.force:
+            raise ValueError(f"--out {out} is not empty; pass --force to replace it")
+        if not is_quantized_checkpoint(out):
+            raise ValueError(f"--out {out} is not empty and is not a fineserve checkpoint; "
+                             f"refusing to replace it even with --force")
+    loaded = load_model(args.model, args.dtype, args.precision, kv_dtype=args.kv_dtype,
+                        calib_samples=args.calib_samples)
+    path = save_quantized(loaded, out, overwrite=args.force)
+    print(f"quantized {args.model} to {loaded.precision.name} (kv {loaded.precision.kv_format}): "
+          f"{model_weight_bytes(loaded.model)} weight bytes -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "batch": cmd_batch}[args.command](args)
+        return {"generate": cmd_generate, "batch": cmd_batch, "quantize": cmd_quantize}[args.command](args)
     except (ModelLoadError, ValueError, TypeError, OSError) as e:
         print(f"fineserve: error: {e}", file=sys.stderr)
         return 2

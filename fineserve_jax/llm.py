@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence as Seq
 
-from models.loader import load_model
-from models.precision import resolve_precision
+from models.loader import check_precision, load_model
+from models.precision import PrecisionPreset
+from models.quantize import model_weight_bytes
 from serving.engine import EngineConfig, engine_with_own_pool
 from serving.sampling import SamplingParams
 from serving.sequence import RequestOutput
@@ -18,31 +19,39 @@ class LLM:
     """One model on one device, with its own KV pool.
 
     Args:
-      model: a known name (`smollm2-135m`), an HF checkpoint directory or a `.gguf` file.
-      precision: weight/activation/KV preset: "bf16", "w8a8", "fp8", "w4a16" or "w4a8kv4"
-        (see `models.precision`); quantized presets are calibrated on the shipped text at load time.
+      model: a known name (`smollm2-135m`), an HF checkpoint directory (float, or pre-quantized
+        AWQ/GPTQ/FP8), a `.gguf` file, or a directory written by `fineserve quantize`.
+      precision: "auto" (default) serves the checkpoint as it is: float checkpoints and GGUF files
+        (dequantized) in bf16, pre-quantized AWQ/GPTQ/FP8 checkpoints straight in their int4/fp8
+        formats, `fineserve quantize` output in its stored preset. "native" is "auto" but loads a
+        GGUF file's Q4_0/Q4_1/Q8_0 linears straight into int4/int8. A preset name, "bf16", "w8a8",
+        "fp8", "w4a16" or "w4a8kv4" (see `models.precision`), quantizes a float checkpoint at load
+        time, calibrated on the shipped text (see `models.loader.load_model` for the rules on
+        already-quantized checkpoints).
       kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8" or "int4".
       dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.
+      calib_samples: calibration windows for quantized presets (0: plain round-to-nearest).
       kv_cache_bytes: size of the device KV pool.
       max_num_seqs, max_model_len, max_num_batched_tokens: batching limits as in vLLM.
       tokens_per_page: KV page size in tokens.
       seed: engine seed, used for requests that do not set their own.
     """
 
-    def __init__(self, model: str, precision: str = "bf16", dtype: str = "bfloat16", *,
+    def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
                  kv_dtype: str | None = None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
                  calib_samples: int = 8):
-        precision = resolve_precision(precision, kv_dtype)  # bad names fail before any loading
+        check_precision(precision, kv_dtype)  # bad names fail before any loading
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
             raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
-        loaded = load_model(model, dtype, precision, calib_samples=calib_samples)
+        loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples)
         cfg = loaded.config
         self.model_name = str(model)
         self.precision = loaded.precision
+        self.weight_bytes = model_weight_bytes(loaded.model)
         self.config = cfg
         self.tokenizer = loaded.tokenizer
         limit = cfg.max_model_len if max_model_len is None else min(max_model_len, cfg.max_model_len)

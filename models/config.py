@@ -68,6 +68,35 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Every field as plain JSON values (`from_dict` inverts it exactly)."""
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of `to_dict`; ModelConfigError naming an unknown, missing or malformed field."""
+        if not isinstance(d, dict):
+            raise ModelConfigError("model config must be a JSON object")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ModelConfigError(f"unknown model config field {unknown[0]!r}")
+        d = dict(d)
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            try:
+                d["rope_scaling"] = RopeScaling(**scaling)
+            except TypeError as e:
+                raise ModelConfigError(f"malformed rope_scaling {scaling!r}: {e}") from None
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"] or ())
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ModelConfigError(f"malformed model config: {e}") from None
+
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Build from a parsed HF `config.json`; raises ModelConfigError naming what is wrong."""

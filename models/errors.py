@@ -15,3 +15,8 @@ class ModelConfigError(ModelLoadError):
 
 class WeightsError(ModelLoadError):
     """Weights are missing, malformed or do not match the config."""
+
+
+class CheckpointError(ModelLoadError):
+    """A quantized checkpoint written by `fineserve quantize` is missing a file, corrupt, truncated,
+    inconsistent with its metadata, or of an unsupported format version."""

@@ -54,7 +54,7 @@ class DecoderLayer(nnx.Module):
         """One decoder layer. `attend(q, k, v, cache) -> (out [B, S, Hq, D], cache)` is paged attention
         over the pool in serving and dense causal attention in calibration; `observe(site, x)` sees
         the input of every linear group (calibration statistics), with sites "attn_in", "o_in",
-        "mlp_in" and "down_in"."""
+        "mlp_in" and "down_in", and the post-RoPE keys ("k", for SmoothAttention)."""
         observe = observe or (lambda site, value: None)
         b, s, _ = x.shape
         h = self.input_layernorm(x)
@@ -62,6 +62,7 @@ class DecoderLayer(nnx.Module):
         q = apply_rope(self.q_proj(h).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim)
+        observe("k", k.reshape(b, s, -1))
         attn, cache = attend(q, k, v, cache)
         attn = attn.reshape(b, s, self.num_heads * self.head_dim)
         observe("o_in", attn)

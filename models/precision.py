@@ -4,12 +4,13 @@
 preset     weights                activations          KV cache   calibration
 =========  =====================  ===================  =========  ================================
 bf16       bf16                   bf16                 bf16       -
-w8a8       int8 per channel       int8 per token       bf16       SmoothQuant migration (alpha 0.5)
+w8a8       int8 per channel       int8 per token       bf16       SmoothQuant migration (searched alpha)
 fp8        e4m3 per channel       e4m3 per token       fp8        -
 w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale search (RTN without data)
 w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data)
 =========  =====================  ===================  =========  ================================
 
+int4 KV (w4a8kv4, or any preset with kv_dtype="int4") also applies SmoothAttention at calibration.
 `kv_dtype` overrides a preset's KV format on its own (`resolve_precision("w4a16", kv_dtype="fp8")`).
 The embedding (and a tied LM head) stays in the model dtype in every preset, as AWQ/GPTQ do.
 Group size: 128 where the input dimension allows it, else the largest of 64/32 that divides it
@@ -38,11 +39,24 @@ class PrecisionPreset:
     kv_format: str                   # "bf16" | "fp8" | "int8" | "int4"
     group_size: int | None = None    # int4: preferred group along K; None: per channel
     calibration: str | None = None   # "smoothquant" | "awq" | None
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float | None = None  # None: searched per layer and site
 
     @property
     def quantized_weights(self) -> bool:
         return self.weight_format != "bf16"
+
+    @property
+    def smooth_attention(self) -> bool:
+        """int4 KV needs SmoothAttention (QServe): K outlier channels moved into Q before RoPE."""
+        return self.kv_format == "int4"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibration is not None or self.smooth_attention
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.quantized_weights or self.smooth_attention
 
     def group_size_for(self, k: int) -> int | None:
         """The group size used for an input dimension `k` (None: per channel)."""

@@ -9,12 +9,22 @@ Steps, all on the float model before any weight is rounded (as AWQ and SmoothQua
        attn_in (q, k, v)    <- input_layernorm weight
        mlp_in  (gate, up)   <- post_attention_layernorm weight
        down_in (down)       <- up_proj output columns
-   (o_proj is left alone: with GQA its input channels do not map one-to-one onto v_proj outputs);
-   w8a8 uses SmoothQuant's `s = max|x|^a / max|w|^(1-a)` (Qwix's `compute_scales_ratio`); the int4
-   presets use AWQ's grid search over `s = mean|x|^r` minimising activation-weighted weight error
-   (Qwix's `awq_core.search_optimal_scales`, with a Qwix int4 min/max group quantizer that matches
-   our asymmetric group format);
-3. round-to-nearest into our packed formats (`pallas_kernels.quant_formats`), every linear of every
+       o_in    (o)          <- v_proj output columns (with GQA every query head of a KV group
+                               reads the same v channel, so factors are tied across the group);
+   w8a8 uses SmoothQuant's `s = max|x|^a / max|w|^(1-a)` (Qwix's `compute_scales_ratio`), with the
+   migration strength `a` searched per layer and site for the least int8 output error (as later
+   SmoothQuant variants do; a fixed `smoothquant_alpha` in the preset skips the search); the int4
+   presets use AWQ: a grid search over `s = mean|x|^r` (Qwix's `compute_act_scale`) minimising the
+   error of the layer OUTPUT on sampled calibration tokens, quantized with our own group format.
+   (Qwix's `awq_core.search_optimal_scales` minimises an activation-weighted weight error instead,
+   and quantizes with Qwix's own grid; AWQ's output objective measurably does better here.)
+   SmoothAttention (QServe, for int4 KV): `K / l` and `Q * l` with `l = max|K|^0.5` per channel over
+   the post-RoPE keys, equal on each RoPE pair (i, i + D/2) so it commutes with RoPE; folded into the
+   k_proj and q_proj output columns (q·k is unchanged; int4 K loses its outlier channels);
+3. AWQ weight clipping (int4 presets): per group and output channel, the clipping range that
+   minimises that group's output error on the sampled tokens (q_proj/k_proj are left unclipped, as in
+   AWQ, since attention scores are sensitive to them);
+4. round-to-nearest into our packed formats (`pallas_kernels.quant_formats`), every linear of every
    layer replaced by a `QuantLinear`. Without calibration data the int4 presets are plain RTN.
 """
 
@@ -26,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from qwix._src.core import qarray
+from jax import lax
 from qwix.contrib import awq_core
 from qwix.contrib.smooth_quant import compute_scales_ratio
 
@@ -34,9 +44,11 @@ from models.precision import PrecisionPreset
 from models.quant_linear import QuantLinear
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
+    dequantize,
     quantize_fp8_per_channel,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
+    quantize_int8_per_token,
 )
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,7 +57,9 @@ SMOOTHED_SITES = {
     "attn_in": (("q_proj", "k_proj", "v_proj"), "input_layernorm"),
     "mlp_in": (("gate_proj", "up_proj"), "post_attention_layernorm"),
     "down_in": (("down_proj",), "up_proj"),
+    "o_in": (("o_proj",), "v_proj"),
 }
+SMOOTHQUANT_ALPHAS = np.linspace(0.1, 0.9, 9)
 WEIGHT_SCALE_DTYPE = jnp.bfloat16  # scales and zero points stored as in AWQ/GPTQ checkpoints (16-bit)
 
 
@@ -53,6 +67,14 @@ WEIGHT_SCALE_DTYPE = jnp.bfloat16  # scales and zero points stored as in AWQ/GPT
 class ActivationStats:
     absmax: np.ndarray   # float32[L, in] max |x| per input channel
     meanabs: np.ndarray  # float32[L, in] mean |x| per input channel
+    samples: np.ndarray  # float32[L, n, in] a sample of the input rows (every SAMPLE_STRIDE-th token)
+
+
+SAMPLE_STRIDE = 4
+AWQ_GRID = 20
+CLIP_GRID = 20
+CLIP_MIN_RATIO = 0.5
+UNCLIPPED = ("q_proj", "k_proj")
 
 
 def calibration_windows(token_ids: list[int], window: int, count: int) -> np.ndarray:
@@ -64,56 +86,123 @@ def calibration_windows(token_ids: list[int], window: int, count: int) -> np.nda
 
 
 def collect_activation_stats(model, windows: np.ndarray, batch_size: int = 4) -> dict[str, ActivationStats]:
-    """Per-layer, per-channel statistics at the input of every linear group over all windows."""
+    """Per-layer, per-channel statistics (and sampled rows) at the input of every linear group."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, tokens):
         def reduce(x):
-            a = jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1])
-            return {"max": a.max(axis=0), "sum": a.sum(axis=0)}
+            rows = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+            a = jnp.abs(rows)
+            return {"max": a.max(axis=0), "sum": a.sum(axis=0), "rows": rows[::SAMPLE_STRIDE]}
         _, stats = nnx.merge(graphdef, state).forward_dense(tokens, reduce)
         return stats
 
-    total, count = None, 0
+    parts, count = [], 0
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
-        stats = jax.device_get(run(state, jnp.asarray(chunk)))
+        parts.append(jax.device_get(run(state, jnp.asarray(chunk))))
         count += chunk.size
-        if total is None:
-            total = stats
-        else:
-            total = {site: {"max": np.maximum(total[site]["max"], s["max"]), "sum": total[site]["sum"] + s["sum"]}
-                     for site, s in stats.items()}
-    return {site: ActivationStats(np.asarray(s["max"], np.float32), np.asarray(s["sum"] / count, np.float32))
-            for site, s in total.items()}
+    return {site: ActivationStats(np.max([p[site]["max"] for p in parts], axis=0),
+                                  np.sum([p[site]["sum"] for p in parts], axis=0) / count,
+                                  np.concatenate([p[site]["rows"] for p in parts], axis=1))
+            for site in parts[0]}
+
+
+def _fake_int4(w: jax.Array, group_size: int) -> jax.Array:
+    """Round-trip through our int4 group format (what serving will compute with), float32."""
+    return dequantize(quantize_int4_groupwise(w, group_size, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Smoothing factors
 
 
-def smoothquant_factors(stats: ActivationStats, kernels: list[np.ndarray], alpha: float) -> np.ndarray:
-    """s[L, in] = max|x|^alpha / max|w|^(1 - alpha), w over every linear reading the site."""
-    w_absmax = np.max(np.concatenate([np.abs(k) for k in kernels], axis=-1), axis=-1)  # [L, in]
-    act = np.maximum(stats.absmax, 1e-5)
-    s = compute_scales_ratio(jnp.asarray(act), jnp.asarray(np.maximum(w_absmax, 1e-5)), alpha)
+@jax.jit
+def _smoothquant_loss(x, w, act_absmax, w_absmax, alpha):
+    """Output error of W8A8 after smoothing with strength alpha: x [n, in], w [in, out]."""
+    s = compute_scales_ratio(jnp.maximum(act_absmax, 1e-5), jnp.maximum(w_absmax, 1e-5), alpha)
+    xq = dequantize(quantize_int8_per_token(x / s))
+    wq = dequantize(quantize_int8_per_channel(w * s[:, None], axis=0))
+    return jnp.mean((xq @ wq - x @ w) ** 2)
+
+
+def smoothquant_factors(stats: ActivationStats, kernels: list[np.ndarray], alpha: float | None) -> np.ndarray:
+    """s[L, in] = max|x|^a / max|w|^(1 - a), w over every linear reading the site; `a` searched per
+    layer over SMOOTHQUANT_ALPHAS when alpha is None."""
+    w_cat = np.concatenate(kernels, axis=-1)                                   # [L, in, out]
+    w_absmax = np.abs(w_cat).max(axis=-1)
+    alphas = np.zeros(len(w_cat), np.float32) + (alpha if alpha is not None else 0.0)
+    if alpha is None:
+        for layer in range(len(w_cat)):
+            args = [jnp.asarray(a) for a in (stats.samples[layer], w_cat[layer], stats.absmax[layer],
+                                              w_absmax[layer])]
+            losses = [float(_smoothquant_loss(*args, a)) for a in SMOOTHQUANT_ALPHAS]
+            alphas[layer] = SMOOTHQUANT_ALPHAS[int(np.argmin(losses))]
+    s = compute_scales_ratio(jnp.asarray(np.maximum(stats.absmax, 1e-5)),
+                             jnp.asarray(np.maximum(w_absmax, 1e-5)), jnp.asarray(alphas)[:, None])
     return np.asarray(s, np.float32)
 
 
-def awq_factors(stats: ActivationStats, kernels: list[np.ndarray], group_size: int, n_grid: int = 20) -> np.ndarray:
-    """AWQ per-input-channel scales s[L, in] from Qwix's grid search, one search per layer."""
-    how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=(0,), tiled_axes={1: group_size},
-                               calibration_method="minmax")
-    search = jax.jit(lambda w, act: awq_core.search_optimal_scales(w, act, how, n_grid)[0])
+def _tie_groups(x: np.ndarray, num_kv_heads: int, head_dim: int, reduce) -> np.ndarray:
+    """[..., Hq * D] -> the same shape with every query head of a KV group given one value per
+    channel (`reduce` over the group), so a factor on it can be folded into v_proj's output."""
+    g = x.reshape(*x.shape[:-1], num_kv_heads, -1, head_dim)
+    return np.broadcast_to(reduce(g, axis=-2, keepdims=True), g.shape).reshape(x.shape)
+
+
+@jax.jit(static_argnames=("group_size",))
+def _awq_search(x, w, meanabs, group_size):
+    """AWQ scale search for one layer: x [n, in] sampled inputs, w [in, out] (every consumer's
+    kernel side by side). Returns s[in] minimising |x W - (x / s) Q(s W)|^2 over `s = mean|x|^r`."""
+    ref = x @ w
+    a = awq_core.compute_act_scale(jnp.abs(x)) if meanabs is None else meanabs
+    a = jnp.maximum(a / a.max(), 1e-4)
+
+    def loss(ratio):
+        s = a ** ratio
+        s = s / jnp.sqrt(s.max() * s.min())
+        wq = _fake_int4(w * s[:, None], group_size) / s[:, None]
+        return jnp.mean((x @ wq - ref) ** 2), s
+
+    losses, scales = lax.map(loss, jnp.linspace(0.0, 1.0, AWQ_GRID))
+    return scales[jnp.argmin(losses)]
+
+
+def awq_factors(stats: ActivationStats, kernels: list[np.ndarray], group_size: int) -> np.ndarray:
+    """AWQ per-input-channel scales s[L, in], one output-error search per layer."""
     out = []
     for layer in range(stats.meanabs.shape[0]):
-        w_out_in = np.concatenate([k[layer] for k in kernels], axis=-1).T  # [out, in] as Qwix expects
-        out.append(np.asarray(search(jnp.asarray(w_out_in, jnp.float32), jnp.asarray(stats.meanabs[layer]))))
+        w = np.concatenate([k[layer] for k in kernels], axis=-1)
+        out.append(np.asarray(_awq_search(jnp.asarray(stats.samples[layer]), jnp.asarray(w, jnp.float32),
+                                          jnp.asarray(stats.meanabs[layer]), group_size)))
     return np.stack(out).astype(np.float32)
 
 
-def _apply_smoothing(layers, site: str, s: np.ndarray) -> None:
+@jax.jit(static_argnames=("group_size",))
+def awq_clip(x, w, group_size):
+    """AWQ clipping for one layer's kernel w [in, out] given sampled inputs x [n, in]: per group
+    and output channel, clip to `r * max|w|` with r in [CLIP_MIN_RATIO, 1] minimising that group's
+    output error after int4 rounding. Returns the clipped float kernel."""
+    k, n_out = w.shape
+    groups = k // group_size
+    wg = w.reshape(groups, group_size, n_out)
+    xg = x.reshape(x.shape[0], groups, group_size)
+    amax = jnp.abs(wg).max(axis=1)                                        # [G, out]
+    ref = jnp.einsum("nGg,Ggo->nGo", xg, wg)
+
+    def loss(ratio):
+        lim = (amax * ratio)[:, None, :]
+        wq = _fake_int4(jnp.clip(wg, -lim, lim).reshape(k, n_out), group_size).reshape(wg.shape)
+        return jnp.mean((jnp.einsum("nGg,Ggo->nGo", xg, wq) - ref) ** 2, axis=0)  # [G, out]
+
+    ratios = jnp.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
+    best = ratios[jnp.argmin(lax.map(loss, ratios), axis=0)]              # [G, out]
+    lim = (amax * best)[:, None, :]
+    return jnp.clip(wg, -lim, lim).reshape(k, n_out)
+
+
+def _apply_smoothing(layers, site: str, s: np.ndarray, num_kv_heads: int, head_dim: int) -> None:
     """x -> x / s folded into the producer; W -> s * W for every consumer (rows of [in, out] kernels)."""
     linears, producer = SMOOTHED_SITES[site]
     for name in linears:
@@ -121,8 +210,10 @@ def _apply_smoothing(layers, site: str, s: np.ndarray) -> None:
         k = np.asarray(lin.kernel[...], np.float32)
         lin.kernel[...] = jnp.asarray(k * s[:, :, None], lin.kernel[...].dtype)
     prod = getattr(layers, producer)
-    if producer == "up_proj":
-        k = np.asarray(prod.kernel[...], np.float32)          # [L, in, inter]: scale output columns
+    if producer in ("up_proj", "v_proj"):
+        if producer == "v_proj":  # tied over each KV group: keep one factor per v channel
+            s = s.reshape(len(s), num_kv_heads, -1, head_dim)[:, :, 0, :].reshape(len(s), -1)
+        k = np.asarray(prod.kernel[...], np.float32)          # [L, in, out]: scale output columns
         prod.kernel[...] = jnp.asarray(k / s[:, None, :], prod.kernel[...].dtype)
         if prod.bias is not None:
             prod.bias[...] = jnp.asarray(np.asarray(prod.bias[...], np.float32) / s, prod.bias[...].dtype)
@@ -153,20 +244,68 @@ def quantize_weight(kernel: jax.Array, preset: PrecisionPreset) -> QuantizedTens
     return jax.jit(jax.vmap(fn))(kernel.astype(jnp.float32))
 
 
-def smooth_model(model, preset: PrecisionPreset, calibration: np.ndarray) -> None:
-    """Fold the preset's smoothing factors (SmoothQuant or AWQ) into the float model in place.
-    The function the model computes is unchanged up to float rounding."""
-    layers = model.layers
-    stats = collect_activation_stats(model, calibration)
+def smooth_attention(model, k_stats: ActivationStats) -> None:
+    """SmoothAttention: divide K by l and multiply Q by l (l tied over RoPE pairs), in place."""
+    layers, cfg = model.layers, model.config
+    hkv, d = cfg.num_kv_heads, cfg.head_dim
+    amax = k_stats.absmax.reshape(-1, hkv, 2, d // 2).max(axis=2, keepdims=True)   # RoPE pairs
+    lam = np.sqrt(np.maximum(np.broadcast_to(amax, (amax.shape[0], hkv, 2, d // 2)), 1e-5))
+    lam_k = lam.reshape(len(lam), hkv * d)
+    lam_q = np.repeat(lam.reshape(len(lam), hkv, d), cfg.num_heads // hkv, axis=1).reshape(len(lam), -1)
+    for name, factor in (("k_proj", 1.0 / lam_k), ("q_proj", lam_q)):
+        lin = getattr(layers, name)
+        lin.kernel[...] = jnp.asarray(np.asarray(lin.kernel[...], np.float32) * factor[:, None, :], lin.kernel[...].dtype)
+        if lin.bias is not None:
+            lin.bias[...] = jnp.asarray(np.asarray(lin.bias[...], np.float32) * factor, lin.bias[...].dtype)
+
+
+def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStats]) -> dict[str, np.ndarray]:
+    """Fold the preset's smoothing factors (SmoothQuant or AWQ) into the float model in place; the
+    model's function is unchanged up to float rounding. Returns each linear's sampled inputs
+    [L, n, in] as they are after smoothing."""
+    layers, cfg = model.layers, model.config
+    heads = (cfg.num_kv_heads, cfg.head_dim)
+    if preset.smooth_attention:
+        smooth_attention(model, stats["k"])
+    inputs = {}
+    if preset.calibration is None:
+        return inputs
     for site, (linears, _) in SMOOTHED_SITES.items():
+        st = stats[site]
+        if site == "o_in":  # statistics tied over each KV group, so the factors come out tied
+            st = ActivationStats(_tie_groups(st.absmax, *heads, np.max), _tie_groups(st.meanabs, *heads, np.mean),
+                                 st.samples)
         kernels = [np.asarray(getattr(layers, n).kernel[...], np.float32) for n in linears]
         if preset.calibration == "smoothquant":
-            s = smoothquant_factors(stats[site], kernels, preset.smoothquant_alpha)
+            s = smoothquant_factors(st, kernels, preset.smoothquant_alpha)
         elif preset.calibration == "awq":
-            s = awq_factors(stats[site], kernels, preset.group_size_for(kernels[0].shape[1]))
+            s = awq_factors(st, kernels, preset.group_size_for(kernels[0].shape[1]))
         else:
             raise ValueError(f"unknown calibration method {preset.calibration!r}")
-        _apply_smoothing(layers, site, s)
+        if site == "o_in":
+            s = np.exp(_tie_groups(np.log(s), *heads, np.mean))
+        _apply_smoothing(layers, site, s, *heads)
+        inputs.update({n: st.samples / s[:, None, :] for n in linears})
+    return inputs
+
+
+def clip_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) -> None:
+    """AWQ clipping of every int4 kernel but q/k, from each linear's sampled inputs."""
+    for name, x in inputs.items():
+        if name in UNCLIPPED:
+            continue
+        lin = getattr(model.layers, name)
+        kernel = np.asarray(lin.kernel[...], np.float32)
+        g = preset.group_size_for(kernel.shape[1])
+        clipped = [np.asarray(awq_clip(jnp.asarray(x[i]), jnp.asarray(kernel[i]), g)) for i in range(len(kernel))]
+        lin.kernel[...] = jnp.asarray(np.stack(clipped), lin.kernel[...].dtype)
+
+
+def calibrate_model(model, preset: PrecisionPreset, calibration: np.ndarray) -> None:
+    """Smoothing (both methods) and clipping (AWQ) from statistics over the calibration windows."""
+    inputs = smooth_model(model, preset, collect_activation_stats(model, calibration))
+    if preset.calibration == "awq":
+        clip_model(model, preset, inputs)
 
 
 def round_model(model, preset: PrecisionPreset) -> None:
@@ -182,11 +321,10 @@ def round_model(model, preset: PrecisionPreset) -> None:
 def quantize_model(model, preset: PrecisionPreset, calibration: np.ndarray | None = None):
     """Quantize `model` in place to `preset` and return it. `calibration`: int32[n, window] token
     windows for the preset's smoothing (None: no smoothing, plain round-to-nearest)."""
-    if not preset.quantized_weights:
-        return model
-    if preset.calibration is not None and calibration is not None:
-        smooth_model(model, preset, calibration)
-    round_model(model, preset)
+    if preset.needs_calibration and calibration is not None:
+        calibrate_model(model, preset, calibration)
+    if preset.quantized_weights:
+        round_model(model, preset)
     return model
 
 

@@ -253,6 +253,25 @@ class Tokenizer:
                    eos_token_ids=[int(i) for i in eos_ids if i is not None], add_bos_token=bool(add_bos),
                    chat_template=_gguf_value(reader, "tokenizer.chat_template"))
 
+    def save(self, path: str | os.PathLike) -> list[str]:
+        """Write this tokenizer as an HF directory that `from_hf_dir` reads back identically:
+        `tokenizer.json` (the `tokenizers` model, added/special tokens included),
+        `tokenizer_config.json` (bos token, add_bos_token, chat template) and
+        `generation_config.json` (every EOS id, in order). Returns the file names written."""
+        path = os.fspath(path)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        cfg: dict[str, Any] = {"add_bos_token": self.add_bos_token}
+        if self._bos_token_id is not None:
+            cfg["bos_token"] = self._tok.id_to_token(self._bos_token_id)
+        if self._chat_template is not None:
+            cfg["chat_template"] = self._chat_template
+        files = {"tokenizer_config.json": cfg,
+                 "generation_config.json": {"eos_token_id": list(self._eos_token_ids)}}
+        for name, data in files.items():
+            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=1)
+        return ["tokenizer.json", *files]
+
     # ---- properties ------------------------------------------------------------------------
 
     @property

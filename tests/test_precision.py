@@ -14,6 +14,7 @@ from models.quantize import (
     awq_factors,
     model_weight_bytes,
     quantize_model,
+    collect_activation_stats,
     smooth_model,
 )
 from pallas_kernels.quant_formats import dequantize, quantize_int4_groupwise
@@ -63,17 +64,20 @@ def test_int4_is_packed_two_per_byte_on_device():
     assert q.values[...].shape == (cfg.num_layers, cfg.hidden_size // 2, cfg.num_heads * cfg.head_dim)
 
 
-@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+@pytest.mark.parametrize("method", ["smoothquant", "awq", "smoothattention"])
 def test_smoothing_preserves_the_function(method):
-    """Folding x/s into the producer and s*W into the consumers is an identity before rounding."""
+    """Folding x/s into the producer and s*W into the consumers (and SmoothAttention's K/l, Q*l,
+    which must commute with RoPE) is an identity before rounding."""
     rng = np.random.default_rng()
-    preset = PRESETS["w8a8" if method == "smoothquant" else "w4a16"]
+    preset = {"smoothquant": PRESETS["w8a8"], "awq": PRESETS["w4a16"],
+              "smoothattention": resolve_precision("bf16", kv_dtype="int4")}[method]
     base = load_model(str(FIXTURES / "llama"), dtype="float32")
     smoothed = load_model(str(FIXTURES / "llama"), dtype="float32")
     calib = rng.integers(0, base.config.vocab_size, (3, 32)).astype(np.int32)
-    before = np.asarray(smoothed.model.layers.input_layernorm.weight[...]).copy()
-    smooth_model(smoothed.model, preset, calib)
-    assert not np.allclose(before, np.asarray(smoothed.model.layers.input_layernorm.weight[...]))
+    changed = "k_proj" if method == "smoothattention" else "q_proj"
+    before = np.asarray(getattr(smoothed.model.layers, changed).kernel[...]).copy()
+    smooth_model(smoothed.model, preset, collect_activation_stats(smoothed.model, calib))
+    assert not np.allclose(before, np.asarray(getattr(smoothed.model.layers, changed).kernel[...]))
     tokens = rng.integers(0, base.config.vocab_size, 24)
     ref = PagedForward(base.model).step(tokens)
     out = PagedForward(smoothed.model).step(tokens)
@@ -87,7 +91,7 @@ def test_awq_search_beats_round_to_nearest_on_outlier_channels():
     x = rng.normal(size=(512, k)).astype(np.float32)
     x[:, rng.choice(k, 8, replace=False)] *= 30.0
     w = (rng.normal(size=(k, n)) * 0.02).astype(np.float32)
-    stats = ActivationStats(np.abs(x).max(0)[None], np.abs(x).mean(0)[None])
+    stats = ActivationStats(np.abs(x).max(0)[None], np.abs(x).mean(0)[None], x[None])
     s = awq_factors(stats, [w[None]], g)[0]
     assert s.shape == (k,) and np.all(s > 0)
 
