@@ -10,7 +10,9 @@ token equals bf16's. Bytes: all weights as stored on the device, and KV bytes pe
 K and V, scales included) from the page layout.
 
 Baselines `w4a16-rtn-channel` (naive int4 round-to-nearest, one scale per output channel) and
-`w4a16-rtn` (group-wise RTN, no AWQ) show what AWQ's scale search buys.
+`w4a16-rtn` (group-wise RTN, no AWQ) show what AWQ's scale search buys. Context rows on request:
+`float32` (the bf16 checkpoint computed in float32: how far bf16 arithmetic alone moves the
+metrics) and `native` (a pre-quantized checkpoint served in its own format, e.g. GGUF Q4_1 blocks).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from models.quantize import model_weight_bytes  # noqa: E402
 from serving.paged_forward import PagedForward  # noqa: E402
 
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED}
+CONTEXT_ROWS = {"float32": {"precision": "bf16", "dtype": "float32"}, "native": {"precision": "native"}}
 DEFAULT_PRESETS = ["bf16", "w8a8", "fp8", "w4a16", "w4a8kv4", "w4a16-rtn", "w4a16-rtn-channel"]
 TARGETS = {  # preset: (max NLL increase over bf16 as a fraction or None, min top-1 agreement)
     "w8a8": (0.01, 0.95), "fp8": (None, 0.95), "w4a16": (None, 0.85), "w4a8kv4": (None, 0.85)}
@@ -66,15 +69,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_PRESETS]
+    unknown = [n for n in names if n not in ALL_PRESETS and n not in CONTEXT_ROWS]
     if unknown:
-        ap.error(f"unknown presets {unknown}; choose from {', '.join(ALL_PRESETS)}")
+        ap.error(f"unknown presets {unknown}; choose from {', '.join([*ALL_PRESETS, *CONTEXT_ROWS])}")
     if "bf16" not in names:
         names.insert(0, "bf16")
 
     models = {}
     for name in tqdm(names, desc="loading and quantizing", unit="preset"):
-        models[name] = load_model(args.model, args.dtype, ALL_PRESETS[name], calib_samples=args.calib_samples)
+        spec = CONTEXT_ROWS.get(name, {"precision": ALL_PRESETS.get(name)})
+        models[name] = load_model(args.model, spec.get("dtype", args.dtype), spec["precision"],
+                                  calib_samples=args.calib_samples)
     tok = models["bf16"].tokenizer
     if tok is None:
         ap.error(f"model {args.model} has no tokenizer")
