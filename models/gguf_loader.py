@@ -314,6 +314,24 @@ def iter_gguf_tensors(reader, config: ModelConfig | None = None) -> Iterator[tup
         yield hf_name, w
 
 
+def check_tensor(name: str, shape: tuple[int, ...], shapes: dict, config: ModelConfig, where: str = "") -> None:
+    """Raise WeightsError unless `name` is a tensor the config expects, with the expected shape."""
+    want = shapes.get(name)
+    if want is None:
+        raise WeightsError(f"{where}unexpected tensor {name!r} for a {config.num_layers}-layer "
+                           f"{config.architecture} model")
+    if tuple(shape) != want:
+        raise WeightsError(f"{where}tensor {name!r} has shape {tuple(shape)}, expected {want}")
+
+
+def check_complete(found, shapes: dict, where: str = "") -> None:
+    """Raise WeightsError naming the first expected tensor not in `found`."""
+    missing = [n for n in shapes if n not in found]
+    if missing:
+        raise WeightsError(f"{where}missing tensor {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def load_gguf(path: str | os.PathLike) -> GGUFModel:
     """Read config, float32 HF-named weights, tokenizer and chat template from a GGUF file."""
     path = os.fspath(path)
@@ -325,19 +343,11 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
     shapes = expected_shapes(config)
     weights: dict[str, np.ndarray] = {}
     for name, w in iter_gguf_tensors(reader, config):
-        want = shapes.get(name)
-        if want is None:
-            raise WeightsError(f"{path}: unexpected tensor {name!r} for a {config.num_layers}-layer "
-                               f"{config.architecture} model")
-        if tuple(w.shape) != want:
-            raise WeightsError(f"{path}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
+        check_tensor(name, w.shape, shapes, config, f"{path}: ")
         if name in weights:
             raise WeightsError(f"{path}: duplicate tensor {name!r}")
         weights[name] = w
-    missing = [n for n in shapes if n not in weights]
-    if missing:
-        raise WeightsError(f"{path}: missing tensor {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    check_complete(weights, shapes, f"{path}: ")
     try:
         tokenizer = Tokenizer.from_gguf(reader)
     except ModelConfigError as e:

@@ -41,7 +41,14 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.errors import ModelConfigError, WeightsError
-from models.gguf_loader import RawTensor, config_from_gguf_metadata, expected_shapes, gguf_raw_tensors
+from models.gguf_loader import (
+    RawTensor,
+    check_complete,
+    check_tensor,
+    config_from_gguf_metadata,
+    expected_shapes,
+    gguf_raw_tensors,
+)
 from models.hf_loader import safetensors_files
 from pallas_kernels.quant_formats import QuantizedTensor
 
@@ -306,12 +313,7 @@ def gguf_quantized_tensors(reader, config: ModelConfig | None = None
     direct = _direct_gguf_types()
     out: dict[str, QuantizedTensor | np.ndarray] = {}
     for name, raw in gguf_raw_tensors(reader, config).items():
-        want = shapes.get(name)
-        if want is None:
-            raise WeightsError(f"unexpected tensor {name!r} for a {config.num_layers}-layer "
-                               f"{config.architecture} model")
-        if tuple(raw.shape) != want:
-            raise WeightsError(f"tensor {name!r} has shape {tuple(raw.shape)}, expected {want}")
+        check_tensor(name, raw.shape, shapes, config)
         if raw.qtype in direct and is_linear_weight(name):
             out[name] = gguf_block_to_quantized(raw, name=name)
             continue
@@ -322,10 +324,7 @@ def gguf_quantized_tensors(reader, config: ModelConfig | None = None
         except NotImplementedError:
             raise WeightsError(f"tensor {name!r}: unsupported GGUF tensor type {raw.qtype.name}") from None
         out[name] = np.asarray(w, dtype=np.float32)
-    missing = [n for n in shapes if n not in out]
-    if missing:
-        raise WeightsError(f"missing tensor {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    check_complete(out, shapes)
     return out
 
 
