@@ -41,6 +41,7 @@ from qwix.contrib.smooth_quant import compute_scales_ratio
 
 from models.precision import PrecisionPreset
 from models.quant_linear import QuantLinear
+from models.weights import LAYER_LINEARS
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
     dequantize,
@@ -50,7 +51,6 @@ from pallas_kernels.quant_formats import (
     quantize_int8_per_token,
 )
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Calibration site -> (linears reading it, the module whose output the smoothing folds into).
 SMOOTHED_SITES = {
     "attn_in": (("q_proj", "k_proj", "v_proj"), "input_layernorm"),
@@ -198,24 +198,30 @@ def awq_clip(x, w, group_size):
     return jnp.clip(wg, -lim, lim).reshape(k, n_out)
 
 
+def _scale(param, factor: np.ndarray) -> None:
+    """param *= factor (broadcast), computed in float32 and stored back in the param's dtype."""
+    param[...] = jnp.asarray(np.asarray(param[...], np.float32) * factor, param[...].dtype)
+
+
+def _scale_output_columns(lin, factor: np.ndarray) -> None:
+    """Scale a stacked linear's outputs: kernel [L, in, out] columns and bias [L, out] by factor [L, out]."""
+    _scale(lin.kernel, factor[:, None, :])
+    if lin.bias is not None:
+        _scale(lin.bias, factor)
+
+
 def _apply_smoothing(layers, site: str, s: np.ndarray, num_kv_heads: int, head_dim: int) -> None:
     """x -> x / s folded into the producer; W -> s * W for every consumer (rows of [in, out] kernels)."""
     linears, producer = SMOOTHED_SITES[site]
     for name in linears:
-        lin = getattr(layers, name)
-        k = np.asarray(lin.kernel[...], np.float32)
-        lin.kernel[...] = jnp.asarray(k * s[:, :, None], lin.kernel[...].dtype)
+        _scale(getattr(layers, name).kernel, s[:, :, None])
     prod = getattr(layers, producer)
+    if producer == "v_proj":  # tied over each KV group: keep one factor per v channel
+        s = s.reshape(len(s), num_kv_heads, -1, head_dim)[:, :, 0, :].reshape(len(s), -1)
     if producer in ("up_proj", "v_proj"):
-        if producer == "v_proj":  # tied over each KV group: keep one factor per v channel
-            s = s.reshape(len(s), num_kv_heads, -1, head_dim)[:, :, 0, :].reshape(len(s), -1)
-        k = np.asarray(prod.kernel[...], np.float32)          # [L, in, out]: scale output columns
-        prod.kernel[...] = jnp.asarray(k / s[:, None, :], prod.kernel[...].dtype)
-        if prod.bias is not None:
-            prod.bias[...] = jnp.asarray(np.asarray(prod.bias[...], np.float32) / s, prod.bias[...].dtype)
+        _scale_output_columns(prod, 1.0 / s)
     else:
-        w = np.asarray(prod.weight[...], np.float32)           # RMSNorm weight [L, in]
-        prod.weight[...] = jnp.asarray(w / s, prod.weight[...].dtype)
+        _scale(prod.weight, 1.0 / s)                           # RMSNorm weight [L, in]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,11 +254,8 @@ def smooth_attention(model, k_stats: ActivationStats) -> None:
     lam = np.sqrt(np.maximum(np.broadcast_to(amax, (amax.shape[0], hkv, 2, d // 2)), 1e-5))
     lam_k = lam.reshape(len(lam), hkv * d)
     lam_q = np.repeat(lam.reshape(len(lam), hkv, d), cfg.num_heads // hkv, axis=1).reshape(len(lam), -1)
-    for name, factor in (("k_proj", 1.0 / lam_k), ("q_proj", lam_q)):
-        lin = getattr(layers, name)
-        lin.kernel[...] = jnp.asarray(np.asarray(lin.kernel[...], np.float32) * factor[:, None, :], lin.kernel[...].dtype)
-        if lin.bias is not None:
-            lin.bias[...] = jnp.asarray(np.asarray(lin.bias[...], np.float32) * factor, lin.bias[...].dtype)
+    _scale_output_columns(layers.k_proj, 1.0 / lam_k)
+    _scale_output_columns(layers.q_proj, lam_q)
 
 
 def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStats]) -> dict[str, np.ndarray]:
@@ -307,7 +310,7 @@ def calibrate_model(model, preset: PrecisionPreset, calibration: np.ndarray) -> 
 def round_model(model, preset: PrecisionPreset) -> None:
     """Replace every linear of every layer by a QuantLinear holding its weight in the preset's format."""
     layers = model.layers
-    for name in LINEARS:
+    for name in LAYER_LINEARS:
         lin = getattr(layers, name)
         qt = quantize_weight(lin.kernel[...], preset)
         bias = lin.bias[...] if lin.bias is not None else None

@@ -8,8 +8,8 @@ import pytest
 from models.loader import load_model
 from models.precision import PRESETS, RTN_INT4_PER_CHANNEL, resolve_precision
 from models.quant_linear import QuantLinear
+from models.weights import LAYER_LINEARS
 from models.quantize import (
-    LINEARS,
     ActivationStats,
     awq_factors,
     model_weight_bytes,
@@ -52,7 +52,7 @@ def test_weight_bytes_formula_matches_device_arrays(name):
     loaded = load_model(str(FIXTURES / "llama"), dtype="bfloat16", precision=preset, calib_samples=0)
     assert model_weight_bytes(loaded.model) == preset.weight_bytes(loaded.config)
     layers = loaded.model.layers
-    for lin in LINEARS:
+    for lin in LAYER_LINEARS:
         assert isinstance(getattr(layers, lin), QuantLinear) == preset.quantized_weights
 
 
