@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
-from serving.engine import EngineConfig, engine_with_own_pool
+from serving.engine import EngineConfig, LLMEngine, engine_with_own_pool
 from serving.sampling import SamplingParams
 from serving.sequence import RequestOutput
 
 DEFAULT_KV_CACHE_BYTES = 512 << 20
+
+
+def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | None = None,
+                  max_num_batched_tokens: int = 512, seed: int = 0) -> EngineConfig:
+    """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
+    if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
+        raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+    limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
+    return EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
+                        max_num_batched_tokens=max_num_batched_tokens,
+                        prefill_chunk=max_num_batched_tokens, seed=seed)
 
 
 class LLM:
@@ -48,20 +59,30 @@ class LLM:
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
             raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples)
-        cfg = loaded.config
-        self.model_name = str(model)
+        config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                               max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+        engine = engine_with_own_pool(
+            loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes,
+            tokens_per_page=tokens_per_page, tokenizer=loaded.tokenizer,
+            eos_token_ids=loaded.eos_token_ids, model_key=str(model))
+        self._bind(str(model), loaded, engine, engine.step)
+
+    @classmethod
+    def over_engine(cls, name: str, loaded, engine: LLMEngine, step: Callable[[], list[RequestOutput]]) -> LLM:
+        """The LLM API over an engine that lives elsewhere (a model of a `Fleet`): `step` advances
+        whatever runs the engine and returns this engine's outputs."""
+        llm = cls.__new__(cls)
+        llm._bind(name, loaded, engine, step)
+        return llm
+
+    def _bind(self, name, loaded, engine, step) -> None:
+        self.model_name = name
         self.precision = loaded.precision
         self.weight_bytes = model_weight_bytes(loaded.model)
-        self.config = cfg
+        self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        limit = cfg.max_model_len if max_model_len is None else min(max_model_len, cfg.max_model_len)
-        self.engine = engine_with_own_pool(
-            loaded.model,
-            EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
-                         max_num_batched_tokens=max_num_batched_tokens,
-                         prefill_chunk=max_num_batched_tokens, seed=seed),
-            kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes, tokens_per_page=tokens_per_page,
-            tokenizer=self.tokenizer, eos_token_ids=loaded.eos_token_ids, model_key=self.model_name)
+        self.engine = engine
+        self._step = step
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -99,7 +120,7 @@ class LLM:
             raise ValueError("generate_stream supports n=1 only")
         rid = self.engine.add_request(ids, params, prompt=text)
         while True:
-            for out in self.engine.step():
+            for out in self._step():
                 if out.request_id == rid:
                     yield out
                     if out.finished:
@@ -140,44 +161,57 @@ class LLM:
         return list(zip(ids, texts, params))
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        groups = self._add(requests)
+        try:
+            finished: dict[str, RequestOutput] = {}
+            bar = None
+            if use_tqdm:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=sum(len(g) for g in groups), desc="generate", unit="req")
+            while self.engine.has_unfinished_requests():
+                for out in self._step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+            if bar is not None:
+                bar.close()
+        except BaseException:
+            self._abort(groups)
+            raise
+        return self._collect(groups, finished)
+
+    def _add(self, requests) -> list[list[str]]:
+        """Queue prepared requests; one group of request ids per prompt (n > 1 samples: n requests)."""
         groups: list[list[str]] = []
         try:
             for ids, text, params in requests:
                 if params.n == 1:
                     groups.append([self.engine.add_request(ids, params, prompt=text)])
                     continue
-                # n samples: independent requests with distinct seeds, merged below.
+                # n samples: independent requests with distinct seeds, merged by _collect.
                 children = []
                 for i in range(params.n):
                     seed = None if params.seed is None else params.seed + i
                     child = dataclasses.replace(params, n=1, seed=seed)
                     children.append(self.engine.add_request(ids, child, prompt=text))
                 groups.append(children)
-            finished: dict[str, RequestOutput] = {}
-            total = sum(len(g) for g in groups)
-            bar = None
-            if use_tqdm:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=total, desc="generate", unit="req")
-            for out in self.engine.run_until_done():
-                if out.finished:
-                    finished[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-            if bar is not None:
-                bar.close()
         except BaseException:
-            for g in groups:
-                for rid in g:
-                    self.engine.abort_request(rid)
+            self._abort(groups)
             raise
+        return groups
+
+    def _abort(self, groups: list[list[str]]) -> None:
+        for g in groups:
+            for rid in g:
+                self.engine.abort_request(rid)
+
+    @staticmethod
+    def _collect(groups: list[list[str]], finished: dict[str, RequestOutput]) -> list[RequestOutput]:
         results = []
         for g in groups:
             first = finished[g[0]]
-            outs = []
-            for i, rid in enumerate(g):
-                o = finished[rid].outputs[0]
-                outs.append(dataclasses.replace(o, index=i))
+            outs = [dataclasses.replace(finished[rid].outputs[0], index=i) for i, rid in enumerate(g)]
             results.append(RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outs, True,
                                          first.metrics))
         return results

@@ -296,3 +296,18 @@ def _load_fineserve(path, name, jdtype, requested, kv_dtype) -> LoadedModel:
     refuse(loaded.precision.name)
     loaded.precision = resolve_precision(loaded.precision, kv_dtype)
     return loaded
+
+
+def random_model(config: ModelConfig, precision: str | PrecisionPreset = "bf16", dtype="bfloat16", *,
+                 kv_dtype: str | None = None, seed: int = 0, name: str | None = None) -> LoadedModel:
+    """A model of this architecture with random weights (no tokenizer), quantized to `precision` by
+    plain round-to-nearest: for tests, memory benchmarks and profiling shapes no checkpoint has."""
+    from flax import nnx
+
+    from models.llama import LlamaForCausalLM
+
+    preset = check_precision(precision, kv_dtype) or resolve_precision("bf16", kv_dtype)
+    jdtype = parse_dtype(dtype)
+    model = LlamaForCausalLM(config, dtype=jdtype, rngs=nnx.Rngs(seed))
+    model, preset = _finish_float(model, None, preset, kv_dtype, 0)
+    return LoadedModel(name or f"random-{config.num_layers}l-{preset.name}", config, model, None, jdtype, preset)

@@ -2,7 +2,8 @@
 
 The pool is one `uint32[num_slabs, slab_words]` device buffer per device. A model formats the slabs it
 is given into pages of its own size: page id `p` lives in slab `p // pages_per_slab` at word
-`(p % pages_per_slab) * page_words`. Inside a page the layout is layer-major,
+`(p % pages_per_slab) * page_words` (`page_stride_words` instead when pages are padded to a common
+size). Inside a page the layout is layer-major,
 
     page  = [layer][K|V][chunk]                      (one chunk of `chunk_words` words each)
     chunk = [token][kv_head][head_dim]               bfloat16 / float32: the elements, packed into words
@@ -69,6 +70,9 @@ class KVPageLayout:
     tokens_per_page: int
     kv_dtype: str = "bfloat16"  # bfloat16 (alias bf16), float32, fp8, int8, int4
     pages_per_slab: int = 1  # set once the pool's slab size is known
+    # Words from one page's start to the next in a slab: page_words, or more when every page of a
+    # pool is padded to one size (the single-page-size baseline).
+    page_stride_words: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "kv_dtype", KV_DTYPE_ALIASES.get(self.kv_dtype, self.kv_dtype))
@@ -84,6 +88,9 @@ class KVPageLayout:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
+        if self.page_stride_words and self.page_stride_words < self.page_words:
+            raise ValueError(f"page_stride_words={self.page_stride_words} is shorter than a page "
+                             f"({self.page_words} words)")
 
     @property
     def quantized(self) -> bool:
@@ -137,6 +144,15 @@ class KVPageLayout:
         return self.page_words * WORD_BYTES
 
     @property
+    def page_slot_words(self) -> int:
+        """Words a page occupies in its slab (page_words unless pages are padded)."""
+        return self.page_stride_words or self.page_words
+
+    @property
+    def page_slot_bytes(self) -> int:
+        return self.page_slot_words * WORD_BYTES
+
+    @property
     def bytes_per_token(self) -> int:
         """KV bytes per token over all layers, K and V (scales and padding included)."""
         return self.page_bytes // self.tokens_per_page
@@ -166,7 +182,7 @@ def _elements_to_words(x: jax.Array) -> jax.Array:
 def _page_origin(layout: KVPageLayout, page_ids: jax.Array, layer, kind: int):
     """(slab index, first word) of `layer`'s K (kind 0) or V (kind 1) chunk in each page."""
     slab = page_ids // layout.pages_per_slab
-    word = (page_ids % layout.pages_per_slab) * layout.page_words + (layer * 2 + kind) * layout.chunk_words
+    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + (layer * 2 + kind) * layout.chunk_words
     return slab, word
 
 

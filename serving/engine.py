@@ -69,7 +69,7 @@ class LLMEngine:
         self.pool = pool
         self.layout = layout
         self.pages = PageManager(pool.allocator, model_key, layout)
-        pool_pages = pool.allocator.num_free_pages(model_key)
+        pool_pages = pool.allocator.capacity_pages(model_key)
         if pool_pages < layout.pages_for(config.max_model_len):
             raise ValueError(
                 f"the KV pool holds {pool_pages * layout.tokens_per_page} tokens for this model, fewer than "
@@ -87,6 +87,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.requests: dict[str, Sequence] = {}
         self.stats = StepStats()
+        self.blocked = False  # the last step found requests but no pages for any of them
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
@@ -137,10 +138,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.blocked = batch is None and self.scheduler.has_unfinished()
         if batch is None:
-            if self.scheduler.has_unfinished():
+            if self.blocked and not self.pool.allocator.used_pages_of_others(self.pages.model_key):
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return []
+            return []  # idle, or waiting for pages other models of a shared pool hold
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
         self.pool.words, result = self.runner.execute(self.pool.words, batch.is_prefill, batch.seqs,
                                                       batch.num_tokens)

@@ -7,27 +7,66 @@ and a slab whose pages are all free goes back to the free list at once.
 
 Page ids are per model: page `p` of a model with `pages_per_slab = n` is local page `p % n` of slab
 `p // n` (see pallas_kernels/kv_pages.py for the in-slab layout).
+
+A model may reserve slabs (`min_slabs`: other models never take the free slabs it would need to
+reach its reservation) and be capped (`max_slabs`). Equal reservation and cap give a static
+partition, the baseline of separate per-model pools.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import lcm
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.kv_pages import WORD_BYTES
 
 DEFAULT_SLAB_BYTES = 2 << 20
+EXACT_SLAB_SPAN = 4   # accept an exactly-tiled slab up to this many times the target size
+MAX_SLAB_WASTE = 0.01
 
 
 def slab_bytes_for(page_bytes: list[int], target: int = DEFAULT_SLAB_BYTES) -> int:
     """Smallest multiple of the pages' least common multiple that is >= target, so every model's
     pages tile a slab exactly."""
-    from math import lcm
-
     unit = lcm(*page_bytes)
     return unit * max(1, -(-target // unit))
+
+
+def slab_waste(slab_bytes: int, page_bytes: list[int]) -> float:
+    """The largest share of a slab that some model's pages leave unused (its tail)."""
+    return max(slab_bytes % p for p in page_bytes) / slab_bytes
+
+
+def choose_slab_bytes(page_bytes: list[int], target: int = DEFAULT_SLAB_BYTES,
+                      max_waste: float = MAX_SLAB_WASTE) -> int:
+    """Slab size for co-located models with these page sizes (bytes, multiples of 4).
+
+    FineServe takes 2 x lcm(page sizes): no waste, but the lcm of pages with scale rows grows fast
+    (Llama-8B bf16 + int4 KV pages: 34 MiB). Here, with lo = max(target, largest page):
+      1. the smallest multiple of the lcm >= lo, if it is at most EXACT_SLAB_SPAN x lo (no waste);
+      2. else the smallest multiple of some page size in [lo, EXACT_SLAB_SPAN x lo] whose tail
+         waste is <= max_waste for every model (e.g. 8 MiB for the pair above: 0.4% waste);
+      3. else the candidate with the least worst-case waste.
+    Bound: a model's tail waste per slab is (S mod page) / S < page / S, so a slab of at least
+    100 pages of every model always meets 1%; `slab_waste` reports the figure.
+    """
+    pages = sorted({int(p) for p in page_bytes})
+    if not pages or pages[0] <= 0 or any(p % WORD_BYTES for p in pages):
+        raise ValueError(f"page sizes must be positive multiples of {WORD_BYTES} bytes, got {page_bytes}")
+    lo = -(-max(target, pages[-1]) // WORD_BYTES) * WORD_BYTES
+    hi = EXACT_SLAB_SPAN * lo
+    exact = slab_bytes_for(pages, lo)
+    if exact <= hi:
+        return exact
+    candidates = np.unique(np.concatenate(
+        [np.arange(-(-lo // p) * p, hi + 1, p, dtype=np.int64) for p in pages]))
+    waste = (candidates[:, None] % np.array(pages, np.int64)[None, :]).max(axis=1) / candidates
+    ok = np.flatnonzero(waste <= max_waste)
+    return int(candidates[ok[0]] if ok.size else candidates[np.argmin(waste)])
 
 
 class PoolExhausted(Exception):
@@ -38,8 +77,15 @@ class PoolExhausted(Exception):
 class _ModelSlabs:
     page_bytes: int
     pages_per_slab: int
+    min_slabs: int = 0            # reserved: other models never take the slabs it still needs
+    max_slabs: int | None = None  # cap on slabs held
     free_pages: dict[int, list[int]] = field(default_factory=dict)  # slab -> free local pages
+    slabs: set[int] = field(default_factory=set)                    # slabs formatted for this model
     used_pages: int = 0
+
+    @property
+    def reserve_outstanding(self) -> int:
+        return max(0, self.min_slabs - len(self.slabs))
 
 
 class SlabAllocator:
@@ -56,22 +102,50 @@ class SlabAllocator:
         self._owner: dict[int, str] = {}
         self._models: dict[str, _ModelSlabs] = {}
 
-    def register(self, model: str, page_bytes: int) -> int:
-        """Declare a model's page size; returns its pages per slab."""
+    def register(self, model: str, page_bytes: int, *, min_slabs: int = 0, max_slabs: int | None = None) -> int:
+        """Declare a model's page size (and optional slab reservation and cap); returns its pages per
+        slab."""
         if model in self._models:
             raise ValueError(f"model {model!r} is already registered with this pool")
-        if page_bytes > self.slab_bytes:
+        if page_bytes <= 0 or page_bytes > self.slab_bytes:
             raise ValueError(f"a page of {page_bytes} bytes does not fit a slab of {self.slab_bytes} bytes")
+        if min_slabs < 0 or (max_slabs is not None and not min_slabs <= max_slabs):
+            raise ValueError(f"{model}: need 0 <= min_slabs <= max_slabs, got {min_slabs}, {max_slabs}")
+        reserved = sum(m.min_slabs for m in self._models.values()) + min_slabs
+        if reserved > self.num_slabs:
+            raise ValueError(f"{model}: reservations of {reserved} slabs exceed the pool's {self.num_slabs}")
         pages_per_slab = self.slab_bytes // page_bytes
-        self._models[model] = _ModelSlabs(page_bytes, pages_per_slab)
+        self._models[model] = _ModelSlabs(page_bytes, pages_per_slab, min_slabs, max_slabs)
         return pages_per_slab
 
     def pages_per_slab(self, model: str) -> int:
         return self._models[model].pages_per_slab
 
+    def _fresh_slabs_for(self, model: str) -> int:
+        """Free slabs `model` may format now: minus other models' outstanding reservations, within
+        its own cap."""
+        m = self._models[model]
+        others = sum(o.reserve_outstanding for name, o in self._models.items() if name != model)
+        n = max(0, len(self._free_slabs) - others)
+        if m.max_slabs is not None:
+            n = min(n, m.max_slabs - len(m.slabs))
+        return n
+
     def num_free_pages(self, model: str) -> int:
         m = self._models[model]
-        return sum(len(p) for p in m.free_pages.values()) + len(self._free_slabs) * m.pages_per_slab
+        return sum(len(p) for p in m.free_pages.values()) + self._fresh_slabs_for(model) * m.pages_per_slab
+
+    def capacity_pages(self, model: str) -> int:
+        """Pages `model` could hold if every other model held only its reservation."""
+        m = self._models[model]
+        others = sum(o.min_slabs for name, o in self._models.items() if name != model)
+        slabs = self.num_slabs - others
+        if m.max_slabs is not None:
+            slabs = min(slabs, m.max_slabs)
+        return slabs * m.pages_per_slab
+
+    def used_pages_of_others(self, model: str) -> int:
+        return sum(m.used_pages for name, m in self._models.items() if name != model)
 
     def allocate(self, model: str, n: int) -> list[int]:
         """n page ids for `model`, all or nothing; raises PoolExhausted."""
@@ -88,6 +162,7 @@ class SlabAllocator:
             else:
                 slab = self._free_slabs.pop()
                 self._owner[slab] = model
+                m.slabs.add(slab)
                 m.free_pages[slab] = list(range(m.pages_per_slab - 1, -1, -1))
             free = m.free_pages[slab]
             take = min(n - len(pages), len(free))
@@ -114,6 +189,7 @@ class SlabAllocator:
             if len(free) == m.pages_per_slab:  # reclaim the empty slab for any model
                 del m.free_pages[slab]
                 del self._owner[slab]
+                m.slabs.discard(slab)
                 self._free_slabs.append(slab)
         m.used_pages -= len(pages)
 
@@ -121,23 +197,49 @@ class SlabAllocator:
     def num_free_slabs(self) -> int:
         return len(self._free_slabs)
 
+    def slabs_of(self, model: str) -> set[int]:
+        return set(self._models[model].slabs)
+
     def stats(self) -> dict:
-        used = {name: m.used_pages for name, m in self._models.items()}
+        """Where the pool's bytes are. Every byte is in exactly one of: pages in use
+        (`allocated_bytes`), free pages inside slabs formatted for a model (`stranded_bytes`: free,
+        but only for that model), slab tails no page of the owner fits (`slab_tail_bytes`), free
+        slabs (`free_bytes`). External fragmentation is the stranded share: memory free for one
+        model but not for the others."""
+        s = self.slab_bytes
+        models = {}
+        for name, m in self._models.items():
+            free = sum(len(p) for p in m.free_pages.values())
+            models[name] = {"page_bytes": m.page_bytes, "pages_per_slab": m.pages_per_slab,
+                            "slabs": len(m.slabs), "used_pages": m.used_pages, "free_pages": free,
+                            "min_slabs": m.min_slabs, "max_slabs": m.max_slabs}
+        allocated = sum(m.used_pages * m.page_bytes for m in self._models.values())
+        stranded = sum(v["free_pages"] * v["page_bytes"] for v in models.values())
+        tails = sum(len(m.slabs) * (s - m.pages_per_slab * m.page_bytes) for m in self._models.values())
+        pool = self.num_slabs * s
         return {
-            "pool_bytes": self.num_slabs * self.slab_bytes,
+            "pool_bytes": pool,
+            "slab_bytes": s,
             "free_slabs": len(self._free_slabs),
-            "used_pages": used,
-            "live_kv_bytes": sum(m.used_pages * m.page_bytes for m in self._models.values()),
+            "free_bytes": len(self._free_slabs) * s,
+            "used_pages": {name: v["used_pages"] for name, v in models.items()},
+            "live_kv_bytes": allocated,
+            "allocated_bytes": allocated,
+            "stranded_bytes": stranded,
+            "slab_tail_bytes": tails,
+            "external_fragmentation": stranded / pool,
+            "models": models,
         }
 
 
 class KVPool:
-    """The device buffer plus its allocator. `words` is replaced after every step that donates it."""
+    """The device buffer plus its allocator. `words` is replaced after every step that donates it.
+    `fill` is the initial word (tests poison the pool with NaN patterns)."""
 
-    def __init__(self, num_slabs: int, slab_bytes: int, device: jax.Device | None = None):
+    def __init__(self, num_slabs: int, slab_bytes: int, device: jax.Device | None = None, fill: int = 0):
         self.allocator = SlabAllocator(num_slabs, slab_bytes)
         shape = (num_slabs, slab_bytes // WORD_BYTES)
-        self.words = jax.device_put(jnp.zeros(shape, jnp.uint32), device)
+        self.words = jax.device_put(jnp.full(shape, fill, jnp.uint32), device)
 
     @property
     def nbytes(self) -> int:

@@ -69,8 +69,11 @@ class SlabAllocatorMachine(RuleBasedStateMachine):
         target_pages=st.integers(2, 6),  # slab target, in largest pages: keeps pages_per_slab small
         num_slabs=st.integers(1, 6),
         odd_frac=st.floats(0.15, 0.7),
+        # Per model: slabs reserved (min) and a cap (max), each optional.
+        limits=st.lists(st.tuples(st.integers(0, 2), st.one_of(st.none(), st.integers(0, 4))),
+                        min_size=4, max_size=4),
     )
-    def setup(self, words, target_pages, num_slabs, odd_frac):
+    def setup(self, words, target_pages, num_slabs, odd_frac, limits):
         page_bytes = [4 * w for w in words]
         slab_bytes = slab_bytes_for(page_bytes, target=target_pages * max(page_bytes))
         for p in page_bytes:
@@ -83,9 +86,15 @@ class SlabAllocatorMachine(RuleBasedStateMachine):
         self.alloc = SlabAllocator(num_slabs, slab_bytes)
         self.page_bytes = {f"m{i}": p for i, p in enumerate(page_bytes)} | {"odd": odd}
         self.held: dict[str, set[int]] = {}
-        for model, p in self.page_bytes.items():
-            pps = self.alloc.register(model, p)
+        self.limits: dict[str, tuple[int, int | None]] = {}
+        reserved = 0
+        for (model, p), (lo, hi) in zip(self.page_bytes.items(), limits):
+            lo = min(lo, num_slabs - reserved)  # reservations never exceed the pool
+            hi = None if hi is None else max(hi, lo)
+            pps = self.alloc.register(model, p, min_slabs=lo, max_slabs=hi)
             assert pps == slab_bytes // p >= 1
+            reserved += lo
+            self.limits[model] = (lo, hi)
             self.held[model] = set()
         assert self.alloc.pages_per_slab("odd") * odd < slab_bytes  # really does not tile
 
@@ -105,10 +114,19 @@ class SlabAllocatorMachine(RuleBasedStateMachine):
             used |= set(self.owned_slabs(model))
         return self.alloc.num_slabs - len(used)
 
+    def outstanding_reservation(self, model: str) -> int:
+        return max(0, self.limits[model][0] - len(self.owned_slabs(model)))
+
     def expected_free_pages(self, model: str) -> int:
+        """Free pages in its own slabs, plus the free slabs that are neither reserved for other
+        models nor beyond its cap."""
         pps = self.alloc.pages_per_slab(model)
         partial = sum(pps - n for n in self.owned_slabs(model).values())
-        return partial + self.expected_free_slabs() * pps
+        fresh = self.expected_free_slabs() - sum(self.outstanding_reservation(o) for o in self.held if o != model)
+        cap = self.limits[model][1]
+        if cap is not None:
+            fresh = min(fresh, cap - len(self.owned_slabs(model)))
+        return partial + max(0, fresh) * pps
 
     # -- rules --
 
@@ -162,13 +180,22 @@ class SlabAllocatorMachine(RuleBasedStateMachine):
         assert stats["live_kv_bytes"] == 0
         assert stats["free_slabs"] == self.alloc.num_slabs
         for model in self.held:
-            assert self.alloc.num_free_pages(model) == self.alloc.num_slabs * self.alloc.pages_per_slab(model)
+            assert self.alloc.num_free_pages(model) == self.expected_free_pages(model)
+            assert self.alloc.num_free_pages(model) == self.alloc.capacity_pages(model)
 
     # -- invariants --
 
     @invariant()
     def no_overlap_and_within_slabs(self):
         check_layout(self.alloc, self.held)
+
+    @invariant()
+    def reservations_and_caps_hold(self):
+        for model, (lo, hi) in self.limits.items():
+            if hi is not None:
+                assert len(self.owned_slabs(model)) <= hi, model
+        # Enough free slabs remain to bring every model up to its reservation.
+        assert self.alloc.num_free_slabs >= sum(self.outstanding_reservation(m) for m in self.held)
 
     @invariant()
     def counts_consistent(self):

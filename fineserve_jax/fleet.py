@@ -1,0 +1,246 @@
+"""Several models co-located on one device, sharing one KV pool: `Fleet`, `ModelSpec`, fleet.toml.
+
+    fleet = Fleet([ModelSpec("smollm2-135m", precision="bf16"),
+                   ModelSpec("smollm2-135m", precision="w4a16")], pool_bytes=256 << 20)
+    fleet.generate("Hello", SamplingParams(max_tokens=16), model="smollm2-135m-w4a16")
+    fleet.generate(["Hi", "Hey"], params, model=["smollm2-135m-bf16", "smollm2-135m-w4a16"])
+    fleet.llm("smollm2-135m-bf16").chat(...)      # the full LLM API of one model
+
+Each model keeps its own jitted programs; all of them thread the same donated pool
+(serving/device_runtime.py), and `pool_mode` picks KV Slab or one of its baselines
+(serving/pool_plan.py). The same fleet from a file: `Fleet.from_config("fleet.toml")`:
+
+    pool_bytes = "256MiB"        # or an integer
+    pool_mode = "slab"           # "slab" | "static" | "single_page"
+    [[models]]
+    model = "smollm2-135m"
+    precision = "w4a16"
+    name = "small-int4"          # optional; default "<model>-<precision>"
+    kv_reserve_bytes = "16MiB"   # optional per-model reservation / cap
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence as Seq
+
+from fineserve_jax.llm import LLM, engine_config
+from models.loader import LoadedModel, check_precision, load_model
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.device_runtime import DeviceRuntime, RoundRobin
+from serving.engine import LLMEngine
+from serving.kv_pool import DEFAULT_SLAB_BYTES
+from serving.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
+from serving.sampling import SamplingParams
+from serving.sequence import RequestOutput
+
+DEFAULT_POOL_BYTES = 512 << 20
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(value, what: str) -> int:
+    """An integer byte count, or a string such as "256MiB" / "1.5GB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a byte count, got {value!r}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"{what} must be a byte count such as 268435456 or \"256MiB\", got {value!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+@dataclass
+class ModelSpec:
+    """One model of a fleet. `model` is anything `LLM` accepts (name, HF dir, .gguf, quantized dir),
+    or an already loaded `models.loader.LoadedModel` (e.g. `random_model(...)`)."""
+
+    model: str | LoadedModel
+    precision: str = "auto"
+    name: str | None = None             # the name requests use; default "<model>-<precision>"
+    kv_dtype: str | None = None
+    dtype: str = "bfloat16"
+    calib_samples: int = 8
+    tokens_per_page: int = 16
+    max_num_seqs: int = 32
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 512
+    kv_reserve_bytes: int = 0           # KV memory only this model may use
+    kv_max_bytes: int | None = None     # cap on this model's KV memory
+    kv_share: float | None = None       # pool_mode="static": its fraction (default: equal)
+    seed: int = 0
+
+    def __post_init__(self):
+        check_precision(self.precision, self.kv_dtype)
+        if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
+            raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
+                             f"use precision='auto'")
+        self.kv_reserve_bytes = parse_bytes(self.kv_reserve_bytes, "kv_reserve_bytes")
+        if self.kv_max_bytes is not None:
+            self.kv_max_bytes = parse_bytes(self.kv_max_bytes, "kv_max_bytes")
+        if self.tokens_per_page <= 0:
+            raise ValueError(f"tokens_per_page must be positive, got {self.tokens_per_page}")
+
+    @property
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        if isinstance(self.model, LoadedModel):
+            return self.model.name
+        return f"{Path(str(self.model)).name}-{self.precision}"
+
+
+class Fleet:
+    """Co-located models on one device: one KV pool, one runtime loop, one jitted program set per
+    model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed per-model partitions) and
+    "single_page" (every page padded to the largest)."""
+
+    def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str = DEFAULT_POOL_BYTES, *,
+                 pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES, policy=None,
+                 pool_fill: int = 0):
+        specs = list(models)
+        if not specs or not all(isinstance(s, ModelSpec) for s in specs):
+            raise ValueError("a Fleet needs a non-empty list of ModelSpec")
+        names = [s.served_name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}; set ModelSpec(name=...)")
+        if pool_mode not in POOL_MODES:
+            raise ValueError(f"unknown pool_mode {pool_mode!r}; choose one of {POOL_MODES}")
+        pool_bytes = parse_bytes(pool_bytes, "pool_bytes")
+        slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
+        self.specs = dict(zip(names, specs))
+        self.loaded: dict[str, LoadedModel] = {}
+        for name, spec in self.specs.items():
+            self.loaded[name] = spec.model if isinstance(spec.model, LoadedModel) else load_model(
+                spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype, calib_samples=spec.calib_samples)
+        self.plan: PoolPlan = plan_pool(
+            {name: ModelPages(self._layout(name), self.specs[name].kv_reserve_bytes,
+                              self.specs[name].kv_max_bytes, self.specs[name].kv_share)
+             for name in self.specs}, pool_bytes, pool_mode, slab_bytes)
+        self.pool = self.plan.build(fill=pool_fill)
+        engines = {}
+        for name, spec in self.specs.items():
+            loaded = self.loaded[name]
+            config = engine_config(loaded.config, max_num_seqs=spec.max_num_seqs,
+                                   max_model_len=spec.max_model_len,
+                                   max_num_batched_tokens=spec.max_num_batched_tokens, seed=spec.seed)
+            engines[name] = LLMEngine(loaded.model, self.plan.layouts[name], self.pool, name, config,
+                                      tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
+        self.runtime = DeviceRuntime(self.pool, engines, policy or RoundRobin(list(engines)))
+        self._outbox: dict[str, list[RequestOutput]] = {name: [] for name in engines}
+        self._views = {name: LLM.over_engine(name, self.loaded[name], engines[name],
+                                             lambda name=name: self._step_for(name))
+                       for name in engines}
+
+    def _layout(self, name: str) -> KVPageLayout:
+        cfg, spec = self.loaded[name].config, self.specs[name]
+        return KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.tokens_per_page,
+                            self.loaded[name].kv_dtype)
+
+    @classmethod
+    def from_config(cls, path: str | Path, **overrides) -> Fleet:
+        """A fleet from a TOML file (see the module docstring); unknown keys are errors."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read fleet config {path}: {e}") from None
+        return cls.from_dict(data, **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> Fleet:
+        top = {"models", "pool_bytes", "pool_mode", "slab_bytes"}
+        unknown = sorted(set(data) - top)
+        if unknown:
+            raise ValueError(f"unknown fleet config keys {unknown}; known: {sorted(top)}")
+        entries = data.get("models")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("the fleet config needs at least one [[models]] entry")
+        fields = {f.name for f in dataclasses.fields(ModelSpec)}
+        specs = []
+        for i, entry in enumerate(entries):
+            bad = sorted(set(entry) - fields)
+            if bad or "model" not in entry:
+                raise ValueError(f"[[models]] entry {i}: " + (f"unknown keys {bad}; known: {sorted(fields)}"
+                                                             if bad else "needs a 'model'"))
+            specs.append(ModelSpec(**entry))
+        kwargs = {k: data[k] for k in ("pool_bytes", "pool_mode", "slab_bytes") if k in data}
+        return cls(specs, **(kwargs | overrides))
+
+    # ---- serving -------------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.runtime.engines)
+
+    def llm(self, model: str) -> LLM:
+        """The vLLM-style API of one model; its calls step the whole fleet."""
+        if model not in self._views:
+            raise ValueError(f"unknown model {model!r}; this fleet serves {self.model_names}")
+        return self._views[model]
+
+    def generate(self, prompts: str | Seq[str] | None = None,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 model: str | Seq[str], prompt_token_ids: Seq[Seq[int]] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """As `LLM.generate`, for the named model, or for one model per prompt (a list of names):
+        requests for different models are in flight together and share the pool."""
+        if isinstance(model, str):
+            return self.llm(model).generate(prompts, sampling_params, prompt_token_ids=prompt_token_ids,
+                                            use_tqdm=use_tqdm)
+        models = list(model)
+        given = prompt_token_ids if prompts is None else prompts
+        if isinstance(prompts, str) or given is None or len(models) != len(given):
+            raise ValueError(f"with a list of models, pass a list of prompts, one name per prompt "
+                             f"(got {len(models)} names)")
+        n = len(given)
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * n)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        by_model: dict[str, list[int]] = {}
+        for i, m in enumerate(models):
+            self.llm(m)  # unknown names fail before anything is queued
+            by_model.setdefault(m, []).append(i)
+        prepared = {}
+        for m, idx in by_model.items():  # validate everything before queueing anything
+            sub_prompts = None if prompts is None else [prompts[i] for i in idx]
+            sub_ids = None if prompt_token_ids is None else [prompt_token_ids[i] for i in idx]
+            prepared[m] = self._views[m]._prepare(sub_prompts, [params[i] for i in idx], sub_ids)
+        groups: dict[str, list[list[str]]] = {}
+        try:
+            for m, requests in prepared.items():
+                groups[m] = self._views[m]._add(requests)
+            ours = {(m, rid) for m, g in groups.items() for group in g for rid in group}
+            finished: dict[tuple[str, str], RequestOutput] = {}
+            while any(self.runtime.engines[m].has_unfinished_requests() for m in groups):
+                for m, out in self.runtime.step():
+                    if (m, out.request_id) not in ours:
+                        self._outbox[m].append(out)  # someone else's request: keep it for them
+                    elif out.finished:
+                        finished[(m, out.request_id)] = out
+        except BaseException:
+            for m, g in groups.items():
+                self._views[m]._abort(g)
+            raise
+        results: list[RequestOutput | None] = [None] * n
+        for m, idx in by_model.items():
+            mine = {rid: out for (name, rid), out in finished.items() if name == m}
+            for i, out in zip(idx, LLM._collect(groups[m], mine)):
+                results[i] = out
+        return results
+
+    def _step_for(self, name: str) -> list[RequestOutput]:
+        """Step the fleet once; this model's outputs (others' are kept for their callers)."""
+        for m, out in self.runtime.step():
+            self._outbox[m].append(out)
+        mine, self._outbox[name] = self._outbox[name], []
+        return mine
+
+    def memory_stats(self) -> dict:
+        return self.runtime.memory_stats()

@@ -1,0 +1,118 @@
+"""Several models on one device, each its own jitted programs, all threading one donated KV pool.
+
+Every model has an LLMEngine (scheduler, page manager, runner with its own compiled prefill/decode
+programs) over the same `KVPool`: each step takes `pool.words`, donates it to that model's program
+and stores the result back, so the pool is updated in place and never copied, whichever model runs.
+Each model sees the shared words through its own page geometry (kv_pages.KVPageLayout).
+
+`step` asks the policy which model goes next among those with work; a model whose requests are
+all waiting for pages held by other models is skipped for that step. Round-robin is the default
+policy; the scheduling layer supplies SLO-aware ones through the same `pick` interface.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from serving.engine import LLMEngine
+from serving.kv_pool import KVPool
+from serving.sequence import RequestOutput, SequenceStatus
+
+
+class StepPolicy(Protocol):
+    def pick(self, ready: list[str]) -> str:
+        """The model to step next, among those with unfinished requests (in registration order)."""
+
+
+class RoundRobin:
+    """Models take turns, in registration order, skipping those with nothing to do."""
+
+    def __init__(self, names: list[str]):
+        self._order = list(names)
+        self._next = 0
+
+    def pick(self, ready: list[str]) -> str:
+        n = len(self._order)
+        for i in range(n):
+            name = self._order[(self._next + i) % n]
+            if name in ready:
+                self._next = (self._order.index(name) + 1) % n
+                return name
+        raise ValueError(f"none of {ready} is known to this policy")
+
+
+class DeviceRuntime:
+    def __init__(self, pool: KVPool, engines: dict[str, LLMEngine], policy: StepPolicy | None = None):
+        for name, engine in engines.items():
+            if engine.pool is not pool:
+                raise ValueError(f"engine {name!r} does not use this runtime's pool")
+        self.pool = pool
+        self.engines = engines
+        self.policy = policy or RoundRobin(list(engines))
+        self.num_steps = {name: 0 for name in engines}
+
+    def has_unfinished_requests(self) -> bool:
+        return any(e.has_unfinished_requests() for e in self.engines.values())
+
+    def step(self) -> list[tuple[str, RequestOutput]]:
+        """Step one model (the policy's pick among those that can run); its outputs, tagged."""
+        ready = [name for name, e in self.engines.items() if e.has_unfinished_requests()]
+        while ready:
+            name = self.policy.pick(ready)
+            engine = self.engines[name]
+            outputs = engine.step()
+            if not engine.blocked:
+                self.num_steps[name] += 1
+                return [(name, out) for out in outputs]
+            ready.remove(name)  # waiting for pages other models hold; try the next one
+        if self.has_unfinished_requests():
+            # A blocked model holds no pages (it preempts its own sequences first), so if every
+            # model is blocked the pool is empty and this cannot happen.
+            raise RuntimeError("every model with requests is waiting for KV pages")
+        return []
+
+    def run_until_done(self):
+        """Step until every model is idle; yields (model, output) as outputs are produced."""
+        while self.has_unfinished_requests():
+            yield from self.step()
+
+    def memory_stats(self) -> dict:
+        """Where the pool's bytes are, down to the token: `kv_bytes` hold cached tokens of live
+        sequences; `page_tail_bytes` are allocated pages past their sequence's last token;
+        `page_padding_bytes` pad pages to a common size (single-page baseline only); the allocator's
+        `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest. `tokens_per_kv_byte`
+        is FineServe's memory efficiency per model: cached tokens per byte of the slabs it holds."""
+        stats = self.pool.allocator.stats()
+        slab = stats["slab_bytes"]
+        kv = page_tail = padding = 0
+        models = {}
+        for name, engine in self.engines.items():
+            layout = engine.layout
+            live = [s for s in engine.scheduler.running if s.status is SequenceStatus.RUNNING]
+            tokens = sum(s.num_computed for s in live)
+            pages = stats["models"][name]["used_pages"]
+            kv_m = tokens * layout.bytes_per_token
+            kv += kv_m
+            page_tail += pages * layout.page_bytes - kv_m
+            padding += pages * (layout.page_slot_bytes - layout.page_bytes)
+            held = stats["models"][name]["slabs"] * slab
+            models[name] = {"sequences": len(live), "tokens": tokens, "kv_bytes": kv_m, "pages": pages,
+                            "slabs": stats["models"][name]["slabs"],
+                            "tokens_per_kv_byte": tokens / held if held else 0.0}
+        pool = stats["pool_bytes"]
+        accounted = kv + page_tail + padding + stats["stranded_bytes"] + stats["slab_tail_bytes"] + stats["free_bytes"]
+        assert accounted == pool, (accounted, pool)
+        return {
+            "pool_bytes": pool,
+            "kv_bytes": kv,
+            "kv_share": kv / pool,
+            "page_tail_bytes": page_tail,
+            "page_padding_bytes": padding,
+            "stranded_bytes": stats["stranded_bytes"],
+            "slab_tail_bytes": stats["slab_tail_bytes"],
+            "free_bytes": stats["free_bytes"],
+            "internal_fragmentation": (page_tail + padding + stats["slab_tail_bytes"]) / pool,
+            "external_fragmentation": stats["external_fragmentation"],
+            "sequences": sum(m["sequences"] for m in models.values()),
+            "models": models,
+        }

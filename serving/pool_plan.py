@@ -1,0 +1,109 @@
+"""How one device's KV pool is carved for a set of co-located models.
+
+Given each model's page layout (its precision and depth fix the bytes per page), `plan_pool` picks the
+slab size and gives every model its geometry (pages per slab, page stride) and its slab limits. Three
+modes share all the code downstream (allocator, runtime, kernels):
+
+  "slab"         KV Slab: any slab can be formatted for any model; slab size from `choose_slab_bytes`
+                 (pages tile it with no waste, or < 1% when an exact tiling would be too coarse).
+  "static"       the baseline of separate per-model pools (one vLLM instance per model): each model
+                 owns a fixed share of the slabs (equal by default), reserved and capped.
+  "single_page"  the baseline of one page size for the whole pool: every page padded to the largest
+                 model's page, slabs shared as in "slab".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout
+from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, choose_slab_bytes, slab_bytes_for
+
+POOL_MODES = ("slab", "static", "single_page")
+
+
+@dataclass(frozen=True)
+class ModelPages:
+    """One model's request to the pool: its page layout and optional limits (bytes)."""
+
+    layout: KVPageLayout
+    reserve_bytes: int = 0          # slabs reserved for this model (rounded up to whole slabs)
+    max_bytes: int | None = None    # cap (rounded down to whole slabs)
+    share: float | None = None      # "static" mode: fraction of the pool (default: equal shares)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    mode: str
+    slab_bytes: int
+    num_slabs: int
+    layouts: dict[str, KVPageLayout]          # with pages_per_slab (and page stride) set
+    limits: dict[str, tuple[int, int | None]]  # (min_slabs, max_slabs)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slab_bytes * self.num_slabs
+
+    def build(self, device=None, fill: int = 0) -> KVPool:
+        """The device pool with every model registered."""
+        pool = KVPool(self.num_slabs, self.slab_bytes, device, fill=fill)
+        for name, layout in self.layouts.items():
+            lo, hi = self.limits[name]
+            pps = pool.allocator.register(name, layout.page_slot_bytes, min_slabs=lo, max_slabs=hi)
+            assert pps == layout.pages_per_slab
+        return pool
+
+
+def plan_pool(models: dict[str, ModelPages], pool_bytes: int, mode: str = "slab",
+              target_slab_bytes: int = DEFAULT_SLAB_BYTES) -> PoolPlan:
+    if mode not in POOL_MODES:
+        raise ValueError(f"unknown pool mode {mode!r}; choose one of {POOL_MODES}")
+    if not models:
+        raise ValueError("a pool needs at least one model")
+    if not isinstance(pool_bytes, int) or pool_bytes <= 0:
+        raise ValueError(f"pool_bytes must be a positive integer, got {pool_bytes!r}")
+    page_bytes = [m.layout.page_bytes for m in models.values()]
+    if mode == "single_page":
+        slot_words = max(page_bytes) // WORD_BYTES
+        slab_bytes = slab_bytes_for([slot_words * WORD_BYTES], target_slab_bytes)
+        layouts = {name: dataclasses.replace(m.layout, page_stride_words=slot_words) for name, m in models.items()}
+    else:
+        slab_bytes = choose_slab_bytes(page_bytes, target_slab_bytes)
+        layouts = {name: dataclasses.replace(m.layout, page_stride_words=0) for name, m in models.items()}
+    num_slabs = pool_bytes // slab_bytes
+    if num_slabs < len(models):
+        raise ValueError(f"a pool of {pool_bytes} bytes holds {num_slabs} slabs of {slab_bytes} bytes, "
+                         f"fewer than the {len(models)} models sharing it; give it more memory")
+    layouts = {name: dataclasses.replace(l, pages_per_slab=slab_bytes // l.page_slot_bytes)
+               for name, l in layouts.items()}
+    if mode == "static":
+        limits = _static_partition(models, num_slabs)
+    else:
+        limits = {}
+        for name, m in models.items():
+            lo = -(-m.reserve_bytes // slab_bytes)
+            hi = None if m.max_bytes is None else m.max_bytes // slab_bytes
+            if hi is not None and hi < max(1, lo):
+                raise ValueError(f"{name}: max_bytes={m.max_bytes} is below one slab ({slab_bytes} bytes) "
+                                 f"or below its reservation")
+            limits[name] = (lo, hi)
+        if sum(lo for lo, _ in limits.values()) > num_slabs:
+            raise ValueError(f"reservations ({sum(m.reserve_bytes for m in models.values())} bytes) exceed "
+                             f"the pool ({num_slabs * slab_bytes} bytes)")
+    return PoolPlan(mode, slab_bytes, num_slabs, layouts, limits)
+
+
+def _static_partition(models: dict[str, ModelPages], num_slabs: int) -> dict[str, tuple[int, int]]:
+    """Whole slabs per model in proportion to `share` (equal when unset); largest remainders first."""
+    shares = {name: (1.0 if m.share is None else m.share) for name, m in models.items()}
+    if any(s <= 0 for s in shares.values()):
+        raise ValueError(f"static shares must be positive, got {shares}")
+    total = sum(shares.values())
+    exact = {name: num_slabs * s / total for name, s in shares.items()}
+    slabs = {name: int(x) for name, x in exact.items()}
+    for name in sorted(exact, key=lambda n: slabs[n] - exact[n])[:num_slabs - sum(slabs.values())]:
+        slabs[name] += 1
+    if min(slabs.values()) == 0:
+        raise ValueError(f"static partition of {num_slabs} slabs leaves a model without memory: {slabs}")
+    return {name: (n, n) for name, n in slabs.items()}
