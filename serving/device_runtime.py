@@ -49,7 +49,6 @@ class DeviceRuntime:
         self.pool = pool
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
-        self.num_steps = {name: 0 for name in engines}
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values())
@@ -62,7 +61,6 @@ class DeviceRuntime:
             engine = self.engines[name]
             outputs = engine.step()
             if not engine.blocked:
-                self.num_steps[name] += 1
                 return [(name, out) for out in outputs]
             ready.remove(name)  # waiting for pages other models hold; try the next one
         if self.has_unfinished_requests():
