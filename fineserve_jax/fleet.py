@@ -200,7 +200,7 @@ class Fleet:
                              f"(got {len(models)} names)")
         n = len(given)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                  else [sampling_params] * n)
+                  else [sampling_params or SamplingParams()] * n)
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
         by_model: dict[str, list[int]] = {}
