@@ -1,0 +1,326 @@
+"""Pallas decode attention over KV pages of the shared pool, for every KV format (bf16, f32, fp8, int8, int4).
+
+One query token per sequence (decode). The kernel reads the uint32 pool in place through the page
+table and decodes K/V words in registers with integer ops; the cache is never dequantized into a
+copy. Semantics are those of `paged_attention_ref.paged_attention_reference` for S == 1: a query at
+position `q_pos` sees the cached tokens `t < min(kv_len, q_pos + 1)`; a query that sees no key gives 0.
+
+Lowering
+--------
+Written for the generic `pl.pallas_call` + BlockSpec lowering used by the Triton backend
+(`jax.experimental.pallas.triton`, compiler params `num_warps`/`num_stages`), because that style runs
+unchanged under `interpret=True` on CPU and is the only one we can check here: no GPU was available
+when this was written, and Mosaic GPU kernels (`plgpu.kernel`, TMA copies) cannot run under plain
+`interpret=True` (the private Mosaic GPU interpreter needs a different kernel structure). The Triton
+backend is deprecated as of JAX 0.11; a Mosaic GPU port (TMA page copies into a SMEM ring, wgmma on
+the dequantized tile) is future work. Everything the kernel does lowers to Triton: pointer-tensor
+loads (`ref[int array, int array]`), 32-bit integer shifts/masks, bitcasts of equal width, converts,
+elementwise float math and reductions; every loaded or stored tile has a power-of-two size (checked
+by `decode_shape_error` for the compiled path).
+
+Design
+------
+* Grid `(batch, kv_head, split)`. One program owns all `G = Hq / Hkv` query heads of one KV group
+  (GQA: K/V words are read once per group) and one split of the page table (split-K /
+  flash-decoding): `blocks_per_split` blocks of `pages_per_block` pages. It loops only over the
+  blocks that hold live tokens and writes an unnormalised partial result (acc [G, D], running max m
+  [G], sum l [G]); `_merge_splits` combines the splits with a log-sum-exp merge in XLA. A split with
+  no live token writes (0, -inf, 0) and drops out of the merge.
+* Addressing: for a block, the page ids of its `K = pages_per_block * T` token slots are gathered from
+  the page table row; page `p` -> slab `p // pages_per_slab`, chunk origin
+  `(p % pages_per_slab) * page_slot_words + (layer * 2 + kind) * chunk_words`; token slot `t`, kv head
+  `h`: values at `origin + t * row_words + h * Dw + [0, Dw)` (`Dw = D * bits / 32` words), the scale
+  row at `origin + scales_offset + t * scale_row_words`. The pool is indexed [slab, word] (never
+  flattened) so word offsets stay int32 for any pool size. The page table is padded (edge mode) to
+  whole splits, so every address the kernel forms lies in a real page.
+* Decoding in registers: a word holds `n = 32 / bits` elements, element `n * w + i` in bits
+  `[i * bits, (i + 1) * bits)` (little-endian, as XLA's bitcasts). Instead of interleaving the `n`
+  extracted planes back into head_dim order, the wrapper permutes q's head_dim into plane order
+  (`[i][w]`), scores are sum over planes of plane dot products, the output accumulates per plane and
+  the wrapper permutes it back. Per format:
+    float32   the word bitcast to f32;
+    bfloat16  `w << 16` (element 2w) and `w & 0xFFFF0000` (element 2w+1), bitcast to f32;
+    int8      `(int32(w) << (24 - 8i)) >> 24` (arithmetic shift sign-extends), converted to f32;
+    fp8 e4m3  byte `b = (w >> 8i) & 0xFF`, exponent e = b >> 3 & 15, mantissa m = b & 7:
+              `(-1)^s * (m + 8 [e > 0]) * 2^(max(e, 1) - 10)` (exact for normals and subnormals, with
+              the power of two built from its exponent bits, so no float32 subnormal is involved;
+              the NaN code 0x7F/0xFF reads as +-480, which the saturating quantizer never writes);
+    int4      nibble `(w >> 4i) & 15`, element 2j in the low nibble of byte j as `pack_int4`.
+  then `x * scale` (fp8/int8) or `x * scale + zero` (int4) with the bf16 scale/zero of the token and
+  kv head (the half word `(w >> 16 * (j % 2)) << 16` of scale-row word `j // 2`), exactly as
+  `dequantize_kv` computes it.
+* Masking: token positions `>= min(kv_len, q_pos + 1)` have K and V zeroed with `where` (not by a
+  multiply, so NaN garbage in free pages or padding-table pages never propagates) and their scores
+  set to -inf; the online softmax is the reference's (same safe max / correction formulas).
+
+The dispatcher (`paged_attention.paged_attention`) routes decode here for implementation "pallas"
+(compiled) and "interpret" (this kernel under `interpret=True`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.kv_pages import WORD_BITS, KVPageLayout
+
+# Default tokens per inner-loop block (pages_per_block = this // tokens_per_page) and split count.
+DEFAULT_BLOCK_TOKENS = 64
+DEFAULT_MAX_SPLITS = 8
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _elems_per_word(layout: KVPageLayout) -> int:
+    return WORD_BITS // layout.value_bits
+
+
+def decode_shape_error(layout: KVPageLayout, pages_per_block: int) -> str | None:
+    """Why the compiled (Triton) kernel cannot take this layout, or None. Triton tiles must have a
+    power-of-two number of elements; interpret mode has no such limit."""
+    n = _elems_per_word(layout)
+    words = layout.head_dim // n
+    block_tokens = pages_per_block * layout.tokens_per_page
+    if not _is_pow2(layout.head_dim) or not _is_pow2(words):
+        return f"head_dim {layout.head_dim} ({words} words per head row) is not a power of two"
+    if not _is_pow2(block_tokens):
+        return f"block of {block_tokens} tokens ({pages_per_block} pages x {layout.tokens_per_page}) " \
+               f"is not a power of two"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-register decoding (every function takes and returns jnp values; usable inside the kernel)
+
+
+def _bf16_half_to_f32(words, half):
+    """bfloat16 element `half` (0: low 16 bits, 1: high) of uint32 words -> float32 (exact)."""
+    shift = (half * 16).astype(jnp.uint32) if hasattr(half, "astype") else np.uint32(16 * half)
+    return lax.bitcast_convert_type(((words >> shift) & np.uint32(0xFFFF)) << np.uint32(16), jnp.float32)
+
+
+def _fp8_e4m3_to_f32(byte):
+    """float8_e4m3fn bit patterns held in uint32 (0..255) -> float32, exactly (NaN codes read as 480)."""
+    e = (byte >> np.uint32(3)) & np.uint32(15)
+    m = byte & np.uint32(7)
+    sig = m + jnp.where(e > 0, np.uint32(8), np.uint32(0))                       # (8 + m) or m
+    # 2^(max(e, 1) - 10) from its float32 exponent field: 117..122, always a normal number.
+    pow2 = lax.bitcast_convert_type((jnp.maximum(e, np.uint32(1)) + np.uint32(117)) << np.uint32(23),
+                                    jnp.float32)
+    mag = lax.bitcast_convert_type(sig, jnp.int32).astype(jnp.float32) * pow2
+    return jnp.where((byte & np.uint32(0x80)) != 0, -mag, mag)
+
+
+def decode_words(words, kv_dtype: str):
+    """uint32 words -> list of `32 / bits` float32 planes; plane i holds element `n * w + i` of word w
+    (the raw stored value: quantized codes are not scaled here)."""
+    if kv_dtype == "float32":
+        return [lax.bitcast_convert_type(words, jnp.float32)]
+    if kv_dtype == "bfloat16":
+        return [lax.bitcast_convert_type(words << np.uint32(16), jnp.float32),
+                lax.bitcast_convert_type(words & np.uint32(0xFFFF0000), jnp.float32)]
+    if kv_dtype == "int8":
+        signed = lax.bitcast_convert_type(words, jnp.int32)
+        return [((signed << (24 - 8 * i)) >> 24).astype(jnp.float32) for i in range(4)]
+    if kv_dtype == "fp8":
+        return [_fp8_e4m3_to_f32((words >> np.uint32(8 * i)) & np.uint32(0xFF)) for i in range(4)]
+    if kv_dtype == "int4":
+        return [lax.bitcast_convert_type((words >> np.uint32(4 * i)) & np.uint32(15), jnp.int32)
+                .astype(jnp.float32) for i in range(8)]
+    raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_ref, l_ref, *,
+                   layout: KVPageLayout, pages_per_block: int, blocks_per_split: int):
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t_page = layout.tokens_per_page
+    n = _elems_per_word(layout)
+    dw = layout.head_dim // n                      # words of one kv head's row of one token
+    block = pages_per_block * t_page               # tokens per loop step
+    hkv = layout.num_kv_heads
+
+    length = lens_ref[b]
+    layer = layer_ref[0]
+    split_start = split * (blocks_per_split * block)
+    num_blocks = jnp.clip((length - split_start + block - 1) // block, 0, blocks_per_split)
+
+    tok = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    page_in_block, slot = tok // t_page, tok % t_page
+    word_iota = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
+    q_planes = [q_ref[:, pl.ds(i * dw, dw)].astype(jnp.float32) for i in range(n)]  # [G, Dw] each
+
+    def scale_rows(slab, origin, entry):
+        """bf16 scale-row entry `entry` (traced) of every token -> float32 [block, 1]."""
+        w = pool_ref[slab, origin + layout.scales_offset + slot * layout.scale_row_words + entry // 2]
+        return _bf16_half_to_f32(w, entry % 2)[:, None]
+
+    def load(slab, page_origin, kind):
+        """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]."""
+        origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
+        # Two pointer tensors of one shape [block, Dw] (slab broadcast explicitly for Triton).
+        slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))
+        words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_iota]
+        planes = decode_words(words, layout.kv_dtype)
+        if layout.quantized:
+            scale = scale_rows(slab, origin, h)
+            if layout.kv_dtype == "int4":
+                zero = scale_rows(slab, origin, hkv + h)
+                planes = [x * scale + zero for x in planes]
+            else:
+                planes = [x * scale for x in planes]
+        return planes
+
+    def body(j, carry):
+        m, l, accs = carry
+        first = split * (blocks_per_split * pages_per_block) + j * pages_per_block
+        pages = table_ref[first + page_in_block]                                           # [block]
+        slab = pages // layout.pages_per_slab
+        page_origin = (pages % layout.pages_per_slab) * layout.page_slot_words
+        live = (split_start + j * block + tok < length)[:, None]                           # [block, 1]
+        k = [jnp.where(live, x, 0.0) for x in load(slab, page_origin, 0)]
+        v = [jnp.where(live, x, 0.0) for x in load(slab, page_origin, 1)]
+        s = sum(jnp.sum(qp[:, None, :] * kp[None, :, :], axis=-1) for qp, kp in zip(q_planes, k))
+        s = jnp.where(live[:, 0][None, :], s, -jnp.inf)                                      # [G, block]
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * alpha + p.sum(axis=-1)
+        accs = [a * alpha[:, None] + jnp.sum(p[:, :, None] * vp[None, :, :], axis=1)
+                for a, vp in zip(accs, v)]
+        return m_new, l, accs
+
+    g = q_ref.shape[0]
+    m0 = jnp.full((g,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((g,), jnp.float32)
+    accs0 = [jnp.zeros((g, dw), jnp.float32) for _ in range(n)]
+    m, l, accs = lax.fori_loop(0, num_blocks, body, (m0, l0, accs0))
+    for i, a in enumerate(accs):
+        acc_ref[:, pl.ds(i * dw, dw)] = a
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _merge_splits(acc, m, l):
+    """Log-sum-exp merge over the split axis (2): acc [B, Hkv, S, G, D], m/l [B, Hkv, S, G] -> [B, Hkv, G, D].
+    Splits without live tokens have m = -inf, l = 0 and weigh 0; rows with no keys at all give 0."""
+    m_max = m.max(axis=2, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
+    w = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))                     # [B, Hkv, S, G]
+    l_tot = (l * w).sum(axis=2)
+    out = (acc * w[..., None]).sum(axis=2)
+    return out / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
+
+
+def plan_splits(layout: KVPageLayout, num_pages: int, pages_per_block: int | None = None,
+                num_splits: int | None = None) -> tuple[int, int, int]:
+    """(pages_per_block, blocks_per_split, num_splits) for a page table of `num_pages` columns."""
+    if pages_per_block is None:
+        pages_per_block = max(1, DEFAULT_BLOCK_TOKENS // layout.tokens_per_page)
+    pages_per_block = max(1, min(pages_per_block, num_pages))
+    num_blocks = -(-num_pages // pages_per_block)
+    num_splits = min(num_blocks, num_splits or DEFAULT_MAX_SPLITS)
+    blocks_per_split = -(-num_blocks // num_splits)
+    num_splits = -(-num_blocks // blocks_per_split)
+    return pages_per_block, blocks_per_split, num_splits
+
+
+def paged_decode_attention(
+    q: jax.Array,            # [B, 1, Hq, D] queries (RoPE applied)
+    pool: jax.Array,         # uint32[num_slabs, slab_words]
+    layout: KVPageLayout,
+    layer,                   # int or traced int32 scalar
+    page_table: jax.Array,   # int32[B, P]; entries past a sequence's pages may be any valid page
+    q_positions: jax.Array,  # int32[B, 1]
+    kv_lens: jax.Array,      # int32[B]
+    *,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    interpret=False,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Decode attention (one query per sequence) read in place from the pool. Returns [B, 1, Hq, D] in
+    q's dtype. `interpret`: False (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    if seq != 1:
+        raise ValueError(f"paged_decode_attention takes one query token per sequence, got S={seq}")
+    hkv = layout.num_kv_heads
+    if head_dim != layout.head_dim or num_q_heads % hkv:
+        raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
+                         f"({hkv} kv heads x {layout.head_dim})")
+    group = num_q_heads // hkv
+    gp = _next_pow2(group)                 # Triton tiles: pad the query group to a power of two
+    n = _elems_per_word(layout)
+    dw = head_dim // n
+    num_pages = page_table.shape[1]
+    pages_per_block, blocks_per_split, num_splits = plan_splits(layout, num_pages, pages_per_block,
+                                                                num_splits)
+    if not interpret and (why := decode_shape_error(layout, pages_per_block)):
+        raise ValueError(f"compiled Pallas decode attention: {why}")
+
+    # q: scale like the reference, group by kv head, head_dim permuted into plane order [i][w].
+    qg = q.reshape(batch, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
+    qg = qg.reshape(batch, hkv, group, dw, n).swapaxes(-1, -2).reshape(batch, hkv, group, head_dim)
+    if gp != group:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+    # Live tokens: causal on the query position, within kv_len and within the page table.
+    lens = jnp.minimum(kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
+    lens = jnp.clip(lens, 0, num_pages * layout.tokens_per_page)
+    # Pad the table to whole splits with copies of its last column (valid page ids).
+    padded = num_splits * blocks_per_split * pages_per_block
+    table = page_table.astype(jnp.int32)
+    if padded != num_pages:
+        table = jnp.pad(table, ((0, 0), (0, padded - num_pages)), mode="edge")
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    kernel = functools.partial(_decode_kernel, layout=layout, pages_per_block=pages_per_block,
+                               blocks_per_split=blocks_per_split)
+    grid = (batch, hkv, num_splits)
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu_triton
+        compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),                                 # layer
+            pl.BlockSpec((batch,), lambda b, h, s: (0,)),                             # lens
+            pl.BlockSpec((None, padded), lambda b, h, s: (b, 0)),                     # page table row
+            pl.BlockSpec((None, None, gp, head_dim), lambda b, h, s: (b, h, 0, 0)),   # q group
+            pl.BlockSpec(pool.shape, lambda b, h, s: (0, 0)),                         # the whole pool
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, gp, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, gp), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"paged_decode_attention_{layout.kv_dtype}",
+    )(layer_arr, lens, table, qg, pool)
+
+    out = _merge_splits(acc, m, l)[:, :, :group]                                     # [B, Hkv, G, D]
+    out = out.reshape(batch, hkv, group, n, dw).swapaxes(-1, -2)                      # back to [w][i]
+    return out.reshape(batch, 1, num_q_heads, head_dim).astype(q.dtype)
