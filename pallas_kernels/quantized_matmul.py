@@ -1,18 +1,36 @@
 """Dispatcher for matmuls with quantized weights (and optionally quantized activations). Models call only this.
 
-Implementations: "xla" (the reference; the Pallas kernels join in their own issue). The choice is a
-static argument so each implementation compiles into its own program.
+Implementations (a static argument, so each compiles into its own program):
+  "xla"        the pure-XLA reference (`quantized_matmul_ref`); the default, and what runs on CPU.
+  "pallas"     the Pallas kernels (`quantized_matmul_pallas`), compiled for the GPU (Triton lowering);
+               raises ValueError on other backends.
+  "interpret"  the same Pallas kernels under `interpret=True` (any backend; slow, for tests).
+Kernels exist for weight-only W4A16 (int4/int4_sym group-wise), W8A16 (int8 per-channel or
+group-wise GGUF Q8_0, fp8 per-channel), W8A8 int8, FP8 and W4A8 (int4 x e4m3). A (weight, activation)
+format pair without a kernel (`quantized_matmul_pallas.has_kernel` is False) falls back to the
+reference for every implementation; the reference also raises the errors for pairs that make no sense
+(e.g. fp8 weights with int8 activations).
 """
 
 from __future__ import annotations
 
-from pallas_kernels.quantized_matmul_ref import quantized_matmul_reference
+import jax
 
-IMPLEMENTATIONS = ("xla",)
+from pallas_kernels.quantized_matmul_pallas import has_kernel, quantized_matmul_pallas
+from pallas_kernels.quantized_matmul_ref import ACTIVATION_FORMATS, quantized_matmul_reference
+
+IMPLEMENTATIONS = ("xla", "pallas", "interpret")
 
 
 def quantized_matmul(x, w, *, act_format=None, implementation: str = "xla"):
     """x [..., K] @ w (QuantizedTensor [K, N]) -> float32 [..., N]."""
-    if implementation == "xla":
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown matmul implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    if implementation == "xla" or act_format not in ACTIVATION_FORMATS or not has_kernel(w, act_format):
         return quantized_matmul_reference(x, w, act_format)
-    raise ValueError(f"unknown matmul implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.shape[0]}")
+    if implementation == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"implementation 'pallas' compiles for the GPU, but the default backend is "
+                         f"{jax.default_backend()!r}; use 'interpret' (the same kernel, interpreted) or 'xla'")
+    return quantized_matmul_pallas(x, w, act_format, interpret=(implementation == "interpret"))
