@@ -273,3 +273,14 @@ def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
             rows = _elements_to_words(x.astype(layout.value_dtype).reshape(x.shape[0], -1))
         pool = _scatter_words(pool, slab, word + slots * layout.row_words, rows)
     return pool
+
+
+def copy_pages(pool: jax.Array, layout: KVPageLayout, src: jax.Array, dst: jax.Array) -> jax.Array:
+    """pool with page dst[i] overwritten by page src[i] (whole page slots, all layers, scales
+    included); int32[N] each. Entries with dst < 0 are padding and copy nothing. Used to compact a
+    model's pages into fewer slabs; jit it with the pool donated so the copy is in place."""
+    n = layout.page_slot_words
+    num_slabs = pool.shape[0]
+    rows = _gather_words(pool, src // layout.pages_per_slab, (src % layout.pages_per_slab) * n, n)
+    slab = jnp.where(dst >= 0, dst // layout.pages_per_slab, num_slabs)  # out of bounds: dropped
+    return _scatter_words(pool, slab, (jnp.maximum(dst, 0) % layout.pages_per_slab) * n, rows)

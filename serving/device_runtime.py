@@ -6,7 +6,9 @@ and stores the result back, so the pool is updated in place and never copied, wh
 Each model sees the shared words through its own page geometry (kv_pages.KVPageLayout).
 
 `step` asks the policy which model goes next among those with work; a model whose requests are
-all waiting for pages held by other models is skipped for that step. Round-robin is the default
+all waiting for pages held by other models is skipped for that step. Before a model waits (or
+preempts) for lack of pages, the other models are compacted: their live pages are moved into as few
+slabs as possible, and the emptied slabs return to the pool for anyone (`reclaim_for`). Round-robin is the default
 policy; the scheduling layer supplies SLO-aware ones through the same `pick` interface.
 """
 
@@ -14,9 +16,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import jax
+import numpy as np
+
+from pallas_kernels.kv_pages import copy_pages
 from serving.engine import LLMEngine
 from serving.kv_pool import KVPool
 from serving.sequence import RequestOutput, SequenceStatus
+
+
+_copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
 
 
 class StepPolicy(Protocol):
@@ -49,6 +58,10 @@ class DeviceRuntime:
         self.pool = pool
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
+        self.num_compactions = 0
+        self.pages_moved = 0
+        for name, engine in engines.items():
+            engine.pages.reclaim = lambda name=name: self.reclaim_for(name)
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values())
@@ -68,6 +81,30 @@ class DeviceRuntime:
             # model is blocked the pool is empty and this cannot happen.
             raise RuntimeError("every model with requests is waiting for KV pages")
         return []
+
+    def reclaim_for(self, name: str) -> bool:
+        """`name` is short of pages: compact every other model holding more slabs than its pages
+        need (free pages stranded in its slabs), so the emptied slabs serve `name`. Moves pages
+        on the device and renames them in the owners' page tables."""
+        allocator = self.pool.allocator
+        freed = False
+        for other, engine in self.engines.items():
+            if other == name or not allocator.reclaimable_slabs(other):
+                continue
+            moves = allocator.compact(other)
+            if moves:
+                n = 1 << (len(moves) - 1).bit_length()  # pad to a power of two: few compiled shapes
+                src = np.zeros(n, np.int32)
+                dst = np.full(n, -1, np.int32)
+                src[:len(moves)] = list(moves)
+                dst[:len(moves)] = list(moves.values())
+                self.pool.words = _copy_pages(self.pool.words, engine.layout, src, dst)
+                for seq in engine.scheduler.running:
+                    seq.pages = [moves.get(p, p) for p in seq.pages]
+                self.pages_moved += len(moves)
+            self.num_compactions += 1
+            freed = True
+        return freed
 
     def run_until_done(self):
         """Step until every model is idle; yields (model, output) as outputs are produced."""

@@ -193,6 +193,40 @@ class SlabAllocator:
                 self._free_slabs.append(slab)
         m.used_pages -= len(pages)
 
+    def reclaimable_slabs(self, model: str) -> int:
+        """Slabs `compact` would hand back: held slabs beyond what its used pages need."""
+        m = self._models[model]
+        return len(m.slabs) - -(-m.used_pages // m.pages_per_slab)
+
+    def compact(self, model: str) -> dict[int, int]:
+        """Pack `model`'s used pages into as few slabs as possible and return the emptied slabs to
+        the free list. Returns the moves {old page: new page}; the caller copies the pages' contents
+        (kv_pages.copy_pages) and renames them in its page tables. Free pages stranded in a model's
+        slabs (free for it, useless to others) become free slabs for anyone."""
+        m = self._models[model]
+        keep_count = -(-m.used_pages // m.pages_per_slab)
+        partial = sorted(m.free_pages, key=lambda s: len(m.free_pages[s]))  # fullest first
+        full = len(m.slabs) - len(partial)
+        keep, drain = partial[:max(0, keep_count - full)], partial[max(0, keep_count - full):]
+        holes = [slab * m.pages_per_slab + local for slab in keep for local in m.free_pages[slab]]
+        moves: dict[int, int] = {}
+        for slab in drain:
+            free = set(m.free_pages[slab])
+            for local in range(m.pages_per_slab):
+                if local not in free:
+                    moves[slab * m.pages_per_slab + local] = holes.pop()
+        for slab in keep:  # holes now filled; recompute what stays free
+            taken = {dst % m.pages_per_slab for dst in moves.values() if dst // m.pages_per_slab == slab}
+            m.free_pages[slab] = [l for l in m.free_pages[slab] if l not in taken]
+            if not m.free_pages[slab]:
+                del m.free_pages[slab]
+        for slab in drain:
+            del m.free_pages[slab]
+            del self._owner[slab]
+            m.slabs.discard(slab)
+            self._free_slabs.append(slab)
+        return moves
+
     @property
     def num_free_slabs(self) -> int:
         return len(self._free_slabs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv_pool import SlabAllocator
 from serving.sequence import Sequence
@@ -12,6 +14,9 @@ class PageManager:
         self.allocator = allocator
         self.model_key = model_key
         self.layout = layout
+        # Set by a runtime that shares the pool: frees memory other models hold without using it
+        # (compaction); returns whether it freed anything.
+        self.reclaim: Callable[[], bool] | None = None
 
     def pages_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra pages `seq` needs to cache `num_new_tokens` more tokens."""
@@ -22,7 +27,10 @@ class PageManager:
         return self.allocator.num_free_pages(self.model_key)
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.pages_needed(seq, num_new_tokens) <= self.num_free_pages
+        needed = self.pages_needed(seq, num_new_tokens)
+        if needed <= self.num_free_pages:
+            return True
+        return self.reclaim is not None and self.reclaim() and needed <= self.num_free_pages
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Give `seq` the pages for `num_new_tokens` more tokens; raises PoolExhausted (nothing taken)."""

@@ -85,6 +85,17 @@ class ScribblingPolicy(RoundRobin):
             return pages
 
         fleet.pool.allocator.allocate = recording_allocate
+        # Pages of other models moved by compaction during a step: {old page: new page}.
+        self.moved: list[tuple[str, dict[int, int]]] = []
+        compact = fleet.pool.allocator.compact
+
+        def recording_compact(model):
+            moves = compact(model)
+            self.moved.append((model, moves))
+            return moves
+
+        fleet.pool.allocator.compact = recording_compact
+        self.pages_moved = 0
 
     def page_words(self, name: str, pages) -> np.ndarray:
         """bool[num_slabs, slab_words]: the words of these pages of `name`."""
@@ -111,6 +122,7 @@ class ScribblingPolicy(RoundRobin):
         pool.words = pool.words.at[...].set(scribbled)
         self.pending = (name, saved, mine, scribbled)
         self.handed_out.clear()
+        self.moved.clear()
         self.scribbles += 1
         return name
 
@@ -124,12 +136,24 @@ class ScribblingPolicy(RoundRobin):
         given = [p for model, pages in self.handed_out if model == name for p in pages]
         assert all(model == name for model, _ in self.handed_out)  # only the stepping model allocates
         own = mine_before | self.live_words(name) | self.page_words(name, given)
-        assert np.array_equal(now[~own], scribbled[~own]), f"{name} wrote outside its own pages"
+        # Compaction (for this model) may move other models' pages: their new slots are written.
+        moved_to = np.zeros_like(own)
+        for model, moves in self.moved:
+            assert model != name
+            moved_to |= self.page_words(model, moves.values())
+        untouched = ~(own | moved_to)
+        assert np.array_equal(now[untouched], scribbled[untouched]), f"{name} wrote outside its own pages"
         others = np.zeros_like(own)
         for other in self.fleet.runtime.engines:
             if other != name:
                 others |= self.live_words(other)
         restored = np.where(others & ~own, saved, now)
+        for model, moves in self.moved:  # a moved page gets back the data it had at its old slot
+            for old_page, new_page in moves.items():
+                new_slot, old_slot = self.page_words(model, [new_page]), self.page_words(model, [old_page])
+                assert np.array_equal(now[new_slot], scribbled[old_slot])  # the runtime copied the page
+                restored[new_slot] = saved[old_slot]
+            self.pages_moved += len(moves)
         self.fleet.pool.words = self.fleet.pool.words.at[...].set(restored)
 
 
@@ -147,6 +171,8 @@ def test_colocated_models_match_alone_with_poisoned_and_scribbled_pool(models, a
     engines = fleet.runtime.engines.values()
     assert policy.scribbles >= 20 and all(e.stats.steps > 0 for e in engines)
     assert sum(e.scheduler.num_preemptions for e in engines) > 0
+    # Models short of pages had others compacted (live pages moved on the device) and got slabs.
+    assert fleet.runtime.pages_moved == policy.pages_moved > 0
     assert fleet.pool.allocator.num_free_slabs == fleet.plan.num_slabs  # every page came back
 
 

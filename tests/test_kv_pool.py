@@ -165,6 +165,23 @@ class SlabAllocatorMachine(RuleBasedStateMachine):
         self.alloc.free(model, pages)
         self.held[model] -= set(pages)
 
+    @rule(data=st.data())
+    def compact(self, data):
+        model = data.draw(st.sampled_from(sorted(self.held)), label="model")
+        held = self.held[model]
+        pps = self.alloc.pages_per_slab(model)
+        reclaimable = self.alloc.reclaimable_slabs(model)
+        slabs_before = len(self.owned_slabs(model))
+        moves = self.alloc.compact(model)
+        assert set(moves) <= held, "moved a page that was not held"
+        targets = set(moves.values())
+        assert len(targets) == len(moves), "two pages moved onto one"
+        assert not targets & (held - set(moves)), "moved onto a page still in use"
+        self.held[model] = (held - set(moves)) | targets
+        # As few slabs as the used pages need; exactly the reclaimable ones went back.
+        assert len(self.owned_slabs(model)) == -(-len(held) // pps) == slabs_before - reclaimable
+        assert self.alloc.reclaimable_slabs(model) == 0
+
     @rule()
     def free_everything(self):
         for model, pages in self.held.items():

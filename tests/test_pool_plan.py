@@ -163,3 +163,29 @@ def test_padded_pages_write_only_inside_their_slot(kv_dtype):
             assert not region[layout.page_words:].any()  # the padding is never written
     with pytest.raises(ValueError, match="shorter than a page"):
         KVPageLayout(2, 2, 32, 4, kv_dtype, page_stride_words=layout.page_words - 1)
+
+
+@pytest.mark.parametrize("stride_pad", [0, 5])
+def test_copy_pages_moves_whole_pages_and_nothing_else(stride_pad):
+    """copy_pages (used by compaction) copies page slots exactly; padding entries copy nothing."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.kv_pages import copy_pages
+
+    base = KVPageLayout(2, 1, 32, 4, "int4", pages_per_slab=4)
+    layout = KVPageLayout(2, 1, 32, 4, "int4", pages_per_slab=4,
+                          page_stride_words=base.page_words + stride_pad if stride_pad else 0)
+    n = layout.page_slot_words
+    rng = np.random.default_rng()
+    pool = rng.integers(0, 2**32, (3, 4 * n), dtype=np.uint32)
+    src = np.array([9, 2, 0, 0], np.int32)
+    dst = np.array([4, 11, -1, -1], np.int32)   # two moves, two padding entries
+    out = np.asarray(copy_pages(jnp.asarray(pool), layout, jnp.asarray(src), jnp.asarray(dst)))
+
+    def page(a, p):
+        return a[p // 4, (p % 4) * n:(p % 4 + 1) * n]
+
+    expected = pool.copy()
+    for s_, d in ((9, 4), (2, 11)):
+        page(expected, d)[:] = page(pool, s_)
+    assert np.array_equal(out, expected)
