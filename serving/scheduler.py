@@ -1,7 +1,8 @@
 """Continuous batching for one model: which sequences run in the next step, and with how many tokens.
 
 Each step is either a prefill step (chunks of prompts, new requests admitted FCFS) or a decode step
-(one token for every running sequence whose prompt is fully cached). Prefill goes first so new
+(one token for every running sequence: its next output token, or, for a sequence whose prefill
+chunk could not be scheduled, its next prompt token). Prefill goes first so new
 requests join the running decode batch as soon as possible. When the pool runs out of pages during
 decode, the most recently admitted sequence is preempted: its pages are freed and it is recomputed
 later from its prompt plus the tokens it has generated (its outputs are kept).
