@@ -4,8 +4,10 @@ Given each model's page layout (its precision and depth fix the bytes per page),
 slab size and gives every model its geometry (pages per slab, page stride) and its slab limits. Three
 modes share all the code downstream (allocator, runtime, kernels):
 
-  "slab"         KV Slab: any slab can be formatted for any model; slab size from `choose_slab_bytes`
-                 (pages tile it with no waste, or < 1% when an exact tiling would be too coarse).
+  "slab"         KV Slab: any slab can be formatted for any model; slab size and each model's page
+                 length from `choose_slab_geometry` (pages tile the slab with no waste, or < 1%
+                 when an exact tiling would be too coarse, taking 2x or half a model's tokens per
+                 page where that is what it takes).
   "static"       the baseline of separate per-model pools (one vLLM instance per model): each model
                  owns a fixed share of the slabs (equal by default), reserved and capped.
   "single_page"  the baseline of one page size for the whole pool: every page padded to the largest
@@ -18,9 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout
-from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, choose_slab_bytes, slab_bytes_for
+from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, choose_slab_geometry, slab_bytes_for
 
 POOL_MODES = ("slab", "static", "single_page")
+MIN_TOKENS_PER_PAGE = 8
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,10 @@ def plan_pool(models: dict[str, ModelPages], pool_bytes: int, mode: str = "slab"
         slab_bytes = slab_bytes_for([slot_words * WORD_BYTES], target_slab_bytes)
         layouts = {name: dataclasses.replace(m.layout, page_stride_words=slot_words) for name, m in models.items()}
     else:
-        slab_bytes = choose_slab_bytes(page_bytes, target_slab_bytes)
-        layouts = {name: dataclasses.replace(m.layout, page_stride_words=0) for name, m in models.items()}
+        options = {name: page_size_options(m.layout) for name, m in models.items()}
+        slab_bytes, chosen = choose_slab_geometry([[l.page_bytes for l in opts] for opts in options.values()],
+                                                  target_slab_bytes)
+        layouts = {name: opts[i] for (name, opts), i in zip(options.items(), chosen)}
     num_slabs = pool_bytes // slab_bytes
     if num_slabs < len(models):
         raise ValueError(f"a pool of {pool_bytes} bytes holds {num_slabs} slabs of {slab_bytes} bytes, "
@@ -92,6 +97,16 @@ def plan_pool(models: dict[str, ModelPages], pool_bytes: int, mode: str = "slab"
             raise ValueError(f"reservations ({sum(m.reserve_bytes for m in models.values())} bytes) exceed "
                              f"the pool ({num_slabs * slab_bytes} bytes)")
     return PoolPlan(mode, slab_bytes, num_slabs, layouts, limits)
+
+
+def page_size_options(layout: KVPageLayout) -> list[KVPageLayout]:
+    """A model's page geometries, preferred first: its own tokens per page, then twice and half
+    that (not below MIN_TOKENS_PER_PAGE). Scale rows give quantized pages odd factors (an int8
+    Llama-8B page is 2^14 x 65 bytes), so the pages of a precision mix may tile no slab near the
+    target size; another page length per model often does (within MAX_SLAB_WASTE)."""
+    t = layout.tokens_per_page
+    tokens = [t, 2 * t] + ([t // 2] if t // 2 >= MIN_TOKENS_PER_PAGE and t % 2 == 0 else [])
+    return [dataclasses.replace(layout, tokens_per_page=n, page_stride_words=0) for n in tokens]
 
 
 def _static_partition(models: dict[str, ModelPages], num_slabs: int) -> dict[str, tuple[int, int]]:

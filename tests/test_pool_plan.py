@@ -189,3 +189,23 @@ def test_copy_pages_moves_whole_pages_and_nothing_else(stride_pad):
     for s_, d in ((9, 4), (2, 11)):
         page(expected, d)[:] = page(pool, s_)
     assert np.array_equal(out, expected)
+
+
+def test_plan_picks_page_lengths_that_tile_a_slab_for_an_8b_class_mix():
+    """Scale rows give int8/fp8 pages an odd factor (2^14 x 65 bytes for Llama-8B int8): at 16 tokens
+    per page no slab up to 16x the target leaves < 1%; 8-token pages for those models do."""
+    mix = {"llama8b-bf16": KVPageLayout(32, 8, 128, 16, "bfloat16"),
+           "llama8b-int8": KVPageLayout(32, 8, 128, 16, "int8"),
+           "3b-fp8": KVPageLayout(28, 8, 128, 16, "fp8"),
+           "1b-int4": KVPageLayout(16, 8, 64, 16, "int4")}
+    fixed = choose_slab_bytes([l.page_bytes for l in mix.values()])
+    assert slab_waste(fixed, [l.page_bytes for l in mix.values()]) > MAX_SLAB_WASTE
+    plan = plan_pool({n: ModelPages(l) for n, l in mix.items()}, pool_bytes=60 << 30)
+    chosen = plan.layouts
+    assert slab_waste(plan.slab_bytes, [l.page_bytes for l in chosen.values()]) <= MAX_SLAB_WASTE
+    assert chosen["llama8b-bf16"].tokens_per_page == 16                      # preferred where it fits
+    assert {l.tokens_per_page for l in chosen.values()} <= {8, 16, 32}
+    assert {l.tokens_per_page for l in chosen.values()} != {16}
+    for name, l in chosen.items():
+        assert (l.num_layers, l.kv_dtype) == (mix[name].num_layers, mix[name].kv_dtype)
+        assert l.pages_per_slab == plan.slab_bytes // l.page_bytes
