@@ -62,21 +62,7 @@ _kernel = jax.jit(paged_decode_attention, static_argnums=2,
                   static_argnames=("pages_per_block", "num_splits", "interpret"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu_compiles():
-    """XLA compile time of the interpreted kernel dominates this file's runtime on CPU; compile with
-    most optimizations off (this module only; restored afterwards). Numerics stay IEEE float32."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"numpy seed: {seed}")
-    return np.random.default_rng(seed)
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")  # tests/conftest.py
 
 
 def build_case(rng, layout: KVPageLayout, lengths, *, num_pages_table: int = P, q_dtype=jnp.float32,

@@ -55,21 +55,7 @@ from pallas_kernels.quantized_matmul_ref import quantized_matmul_reference
 EPS32 = 2.0 ** -24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu_compiles():
-    """XLA compile time of the interpreted kernels dominates this file's runtime on CPU; compile with
-    most optimizations off (this module only; restored afterwards). Numerics stay IEEE float32."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"numpy seed: {seed}")
-    return np.random.default_rng(seed)
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")  # tests/conftest.py
 
 
 def _q8_0(w: jax.Array, g: int = 32) -> QuantizedTensor:
