@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
 
-from fineserve_jax.llm import LLM, engine_config
+from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.device_runtime import DeviceRuntime, RoundRobin
@@ -84,6 +84,7 @@ class ModelSpec:
         self.kv_reserve_bytes = parse_bytes(self.kv_reserve_bytes, "kv_reserve_bytes")
         if self.kv_max_bytes is not None:
             self.kv_max_bytes = parse_bytes(self.kv_max_bytes, "kv_max_bytes")
+        check_max_model_len(self.max_model_len)
         if self.tokens_per_page <= 0:
             raise ValueError(f"tokens_per_page must be positive, got {self.tokens_per_page}")
 

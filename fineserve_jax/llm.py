@@ -15,11 +15,15 @@ from serving.sequence import RequestOutput
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
 
+def check_max_model_len(max_model_len) -> None:
+    if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
+        raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+
+
 def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | None = None,
                   max_num_batched_tokens: int = 512, seed: int = 0) -> EngineConfig:
     """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
-    if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
-        raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+    check_max_model_len(max_model_len)
     limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
     return EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
                         max_num_batched_tokens=max_num_batched_tokens,
@@ -56,8 +60,7 @@ class LLM:
         check_precision(precision, kv_dtype)  # bad names fail before any loading
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
-        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len <= 0):
-            raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+        check_max_model_len(max_model_len)  # bad values fail before any loading
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed)
