@@ -58,7 +58,6 @@ class DeviceRuntime:
         self.pool = pool
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
-        self.num_compactions = 0
         self.pages_moved = 0
         for name, engine in engines.items():
             engine.pages.reclaim = lambda name=name: self.reclaim_for(name)
@@ -102,7 +101,6 @@ class DeviceRuntime:
                 for seq in engine.scheduler.running:
                     seq.pages = [moves.get(p, p) for p in seq.pages]
                 self.pages_moved += len(moves)
-            self.num_compactions += 1
             freed = True
         return freed
 

@@ -211,11 +211,15 @@ class SlabAllocator:
             free = m.free_pages.setdefault(slab, [])
             free.append(local)
             if len(free) == m.pages_per_slab:  # reclaim the empty slab for any model
-                del m.free_pages[slab]
-                del self._owner[slab]
-                m.slabs.discard(slab)
-                self._free_slabs.append(slab)
+                self._release_slab(m, slab)
         m.used_pages -= len(pages)
+
+    def _release_slab(self, m: _ModelSlabs, slab: int) -> None:
+        """An empty slab of model `m` goes back to the free list, reformattable for any model."""
+        del m.free_pages[slab]
+        del self._owner[slab]
+        m.slabs.discard(slab)
+        self._free_slabs.append(slab)
 
     def reclaimable_slabs(self, model: str) -> int:
         """Slabs `compact` would hand back: held slabs beyond what its used pages need."""
@@ -239,16 +243,12 @@ class SlabAllocator:
             for local in range(m.pages_per_slab):
                 if local not in free:
                     moves[slab * m.pages_per_slab + local] = holes.pop()
-        for slab in keep:  # holes now filled; recompute what stays free
-            taken = {dst % m.pages_per_slab for dst in moves.values() if dst // m.pages_per_slab == slab}
-            m.free_pages[slab] = [l for l in m.free_pages[slab] if l not in taken]
-            if not m.free_pages[slab]:
-                del m.free_pages[slab]
-        for slab in drain:
+        for slab in keep:  # what stays free in the kept slabs: the holes no page moved into
             del m.free_pages[slab]
-            del self._owner[slab]
-            m.slabs.discard(slab)
-            self._free_slabs.append(slab)
+        for page in holes:
+            m.free_pages.setdefault(page // m.pages_per_slab, []).append(page % m.pages_per_slab)
+        for slab in drain:
+            self._release_slab(m, slab)
         return moves
 
     @property
@@ -260,7 +260,7 @@ class SlabAllocator:
 
     def stats(self) -> dict:
         """Where the pool's bytes are. Every byte is in exactly one of: pages in use
-        (`allocated_bytes`), free pages inside slabs formatted for a model (`stranded_bytes`: free,
+        (`live_kv_bytes`), free pages inside slabs formatted for a model (`stranded_bytes`: free,
         but only for that model), slab tails no page of the owner fits (`slab_tail_bytes`), free
         slabs (`free_bytes`). External fragmentation is the stranded share: memory free for one
         model but not for the others."""
@@ -282,7 +282,6 @@ class SlabAllocator:
             "free_bytes": len(self._free_slabs) * s,
             "used_pages": {name: v["used_pages"] for name, v in models.items()},
             "live_kv_bytes": allocated,
-            "allocated_bytes": allocated,
             "stranded_bytes": stranded,
             "slab_tail_bytes": tails,
             "external_fragmentation": stranded / pool,
