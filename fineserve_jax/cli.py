@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas", "interpret"],
+                   help="kernel implementation: auto (Pallas on a GPU, XLA elsewhere), xla, pallas, interpret")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +73,8 @@ def _sampling(args):
 def _llm(args):
     from fineserve_jax.llm import LLM
 
-    kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype}
+    kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype,
+              "kernels": args.kernels}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     return LLM(args.model, precision=args.precision, dtype=args.dtype, **kwargs)

@@ -30,6 +30,7 @@ from typing import Sequence as Seq
 
 from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
+from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.device_runtime import DeviceRuntime, RoundRobin
 from serving.engine import LLMEngine
@@ -75,9 +76,11 @@ class ModelSpec:
     kv_max_bytes: int | None = None     # cap on this model's KV memory
     kv_share: float | None = None       # pool_mode="static": its fraction (default: equal)
     seed: int = 0
+    kernels: str = "auto"               # see LLM: auto, xla, pallas, interpret
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype)
+        resolve_kernels(self.kernels)
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -130,7 +133,8 @@ class Fleet:
             loaded = self.loaded[name]
             config = engine_config(loaded.config, max_num_seqs=spec.max_num_seqs,
                                    max_model_len=spec.max_model_len,
-                                   max_num_batched_tokens=spec.max_num_batched_tokens, seed=spec.seed)
+                                   max_num_batched_tokens=spec.max_num_batched_tokens, seed=spec.seed,
+                                   kernels=spec.kernels)
             engines[name] = LLMEngine(loaded.model, self.plan.layouts[name], self.pool, name, config,
                                       tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
         self.runtime = DeviceRuntime(self.pool, engines, policy or RoundRobin(list(engines)))

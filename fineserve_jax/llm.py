@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence as Seq
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
+from pallas_kernels.implementation import resolve_kernels
 from serving.engine import EngineConfig, LLMEngine, engine_with_own_pool
 from serving.sampling import SamplingParams
 from serving.sequence import RequestOutput
@@ -21,13 +22,13 @@ def check_max_model_len(max_model_len) -> None:
 
 
 def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | None = None,
-                  max_num_batched_tokens: int = 512, seed: int = 0) -> EngineConfig:
+                  max_num_batched_tokens: int = 512, seed: int = 0, kernels: str = "auto") -> EngineConfig:
     """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
     check_max_model_len(max_model_len)
     limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
     return EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
                         max_num_batched_tokens=max_num_batched_tokens,
-                        prefill_chunk=max_num_batched_tokens, seed=seed)
+                        prefill_chunk=max_num_batched_tokens, seed=seed, kernels=kernels)
 
 
 class LLM:
@@ -50,20 +51,23 @@ class LLM:
       max_num_seqs, max_model_len, max_num_batched_tokens: batching limits as in vLLM.
       tokens_per_page: KV page size in tokens.
       seed: engine seed, used for requests that do not set their own.
+      kernels: "auto" (Pallas kernels on a GPU, the XLA references elsewhere), "xla", "pallas" or
+        "interpret" (the Pallas kernels interpreted: any backend, slow).
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
                  kv_dtype: str | None = None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
-                 calib_samples: int = 8):
+                 calib_samples: int = 8, kernels: str = "auto"):
         check_precision(precision, kv_dtype)  # bad names fail before any loading
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         check_max_model_len(max_model_len)  # bad values fail before any loading
+        resolve_kernels(kernels)
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                               max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+                               max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels)
         engine = engine_with_own_pool(
             loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes,
             tokens_per_page=tokens_per_page, tokenizer=loaded.tokenizer,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv_pool import KVPool, slab_bytes_for
 from serving.model_runner import ModelRunner
@@ -35,8 +36,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     prefill_chunk: int = 512
     seed: int = 0
+    kernels: str = "auto"  # see pallas_kernels.implementation: auto, xla, pallas, interpret
 
     def __post_init__(self):
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -77,7 +81,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs,
                                   max_model_len=config.max_model_len,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  prefill_chunk=config.prefill_chunk)
+                                  prefill_chunk=config.prefill_chunk,
+                                  kernels=resolve_kernels(config.kernels))
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from models.llama import LlamaForCausalLM
+from models.quant_linear import use_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
 from serving.sequence import Sequence
@@ -44,19 +45,22 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
-                 attention_impl: str = "xla"):
+                 kernels: str = "xla"):
+        """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret")."""
         self.layout = layout
+        self.kernels = kernels
         self.vocab_size = model.config.vocab_size
         self.max_batch = _pow2_at_least(max_num_seqs)
         self.prefill_chunk = prefill_chunk
         self.max_num_batched_tokens = max_num_batched_tokens
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
+        use_kernels(model, kernels)
         graphdef, self.state = nnx.split(model)
 
         def forward(state, pool, tokens, start_pos, num_new, page_table):
             model = nnx.merge(graphdef, state)
-            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, attention_impl)
+            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
             return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
 
