@@ -1,8 +1,12 @@
 """Single-model engine: request queue, continuous batching, streaming outputs, per-request timing.
 
 `add_request` queues a prompt; each `step` runs one batch (chosen by the Scheduler) through the
-ModelRunner and returns a RequestOutput for every request that produced a token or finished.
+ModelRunner and returns a RequestOutput for every request that produced a token or finished
+(including requests the admission policy dropped, with finish reason "dropped").
 Requests that arrive while others are decoding join the running batch at the next step.
+
+The simulator builds the same engine with a runner that stands in for the device (`runner=`), an
+allocator-only pool and its own clock (`clock=`), so scheduling runs the code that serves.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -66,7 +71,11 @@ class StepStats:
 
 class LLMEngine:
     def __init__(self, model, layout: KVPageLayout, pool: KVPool, model_key: str, config: EngineConfig,
-                 tokenizer=None, eos_token_ids: tuple[int, ...] = ()):
+                 tokenizer=None, eos_token_ids: tuple[int, ...] = (), *, admission=None, runner=None,
+                 clock: Callable[[], float] = time.time):
+        """admission: a `local_scheduler` policy (default FCFS). runner: anything with ModelRunner's
+        `execute` and `prefill_fits` (default: a ModelRunner of `model`)."""
+        self.clock = clock
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -78,15 +87,15 @@ class LLMEngine:
             raise ValueError(
                 f"the KV pool holds {pool_pages * layout.tokens_per_page} tokens for this model, fewer than "
                 f"max_model_len={config.max_model_len}; give it more KV cache memory or lower max_model_len")
-        self.runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=config.max_model_len,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  prefill_chunk=config.prefill_chunk,
-                                  kernels=resolve_kernels(config.kernels))
+        self.runner = runner or ModelRunner(model, layout, max_num_seqs=config.max_num_seqs,
+                                            max_model_len=config.max_model_len,
+                                            max_num_batched_tokens=config.max_num_batched_tokens,
+                                            prefill_chunk=config.prefill_chunk,
+                                            kernels=resolve_kernels(config.kernels))
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
-                                   prefill_fits=self.runner.prefill_fits)
+                                   prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock)
         self.vocab_size = model.config.vocab_size
         self._seeds = np.random.default_rng(config.seed)
         self._ids = itertools.count()
@@ -106,7 +115,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
         detok = self.tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens) if self.tokenizer else None
-        seq = Sequence(request_id, prompt, ids, params, seed, detok, arrival_time)
+        seq = Sequence(request_id, prompt, ids, params, seed, detok,
+                       arrival_time if arrival_time is not None else self.clock())
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -143,16 +153,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        dropped = self._report_dropped()
         self.blocked = batch is None and self.scheduler.has_unfinished()
         if batch is None:
             if self.blocked and not self.pool.allocator.used_pages_of_others(self.pages.model_key):
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return []  # idle, or waiting for pages other models of a shared pool hold
+            return dropped  # idle, or waiting for pages other models of a shared pool hold
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
         self.pool.words, result = self.runner.execute(self.pool.words, batch.is_prefill, batch.seqs,
                                                       batch.num_tokens)
-        now = time.time()
-        outputs = []
+        now = self.clock()
+        outputs = dropped
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             seq.num_computed += n
             if not sample_rows[i]:
@@ -168,6 +179,13 @@ class LLMEngine:
         s.total_seconds += total
         s.device_seconds += result.device_seconds
         s.per_step.append((batch.is_prefill, len(batch.seqs), total, result.device_seconds))
+        return outputs
+
+    def _report_dropped(self) -> list[RequestOutput]:
+        outputs = [self._output(seq) for seq in self.scheduler.dropped]
+        for seq in self.scheduler.dropped:
+            self.requests.pop(seq.request_id, None)
+        self.scheduler.dropped.clear()
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, result, row: int, now: float) -> None:

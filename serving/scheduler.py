@@ -3,7 +3,10 @@
 Each step is either a prefill step (chunks of prompts, new requests admitted FCFS) or a decode step
 (one token for every running sequence: its next output token, or, for a sequence whose prefill
 chunk could not be scheduled, its next prompt token). Prefill goes first so new
-requests join the running decode batch as soon as possible. When the pool runs out of pages during
+requests join the running decode batch as soon as possible. Which waiting requests are admitted,
+in what order, and which are dropped as hopeless is the admission policy's choice
+(`local_scheduler`: FCFS by default, or SLO-aware SAAB); dropped requests finish at once with
+reason "dropped" and wait in `dropped` until the engine reports them. When the pool runs out of pages during
 decode, the most recently admitted sequence is preempted: its pages are freed and it is recomputed
 later from its prompt plus the tokens it has generated (its outputs are kept).
 """
@@ -15,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from serving.local_scheduler import AdmissionPolicy, FCFSAdmission
 from serving.page_manager import PageManager
 from serving.sequence import Sequence, SequenceStatus
 
@@ -28,14 +32,18 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk: int, prefill_fits: Callable[[list[int]], bool] = lambda counts: True):
+                 prefill_chunk: int, prefill_fits: Callable[[list[int]], bool] = lambda counts: True,
+                 admission: AdmissionPolicy | None = None, clock: Callable[[], float] = time.time):
         self.pages = pages
+        self.admission = admission or FCFSAdmission()
+        self.clock = clock  # wall time in serving; the simulator's clock in simulation
         self.prefill_fits = prefill_fits  # whether a prefill batch pads to a compiled shape
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.dropped: list[Sequence] = []  # finished by admission, not yet reported
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -72,17 +80,26 @@ class Scheduler:
         for seq in self.running:
             if seq.num_uncomputed > 1:  # mid-prefill; the last token is computed by a decode step
                 take(seq)
-        now = time.time()
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
-            if not take(seq):
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = now
-            self.running.append(seq)
+        now = self.clock()
+        if self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            choice = self.admission.select(list(self.waiting), self.running, now,
+                                           seq_slots=self.max_num_seqs - len(self.running), token_budget=budget)
+            for seq in choice.drop:
+                self.finish(seq, "dropped")
+                self.dropped.append(seq)
+            for seq in choice.admit:
+                if len(self.running) >= self.max_num_seqs or budget <= 0 or not take(seq):
+                    break
+                self.admit(seq, now)
         return ScheduledBatch(True, seqs, counts) if seqs else None
+
+    def admit(self, seq: Sequence, now: float) -> None:
+        """Move `seq` (given its first pages by `take`) from waiting to running."""
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        if seq.metrics.first_scheduled_time is None:
+            seq.metrics.first_scheduled_time = now
+        self.running.append(seq)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs = []
@@ -117,4 +134,4 @@ class Scheduler:
         self.pages.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        seq.metrics.finished_time = time.time()
+        seq.metrics.finished_time = self.clock()

@@ -1,0 +1,154 @@
+"""Local scheduling: which waiting requests a model admits each iteration, and which model on a
+device steps next.
+
+Admission (`Scheduler(admission=...)`, asked every prefill iteration):
+  FCFSAdmission   admit in arrival order up to the sequence and token caps (vLLM's behaviour).
+  SAABAdmission   FineServe's SLO-Aware Adaptive Batching (fineserve.md §5), with the step-time cost
+                  model of `serving.cost_model` in place of a profiled constant:
+                  1. predict TTFT of waiting request r as `now + τ · (B + len_r)`, τ the model's
+                     prefill seconds per token, B the prompt tokens still to prefill in the running
+                     batch plus one per decoding request (each decode row costs about a token);
+                  2. a request that cannot make its deadline (`arrival + SLO.ttft_s`) even alone is
+                     hopeless: dropped at once with an explicit answer (finish reason "dropped"), or,
+                     with `drop_hopeless=False`, moved behind every request that can still make it;
+                  3. of the rest, taken FCFS up to the caps, the longest prompts are removed until
+                     `now + τ · (B + Σ len)` meets every remaining deadline; removed requests stay
+                     queued for a later iteration;
+                  4. TPOT-aware variant (`slo.tpot_s` set): also remove the longest prompts while the
+                     predicted decode step of the grown batch exceeds the TPOT bound.
+                  Requests that already ran (preempted ones) are re-admitted first and never dropped.
+
+Device (`DeviceRuntime(policy=...)`): `EarliestDeadlineFirst` steps the model whose most urgent
+request is due first: a waiting request's first-token deadline, or a running request's next-token
+deadline (`last token + tpot`). Models with nothing due go round-robin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from serving.metrics import SLO
+from serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class Admission:
+    admit: list[Sequence]   # in the order to admit (the scheduler stops at its caps)
+    drop: list[Sequence]    # finished at once as "dropped"
+
+
+class AdmissionPolicy(Protocol):
+    def select(self, waiting: list[Sequence], running: list[Sequence], now: float, *,
+               seq_slots: int, token_budget: int) -> Admission:
+        """Which of `waiting` (in queue order) to admit now, given `seq_slots` free sequence slots and
+        `token_budget` prefill tokens for this step."""
+
+
+class FCFSAdmission:
+    def select(self, waiting, running, now, *, seq_slots, token_budget) -> Admission:
+        return Admission(list(waiting), [])
+
+
+def _has_run(seq: Sequence) -> bool:
+    return seq.metrics.num_preemptions > 0 or bool(seq.output_token_ids)
+
+
+def prefill_backlog(running: list[Sequence]) -> int:
+    """SAAB's B: prompt tokens still to prefill in the running batch, plus one per decoding row."""
+    backlog = 0
+    for seq in running:
+        if seq.status is not SequenceStatus.RUNNING:
+            continue
+        backlog += seq.num_uncomputed if seq.num_uncomputed > 1 else 1
+    return backlog
+
+
+class SAABAdmission:
+    """SLO-aware adaptive batching for one model. `cost` has `prefill_seconds_per_token()` and
+    `decode_seconds(context_lens)` (a `cost_model.StepCost`); `slo` its latency bounds."""
+
+    def __init__(self, cost, slo: SLO, *, drop_hopeless: bool = True, tpot_aware: bool = False,
+                 max_prefilling: int | None = None):
+        self.cost = cost
+        self.slo = slo
+        self.tau = cost.prefill_seconds_per_token()
+        self.drop_hopeless = drop_hopeless
+        self.tpot_aware = tpot_aware and slo.tpot_s is not None
+        self.max_prefilling = max_prefilling  # FineServe skips admission above 3 prompts in prefill
+        self.num_dropped = 0
+
+    def deadline(self, seq: Sequence) -> float:
+        return seq.metrics.arrival_time + self.slo.ttft_s
+
+    def select(self, waiting, running, now, *, seq_slots, token_budget) -> Admission:
+        resumed = [s for s in waiting if _has_run(s)]
+        fresh = [s for s in waiting if not _has_run(s)]
+        backlog = prefill_backlog(running)
+        prefilling = sum(1 for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed > 1)
+        if self.max_prefilling is not None and prefilling >= self.max_prefilling:
+            return Admission(resumed, [])
+
+        def on_time(seq: Sequence, tokens: int) -> bool:
+            return now + self.tau * (backlog + tokens) <= self.deadline(seq)
+
+        hopeful = [s for s in fresh if on_time(s, s.num_uncomputed)]
+        hopeless = [s for s in fresh if not on_time(s, s.num_uncomputed)]
+        slots = max(0, seq_slots - len(resumed))
+        batch = hopeful[:slots]
+        # Shrink: drop the longest prompt from this iteration's batch until every deadline holds.
+        while batch and not self._batch_ok(batch, running, now, backlog):
+            batch.remove(max(batch, key=lambda s: s.num_uncomputed))
+        later = [s for s in hopeful if s not in batch]
+        if self.drop_hopeless:
+            self.num_dropped += len(hopeless)
+            return Admission(resumed + batch, hopeless)
+        # Deprioritise: hopeless requests are admitted only behind everything that can still make it.
+        return Admission(resumed + batch + (hopeless if not later else []), [])
+
+    def _batch_ok(self, batch, running, now, backlog) -> bool:
+        total = backlog + sum(s.num_uncomputed for s in batch)
+        if now + self.tau * total > min(self.deadline(s) for s in batch):
+            return False
+        if self.tpot_aware:
+            contexts = [s.num_tokens for s in running if s.status is SequenceStatus.RUNNING]
+            contexts += [s.num_tokens for s in batch]
+            if self.cost.decode_seconds(contexts) > self.slo.tpot_s:
+                return False
+        return True
+
+
+class EarliestDeadlineFirst:
+    """Step the model whose most urgent request is due first (a `DeviceRuntime` policy).
+    `deadline_of(name) -> float | None` gives each model's earliest deadline (None: nothing due)."""
+
+    def __init__(self, names: list[str], deadline_of: Callable[[str], float | None]):
+        self._order = list(names)
+        self._deadline_of = deadline_of
+        self._next = 0
+
+    def pick(self, ready: list[str]) -> str:
+        due = [(d, self._order.index(n), n) for n in ready if (d := self._deadline_of(n)) is not None]
+        if due:
+            return min(due)[2]
+        n = len(self._order)
+        for i in range(n):
+            name = self._order[(self._next + i) % n]
+            if name in ready:
+                self._next = (self._order.index(name) + 1) % n
+                return name
+        raise ValueError(f"none of {ready} is known to this policy")
+
+
+def earliest_deadline(waiting: list[Sequence], running: list[Sequence], slo: SLO) -> float | None:
+    """The first deadline among a model's requests: first tokens of waiting (and mid-prefill)
+    requests by `arrival + ttft`, next tokens of decoding requests by `last token + tpot`."""
+    deadlines = [s.metrics.arrival_time + slo.ttft_s for s in waiting if not s.output_token_ids]
+    for s in running:
+        if s.status is not SequenceStatus.RUNNING:
+            continue
+        if not s.output_token_ids:
+            deadlines.append(s.metrics.arrival_time + slo.ttft_s)
+        elif slo.tpot_s is not None and s.metrics.token_times:
+            deadlines.append(s.metrics.token_times[-1] + slo.tpot_s)
+    return min(deadlines) if deadlines else None

@@ -1,0 +1,196 @@
+"""Local scheduling decisions on hand-built cases: SAAB admission (predict, drop, shrink, TPOT),
+its use inside the real Scheduler, and earliest-deadline-first model stepping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.kv_pool import SlabAllocator
+from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, earliest_deadline,
+                                     prefill_backlog)
+from serving.metrics import SLO
+from serving.page_manager import PageManager
+from serving.sampling import SamplingParams
+from serving.scheduler import Scheduler
+from serving.sequence import Sequence, SequenceStatus
+
+TAU = 0.01  # seconds per prefill token in every case below
+
+
+@dataclass
+class FakeCost:
+    """tau seconds per prefill token; a decode step costs `per_row` per row."""
+    tau: float = TAU
+    per_row: float = 0.001
+
+    def prefill_seconds_per_token(self, prompt_len: int = 903) -> float:
+        return self.tau
+
+    def decode_seconds(self, context_lens) -> float:
+        return self.per_row * len(context_lens)
+
+
+def seq(rid: str, prompt_len: int, arrival: float) -> Sequence:
+    return Sequence(rid, None, [1] * prompt_len, SamplingParams(max_tokens=4), 0, None, arrival)
+
+
+def running(rid: str, prompt_len: int, computed: int, outputs: int = 0) -> Sequence:
+    s = seq(rid, prompt_len, 0.0)
+    s.status = SequenceStatus.RUNNING
+    s.output_token_ids = [1] * outputs
+    s.num_computed = computed
+    return s
+
+
+def select(policy, waiting, run=(), now=0.0, slots=16):
+    return policy.select(waiting, list(run), now, seq_slots=slots, token_budget=10_000)
+
+
+def test_backlog_counts_prefill_tokens_and_one_per_decoder():
+    # 100-token prompt with 40 computed: 60 left; a decoding row counts 1.
+    assert prefill_backlog([running("a", 100, 40), running("b", 10, 12, outputs=3)]) == 61
+
+
+def test_saab_admits_all_when_every_deadline_holds():
+    # deadline 1.0 s; 3 x 20 tokens = 60 tokens x 10 ms = 0.6 s <= 1.0
+    w = [seq(str(i), 20, 0.0) for i in range(3)]
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), w)
+    assert out.admit == w and out.drop == []
+
+
+def test_saab_drops_hopeless_request_alone_over_its_deadline():
+    # 150 tokens alone take 1.5 s > 1.0 s SLO: hopeless; the 20-token one is fine.
+    hopeless, ok = seq("long", 150, 0.0), seq("short", 20, 0.0)
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), [hopeless, ok])
+    assert out.drop == [hopeless] and out.admit == [ok]
+
+
+def test_saab_backlog_makes_a_request_hopeless():
+    # 20 tokens alone = 0.2 s, but 90 backlog tokens ahead make it 1.1 s > 1.0 s.
+    w = seq("a", 20, 0.0)
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), [w], run=[running("r", 100, 10)])
+    assert out.drop == [w]
+
+
+def test_saab_shrinks_longest_first_until_deadlines_hold():
+    # Each alone fits (<= 1.0 s) but together 30+40+80 = 150 tokens = 1.5 s: remove the 80 (longest):
+    # 70 tokens = 0.7 s holds. The removed one stays queued (neither admitted nor dropped).
+    a, b, c = seq("a", 30, 0.0), seq("b", 40, 0.0), seq("c", 80, 0.0)
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), [a, b, c])
+    assert out.admit == [a, b] and out.drop == []
+
+
+def test_saab_shrink_uses_the_tightest_deadline():
+    # a arrived at t=-0.5 (deadline 0.5 s), b at 0 (deadline 1.0): together 60 tokens = 0.6 s misses a's
+    # deadline; removing the longest (b) leaves a alone at 0.2 s.
+    a, b = seq("a", 20, -0.5), seq("b", 40, 0.0)
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), [a, b])
+    assert out.admit == [a]
+
+
+def test_saab_deprioritises_instead_of_dropping_when_configured():
+    hopeless, ok = seq("long", 150, 0.0), seq("short", 20, 0.0)
+    policy = SAABAdmission(FakeCost(), SLO(1.0), drop_hopeless=False)
+    out = select(policy, [hopeless, ok])
+    assert out.drop == [] and out.admit == [ok, hopeless]  # behind every hopeful request
+
+
+def test_saab_never_drops_a_preempted_request_and_puts_it_first():
+    resumed = seq("r", 500, -100.0)
+    resumed.metrics.num_preemptions = 1
+    fresh = seq("f", 10, 0.0)
+    out = select(SAABAdmission(FakeCost(), SLO(1.0)), [fresh, resumed])
+    assert out.admit == [resumed, fresh] and out.drop == []
+
+
+def test_saab_tpot_aware_limits_the_decode_batch():
+    # 4 decoders running; each row costs 10 ms per decode step; TPOT bound 55 ms: at most 5 rows.
+    run = [running(f"r{i}", 10, 10, outputs=1) for i in range(4)]
+    w = [seq(f"w{i}", 5, 0.0) for i in range(3)]
+    policy = SAABAdmission(FakeCost(per_row=0.01), SLO(10.0, tpot_s=0.055), tpot_aware=True)
+    assert len(select(policy, w, run).admit) == 1
+    plain = SAABAdmission(FakeCost(per_row=0.01), SLO(10.0, tpot_s=0.055))
+    assert len(select(plain, w, run).admit) == 3
+
+
+def test_saab_respects_free_sequence_slots():
+    w = [seq(str(i), 5, 0.0) for i in range(5)]
+    assert len(select(SAABAdmission(FakeCost(), SLO(10.0)), w, slots=2).admit) == 2
+
+
+def _scheduler(admission, clock, pages=64):
+    layout = KVPageLayout(1, 1, 8, 4, "float32")
+    alloc = SlabAllocator(pages // 4, layout.page_bytes * 4)
+    alloc.register("m", layout.page_bytes)
+    return Scheduler(PageManager(alloc, "m", layout), max_num_seqs=8, max_num_batched_tokens=256,
+                     prefill_chunk=256, admission=admission, clock=clock)
+
+
+def test_scheduler_drops_through_saab_and_reports_them():
+    now = [0.0]
+    sched = _scheduler(SAABAdmission(FakeCost(), SLO(1.0)), lambda: now[0])
+    hopeless, ok = seq("long", 150, 0.0), seq("short", 20, 0.0)
+    sched.add(hopeless)
+    sched.add(ok)
+    batch = sched.schedule()
+    assert batch.is_prefill and batch.seqs == [ok]
+    assert sched.dropped == [hopeless] and hopeless.finish_reason == "dropped"
+    assert hopeless.is_finished and not hopeless.pages and hopeless.metrics.finished_time == 0.0
+    assert list(sched.waiting) == []
+
+
+def test_scheduler_with_fcfs_admits_in_order():
+    sched = _scheduler(FCFSAdmission(), lambda: 0.0)
+    seqs = [seq(str(i), 10, 0.0) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule().seqs == seqs
+
+
+def test_engine_reports_dropped_requests():
+    """A dropped request comes back from engine.step as a finished output (nothing is lost)."""
+    from models.config import ModelConfig
+    from models.loader import random_model
+    from tests.helpers import build_engine
+
+    cfg = ModelConfig("llama", 64, 32, 64, 1, 2, 1, 16, max_position_embeddings=256)
+    loaded = random_model(cfg, "bf16", "float32")
+    engine = build_engine(loaded, num_pages=64, max_num_seqs=4, max_model_len=256,
+                          max_num_batched_tokens=64, prefill_chunk=64)
+    engine.scheduler.admission = SAABAdmission(FakeCost(), SLO(1.0))
+    now = engine.clock()
+    engine.add_request([1] * 150, SamplingParams(max_tokens=2), request_id="hopeless", arrival_time=now)
+    engine.add_request([1] * 5, SamplingParams(max_tokens=2), request_id="ok", arrival_time=now)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals["hopeless"].finish_reason == "dropped" and finals["hopeless"].outputs[0].token_ids == []
+    assert finals["ok"].finish_reason == "length"
+    assert not engine.requests
+
+
+def test_edf_picks_the_model_due_first_else_round_robin():
+    deadlines = {"a": 5.0, "b": 2.0, "c": None}
+    edf = EarliestDeadlineFirst(["a", "b", "c"], deadlines.get)
+    assert edf.pick(["a", "b", "c"]) == "b"
+    assert edf.pick(["a", "c"]) == "a"
+    deadlines.update(a=None, b=None)
+    assert [edf.pick(["a", "b", "c"]) for _ in range(3)] == ["a", "b", "c"]
+    with pytest.raises(ValueError):
+        edf.pick(["zzz"])
+
+
+def test_earliest_deadline_covers_first_and_next_tokens():
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    w = seq("w", 5, 3.0)                                  # first token due 4.0
+    dec = running("d", 5, 6, outputs=2)
+    dec.metrics.token_times = [2.0, 2.5]                  # next token due 2.6
+    mid = running("m", 50, 10)                            # mid-prefill, arrived 0: due 1.0
+    assert earliest_deadline([w], [dec], slo) == pytest.approx(2.6)
+    assert earliest_deadline([w], [dec, mid], slo) == pytest.approx(1.0)
+    assert earliest_deadline([], [], slo) is None
