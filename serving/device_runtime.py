@@ -97,7 +97,8 @@ class DeviceRuntime:
                 dst = np.full(n, -1, np.int32)
                 src[:len(moves)] = list(moves)
                 dst[:len(moves)] = list(moves.values())
-                self.pool.words = _copy_pages(self.pool.words, engine.layout, src, dst)
+                if self.pool.words is not None:  # None: a simulated pool (allocator only)
+                    self.pool.words = _copy_pages(self.pool.words, engine.layout, src, dst)
                 for seq in engine.scheduler.running:
                     seq.pages = [moves.get(p, p) for p in seq.pages]
                 self.pages_moved += len(moves)

@@ -96,7 +96,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
                                    prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock)
-        self.vocab_size = model.config.vocab_size
+        self.vocab_size = self.runner.vocab_size
         self._seeds = np.random.default_rng(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Sequence] = {}
@@ -120,6 +120,10 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Stamp request times with `clock` from now on (a replay's clock, relative to its start)."""
+        self.clock = self.scheduler.clock = clock
 
     def validate_prompt(self, ids) -> None:
         """Raise ValueError (PromptTooLongError for length) if `ids` cannot be served."""

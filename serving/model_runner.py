@@ -33,41 +33,16 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-@dataclass
-class StepResult:
-    sampled: np.ndarray             # int32[rows] sampled token per scheduled sequence
-    logprobs: np.ndarray | None     # float32[rows]
-    top_ids: np.ndarray | None      # int32[rows, K]
-    top_logprobs: np.ndarray | None
-    device_seconds: float           # from dispatch until results were on the host
+class ShapeBuckets:
+    """The padded shapes a model's steps run in (see the module docstring); shared with the
+    simulator's stand-in runner so simulated batches are the ones the engine forms."""
 
-
-class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
-                 max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
-                 kernels: str = "xla"):
-        """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret")."""
-        self.layout = layout
-        self.kernels = kernels
-        self.vocab_size = model.config.vocab_size
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int):
         self.max_batch = _pow2_at_least(max_num_seqs)
-        self.prefill_chunk = prefill_chunk
         self.max_num_batched_tokens = max_num_batched_tokens
-        pages = layout.pages_for(max_model_len)
-        self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
-        use_kernels(model, kernels)
-        graphdef, self.state = nnx.split(model)
+        self.prefill_chunk = prefill_chunk
+        self._prefill_set = set(self.prefill_buckets())
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table):
-            model = nnx.merge(graphdef, state)
-            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels)
-            last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
-
-        self._forward = jax.jit(forward, donate_argnums=(1,))
-        self._prefill_bucket_set = set(self.prefill_buckets())
-
-    # ---- buckets -------------------------------------------------------------------------------
     def decode_buckets(self) -> list[int]:
         return [1 << i for i in range(self.max_batch.bit_length())]
 
@@ -84,12 +59,44 @@ class ModelRunner:
 
     def prefill_fits(self, num_tokens: list[int]) -> bool:
         """Whether a prefill batch with these per-row token counts pads to a bucket."""
-        return self.bucket_for(True, num_tokens) in self._prefill_bucket_set
+        return self.bucket_for(True, num_tokens) in self._prefill_set
 
     def bucket_for(self, is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
         batch = _pow2_at_least(len(num_tokens))
         seq = max(MIN_PREFILL_BUCKET, _pow2_at_least(max(num_tokens))) if is_prefill else 1
         return batch, seq
+
+
+@dataclass
+class StepResult:
+    sampled: np.ndarray             # int32[rows] sampled token per scheduled sequence
+    logprobs: np.ndarray | None     # float32[rows]
+    top_ids: np.ndarray | None      # int32[rows, K]
+    top_logprobs: np.ndarray | None
+    device_seconds: float           # from dispatch until results were on the host
+
+
+class ModelRunner(ShapeBuckets):
+    def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
+                 max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
+                 kernels: str = "xla"):
+        """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret")."""
+        super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
+        self.layout = layout
+        self.kernels = kernels
+        self.vocab_size = model.config.vocab_size
+        pages = layout.pages_for(max_model_len)
+        self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
+        use_kernels(model, kernels)
+        graphdef, self.state = nnx.split(model)
+
+        def forward(state, pool, tokens, start_pos, num_new, page_table):
+            model = nnx.merge(graphdef, state)
+            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels)
+            last = jnp.maximum(num_new - 1, 0)[:, None, None]
+            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
+
+        self._forward = jax.jit(forward, donate_argnums=(1,))
 
     @property
     def num_compilations(self) -> int:

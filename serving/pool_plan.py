@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout
-from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, choose_slab_geometry, slab_bytes_for
+from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, SlabAllocator, choose_slab_geometry, slab_bytes_for
 
 POOL_MODES = ("slab", "static", "single_page")
 MIN_TOKENS_PER_PAGE = 8
@@ -51,11 +51,16 @@ class PoolPlan:
     def build(self, device=None, fill: int = 0) -> KVPool:
         """The device pool with every model registered."""
         pool = KVPool(self.num_slabs, self.slab_bytes, device, fill=fill)
+        self.register(pool.allocator)
+        return pool
+
+    def register(self, allocator: SlabAllocator) -> SlabAllocator:
+        """Register every model with `allocator` (one of `num_slabs` x `slab_bytes`)."""
         for name, layout in self.layouts.items():
             lo, hi = self.limits[name]
-            pps = pool.allocator.register(name, layout.page_slot_bytes, min_slabs=lo, max_slabs=hi)
+            pps = allocator.register(name, layout.page_slot_bytes, min_slabs=lo, max_slabs=hi)
             assert pps == layout.pages_per_slab
-        return pool
+        return allocator
 
 
 def plan_pool(models: dict[str, ModelPages], pool_bytes: int, mode: str = "slab",

@@ -1,0 +1,138 @@
+"""Discrete-event simulation of serving, running the serving code itself with a cost model for devices.
+
+What is real: the engines (`LLMEngine`: request handling, stop rules, outputs), their schedulers and
+admission policies (`local_scheduler`), the page managers and the slab allocator (one
+`SlabAllocator` per device, planned by `pool_plan` exactly as a real pool), the device runtime and
+its step policy, and the global scheduler's placement. What is simulated: the device. A
+`SimulatedRunner` stands in for the `ModelRunner` of each model: it forms the same padded shape
+buckets, returns a token per row (never EOS; replays force output lengths) and advances its device's
+clock by the step time the cost model (`cost_model.StepCost`) predicts for that batch. The pool is
+an allocator without a device buffer, so a 16 x 80 GB cluster costs host memory for page tables
+only. Page copies of compaction are not timed (they are rare and small).
+
+One device, or one group of devices: `simulate_device` replays a request list with `replay.replay`
+on a simulated clock that jumps to the next arrival when every model is idle. A cluster
+(`simulate_placement`): the replicas of a `global_scheduler.Placement` are grouped into sets of
+devices that share a replica (a TP group and whatever else it overlaps); each group simulates as one
+device with their memory and its own clock, since groups share nothing. Requests of a model go to its
+replicas by weighted round-robin in arrival order (the replicas' planned rates as weights), as a
+data-parallel router without load feedback would send them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.cost_model import StepCost
+from serving.device_runtime import DeviceRuntime, RoundRobin
+from serving.engine import EngineConfig, LLMEngine
+from serving.kv_pool import SlabAllocator
+from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission,
+                                     earliest_deadline)
+from serving.metrics import SLO, RequestRecord
+from serving.model_runner import ShapeBuckets, StepResult
+from serving.pool_plan import ModelPages, PoolPlan, plan_pool
+from serving.replay import replay
+from serving.workload import Request
+
+ADMISSIONS = ("fcfs", "saab", "saab-tpot", "saab-keep")
+STEP_POLICIES = ("edf", "round_robin")
+
+
+class SimClock:
+    """A device's simulated time: runners advance it by step times; idle waits jump it."""
+
+    def __init__(self, start: float = 0.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait_until(self, t: float) -> None:
+        self.now = max(self.now, t)
+
+
+class SimulatedPool:
+    """The allocator of a planned pool, without a device buffer (`words` is None)."""
+
+    def __init__(self, plan: PoolPlan):
+        self.plan = plan
+        self.allocator = plan.register(SlabAllocator(plan.num_slabs, plan.slab_bytes))
+        self.words = None
+
+
+class SimulatedRunner(ShapeBuckets):
+    """Stands in for a model's `ModelRunner`: same buckets, cost-model time, token 0 for every row."""
+
+    def __init__(self, cost: StepCost, clock: SimClock, config: EngineConfig, vocab_size: int = 2):
+        super().__init__(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk)
+        self.cost = cost
+        self.clock = clock
+        self.vocab_size = vocab_size
+        self.steps: list[tuple[bool, int, float]] = []  # (prefill?, rows, seconds)
+
+    def execute(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
+        context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
+        seconds = self.cost.step_seconds(is_prefill, num_tokens, context)
+        self.clock.now += seconds
+        self.steps.append((is_prefill, len(seqs), seconds))
+        return pool, StepResult(np.zeros(len(seqs), np.int32), None, None, None, seconds)
+
+
+@dataclass
+class SimModel:
+    """One model (replica) on a simulated device."""
+
+    name: str
+    layout: KVPageLayout     # its page geometry before planning (tokens per page, KV format, depth)
+    cost: StepCost
+    slo: SLO
+    config: EngineConfig
+    kv_share: float | None = None   # "static" pools: its fraction of the pool
+
+
+def admission_policy(kind: str, model: SimModel):
+    if kind == "fcfs":
+        return FCFSAdmission()
+    if kind in ("saab", "saab-tpot", "saab-keep"):
+        return SAABAdmission(model.cost, model.slo, tpot_aware=kind == "saab-tpot",
+                             drop_hopeless=kind != "saab-keep")
+    raise ValueError(f"unknown admission {kind!r}; choose from {ADMISSIONS}")
+
+
+@dataclass
+class SimulatedDevice:
+    runtime: DeviceRuntime
+    clock: SimClock
+    runners: dict[str, SimulatedRunner] = field(default_factory=dict)
+
+
+def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "slab",
+                 admission: str = "saab", policy: str = "edf") -> SimulatedDevice:
+    """Engines of `models` over one simulated pool of `pool_bytes`, stepped by `policy`."""
+    if policy not in STEP_POLICIES:
+        raise ValueError(f"unknown step policy {policy!r}; choose from {STEP_POLICIES}")
+    clock = SimClock()
+    plan = plan_pool({m.name: ModelPages(m.layout, share=m.kv_share) for m in models}, pool_bytes, pool_mode)
+    pool = SimulatedPool(plan)
+    engines, runners = {}, {}
+    for m in models:
+        runners[m.name] = SimulatedRunner(m.cost, clock, m.config)
+        engines[m.name] = LLMEngine(None, plan.layouts[m.name], pool, m.name, m.config,
+                                    admission=admission_policy(admission, m), runner=runners[m.name], clock=clock)
+    names = [m.name for m in models]
+    if policy == "edf":
+        slos = {m.name: m.slo for m in models}
+        step_policy = EarliestDeadlineFirst(names, lambda n: earliest_deadline(
+            list(engines[n].scheduler.waiting), engines[n].scheduler.running, slos[n]))
+    else:
+        step_policy = RoundRobin(names)
+    return SimulatedDevice(DeviceRuntime(pool, engines, step_policy), clock, runners)
+
+
+def simulate_device(device: SimulatedDevice, requests: list[Request], progress=None) -> list[RequestRecord]:
+    """Replay `requests` on one simulated device (its clock starts at 0)."""
+    return replay(device.runtime, requests, device.clock, device.clock.wait_until, progress=progress)
