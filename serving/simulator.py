@@ -21,6 +21,7 @@ data-parallel router without load feedback would send them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,3 +137,108 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
 def simulate_device(device: SimulatedDevice, requests: list[Request], progress=None) -> list[RequestRecord]:
     """Replay `requests` on one simulated device (its clock starts at 0)."""
     return replay(device.runtime, requests, device.clock, device.clock.wait_until, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A cluster under a global placement
+
+
+@dataclass(frozen=True)
+class SystemPolicy:
+    """How a serving system runs its devices: admission per model and the step policy per device."""
+
+    admission: str = "saab"
+    step_policy: str = "edf"
+
+
+def device_groups(placement) -> list[tuple[str, ...]]:
+    """Devices linked by a replica (TP groups and whatever shares their devices), each sorted."""
+    parent = {d.name: d.name for d in placement.devices}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in placement.replicas:
+        for d in r.devices[1:]:
+            parent[root(d)] = root(r.devices[0])
+    groups: dict[str, list[str]] = {}
+    for r in placement.replicas:
+        for d in r.devices:
+            groups.setdefault(root(d), [])
+    for d in parent:
+        if root(d) in groups:
+            groups[root(d)].append(d)
+    return [tuple(sorted(g)) for g in groups.values()]
+
+
+def route(requests: list[Request], placement) -> dict[str, list[Request]]:
+    """Requests per replica engine ("<model>#<k>"): each model's requests go to its replicas by smooth
+    weighted round-robin on the replicas' planned rates, in arrival order."""
+    credit: dict[str, list[float]] = {}
+    out: dict[str, list[Request]] = {}
+    for req in requests:
+        replicas = placement.replicas_of(req.model)
+        if not replicas:
+            raise ValueError(f"request {req.request_id!r} names model {req.model!r}, which the placement "
+                             f"does not serve")
+        weights = [max(r.rate, 1e-9) for r in replicas]
+        c = credit.setdefault(req.model, [0.0] * len(replicas))
+        for i, w in enumerate(weights):
+            c[i] += w
+        k = int(np.argmax(c))
+        c[k] -= sum(weights)
+        name = f"{req.model}#{k}"
+        out.setdefault(name, []).append(Request(req.request_id, name, req.arrival_s, req.prompt_len, req.output_len))
+    return out
+
+
+def build_group(placement, group: tuple[str, ...], profile, slos: dict[str, SLO], policy: SystemPolicy, *,
+                max_model_len: int, max_num_batched_tokens: int = 2048, prefill_chunk: int = 512
+                ) -> SimulatedDevice:
+    """One simulated device for a device group: the placement's pools of those devices merged (bytes and
+    quotas add; a replica's page holds all its KV heads), its replicas as engines."""
+    from serving.global_scheduler import pool_specs
+
+    specs = pool_specs(placement)
+    models = []
+    pool_bytes = sum(specs[d].pool_bytes for d in group if d in specs)
+    shares: dict[str, float] = {}
+    for model in {r.model for r in placement.replicas}:
+        for k, r in enumerate(placement.replicas_of(model)):
+            if not set(r.devices) <= set(group):
+                continue
+            demand = placement.demands[model]
+            pages = specs[r.devices[0]].models[model]
+            layout = dataclasses.replace(pages.layout, num_kv_heads=demand.shape.num_kv_heads)
+            quota = sum(specs[d].models[model].max_bytes or 0 for d in r.devices)
+            name = f"{model}#{k}"
+            if quota:
+                shares[name] = quota
+            config = EngineConfig(max_num_seqs=r.max_num_seqs, max_model_len=max_model_len,
+                                  max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk)
+            models.append(SimModel(name, layout, profile.get(demand.profile_key, demand.precision, r.tp),
+                                   slos[model], config))
+    mode = "static" if shares else "slab"
+    if shares:  # partitioned pools: each engine keeps exactly its quota's share of the group's pool
+        models = [dataclasses.replace(m, kv_share=shares[m.name]) for m in models]
+    return build_device(models, pool_bytes, pool_mode=mode, admission=policy.admission, policy=policy.step_policy)
+
+
+def simulate_placement(placement, profile, requests: list[Request], slos: dict[str, SLO],
+                       policy: SystemPolicy = SystemPolicy(), *, max_model_len: int = 8192,
+                       progress=None) -> list[RequestRecord]:
+    """Simulate the whole cluster on `requests` (model names as in the placement's demands). Returns
+    one record per request (model names restored), in arrival order."""
+    routed = route(requests, placement)
+    records = []
+    for group in device_groups(placement):
+        device = build_group(placement, group, profile, slos, policy, max_model_len=max_model_len)
+        mine = [r for name in device.runtime.engines for r in routed.get(name, [])]
+        for rec in simulate_device(device, mine, progress=progress):
+            rec.model = rec.model.split("#")[0]
+            records.append(rec)
+    assert len(records) == len(requests), (len(records), len(requests))
+    return sorted(records, key=lambda r: r.arrival_s)
