@@ -1,5 +1,6 @@
 """The `fineserve` command line: `generate` one prompt, `batch` a JSONL file of prompts, `quantize`
-a model into a checkpoint directory that `--model DIR` (and `LLM(model=DIR)`) serves."""
+a model into a checkpoint directory that `--model DIR` (and `LLM(model=DIR)`) serves, `profile` the
+step times of models on this device, `bench` the schedulers on a workload."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(batch)
     batch.add_argument("--input", required=True, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
     batch.add_argument("--output", required=True)
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_text} (see `fineserve {name} --help`)", add_help=False)
 
     quant = sub.add_parser("quantize", help="quantize a model and save it as a checkpoint directory")
     quant.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
@@ -163,7 +167,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# Subcommands with their own parsers: `fineserve <name> ...` runs `<module>.main(rest)`.
+DELEGATED = {
+    "profile": ("serving.profiler", "measure step times of models on this device and fit the cost model"),
+    "bench": ("fineserve_jax.bench", "replay a workload on FineServe and the baselines (real or --simulate)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "batch": cmd_batch, "quantize": cmd_quantize}[args.command](args)
