@@ -30,8 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from serving.metrics import SLO, format_table, summarize
-from serving.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, power_law_rates,
-                              sharegpt_like_lengths, synthetic_workload)
+from serving.workload import AZURE_KINDS, TraceLengths, Workload, azure_workload, synthetic_workload
 
 SYSTEMS = ("fineserve", "prism", "muxserve", "static")
 WORKLOADS = ("poisson", "gamma", "azure-conv", "azure-code")
@@ -48,10 +47,13 @@ TARGET_ATTAINMENT = 0.9
 def build_workload(kind: str, models: list[str], total_rate: float, *, alpha: float, cv: float,
                    duration_s: float, seed: int, lengths=None) -> Workload:
     """`total_rate` requests/s over `models` with power-law popularity `alpha`. Azure kinds replay the
-    trace's arrivals and lengths, time-compressed to `total_rate`."""
+    trace's arrivals and lengths, time-compressed to `total_rate`; Poisson and Gamma arrivals draw
+    (prompt, output) pairs from the Azure conv trace unless `lengths` is given (production lengths,
+    with outputs of at most 1,000 tokens, where a fitted lognormal's tail would set the makespan)."""
     if kind in ("poisson", "gamma"):
         return synthetic_workload(models, total_rate, alpha, cv=1.0 if kind == "poisson" else cv,
-                                  duration_s=duration_s, lengths=lengths or sharegpt_like_lengths(), seed=seed)
+                                  duration_s=duration_s, lengths=lengths or TraceLengths.from_azure("conv"),
+                                  seed=seed)
     trace = kind.removeprefix("azure-")
     if trace not in AZURE_KINDS:
         raise ValueError(f"unknown workload {kind!r}; choose from {WORKLOADS}")
@@ -310,8 +312,7 @@ def main(argv=None) -> int:
             specs, profile, slo_ttft = setups[scale]
             names = [s.served_name for s in specs]
             workload = build_workload(args.workload, names, rate, alpha=args.alpha, cv=args.cv,
-                                      duration_s=duration, seed=args.seed,
-                                      lengths=TraceLengths.from_azure("conv")).truncated(768, 1024)
+                                      duration_s=duration, seed=args.seed).truncated(768, 1024)
             summary, notes = run_real(system, workload, specs, profile, slo_ttft, pool_bytes=args.pool_bytes)
         rows.append(_row(system, rate, scale, summary, notes, time.perf_counter() - t0))
         summaries[(system, rate, scale)] = summary

@@ -96,9 +96,10 @@ class SAABAdmission:
         hopeless = [s for s in fresh if not on_time(s, s.num_uncomputed)]
         slots = max(0, seq_slots - len(resumed))
         batch = hopeful[:slots]
-        # Shrink: drop the longest prompt from this iteration's batch until every deadline holds.
+        # Shrink: drop the longest prompt (the last in queue order among equals, keeping FCFS) from this
+        # iteration's batch until every deadline holds.
         while batch and not self._batch_ok(batch, running, now, backlog):
-            batch.remove(max(batch, key=lambda s: s.num_uncomputed))
+            batch.remove(max(reversed(batch), key=lambda s: s.num_uncomputed))
         later = [s for s in hopeful if s not in batch]
         if self.drop_hopeless:
             self.num_dropped += len(hopeless)

@@ -30,7 +30,7 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.cost_model import StepCost
 from serving.device_runtime import DeviceRuntime, RoundRobin
 from serving.engine import EngineConfig, LLMEngine
-from serving.kv_pool import SlabAllocator
+from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
 from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission,
                                      earliest_deadline)
 from serving.metrics import SLO, RequestRecord
@@ -112,12 +112,14 @@ class SimulatedDevice:
 
 
 def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "slab",
-                 admission: str = "saab", policy: str = "edf") -> SimulatedDevice:
+                 admission: str = "saab", policy: str = "edf",
+                 target_slab_bytes: int = DEFAULT_SLAB_BYTES) -> SimulatedDevice:
     """Engines of `models` over one simulated pool of `pool_bytes`, stepped by `policy`."""
     if policy not in STEP_POLICIES:
         raise ValueError(f"unknown step policy {policy!r}; choose from {STEP_POLICIES}")
     clock = SimClock()
-    plan = plan_pool({m.name: ModelPages(m.layout, share=m.kv_share) for m in models}, pool_bytes, pool_mode)
+    plan = plan_pool({m.name: ModelPages(m.layout, share=m.kv_share) for m in models}, pool_bytes, pool_mode,
+                     target_slab_bytes)
     pool = SimulatedPool(plan)
     engines, runners = {}, {}
     for m in models:
