@@ -2,32 +2,29 @@
 
 Implementations (a static argument, so each compiles into its own program):
   "xla"        the pure-XLA reference (`paged_attention_ref`); the default, and what runs on CPU.
-  "pallas"     the Pallas decode kernel (`paged_attention_pallas`), compiled for the GPU (Triton
-               lowering); raises on other backends.
-  "interpret"  the same Pallas kernel under `interpret=True` (any backend; slow, for tests).
-The Pallas kernel covers decode only (one query token per sequence); prefill and chunked prefill
-(S > 1) fall back to the reference for every implementation until the prefill kernel lands (next
-part of issue 5).
+  "pallas"     the Pallas kernels, compiled for the GPU (Triton lowering); raises on other backends.
+  "interpret"  the same Pallas kernels under `interpret=True` (any backend; slow, for tests).
+For "pallas" / "interpret" the query length picks the kernel (S is static): S == 1 (decode) goes to
+the split-K decode kernel (`paged_attention_pallas`), S > 1 (prefill, chunked prefill, or a decode
+batch padded to several query slots) to the prefill kernel (`paged_prefill_pallas`). Both have the
+reference's semantics: causal on each query's position, keys up to the sequence's kv_len (this step's
+writes included, see `kv_write.write_kv`), rows that see no key give 0.
 """
 
 from __future__ import annotations
 
-import jax
-
+from pallas_kernels.implementation import IMPLEMENTATIONS, check_implementation
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_attention_ref import paged_attention_reference
+from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 
-IMPLEMENTATIONS = ("xla", "pallas", "interpret")
+__all__ = ["IMPLEMENTATIONS", "paged_attention"]
 
 
 def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, implementation: str = "xla"):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
-    # Prefill / chunked prefill: no Pallas kernel yet (it comes next); use the reference.
-    if implementation == "xla" or q.shape[1] != 1:
+    check_implementation(implementation)
+    if implementation == "xla":
         return paged_attention_reference(q, pool, layout, layer, page_table, q_positions, kv_lens)
-    if implementation == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"implementation 'pallas' compiles for the GPU, but the default backend is "
-                         f"{jax.default_backend()!r}; use 'interpret' (the same kernel, interpreted) or 'xla'")
-    return paged_decode_attention(q, pool, layout, layer, page_table, q_positions, kv_lens,
-                                  interpret=(implementation == "interpret"))
+    kernel = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
+    return kernel(q, pool, layout, layer, page_table, q_positions, kv_lens,
+                  interpret=(implementation == "interpret"))

@@ -37,18 +37,19 @@ Design
   `[i * bits, (i + 1) * bits)` (little-endian, as XLA's bitcasts). Instead of interleaving the `n`
   extracted planes back into head_dim order, the wrapper permutes q's head_dim into plane order
   (`[i][w]`), scores are sum over planes of plane dot products, the output accumulates per plane and
-  the wrapper permutes it back. Per format:
+  the wrapper permutes it back. Per format (`decode_element`, shared with the prefill kernel, which
+  passes a per-column element index instead of a plane number):
     float32   the word bitcast to f32;
-    bfloat16  `w << 16` (element 2w) and `w & 0xFFFF0000` (element 2w+1), bitcast to f32;
-    int8      `(int32(w) << (24 - 8i)) >> 24` (arithmetic shift sign-extends), converted to f32;
+    bfloat16  `((w >> 16i) & 0xFFFF) << 16`, bitcast to f32;
+    int8      `int32(w << (24 - 8i)) >> 24` (arithmetic shift sign-extends), converted to f32;
     fp8 e4m3  byte `b = (w >> 8i) & 0xFF`, exponent e = b >> 3 & 15, mantissa m = b & 7:
               `(-1)^s * (m + 8 [e > 0]) * 2^(max(e, 1) - 10)` (exact for normals and subnormals, with
               the power of two built from its exponent bits, so no float32 subnormal is involved;
               the NaN code 0x7F/0xFF reads as +-480, which the saturating quantizer never writes);
     int4      nibble `(w >> 4i) & 15`, element 2j in the low nibble of byte j as `pack_int4`.
   then `x * scale` (fp8/int8) or `x * scale + zero` (int4) with the bf16 scale/zero of the token and
-  kv head (the half word `(w >> 16 * (j % 2)) << 16` of scale-row word `j // 2`), exactly as
-  `dequantize_kv` computes it.
+  kv head (`token_scales`: the half word `(w >> 16 * (j % 2)) << 16` of scale-row word `j // 2`),
+  exactly as `dequantize_kv` computes it.
 * Masking: token positions `>= min(kv_len, q_pos + 1)` have K and V zeroed with `where` (not by a
   multiply, so NaN garbage in free pages or padding-table pages never propagates) and their scores
   set to -inf; the online softmax is the reference's (same safe max / correction formulas).
@@ -67,11 +68,12 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.kv_pages import WORD_BITS, KVPageLayout
+from pallas_kernels.kv_pages import KV_DTYPES, WORD_BITS, KVPageLayout
 
 # Default tokens per inner-loop block (pages_per_block = this // tokens_per_page) and split count.
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_MAX_SPLITS = 8
+KV_VALUE_BITS = {name: bits for name, (_, bits) in KV_DTYPES.items()}
 
 
 def _is_pow2(x: int) -> bool:
@@ -122,23 +124,47 @@ def _fp8_e4m3_to_f32(byte):
     return jnp.where((byte & np.uint32(0x80)) != 0, -mag, mag)
 
 
+def decode_element(words, index, kv_dtype: str):
+    """Element `index` of uint32 words -> float32, the raw stored value (quantized codes are not scaled
+    here). A word holds `n = 32 / bits` elements, element `n * w + i` of a row in bits
+    `[i * bits, (i + 1) * bits)` of word w; `index` is a Python int (one plane) or a uint32 array that
+    broadcasts against `words` (a per-column element index, used by the prefill kernel to decode a
+    tile straight into head_dim order)."""
+    if kv_dtype == "float32":
+        return lax.bitcast_convert_type(words, jnp.float32)
+    if kv_dtype == "bfloat16":
+        return _bf16_half_to_f32(words, index)
+    if kv_dtype not in ("int8", "fp8", "int4"):
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
+    bits = KV_VALUE_BITS[kv_dtype]
+    if isinstance(index, int):
+        shift = np.uint32(bits * index)
+    else:
+        shift = index.astype(jnp.uint32) * np.uint32(bits)
+    if kv_dtype == "int8":
+        # Move the byte to the top, then an arithmetic right shift sign-extends it.
+        signed = lax.bitcast_convert_type(words << (np.uint32(24) - shift), jnp.int32)
+        return (signed >> 24).astype(jnp.float32)
+    if kv_dtype == "fp8":
+        return _fp8_e4m3_to_f32((words >> shift) & np.uint32(0xFF))
+    # int4: nibble i of the word; element 2j sits in the low nibble of byte j (as `pack_int4`).
+    return lax.bitcast_convert_type((words >> shift) & np.uint32(15), jnp.int32).astype(jnp.float32)
+
+
 def decode_words(words, kv_dtype: str):
     """uint32 words -> list of `32 / bits` float32 planes; plane i holds element `n * w + i` of word w
     (the raw stored value: quantized codes are not scaled here)."""
-    if kv_dtype == "float32":
-        return [lax.bitcast_convert_type(words, jnp.float32)]
-    if kv_dtype == "bfloat16":
-        return [lax.bitcast_convert_type(words << np.uint32(16), jnp.float32),
-                lax.bitcast_convert_type(words & np.uint32(0xFFFF0000), jnp.float32)]
-    if kv_dtype == "int8":
-        signed = lax.bitcast_convert_type(words, jnp.int32)
-        return [((signed << (24 - 8 * i)) >> 24).astype(jnp.float32) for i in range(4)]
-    if kv_dtype == "fp8":
-        return [_fp8_e4m3_to_f32((words >> np.uint32(8 * i)) & np.uint32(0xFF)) for i in range(4)]
-    if kv_dtype == "int4":
-        return [lax.bitcast_convert_type((words >> np.uint32(4 * i)) & np.uint32(15), jnp.int32)
-                .astype(jnp.float32) for i in range(8)]
-    raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
+    if kv_dtype not in KV_VALUE_BITS:
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
+    return [decode_element(words, i, kv_dtype) for i in range(WORD_BITS // KV_VALUE_BITS[kv_dtype])]
+
+
+def token_scales(pool_ref, layout: KVPageLayout, slab, origin, slot, entry):
+    """bfloat16 scale-row entry `entry` (a kv head's scale h, or the int4 zero at Hkv + h; a traced int)
+    of the tokens at `slot` of the chunks starting at word `origin` of `slab` ([K] each) -> float32
+    [K, 1]. Entry e is the half `e % 2` of word `e // 2` of the token's scale row."""
+    w = pool_ref[slab, origin + layout.scales_offset + slot * layout.scale_row_words + entry // 2]
+    return _bf16_half_to_f32(w, entry % 2)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,11 +190,6 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
     word_iota = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
     q_planes = [q_ref[:, pl.ds(i * dw, dw)].astype(jnp.float32) for i in range(n)]  # [G, Dw] each
 
-    def scale_rows(slab, origin, entry):
-        """bf16 scale-row entry `entry` (traced) of every token -> float32 [block, 1]."""
-        w = pool_ref[slab, origin + layout.scales_offset + slot * layout.scale_row_words + entry // 2]
-        return _bf16_half_to_f32(w, entry % 2)[:, None]
-
     def load(slab, page_origin, kind):
         """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]."""
         origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
@@ -177,9 +198,9 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
         words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_iota]
         planes = decode_words(words, layout.kv_dtype)
         if layout.quantized:
-            scale = scale_rows(slab, origin, h)
+            scale = token_scales(pool_ref, layout, slab, origin, slot, h)
             if layout.kv_dtype == "int4":
-                zero = scale_rows(slab, origin, hkv + h)
+                zero = token_scales(pool_ref, layout, slab, origin, slot, hkv + h)
                 planes = [x * scale + zero for x in planes]
             else:
                 planes = [x * scale for x in planes]

@@ -1,0 +1,32 @@
+"""Dispatcher for writing one layer's K/V rows of N tokens into their pages. Models call only this.
+
+Implementations (a static argument, so each compiles into its own program):
+  "xla"        `kv_pages.write_kv_tokens` (jnp quantization + a word scatter); the default, and what
+               runs on CPU.
+  "pallas"     the Pallas kernel (`kv_write_pallas`), compiled for the GPU (Triton lowering); raises
+               on other backends.
+  "interpret"  the same Pallas kernel under `interpret=True` (any backend; slow, for tests).
+All three store bit-identical words (checked in interpret mode; see `kv_write_pallas` for the compiled
+path's division caveat). Padding tokens (`valid` false) write nothing. Jit the caller with the pool
+donated so the write is in place.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.implementation import IMPLEMENTATIONS, check_implementation
+from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
+from pallas_kernels.kv_write_pallas import write_kv_tokens_pallas
+
+__all__ = ["IMPLEMENTATIONS", "write_kv"]
+
+
+def write_kv(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: jax.Array, valid: jax.Array,
+             layer, k: jax.Array, v: jax.Array, *, implementation: str = "xla") -> jax.Array:
+    """page_ids, slots, valid: [N]; k, v: [N, Hkv, D] (any float dtype). Returns the updated pool."""
+    check_implementation(implementation)
+    if implementation == "xla":
+        return write_kv_tokens(pool, layout, page_ids, slots, valid, layer, k, v)
+    return write_kv_tokens_pallas(pool, layout, page_ids, slots, valid, layer, k, v,
+                                  interpret=(implementation == "interpret"))

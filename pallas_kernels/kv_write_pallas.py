@@ -1,0 +1,236 @@
+"""Pallas KV write: one layer's K/V rows of N tokens quantized in registers and stored into their pages.
+
+The in-kernel equivalent of `kv_pages.write_kv_tokens`, writing the pool in place (the pool is passed
+with `input_output_aliases`; jit the caller with the pool donated so no copy is made). For the same
+input the stored words are bit-identical to the reference: quantization per token per kv head with
+bfloat16 scales, by the formulas of `quant_formats.quantize_kv` (float32 math, scale rounded to
+bfloat16 first and values quantized against the rounded scale, round half to even):
+    int8  scale = absmax / 127,        code = clip(round(x / scale), -127, 127)   (byte, two's complement)
+    fp8   scale = absmax / 448,        code = e4m3 bits of x / scale, saturated to +-448
+    int4  scale = (max - min) / 15,    zero = bf16(min), code = clip(round((x - zero) / scale), 0, 15)
+a zero scale becomes 1. bfloat16 / float32 layouts just convert and pack. Tokens with `valid` false
+(padding) write nothing.
+
+Lowering
+--------
+Generic `pl.pallas_call` (Triton-style, like the attention kernels, for the same reasons: it runs
+under `interpret=True` on CPU; Mosaic GPU is future work). Only ops Triton lowers are used: there is
+no `round` primitive in the Triton lowering, so round-half-to-even is built from `floor`
+(`_round_half_even`), and the fp8 encoding is integer/float arithmetic (`_e4m3_bits`), which needs no
+fp8 convert (sm89+) and saturates by construction. Tiles are [D / n, n] (`n` values per word), so the
+compiled path needs a power-of-two head_dim (`write_shape_error`).
+
+Design
+------
+* Grid `(N,)`: one program per token (as vLLM's reshape_and_cache). The program loads the token's K
+  (then V) rows, one kv head at a time as a [Dw, n] tile (`Dw = D / n` words of `n` values), computes
+  the head's scale (and zero), the codes, and packs them into Dw words (value i of a word shifted by
+  `i * bits`: the layout of `kv_pages`, as XLA's bitcasts), which it stores as one contiguous run at
+  `origin + slot * row_words + h * Dw` (`pl.ds` at a dynamic offset). The scale row's words (bf16
+  pairs: entry `2j` in the low half of word j, `2j + 1` in the high half; int4 zeros after the
+  scales; padding 0) are built from the heads' scalars and stored word by word. Two tokens never
+  share a word (scale rows are padded to whole words), so programs never race; tokens with the same
+  (page, slot) are the caller's error, as in the reference.
+* Stores are contiguous dynamic slices, not scatters: they need no mask (a token's words all lie in
+  its page), and they are what the stricter TPU interpreter (`pltpu.InterpretParams`) accepts, so the
+  tests can run the kernel there as a bounds checker (plain interpret mode clamps out-of-range stores).
+  Scatter stores (`plgpu_triton.store(ref.at[rows, cols], x, mask=...)`) also work in plain interpret
+  mode but would need masked lanes pointed out of bounds to stay race-free there.
+* Padding tokens: `pl.when(valid)` skips the program's stores.
+
+Compiled-path caveat (not checkable here, no GPU): Triton lowers float32 division to the
+approximate `div.full.f32` (<= 2 ulp), so on the GPU a code can differ by one from the XLA reference
+where `x / scale` lies within 2 ulp of a rounding midpoint (and a scale where `absmax / 127` lies
+that close to a bfloat16 midpoint). Bit-identity is verified in interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout
+from pallas_kernels.paged_attention_pallas import _elems_per_word, _is_pow2
+from pallas_kernels.quant_formats import E4M3_MAX, INT8_MAX, UINT4_MAX
+
+BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, int4) row
+
+
+def write_shape_error(layout: KVPageLayout) -> str | None:
+    """Why the compiled (Triton) kernel cannot take this layout, or None: its tiles are [D / n, n]
+    values (n per word), which Triton needs to be a power of two. Interpret mode has no such limit."""
+    if not _is_pow2(layout.head_dim):
+        return f"head_dim {layout.head_dim} is not a power of two"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization in registers (jnp values; usable inside the kernel, and tested on their own)
+
+
+def _round_half_even(y):
+    """Round float32 to the nearest integer, ties to even (`jnp.round`), from `floor` (Triton has no
+    round). Computed on |y| (RNE is odd-symmetric) so `y - floor(y)` is exact."""
+    a = jnp.abs(y)
+    f = jnp.floor(a)
+    frac = a - f                                     # exact for a >= 0
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) != 0.0
+    r = f + jnp.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+    return jnp.where(y < 0, -r, r)
+
+
+def _bf16_bits(x):
+    """float32 -> bfloat16 bit pattern (round to nearest even, as XLA's convert) in uint32."""
+    return lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+
+
+def _bf16_bits_to_f32(bits):
+    return lax.bitcast_convert_type(bits << np.uint32(16), jnp.float32)
+
+
+def _e4m3_bits(y):
+    """float32 -> float8_e4m3fn bit pattern (uint32, 0..255), equal to `saturating_cast_e4m3`: clip to
+    +-448, round to nearest even (subnormals included); NaN -> 0x7F with its sign.
+
+    e4m3 codes are monotone in the value: code `(e << 3) | m` is `(8 + m) * 2^(e - 10)` for e >= 1 and
+    `m * 2^-9` for e = 0. With E = max(floor(log2 |y|), -6), `|y| * 2^(3 - E)` (an exact power-of-two
+    scaling) lies in [0, 16] and its rounding is `8 + m` (normal) or `m` (subnormal), a carry to 16
+    being the next binade's `8 + 0`; so code = round(|y| * 2^(3 - E)) + (E + 6) * 8."""
+    bits = lax.bitcast_convert_type(y, jnp.uint32)
+    sign = (bits >> np.uint32(24)) & np.uint32(0x80)
+    a = jnp.minimum(jnp.abs(y), E4M3_MAX)
+    a_exp = lax.bitcast_convert_type(a, jnp.int32) >> 23                  # biased; a >= 0
+    e = jnp.maximum(a_exp - 127, -6)                                      # -6 .. 8
+    pow2 = lax.bitcast_convert_type((130 - e) << 23, jnp.float32)         # 2^(3 - E), normal
+    code = _round_half_even(a * pow2).astype(jnp.int32) + (e + 6) * 8
+    code = lax.bitcast_convert_type(code, jnp.uint32)
+    return jnp.where(jnp.isnan(y), np.uint32(0x7F), code) | sign
+
+
+def _scale_bits(scale):
+    """float32 scale -> its bfloat16 bits, a zero scale replaced by 1 (`quant_formats._safe_scale`)."""
+    bits = _bf16_bits(scale)
+    return jnp.where(_bf16_bits_to_f32(bits) == 0.0, np.uint32(BF16_ONE_BITS), bits)
+
+
+def quantize_head_row(x, kv_dtype: str):
+    """One token's row of one kv head, as float32 [Dw, n] (value `n * w + i` at [w, i]) -> (uint32
+    codes [Dw, n], each in the low `bits` bits, and the bfloat16 bits of its scale and zero; None
+    where the format has none)."""
+    if kv_dtype == "float32":
+        return lax.bitcast_convert_type(x, jnp.uint32), None, None
+    if kv_dtype == "bfloat16":
+        return _bf16_bits(x), None, None
+    if kv_dtype == "int4":
+        x_min, x_max = jnp.min(x), jnp.max(x)
+        scale_bits = _scale_bits((x_max - x_min) / UINT4_MAX)
+        zero_bits = _bf16_bits(x_min)
+        q = _round_half_even((x - _bf16_bits_to_f32(zero_bits)) / _bf16_bits_to_f32(scale_bits))
+        return jnp.clip(q, 0.0, UINT4_MAX).astype(jnp.int32).astype(jnp.uint32), scale_bits, zero_bits
+    absmax = jnp.max(jnp.abs(x))
+    if kv_dtype == "int8":
+        scale_bits = _scale_bits(absmax / INT8_MAX)
+        q = jnp.clip(_round_half_even(x / _bf16_bits_to_f32(scale_bits)), -INT8_MAX, INT8_MAX)
+        return lax.bitcast_convert_type(q.astype(jnp.int32), jnp.uint32) & np.uint32(0xFF), scale_bits, None
+    if kv_dtype == "fp8":
+        scale_bits = _scale_bits(absmax / E4M3_MAX)
+        return _e4m3_bits(x / _bf16_bits_to_f32(scale_bits)), scale_bits, None
+    raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
+
+
+def pack_codes(codes, bits: int):
+    """uint32 codes [Dw, n] -> words [Dw]: code i of a word in bits [i * bits, (i + 1) * bits)."""
+    n = codes.shape[-1]
+    if n == 1:
+        return codes[:, 0]
+    shifts = lax.broadcasted_iota(jnp.int32, (1, n), 1).astype(jnp.uint32) * np.uint32(bits)
+    # The codes occupy disjoint bits, so an integer sum is the bitwise OR.
+    return jnp.sum(codes << shifts, axis=1, dtype=jnp.uint32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _write_kernel(layer_ref, pages_ref, slots_ref, valid_ref, k_ref, v_ref, pool_in_ref, pool_ref, *,
+                  layout: KVPageLayout):
+    del pool_in_ref  # aliased with pool_ref: the same buffer
+    i = pl.program_id(0)
+    hkv = layout.num_kv_heads
+    n = _elems_per_word(layout)
+    dw = layout.head_dim // n
+    bits = layout.value_bits
+    page, slot, layer = pages_ref[i], slots_ref[i], layer_ref[0]
+    slab = page // layout.pages_per_slab
+    page_origin = (page % layout.pages_per_slab) * layout.page_slot_words
+
+    @pl.when(valid_ref[i] != 0)
+    def _store():
+        for kind, x_ref in ((0, k_ref), (1, v_ref)):
+            origin = page_origin + (layer * 2 + kind) * layout.chunk_words
+            row = origin + slot * layout.row_words
+            scales, zeros = [], []
+            for h in range(hkv):
+                codes, scale, zero = quantize_head_row(x_ref[h].astype(jnp.float32), layout.kv_dtype)
+                pool_ref[slab, pl.ds(row + h * dw, dw)] = pack_codes(codes, bits)
+                scales.append(scale)
+                zeros.append(zero)
+            if not layout.quantized:
+                continue
+            # Scale row: scales then (int4) zeros, bf16 pairs per word, zero-padded to whole words.
+            entries = scales + (zeros if layout.kv_dtype == "int4" else [])
+            per_word = WORD_BITS // SCALE_BITS
+            entries += [np.uint32(0)] * (layout.scale_row_words * per_word - len(entries))
+            scale_row = origin + layout.scales_offset + slot * layout.scale_row_words
+            for j in range(layout.scale_row_words):
+                word = entries[2 * j] | (entries[2 * j + 1] << np.uint32(SCALE_BITS))
+                pool_ref[slab, pl.ds(scale_row + j, 1)] = jnp.broadcast_to(word, (1,))
+
+
+def write_kv_tokens_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: jax.Array,
+                           valid: jax.Array, layer, k: jax.Array, v: jax.Array, *, interpret=False,
+                           num_warps: int = 1) -> jax.Array:
+    """`kv_pages.write_kv_tokens` as a Pallas kernel: page_ids, slots, valid: [N]; k, v: [N, Hkv, D]
+    (any float dtype). Returns the pool with the valid tokens' K/V rows (and scales) written; the
+    pool buffer is reused (aliased), so donate it under jit. `interpret`: False (compiled, GPU Triton
+    lowering) or anything `pl.pallas_call` accepts."""
+    num_tokens = k.shape[0]
+    hkv, head_dim = layout.num_kv_heads, layout.head_dim
+    if k.shape != (num_tokens, hkv, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not fit the layout ({hkv} kv heads x {head_dim})")
+    if not (page_ids.shape == slots.shape == valid.shape == (num_tokens,)):
+        raise ValueError(f"page_ids {page_ids.shape}, slots {slots.shape}, valid {valid.shape} must be "
+                         f"[{num_tokens}]")
+    if not interpret and (why := write_shape_error(layout)):
+        raise ValueError(f"compiled Pallas KV write: {why}")
+    if num_tokens == 0:
+        return pool
+    n = _elems_per_word(layout)
+    dw = head_dim // n
+    # [N, Hkv, Dw, n]: a head's row as the tile the kernel packs (a free reshape).
+    k_tiles = k.reshape(num_tokens, hkv, dw, n)
+    v_tiles = v.reshape(num_tokens, hkv, dw, n)
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu_triton
+        compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+    token_spec = pl.BlockSpec((None, hkv, dw, n), lambda i: (i, 0, 0, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_write_kernel, layout=layout),
+        grid=(num_tokens,),
+        in_specs=[whole((1,)), whole((num_tokens,)), whole((num_tokens,)), whole((num_tokens,)),
+                  token_spec, token_spec, whole(pool.shape)],
+        out_specs=whole(pool.shape),
+        out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+        input_output_aliases={6: 0},
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"write_kv_tokens_{layout.kv_dtype}",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), page_ids.astype(jnp.int32), slots.astype(jnp.int32),
+      valid.astype(jnp.int32), k_tiles, v_tiles, pool)

@@ -1,0 +1,256 @@
+"""Pallas prefill / chunked-prefill attention over KV pages of the shared pool, for every KV format.
+
+Queries `q [B, S, Hq, D]` at absolute positions `q_positions [B, S]` attend causally to the cached
+tokens of their sequence: the earlier context and this chunk's own tokens, which the caller has
+already written into the pages (`kv_write.write_kv`). Semantics are exactly those of
+`paged_attention_ref.paged_attention_reference`, for any S: a query at position `p` sees the tokens
+`t < kv_len` with `t <= p`; a query that sees no key (a padding row, a position < 0, an empty
+sequence) gives 0, never NaN. Like the decode kernel (`paged_attention_pallas`), K/V words are read
+in place from the uint32 pool through the page table and decoded in registers; the cache is never
+dequantized into a copy.
+
+Lowering
+--------
+Written for the generic `pl.pallas_call` + BlockSpec lowering of the Triton backend, for the reasons
+given in `paged_attention_pallas`: that style runs unchanged under `interpret=True` on CPU, the only
+place it could be checked (no GPU was available when this was written), while Mosaic GPU kernels
+(`plgpu.kernel`, TMA) cannot run under plain interpret mode. The Triton backend is deprecated as of
+JAX 0.11; a Mosaic GPU port (TMA page copies into an SMEM ring, wgmma with the dequantized K/V tile
+as operand, warp-specialised like `attention_mgpu.py`) is future work. Everything here lowers to
+Triton: pointer-tensor loads, 32-bit integer shifts/masks, equal-width bitcasts, converts,
+elementwise math, reductions and two `lax.dot_general`s per KV block with float32 accumulation
+(`tl.dot`, tensor cores: TF32 for float32 operands at the default precision, IEEE FMA with
+`precision=lax.Precision.HIGHEST`). Triton needs power-of-two tiles and dot dimensions >= 16:
+`prefill_shape_error` says when a layout / tiling cannot be compiled (interpret mode has no limit).
+
+Design
+------
+* Grid `(batch, kv_head, q_block)`. One program owns `BQ` query tokens times all `G = Hq / Hkv` query
+  heads of one KV group (GQA: each K/V tile is loaded once for the group), i.e. `R = BQ * Gp` rows
+  (G padded to a power of two `Gp`; row `r` is token `r // Gp`, head `r % Gp`). The wrapper scales
+  q by `D^-0.5` in float32 (as the reference) and lays it out `[B, Hkv, S_pad * Gp, D]`, with each
+  row's query position alongside (`-1` for rows padding S or G: they see nothing).
+* The program loops over KV blocks of `pages_per_block * T` tokens, only up to the causal limit of
+  its rows, `min(kv_len, max(row position) + 1)` (later blocks cannot be seen by any of its rows), with
+  the reference's online softmax (same safe max / correction formulas). Per block:
+  `s = q @ k^T` ([R, D] x [D, K] -> [R, K]) and `acc = acc * alpha + p @ v` ([R, K] x [K, D]), both
+  `lax.dot_general` with `preferred_element_type=float32`. The output is normalised in the program
+  (no split-K: prefill has parallelism enough in its query blocks) and written once.
+* Addressing: the block's page ids come from the page-table row (padded, edge mode, to whole blocks,
+  so every address lies in a real page); page `p` -> slab `p // pages_per_slab`, chunk origin
+  `(p % pages_per_slab) * page_slot_words + (layer * 2 + kind) * chunk_words`; token slot `t`, kv head
+  `h`, element `d`: word `origin + t * row_words + h * Dw + d // n` (`n = 32 / bits` elements per word,
+  `Dw = D / n`), element `d % n` of it; the scale row at `origin + scales_offset + t * scale_row_words`.
+  The pool is indexed [slab, word], so word offsets stay int32 for any pool size.
+* Decoding in registers (`paged_attention_pallas.decode_element`, shared with the decode kernel): the
+  K/V tile is loaded as a [K, D] pointer tensor in natural head_dim order, each word loaded by the `n`
+  columns it holds (one cache line serves them all), and column `d` extracts element `d % n` with a
+  per-column shift: bf16 half word, int8 sign-extended byte, fp8 e4m3 byte (exact, integer ops),
+  int4 nibble, then `x * scale` (fp8/int8) or `x * scale + zero` (int4) with the token's bf16
+  scale/zero (`token_scales`), exactly as `dequantize_kv`. Unlike the decode kernel, no plane
+  permutation of q is needed, so the dots contract over the whole head_dim (>= 16 for Triton even
+  for int4 with D = 64, where a plane would be only 8 words wide).
+* Masking: tokens at positions `>= min(kv_len, max row position + 1)` have K and V zeroed with
+  `where`, so no NaN garbage (free pages, the unwritten tail of the last page, the pages that padding
+  table entries point at) enters a dot: for V this is required (`p = 0` times NaN is NaN in p.v), for
+  K it is defensive (a NaN score would only land in a masked column). Each score is kept only where
+  the key position is `< kv_len` and `<= the row's position`, else -inf (a `where`, not an additive
+  bias); a row with no key keeps `l = 0` and writes 0.
+
+The dispatcher (`paged_attention.paged_attention`) routes S > 1 here for implementation "pallas"
+(compiled) and "interpret" (this kernel under `interpret=True`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.paged_attention_pallas import (DEFAULT_BLOCK_TOKENS, _elems_per_word, _is_pow2,
+                                                    _next_pow2, decode_element, token_scales)
+
+# Default rows (query tokens x padded group) per program.
+DEFAULT_BLOCK_ROWS = 64
+# Triton's `tl.dot` needs every dimension >= 16.
+MIN_DOT_DIM = 16
+
+
+def prefill_shape_error(layout: KVPageLayout, block_rows: int, pages_per_block: int) -> str | None:
+    """Why the compiled (Triton) kernel cannot take this layout and tiling, or None. Triton tiles
+    must have a power-of-two number of elements and `tl.dot` dimensions must be >= 16: the rows of a
+    program (M of both dots), the tokens of a KV block (N of q.k, K of p.v) and head_dim (K of q.k,
+    N of p.v). Interpret mode has no such limit."""
+    block_tokens = pages_per_block * layout.tokens_per_page
+    for what, size in ((f"head_dim {layout.head_dim}", layout.head_dim),
+                       (f"KV block of {block_tokens} tokens ({pages_per_block} pages x "
+                        f"{layout.tokens_per_page})", block_tokens),
+                       (f"query block of {block_rows} rows", block_rows)):
+        if not _is_pow2(size) or size < MIN_DOT_DIM:
+            return f"{what} is not a power of two >= {MIN_DOT_DIM}"
+    return None
+
+
+def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
+                 block_q: int | None = None, pages_per_block: int | None = None) -> tuple[int, int]:
+    """(block_q, pages_per_block) for S = `seq` query tokens of GQA ratio `group` and a page table of
+    `num_pages` columns. Defaults: about DEFAULT_BLOCK_ROWS rows (at least 16, the smallest Triton
+    dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens."""
+    gp = _next_pow2(group)
+    if block_q is None:
+        block_q = max(1, min(DEFAULT_BLOCK_ROWS // gp, _next_pow2(seq)), -(-MIN_DOT_DIM // gp))
+    if pages_per_block is None:
+        pages_per_block = max(1, DEFAULT_BLOCK_TOKENS // layout.tokens_per_page)
+    pages_per_block = max(1, min(pages_per_block, num_pages))
+    return max(1, block_q), pages_per_block
+
+
+def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, out_ref, *,
+                    layout: KVPageLayout, pages_per_block: int, max_tokens: int, precision):
+    b, h = pl.program_id(0), pl.program_id(1)
+    t_page = layout.tokens_per_page
+    n = _elems_per_word(layout)
+    d = layout.head_dim
+    dw = d // n
+    block = pages_per_block * t_page               # KV tokens per loop step
+    hkv = layout.num_kv_heads
+
+    layer = layer_ref[0]
+    q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5
+    qpos = qpos_ref[...]                            # [R] int32; -1 for padding rows
+    # Causal limit of this program's rows: no row sees a key at or past it.
+    kv_hi = jnp.clip(jnp.minimum(lens_ref[b], jnp.max(qpos) + 1), 0, max_tokens)
+    num_blocks = (kv_hi + block - 1) // block
+
+    tok = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    page_in_block, slot = tok // t_page, tok % t_page
+    col = lax.broadcasted_iota(jnp.int32, (1, d), 1)
+    word_in_row = h * dw + col // n                 # [1, D]: the word holding element d of head h
+    elem_in_word = (col % n).astype(jnp.uint32)     # [1, D]: which element of that word
+
+    def load(slab, page_origin, kind):
+        """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D]."""
+        origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
+        slab_2d = jnp.broadcast_to(slab[:, None], (block, d))   # both pointer tensors [block, D]
+        words = pool_ref[slab_2d, (origin + slot * layout.row_words)[:, None] + word_in_row]
+        x = decode_element(words, elem_in_word, layout.kv_dtype)
+        if layout.quantized:
+            x = x * token_scales(pool_ref, layout, slab, origin, slot, h)
+            if layout.kv_dtype == "int4":
+                x = x + token_scales(pool_ref, layout, slab, origin, slot, hkv + h)
+        return x
+
+    def body(j, carry):
+        m, l, acc = carry
+        pages = table_ref[j * pages_per_block + page_in_block]                             # [block]
+        slab = pages // layout.pages_per_slab
+        page_origin = (pages % layout.pages_per_slab) * layout.page_slot_words
+        pos = j * block + tok                                                              # [block]
+        live = pos < kv_hi
+        k = jnp.where(live[:, None], load(slab, page_origin, 0), 0.0)
+        v = jnp.where(live[:, None], load(slab, page_origin, 1), 0.0)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)                           # [R, block]
+        seen = live[None, :] & (pos[None, :] <= qpos[:, None])
+        s = jnp.where(seen, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * alpha + p.sum(axis=-1)
+        pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)                          # [R, D]
+        return m_new, l, acc * alpha[:, None] + pv
+
+    rows = q.shape[0]
+    m0 = jnp.full((rows,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    acc0 = jnp.zeros((rows, d), jnp.float32)
+    _, l, acc = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
+    out_ref[...] = acc / jnp.where(l > 0, l, 1.0)[:, None]          # rows with no keys -> 0
+
+
+def paged_prefill_attention(
+    q: jax.Array,            # [B, S, Hq, D] queries (RoPE applied)
+    pool: jax.Array,         # uint32[num_slabs, slab_words]
+    layout: KVPageLayout,
+    layer,                   # int or traced int32 scalar
+    page_table: jax.Array,   # int32[B, P]; entries past a sequence's pages may be any valid page
+    q_positions: jax.Array,  # int32[B, S] absolute position of each query
+    kv_lens: jax.Array,      # int32[B] cached tokens per sequence (this chunk's writes included)
+    *,
+    block_q: int | None = None,
+    pages_per_block: int | None = None,
+    precision=None,
+    interpret=False,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Causal prefill / chunked-prefill attention read in place from the pool. Returns [B, S, Hq, D]
+    in q's dtype. `block_q`: query tokens per program; `pages_per_block`: pages per KV loop step;
+    `precision`: of the two dots (None: the backend default); `interpret`: False (compiled, GPU
+    Triton lowering) or anything `pl.pallas_call` accepts."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    hkv = layout.num_kv_heads
+    if head_dim != layout.head_dim or num_q_heads % hkv:
+        raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
+                         f"({hkv} kv heads x {layout.head_dim})")
+    if q_positions.shape != (batch, seq) or kv_lens.shape != (batch,):
+        raise ValueError(f"q_positions {q_positions.shape} / kv_lens {kv_lens.shape} do not fit q "
+                         f"[{batch}, {seq}, ...]")
+    group = num_q_heads // hkv
+    gp = _next_pow2(group)
+    num_pages = page_table.shape[1]
+    block_q, pages_per_block = plan_prefill(layout, seq, group, num_pages, block_q, pages_per_block)
+    rows = block_q * gp
+    if not interpret and (why := prefill_shape_error(layout, rows, pages_per_block)):
+        raise ValueError(f"compiled Pallas prefill attention: {why}")
+    num_q_blocks = -(-seq // block_q)
+    s_pad = num_q_blocks * block_q
+
+    # q: scaled like the reference, grouped by kv head, padded (S to whole blocks, G to Gp), rows
+    # ordered (token, head) inside each kv head: [B, Hkv, S_pad * Gp, D].
+    qg = q.reshape(batch, seq, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
+    qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, s_pad * gp, head_dim)
+    # Each row's query position; padding rows (S or G) get -1 and see no key.
+    qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
+    qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
+    qpos = jnp.where(jnp.arange(gp)[None, None, :] < group, qpos, -1).reshape(batch, s_pad * gp)
+    # Pad the table to whole KV blocks with copies of its last column (valid page ids).
+    padded = -(-num_pages // pages_per_block) * pages_per_block
+    table = page_table.astype(jnp.int32)
+    if padded != num_pages:
+        table = jnp.pad(table, ((0, 0), (0, padded - num_pages)), mode="edge")
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    kernel = functools.partial(_prefill_kernel, layout=layout, pages_per_block=pages_per_block,
+                               max_tokens=num_pages * layout.tokens_per_page, precision=precision)
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu_triton
+        compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, hkv, num_q_blocks),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, i: (0,)),                                  # layer
+            pl.BlockSpec((batch,), lambda b, h, i: (0,)),                              # kv_lens
+            pl.BlockSpec((None, padded), lambda b, h, i: (b, 0)),                      # page table row
+            pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),                        # row positions
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),  # q rows
+            pl.BlockSpec(pool.shape, lambda b, h, i: (0, 0)),                          # the whole pool
+        ],
+        out_specs=pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, hkv, s_pad * gp, head_dim), jnp.float32),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"paged_prefill_attention_{layout.kv_dtype}",
+    )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, pool)
+
+    out = out.reshape(batch, hkv, s_pad, gp, head_dim)[:, :, :seq, :group]
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
