@@ -16,7 +16,8 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
-from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
+from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.kv_write import write_kv
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -106,8 +107,9 @@ class PagedKV:
         """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages."""
         b, s, hkv, d = k.shape
         n = b * s
-        pool = write_kv_tokens(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
-                               self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d))
+        pool = write_kv(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
+                        self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
+                        implementation=self.implementation)
         out = paged_attention(q, pool, self.layout, layer, self.page_table, self.positions, self.kv_lens,
                               implementation=self.implementation)
         return out, pool
