@@ -1,0 +1,773 @@
+"""Kernel benchmark: paged attention and quantized matmuls, Pallas vs the XLA references (issue 5).
+
+    .venv/bin/python scripts/bench_kernels.py [--smoke] [--json OUT] [--markdown OUT]
+                                              [--ops copy,decode,prefill,matmul] [--impls ...]
+
+What is timed
+-------------
+* copy: a jitted `x + 1` over a uint32 buffer (1 GiB on GPU; reads and writes it once, so 2 x size
+  bytes), the bandwidth reference every other row is compared with (`% copy BW`). Integer add so XLA
+  cannot simplify it away.
+* decode: Llama-3-8B-like attention, 32 query heads / 8 KV heads, head_dim 128, one layer, 16-token
+  pages; B in {1, 16, 64} x context in {512, 4096, 16384}; KV formats bf16, fp8, int8, int4. The pool
+  is a `serving.kv_pool.KVPool` (2 MiB slabs, the pool's default size), the pages come from its allocator
+  and every page table is a random shuffle of them, so a sequence's pages are scattered over slabs.
+  K/V are random (normal x a per-token scale, so quantization scales vary) and written with
+  `write_kv_tokens`. Through the dispatcher (`pallas_kernels.paged_attention`): "pallas" (GPU),
+  "xla" (reference), "interpret" (--smoke only). For bf16 KV also "jax-paged":
+  `jax.experimental.pallas.ops.gpu.paged_attention` on the same K/V re-laid out in its own format
+  ([kv_heads, pages, page_size, head_dim], same page ids; q pre-scaled by 1/sqrt(d) since that op does
+  not scale), with its default blocking (block_h 16, 8 pages per compute block, k_splits 16; the
+  last two reduced to divide the page table where it is short). Its output is compared with the XLA
+  reference's like ours. Off the GPU it is skipped, except in --smoke, where it runs interpreted to
+  check the re-layout.
+* prefill: one 512-token chunk of one sequence over a 4096-token context (queries at positions
+  3584..4095, the chunk's K/V already in the pages), every KV format, through the same dispatcher
+  (S > 1 goes to the prefill kernel).
+* matmul: x [M, K] bf16 @ w [K, N] for M in {1, 16, 256, 4096}, (K, N) = (4096, 14336) and
+  (14336, 4096) (8B MLP up / down): W4A16 (int4 group 128, asymmetric), W8A16 (int8 per channel),
+  W8A8 (int8 weights, per-token int8 activations), FP8 (e4m3 weights per channel, per-token e4m3
+  activations), W4A8 (int4 group 128, per-token e4m3 activations), all with bfloat16 scales as the
+  model loader stores them, through `pallas_kernels.quantized_matmul` ("pallas", "xla", "interpret");
+  and the plain XLA bf16 dot `x @ w` on the same shape (impl "xla-dot"), the baseline of `vs bf16`.
+  Per-token activation quantization is part of the timed call (the op's wrapper does it).
+
+Timing
+------
+Each variant is jitted, called once (compile; its output is compared with the XLA reference's:
+`max|diff|`), then timed: `jax.block_until_ready` around N back-to-back calls (N chosen so one
+repeat takes about --min-time seconds, at most --max-calls), repeated --repeats times; the median
+per-call time is reported (min also kept). On the GPU the calls queue on one stream, so this is device
+time plus whatever host dispatch does not overlap: for the smallest kernels (a few microseconds) the
+figure is bounded below by dispatch (~5-10 us per call), so read B=1 rows with that in mind.
+
+Reported per row: bytes moved (decode/prefill: KV bytes of the live tokens as stored, i.e.
+`KVPageLayout.bytes_per_token` x tokens, scales and word padding included, + q + output; matmul:
+weight values + scales + zeros + x + output), GB/s, % of the measured copy bandwidth, FLOP/s
+(attention 4 x Hq x D per visible (query, key) pair; matmul 2MKN), and ratios: `vs xla` (XLA
+reference time / this time), `vs jax` (jax-paged / this, bf16 decode), `vs bf16` (the bf16-KV row of
+the same shape and implementation / this; matmuls: the bf16 dot / this). A variant that raises
+(e.g. a shape the compiled kernel refuses, out of memory) is a row with the error text.
+
+The issue-5 targets (`TARGETS`) are evaluated on the "pallas" rows; without them (no GPU, --smoke)
+the value is computed from the "interpret" rows when present, for the record only, and `met` is null.
+
+The full shape set is meant for one H100/H200 (pools up to 4 GiB, plus 4 GiB for the JAX op's copy
+of the largest bf16 cache; several minutes, mostly compiling: a persistent XLA cache, .cache/xla by
+default, makes re-runs faster). To fit a time limit, split it: e.g. `--ops decode` and
+`--ops prefill,matmul` (targets are evaluated on whatever rows a run has), or narrow it with
+--batches / --contexts / --ms. --smoke runs tiny shapes on CPU (xla, interpret and interpreted
+jax-paged) in well under a minute, for CI.
+
+Exit status: 0; with --strict, 1 if any variant that was run failed (`status == "error"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, write_kv_tokens  # noqa: E402
+from pallas_kernels.paged_attention import paged_attention  # noqa: E402
+from pallas_kernels.quant_formats import (  # noqa: E402
+    quantize_fp8_per_channel,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+)
+from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
+from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, slab_bytes_for  # noqa: E402
+
+OPS = ("copy", "decode", "prefill", "matmul")
+OP_ALIASES = {"attention": ("decode", "prefill")}
+IMPLS = ("pallas", "xla", "interpret", "jax-paged")
+KV_FORMATS = ("bf16", "fp8", "int8", "int4")
+WEIGHT_SCALE_DTYPE = jnp.bfloat16      # as models/quantize.py stores scales and zero points
+FILL_CHUNK_TOKENS = 1 << 16            # tokens written per pool-fill call (bounds the random K/V temp)
+MIN_FILL_CHUNK_TOKENS = 1 << 12
+MODEL_NAME = "bench"                   # the pool allocator's model name
+
+# name -> (weight quantizer (w [K, N] float32, group size) -> QuantizedTensor, activation format)
+MATMUL_FORMATS = {
+    "w4a16": (lambda w, g: quantize_int4_groupwise(w, g, scale_dtype=WEIGHT_SCALE_DTYPE), None),
+    "w8a16": (lambda w, g: quantize_int8_per_channel(w, scale_dtype=WEIGHT_SCALE_DTYPE), None),
+    "w8a8": (lambda w, g: quantize_int8_per_channel(w, scale_dtype=WEIGHT_SCALE_DTYPE), "int8"),
+    "fp8": (lambda w, g: quantize_fp8_per_channel(w, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
+    "w4a8": (lambda w, g: quantize_int4_groupwise(w, g, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
+}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    tokens_per_page: int
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    prefill: tuple[tuple[int, int, int], ...]        # (batch, chunk, context)
+    prefill_formats: tuple[str, ...]
+    matmul_ms: tuple[int, ...]
+    matmul_kn: tuple[tuple[int, int], ...]
+    group_size: int
+    copy_bytes: int
+    slab_target: int
+    target_decode: tuple[int, int]                     # (batch, context) the decode targets use
+    repeats: int
+    min_repeat_s: float
+    max_calls: int
+
+
+FULL = Shapes(q_heads=32, kv_heads=8, head_dim=128, tokens_per_page=16,
+              decode_batches=(1, 16, 64), decode_contexts=(512, 4096, 16384),
+              prefill=((1, 512, 4096),), prefill_formats=KV_FORMATS,
+              matmul_ms=(1, 16, 256, 4096), matmul_kn=((4096, 14336), (14336, 4096)), group_size=128,
+              copy_bytes=1 << 30, slab_target=DEFAULT_SLAB_BYTES, target_decode=(64, 4096),
+              repeats=5, min_repeat_s=0.05, max_calls=2000)
+SMOKE = Shapes(q_heads=4, kv_heads=2, head_dim=64, tokens_per_page=16,
+               decode_batches=(2,), decode_contexts=(128,),
+               prefill=((2, 16, 128),), prefill_formats=("bf16", "int4"),
+               matmul_ms=(16,), matmul_kn=((256, 128),), group_size=128,
+               copy_bytes=16 << 20, slab_target=64 << 10, target_decode=(2, 128),
+               repeats=2, min_repeat_s=0.0, max_calls=2)
+
+# Issue 5 targets: (name, what, threshold). Evaluated by `evaluate_targets`.
+TARGETS = (
+    ("decode_bw_bf16", "bf16-KV decode at the target shape >= 85% of copy bandwidth", 0.85),
+    ("decode_bw_int8", "int8-KV decode at the target shape >= 85% of copy bandwidth", 0.85),
+    ("decode_bw_int4", "int4-KV decode at the target shape >= 85% of copy bandwidth", 0.85),
+    ("int4_kv_vs_bf16_kv", "int4-KV decode >= 3.4x faster than bf16-KV decode (same tokens, target shape)", 3.4),
+    ("w4a16_vs_bf16_small_m", "W4A16 at M <= 16 >= 3.3x faster than the bf16 dot (every M and shape)", 3.3),
+    ("fp8_vs_bf16_large_m", "FP8 GEMM at M >= 1024 >= 1.7x faster than the bf16 dot (every M and shape)", 1.7),
+)
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def time_calls(fn, args, shapes: Shapes) -> dict:
+    """Median per-call seconds of `fn(*args)` (already compiled): N back-to-back calls between two
+    syncs, N sized so a repeat lasts ~min_repeat_s."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    calls = max(1, min(shapes.max_calls, math.ceil(shapes.min_repeat_s / max(one, 1e-7))))
+    per_call = []
+    for _ in range(shapes.repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)  # one stream: the last call finishing means all have
+        per_call.append((time.perf_counter() - t0) / calls)
+    return {"time_s": statistics.median(per_call), "time_s_min": min(per_call), "calls": calls,
+            "repeats": shapes.repeats}
+
+
+def error_text(e: BaseException, limit: int = 2000) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def run_variant(row: dict, fn, args, shapes: Shapes, ref_out=None) -> tuple[dict, object]:
+    """Compile, check against `ref_out`, time. Any exception becomes the row's error."""
+    try:
+        out = jax.block_until_ready(fn(*args))
+        if ref_out is not None:
+            diff = jnp.abs(out.astype(jnp.float32).reshape(ref_out.shape) - ref_out.astype(jnp.float32))
+            row["max_abs_diff_vs_xla"] = float(jnp.max(diff))
+            row["max_abs_xla"] = float(jnp.max(jnp.abs(ref_out.astype(jnp.float32))))
+        row.update(time_calls(fn, args, shapes))
+        row["status"] = "ok"
+        return row, out
+    except Exception as e:  # a refused shape, a lowering error, OOM: a row, not a crash
+        row.update(status="error", error=error_text(e))
+        return row, None
+
+
+def skipped(row: dict, why: str) -> dict:
+    return row | {"status": "skipped", "note": why}
+
+
+# ---- copy bandwidth ----------------------------------------------------------------------------
+def measure_copy_bandwidth(shapes: Shapes) -> dict:
+    words = shapes.copy_bytes // 4
+    x = jnp.zeros((words,), jnp.uint32)
+    add_one = jax.jit(lambda a: a + jnp.uint32(1))
+    row = {"op": "copy", "impl": "xla", "format": "uint32", "shape": {"bytes": words * 4},
+           "bytes": 2 * words * 4, "flops": 0}
+    row, _ = run_variant(row, add_one, (x,), shapes)
+    if row["status"] == "ok":
+        row["gbps"] = row["bytes"] / row["time_s"] / 1e9
+    return row
+
+
+# ---- attention cases ---------------------------------------------------------------------------
+@dataclass
+class AttentionCase:
+    layout: KVPageLayout
+    pool: jax.Array          # uint32[num_slabs, slab_words]
+    page_table: jax.Array    # int32[B, P]
+    q: jax.Array             # [B, S, Hq, D]
+    q_positions: jax.Array   # int32[B, S]
+    kv_lens: jax.Array       # int32[B]
+    layer: int
+
+    @property
+    def num_pool_pages(self) -> int:
+        return self.pool.shape[0] * self.layout.pages_per_slab
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _write_random_tokens(pool, layout: KVPageLayout, key, pages, slots, valid, layer):
+    """Write random K/V rows (normal x a per-token, per-head scale in [0.5, 2], so quantization
+    scales vary) for the given token slots; invalid slots are dropped by the scatter."""
+    n, h, d = pages.shape[0], layout.num_kv_heads, layout.head_dim
+    keys = jax.random.split(key, 4)
+    k = jax.random.normal(keys[0], (n, h, d)) * jax.random.uniform(keys[1], (n, h, 1), minval=0.5, maxval=2.0)
+    v = jax.random.normal(keys[2], (n, h, d)) * jax.random.uniform(keys[3], (n, h, 1), minval=0.5, maxval=2.0)
+    return write_kv_tokens(pool, layout, pages, slots, valid, layer, k, v)
+
+
+def token_slots(table: np.ndarray, lengths: np.ndarray, tokens_per_page: int) -> tuple[np.ndarray, np.ndarray]:
+    """(page id, slot) of every live token, sequence by sequence."""
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    pos = np.concatenate([np.arange(n) for n in lengths]) if lengths.sum() else np.zeros(0, np.int64)
+    return table[rows, pos // tokens_per_page].astype(np.int32), (pos % tokens_per_page).astype(np.int32)
+
+
+def build_attention_case(seed: int, *, num_kv_heads: int, head_dim: int, tokens_per_page: int,
+                         kv_format: str, lengths, group: int, seq: int = 1, q_dtype=jnp.bfloat16,
+                         table_pages: int | None = None, spare_pages: int = 0, slab_bytes: int | None = None,
+                         slab_target: int = DEFAULT_SLAB_BYTES, fill: int = 0, num_layers: int = 1,
+                         layer: int | None = None) -> AttentionCase:
+    """A KVPool holding `lengths[b]` random tokens per sequence in every layer, pages from its
+    allocator in a random order, page-table columns past a sequence's pages pointing at random valid
+    pages (free ones included), and random queries at the last `seq` positions of each sequence.
+    `fill` is the pool's initial word (a NaN pattern exposes reads of unwritten words); `slab_bytes`
+    overrides the slab size (default: `slab_bytes_for` the page size and `slab_target`)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, np.int64)
+    probe = KVPageLayout(num_layers, num_kv_heads, head_dim, tokens_per_page, kv_format)
+    used = [probe.pages_for(int(n)) for n in lengths]
+    slab_bytes = slab_bytes or slab_bytes_for([probe.page_bytes], slab_target)
+    pages_per_slab = slab_bytes // probe.page_bytes
+    num_slabs = max(1, -(-(sum(used) + spare_pages) // pages_per_slab))
+    pool = KVPool(num_slabs, slab_bytes, fill=fill)
+    assert pool.allocator.register(MODEL_NAME, probe.page_bytes) == pages_per_slab
+    layout = dataclasses.replace(probe, pages_per_slab=pages_per_slab)
+    pages = rng.permutation(pool.allocator.allocate(MODEL_NAME, sum(used)))
+
+    width = max(table_pages or 0, max(used), 1)
+    table = rng.integers(0, num_slabs * pages_per_slab, size=(len(lengths), width)).astype(np.int32)
+    start = 0
+    for b, u in enumerate(used):
+        table[b, :u] = pages[start:start + u]
+        start += u
+
+    tok_pages, tok_slots = token_slots(table, lengths, tokens_per_page)
+    # Power-of-two chunk sizes, at least MIN_FILL_CHUNK_TOKENS: one compiled writer per layout
+    # serves many cases.
+    chunk = min(FILL_CHUNK_TOKENS, max(MIN_FILL_CHUNK_TOKENS, 1 << max(0, (len(tok_pages) - 1).bit_length())))
+    words = pool.words
+    key = jax.random.key(seed % (1 << 32))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        for layer_i in range(num_layers):
+            for lo in range(0, max(len(tok_pages), 1), chunk):
+                p = np.zeros(chunk, np.int32)
+                s = np.zeros(chunk, np.int32)
+                n = len(tok_pages[lo:lo + chunk])
+                p[:n], s[:n] = tok_pages[lo:lo + chunk], tok_slots[lo:lo + chunk]
+                key, sub = jax.random.split(key)
+                words = _write_random_tokens(words, layout, sub, jnp.asarray(p), jnp.asarray(s),
+                                             jnp.asarray(np.arange(chunk) < n), jnp.int32(layer_i))
+    pool.words = words
+
+    key, sub = jax.random.split(key)
+    q = jax.random.normal(sub, (len(lengths), seq, num_kv_heads * group, head_dim), jnp.float32).astype(q_dtype)
+    q_positions = np.maximum(lengths[:, None] - seq + np.arange(seq)[None, :], 0).astype(np.int32)
+    return AttentionCase(layout, pool.words, jnp.asarray(table), q, jnp.asarray(q_positions),
+                         jnp.asarray(lengths.astype(np.int32)), num_layers - 1 if layer is None else layer)
+
+
+def attention_fn(case: AttentionCase, impl: str):
+    """The dispatcher for one implementation, jitted with the layout and layer fixed."""
+    layout, layer = case.layout, case.layer
+    return jax.jit(lambda q, pool, table, qpos, lens: paged_attention(
+        q, pool, layout, layer, table, qpos, lens, implementation=impl))
+
+
+def attention_args(case: AttentionCase) -> tuple:
+    return case.q, case.pool, case.page_table, case.q_positions, case.kv_lens
+
+
+def jax_paged_blocking(num_pages: int) -> dict:
+    """k_splits (<= 16, the op's default) must divide the table width, and pages_per_compute_block
+    (<= 8, its default) the pages of one split."""
+    k_splits = math.gcd(num_pages, 16)
+    return {"k_splits": k_splits, "pages_per_compute_block": math.gcd(num_pages // k_splits, 8)}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))
+def _relayout_for_jax_paged(pool, layout: KVPageLayout, q, layer: int, num_pages: int):
+    """Our bf16 pages -> the JAX op's [kv_heads, pages, page_size, head_dim] K and V (same page ids),
+    and q [B, Hq, D] pre-scaled by 1/sqrt(D) (the op applies no softmax scale)."""
+    k, v = read_kv_pages(pool, layout, jnp.arange(num_pages, dtype=jnp.int32), layer)  # [P, T, H, D]
+    q3 = (q[:, 0].astype(jnp.float32) * layout.head_dim ** -0.5).astype(q.dtype)
+    return q3, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)
+
+
+def jax_paged_fn_and_args(case: AttentionCase, interpret: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Triton-based ops warn at import (0.11)
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
+
+    q3, k_pages, v_pages = _relayout_for_jax_paged(case.pool, case.layout, case.q, case.layer,
+                                                   case.num_pool_pages)
+    blocking = jax_paged_blocking(case.page_table.shape[1])
+    fn = jax.jit(lambda q, k, v, table, lens: jax_paged(q, k, v, table, lens, interpret=interpret, **blocking))
+    return fn, (q3, k_pages, v_pages, case.page_table, case.kv_lens), blocking
+
+
+def attention_bytes(case: AttentionCase, seq: int, ctx: int) -> dict:
+    batch, _, hq, d = case.q.shape
+    kv = batch * ctx * case.layout.bytes_per_token          # one layer: K and V, scales included
+    q_out = 2 * case.q.size * case.q.dtype.itemsize          # q read, output (q's dtype) written
+    visible = batch * (seq * ctx - seq * (seq - 1) // 2)     # causal (query, key) pairs
+    return {"bytes": kv + q_out, "kv_bytes": kv, "flops": 4 * hq * d * visible}
+
+
+def attention_rows(op: str, shapes: Shapes, impls: list[str], backend: str, smoke: bool, seed: int,
+                   progress) -> list[dict]:
+    if op == "decode":
+        cases = [(b, 1, ctx) for ctx in shapes.decode_contexts for b in shapes.decode_batches]
+        kv_formats = KV_FORMATS
+    else:
+        cases, kv_formats = list(shapes.prefill), shapes.prefill_formats
+    rows = []
+    for batch, seq, ctx in cases:
+        for fmt in kv_formats:
+            rows += attention_case_rows(op, batch, seq, ctx, fmt, shapes, impls, backend, smoke, seed, progress)
+    return rows
+
+
+def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shapes: Shapes, impls: list[str],
+                        backend: str, smoke: bool, seed: int, progress) -> list[dict]:
+    """Every implementation on one pool (built here and released on return)."""
+    meta = {"op": op, "format": fmt,
+            "shape": {"batch": batch, "seq": seq, "context": ctx, "q_heads": shapes.q_heads,
+                      "kv_heads": shapes.kv_heads, "head_dim": shapes.head_dim,
+                      "tokens_per_page": shapes.tokens_per_page}}
+    try:
+        case = build_attention_case(
+            seed, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
+            tokens_per_page=shapes.tokens_per_page, kv_format=fmt, lengths=[ctx] * batch,
+            group=shapes.q_heads // shapes.kv_heads, seq=seq, slab_target=shapes.slab_target)
+    except Exception as e:  # e.g. out of memory for the pool
+        return [progress(meta | {"impl": "-", "status": "error", "error": "building the pool: " + error_text(e)})]
+    meta |= {"pool_bytes": int(case.pool.size) * 4} | attention_bytes(case, seq, ctx)
+    rows, ref_out = [], None
+    for impl in impls:
+        if impl == "jax-paged" and (op != "decode" or fmt != "bf16"):
+            continue
+        row = meta | {"impl": impl}
+        if (why := unavailable(impl, backend, smoke)) is not None:
+            rows.append(progress(skipped(row, why)))
+            continue
+        if impl == "jax-paged":
+            try:
+                fn, args, blocking = jax_paged_fn_and_args(case, interpret=backend != "gpu")
+                row["jax_paged_blocking"] = blocking
+            except Exception as e:
+                rows.append(progress(row | {"status": "error", "error": "re-layout: " + error_text(e)}))
+                continue
+        else:
+            fn, args = attention_fn(case, impl), attention_args(case)
+        row, out = run_variant(row, fn, args, shapes, ref_out)
+        if impl == "xla":
+            ref_out = out
+        rows.append(progress(row))
+    return rows
+
+
+def unavailable(impl: str, backend: str, smoke: bool) -> str | None:
+    """Why an implementation cannot run here, or None."""
+    if impl == "pallas" and backend != "gpu":
+        return f"no GPU (backend {backend}): 'pallas' compiles for the GPU"
+    if impl == "interpret" and not smoke:
+        return "'interpret' runs only with --smoke (far too slow at full shapes)"
+    if impl == "jax-paged" and backend != "gpu" and not smoke:
+        return f"no GPU (backend {backend}): the JAX op is a Triton kernel (interpreted only in --smoke)"
+    return None
+
+
+# ---- matmul cases ------------------------------------------------------------------------------
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf (packed int4 is uint8 here, so size x itemsize is exact)."""
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+def matmul_rows(shapes: Shapes, impls: list[str], backend: str, smoke: bool, seed: int, progress) -> list[dict]:
+    rows = []
+    for i, (k, n) in enumerate(shapes.matmul_kn):
+        rows += matmul_shape_rows(k, n, shapes, impls, backend, smoke, seed + i, progress)
+    return rows
+
+
+def quantized_weights(key, k: int, n: int, group_size: int) -> dict:
+    """bf16 and every MATMUL_FORMATS quantization of one random [K, N] weight (scale 0.02)."""
+    w32 = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+    weights = {"bf16": w32.astype(jnp.bfloat16)}
+    for name, (quant, _) in MATMUL_FORMATS.items():
+        weights[name] = jax.jit(functools.partial(quant, g=group_size))(w32)
+    return weights
+
+
+def matmul_shape_rows(k: int, n: int, shapes: Shapes, impls: list[str], backend: str, smoke: bool, seed: int,
+                      progress) -> list[dict]:
+    key_w, key_x = jax.random.split(jax.random.key(seed % (1 << 32)))
+    try:
+        weights = quantized_weights(key_w, k, n, shapes.group_size)
+    except Exception as e:
+        return [progress({"op": "matmul", "format": "-", "impl": "-", "shape": {"m": 0, "k": k, "n": n},
+                          "status": "error", "error": "quantizing the weights: " + error_text(e)})]
+    bf16_dot = jax.jit(lambda x, w: x @ w)
+    rows = []
+    for m in shapes.matmul_ms:
+        x = jax.random.normal(jax.random.fold_in(key_x, m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        base = {"op": "matmul", "shape": {"m": m, "k": k, "n": n}, "flops": 2 * m * k * n}
+        row = base | {"format": "bf16", "impl": "xla-dot",
+                      "bytes": tree_bytes(weights["bf16"]) + tree_bytes(x) + m * n * 2}
+        rows.append(progress(run_variant(row, bf16_dot, (x, weights["bf16"]), shapes)[0]))
+        for name, (_, act) in MATMUL_FORMATS.items():
+            qw = weights[name]
+            meta = base | {"format": name, "act_format": act,
+                           "bytes": tree_bytes(qw) + tree_bytes(x) + m * n * 4}  # float32 output
+            ref_out = None
+            for impl in impls:
+                if impl == "jax-paged":
+                    continue
+                row = meta | {"impl": impl}
+                if (why := unavailable(impl, backend, smoke)) is not None:
+                    rows.append(progress(skipped(row, why)))
+                    continue
+                fn = jax.jit(functools.partial(quantized_matmul, act_format=act, implementation=impl))
+                row, out = run_variant(row, fn, (x, qw), shapes, ref_out)
+                if impl == "xla":
+                    ref_out = out
+                rows.append(progress(row))
+    return rows
+
+
+# ---- derived figures ---------------------------------------------------------------------------
+def shape_key(row: dict) -> tuple:
+    return (row["op"],) + tuple(sorted(row["shape"].items()))
+
+
+def add_rates(r: dict, copy_gbps: float | None) -> dict:
+    """GB/s, share of the copy bandwidth and TFLOP/s of a timed row."""
+    if r.get("status") == "ok":
+        r["gbps"] = r["bytes"] / r["time_s"] / 1e9
+        r["pct_copy_bw"] = r["gbps"] / copy_gbps if copy_gbps else None
+        r["tflops"] = r["flops"] / r["time_s"] / 1e12
+    return r
+
+
+def add_derived(rows: list[dict], copy_gbps: float | None) -> None:
+    """Rates, and the speedup ratios (the other row's time / this row's time)."""
+    times = {(shape_key(r), r["format"], r["impl"]): r["time_s"] for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        if add_rates(r, copy_gbps).get("status") != "ok":
+            continue
+        t = r["time_s"]
+        key = shape_key(r)
+        speedups = {}
+        if r["impl"] not in ("xla", "xla-dot") and (key, r["format"], "xla") in times:
+            speedups["vs_xla"] = times[(key, r["format"], "xla")] / t
+        if r["op"] == "decode" and r["format"] == "bf16" and r["impl"] != "jax-paged" \
+                and (key, "bf16", "jax-paged") in times:
+            speedups["vs_jax_paged"] = times[(key, "bf16", "jax-paged")] / t
+        if r["op"] == "matmul" and r["format"] != "bf16" and (key, "bf16", "xla-dot") in times:
+            speedups["vs_bf16"] = times[(key, "bf16", "xla-dot")] / t
+        if r["op"] in ("decode", "prefill") and r["format"] != "bf16" and (key, "bf16", r["impl"]) in times:
+            speedups["vs_bf16"] = times[(key, "bf16", r["impl"])] / t
+        r["speedups"] = speedups
+
+
+def kernel_impl(rows: list[dict]) -> str | None:
+    """The implementation targets are measured on: "pallas", else "interpret" (not meaningful)."""
+    for impl in ("pallas", "interpret"):
+        if any(r["impl"] == impl and r.get("status") == "ok" for r in rows):
+            return impl
+    return None
+
+
+def evaluate_targets(rows: list[dict], shapes: Shapes) -> list[dict]:
+    impl = kernel_impl(rows)
+    ok = [r for r in rows if r.get("status") == "ok" and r["impl"] == impl]
+    batch, ctx = shapes.target_decode
+
+    def decode_row(fmt):
+        return next((r for r in ok if r["op"] == "decode" and r["format"] == fmt
+                     and r["shape"]["batch"] == batch and r["shape"]["context"] == ctx), None)
+
+    def matmul_cases(fmt, keep):
+        return [r for r in ok if r["op"] == "matmul" and r["format"] == fmt and keep(r["shape"]["m"])
+                and "vs_bf16" in r["speedups"]]
+
+    out = []
+    for name, what, threshold in TARGETS:
+        cases, value = [], None
+        if name.startswith("decode_bw_"):
+            r = decode_row(name.removeprefix("decode_bw_"))
+            if r is not None and r["pct_copy_bw"] is not None:
+                value = r["pct_copy_bw"]
+                cases = [{"shape": r["shape"], "gbps": r["gbps"], "pct_copy_bw": value}]
+        elif name == "int4_kv_vs_bf16_kv":
+            r = decode_row("int4")
+            if r is not None and "vs_bf16" in r["speedups"]:
+                value = r["speedups"]["vs_bf16"]
+                cases = [{"shape": r["shape"], "speedup": value}]
+        else:
+            fmt, keep = ("w4a16", lambda m: m <= 16) if name.startswith("w4a16") else ("fp8", lambda m: m >= 1024)
+            found = matmul_cases(fmt, keep)
+            cases = [{"shape": r["shape"], "speedup": r["speedups"]["vs_bf16"]} for r in found]
+            value = min((c["speedup"] for c in cases), default=None)
+        met = None if value is None or impl != "pallas" else bool(value >= threshold)
+        note = None
+        if value is None:
+            note = "not measured (no matching row)"
+        elif impl != "pallas":
+            note = f"measured on '{impl}' rows: not a performance figure"
+        out.append({"name": name, "description": what, "threshold": threshold, "value": value,
+                    "impl": impl, "met": met, "note": note, "cases": cases,
+                    "target_decode_shape": {"batch": batch, "context": ctx} if "decode" in name else None})
+    return out
+
+
+# ---- reporting ---------------------------------------------------------------------------------
+def shape_text(r: dict) -> str:
+    s = r["shape"]
+    if r["op"] == "decode":
+        return f"B={s['batch']} ctx={s['context']}"
+    if r["op"] == "prefill":
+        return f"B={s['batch']} S={s['seq']} ctx={s['context']}"
+    if r["op"] == "matmul":
+        return f"M={s['m']} K={s['k']} N={s['n']}"
+    return f"{s['bytes'] / 2**20:g} MiB"
+
+
+def fmt_num(x, spec: str, suffix: str = "") -> str:
+    return "" if x is None else f"{x:{spec}}{suffix}"
+
+
+COLUMNS = ("op", "format", "impl", "shape", "time (us)", "GB/s", "% copy BW", "TFLOP/s", "vs xla",
+           "vs jax", "vs bf16", "status")
+
+
+def row_cells(r: dict) -> list[str]:
+    sp = r.get("speedups", {})
+    if r.get("status") == "ok":
+        status = "ok"
+    else:
+        status = f"{r.get('status')}: {(r.get('error') or r.get('note') or '').splitlines()[0][:90]}"
+    return [r["op"], r["format"], r["impl"], shape_text(r), fmt_num(r.get("time_s") and 1e6 * r["time_s"], ".1f"),
+            fmt_num(r.get("gbps"), ".1f"), fmt_num(r.get("pct_copy_bw") and 100 * r["pct_copy_bw"], ".1f", "%"),
+            fmt_num(r.get("tflops"), ".3f"), fmt_num(sp.get("vs_xla"), ".2f", "x"),
+            fmt_num(sp.get("vs_jax_paged"), ".2f", "x"), fmt_num(sp.get("vs_bf16"), ".2f", "x"), status]
+
+
+def progress_line(r: dict) -> str:
+    what = f"  {r['op']:<7} {r['format']:<5} {r['impl']:<9} {shape_text(r):<22}"
+    if r.get("status") != "ok":
+        return what + row_cells(r)[-1]
+    pct = f" ({100 * r['pct_copy_bw']:.1f}% of copy)" if r.get("pct_copy_bw") else ""
+    return (what + f"{1e6 * r['time_s']:10.1f} us {r['gbps']:9.1f} GB/s{pct} {r['tflops']:8.3f} TFLOP/s "
+            f"({r['calls']} calls x {r['repeats']})")
+
+
+def plain_table(rows: list[dict]) -> str:
+    cells = [list(COLUMNS)] + [row_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def targets_text(targets: list[dict], markdown: bool) -> str:
+    def verdict(t):
+        return {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+
+    if markdown:
+        lines = ["| target | threshold | value | result | note |", "|---|---|---|---|---|"]
+        lines += [f"| {t['description']} | {t['threshold']:g} | {fmt_num(t['value'], '.3f')} | {verdict(t)} | "
+                  f"{t['note'] or ''} |" for t in targets]
+    else:
+        lines = [f"  {verdict(t):>6}  {t['name']:<24} value {fmt_num(t['value'], '.3f') or '-':>7} "
+                 f"(>= {t['threshold']:g})  {t['note'] or ''}".rstrip() for t in targets]
+    return "\n".join(lines)
+
+
+def header_text(doc: dict) -> str:
+    copy = doc["copy_bandwidth"]
+    bw = f"{copy['gbps']:.1f} GB/s" if copy.get("gbps") else f"unavailable ({copy.get('error', '')[:80]})"
+    return (f"device {doc['device']['kind']} ({doc['device']['platform']}), jax {doc['jax']}, {doc['date']}; "
+            f"copy bandwidth ({copy['shape']['bytes'] / 2**20:g} MiB x + 1): {bw}")
+
+
+def markdown_report(doc: dict) -> str:
+    parts = [f"# Kernel benchmark\n\n`{doc['command']}`\n\n{header_text(doc)}\n", "## Targets (issue 5)\n",
+             targets_text(doc["targets"], markdown=True) + "\n"]
+    for op in ("decode", "prefill", "matmul"):
+        rows = [r for r in doc["rows"] if r["op"] == op]
+        if rows:
+            parts += [f"## {op}\n", markdown_table(rows) + "\n"]
+    return "\n".join(parts)
+
+
+# ---- main --------------------------------------------------------------------------------------
+def parse_list(text: str, allowed: tuple[str, ...], aliases: dict | None = None) -> list[str]:
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        for name in (aliases or {}).get(item, (item,)):
+            if name not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {name!r}; choose from {', '.join(allowed)}")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def int_list(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def default_impls(backend: str, smoke: bool) -> list[str]:
+    if smoke:
+        return ["xla", "interpret", "jax-paged"] + (["pallas"] if backend == "gpu" else [])
+    return ["xla", "pallas", "jax-paged"] if backend == "gpu" else ["xla"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU-friendly), impls xla + interpret")
+    ap.add_argument("--json", default=None, help="write every row, the targets and the configuration here")
+    ap.add_argument("--markdown", default=None, help="write the tables as markdown here")
+    ap.add_argument("--ops", default="copy,decode,prefill,matmul",
+                    help=f"comma list of {', '.join(OPS)} ('attention' = decode,prefill); copy always runs")
+    ap.add_argument("--impls", default=None,
+                    help=f"comma list of {', '.join(IMPLS)} (default: GPU xla,pallas,jax-paged; CPU xla; "
+                         f"--smoke xla,interpret,jax-paged)")
+    ap.add_argument("--batches", default=None, help="decode batch sizes, comma list (default 1,16,64)")
+    ap.add_argument("--contexts", default=None, help="decode context lengths, comma list (default 512,4096,16384)")
+    ap.add_argument("--ms", default=None, help="matmul M values, comma list (default 1,16,256,4096)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds per repeat (sets calls per repeat)")
+    ap.add_argument("--max-calls", type=int, default=None, help="cap on calls per repeat")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--xla-cache", default=str(ROOT / ".cache" / "xla"),
+                    help="persistent compilation cache ('' for none; default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--strict", action="store_true", help="exit status 1 if any variant raised")
+    args = ap.parse_args(argv)
+    try:
+        ops = parse_list(args.ops, OPS, OP_ALIASES)
+        backend = jax.default_backend()
+        impls = parse_list(args.impls, IMPLS) if args.impls else default_impls(backend, args.smoke)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+    shapes = SMOKE if args.smoke else FULL
+    over = {"repeats": args.repeats, "min_repeat_s": args.min_time, "max_calls": args.max_calls,
+            "decode_batches": int_list(args.batches),
+            "decode_contexts": int_list(args.contexts), "matmul_ms": int_list(args.ms)}
+    shapes = dataclasses.replace(shapes, **{k: v for k, v in over.items() if v is not None})
+    if "xla" in impls:  # the reference first: the other implementations' outputs are compared with it
+        impls = ["xla"] + [i for i in impls if i != "xla"]
+
+    previous = {name: jax.config.read(name) for name in ("jax_disable_most_optimizations",)}
+    if args.smoke:  # tiny shapes: compile time dominates, and smoke timings are not performance anyway
+        jax.config.update("jax_disable_most_optimizations", True)
+    if args.xla_cache:
+        jax.config.update("jax_compilation_cache_dir", args.xla_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    copy_gbps = None
+
+    def progress(row):
+        if not args.no_progress:
+            print(progress_line(add_rates(row, copy_gbps)), flush=True)
+        return row
+
+    t0 = time.perf_counter()
+    try:
+        copy = measure_copy_bandwidth(shapes)
+        copy_gbps = copy.get("gbps")
+        if not args.no_progress:
+            print(f"copy bandwidth: {fmt_num(copy_gbps, '.1f', ' GB/s') or copy.get('error')}", flush=True)
+        rows = []
+        for op in ("decode", "prefill"):
+            if op in ops:
+                rows += attention_rows(op, shapes, impls, backend, args.smoke, args.seed, progress)
+        if "matmul" in ops:
+            rows += matmul_rows(shapes, impls, backend, args.smoke, args.seed, progress)
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+    add_derived(rows, copy_gbps)
+    targets = evaluate_targets(rows, shapes)
+    dev = jax.devices()[0]
+    doc = {
+        "command": "scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
+                   "machine": platform.machine()},
+        "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "smoke": args.smoke,
+        "ops": ops,
+        "impls": impls,
+        "shapes": dataclasses.asdict(shapes),
+        "copy_bandwidth": copy,
+        "rows": rows,
+        "targets": targets,
+        "seconds": time.perf_counter() - t0,
+    }
+    print(f"\n{header_text(doc)}; {doc['seconds']:.0f} s\n")
+    print(plain_table(rows))
+    print("\nTargets (issue 5):")
+    print(targets_text(targets, markdown=False))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_report(doc))
+    errors = [r for r in rows + [copy] if r.get("status") == "error"]
+    if errors:
+        print(f"\n{len(errors)} variant(s) failed (see the status column)")
+    return 1 if errors and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""scripts/bench_kernels.py --smoke and scripts/check_kernels_gpu.py --interpret run end to end on
+the CPU (interpret mode): the benchmark's JSON holds together and the kernel check passes on a tiny
+subset. The GPU runs (compiled "pallas", full shapes) are not exercised here.
+
+Both scripts run in-process through `main(argv)` (one JAX start-up, shared compiles); each restores
+the JAX settings it changes, and neither is given a persistent compilation cache (`--xla-cache ''`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KV_FORMATS = {"bf16", "fp8", "int8", "int4"}
+MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "w4a8"}
+TARGET_NAMES = {"decode_bw_bf16", "decode_bw_int8", "decode_bw_int4", "int4_kv_vs_bf16_kv",
+                "w4a16_vs_bf16_small_m", "fp8_vs_bf16_large_m"}
+
+
+def _script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package; check_kernels_gpu imports
+    bench_kernels by name from there)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_kernels_smoke(tmp_path, capsys):
+    bench = _script("bench_kernels")
+    out, md = tmp_path / "kernels.json", tmp_path / "kernels.md"
+    assert bench.main(["--smoke", "--json", str(out), "--markdown", str(md), "--xla-cache", "", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "op " in printed and "Targets (issue 5)" in printed
+    doc = json.loads(out.read_text())
+    for key in ("command", "date", "device", "jax", "rows", "targets", "copy_bandwidth", "shapes"):
+        assert key in doc, key
+    assert doc["smoke"] and doc["device"]["platform"] == "cpu" and doc["jax"]
+    assert _positive(doc["copy_bandwidth"]["gbps"])
+
+    rows = doc["rows"]
+    assert not [r for r in rows if r["status"] == "error"], [r.get("error") for r in rows if r["status"] == "error"]
+    ran = [r for r in rows if r["status"] == "ok"]
+    for r in ran:
+        for key in ("time_s", "time_s_min", "bytes", "gbps", "pct_copy_bw"):
+            assert _positive(r[key]), (key, r)
+        assert _positive(r["tflops"]) and r["calls"] >= 1 and r["repeats"] >= 1
+        assert all(_positive(v) for v in r["speedups"].values()), r
+        if "max_abs_diff_vs_xla" in r:  # interpret / jax-paged compared with the XLA reference
+            assert r["max_abs_diff_vs_xla"] <= 1e-2 * max(1.0, r["max_abs_xla"]), r
+
+    def formats(op, impl):
+        return {r["format"] for r in ran if r["op"] == op and r["impl"] == impl}
+
+    assert formats("decode", "xla") == formats("decode", "interpret") == KV_FORMATS
+    assert formats("prefill", "xla") == formats("prefill", "interpret") == {"bf16", "int4"}
+    assert formats("decode", "jax-paged") == {"bf16"}                    # the JAX op, interpreted
+    assert formats("matmul", "xla") == formats("matmul", "interpret") == MATMUL_FORMATS
+    assert formats("matmul", "xla-dot") == {"bf16"}
+    # Ratios: kernel vs reference, quantized vs bf16, ours vs the JAX op.
+    assert all("vs_xla" in r["speedups"] for r in ran if r["impl"] == "interpret")
+    assert all("vs_bf16" in r["speedups"] for r in ran if r["format"] not in ("bf16",))
+    assert all("vs_jax_paged" in r["speedups"] for r in ran
+               if r["op"] == "decode" and r["format"] == "bf16" and r["impl"] != "jax-paged")
+    # KV bytes: int4 pages (4-bit values + bf16 scale and zero per head) are the smallest, bf16 the largest.
+    decode_bytes = {r["format"]: r["kv_bytes"] for r in ran if r["op"] == "decode" and r["impl"] == "xla"}
+    assert decode_bytes["int4"] < decode_bytes["fp8"] == decode_bytes["int8"] < decode_bytes["bf16"]
+    # Off the GPU "pallas" is not run; the targets are computed on interpret rows, for the record only.
+    assert not [r for r in rows if r["impl"] == "pallas" and r["status"] != "skipped"]
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert set(targets) == TARGET_NAMES
+    assert all(t["met"] is None for t in targets.values())
+    assert _positive(targets["int4_kv_vs_bf16_kv"]["value"]) and _positive(targets["decode_bw_int4"]["value"])
+    assert targets["fp8_vs_bf16_large_m"]["value"] is None                # no M >= 1024 in the smoke set
+    text = md.read_text()
+    assert "## decode" in text and "## matmul" in text and "| target |" in text
+
+
+def test_check_kernels_interpret(tmp_path, capsys):
+    check = _script("check_kernels_gpu")
+    out = tmp_path / "check.json"
+    argv = ["--interpret", "--json", str(out), "--kv-formats", "int4", "--gqa", "4",
+            "--matmul-formats", "w4a8_g128", "--ms", "16"]
+    assert check.main(argv) == 0, capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["implementation"] == "interpret" and doc["failed"] == 0
+    cases = doc["cases"]
+    assert len(cases) == doc["passed"] and all(c["passed"] for c in cases)
+    kinds = {(c["kind"], c.get("q_dtype"), c.get("kernel_precision")) for c in cases}
+    # Decode and prefill (float32 and bfloat16 queries; prefill also at the default dot precision)
+    # and the matmul.
+    assert kinds == {("decode", "float32", "highest"), ("decode", "bfloat16", "highest"),
+                     ("prefill", "float32", "highest"), ("prefill", "bfloat16", "highest"),
+                     ("prefill", "bfloat16", "default"), ("matmul", None, None)}
+    assert all(0 <= c["err_over_tol"] <= 1 for c in cases)
