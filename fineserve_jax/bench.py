@@ -156,8 +156,7 @@ def demo_fleet_specs():
 def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str):
     """Serve `workload` for real with the models of `specs` on this device; returns (summary, notes)."""
     from fineserve_jax.fleet import Fleet
-    from serving.device_runtime import RoundRobin
-    from serving.local_scheduler import EarliestDeadlineFirst, SAABAdmission, earliest_deadline
+    from serving.local_scheduler import EarliestDeadlineFirst, RoundRobin, SAABAdmission, earliest_deadline
     from serving.replay import WallClock, replay
 
     rates = workload.rates_by_model()

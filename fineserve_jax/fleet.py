@@ -32,7 +32,8 @@ from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.device_runtime import DeviceRuntime, RoundRobin
+from serving.device_runtime import DeviceRuntime
+from serving.local_scheduler import RoundRobin
 from serving.engine import LLMEngine
 from serving.kv_pool import DEFAULT_SLAB_BYTES
 from serving.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool

@@ -22,6 +22,7 @@ import numpy as np
 from pallas_kernels.kv_pages import copy_pages
 from serving.engine import LLMEngine
 from serving.kv_pool import KVPool
+from serving.local_scheduler import RoundRobin
 from serving.sequence import RequestOutput, SequenceStatus
 
 
@@ -31,23 +32,6 @@ _copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
 class StepPolicy(Protocol):
     def pick(self, ready: list[str]) -> str:
         """The model to step next, among those with unfinished requests (in registration order)."""
-
-
-class RoundRobin:
-    """Models take turns, in registration order, skipping those with nothing to do."""
-
-    def __init__(self, names: list[str]):
-        self._order = list(names)
-        self._next = 0
-
-    def pick(self, ready: list[str]) -> str:
-        n = len(self._order)
-        for i in range(n):
-            name = self._order[(self._next + i) % n]
-            if name in ready:
-                self._next = (self._order.index(name) + 1) % n
-                return name
-        raise ValueError(f"none of {ready} is known to this policy")
 
 
 class DeviceRuntime:

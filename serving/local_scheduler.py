@@ -18,9 +18,10 @@ Admission (`Scheduler(admission=...)`, asked every prefill iteration):
                      predicted decode step of the grown batch exceeds the TPOT bound.
                   Requests that already ran (preempted ones) are re-admitted first and never dropped.
 
-Device (`DeviceRuntime(policy=...)`): `EarliestDeadlineFirst` steps the model whose most urgent
-request is due first: a waiting request's first-token deadline, or a running request's next-token
-deadline (`last token + tpot`). Models with nothing due go round-robin.
+Device (`DeviceRuntime(policy=...)`): `RoundRobin` lets models take turns; `EarliestDeadlineFirst`
+steps the model whose most urgent request is due first: a waiting request's first-token deadline,
+or a running request's next-token deadline (`last token + tpot`). Models with nothing due go
+round-robin.
 """
 
 from __future__ import annotations
@@ -119,19 +120,14 @@ class SAABAdmission:
         return True
 
 
-class EarliestDeadlineFirst:
-    """Step the model whose most urgent request is due first (a `DeviceRuntime` policy).
-    `deadline_of(name) -> float | None` gives each model's earliest deadline (None: nothing due)."""
+class RoundRobin:
+    """Models take turns, in registration order, skipping those with nothing to do."""
 
-    def __init__(self, names: list[str], deadline_of: Callable[[str], float | None]):
+    def __init__(self, names: list[str]):
         self._order = list(names)
-        self._deadline_of = deadline_of
         self._next = 0
 
     def pick(self, ready: list[str]) -> str:
-        due = [(d, self._order.index(n), n) for n in ready if (d := self._deadline_of(n)) is not None]
-        if due:
-            return min(due)[2]
         n = len(self._order)
         for i in range(n):
             name = self._order[(self._next + i) % n]
@@ -139,6 +135,22 @@ class EarliestDeadlineFirst:
                 self._next = (self._order.index(name) + 1) % n
                 return name
         raise ValueError(f"none of {ready} is known to this policy")
+
+
+class EarliestDeadlineFirst:
+    """Step the model whose most urgent request is due first (a `DeviceRuntime` policy).
+    `deadline_of(name) -> float | None` gives each model's earliest deadline (None: nothing due)."""
+
+    def __init__(self, names: list[str], deadline_of: Callable[[str], float | None]):
+        self._order = list(names)
+        self._deadline_of = deadline_of
+        self._round_robin = RoundRobin(names)
+
+    def pick(self, ready: list[str]) -> str:
+        due = [(d, self._order.index(n), n) for n in ready if (d := self._deadline_of(n)) is not None]
+        if due:
+            return min(due)[2]
+        return self._round_robin.pick(ready)
 
 
 def earliest_deadline(waiting: list[Sequence], running: list[Sequence], slo: SLO) -> float | None:

@@ -28,10 +28,10 @@ import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.cost_model import StepCost
-from serving.device_runtime import DeviceRuntime, RoundRobin
+from serving.device_runtime import DeviceRuntime
 from serving.engine import EngineConfig, LLMEngine
 from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
-from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission,
+from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, RoundRobin, SAABAdmission,
                                      earliest_deadline)
 from serving.metrics import SLO, RequestRecord
 from serving.model_runner import ShapeBuckets, StepResult
