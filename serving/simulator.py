@@ -123,8 +123,13 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
     pool = SimulatedPool(plan)
     engines, runners = {}, {}
     for m in models:
-        runners[m.name] = SimulatedRunner(m.cost, clock, m.config)
-        engines[m.name] = LLMEngine(None, plan.layouts[m.name], pool, m.name, m.config,
+        # A model whose share of the pool holds less than max_model_len serves what fits and fails
+        # longer requests explicitly (a static partition's limit).
+        layout = plan.layouts[m.name]
+        fits = pool.allocator.capacity_pages(m.name) * layout.tokens_per_page
+        config = dataclasses.replace(m.config, max_model_len=min(m.config.max_model_len, fits))
+        runners[m.name] = SimulatedRunner(m.cost, clock, config)
+        engines[m.name] = LLMEngine(None, layout, pool, m.name, config,
                                     admission=admission_policy(admission, m), runner=runners[m.name], clock=clock)
     names = [m.name for m in models]
     if policy == "edf":
