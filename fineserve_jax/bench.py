@@ -169,7 +169,7 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
         engine.warmup()
     if system == "fineserve":
         for name, engine in engines.items():
-            cost = profile.get(name.rsplit("-", 1)[0], name.rsplit("-", 1)[1], 1)
+            cost = profile.get(*_model_and_precision(name), 1)
             engine.scheduler.admission = SAABAdmission(cost, slos[name])
         fleet.runtime.policy = EarliestDeadlineFirst(list(engines), lambda n: earliest_deadline(
             list(engines[n].scheduler.waiting), engines[n].scheduler.running, slos[n]))
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         print("plots:", ", ".join(result["plots"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=_json_default))
+        Path(args.json).write_text(json.dumps(result, indent=1))
         print("wrote", args.json)
     return 0
 
@@ -347,21 +347,20 @@ def real_setup(slo_scale: float):
     specs = demo_fleet_specs()
     slo_ttft = {}
     for s in specs:
-        model, precision = s.served_name.rsplit("-", 1)
-        slo_ttft[s.served_name] = fineserve_slo(profile.get(model, precision, 1), slo_scale)
+        slo_ttft[s.served_name] = fineserve_slo(profile.get(*_model_and_precision(s.served_name), 1), slo_scale)
     return specs, profile, slo_ttft
+
+
+def _model_and_precision(served_name: str) -> tuple[str, str]:
+    """The profile key parts of a demo-fleet name: "smollm2-135m-w8a8" -> ("smollm2-135m", "w8a8")."""
+    model, precision = served_name.rsplit("-", 1)
+    return model, precision
 
 
 def _host() -> str:
     import platform
 
     return platform.node() or "this machine"
-
-
-def _json_default(x):
-    if isinstance(x, float):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 if __name__ == "__main__":

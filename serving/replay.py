@@ -42,7 +42,8 @@ def replay_params(request: Request) -> SamplingParams:
     return SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
 
 
-def record_of(request: Request, output: RequestOutput | None, error: str | None = None) -> RequestRecord:
+def record_of(request: Request, output: RequestOutput | None) -> RequestRecord:
+    """The outcome of `request`: its final output, or None when it was refused at submission."""
     if output is None:
         return RequestRecord(request.request_id, request.model, request.arrival_s, request.prompt_len, 0,
                              status="failed")

@@ -30,6 +30,7 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.cost_model import StepCost
 from serving.device_runtime import DeviceRuntime
 from serving.engine import EngineConfig, LLMEngine
+from serving.global_scheduler import pool_specs
 from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
 from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, RoundRobin, SAABAdmission,
                                      earliest_deadline)
@@ -202,18 +203,15 @@ def route(requests: list[Request], placement) -> dict[str, list[Request]]:
     return out
 
 
-def build_group(placement, group: tuple[str, ...], profile, slos: dict[str, SLO], policy: SystemPolicy, *,
-                max_model_len: int, max_num_batched_tokens: int = 2048, prefill_chunk: int = 512
-                ) -> SimulatedDevice:
-    """One simulated device for a device group: the placement's pools of those devices merged (bytes and
-    quotas add; a replica's page holds all its KV heads), its replicas as engines."""
-    from serving.global_scheduler import pool_specs
-
-    specs = pool_specs(placement)
+def build_group(placement, specs: dict, group: tuple[str, ...], profile, slos: dict[str, SLO],
+                policy: SystemPolicy, *, max_model_len: int, max_num_batched_tokens: int = 2048,
+                prefill_chunk: int = 512) -> SimulatedDevice:
+    """One simulated device for a device group: the placement's pools of those devices (`specs`, from
+    `global_scheduler.pool_specs`) merged (bytes and quotas add; a replica's page holds all its KV
+    heads), its replicas as engines in the placement's order."""
     models = []
     pool_bytes = sum(specs[d].pool_bytes for d in group if d in specs)
-    shares: dict[str, float] = {}
-    for model in {r.model for r in placement.replicas}:
+    for model in dict.fromkeys(r.model for r in placement.replicas):
         for k, r in enumerate(placement.replicas_of(model)):
             if not set(r.devices) <= set(group):
                 continue
@@ -221,16 +219,12 @@ def build_group(placement, group: tuple[str, ...], profile, slos: dict[str, SLO]
             pages = specs[r.devices[0]].models[model]
             layout = dataclasses.replace(pages.layout, num_kv_heads=demand.shape.num_kv_heads)
             quota = sum(specs[d].models[model].max_bytes or 0 for d in r.devices)
-            name = f"{model}#{k}"
-            if quota:
-                shares[name] = quota
             config = EngineConfig(max_num_seqs=r.max_num_seqs, max_model_len=max_model_len,
                                   max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk)
-            models.append(SimModel(name, layout, profile.get(demand.profile_key, demand.precision, r.tp),
-                                   slos[model], config))
-    mode = "static" if shares else "slab"
-    if shares:  # partitioned pools: each engine keeps exactly its quota's share of the group's pool
-        models = [dataclasses.replace(m, kv_share=shares[m.name]) for m in models]
+            models.append(SimModel(f"{model}#{k}", layout, profile.get(demand.profile_key, demand.precision, r.tp),
+                                   slos[model], config, kv_share=quota or None))
+    # Partitioned pools (quotas): each engine keeps exactly its quota's share of the group's pool.
+    mode = "static" if any(m.kv_share for m in models) else "slab"
     return build_device(models, pool_bytes, pool_mode=mode, admission=policy.admission, policy=policy.step_policy)
 
 
@@ -240,9 +234,10 @@ def simulate_placement(placement, profile, requests: list[Request], slos: dict[s
     """Simulate the whole cluster on `requests` (model names as in the placement's demands). Returns
     one record per request (model names restored), in arrival order."""
     routed = route(requests, placement)
+    specs = pool_specs(placement)
     records = []
     for group in device_groups(placement):
-        device = build_group(placement, group, profile, slos, policy, max_model_len=max_model_len)
+        device = build_group(placement, specs, group, profile, slos, policy, max_model_len=max_model_len)
         mine = [r for name in device.runtime.engines for r in routed.get(name, [])]
         for rec in simulate_device(device, mine, progress=progress):
             rec.model = rec.model.split("#")[0]
