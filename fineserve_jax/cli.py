@@ -1,4 +1,4 @@
-"""The `fineserve` command line: `generate` one prompt, `batch` a JSONL file of prompts, `quantize`
+"""The `fineserve` command line: `serve` models over HTTP (OpenAI API), `generate` one prompt, `batch` a JSONL file of prompts, `quantize`
 a model into a checkpoint directory that `--model DIR` (and `LLM(model=DIR)`) serves, `profile` the
 step times of models on this device, `bench` the schedulers on a workload."""
 
@@ -169,6 +169,7 @@ def cmd_quantize(args) -> int:
 
 # Subcommands with their own parsers: `fineserve <name> ...` runs `<module>.main(rest)`.
 DELEGATED = {
+    "serve": ("fineserve_jax.serve", "serve models over an OpenAI-compatible HTTP API"),
     "profile": ("serving.profiler", "measure step times of models on this device and fit the cost model"),
     "bench": ("fineserve_jax.bench", "replay a workload on FineServe and the baselines (real or --simulate)"),
 }

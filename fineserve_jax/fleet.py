@@ -21,12 +21,16 @@ Each model keeps its own jitted programs; all of them thread the same donated po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
+
+import jax
+from flax import nnx
 
 from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
@@ -104,11 +108,13 @@ class ModelSpec:
 class Fleet:
     """Co-located models on one device: one KV pool, one runtime loop, one jitted program set per
     model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed per-model partitions) and
-    "single_page" (every page padded to the largest)."""
+    "single_page" (every page padded to the largest). `device` (a `jax.Device`; default: JAX's
+    default device): where the models are loaded and the pool is allocated; pre-loaded models' weights
+    are moved there. Weights and pool are committed to it, so every step runs there."""
 
     def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str = DEFAULT_POOL_BYTES, *,
                  pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES, policy=None,
-                 pool_fill: int = 0):
+                 pool_fill: int = 0, device: jax.Device | None = None):
         specs = list(models)
         if not specs or not all(isinstance(s, ModelSpec) for s in specs):
             raise ValueError("a Fleet needs a non-empty list of ModelSpec")
@@ -120,15 +126,21 @@ class Fleet:
         pool_bytes = parse_bytes(pool_bytes, "pool_bytes")
         slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
         self.specs = dict(zip(names, specs))
+        self.device = device
         self.loaded: dict[str, LoadedModel] = {}
-        for name, spec in self.specs.items():
-            self.loaded[name] = spec.model if isinstance(spec.model, LoadedModel) else load_model(
-                spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype, calib_samples=spec.calib_samples)
+        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+            for name, spec in self.specs.items():
+                self.loaded[name] = spec.model if isinstance(spec.model, LoadedModel) else load_model(
+                    spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype,
+                    calib_samples=spec.calib_samples)
+        if device is not None:  # commit the weights there (no copy for those already there)
+            for loaded in self.loaded.values():
+                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), device))
         self.plan: PoolPlan = plan_pool(
             {name: ModelPages(self._layout(name), self.specs[name].kv_reserve_bytes,
                               self.specs[name].kv_max_bytes, self.specs[name].kv_share)
              for name in self.specs}, pool_bytes, pool_mode, slab_bytes)
-        self.pool = self.plan.build(fill=pool_fill)
+        self.pool = self.plan.build(device, fill=pool_fill)
         engines = {}
         for name, spec in self.specs.items():
             loaded = self.loaded[name]

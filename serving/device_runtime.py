@@ -10,6 +10,10 @@ all waiting for pages held by other models is skipped for that step. Before a mo
 preempts) for lack of pages, the other models are compacted: their live pages are moved into as few
 slabs as possible, and the emptied slabs return to the pool for anyone (`reclaim_for`). Round-robin is the default
 policy; the scheduling layer supplies SLO-aware ones through the same `pick` interface.
+
+A model whose step raises is isolated: `step` raises ModelStepError naming it, and `recover` fails
+only that model's requests; the other models keep their requests (and, unless the failed program
+took the donated pool with it, their cached KV).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
@@ -27,6 +32,14 @@ from serving.sequence import RequestOutput, SequenceStatus
 
 
 _copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
+
+
+class ModelStepError(RuntimeError):
+    """One model's step raised; the cause is chained. The runtime is intact: call `recover(model)`."""
+
+    def __init__(self, model: str):
+        super().__init__(f"model {model!r} failed during its step")
+        self.model = model
 
 
 class StepPolicy(Protocol):
@@ -55,7 +68,10 @@ class DeviceRuntime:
         while ready:
             name = self.policy.pick(ready)
             engine = self.engines[name]
-            outputs = engine.step()
+            try:
+                outputs = engine.step()
+            except Exception as e:
+                raise ModelStepError(name) from e
             if not engine.blocked:
                 return [(name, out) for out in outputs]
             ready.remove(name)  # waiting for pages other models hold; try the next one
@@ -64,6 +80,20 @@ class DeviceRuntime:
             # model is blocked the pool is empty and this cannot happen.
             raise RuntimeError("every model with requests is waiting for KV pages")
         return []
+
+    def recover(self, name: str) -> list[RequestOutput]:
+        """After `name`'s step raised: finish all its requests with reason "error" (their pages
+        return to the pool) and return their final outputs. If the failed program had been given
+        the donated pool, the buffer is gone: allocate a new one and send every other model's
+        running sequences back to its queue, to be recomputed (their KV was in the lost buffer)."""
+        failed = self.engines[name].abort_all("error")
+        words = self.pool.words
+        if words is not None and words.is_deleted():
+            self.pool.words = jax.device_put(jnp.zeros(words.shape, words.dtype), words.sharding)
+            for engine in self.engines.values():
+                for seq in list(engine.scheduler.running):
+                    engine.scheduler.preempt(seq)
+        return failed
 
     def reclaim_for(self, name: str) -> bool:
         """`name` is short of pages: compact every other model holding more slabs than its pages

@@ -143,6 +143,17 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
 
+    def abort_all(self, reason: str = "abort") -> list[RequestOutput]:
+        """Finish every request with `reason`, freeing its pages; their final outputs."""
+        outputs = []
+        for seq in list(self.requests.values()):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq))
+        self.requests.clear()
+        self.scheduler.dropped.clear()
+        return outputs
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

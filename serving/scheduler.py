@@ -58,7 +58,7 @@ class Scheduler:
             batch = self._schedule_decode()
         if batch is None and self.running:
             # Every running sequence is mid-prefill and none can get a page: free the newest.
-            self._preempt(self.running[-1])
+            self.preempt(self.running[-1])
             return self.schedule()
         return batch
 
@@ -108,7 +108,7 @@ class Scheduler:
                 continue  # preempted below while making room
             while not self.pages.can_grow(seq, 1):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
@@ -116,7 +116,7 @@ class Scheduler:
                 seqs.append(seq)
         return ScheduledBatch(False, seqs, [1] * len(seqs)) if seqs else None
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pages.release(seq)
         seq.num_computed = 0

@@ -1,0 +1,89 @@
+"""`fineserve serve [--config fleet.toml] [--host H] [--port P]`: the OpenAI-compatible server.
+
+With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-bf16, -w8a8 and
+-w4a16 sharing one device pool). A config lists models, precisions, devices, SLOs and pool sizes
+(see fineserve_jax/serve_config.py); the global scheduler places the models on the devices, each
+device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from fastapi import FastAPI
+
+from fineserve_jax.fleet import Fleet
+from serving.api_server import ServedModel, build_app, make_server
+from serving.async_runtime import AsyncRuntime, ModelLimits
+
+log = logging.getLogger("fineserve.serve")
+
+
+def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict[str, int], device=None,
+                  device_name: str = "device0") -> dict[str, ServedModel]:
+    """The fleet's models behind one AsyncRuntime (the fleet's engine thread on `device`)."""
+    engines = fleet.runtime.engines
+    limits = {name: ModelLimits(max_pending=e.config.max_num_seqs + max_queue[name]) for name, e in engines.items()}
+    runtime = AsyncRuntime(fleet.runtime, limits, device=device, name=device_name)
+    return {name: ServedModel(runtime, fleet.loaded[name].tokenizer, e.config.max_model_len, e.validate_prompt,
+                              precision=fleet.loaded[name].precision.name, kv_dtype=fleet.loaded[name].kv_dtype,
+                              slo_ttft_s=slo_ttft_s[name])
+            for name, e in engines.items()}
+
+
+def app_for(device_fleets, *, drain_timeout_s: float, warmup: bool = True) -> FastAPI:
+    """One app over every device's fleet (serve_config.DeviceFleet), warmed up unless told not to."""
+    models: dict[str, ServedModel] = {}
+    for df in device_fleets:
+        if warmup:
+            for name, engine in df.fleet.runtime.engines.items():
+                t0 = time.perf_counter()
+                engine.warmup()
+                log.info("warmed up %s on %s in %.1f s", name, df.device_name, time.perf_counter() - t0)
+        models |= served_models(df.fleet, slo_ttft_s=df.slo_ttft_s, max_queue=df.max_queue,
+                                device=df.jax_device, device_name=df.device_name)
+    return build_app(models, drain_timeout_s=drain_timeout_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fineserve serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="fleet TOML (default: the built-in demo fleet)")
+    p.add_argument("--host", default=None, help="bind address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the config's, else 8000)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds in-flight requests get to finish on SIGTERM before they are failed")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every model's programs at start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fineserve_jax.serve_config import ServeConfig, build_fleets
+
+    try:
+        config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()
+        t0 = time.perf_counter()
+        fleets = build_fleets(config)
+    except (ValueError, OSError) as e:
+        print(f"fineserve: error: {e}", file=sys.stderr)
+        return 2
+    log.info("loaded %d model(s) on %d device(s) in %.1f s", sum(len(f.fleet.model_names) for f in fleets),
+             len(fleets), time.perf_counter() - t0)
+    server_cfg = config.server
+    drain = args.drain_timeout if args.drain_timeout is not None else server_cfg.drain_timeout_s
+    app = app_for(fleets, drain_timeout_s=drain, warmup=not args.no_warmup)
+    host = args.host or server_cfg.host
+    port = args.port if args.port is not None else server_cfg.port
+    log.info("serving %s on http://%s:%d/v1", ", ".join(app.state.server.models), host, port)
+    make_server(app, host, port, log_level=args.log_level).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
