@@ -40,6 +40,11 @@ def test_comparison_at_the_rate_where_fineserve_holds_90_percent():
     assert c["rate"] == 20 and c["ratios"]["static"] == pytest.approx(0.95 / 0.3)
     assert c["targets_met"] == {"static": True, "prism": False}
     assert comparison(rows[2:3], ["fineserve"])["rate"] is None
+    # The SLO-scale sweep runs at the top rate: a looser scale reaching 90% there is not "the load
+    # where FineServe holds 90%" of the base scale.
+    looser = [{"system": s, "rate": 30, "slo_scale": 20.0, "slo_attainment": a}
+              for s, a in (("fineserve", 0.97), ("static", 0.5))]
+    assert comparison(rows + looser, ["fineserve", "static"])["rate"] == 20
 
 
 def test_bad_arguments_are_refused():
