@@ -27,13 +27,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows (0: round-to-nearest)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     rows = []
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         t0 = time.perf_counter()
-        llm = LLM(args.model, precision=name, max_model_len=512, kv_cache_bytes=32 << 20, max_num_seqs=4)
+        llm = LLM(args.model, precision=name, max_model_len=512, kv_cache_bytes=32 << 20, max_num_seqs=4,
+                  calib_samples=args.calib_samples)
         load_s = time.perf_counter() - t0
         out = llm.chat([{"role": "user", "content": args.prompt}],
                        SamplingParams(temperature=0, max_tokens=args.max_tokens))[0]
