@@ -468,7 +468,8 @@ class DeviceFleet:
 
 def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
     """Place the models and build one Fleet per device that hosts any, its weights and pool on that
-    jax device (`Fleet(device=...)`; step it inside `jax.default_device(jax_device)` too)."""
+    jax device (`Fleet(device=...)`; the server's engine thread also steps it under
+    `jax.default_device(jax_device)`)."""
     placed = place_models(config)
     fleets = []
     for d in config.devices:
@@ -478,9 +479,8 @@ def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
         jd, kind = _jax_device(d), device_kind(d)
         profile = _load_profile(kind)
         models = [config.model(n) for n in names]
-        with jax.default_device(jd):
-            fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
-                          slab_bytes=config.slab_bytes, device=jd)
+        fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
+                      slab_bytes=config.slab_bytes, device=jd)  # loads, commits and allocates on jd
         fleets.append(DeviceFleet(d.name, jd, fleet, {m.name: slo_ttft_s(m, kind, profile) for m in models},
                                   {m.name: m.max_queue for m in models}))
     return fleets

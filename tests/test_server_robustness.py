@@ -159,7 +159,6 @@ def _flaky(engine, lose_pool: bool):
             if lose_pool:
                 words.delete()
             raise RuntimeError("injected fault")
-        time.sleep(0.02)
         return execute(words, *args, **kwargs)
 
     engine.runner.execute = failing
