@@ -169,6 +169,12 @@ class _Job:
 
     def submit(self, prompts: list[_Prompt], params: SamplingParams) -> None:
         self.prompts = prompts
+        runtime = self.model.runtime
+        asked, bound = len(prompts) * params.n, runtime.limits[self.name].max_pending
+        if asked > bound:  # no retry could ever fit it: a 400 (like other invalid input, before any log line)
+            raise APIError(400, f"this request asks for {asked} sequences ({len(prompts)} prompts x n={params.n}); "
+                                f"model {self.name!r} holds at most {bound} queued or running",
+                           param="n" if params.n > 1 else "prompt")
         try:
             for i, p in enumerate(prompts):
                 self.streams.append(self.model.runtime.submit(self.name, p.ids, params, prompt=p.text,

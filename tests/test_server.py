@@ -121,6 +121,8 @@ def _error(response: httpx.Response) -> dict:
     ({"model": "tiny-bf16", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny-bf16", "prompt": "x", "top_p": 0}, "top_p"),
     ({"model": "tiny-bf16", "prompt": "x", "n": 100}, "n"),
+    ({"model": "tiny-bf16", "prompt": ["a", "b", "c", "d"], "n": 4}, "n"),  # 16 > the queue bound, 12
+    ({"model": "tiny-bf16", "prompt": ["x"] * 13}, "prompt"),
     ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
     ({"model": "tiny-bf16", "prompt": ""}, "prompt"),
     ({"model": "tiny-bf16", "prompt": [10**9]}, "prompt"),

@@ -220,15 +220,22 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(models, mode):
                 if mode is schemathesis.GenerationMode.POSITIVE and isinstance(case.body, dict):
                     case.body["model"] = model  # a served one, or every valid request is a 404
                 response = case.call(base_url=srv.url, timeout=60)
-                calls.append((op.method.upper(), response.status_code))
+                error = response.json().get("error") if response.status_code != 200 else None
+                calls.append((op.method.upper(), response.status_code, error and error.get("param")))
                 case.validate_response(response, checks=checks)
 
             fuzz()
-        codes = [code for _, code in calls]
+        codes = [code for _, code, _ in calls]
         assert len(calls) >= 25 and max(codes) < 500
-        if mode is schemathesis.GenerationMode.POSITIVE:  # valid requests were served, not refused
-            assert sum(code == 200 for method, code in calls if method == "POST") >= 10, calls
+        posts = [(code, param) for method, code, param in calls if method == "POST"]
+        if mode is schemathesis.GenerationMode.POSITIVE:
+            # Schema-valid bodies can still break rules between fields or against the model (prompt
+            # over the context, token ids past the vocabulary, min_tokens > max_tokens): those get a
+            # 400 naming the parameter. The rest are served; about 40% of them in runs seen so far
+            # (9 to 29 of 50), so at least 5 shows the generation path was exercised, not refused.
+            assert all(code == 200 or (code == 400 and param) for code, param in posts), posts
+            assert sum(code == 200 for code, _ in posts) >= 5, posts
         else:
-            assert all(code == 400 for method, code in calls if method == "POST"), calls
+            assert all(code == 400 for code, _ in posts), posts
         assert httpx.get(srv.url + "/health").status_code == 200
         wait_for(lambda: srv.used_pages() == 0, what="pages back")
