@@ -156,7 +156,7 @@ def demo_fleet_specs():
 def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str):
     """Serve `workload` for real with the models of `specs` on this device; returns (summary, notes)."""
     from fineserve_jax.fleet import Fleet
-    from serving.local_scheduler import EarliestDeadlineFirst, RoundRobin, SAABAdmission, earliest_deadline
+    from serving.local_scheduler import RoundRobin, SAABAdmission, deadline_first
     from serving.replay import WallClock, replay
 
     rates = workload.rates_by_model()
@@ -171,8 +171,7 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
         for name, engine in engines.items():
             cost = profile.get(*_model_and_precision(name), 1)
             engine.scheduler.admission = SAABAdmission(cost, slos[name])
-        fleet.runtime.policy = EarliestDeadlineFirst(list(engines), lambda n: earliest_deadline(
-            list(engines[n].scheduler.waiting), engines[n].scheduler.running, slos[n]))
+        fleet.runtime.policy = deadline_first(engines, slos)
     else:
         fleet.runtime.policy = RoundRobin(list(engines))
     clock = WallClock()

@@ -4,6 +4,8 @@ With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-b
 -w4a16 sharing one device pool). A config lists models, precisions, devices, SLOs and pool sizes
 (see fineserve_jax/serve_config.py); the global scheduler places the models on the devices, each
 device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
+Each device is scheduled locally as FineServe does (`[server] admission/drop_hopeless/step_policy`):
+SAAB admission where the device's cost profile covers the model, EDF over the models' SLOs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fastapi import FastAPI
 from fineserve_jax.fleet import Fleet
 from serving.api_server import ServedModel, build_app, make_server
 from serving.async_runtime import AsyncRuntime, ModelLimits
+from serving.local_scheduler import RoundRobin, SAABAdmission, deadline_first
+from serving.metrics import SLO
 
 log = logging.getLogger("fineserve.serve")
 
@@ -34,8 +38,25 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
             for name, e in engines.items()}
 
 
-def app_for(device_fleets, *, drain_timeout_s: float, warmup: bool = True) -> FastAPI:
-    """One app over every device's fleet (serve_config.DeviceFleet), warmed up unless told not to."""
+def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs: dict, *, admission: str = "saab",
+                         drop_hopeless: bool = False, step_policy: str = "edf") -> None:
+    """FineServe's local scheduler on one device (before its engine thread starts): SAAB admission
+    for every model with a step-cost model (`step_costs[name]`, a cost_model.StepCost; FCFS for the
+    others), and EDF over the models' TTFT SLOs to choose which model steps next."""
+    engines = fleet.runtime.engines
+    slos = {name: SLO(slo_ttft_s[name]) for name in engines}
+    for name, engine in engines.items():
+        cost = step_costs.get(name)
+        if admission == "saab" and cost is not None:
+            engine.scheduler.admission = SAABAdmission(cost, slos[name], drop_hopeless=drop_hopeless)
+        elif admission == "saab":
+            log.info("%s: no step-cost profile for this device, so FCFS admission instead of SAAB", name)
+    fleet.runtime.policy = deadline_first(engines, slos) if step_policy == "edf" else RoundRobin(list(engines))
+
+
+def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = None, warmup: bool = True) -> FastAPI:
+    """One app over every device's fleet (serve_config.DeviceFleet), scheduled as `server_config`
+    (serve_config.ServerConfig) says, warmed up unless told not to."""
     models: dict[str, ServedModel] = {}
     for df in device_fleets:
         if warmup:
@@ -43,9 +64,12 @@ def app_for(device_fleets, *, drain_timeout_s: float, warmup: bool = True) -> Fa
                 t0 = time.perf_counter()
                 engine.warmup()
                 log.info("warmed up %s on %s in %.1f s", name, df.device_name, time.perf_counter() - t0)
+        use_local_scheduling(df.fleet, df.slo_ttft_s, df.step_costs, admission=server_config.admission,
+                             drop_hopeless=server_config.drop_hopeless, step_policy=server_config.step_policy)
         models |= served_models(df.fleet, slo_ttft_s=df.slo_ttft_s, max_queue=df.max_queue,
                                 device=df.jax_device, device_name=df.device_name)
-    return build_app(models, drain_timeout_s=drain_timeout_s)
+    drain = drain_timeout_s if drain_timeout_s is not None else server_config.drain_timeout_s
+    return build_app(models, drain_timeout_s=drain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +100,7 @@ def main(argv=None) -> int:
     log.info("loaded %d model(s) on %d device(s) in %.1f s", sum(len(f.fleet.model_names) for f in fleets),
              len(fleets), time.perf_counter() - t0)
     server_cfg = config.server
-    drain = args.drain_timeout if args.drain_timeout is not None else server_cfg.drain_timeout_s
-    app = app_for(fleets, drain_timeout_s=drain, warmup=not args.no_warmup)
+    app = app_for(fleets, server_cfg, drain_timeout_s=args.drain_timeout, warmup=not args.no_warmup)
     host = args.host or server_cfg.host
     port = args.port if args.port is not None else server_cfg.port
     log.info("serving %s on http://%s:%d/v1", ", ".join(app.state.server.models), host, port)

@@ -12,6 +12,9 @@ A fleet.toml (`Fleet.from_config`) is a valid serve config; these keys are added
     host = "127.0.0.1"
     port = 8000
     drain_timeout_s = 30           # on shutdown, in-flight requests get this long to finish
+    admission = "saab"             # "saab": SLO-aware batching where a step-cost model exists; "fcfs"
+    drop_hopeless = false          # saab: drop (503) requests that cannot meet their SLO, else run them last
+    step_policy = "edf"            # which co-located model steps next: "edf" or "round_robin"
     [[devices]]                    # optional; default: one device, jax.devices()[0]
     name = "gpu0"                  # default "device<i>"
     jax_device = 0                 # index into jax.devices(); default: the entry's position
@@ -73,6 +76,7 @@ DEFAULT_SLO_TTFT_S = 2.0            # where no device profile covers the model
 DEFAULT_RATE = 1.0                  # requests / s
 QUEUE_PER_SEQ = 4                   # default max_queue = 4 x max_num_seqs
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_DRAIN_TIMEOUT_S = "127.0.0.1", 8000, 30.0
+ADMISSIONS, STEP_POLICIES = ("saab", "fcfs"), ("edf", "round_robin")
 # No step-time model: any positive cost (memory-only placement also plans for rate 0 and no SLO,
 # so that only memory decides).
 MEMORY_ONLY_COST = StepCost(prefill=(1e-6, 0.0, 0.0), decode=(1e-6, 0.0, 0.0, 0.0), pad_to_buckets=False)
@@ -87,10 +91,17 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    admission: str = "saab"
+    drop_hopeless: bool = False
+    step_policy: str = "edf"
 
     def __post_init__(self):
         if not self.host:
             raise ValueError("host must be a non-empty string")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        if self.step_policy not in STEP_POLICIES:
+            raise ValueError(f"step_policy must be one of {STEP_POLICIES}, got {self.step_policy!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not self.drain_timeout_s >= 0:
@@ -224,9 +235,10 @@ def _refuse_duplicates(what: str, values: list, hint: str = "") -> None:
 
 _SERVE_MODEL_TYPES = {"slo_ttft_ms": float, "rate": float, "max_queue": int}
 _DEVICE_TYPES = {"name": str, "jax_device": int, "memory_bytes": "bytes", "kind": str, "pool_bytes": "bytes"}
-_SERVER_TYPES = {"host": str, "port": int, "drain_timeout_s": float}
+_SERVER_TYPES = {"host": str, "port": int, "drain_timeout_s": float, "admission": str, "drop_hopeless": bool,
+                 "step_policy": str}
 _BYTE_FIELDS = {"kv_reserve_bytes", "kv_max_bytes"}
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _spec_types() -> dict[str, type | str]:
@@ -242,7 +254,7 @@ def _typed(value, kind: type | str, where: str):
     if kind == "bytes":
         return parse_bytes(value, where)
     ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-    if not ok or isinstance(value, bool):
+    if not ok or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"{where} must be {_TYPE_NAMES[kind]}, got {value!r}")
     return float(value) if kind is float else value
 
@@ -350,6 +362,17 @@ def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec) -> StepCost | 
         return None
 
 
+def step_cost(model: ServedModelConfig, kind: str | None, profile: DeviceProfile | None,
+              shape: ModelShape | None = None) -> StepCost | None:
+    """The model's step times on a device of `kind`: the device profile's where it covers the model,
+    else the roofline of a known GPU kind (`shape`: the model's, if already read), else None."""
+    cost = _profile_cost(profile, model.spec)
+    if cost is None and kind in DEVICES:
+        shape = shape or ModelShape.from_config(read_model_config(model.spec), model.name)
+        cost = roofline_step_cost(shape, _planned_preset(model.spec), DEVICES[kind])
+    return cost
+
+
 def slo_ttft_s(model: ServedModelConfig, kind: str | None, profile: DeviceProfile | None = None) -> float:
     """The configured SLO, else FineServe's (`fineserve_slo`) where the device profile of `kind`
     (`profile`, if already loaded) covers the model, else DEFAULT_SLO_TTFT_S."""
@@ -410,10 +433,7 @@ def place_models(config: ServeConfig) -> dict[str, list[str]]:
     demands = [_demand(i, m, slo_ttft_s(m, kind, profile)) for i, m in enumerate(config.models)]
     costs = {}
     for d, m in zip(demands, config.models):
-        cost = _profile_cost(profile, m.spec)
-        if cost is None and kind in DEVICES:
-            cost = roofline_step_cost(d.shape, _planned_preset(m.spec), DEVICES[kind])
-        costs[variant_key(d.profile_key, d.precision)] = cost or MEMORY_ONLY_COST
+        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.shape) or MEMORY_ONLY_COST
     try:
         placement = place("fineserve", demands, devices, DeviceProfile(kind or "mixed", "serve", costs), scheduler)
     except PlacementError as e:
@@ -464,6 +484,7 @@ class DeviceFleet:
     fleet: Fleet
     slo_ttft_s: dict[str, float]   # served name -> TTFT SLO, seconds
     max_queue: dict[str, int]      # served name -> waiting requests allowed
+    step_costs: dict[str, StepCost | None] = field(default_factory=dict)  # served name -> step times (SAAB)
 
 
 def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
@@ -482,5 +503,6 @@ def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
         fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
                       slab_bytes=config.slab_bytes, device=jd)  # loads, commits and allocates on jd
         fleets.append(DeviceFleet(d.name, jd, fleet, {m.name: slo_ttft_s(m, kind, profile) for m in models},
-                                  {m.name: m.max_queue for m in models}))
+                                  {m.name: m.max_queue for m in models},
+                                  {m.name: step_cost(m, kind, profile) for m in models}))
     return fleets

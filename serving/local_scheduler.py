@@ -19,18 +19,27 @@ Admission (`Scheduler(admission=...)`, asked every prefill iteration):
                   Requests that already ran (preempted ones) are re-admitted first and never dropped.
 
 Device (`DeviceRuntime(policy=...)`): `RoundRobin` lets models take turns; `EarliestDeadlineFirst`
-steps the model whose most urgent request is due first: a waiting request's first-token deadline,
-or a running request's next-token deadline (`last token + tpot`). Models with nothing due go
-round-robin.
+(built by `deadline_first`) steps the model whose most urgent request is due first:
+  - a waiting request's first token is due at `arrival + ttft`, counted only while the model has a
+    free sequence slot (a saturated model's step cannot admit it; counting it would let an
+    overloaded model hold the device and starve its neighbours' decodes);
+  - a decoding request's next token at `last token + tpot`, or without a TPOT bound `+ ttft`: then
+    first and next tokens are served in the order they became due, so a new prompt waits at most
+    one step of each co-located model, and a model that is only decoding still gets its turns.
+Models with nothing due go round-robin.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
 
 from serving.metrics import SLO
 from serving.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from serving.engine import LLMEngine
+
 
 
 @dataclass
@@ -153,15 +162,28 @@ class EarliestDeadlineFirst:
         return self._round_robin.pick(ready)
 
 
-def earliest_deadline(waiting: list[Sequence], running: list[Sequence], slo: SLO) -> float | None:
+def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo: SLO) -> float | None:
     """The first deadline among a model's requests: first tokens of waiting (and mid-prefill)
-    requests by `arrival + ttft`, next tokens of decoding requests by `last token + tpot`."""
+    requests by `arrival + ttft`, next tokens of decoding requests by `last token + tpot` (or
+    `+ ttft` without a TPOT bound)."""
+    decode_wait = slo.tpot_s if slo.tpot_s is not None else slo.ttft_s
     deadlines = [s.metrics.arrival_time + slo.ttft_s for s in waiting if not s.output_token_ids]
     for s in running:
         if s.status is not SequenceStatus.RUNNING:
             continue
         if not s.output_token_ids:
             deadlines.append(s.metrics.arrival_time + slo.ttft_s)
-        elif slo.tpot_s is not None and s.metrics.token_times:
-            deadlines.append(s.metrics.token_times[-1] + slo.tpot_s)
+        elif s.metrics.token_times:
+            deadlines.append(s.metrics.token_times[-1] + decode_wait)
     return min(deadlines) if deadlines else None
+
+
+def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO]) -> EarliestDeadlineFirst:
+    """EDF over one device's engines, each model's deadline read from its scheduler's queues."""
+
+    def deadline_of(name: str) -> float | None:
+        sched = engines[name].scheduler
+        admissible = sched.waiting if len(sched.running) < sched.max_num_seqs else ()
+        return earliest_deadline(admissible, sched.running, slos[name])
+
+    return EarliestDeadlineFirst(list(engines), deadline_of)

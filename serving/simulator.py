@@ -32,8 +32,7 @@ from serving.device_runtime import DeviceRuntime
 from serving.engine import EngineConfig, LLMEngine
 from serving.global_scheduler import pool_specs
 from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
-from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, RoundRobin, SAABAdmission,
-                                     earliest_deadline)
+from serving.local_scheduler import FCFSAdmission, RoundRobin, SAABAdmission, deadline_first
 from serving.metrics import SLO, RequestRecord
 from serving.model_runner import ShapeBuckets, StepResult
 from serving.pool_plan import ModelPages, PoolPlan, plan_pool
@@ -134,9 +133,7 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
                                     admission=admission_policy(admission, m), runner=runners[m.name], clock=clock)
     names = [m.name for m in models]
     if policy == "edf":
-        slos = {m.name: m.slo for m in models}
-        step_policy = EarliestDeadlineFirst(names, lambda n: earliest_deadline(
-            list(engines[n].scheduler.waiting), engines[n].scheduler.running, slos[n]))
+        step_policy = deadline_first(engines, {m.name: m.slo for m in models})
     else:
         step_policy = RoundRobin(names)
     return SimulatedDevice(DeviceRuntime(pool, engines, step_policy), clock, runners)

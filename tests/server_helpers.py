@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gguf
 
 from fineserve_jax.fleet import Fleet, ModelSpec
-from fineserve_jax.serve import served_models
+from fineserve_jax.serve import served_models, use_local_scheduling
 from models.config import ModelConfig
 from models.loader import model_cache_dir, random_model
 from models.tokenizer import Tokenizer
@@ -69,11 +69,14 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_timeout_s: float = 5.0,
-                   slo_ttft_s: float = 5.0, pool_bytes: str = "8MiB"):
+                   slo_ttft_s: float = 5.0, pool_bytes: str = "8MiB", step_costs: dict | None = None,
+                   drop_hopeless: bool = False):
+    """The server as `fineserve serve` runs it (EDF stepping; SAAB for the models in `step_costs`)."""
     specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
                        tokens_per_page=8) for m in models]
     fleet = Fleet(specs, pool_bytes)
     names = fleet.model_names
+    use_local_scheduling(fleet, {n: slo_ttft_s for n in names}, step_costs or {}, drop_hopeless=drop_hopeless)
     app = build_app(served_models(fleet, slo_ttft_s={n: slo_ttft_s for n in names},
                                   max_queue={n: max_queue for n in names}), drain_timeout_s=drain_timeout_s)
     server = make_server(app, "127.0.0.1", 0, log_level="warning")

@@ -3,14 +3,17 @@ its use inside the real Scheduler, and earliest-deadline-first model stepping.""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv_pool import SlabAllocator
-from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, earliest_deadline,
-                                     prefill_backlog)
+from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, deadline_first,
+                                     earliest_deadline, prefill_backlog)
 from serving.metrics import SLO
 from serving.page_manager import PageManager
 from serving.sampling import SamplingParams
@@ -194,3 +197,49 @@ def test_earliest_deadline_covers_first_and_next_tokens():
     assert earliest_deadline([w], [dec], slo) == pytest.approx(2.6)
     assert earliest_deadline([w], [dec, mid], slo) == pytest.approx(1.0)
     assert earliest_deadline([], [], slo) is None
+
+
+def test_a_decoding_model_without_a_tpot_bound_is_due_one_ttft_after_its_last_token():
+    dec = running("d", 5, 6, outputs=2)
+    dec.metrics.token_times = [2.0, 2.5]
+    assert earliest_deadline([], [dec], SLO(ttft_s=2.0)) == pytest.approx(4.5)
+
+
+def fake_engine(waiting, run, max_num_seqs=4):
+    return SimpleNamespace(scheduler=SimpleNamespace(waiting=deque(waiting), running=run, max_num_seqs=max_num_seqs))
+
+
+def test_deadline_first_serves_first_and_next_tokens_in_the_order_they_became_due():
+    a_dec = running("a", 5, 6, outputs=1)
+    a_dec.metrics.token_times = [1.0]
+    engines = {"a": fake_engine([], [a_dec]), "b": fake_engine([seq("b", 5, 0.5)], [])}
+    edf = deadline_first(engines, {"a": SLO(1.0), "b": SLO(1.0)})
+    assert edf.pick(["a", "b"]) == "b"          # b's prompt arrived before a's last token
+    engines["b"].scheduler.waiting[0].metrics.arrival_time = 1.5
+    assert edf.pick(["a", "b"]) == "a"          # now a's next token is the older debt
+    engines["b"].scheduler.running = [running(f"r{i}", 5, 6, outputs=1) for i in range(4)]
+    for r in engines["b"].scheduler.running:
+        r.metrics.token_times = [2.0]
+    engines["b"].scheduler.waiting[0].metrics.arrival_time = 0.0
+    assert edf.pick(["a", "b"]) == "a"          # b is full: its waiting prompt cannot be admitted
+
+
+def test_edf_does_not_starve_a_decoding_model_next_to_a_saturated_one():
+    """`busy` runs its full 4 slots and keeps a queue of prompts (one more every step); `dec` only
+    decodes. Without the free-slot rule, busy's ever-older queue would always be due first."""
+    slo, step, now = SLO(ttft_s=1.0), 0.01, 0.0
+    decoding = {name: [running(f"{name}{i}", 5, 6, outputs=1) for i in range(k)] for name, k in (("busy", 4), ("dec", 1))}
+    for seqs in decoding.values():
+        for s in seqs:
+            s.metrics.token_times = [0.0]
+    engines = {name: fake_engine([], seqs) for name, seqs in decoding.items()}
+    edf, picks = deadline_first(engines, {"busy": slo, "dec": slo}), []
+    for i in range(400):
+        now += step
+        engines["busy"].scheduler.waiting.append(seq(f"w{i}", 5, now))
+        picks.append(edf.pick(["busy", "dec"]))
+        for s in decoding[picks[-1]]:
+            s.metrics.token_times.append(now)
+    for name, seqs in decoding.items():
+        gaps = np.diff(seqs[0].metrics.token_times)
+        assert len(gaps) >= 150 and gaps.max() <= 2 * step + 1e-9, (name, gaps.max())

@@ -17,10 +17,12 @@ from pathlib import Path
 import jax
 import pytest
 
+from fineserve_jax.bench import PROFILE_DIR
 from fineserve_jax.fleet import ModelSpec
 from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, ServeConfig, ServedModelConfig,
-                                        ServerConfig, build_fleets, place_models, slo_ttft_s)
+                                        ServerConfig, build_fleets, place_models, slo_ttft_s, step_cost)
 from models.config import ModelConfig
+from serving.cost_model import DeviceProfile, variant_key
 from models.loader import random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,9 @@ slab_bytes = "256KiB"
 host = "0.0.0.0"
 port = 9000
 drain_timeout_s = 5
+admission = "fcfs"
+drop_hopeless = true
+step_policy = "round_robin"
 [[devices]]
 name = "d0"
 kind = "H100"
@@ -56,7 +61,7 @@ def test_a_good_config_parses_with_defaults_filled_in(tmp_path):
     path = tmp_path / "fleet.toml"
     path.write_text(GOOD)
     c = ServeConfig.from_toml(path)
-    assert c.server == ServerConfig("0.0.0.0", 9000, 5.0)
+    assert c.server == ServerConfig("0.0.0.0", 9000, 5.0, "fcfs", True, "round_robin")
     assert (c.pool_bytes, c.slab_bytes, c.pool_mode) == (64 * MIB, 256 << 10, "slab")
     assert c.devices == [DeviceConfig("d0", 0, 80 * 10**9, "H100", None)]
     small, bf16 = c.models
@@ -69,7 +74,7 @@ def test_a_good_config_parses_with_defaults_filled_in(tmp_path):
 def test_a_fleet_toml_is_a_serve_config_on_one_device():
     c = ServeConfig.from_dict({"pool_bytes": "256MiB", "pool_mode": "static",
                                "models": [{"model": "smollm2-135m", "precision": "w4a16"}]})
-    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0)
+    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0, "saab", False, "edf")
     assert c.devices == [DeviceConfig("device0", 0)]
     assert (c.pool_bytes, c.pool_mode) == (256 * MIB, "static")
 
@@ -83,6 +88,13 @@ def test_the_demo_is_smollm2_three_ways_on_one_device_without_loading_anything()
     # The CPU profile covers the demo: FineServe's SLO from it; no profile covers it on an H100.
     assert all(slo_ttft_s(m, "cpu") > 1 for m in c.models)
     assert all(slo_ttft_s(m, "h100") == DEFAULT_SLO_TTFT_S for m in c.models)
+    # SAAB's step costs: the CPU profile's entries; the roofline on an H100; none for an unknown kind.
+    cpu = DeviceProfile.load(PROFILE_DIR / "cpu.json")
+    for m in c.models:
+        assert step_cost(m, "cpu", cpu) is cpu.entries[variant_key("smollm2-135m", m.spec.precision)]
+        assert 0 < step_cost(m, "h100", None).prefill_seconds_per_token() < cpu.entries[
+            variant_key("smollm2-135m", m.spec.precision)].prefill_seconds_per_token()
+        assert step_cost(m, "tpu-v9", None) is None
 
 
 def model(**extra):
@@ -118,6 +130,9 @@ def with_devices(*entries):
     ({"models": [model()], "server": {"host": ""}}, r"\[server\]: host must be a non-empty string"),
     ({"models": [model()], "server": {"drain_timeout_s": -1}}, r"drain_timeout_s must be >= 0"),
     ({"models": [model()], "server": {"tls": True}}, r"\[server\]: unknown keys \['tls'\]"),
+    ({"models": [model()], "server": {"admission": "lifo"}}, r"admission must be one of \('saab', 'fcfs'\)"),
+    ({"models": [model()], "server": {"step_policy": "random"}}, r"step_policy must be one of"),
+    ({"models": [model()], "server": {"drop_hopeless": "yes"}}, r"\[server\] drop_hopeless must be true or false"),
     ({"models": [model()], "server": 8000}, r"\[server\] must be a table"),
     (with_devices({"name": "a", "gpu": 1}), r"\[\[devices\]\] entry 0 \('a'\): unknown keys \['gpu'\]"),
     (with_devices({"name": 3}), r"\[\[devices\]\] entry 0: name must be a string, got 3"),

@@ -19,6 +19,7 @@ import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
+from serving.cost_model import StepCost
 from tests.server_helpers import running_server, tiny_models, tokenizer, wait_for
 
 
@@ -196,6 +197,27 @@ def test_a_failing_model_fails_only_its_requests_and_recovers(models, lose_pool)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
         assert srv.state.runtimes[0].failures == {"tiny-bf16": 0, "tiny-w8a8": 1, "tiny-w4a16": 0}
         assert 'fineserve_model_failures_total{model="tiny-w8a8"} 1.0' in httpx.get(srv.url + "/metrics").text
+        wait_for(lambda: srv.used_pages() == 0, what="pages back")
+
+
+@pytest.mark.parametrize("drop_hopeless", [True, False], ids=["drop", "defer"])
+def test_saab_drops_or_defers_a_request_that_cannot_meet_its_slo(models, drop_hopeless):
+    """SAAB in the server: on a cost model of 1 s per prompt token and a 5 s TTFT SLO, an 8-token
+    prompt is hopeless. Dropped: a 503 `dropped` with Retry-After, counted and logged, nothing held.
+    Deferred (the default): still served, behind every request that can make it."""
+    slow = StepCost(prefill=(0.0, 1.0, 0.0), decode=(1e-3, 0.0, 0.0, 0.0), pad_to_buckets=False)
+    with running_server(models, step_costs={m.name: slow for m in models}, drop_hopeless=drop_hopeless) as srv:
+        body = long_request("tiny-bf16", 4, prompt=list(range(1, 9)))
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        quick = httpx.post(srv.url + "/v1/completions", json=long_request("tiny-bf16", 4, prompt=[5, 6]), timeout=60)
+        assert quick.status_code == 200  # 2 s of predicted prefill: on time, admitted
+        if drop_hopeless:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "dropped", r.text
+            assert float(r.headers["retry-after"]) > 0
+            assert 'fineserve_requests_total{model="tiny-bf16",status="dropped"} 1.0' in \
+                httpx.get(srv.url + "/metrics").text
+        else:
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         wait_for(lambda: srv.used_pages() == 0, what="pages back")
 
 
