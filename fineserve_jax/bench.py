@@ -6,6 +6,11 @@ Systems (what each changes; everything else is the same code):
   prism      Prism-style KV-pressure placement, one shared pool, FCFS admission, round-robin stepping.
   muxserve   MuxServe-style greedy placement, per-model KV quotas in a bf16 head-wise pool, FCFS, round-robin.
   static     dedicated devices / static partitions, per-model pools, FCFS, round-robin.
+  fineserve-replan  (`--drift flip` only) FineServe that re-places the models when the observed rates
+             drift from plan (`simulator.simulate_replanning`); every other system keeps its placement.
+
+`--drift flip` reverses the models' popularity halfway through a Poisson/Gamma window, and every
+system is planned on the first half's rates (what was known before the drift).
 
 `--simulate` runs them in the discrete-event simulator (`serving.simulator`) on a cluster such as
 16xH100 with Llama-3-8B- and 70B-shaped models at several precisions and a device profile
@@ -30,9 +35,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from serving.metrics import SLO, format_table, summarize
-from serving.workload import AZURE_KINDS, TraceLengths, Workload, azure_workload, synthetic_workload
+from serving.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, popularity_flip,
+                              synthetic_workload)
 
 SYSTEMS = ("fineserve", "prism", "muxserve", "static")
+REPLAN_SYSTEM = "fineserve-replan"
+DRIFTS = ("none", "flip")
 WORKLOADS = ("poisson", "gamma", "azure-conv", "azure-code")
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "profiles"
 # Best-effort planning: a baseline that cannot place the offered rates is planned for this share of them.
@@ -45,15 +53,20 @@ TARGET_ATTAINMENT = 0.9
 
 
 def build_workload(kind: str, models: list[str], total_rate: float, *, alpha: float, cv: float,
-                   duration_s: float, seed: int, lengths=None) -> Workload:
+                   duration_s: float, seed: int, lengths=None, drift: str = "none") -> Workload:
     """`total_rate` requests/s over `models` with power-law popularity `alpha`. Azure kinds replay the
     trace's arrivals and lengths, time-compressed to `total_rate`; Poisson and Gamma arrivals draw
     (prompt, output) pairs from the Azure conv trace unless `lengths` is given (production lengths,
-    with outputs of at most 1,000 tokens, where a fitted lognormal's tail would set the makespan)."""
+    with outputs of at most 1,000 tokens, where a fitted lognormal's tail would set the makespan).
+    `drift="flip"` (Poisson/Gamma): the popularity order reverses halfway (`popularity_flip`)."""
+    if drift not in DRIFTS:
+        raise ValueError(f"unknown drift {drift!r}; choose from {DRIFTS}")
     if kind in ("poisson", "gamma"):
-        return synthetic_workload(models, total_rate, alpha, cv=1.0 if kind == "poisson" else cv,
-                                  duration_s=duration_s, lengths=lengths or TraceLengths.from_azure("conv"),
-                                  seed=seed)
+        make = popularity_flip if drift == "flip" else synthetic_workload
+        return make(models, total_rate, alpha, cv=1.0 if kind == "poisson" else cv, duration_s=duration_s,
+                    lengths=lengths or TraceLengths.from_azure("conv"), seed=seed)
+    if drift != "none":
+        raise ValueError(f"--drift {drift} needs a synthetic workload (poisson or gamma), not {kind!r}")
     trace = kind.removeprefix("azure-")
     if trace not in AZURE_KINDS:
         raise ValueError(f"unknown workload {kind!r}; choose from {WORKLOADS}")
@@ -113,22 +126,28 @@ def simulated_setup(cluster: ClusterSpec, slo_scale: float):
     return profile, devices, models, slo_ttft
 
 
-def run_simulated(system: str, workload: Workload, profile, devices, models, slo_ttft: dict[str, float]):
-    """Place (best effort) and simulate one system; returns (summary, notes)."""
+def run_simulated(system: str, workload: Workload, profile, devices, models, slo_ttft: dict[str, float],
+                  plan_rates: dict[str, float] | None = None):
+    """Place (best effort) for `plan_rates` (default: the workload's mean rates) and simulate one system;
+    returns (summary, notes)."""
     from serving.global_scheduler import ModelDemand, PlacementError, SchedulerConfig, place
-    from serving.simulator import SystemPolicy, simulate_placement
+    from serving.simulator import SystemPolicy, simulate_placement, simulate_replanning
 
-    rates = workload.rates_by_model()
     stats = workload.stats()
-    config = SchedulerConfig(tp_rule="min_devices") if system == "fineserve" else None
+    strategy = "fineserve" if system == REPLAN_SYSTEM else system
+    config = SchedulerConfig(tp_rule="min_devices") if strategy == "fineserve" else None
+
+    def demands_for(rates: dict[str, float], factor: float = 1.0) -> list[ModelDemand]:
+        return [ModelDemand.from_shape(name, shape, p, max(rates.get(name, 0.0), 1e-3) * factor, slo_ttft[name],
+                                       mean_prompt=max(1, int(stats["prompt_mean"])),
+                                       mean_output=max(1, int(stats["output_mean"])))
+                for name, shape, p in models]
+
     notes, placement = [], None
     for factor in PLAN_RATE_FACTORS:
-        demands = [ModelDemand.from_shape(name, shape, p, max(rates.get(name, 0.0), 1e-3) * factor,
-                                          slo_ttft[name], mean_prompt=max(1, int(stats["prompt_mean"])),
-                                          mean_output=max(1, int(stats["output_mean"])))
-                   for name, shape, p in models]
         try:
-            placement = place(system, demands, devices, profile, config)
+            placement = place(strategy, demands_for(plan_rates or workload.rates_by_model(), factor), devices,
+                              profile, config)
             break
         except PlacementError as e:
             notes.append(f"planned for {factor:.0%} of the offered rate failed: {str(e)[:160]}")
@@ -136,9 +155,16 @@ def run_simulated(system: str, workload: Workload, profile, devices, models, slo
         raise PlacementError(f"{system}: no placement even at {PLAN_RATE_FACTORS[-1]:.0%} of the rates")
     if notes:
         notes.append(f"placed for {factor:.0%} of the offered rates")
-    policy = SystemPolicy("saab", "edf") if system == "fineserve" else SystemPolicy("fcfs", "round_robin")
+    policy = SystemPolicy("saab", "edf") if strategy == "fineserve" else SystemPolicy("fcfs", "round_robin")
     slos = {name: SLO(slo_ttft[name]) for name, _, _ in models}
-    records = simulate_placement(placement, profile, workload.requests, slos, policy)
+    if system == REPLAN_SYSTEM:
+        records, events = simulate_replanning(placement, profile, workload.requests, slos, demands_for, policy,
+                                              rate_scale=factor, plan_factors=PLAN_RATE_FACTORS)
+        notes += [f"re-placed at {e.time_s:g} s for {e.planned_share:.0%} of the observed rates (drift "
+                  f"{', '.join(f'{m} {d:+.0%}' for m, d in e.drift.items())}); moved {list(e.moved)}"
+                  for e in events] or ["no re-placement"]
+    else:
+        records = simulate_placement(placement, profile, workload.requests, slos, policy)
     return summarize(records, slos, duration_s=workload.duration_s), notes
 
 
@@ -262,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-scales", default=None, help="SLO scales to sweep at the highest rate")
     p.add_argument("--alpha", type=float, default=0.9, help="power-law popularity exponent across models")
     p.add_argument("--cv", type=float, default=1.0, help="arrival CV for --workload gamma")
+    p.add_argument("--drift", default="none", choices=DRIFTS,
+                   help="flip: popularity reverses halfway; systems plan on the first half and "
+                        f"{REPLAN_SYSTEM} re-places on drift (with --simulate)")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--pool-bytes", default="256MiB", help="real runs: the KV pool of the demo fleet")
@@ -274,16 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = [s for s in systems if s not in SYSTEMS]
+    known = SYSTEMS + ((REPLAN_SYSTEM,) if args.drift != "none" else ())
+    bad = [s for s in systems if s not in known]
     if bad:
-        raise SystemExit(f"unknown systems {bad}; choose from {SYSTEMS}")
+        raise SystemExit(f"unknown systems {bad}; choose from {known}")
+    if args.drift != "none":
+        if not args.simulate or args.workload not in ("poisson", "gamma"):
+            raise SystemExit("--drift needs --simulate and a poisson or gamma workload")
+        if "fineserve" in systems and REPLAN_SYSTEM not in systems:
+            systems.insert(systems.index("fineserve") + 1, REPLAN_SYSTEM)
     floats = lambda text: [float(x) for x in text.split(",")] if text else None
     if args.simulate:
         cluster = ClusterSpec.parse(args.cluster)
         rates = floats(args.rates) or [10.0, 20.0, 40.0, 60.0, 80.0]
         scales = floats(args.slo_scales) or [5.0]
         duration = args.duration or 60.0
-        title = f"simulated {cluster.count}x{cluster.kind.upper()}, {args.workload}, alpha={args.alpha}"
+        title = f"simulated {cluster.count}x{cluster.kind.upper()}, {args.workload}, alpha={args.alpha}" + \
+            (", popularity flips halfway" if args.drift == "flip" else "")
     else:
         from fineserve_jax.fleet import ModelSpec  # noqa: F401  (fail early if the package is broken)
 
@@ -306,8 +342,12 @@ def main(argv=None) -> int:
             profile, devices, models, slo_ttft = setups[scale]
             names = [m[0] for m in models]
             workload = build_workload(args.workload, names, rate, alpha=args.alpha, cv=args.cv,
-                                      duration_s=duration, seed=args.seed).truncated(8000, 8192)
-            summary, notes = run_simulated(system, workload, profile, devices, models, slo_ttft)
+                                      duration_s=duration, seed=args.seed, drift=args.drift).truncated(8000, 8192)
+            plan_rates = None
+            if args.drift != "none":  # what was known before the drift: the first half's rates
+                first = [r for r in workload.requests if r.arrival_s < duration / 2]
+                plan_rates = Workload(first, duration / 2).rates_by_model()
+            summary, notes = run_simulated(system, workload, profile, devices, models, slo_ttft, plan_rates)
         else:
             if scale not in setups:
                 setups[scale] = real_setup(scale, demo_specs)

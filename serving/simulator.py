@@ -17,12 +17,20 @@ devices that share a replica (a TP group and whatever else it overlaps); each gr
 device with their memory and its own clock, since groups share nothing. Requests of a model go to its
 replicas by weighted round-robin in arrival order (the replicas' planned rates as weights), as a
 data-parallel router without load feedback would send them.
+
+Re-placement (`simulate_replanning`): a `RatesMonitor` watches arrivals; at every check its window's
+rates are compared with the placement's plan (`rate_drift`), and on drift `replace` re-places the
+models for the observed rates. Requests arriving after that go to the new placement. Each
+placement's period is simulated on its own, so a period's backlog does not slow the next one down
+and moving a model's weights is free: both favour re-placement slightly (the backlog drains in
+seconds below saturation; loading an 8B model's weights takes about a second).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,7 +38,8 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.cost_model import StepCost
 from serving.device_runtime import DeviceRuntime
 from serving.engine import EngineConfig, LLMEngine
-from serving.global_scheduler import pool_specs
+from serving.global_scheduler import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, ModelDemand, PlacementError,
+                                      RatesMonitor, pool_specs, rate_drift, replace)
 from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
 from serving.local_scheduler import FCFSAdmission, RoundRobin, SAABAdmission, deadline_first
 from serving.metrics import SLO, RequestRecord
@@ -241,3 +250,58 @@ def simulate_placement(placement, profile, requests: list[Request], slos: dict[s
             records.append(rec)
     assert len(records) == len(requests), (len(records), len(requests))
     return sorted(records, key=lambda r: r.arrival_s)
+
+
+@dataclass(frozen=True)
+class Replanning:
+    """One re-placement during `simulate_replanning`."""
+
+    time_s: float
+    drift: dict[str, float]       # model -> relative drift of its observed rate from plan
+    moved: tuple[str, ...]        # models whose device sets changed
+    placement: object             # global_scheduler.Placement, serving from time_s on
+    planned_share: float = 1.0    # of the observed rates (< 1: they did not fit)
+
+
+def simulate_replanning(placement, profile, requests: list[Request], slos: dict[str, SLO],
+                        demands_for: Callable[[dict[str, float]], Sequence[ModelDemand]],
+                        policy: SystemPolicy = SystemPolicy(), *, rate_scale: float = 1.0,
+                        plan_factors: Sequence[float] = (1.0,), check_every_s: float = 10.0,
+                        window_s: float = 30.0, threshold: float = DEFAULT_DRIFT_THRESHOLD,
+                        min_count: int = MIN_DRIFT_OBSERVATIONS, max_model_len: int = 8192,
+                        ) -> tuple[list[RequestRecord], list[Replanning]]:
+    """`simulate_placement` with re-placement on rate drift (see the module docstring). `demands_for`
+    turns rates into demands. A placement may plan for a share of the offered rates (best effort:
+    `rate_scale` for the first one); drift is judged on observed rates times that share, and a
+    re-placement takes the first of `plan_factors` x the observed rates that `replace` can fit (none:
+    the current placement stays). Returns the records (arrival order) and the re-placements made."""
+    monitor = RatesMonitor(window_s, start_s=0.0)
+    models = list(placement.demands)
+    periods: list[tuple[object, list[Request]]] = [(placement, [])]
+    events: list[Replanning] = []
+    next_check, scale = check_every_s, rate_scale
+    for req in sorted(requests, key=lambda r: r.arrival_s):
+        while req.arrival_s >= next_check:
+            current = periods[-1][0]
+            observed = monitor.observe(next_check, models)
+            drift = rate_drift(current, {m: dataclasses.replace(o, rate=o.rate * scale) for m, o in observed.items()},
+                               threshold, min_count)
+            for factor in plan_factors if drift else ():
+                try:
+                    new = replace(current, demands_for({m: o.rate * factor for m, o in observed.items()}), profile,
+                                  threshold=threshold)
+                except PlacementError:
+                    continue
+                events.append(Replanning(next_check, drift, new.moved, new.placement, factor))
+                periods.append((new.placement, []))
+                scale = factor
+                break
+            next_check += check_every_s
+        monitor.record(req.model, req.arrival_s)
+        periods[-1][1].append(req)
+    records = []
+    for period_placement, period_requests in periods:
+        if period_requests:
+            records += simulate_placement(period_placement, profile, period_requests, slos, policy,
+                                          max_model_len=max_model_len)
+    return sorted(records, key=lambda r: r.arrival_s), events

@@ -308,6 +308,21 @@ def synthetic_workload(models: Sequence[str], total_rate: float, alpha: float, c
                     f"{duration_s:g} s, seed {seed}")
 
 
+def popularity_flip(models: Sequence[str], total_rate: float, alpha: float, cv: float = 1.0,
+                    duration_s: float = 120.0, lengths: LengthSampler | Mapping[str, LengthSampler] | None = None,
+                    seed: int = 0) -> Workload:
+    """Drifting rates: `synthetic_workload` over `models` for the first half of the window, then over
+    them in reverse order (the most popular model becomes the least popular) for the second half."""
+    models = _check_models(models)
+    half = duration_s / 2
+    first = synthetic_workload(models, total_rate, alpha, cv, half, lengths, seed)
+    second = synthetic_workload(models[::-1], total_rate, alpha, cv, half, lengths, seed + 1)
+    joined = first.requests + [dataclasses.replace(r, arrival_s=r.arrival_s + half) for r in second.requests]
+    width = max(6, len(str(len(joined))))
+    return Workload([dataclasses.replace(r, request_id=f"{i:0{width}d}") for i, r in enumerate(joined)],
+                    float(duration_s), f"popularity flip at {half:g} s: " + first.description)
+
+
 def read_azure_csv(kind: str, data_dir: str | Path = AZURE_DATA_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One Azure 2023 trace as (seconds since its first row, prompt lengths, output lengths)."""
     if kind not in AZURE_KINDS:

@@ -47,6 +47,21 @@ def test_comparison_at_the_rate_where_fineserve_holds_90_percent():
     assert comparison(rows + looser, ["fineserve", "static"])["rate"] == 20
 
 
+def test_drift_adds_the_replanning_fineserve_and_plans_on_the_first_half(tmp_path):
+    out = tmp_path / "drift.json"
+    assert main(["--simulate", "--cluster", "16xH100", "--rates", "4", "--slo-scales", "10", "--duration", "20",
+                 "--drift", "flip", "--systems", "fineserve,static", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["system"] for r in rows] == ["fineserve", "fineserve-replan", "static"]
+    replan = rows[1]
+    assert replan["count"] == rows[0]["count"] and replan["notes"]  # "re-placed at ..." or "no re-placement"
+    assert all(n.startswith("re-placed at") for n in replan["notes"]) or replan["notes"] == ["no re-placement"]
+    with pytest.raises(SystemExit, match="--drift needs --simulate"):
+        main(["--simulate", "--workload", "azure-conv", "--drift", "flip"])
+    with pytest.raises(SystemExit, match="unknown systems"):
+        main(["--simulate", "--systems", "fineserve-replan"])  # only with --drift
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="16xH100"):
         ClusterSpec.parse("lots")

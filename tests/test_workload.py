@@ -9,6 +9,7 @@ its seed so a failure can be replayed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import numpy as np
@@ -16,8 +17,8 @@ import pytest
 
 from serving.workload import (AZURE_DATA_DIR, SHAREGPT_MEAN_OUTPUT, SHAREGPT_MEAN_PROMPT, FixedLengths,
                               LengthSampler, LognormalLengths, Request, TraceLengths, Workload, azure_trace,
-                              azure_workload, gamma_arrivals, poisson_arrivals, power_law_rates, power_law_shares,
-                              read_azure_csv, sharegpt_like_lengths, synthetic_workload)
+                              azure_workload, gamma_arrivals, poisson_arrivals, popularity_flip, power_law_rates,
+                              power_law_shares, read_azure_csv, sharegpt_like_lengths, synthetic_workload)
 
 
 def gap_cv(times: np.ndarray) -> float:
@@ -189,6 +190,20 @@ def test_synthetic_workload_shares_and_determinism():
         assert abs(rates[m] * 500.0 - expected) < 6 * math.sqrt(expected)
     assert w == synthetic_workload(models, 100.0, 1.0, 1.0, 500.0, FixedLengths(64, 8), 1)
     assert w != synthetic_workload(models, 100.0, 1.0, 1.0, 500.0, FixedLengths(64, 8), 2)
+
+
+def test_popularity_flip_reverses_the_order_halfway():
+    w = popularity_flip(["a", "b", "c"], 60.0, 1.0, duration_s=200.0, lengths=FixedLengths(64, 8), seed=3)
+    assert w.duration_s == 200.0 and len({r.request_id for r in w.requests}) == len(w)
+    assert [r.arrival_s for r in w.requests] == sorted(r.arrival_s for r in w.requests)
+    first = Workload([r for r in w.requests if r.arrival_s < 100], 100.0).rates_by_model()
+    second = Workload([dataclasses.replace(r, arrival_s=r.arrival_s - 100) for r in w.requests
+                       if r.arrival_s >= 100], 100.0).rates_by_model()
+    assert list(first) == ["a", "b", "c"] and list(second) == ["c", "b", "a"]
+    for half, order in ((first, "abc"), (second, "cba")):  # 6 sd of a Poisson count, as above
+        for m, share in zip(order, [6 / 11, 3 / 11, 2 / 11]):
+            expected = 60 * share * 100
+            assert abs(half[m] * 100 - expected) < 6 * math.sqrt(expected)
 
 
 def test_synthetic_workload_per_model_lengths():
