@@ -19,18 +19,17 @@ Admission (`Scheduler(admission=...)`, asked every prefill iteration):
                   Requests that already ran (preempted ones) are re-admitted first and never dropped.
 
 Device (`DeviceRuntime(policy=...)`): `RoundRobin` lets models take turns; `EarliestDeadlineFirst`
-(built by `deadline_first`) steps the model whose most urgent request is due first:
-  - a waiting request's first token is due at `arrival + ttft`, counted only while the model has a
-    free sequence slot (a saturated model's step cannot admit it; counting it would let an
-    overloaded model hold the device and starve its neighbours' decodes);
-  - a decoding request's next token at `last token + tpot`, or without a TPOT bound `+ ttft`: then
-    first and next tokens are served in the order they became due, so a new prompt waits at most
-    one step of each co-located model, and a model that is only decoding still gets its turns.
-Models with nothing due go round-robin.
+(built by `deadline_first`) steps the model whose most urgent request is due first
+(`earliest_deadline`): a first token by `arrival + ttft`, a next token by `last token + tpot`, or
+`+ ttft` without a TPOT bound (otherwise a model that is only decoding is never due, and it starves
+while its neighbours keep receiving prompts). A first token that is already late counts as due now,
+so a backlog of late prompts (FCFS never drops them) cannot hold the device either: a next token
+waits at most about one TTFT SLO. Models with nothing due go round-robin.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
 
@@ -148,7 +147,8 @@ class RoundRobin:
 
 class EarliestDeadlineFirst:
     """Step the model whose most urgent request is due first (a `DeviceRuntime` policy).
-    `deadline_of(name) -> float | None` gives each model's earliest deadline (None: nothing due)."""
+    `deadline_of(name)` gives each model's earliest deadline, or any sortable key such as
+    `earliest_deadline`'s (due, deadline) (None: nothing due)."""
 
     def __init__(self, names: list[str], deadline_of: Callable[[str], float | None]):
         self._order = list(names)
@@ -162,28 +162,33 @@ class EarliestDeadlineFirst:
         return self._round_robin.pick(ready)
 
 
-def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo: SLO) -> float | None:
-    """The first deadline among a model's requests: first tokens of waiting (and mid-prefill)
-    requests by `arrival + ttft`, next tokens of decoding requests by `last token + tpot` (or
-    `+ ttft` without a TPOT bound)."""
+def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo: SLO,
+                      now: float = -math.inf) -> tuple[float, float] | None:
+    """EDF's key for one model: (due, deadline) of its most urgent request, None if nothing is due.
+    First tokens of waiting (and mid-prefill) requests have deadline `arrival + ttft`, next tokens of
+    decoding requests `last token + tpot` (or `+ ttft` without a TPOT bound). A next token is due at
+    its deadline; a first token at its deadline but not before `now`: a prompt that is already late
+    is no more urgent than one due now, so a backlog of late prompts cannot hold the device while a
+    neighbour's next tokens fall due (they wait at most about one TTFT SLO)."""
     decode_wait = slo.tpot_s if slo.tpot_s is not None else slo.ttft_s
-    deadlines = [s.metrics.arrival_time + slo.ttft_s for s in waiting if not s.output_token_ids]
+    first = [s.metrics.arrival_time + slo.ttft_s for s in waiting if not s.output_token_ids]
+    keys = []
     for s in running:
         if s.status is not SequenceStatus.RUNNING:
             continue
         if not s.output_token_ids:
-            deadlines.append(s.metrics.arrival_time + slo.ttft_s)
+            first.append(s.metrics.arrival_time + slo.ttft_s)
         elif s.metrics.token_times:
-            deadlines.append(s.metrics.token_times[-1] + decode_wait)
-    return min(deadlines) if deadlines else None
+            keys.append((s.metrics.token_times[-1] + decode_wait,) * 2)
+    keys += [(max(d, now), d) for d in first]
+    return min(keys) if keys else None
 
 
 def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO]) -> EarliestDeadlineFirst:
-    """EDF over one device's engines, each model's deadline read from its scheduler's queues."""
+    """EDF over one device's engines, each model's key read from its scheduler's queues."""
 
-    def deadline_of(name: str) -> float | None:
-        sched = engines[name].scheduler
-        admissible = sched.waiting if len(sched.running) < sched.max_num_seqs else ()
-        return earliest_deadline(admissible, sched.running, slos[name])
+    def deadline_of(name: str) -> tuple[float, float] | None:
+        engine = engines[name]
+        return earliest_deadline(engine.scheduler.waiting, engine.scheduler.running, slos[name], engine.clock())
 
     return EarliestDeadlineFirst(list(engines), deadline_of)

@@ -194,52 +194,57 @@ def test_earliest_deadline_covers_first_and_next_tokens():
     dec = running("d", 5, 6, outputs=2)
     dec.metrics.token_times = [2.0, 2.5]                  # next token due 2.6
     mid = running("m", 50, 10)                            # mid-prefill, arrived 0: due 1.0
-    assert earliest_deadline([w], [dec], slo) == pytest.approx(2.6)
-    assert earliest_deadline([w], [dec, mid], slo) == pytest.approx(1.0)
+    assert earliest_deadline([w], [dec], slo) == pytest.approx((2.6, 2.6))
+    assert earliest_deadline([w], [dec, mid], slo) == pytest.approx((1.0, 1.0))
     assert earliest_deadline([], [], slo) is None
+    # At 3.5 the mid-prefill prompt is late: due now (3.5), behind the next token due at 2.6.
+    assert earliest_deadline([w], [dec, mid], slo, now=3.5) == pytest.approx((2.6, 2.6))
+    assert earliest_deadline([w], [mid], slo, now=3.5) == pytest.approx((3.5, 1.0))
 
 
 def test_a_decoding_model_without_a_tpot_bound_is_due_one_ttft_after_its_last_token():
     dec = running("d", 5, 6, outputs=2)
     dec.metrics.token_times = [2.0, 2.5]
-    assert earliest_deadline([], [dec], SLO(ttft_s=2.0)) == pytest.approx(4.5)
+    assert earliest_deadline([], [dec], SLO(ttft_s=2.0)) == pytest.approx((4.5, 4.5))
 
 
-def fake_engine(waiting, run, max_num_seqs=4):
-    return SimpleNamespace(scheduler=SimpleNamespace(waiting=deque(waiting), running=run, max_num_seqs=max_num_seqs))
+def fake_engines(clock, **queues):
+    return {name: SimpleNamespace(scheduler=SimpleNamespace(waiting=deque(waiting), running=run),
+                                  clock=lambda: clock["now"])
+            for name, (waiting, run) in queues.items()}
 
 
-def test_deadline_first_serves_first_and_next_tokens_in_the_order_they_became_due():
+def test_deadline_first_serves_first_and_next_tokens_in_the_order_they_fell_due():
+    clock = {"now": 1.2}
     a_dec = running("a", 5, 6, outputs=1)
-    a_dec.metrics.token_times = [1.0]
-    engines = {"a": fake_engine([], [a_dec]), "b": fake_engine([seq("b", 5, 0.5)], [])}
+    a_dec.metrics.token_times = [1.0]                                          # next token due 2.0
+    engines = fake_engines(clock, a=([], [a_dec]), b=([seq("b", 5, 0.5)], []))  # first token due 1.5
     edf = deadline_first(engines, {"a": SLO(1.0), "b": SLO(1.0)})
-    assert edf.pick(["a", "b"]) == "b"          # b's prompt arrived before a's last token
-    engines["b"].scheduler.waiting[0].metrics.arrival_time = 1.5
-    assert edf.pick(["a", "b"]) == "a"          # now a's next token is the older debt
-    engines["b"].scheduler.running = [running(f"r{i}", 5, 6, outputs=1) for i in range(4)]
-    for r in engines["b"].scheduler.running:
-        r.metrics.token_times = [2.0]
-    engines["b"].scheduler.waiting[0].metrics.arrival_time = 0.0
-    assert edf.pick(["a", "b"]) == "a"          # b is full: its waiting prompt cannot be admitted
+    assert edf.pick(["a", "b"]) == "b"
+    engines["b"].scheduler.waiting[0].metrics.arrival_time = 1.1               # now due 2.1
+    assert edf.pick(["a", "b"]) == "a"
+    clock["now"] = 2.05                                                         # both late or nearly
+    engines["b"].scheduler.waiting[0].metrics.arrival_time = 0.0               # was due 1.0: counts as 2.05
+    assert edf.pick(["a", "b"]) == "a"
 
 
-def test_edf_does_not_starve_a_decoding_model_next_to_a_saturated_one():
-    """`busy` runs its full 4 slots and keeps a queue of prompts (one more every step); `dec` only
-    decodes. Without the free-slot rule, busy's ever-older queue would always be due first."""
-    slo, step, now = SLO(ttft_s=1.0), 0.01, 0.0
-    decoding = {name: [running(f"{name}{i}", 5, 6, outputs=1) for i in range(k)] for name, k in (("busy", 4), ("dec", 1))}
+def test_edf_does_not_starve_a_decoding_model_next_to_a_backlogged_one():
+    """`busy` decodes a full batch and its FCFS queue only grows (a prompt every step, none dropped);
+    `dec` only decodes. Counted by their deadlines, busy's ever-older prompts would hold the device
+    for good; counted as due now once late, they let dec's next token in about once per TTFT SLO."""
+    slo, step, clock = SLO(ttft_s=1.0), 0.01, {"now": 0.0}
+    decoding = {"busy": [running(f"b{i}", 5, 6, outputs=1) for i in range(4)], "dec": [running("d", 5, 6, outputs=1)]}
     for seqs in decoding.values():
         for s in seqs:
             s.metrics.token_times = [0.0]
-    engines = {name: fake_engine([], seqs) for name, seqs in decoding.items()}
+    engines = fake_engines(clock, busy=([], decoding["busy"]), dec=([], decoding["dec"]))
     edf, picks = deadline_first(engines, {"busy": slo, "dec": slo}), []
     for i in range(400):
-        now += step
-        engines["busy"].scheduler.waiting.append(seq(f"w{i}", 5, now))
+        clock["now"] += step
+        engines["busy"].scheduler.waiting.append(seq(f"w{i}", 5, clock["now"]))
         picks.append(edf.pick(["busy", "dec"]))
         for s in decoding[picks[-1]]:
-            s.metrics.token_times.append(now)
-    for name, seqs in decoding.items():
-        gaps = np.diff(seqs[0].metrics.token_times)
-        assert len(gaps) >= 150 and gaps.max() <= 2 * step + 1e-9, (name, gaps.max())
+            s.metrics.token_times.append(clock["now"])
+    gaps = np.diff(decoding["dec"][0].metrics.token_times)
+    assert len(gaps) >= 3 and gaps.max() <= slo.ttft_s + 2 * step + 1e-9, gaps
+    assert picks.count("busy") > 0.9 * len(picks)
