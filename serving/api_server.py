@@ -177,8 +177,8 @@ class _Job:
                            param="n" if params.n > 1 else "prompt")
         try:
             for i, p in enumerate(prompts):
-                self.streams.append(self.model.runtime.submit(self.name, p.ids, params, prompt=p.text,
-                                                              request_id=f"{self.id}-{i}"))
+                self.streams.append(runtime.submit(self.name, p.ids, params, prompt=p.text,
+                                                   request_id=f"{self.id}-{i}"))
         except Overloaded as e:
             self.close("overloaded")
             raise APIError(429, str(e), "rate_limit_error", code="overloaded", retry_after=e.retry_after) from None
