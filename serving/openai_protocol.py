@@ -22,7 +22,7 @@ MAX_SEED = 2**63 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as the schema says: no true for 1
 
 
 # ---- errors -------------------------------------------------------------------------------------

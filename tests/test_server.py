@@ -130,6 +130,9 @@ def _error(response: httpx.Response) -> dict:
     ({"model": "tiny-bf16", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny-bf16", "prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"model": "tiny-bf16", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": "tiny-bf16", "prompt": "x", "max_tokens": True}, "max_tokens"),  # JSON types, not coerced
+    ({"model": "tiny-bf16", "prompt": "x", "seed": False}, "seed"),
+    ({"model": "tiny-bf16", "prompt": "x", "stream": 0}, "stream"),
 ])
 def test_invalid_completion_parameters_are_400(srv, body, param):
     r = httpx.post(srv.base_url + "/completions", json=body)
