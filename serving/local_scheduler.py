@@ -150,7 +150,7 @@ class EarliestDeadlineFirst:
     `deadline_of(name)` gives each model's earliest deadline, or any sortable key such as
     `earliest_deadline`'s (due, deadline) (None: nothing due)."""
 
-    def __init__(self, names: list[str], deadline_of: Callable[[str], float | None]):
+    def __init__(self, names: list[str], deadline_of: Callable[[str], float | tuple | None]):
         self._order = list(names)
         self._deadline_of = deadline_of
         self._round_robin = RoundRobin(names)
