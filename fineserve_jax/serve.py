@@ -4,8 +4,9 @@ With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-b
 -w4a16 sharing one device pool). A config lists models, precisions, devices, SLOs and pool sizes
 (see fineserve_jax/serve_config.py); the global scheduler places the models on the devices, each
 device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
-Each device is scheduled locally as FineServe does (`[server] admission/drop_hopeless/step_policy`):
-SAAB admission where the device's cost profile covers the model, EDF over the models' SLOs.
+Each device is scheduled as `[server] admission/drop_hopeless/step_policy` say: FCFS and round-robin
+by default, or FineServe's local scheduler (SAAB admission where the device's cost profile covers the
+model, EDF over the models' SLOs).
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
             for name, e in engines.items()}
 
 
-def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs: dict, *, admission: str = "saab",
-                         drop_hopeless: bool = False, step_policy: str = "edf") -> None:
-    """FineServe's local scheduler on one device (before its engine thread starts): SAAB admission
-    for every model with a step-cost model (`step_costs[name]`, a cost_model.StepCost; FCFS for the
-    others), and EDF over the models' TTFT SLOs to choose which model steps next."""
+def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs: dict, *, admission: str = "fcfs",
+                         drop_hopeless: bool = False, step_policy: str = "round_robin") -> None:
+    """One device's local scheduling (before its engine thread starts). FineServe's is admission
+    "saab" (SAAB for every model with a step-cost model, `step_costs[name]`, a cost_model.StepCost;
+    FCFS for the others) and step_policy "edf" (EDF over the models' TTFT SLOs)."""
     engines = fleet.runtime.engines
     slos = {name: SLO(slo_ttft_s[name]) for name in engines}
     for name, engine in engines.items():

@@ -70,13 +70,14 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_timeout_s: float = 5.0,
                    slo_ttft_s: float = 5.0, pool_bytes: str = "8MiB", step_costs: dict | None = None,
-                   drop_hopeless: bool = False):
-    """The server as `fineserve serve` runs it (EDF stepping; SAAB for the models in `step_costs`)."""
+                   admission: str = "fcfs", drop_hopeless: bool = False, step_policy: str = "round_robin"):
+    """The server as `fineserve serve` runs it (its default scheduling unless told otherwise)."""
     specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
                        tokens_per_page=8) for m in models]
     fleet = Fleet(specs, pool_bytes)
     names = fleet.model_names
-    use_local_scheduling(fleet, {n: slo_ttft_s for n in names}, step_costs or {}, drop_hopeless=drop_hopeless)
+    use_local_scheduling(fleet, {n: slo_ttft_s for n in names}, step_costs or {}, admission=admission,
+                         drop_hopeless=drop_hopeless, step_policy=step_policy)
     app = build_app(served_models(fleet, slo_ttft_s={n: slo_ttft_s for n in names},
                                   max_queue={n: max_queue for n in names}), drain_timeout_s=drain_timeout_s)
     server = make_server(app, "127.0.0.1", 0, log_level="warning")

@@ -35,9 +35,9 @@ slab_bytes = "256KiB"
 host = "0.0.0.0"
 port = 9000
 drain_timeout_s = 5
-admission = "fcfs"
+admission = "saab"
 drop_hopeless = true
-step_policy = "round_robin"
+step_policy = "edf"
 [[devices]]
 name = "d0"
 kind = "H100"
@@ -61,7 +61,7 @@ def test_a_good_config_parses_with_defaults_filled_in(tmp_path):
     path = tmp_path / "fleet.toml"
     path.write_text(GOOD)
     c = ServeConfig.from_toml(path)
-    assert c.server == ServerConfig("0.0.0.0", 9000, 5.0, "fcfs", True, "round_robin")
+    assert c.server == ServerConfig("0.0.0.0", 9000, 5.0, "saab", True, "edf")
     assert (c.pool_bytes, c.slab_bytes, c.pool_mode) == (64 * MIB, 256 << 10, "slab")
     assert c.devices == [DeviceConfig("d0", 0, 80 * 10**9, "H100", None)]
     small, bf16 = c.models
@@ -74,7 +74,7 @@ def test_a_good_config_parses_with_defaults_filled_in(tmp_path):
 def test_a_fleet_toml_is_a_serve_config_on_one_device():
     c = ServeConfig.from_dict({"pool_bytes": "256MiB", "pool_mode": "static",
                                "models": [{"model": "smollm2-135m", "precision": "w4a16"}]})
-    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0, "saab", False, "edf")
+    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0, "fcfs", False, "round_robin")
     assert c.devices == [DeviceConfig("device0", 0)]
     assert (c.pool_bytes, c.pool_mode) == (256 * MIB, "static")
 

@@ -206,7 +206,8 @@ def test_saab_drops_or_defers_a_request_that_cannot_meet_its_slo(models, drop_ho
     prompt is hopeless. Dropped: a 503 `dropped` with Retry-After, counted and logged, nothing held.
     Deferred (the default): still served, behind every request that can make it."""
     slow = StepCost(prefill=(0.0, 1.0, 0.0), decode=(1e-3, 0.0, 0.0, 0.0), pad_to_buckets=False)
-    with running_server(models, step_costs={m.name: slow for m in models}, drop_hopeless=drop_hopeless) as srv:
+    with running_server(models, step_costs={m.name: slow for m in models}, admission="saab",
+                        drop_hopeless=drop_hopeless, step_policy="edf") as srv:
         body = long_request("tiny-bf16", 4, prompt=list(range(1, 9)))
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
         quick = httpx.post(srv.url + "/v1/completions", json=long_request("tiny-bf16", 4, prompt=[5, 6]), timeout=60)
