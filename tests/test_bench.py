@@ -47,7 +47,7 @@ def test_comparison_at_the_rate_where_fineserve_holds_90_percent():
     assert comparison(rows + looser, ["fineserve", "static"])["rate"] == 20
 
 
-def test_drift_adds_the_replanning_fineserve_and_plans_on_the_first_half(tmp_path):
+def test_drift_adds_the_replanning_fineserve_and_is_refused_where_it_cannot_apply(tmp_path):
     out = tmp_path / "drift.json"
     assert main(["--simulate", "--cluster", "16xH100", "--rates", "4", "--slo-scales", "10", "--duration", "20",
                  "--drift", "flip", "--systems", "fineserve,static", "--json", str(out)]) == 0
