@@ -201,6 +201,50 @@ class RecordingRunner:
         return pool, result
 
 
+def _real_vs_simulated_trial(loaded, cfg, config):
+    """Profile, serve one trace for real, simulate it; (step ratio, real and simulated attainment,
+    the load the run's own steps say it offered, requests)."""
+    from serving.cost_model import StepSample, fit_step_cost
+    from serving.profiler import ProfileGrid, build_profile_engine, profile_engine
+    from serving.replay import WallClock, replay
+    from tests.helpers import build_engine
+
+    grid = ProfileGrid.for_config(config, quick=True)
+    profiled, _ = fit_step_cost(profile_engine(build_profile_engine(loaded, config, grid), grid, repeats=3,
+                                               progress=False), attention_block=128)
+
+    def per_request(cost):  # service time of one 200 + 24 request in a batch of 4 decoders
+        return cost.ttft_seconds(200) + 23 * cost.decode_seconds([224] * 4) / 4
+
+    rate = 0.8 / per_request(profiled)
+    work = synthetic_workload(["m"], rate, 1.0, duration_s=12.0, lengths=FixedLengths(200, 24), seed=7)
+    slo = SLO(4 * profiled.ttft_seconds(200))
+
+    engine = build_engine(loaded, num_pages=8 * 64, tokens_per_page=16, pages_per_slab=8,
+                          max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
+    engine.warmup()
+    engine.runner = recorder = RecordingRunner(engine.runner)
+    clock = WallClock()
+    real = replay(DeviceRuntime(engine.pool, {"m": engine}), work.requests, clock, clock.wait_until)
+
+    steps = [StepSample(p, tuple(n), tuple(c), s) for p, n, c, s in recorder.steps]
+    fit_half, _ = fit_step_cost(steps[0::2], attention_block=128)
+    ratio = float(np.median([fit_half.step_seconds(s.is_prefill, s.num_tokens, s.context_lens) / s.seconds
+                             for s in steps[1::2]]))
+    cost, errors = fit_step_cost(steps, attention_block=128)
+    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, loaded.kv_dtype)
+    sim = build_device([SimModel("m", layout, cost, slo, config)], engine.pool.allocator.stats()["pool_bytes"],
+                       admission="fcfs", policy="round_robin")
+    simulated = simulate_device(sim, work.requests)
+    att_real = summarize(real, {"m": slo}).overall.slo_attainment
+    att_sim = summarize(simulated, {"m": slo}).overall.slo_attainment
+    load = rate * per_request(cost)
+    print(f"held-out predicted/measured step time (median) {ratio:.3f}; attainment real {att_real:.3f} "
+          f"simulated {att_sim:.3f} over {len(work.requests)} requests, {len(steps)} steps, load {load:.2f} "
+          f"by the run's own steps; fit {errors}")
+    return ratio, att_real, att_sim, load, len(work.requests)
+
+
 def test_simulator_matches_the_real_engine_on_cpu():
     """One model, one trace, served for real (wall clock) and simulated on the same requests.
 
@@ -213,48 +257,23 @@ def test_simulator_matches_the_real_engine_on_cpu():
     - SLO attainment: the simulator, with the cost model fitted on the run's steps, lands within 5
       points of the real run, at ~80% of the load the device sustains and an SLO of 4x the batch-1
       TTFT, where queueing makes some requests miss. (At 1.5x TTFT the SLO is one step long and OS
-      jitter alone decides it.) A profile taken just before sets the load and the SLO."""
+      jitter alone decides it.) A profile taken just before sets the load and the SLO.
+    The comparison is made below saturation: if the run's own steps say the machine slowed down so
+    much that the trace offered more than it sustains (a quiet run measures ~0.9 by this rough
+    service-time estimate; near saturation a few ms of OS jitter swing attainment by 10+ points:
+    57% vs 69% at 119 requests in one CI run), the trial is repeated with a fresh profile, up to
+    three times."""
     from models.config import ModelConfig
     from models.loader import random_model
-    from serving.cost_model import StepSample, fit_step_cost
-    from serving.profiler import ProfileGrid, build_profile_engine, profile_engine
-    from serving.replay import WallClock, replay
-    from tests.helpers import build_engine
 
     # Steps of ~5-40 ms: long enough that XLA:CPU's wake-up after an idle gap (~3 ms, which the
     # back-to-back profile does not see) stays small next to them.
     cfg = ModelConfig("llama", 512, 768, 1536, 4, 4, 2, 64, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
     config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
-    grid = ProfileGrid.for_config(config, quick=True)
-    profiled, _ = fit_step_cost(profile_engine(build_profile_engine(loaded, config, grid), grid, repeats=3,
-                                               progress=False), attention_block=128)
-    lengths = FixedLengths(200, 24)
-    per_request = profiled.ttft_seconds(200) + 23 * profiled.decode_seconds([224] * 4) / 4
-    work = synthetic_workload(["m"], 0.8 / per_request, 1.0, duration_s=12.0, lengths=lengths, seed=7)
-    slo = SLO(4 * profiled.ttft_seconds(200))
-
-    engine = build_engine(loaded, num_pages=8 * 64, tokens_per_page=16, pages_per_slab=8,
-                          max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
-    engine.warmup()
-    engine.runner = recorder = RecordingRunner(engine.runner)
-    clock = WallClock()
-    real = replay(DeviceRuntime(engine.pool, {"m": engine}), work.requests, clock, clock.wait_until)
-
-    steps = [StepSample(p, tuple(n), tuple(c), s) for p, n, c, s in recorder.steps]
-    fit_half, _ = fit_step_cost(steps[0::2], attention_block=128)
-    held_out = steps[1::2]
-    ratio = float(np.median([fit_half.step_seconds(s.is_prefill, s.num_tokens, s.context_lens) / s.seconds
-                             for s in held_out]))
-
-    cost, errors = fit_step_cost(steps, attention_block=128)
-    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, loaded.kv_dtype)
-    sim = build_device([SimModel("m", layout, cost, slo, config)], engine.pool.allocator.stats()["pool_bytes"],
-                       admission="fcfs", policy="round_robin")
-    simulated = simulate_device(sim, work.requests)
-    att_real = summarize(real, {"m": slo}).overall.slo_attainment
-    att_sim = summarize(simulated, {"m": slo}).overall.slo_attainment
-    print(f"held-out predicted/measured step time (median) {ratio:.3f}; attainment real {att_real:.3f} "
-          f"simulated {att_sim:.3f} over {len(work.requests)} requests, {len(steps)} steps; fit {errors}")
+    for _ in range(3):
+        ratio, att_real, att_sim, load, n = _real_vs_simulated_trial(loaded, cfg, config)
+        if load <= 1.0:
+            break
     assert abs(ratio - 1) <= 0.10, ratio
-    assert abs(att_real - att_sim) <= 0.05, (att_real, att_sim, len(work.requests))
+    assert abs(att_real - att_sim) <= 0.05, (att_real, att_sim, n, load)
