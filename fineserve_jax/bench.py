@@ -182,7 +182,7 @@ def demo_fleet_specs():
 def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str):
     """Serve `workload` for real with the models of `specs` on this device; returns (summary, notes)."""
     from fineserve_jax.fleet import Fleet
-    from serving.local_scheduler import RoundRobin, SAABAdmission, deadline_first
+    from fineserve_jax.serve import use_local_scheduling
     from serving.replay import WallClock, replay
 
     rates = workload.rates_by_model()
@@ -193,13 +193,11 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
     engines = fleet.runtime.engines
     for engine in engines.values():
         engine.warmup()
-    if system == "fineserve":
-        for name, engine in engines.items():
-            cost = profile.get(*_model_and_precision(name), 1)
-            engine.scheduler.admission = SAABAdmission(cost, slos[name])
-        fleet.runtime.policy = deadline_first(engines, slos)
+    if system == "fineserve":  # SAAB with early drop, EDF stepping
+        costs = {name: profile.get(*_model_and_precision(name), 1) for name in engines}
+        use_local_scheduling(fleet, slo_ttft, costs, admission="saab", drop_hopeless=True, step_policy="edf")
     else:
-        fleet.runtime.policy = RoundRobin(list(engines))
+        use_local_scheduling(fleet, slo_ttft, {})  # FCFS, round-robin
     clock = WallClock()
     with tqdm(total=len(workload.requests), desc=f"{system} (real)", leave=False) as bar:
         records = replay(fleet.runtime, workload.requests, clock, clock.wait_until, progress=bar.update)

@@ -506,5 +506,6 @@ def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
                       slab_bytes=config.slab_bytes, device=jd)  # loads, commits and allocates on jd
         fleets.append(DeviceFleet(d.name, jd, fleet, {m.name: slo_ttft_s(m, kind, profile) for m in models},
                                   {m.name: m.max_queue for m in models},
-                                  {m.name: step_cost(m, kind, profile) for m in models}))
+                                  {m.name: step_cost(m, kind, profile, ModelShape.from_config(
+                                      fleet.loaded[m.name].config, m.name)) for m in models}))
     return fleets

@@ -76,10 +76,11 @@ def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_t
                        tokens_per_page=8) for m in models]
     fleet = Fleet(specs, pool_bytes)
     names = fleet.model_names
-    use_local_scheduling(fleet, {n: slo_ttft_s for n in names}, step_costs or {}, admission=admission,
-                         drop_hopeless=drop_hopeless, step_policy=step_policy)
-    app = build_app(served_models(fleet, slo_ttft_s={n: slo_ttft_s for n in names},
-                                  max_queue={n: max_queue for n in names}), drain_timeout_s=drain_timeout_s)
+    slos = {n: slo_ttft_s for n in names}
+    use_local_scheduling(fleet, slos, step_costs or {}, admission=admission, drop_hopeless=drop_hopeless,
+                         step_policy=step_policy)
+    app = build_app(served_models(fleet, slo_ttft_s=slos, max_queue={n: max_queue for n in names}),
+                    drain_timeout_s=drain_timeout_s)
     server = make_server(app, "127.0.0.1", 0, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
