@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from serving.local_scheduler import STEP_POLICIES
 from serving.metrics import SLO, format_table, summarize
 from serving.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, popularity_flip,
                               synthetic_workload)
@@ -127,7 +128,7 @@ def simulated_setup(cluster: ClusterSpec, slo_scale: float):
 
 
 def run_simulated(system: str, workload: Workload, profile, devices, models, slo_ttft: dict[str, float],
-                  plan_rates: dict[str, float] | None = None):
+                  plan_rates: dict[str, float] | None = None, step_policy: str = "edf"):
     """Place (best effort) for `plan_rates` (default: the workload's mean rates) and simulate one system;
     returns (summary, notes)."""
     from serving.global_scheduler import ModelDemand, PlacementError, SchedulerConfig, place
@@ -155,7 +156,7 @@ def run_simulated(system: str, workload: Workload, profile, devices, models, slo
         raise PlacementError(f"{system}: no placement even at {PLAN_RATE_FACTORS[-1]:.0%} of the rates")
     if notes:
         notes.append(f"placed for {factor:.0%} of the offered rates")
-    policy = SystemPolicy("saab", "edf") if strategy == "fineserve" else SystemPolicy("fcfs", "round_robin")
+    policy = SystemPolicy("saab", step_policy) if strategy == "fineserve" else SystemPolicy("fcfs", "round_robin")
     slos = {name: SLO(slo_ttft[name]) for name, _, _ in models}
     if system == REPLAN_SYSTEM:
         records, events = simulate_replanning(placement, profile, workload.requests, slos, demands_for, policy,
@@ -179,7 +180,8 @@ def demo_fleet_specs():
             for p in ("bf16", "w8a8", "w4a16")]
 
 
-def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str):
+def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str,
+             step_policy: str = "edf"):
     """Serve `workload` for real with the models of `specs` on this device; returns (summary, notes)."""
     from fineserve_jax.fleet import Fleet
     from fineserve_jax.serve import use_local_scheduling
@@ -193,11 +195,11 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
     engines = fleet.runtime.engines
     for engine in engines.values():
         engine.warmup()
-    if system == "fineserve":  # SAAB with early drop, EDF stepping
+    if system == "fineserve":  # SAAB with early drop, (latency-aware) EDF stepping
         costs = {name: profile.get(*_model_and_precision(name), 1) for name in engines}
-        use_local_scheduling(fleet, slo_ttft, costs, admission="saab", drop_hopeless=True, step_policy="edf")
+        use_local_scheduling(fleet, slo_ttft, costs, admission="saab", drop_hopeless=True, step_policy=step_policy)
     else:
-        use_local_scheduling(fleet, slo_ttft, {})  # FCFS, round-robin
+        use_local_scheduling(fleet, slo_ttft, {}, step_policy="round_robin")  # FCFS, models take turns
     clock = WallClock()
     with tqdm(total=len(workload.requests), desc=f"{system} (real)", leave=False) as bar:
         records = replay(fleet.runtime, workload.requests, clock, clock.wait_until, progress=bar.update)
@@ -291,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{REPLAN_SYSTEM} re-places on drift (with --simulate)")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals")
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--step-policy", default="edf", choices=STEP_POLICIES,
+                   help="FineServe's step policy over co-located models (edf: latency-aware; edf_strict, "
+                        "round_robin: ablations); the baselines always take turns")
     p.add_argument("--pool-bytes", default="256MiB", help="real runs: the KV pool of the demo fleet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every summary here")
@@ -345,7 +350,8 @@ def main(argv=None) -> int:
             if args.drift != "none":  # what was known before the drift: the first half's rates
                 first = [r for r in workload.requests if r.arrival_s < duration / 2]
                 plan_rates = Workload(first, duration / 2).rates_by_model()
-            summary, notes = run_simulated(system, workload, profile, devices, models, slo_ttft, plan_rates)
+            summary, notes = run_simulated(system, workload, profile, devices, models, slo_ttft, plan_rates,
+                                           args.step_policy)
         else:
             if scale not in setups:
                 setups[scale] = real_setup(scale, demo_specs)
@@ -354,7 +360,8 @@ def main(argv=None) -> int:
             names = [s.served_name for s in specs]
             workload = build_workload(args.workload, names, rate, alpha=args.alpha, cv=args.cv,
                                       duration_s=duration, seed=args.seed).truncated(768, 1024)
-            summary, notes = run_real(system, workload, specs, profile, slo_ttft, pool_bytes=args.pool_bytes)
+            summary, notes = run_real(system, workload, specs, profile, slo_ttft, pool_bytes=args.pool_bytes,
+                                      step_policy=args.step_policy)
         rows.append(_row(system, rate, scale, summary, notes, time.perf_counter() - t0))
         summaries[(system, rate, scale)] = summary
         tqdm.write(f"{system:>10} rate {rate:g} SLO x{scale:g}: attainment {rows[-1]['slo_attainment']:.1%}, "

@@ -4,9 +4,9 @@ With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-b
 -w4a16 sharing one device pool). A config lists models, precisions, devices, SLOs and pool sizes
 (see fineserve_jax/serve_config.py); the global scheduler places the models on the devices, each
 device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
-Each device is scheduled as `[server] admission/drop_hopeless/step_policy` say: FCFS and round-robin
-by default, or FineServe's local scheduler (SAAB admission where the device's cost profile covers the
-model, EDF over the models' SLOs).
+Each device is scheduled as `[server] admission/drop_hopeless/step_policy` say: by default FCFS
+admission and FineServe's latency-aware EDF between models; `admission = "saab"` adds its SLO-aware
+batching where the device's cost profile covers the model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from fineserve_jax.fleet import Fleet
 from serving.api_server import ServedModel, build_app, make_server
 from serving.async_runtime import AsyncRuntime, ModelLimits
-from serving.local_scheduler import RoundRobin, SAABAdmission, deadline_first
+from serving.local_scheduler import SAABAdmission
+from serving.local_scheduler import step_policy as make_step_policy
 from serving.metrics import SLO
 
 log = logging.getLogger("fineserve.serve")
@@ -40,10 +41,10 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
 
 
 def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs: dict, *, admission: str = "fcfs",
-                         drop_hopeless: bool = False, step_policy: str = "round_robin") -> None:
+                         drop_hopeless: bool = False, step_policy: str = "edf") -> None:
     """One device's local scheduling (before its engine thread starts). FineServe's is admission
     "saab" (SAAB for every model with a step-cost model, `step_costs[name]`, a cost_model.StepCost;
-    FCFS for the others) and step_policy "edf" (EDF over the models' TTFT SLOs)."""
+    FCFS for the others) and step_policy "edf" (latency-aware EDF over the models' TTFT SLOs)."""
     engines = fleet.runtime.engines
     slos = {name: SLO(slo_ttft_s[name]) for name in engines}
     for name, engine in engines.items():
@@ -52,7 +53,7 @@ def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs:
             engine.scheduler.admission = SAABAdmission(cost, slos[name], drop_hopeless=drop_hopeless)
         elif admission == "saab":
             log.info("%s: no step-cost profile for this device, so FCFS admission instead of SAAB", name)
-    fleet.runtime.policy = deadline_first(engines, slos) if step_policy == "edf" else RoundRobin(list(engines))
+    fleet.runtime.policy = make_step_policy(step_policy, fleet.runtime, slos)
 
 
 def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = None, warmup: bool = True) -> FastAPI:

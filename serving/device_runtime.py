@@ -31,6 +31,7 @@ from serving.local_scheduler import RoundRobin
 from serving.sequence import RequestOutput, SequenceStatus
 
 
+STEP_TIME_WEIGHT = 0.2  # of the newest step in `step_seconds`: prefill and decode steps mix
 _copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
 
 
@@ -56,6 +57,9 @@ class DeviceRuntime:
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
         self.pages_moved = 0
+        # each model's recent step time (clock seconds, a moving average): latency-aware policies'
+        # estimate of how long a round of the ready models takes
+        self.step_seconds: dict[str, float] = {}
         for name, engine in engines.items():
             engine.pages.reclaim = lambda name=name: self.reclaim_for(name)
 
@@ -68,10 +72,13 @@ class DeviceRuntime:
         while ready:
             name = self.policy.pick(ready)
             engine = self.engines[name]
+            steps, start = engine.stats.steps, engine.clock()
             try:
                 outputs = engine.step()
             except Exception as e:
                 raise ModelStepError(name) from e
+            if engine.stats.steps > steps:
+                self._observe(name, engine.clock() - start)
             if not engine.blocked:
                 return [(name, out) for out in outputs]
             ready.remove(name)  # waiting for pages other models hold; try the next one
@@ -80,6 +87,10 @@ class DeviceRuntime:
             # model is blocked the pool is empty and this cannot happen.
             raise RuntimeError("every model with requests is waiting for KV pages")
         return []
+
+    def _observe(self, name: str, seconds: float) -> None:
+        last = self.step_seconds.get(name)
+        self.step_seconds[name] = seconds if last is None else last + STEP_TIME_WEIGHT * (seconds - last)
 
     def recover(self, name: str) -> list[RequestOutput]:
         """After `name`'s step raised: finish all its requests with reason "error" (their pages

@@ -25,6 +25,11 @@ Device (`DeviceRuntime(policy=...)`): `RoundRobin` lets models take turns; `Earl
 while its neighbours keep receiving prompts). A first token that is already late counts as due now,
 so a backlog of late prompts (FCFS never drops them) cannot hold the device either: a next token
 waits at most about one TTFT SLO. Models with nothing due go round-robin.
+FineServe's policy is the latency-aware form (`deadline_first(..., step_seconds=...)`): only
+requests due within a few rounds of the ready models' measured steps compete by deadline, and the
+models take turns otherwise. Plain EDF serves the next deadline rather than the oldest work, so with
+loose SLOs it runs everything late; the latency-aware form keeps round-robin's latencies until a
+deadline is at risk.
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ from serving.metrics import SLO
 from serving.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
+    from serving.device_runtime import DeviceRuntime
     from serving.engine import LLMEngine
 
+# Latency-aware EDF: a request is at risk when it falls due within this many rounds of the ready
+# models' steps (a few of round-robin's turns: a chunked prompt needs more than one). Simulated
+# attainment is flat from 3 to 6 rounds and lower at 1-2 (RESULTS.md, step policy).
+AT_RISK_ROUNDS = 4.0
 
 
 @dataclass
@@ -147,19 +157,36 @@ class RoundRobin:
 
 class EarliestDeadlineFirst:
     """Step the model whose most urgent request is due first (a `DeviceRuntime` policy).
-    `deadline_of(name)` gives each model's earliest deadline, or any sortable key such as
-    `earliest_deadline`'s (due, deadline) (None: nothing due)."""
+    `deadline_of(name)` gives each model's earliest deadline, or any sortable key whose first element
+    is the due time, such as `earliest_deadline`'s (due, deadline) (None: nothing due).
 
-    def __init__(self, names: list[str], deadline_of: Callable[[str], float | tuple | None]):
+    Latency-aware with `horizon(ready)` and `clock`: only models with a request due within the horizon
+    (seconds from now) compete by deadline; if none is, models take turns. Plain EDF runs work late
+    when deadlines are loose (it serves the next deadline, not the oldest work), which raises median
+    latencies with no attainment to show for it."""
+
+    def __init__(self, names: list[str], deadline_of: Callable[[str], float | tuple | None], *,
+                 horizon: Callable[[list[str]], float] | None = None, clock: Callable[[], float] | None = None):
+        if (horizon is None) != (clock is None):
+            raise ValueError("a horizon needs a clock, and a clock a horizon")
         self._order = list(names)
         self._deadline_of = deadline_of
+        self._horizon = horizon
+        self._clock = clock
         self._round_robin = RoundRobin(names)
 
     def pick(self, ready: list[str]) -> str:
         due = [(d, self._order.index(n), n) for n in ready if (d := self._deadline_of(n)) is not None]
+        if self._horizon is not None and due:
+            cutoff = self._clock() + self._horizon(ready)
+            due = [k for k in due if _due_time(k[0]) <= cutoff]
         if due:
             return min(due)[2]
         return self._round_robin.pick(ready)
+
+
+def _due_time(key: float | tuple) -> float:
+    return key[0] if isinstance(key, tuple) else key
 
 
 def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo: SLO,
@@ -184,11 +211,39 @@ def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo:
     return min(keys) if keys else None
 
 
-def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO]) -> EarliestDeadlineFirst:
-    """EDF over one device's engines, each model's key read from its scheduler's queues."""
+def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO], *,
+                   step_seconds: Mapping[str, float] | None = None,
+                   horizon_rounds: float = AT_RISK_ROUNDS) -> EarliestDeadlineFirst:
+    """EDF over one device's engines, each model's key read from its scheduler's queues. With
+    `step_seconds` (each model's recent step time, kept current by the `DeviceRuntime`) it is
+    latency-aware: a request is at risk when it falls due within `horizon_rounds` rounds of the ready
+    models' steps, the time round-robin could take to come back to it."""
 
     def deadline_of(name: str) -> tuple[float, float] | None:
         engine = engines[name]
         return earliest_deadline(engine.scheduler.waiting, engine.scheduler.running, slos[name], engine.clock())
 
-    return EarliestDeadlineFirst(list(engines), deadline_of)
+    if step_seconds is None:
+        return EarliestDeadlineFirst(list(engines), deadline_of)
+
+    def horizon(ready: list[str]) -> float:
+        return horizon_rounds * sum(step_seconds.get(n, 0.0) for n in ready)
+
+    # read the clock through the engine: a replay swaps engines' clocks (`use_clock`)
+    first = next(iter(engines))
+    return EarliestDeadlineFirst(list(engines), deadline_of, horizon=horizon, clock=lambda: engines[first].clock())
+
+
+STEP_POLICIES = ("edf", "edf_strict", "round_robin")  # edf: latency-aware; edf_strict: plain EDF
+
+
+def step_policy(kind: str, runtime: "DeviceRuntime", slos: Mapping[str, SLO]):
+    """The `DeviceRuntime` policy named `kind` (one of STEP_POLICIES) over `runtime`'s engines."""
+    engines = runtime.engines
+    if kind == "edf":
+        return deadline_first(engines, slos, step_seconds=runtime.step_seconds)
+    if kind == "edf_strict":
+        return deadline_first(engines, slos)
+    if kind == "round_robin":
+        return RoundRobin(list(engines))
+    raise ValueError(f"unknown step policy {kind!r}; choose from {STEP_POLICIES}")

@@ -41,7 +41,7 @@ from serving.engine import EngineConfig, LLMEngine
 from serving.global_scheduler import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, ModelDemand, PlacementError,
                                       RatesMonitor, pool_specs, rate_drift, replace)
 from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
-from serving.local_scheduler import FCFSAdmission, RoundRobin, SAABAdmission, deadline_first
+from serving.local_scheduler import STEP_POLICIES, FCFSAdmission, SAABAdmission, step_policy
 from serving.metrics import SLO, RequestRecord
 from serving.model_runner import ShapeBuckets, StepResult
 from serving.pool_plan import ModelPages, PoolPlan, plan_pool
@@ -49,7 +49,6 @@ from serving.replay import replay
 from serving.workload import Request
 
 ADMISSIONS = ("fcfs", "saab", "saab-tpot", "saab-keep")
-STEP_POLICIES = ("edf", "round_robin")
 
 
 class SimClock:
@@ -124,7 +123,7 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
                  admission: str = "saab", policy: str = "edf",
                  target_slab_bytes: int = DEFAULT_SLAB_BYTES) -> SimulatedDevice:
     """Engines of `models` over one simulated pool of `pool_bytes`, stepped by `policy`."""
-    if policy not in STEP_POLICIES:
+    if policy not in STEP_POLICIES:  # before any work
         raise ValueError(f"unknown step policy {policy!r}; choose from {STEP_POLICIES}")
     clock = SimClock()
     plan = plan_pool({m.name: ModelPages(m.layout, share=m.kv_share) for m in models}, pool_bytes, pool_mode,
@@ -140,12 +139,9 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
         runners[m.name] = SimulatedRunner(m.cost, clock, config)
         engines[m.name] = LLMEngine(None, layout, pool, m.name, config,
                                     admission=admission_policy(admission, m), runner=runners[m.name], clock=clock)
-    names = [m.name for m in models]
-    if policy == "edf":
-        step_policy = deadline_first(engines, {m.name: m.slo for m in models})
-    else:
-        step_policy = RoundRobin(names)
-    return SimulatedDevice(DeviceRuntime(pool, engines, step_policy), clock, runners)
+    runtime = DeviceRuntime(pool, engines)
+    runtime.policy = step_policy(policy, runtime, {m.name: m.slo for m in models})
+    return SimulatedDevice(runtime, clock, runners)
 
 
 def simulate_device(device: SimulatedDevice, requests: list[Request], progress=None) -> list[RequestRecord]:

@@ -70,7 +70,7 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_timeout_s: float = 5.0,
                    slo_ttft_s: float = 5.0, pool_bytes: str = "8MiB", step_costs: dict | None = None,
-                   admission: str = "fcfs", drop_hopeless: bool = False, step_policy: str = "round_robin"):
+                   admission: str = "fcfs", drop_hopeless: bool = False, step_policy: str = "edf"):
     """The server as `fineserve serve` runs it (its default scheduling unless told otherwise)."""
     specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
                        tokens_per_page=8) for m in models]

@@ -248,3 +248,35 @@ def test_edf_does_not_starve_a_decoding_model_next_to_a_backlogged_one():
     gaps = np.diff(decoding["dec"][0].metrics.token_times)
     assert len(gaps) >= 3 and gaps.max() <= slo.ttft_s + 2 * step + 1e-9, gaps
     assert picks.count("busy") > 0.9 * len(picks)
+
+
+def test_latency_aware_edf_takes_turns_until_a_request_is_at_risk():
+    """Deadlines 10 s out are not at risk when a round of steps takes ~0.2 s: models take turns
+    (plain EDF would serve `b`, due first, every time). Within the horizon, the earliest goes first."""
+    clock = {"now": 0.0}
+    a_dec, b_dec = running("a", 5, 6, outputs=1), running("b", 5, 6, outputs=1)
+    a_dec.metrics.token_times, b_dec.metrics.token_times = [0.0], [-0.5]   # due 10.0 and 9.5
+    engines = fake_engines(clock, a=([], [a_dec]), b=([], [b_dec]))
+    slos = {"a": SLO(10.0), "b": SLO(10.0)}
+    assert [deadline_first(engines, slos).pick(["a", "b"]) for _ in range(2)] == ["b", "b"]
+    step_seconds = {"a": 0.1, "b": 0.1}
+    edf = deadline_first(engines, slos, step_seconds=step_seconds, horizon_rounds=2.0)
+    assert [edf.pick(["a", "b"]) for _ in range(4)] == ["a", "b", "a", "b"]
+    clock["now"] = 9.2                      # b is due in 0.3 s, inside 2 rounds of 0.2 s; a is not
+    assert [edf.pick(["a", "b"]) for _ in range(2)] == ["b", "b"]
+    clock["now"] = 9.7                      # both at risk: b, due first
+    assert edf.pick(["a", "b"]) == "b"
+    # the horizon follows the measured steps: at 1 s a step, 10 s out is already at risk
+    clock["now"], step_seconds["a"], step_seconds["b"] = 4.0, 1.0, 2.0
+    assert [edf.pick(["a", "b"]) for _ in range(2)] == ["b", "b"]
+    with pytest.raises(ValueError, match="horizon needs a clock"):
+        EarliestDeadlineFirst(["a"], {"a": 1.0}.get, horizon=lambda ready: 1.0)
+
+
+def test_latency_aware_edf_treats_late_first_tokens_as_at_risk():
+    clock = {"now": 5.0}
+    a_dec = running("a", 5, 6, outputs=1)
+    a_dec.metrics.token_times = [4.9]                                       # due 14.9
+    engines = fake_engines(clock, a=([], [a_dec]), b=([seq("late", 5, 0.0)], []))  # due 3.0: late
+    edf = deadline_first(engines, {"a": SLO(10.0), "b": SLO(3.0)}, step_seconds={"a": 0.01, "b": 0.01})
+    assert [edf.pick(["a", "b"]) for _ in range(3)] == ["b", "b", "b"]

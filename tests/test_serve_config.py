@@ -74,7 +74,7 @@ def test_a_good_config_parses_with_defaults_filled_in(tmp_path):
 def test_a_fleet_toml_is_a_serve_config_on_one_device():
     c = ServeConfig.from_dict({"pool_bytes": "256MiB", "pool_mode": "static",
                                "models": [{"model": "smollm2-135m", "precision": "w4a16"}]})
-    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0, "fcfs", False, "round_robin")
+    assert c.server == ServerConfig("127.0.0.1", 8000, 30.0, "fcfs", False, "edf")
     assert c.devices == [DeviceConfig("device0", 0)]
     assert (c.pool_bytes, c.pool_mode) == (256 * MIB, "static")
 

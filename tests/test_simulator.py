@@ -50,6 +50,24 @@ def test_idle_device_jumps_to_the_next_arrival_and_models_take_turns():
     assert by_id["2"].first_token_s == pytest.approx(0.02)
 
 
+def test_runtime_tracks_each_models_step_time_in_clock_seconds():
+    """The runtime's moving average of step times (what latency-aware EDF sizes its horizon with) is
+    measured on the engines' clock: simulated seconds here, one weighted update per step that ran."""
+    from serving.device_runtime import STEP_TIME_WEIGHT
+
+    dev = build_device([sim_model("a"), sim_model("b", cost=exact_cost(decode_step=0.03))], 16 << 20,
+                       policy="edf")
+    simulate_device(dev, [Request("1", "a", 0.0, 100, 3), Request("2", "b", 0.0, 50, 2)])
+    for name, runner in dev.runners.items():
+        expected = None
+        for _, _, seconds in runner.steps:
+            expected = seconds if expected is None else expected + STEP_TIME_WEIGHT * (seconds - expected)
+        assert dev.runtime.step_seconds[name] == pytest.approx(expected)
+    # a: 100 ms prefill then two 10 ms decodes; b: 50 ms prefill then one 30 ms decode
+    assert dev.runtime.step_seconds["a"] == pytest.approx(0.1 + 0.2 * (0.01 - 0.1) + 0.2 * (0.01 - 0.082))
+    assert dev.runtime.step_seconds["b"] == pytest.approx(0.05 + 0.2 * (0.03 - 0.05))
+
+
 def test_saab_drops_in_simulation_and_every_request_has_an_outcome():
     # SLO 150 ms; 100-token prompts take 100 ms each: the second of two simultaneous ones is hopeless.
     dev = build_device([sim_model(slo=SLO(0.15))], 16 << 20, admission="saab")
