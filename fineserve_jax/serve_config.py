@@ -95,7 +95,8 @@ class ServerConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     # FCFS within a model, as vLLM, and never a drop; latency-aware EDF between models, which takes
     # turns until a deadline is at risk (RESULTS.md: on the CPU demo replay it kept round-robin's
-    # latencies; in simulation it met more SLOs than round-robin under FCFS at most loads).
+    # latencies; in simulation, under FCFS, it met more SLOs than round-robin at 3 of 5 loads and
+    # had a lower or equal TTFT p99 at all 5).
     admission: str = "fcfs"
     drop_hopeless: bool = False
     step_policy: str = "edf"
