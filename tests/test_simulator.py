@@ -66,6 +66,8 @@ def test_runtime_tracks_each_models_step_time_in_clock_seconds():
     # a: 100 ms prefill then two 10 ms decodes; b: 50 ms prefill then one 30 ms decode
     assert dev.runtime.step_seconds["a"] == pytest.approx(0.1 + 0.2 * (0.01 - 0.1) + 0.2 * (0.01 - 0.082))
     assert dev.runtime.step_seconds["b"] == pytest.approx(0.05 + 0.2 * (0.03 - 0.05))
+    with pytest.raises(ValueError, match="unknown step policy 'fifo'"):
+        build_device([sim_model("a")], 16 << 20, policy="fifo")
 
 
 def test_saab_drops_in_simulation_and_every_request_has_an_outcome():
