@@ -2,7 +2,7 @@
 
 from fineserve_jax.fleet import Fleet, ModelSpec
 from fineserve_jax.llm import LLM
-from serving.sampling import SamplingParams
-from serving.sequence import CompletionOutput, RequestOutput
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import CompletionOutput, RequestOutput
 
 __all__ = ["LLM", "Fleet", "ModelSpec", "SamplingParams", "RequestOutput", "CompletionOutput"]

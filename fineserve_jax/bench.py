@@ -12,9 +12,9 @@ Systems (what each changes; everything else is the same code):
 `--drift flip` reverses the models' popularity halfway through a Poisson/Gamma window, and every
 system is planned on the first half's rates (what was known before the drift).
 
-`--simulate` runs them in the discrete-event simulator (`serving.simulator`) on a cluster such as
+`--simulate` runs them in the discrete-event simulator (`serving.sim.simulator`) on a cluster such as
 16xH100 with Llama-3-8B- and 70B-shaped models at several precisions and a device profile
-(benchmarks/profiles/<kind>.json). Without it, the demo fleet (SmolLM2-135M at bf16, w8a8, w4a16
+(serving/scheduling/profiles/<kind>.json). Without it, the demo fleet (SmolLM2-135M at bf16, w8a8, w4a16
 sharing one CPU device) serves the workload for real on this machine, with rates scaled to it; on one
 device the systems differ in pool and local scheduling only.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import re
 import sys
 import time
@@ -34,16 +35,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from serving.local_scheduler import STEP_POLICIES
-from serving.metrics import SLO, format_table, summarize
-from serving.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, popularity_flip,
+from fineserve_jax.demo import demo_fleet_specs, demo_profile_key
+from fineserve_jax.fleet import Fleet
+from fineserve_jax.serve import use_local_scheduling
+from models.loader import load_model
+from models.precision import resolve_precision
+from serving.scheduling.cost_model import DEVICES, LLAMA3_70B, LLAMA3_8B, PROFILE_DIR, DeviceProfile
+from serving.scheduling.placement import (Device, ModelDemand, PlacementError, SchedulerConfig, fineserve_slo,
+                                          place)
+from serving.sim.replay import WallClock, replay
+from serving.sim.simulator import SystemPolicy, simulate_placement, simulate_replanning
+from serving.scheduling.step_policy import STEP_POLICIES
+from serving.sim.metrics import SLO, format_table, summarize
+from serving.sim.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, popularity_flip,
                               synthetic_workload)
 
 SYSTEMS = ("fineserve", "prism", "muxserve", "static")
 REPLAN_SYSTEM = "fineserve-replan"
 DRIFTS = ("none", "flip")
 WORKLOADS = ("poisson", "gamma", "azure-conv", "azure-code")
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "profiles"
 # Best-effort planning: a baseline that cannot place the offered rates is planned for this share of them.
 PLAN_RATE_FACTORS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
 TARGET_ATTAINMENT = 0.9
@@ -96,8 +106,6 @@ class ClusterSpec:
 
 def paper_models():
     """The simulated model mix: Llama-3-8B twice at each of four precisions, Llama-3-70B once at each."""
-    from serving.cost_model import LLAMA3_70B, LLAMA3_8B
-
     precisions = ("bf16", "w4a16", "fp8", "w4a8kv4")
     mix = [(f"8b-{p}-{i}", LLAMA3_8B, p) for i in (0, 1) for p in precisions]
     return mix + [(f"70b-{p}", LLAMA3_70B, p) for p in precisions]
@@ -105,19 +113,16 @@ def paper_models():
 
 def _base_tp(shape, precision: str, device_bytes: int) -> int:
     """The smallest TP whose weight share fits in 70% of a device (the SLO's 'base TP')."""
-    from models.precision import resolve_precision
-
     weights = resolve_precision(precision).weight_bytes(shape.to_config())
     return next((tp for tp in (1, 2, 4, 8) if weights / tp <= 0.7 * device_bytes), 8)
 
 
 def simulated_setup(cluster: ClusterSpec, slo_scale: float):
-    from serving.cost_model import DEVICES, DeviceProfile
-    from serving.global_scheduler import Device, fineserve_slo
-
     if cluster.kind not in DEVICES:
         raise ValueError(f"unknown device kind {cluster.kind!r}; known: {sorted(DEVICES)}")
-    profile = DeviceProfile.load(PROFILE_DIR / f"{cluster.kind}.json")
+    profile = DeviceProfile.shipped(cluster.kind)
+    if profile is None:
+        raise ValueError(f"no {cluster.kind} profile ships in {PROFILE_DIR}")
     spec = DEVICES[cluster.kind]
     devices = [Device(f"{cluster.kind}-{i}", cluster.kind, int(spec.memory_bytes), node=i // cluster.per_node)
                for i in range(cluster.count)]
@@ -131,9 +136,6 @@ def run_simulated(system: str, workload: Workload, profile, devices, models, slo
                   plan_rates: dict[str, float] | None = None, step_policy: str = "edf"):
     """Place (best effort) for `plan_rates` (default: the workload's mean rates) and simulate one system;
     returns (summary, notes)."""
-    from serving.global_scheduler import ModelDemand, PlacementError, SchedulerConfig, place
-    from serving.simulator import SystemPolicy, simulate_placement, simulate_replanning
-
     stats = workload.stats()
     strategy = "fineserve" if system == REPLAN_SYSTEM else system
     config = SchedulerConfig(tp_rule="min_devices") if strategy == "fineserve" else None
@@ -173,20 +175,9 @@ def run_simulated(system: str, workload: Workload, profile, devices, models, slo
 # Real engine on this machine (the demo fleet)
 
 
-def demo_fleet_specs():
-    from fineserve_jax.fleet import ModelSpec
-
-    return [ModelSpec("smollm2-135m", p, name=f"smollm2-135m-{p}", max_model_len=1024, max_num_seqs=16)
-            for p in ("bf16", "w8a8", "w4a16")]
-
-
 def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str, float], *, pool_bytes: str,
              step_policy: str = "edf"):
     """Serve `workload` for real with the models of `specs` on this device; returns (summary, notes)."""
-    from fineserve_jax.fleet import Fleet
-    from fineserve_jax.serve import use_local_scheduling
-    from serving.replay import WallClock, replay
-
     rates = workload.rates_by_model()
     specs = [dataclasses.replace(s, kv_share=max(rates.get(s.served_name, 0.0), 1e-3))
              if system == "muxserve" else s for s in specs]
@@ -196,7 +187,7 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
     for engine in engines.values():
         engine.warmup()
     if system == "fineserve":  # SAAB with early drop, (latency-aware) EDF stepping
-        costs = {name: profile.get(*_model_and_precision(name), 1) for name in engines}
+        costs = {name: profile.get(*demo_profile_key(name), 1) for name in engines}
         use_local_scheduling(fleet, slo_ttft, costs, admission="saab", drop_hopeless=True, step_policy=step_policy)
     else:
         use_local_scheduling(fleet, slo_ttft, {}, step_policy="round_robin")  # FCFS, models take turns
@@ -243,7 +234,7 @@ def comparison(rows: list[dict], systems: list[str]) -> dict:
 
 
 def plot(rows: list[dict], systems: list[str], out_dir: Path, title: str) -> list[str]:
-    import matplotlib
+    import matplotlib  # heavy, and only for --plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,8 +315,6 @@ def main(argv=None) -> int:
         title = f"simulated {cluster.count}x{cluster.kind.upper()}, {args.workload}, alpha={args.alpha}" + \
             (", popularity flips halfway" if args.drift == "flip" else "")
     else:
-        from fineserve_jax.fleet import ModelSpec  # noqa: F401  (fail early if the package is broken)
-
         rates = floats(args.rates) or [2.0, 4.0, 8.0]
         scales = floats(args.slo_scales) or [40.0]
         duration = args.duration or 30.0
@@ -387,10 +376,6 @@ def main(argv=None) -> int:
 def real_setup(slo_scale: float, specs=None):
     """Demo fleet specs (models loaded once, here, unless `specs` already holds them: every system's
     fleet reuses the weights), this machine's profile and FineServe SLOs from it."""
-    from models.loader import load_model
-    from serving.cost_model import DeviceProfile
-    from serving.global_scheduler import fineserve_slo
-
     path = PROFILE_DIR / "cpu.json"
     if not path.exists():
         raise SystemExit(f"no CPU profile at {path}; run `fineserve profile` first")
@@ -401,19 +386,11 @@ def real_setup(slo_scale: float, specs=None):
             for s in tqdm(demo_fleet_specs(), desc="loading the demo fleet", leave=False)]
     slo_ttft = {}
     for s in specs:
-        slo_ttft[s.served_name] = fineserve_slo(profile.get(*_model_and_precision(s.served_name), 1), slo_scale)
+        slo_ttft[s.served_name] = fineserve_slo(profile.get(*demo_profile_key(s.served_name), 1), slo_scale)
     return specs, profile, slo_ttft
 
 
-def _model_and_precision(served_name: str) -> tuple[str, str]:
-    """The profile key parts of a demo-fleet name: "smollm2-135m-w8a8" -> ("smollm2-135m", "w8a8")."""
-    model, precision = served_name.rsplit("-", 1)
-    return model, precision
-
-
 def _host() -> str:
-    import platform
-
     return platform.node() or "this machine"
 
 

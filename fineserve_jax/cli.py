@@ -9,7 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+from fineserve_jax import bench, serve
+from fineserve_jax.llm import LLM
+from models.checkpoint import is_quantized_checkpoint, save_quantized
 from models.errors import ModelLoadError
+from models.loader import check_precision, load_model
+from models.quantize import model_weight_bytes
+from serving.engine.sampling import SamplingParams
+from serving.sim import profiler
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -68,15 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling(args):
-    from serving.sampling import SamplingParams
-
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, stop=args.stop, seed=args.seed if args.temperature > 0 else None)
 
 
 def _llm(args):
-    from fineserve_jax.llm import LLM
-
     kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype,
               "kernels": args.kernels}
     if args.kv_cache_bytes is not None:
@@ -143,10 +146,6 @@ def cmd_batch(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from models.checkpoint import is_quantized_checkpoint, save_quantized
-    from models.loader import check_precision, load_model
-    from models.quantize import model_weight_bytes
-
     if args.calib_samples < 0:
         raise ValueError(f"--calib-samples must be >= 0, got {args.calib_samples}")
     check_precision(args.precision, args.kv_dtype)
@@ -167,20 +166,18 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-# Subcommands with their own parsers: `fineserve <name> ...` runs `<module>.main(rest)`.
+# Subcommands with their own parsers: `fineserve <name> ...` runs that module's `main(rest)`.
 DELEGATED = {
-    "serve": ("fineserve_jax.serve", "serve models over an OpenAI-compatible HTTP API"),
-    "profile": ("serving.profiler", "measure step times of models on this device and fit the cost model"),
-    "bench": ("fineserve_jax.bench", "replay a workload on FineServe and the baselines (real or --simulate)"),
+    "serve": (serve.main, "serve models over an OpenAI-compatible HTTP API"),
+    "profile": (profiler.main, "measure step times of models on this device and fit the cost model"),
+    "bench": (bench.main, "replay a workload on FineServe and the baselines (real or --simulate)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        import importlib
-
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        return DELEGATED[argv[0]][0](argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "batch": cmd_batch, "quantize": cmd_quantize}[args.command](args)

@@ -7,8 +7,8 @@
     fleet.llm("smollm2-135m-bf16").chat(...)      # the full LLM API of one model
 
 Each model keeps its own jitted programs; all of them thread the same donated pool
-(serving/device_runtime.py), and `pool_mode` picks KV Slab or one of its baselines
-(serving/pool_plan.py). The same fleet from a file: `Fleet.from_config("fleet.toml")`:
+(serving/runtime/device_runtime.py), and `pool_mode` picks KV Slab or one of its baselines
+(serving/kv/pool_plan.py). The same fleet from a file: `Fleet.from_config("fleet.toml")`:
 
     pool_bytes = "256MiB"        # or an integer
     pool_mode = "slab"           # "slab" | "static" | "single_page"
@@ -36,13 +36,13 @@ from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.device_runtime import DeviceRuntime
-from serving.local_scheduler import RoundRobin
-from serving.engine import LLMEngine
-from serving.kv_pool import DEFAULT_SLAB_BYTES
-from serving.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
-from serving.sampling import SamplingParams
-from serving.sequence import RequestOutput
+from serving.runtime.device_runtime import DeviceRuntime
+from serving.scheduling.step_policy import RoundRobin
+from serving.engine.llm_engine import LLMEngine
+from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
+from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import RequestOutput
 
 DEFAULT_POOL_BYTES = 512 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

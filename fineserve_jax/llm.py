@@ -9,9 +9,9 @@ from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
 from pallas_kernels.implementation import resolve_kernels
-from serving.engine import EngineConfig, LLMEngine, engine_with_own_pool
-from serving.sampling import SamplingParams
-from serving.sequence import RequestOutput
+from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import RequestOutput
 
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 

@@ -19,11 +19,12 @@ import time
 from fastapi import FastAPI
 
 from fineserve_jax.fleet import Fleet
-from serving.api_server import ServedModel, build_app, make_server
-from serving.async_runtime import AsyncRuntime, ModelLimits
-from serving.local_scheduler import SAABAdmission
-from serving.local_scheduler import step_policy as make_step_policy
-from serving.metrics import SLO
+from fineserve_jax.serve_config import ServeConfig, build_fleets
+from serving.http.api_server import ServedModel, build_app, make_server
+from serving.runtime.async_runtime import AsyncRuntime, ModelLimits
+from serving.scheduling.step_policy import SAABAdmission
+from serving.scheduling.step_policy import step_policy as make_step_policy
+from serving.sim.metrics import SLO
 
 log = logging.getLogger("fineserve.serve")
 
@@ -90,8 +91,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from fineserve_jax.serve_config import ServeConfig, build_fleets
-
     try:
         config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()
         t0 = time.perf_counter()

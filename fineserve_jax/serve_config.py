@@ -26,12 +26,12 @@ A fleet.toml (`Fleet.from_config`) is a valid serve config; these keys are added
     model = "smollm2-135m"
     precision = "w4a16"
     slo_ttft_ms = 500              # TTFT SLO; default: FineServe's rule on the device profile
-                                   # (benchmarks/profiles/<kind>.json) where it covers the model, else 2 s
+                                   # (serving/scheduling/profiles/<kind>.json) where it covers the model, else 2 s
     rate = 2.0                     # expected requests / s, for placement (default 1)
     max_queue = 64                 # waiting requests before the server refuses more (default 4 x max_num_seqs)
 
 Placement (`place_models`): on one device every model goes there. On several, FineServe's global
-scheduler (serving/global_scheduler.py, strategy "fineserve", TP 1) places them from the models'
+scheduler (serving/scheduling/placement.py, strategy "fineserve", TP 1) places them from the models'
 shapes (config.json / GGUF header: no weights are loaded; "auto"/"native" precision is planned as
 bf16, an upper bound). Each device is offered its memory less its configured KV pool, which is
 allocated whatever the models: the scheduler fits the weights, plus each model's minimum KV as
@@ -58,19 +58,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fineserve_jax.bench import PROFILE_DIR, demo_fleet_specs
+from fineserve_jax.demo import demo_fleet_specs
 from fineserve_jax.fleet import DEFAULT_POOL_BYTES, Fleet, ModelSpec, parse_bytes
 from models.config import ModelConfig
+from models.gguf_loader import config_from_gguf_metadata, open_gguf
+from models.hf_loader import read_hf_config
 from models.loader import LoadedModel, check_precision, parse_dtype, resolve_model_path
 from models.precision import PrecisionPreset, layout_kv_dtype, resolve_precision
 from models.quantize import model_weight_bytes
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import DEVICES, DeviceProfile, ModelShape, StepCost, roofline_step_cost, variant_key
-from serving.global_scheduler import (Device, ModelDemand, PlacementError, SchedulerConfig, fineserve_slo,
+from serving.scheduling.cost_model import DEVICES, DeviceProfile, ModelShape, StepCost, roofline_step_cost, variant_key
+from serving.scheduling.placement import (Device, ModelDemand, PlacementError, SchedulerConfig, fineserve_slo,
                                       place)
-from serving.kv_pool import DEFAULT_SLAB_BYTES
-from serving.local_scheduler import STEP_POLICIES
-from serving.pool_plan import POOL_MODES
+from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
+from serving.scheduling.step_policy import STEP_POLICIES
+from serving.kv.pool_plan import POOL_MODES
 
 log = logging.getLogger("fineserve.config")
 
@@ -341,8 +343,7 @@ def device_memory(device: DeviceConfig) -> int | None:
 
 
 def _load_profile(kind: str) -> DeviceProfile | None:
-    path = PROFILE_DIR / f"{kind}.json"
-    return DeviceProfile.load(path) if path.is_file() else None
+    return DeviceProfile.shipped(kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,9 +396,6 @@ def read_model_config(spec: ModelSpec) -> ModelConfig:
     metadata): no weights are read."""
     if isinstance(spec.model, LoadedModel):
         return spec.model.config
-    from models.gguf_loader import config_from_gguf_metadata, open_gguf
-    from models.hf_loader import read_hf_config
-
     path = resolve_model_path(spec.model)
     if path.is_file():
         return config_from_gguf_metadata(open_gguf(path))

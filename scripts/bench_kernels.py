@@ -10,7 +10,7 @@ What is timed
   cannot simplify it away.
 * decode: Llama-3-8B-like attention, 32 query heads / 8 KV heads, head_dim 128, one layer, 16-token
   pages; B in {1, 16, 64} x context in {512, 4096, 16384}; KV formats bf16, fp8, int8, int4. The pool
-  is a `serving.kv_pool.KVPool` (2 MiB slabs, the pool's default size), the pages come from its allocator
+  is a `serving.kv.kv_pool.KVPool` (2 MiB slabs, the pool's default size), the pages come from its allocator
   and every page table is a random shuffle of them, so a sequence's pages are scattered over slabs.
   K/V are random (normal x a per-token scale, so quantization scales vary) and written with
   `write_kv_tokens`. Through the dispatcher (`pallas_kernels.paged_attention`): "pallas" (GPU),
@@ -93,7 +93,7 @@ from pallas_kernels.quant_formats import (  # noqa: E402
     quantize_int8_per_channel,
 )
 from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
-from serving.kv_pool import DEFAULT_SLAB_BYTES, KVPool, slab_bytes_for  # noqa: E402
+from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, KVPool, slab_bytes_for  # noqa: E402
 
 OPS = ("copy", "decode", "prefill", "matmul")
 OP_ALIASES = {"attention": ("decode", "prefill")}

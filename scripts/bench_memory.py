@@ -5,7 +5,7 @@
 Four tiny random-weight Llama models (the MODELS table below) of different depths, KV heads and head
 dims, in three KV precisions (bf16; 8-bit: int8 and fp8; int4) with matching weight presets, share
 one KV pool. The same request stream (fixed seed) is served in each pool mode of
-`serving/pool_plan.py`:
+`serving/kv/pool_plan.py`:
 
   slab         KV Slab: any slab can be formatted for any model.
   static       separate per-model pools, as separate vLLM instances would have: the pool split into
@@ -60,7 +60,7 @@ with a pool 16x larger (same requests on the same pages, so the same work; the t
 fastest step of each is compared): equal within noise when the pool is not copied, where one copy of
 the larger pool (also reported) would add about a second.
 
-KV Slab here includes compaction (serving/device_runtime.py `reclaim_for`): a model short of pages
+KV Slab here includes compaction (serving/runtime/device_runtime.py `reclaim_for`): a model short of pages
 has the other models' live pages packed into as few slabs as they need, so free pages stranded in
 a lightly loaded model's slabs return to the pool. Without it (first run, same workload) KV Slab held
 97.35% live KV, 1.92% of the pool stranded.
@@ -205,7 +205,7 @@ class Feeder:
         self._next = next(self._it, None)
 
     def feed(self, runtime, step: int) -> None:
-        from serving.sampling import SamplingParams
+        from serving.engine.sampling import SamplingParams
 
         while self._next is not None and self._next.step <= step:
             r = self._next
@@ -230,7 +230,7 @@ def build_fleet(loaded, w: Workload, mode: str, pool_bytes: int | None = None, h
 
 def _host_only_execute(pool, is_prefill, seqs, num_tokens):
     """ModelRunner.execute without the device program: token 0 for every row, pool untouched."""
-    from serving.model_runner import StepResult
+    from serving.engine.model_runner import StepResult
 
     return pool, StepResult(np.zeros(len(seqs), np.int32), None, None, None, 0.0)
 
@@ -405,7 +405,7 @@ def pool_size_timing(loaded, w: Workload, factor: int = 16) -> dict:
     requests on the same pages (slabs are taken lowest first), so the same work. The two fleets
     step in alternation, so drift in the host's speed hits both alike. For scale, the time one copy
     of each pool takes."""
-    from serving.sampling import SamplingParams
+    from serving.engine.sampling import SamplingParams
 
     name = loaded[0].name
     rng = np.random.default_rng(w.seed + 1)

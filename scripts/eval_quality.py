@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from models.loader import load_model  # noqa: E402
 from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL  # noqa: E402
 from models.quantize import model_weight_bytes  # noqa: E402
-from serving.paged_forward import PagedForward  # noqa: E402
+from serving.engine.paged_forward import PagedForward  # noqa: E402
 
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED}
 CONTEXT_ROWS = {"float32": {"precision": "bf16", "dtype": "float32"}, "native": {"precision": "native"}}

@@ -1,10 +1,10 @@
-"""Write the GPU cost profiles benchmarks/profiles/{h100,h200}.json from the roofline formula.
+"""Write the GPU cost profiles serving/scheduling/profiles/{h100,h200}.json from the roofline formula.
 
-No GPU was available to measure them: every entry is `serving.cost_model.roofline_step_cost`
+No GPU was available to measure them: every entry is `serving.scheduling.cost_model.roofline_step_cost`
 (peak HBM bandwidth and tensor-core FLOPs scaled by one efficiency factor, a fixed launch overhead,
 NVLink all-reduces for tensor parallelism) for Llama-3-8B and Llama-3-70B at every precision preset
 and TP 1, 2, 4, 8. Each entry's meta gives the bytes it was derived from and whether the weights
-fit on one device. Replace a file with `python -m serving.profiler ... --device-kind h100` output
+fit on one device. Replace a file with `python -m serving.sim.profiler ... --device-kind h100` output
 measured on the GPU when one is available.
 
     .venv/bin/python scripts/make_roofline_profiles.py [--efficiency 0.6] [--out-dir benchmarks/profiles]
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.precision import PRESETS  # noqa: E402
-from serving.cost_model import (  # noqa: E402
+from serving.scheduling.cost_model import (  # noqa: E402
     DEFAULT_EFFICIENCY,
     FEATURES_DOC,
     H100,
@@ -57,7 +57,7 @@ def roofline_profile(device: DeviceSpec, efficiency: float = DEFAULT_EFFICIENCY)
                     "decode_batch64_ctx1024_seconds": cost.decode_seconds([1024] * 64),
                 }
     source = (f"roofline (not measured): derived from the roofline formula of workloads.md §5 "
-              f"(serving/cost_model.py roofline_step_cost, efficiency {efficiency} of peak bandwidth and "
+              f"(serving/scheduling/cost_model.py roofline_step_cost, efficiency {efficiency} of peak bandwidth and "
               f"FLOPs, launch overhead {device.launch_overhead_s * 1e6:.0f} us per step, NVLink "
               f"{device.link_bytes_per_s / 1e9:.0f} GB/s all-reduce with "
               f"{device.allreduce_latency_s * 1e6:.0f} us latency); no GPU was available to measure it")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.paged_forward import PagedForward  # noqa: F401  (re-exported for tests)
+from serving.engine.paged_forward import PagedForward  # noqa: F401  (re-exported for tests)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 HF_MODELS = ("llama", "mistral", "qwen2")
@@ -13,7 +13,7 @@ HF_MODELS = ("llama", "mistral", "qwen2")
 
 def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_slab: int = 4, **config):
     """An LLMEngine over a pool of at least `num_pages` pages (in slabs of `pages_per_slab`)."""
-    from serving.engine import EngineConfig, engine_with_own_pool
+    from serving.engine.llm_engine import EngineConfig, engine_with_own_pool
 
     cfg = loaded.config
     page_bytes = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,

@@ -17,7 +17,7 @@ from fineserve_jax.serve import served_models, use_local_scheduling
 from models.config import ModelConfig
 from models.loader import model_cache_dir, random_model
 from models.tokenizer import Tokenizer
-from serving.api_server import build_app, make_server
+from serving.http.api_server import build_app, make_server
 
 SMOLLM2_GGUF = model_cache_dir() / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_MODEL_LEN = 96
@@ -41,7 +41,7 @@ def tiny_models(tok: Tokenizer, precisions=("bf16", "w8a8", "w4a16")):
 @dataclass
 class RunningServer:
     url: str
-    server: object  # serving.api_server.GracefulServer
+    server: object  # serving.http.api_server.GracefulServer
     thread: threading.Thread
     fleet: Fleet
 

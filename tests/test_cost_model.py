@@ -13,7 +13,7 @@ import pytest
 from models.config import ModelConfig
 from fineserve_jax.fleet import ModelSpec
 from models.loader import random_model
-from serving.cost_model import (
+from serving.scheduling.cost_model import (
     H100,
     H200,
     LLAMA3_8B,
@@ -28,8 +28,8 @@ from serving.cost_model import (
     roofline_step_cost,
     variant_key,
 )
-from serving.engine import EngineConfig
-from serving.profiler import (
+from serving.engine.llm_engine import EngineConfig
+from serving.sim.profiler import (
     ProfileGrid,
     attention_block_tokens,
     build_profile_engine,
@@ -266,7 +266,7 @@ def test_shipped_roofline_profiles(kind):
 def test_shipped_cpu_profile():
     path = PROFILES / "cpu.json"
     if not path.exists():
-        pytest.skip("benchmarks/profiles/cpu.json not generated")
+        pytest.skip("serving/scheduling/profiles/cpu.json not generated")
     profile = DeviceProfile.load(path)
     assert profile.device_kind == "cpu" and profile.source.startswith("measured on")
     for precision in ("bf16", "w8a8", "w4a16"):

@@ -15,7 +15,7 @@ from fineserve_jax import SamplingParams
 from fineserve_jax.fleet import Fleet, ModelSpec, parse_bytes
 from models.config import ModelConfig
 from models.loader import random_model
-from serving.local_scheduler import RoundRobin
+from serving.scheduling.step_policy import RoundRobin
 
 NAN_WORD = 0x7FC07FC0  # NaN as one float32 and as two bfloat16
 VOCAB = 384

@@ -1,4 +1,4 @@
-"""Tests for serving/global_scheduler.py: TP/replica choice, slab-aware FineServe placement, the
+"""Tests for serving/scheduling/placement.py: TP/replica choice, slab-aware FineServe placement, the
 Prism / MuxServe / static baselines, memory safety, KV budgets, rate drift and re-placement.
 
 The cost model is a fake with hand-computable step times (mean prompt 100, mean output 10):
@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import LLAMA3_8B, LLAMA3_70B, H100, DeviceProfile, ModelShape, roofline_step_cost, variant_key
-from serving.global_scheduler import (
+from serving.scheduling.cost_model import LLAMA3_8B, LLAMA3_70B, H100, DeviceProfile, ModelShape, roofline_step_cost, variant_key
+from serving.scheduling.placement import (
     STRATEGIES, TP_RULES, Device, ModelDemand, PlacementError, RateObservation, RatesMonitor, SchedulerConfig,
     fineserve_slo, kv_budget, place, place_fineserve, place_muxserve, place_prism, place_static, plan_replicas,
     pool_specs, rate_drift, replace, should_replace)
-from serving.kv_pool import SlabAllocator
-from serving.pool_plan import plan_pool
+from serving.kv.kv_pool import SlabAllocator
+from serving.kv.pool_plan import plan_pool
 
 GiB = 1 << 30
 MiB = 1 << 20

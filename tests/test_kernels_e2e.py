@@ -8,7 +8,7 @@ import pytest
 
 from models.config import ModelConfig
 from models.loader import random_model
-from serving.sampling import SamplingParams
+from serving.engine.sampling import SamplingParams
 from tests.helpers import build_engine, drain
 
 CFG = ModelConfig("llama", 128, 64, 128, 2, 4, 2, 32, max_position_embeddings=256)

@@ -1,4 +1,4 @@
-"""Tests for serving/kv_pool.py: the host-side SlabAllocator, slab_bytes_for and the KVPool buffer.
+"""Tests for serving/kv/kv_pool.py: the host-side SlabAllocator, slab_bytes_for and the KVPool buffer.
 
 The core is a hypothesis state machine that registers several models with different page sizes on
 one allocator (all but one tiling the slab exactly, one leaving a remainder) and runs random
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from serving.kv_pool import (
+from serving.kv.kv_pool import (
     DEFAULT_SLAB_BYTES,
     KVPool,
     PoolExhausted,

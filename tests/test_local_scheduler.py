@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv_pool import SlabAllocator
-from serving.local_scheduler import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, deadline_first,
+from serving.kv.kv_pool import SlabAllocator
+from serving.scheduling.step_policy import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, deadline_first,
                                      earliest_deadline, prefill_backlog)
-from serving.metrics import SLO
-from serving.page_manager import PageManager
-from serving.sampling import SamplingParams
-from serving.scheduler import Scheduler
-from serving.sequence import Sequence, SequenceStatus
+from serving.sim.metrics import SLO
+from serving.engine.page_manager import PageManager
+from serving.engine.sampling import SamplingParams
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import Sequence, SequenceStatus
 
 TAU = 0.01  # seconds per prefill token in every case below
 

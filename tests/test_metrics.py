@@ -1,4 +1,4 @@
-"""Tests for serving/metrics.py with hand-computed cases: per-request TTFT / TPOT / ITL / E2E,
+"""Tests for serving/sim/metrics.py with hand-computed cases: per-request TTFT / TPOT / ITL / E2E,
 percentiles, SLO and goodput attainment with drops, throughput, JSON output, and the comparison table."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from serving.metrics import (SLO, LatencyStats, RequestRecord, Summary, fineserve_slo, format_table, meets_all,
+from serving.sim.metrics import (SLO, LatencyStats, RequestRecord, Summary, fineserve_slo, format_table, meets_all,
                              summarize)
 
 

@@ -1,4 +1,4 @@
-"""Tests for serving/pool_plan.py and kv_pool.choose_slab_bytes: slab size, per-model geometry, and
+"""Tests for serving/kv/pool_plan.py and kv_pool.choose_slab_bytes: slab size, per-model geometry, and
 the static / single-page-size baselines."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
-from serving.kv_pool import EXACT_SLAB_SPAN, MAX_SLAB_WASTE, choose_slab_bytes, slab_bytes_for, slab_waste
-from serving.pool_plan import ModelPages, plan_pool
+from serving.kv.kv_pool import EXACT_SLAB_SPAN, MAX_SLAB_WASTE, choose_slab_bytes, slab_bytes_for, slab_waste
+from serving.kv.pool_plan import ModelPages, plan_pool
 
 
 def candidates(pages: list[int], lo: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Tests for serving/sampling.py.
+"""Tests for serving/engine/sampling.py.
 
 Shapes are kept to a handful (B=8 x V=64 for most tests, B=2000 x V=8 for the distribution tests)
 so the jitted sampler compiles only a few times. Logits are fresh random draws each run wherever
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.sampling import (
+from serving.engine.sampling import (
     SamplerFlags,
     SamplerOutput,
     SamplingBatch,

@@ -17,12 +17,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from fineserve_jax.bench import PROFILE_DIR
 from fineserve_jax.fleet import ModelSpec
 from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, ServeConfig, ServedModelConfig,
                                         ServerConfig, build_fleets, place_models, slo_ttft_s, step_cost)
 from models.config import ModelConfig
-from serving.cost_model import DeviceProfile, variant_key
+from serving.scheduling.cost_model import DeviceProfile, variant_key
 from models.loader import random_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +88,7 @@ def test_the_demo_is_smollm2_three_ways_on_one_device_without_loading_anything()
     assert all(slo_ttft_s(m, "cpu") > 1 for m in c.models)
     assert all(slo_ttft_s(m, "h100") == DEFAULT_SLO_TTFT_S for m in c.models)
     # SAAB's step costs: the CPU profile's entries; the roofline on an H100; none for an unknown kind.
-    cpu = DeviceProfile.load(PROFILE_DIR / "cpu.json")
+    cpu = DeviceProfile.shipped("cpu")
     for m in c.models:
         assert step_cost(m, "cpu", cpu) is cpu.entries[variant_key("smollm2-135m", m.spec.precision)]
         assert 0 < step_cost(m, "h100", None).prefill_seconds_per_token() < cpu.entries[
@@ -241,7 +240,7 @@ TWO_DEVICES = textwrap.dedent("""
     import jax
     from flax import nnx
     from fineserve_jax.serve_config import DeviceConfig, ServeConfig, ServedModelConfig, build_fleets
-    from serving.sampling import SamplingParams
+    from serving.engine.sampling import SamplingParams
     from tests.test_serve_config import tiny, tiny_spec
 
     models = [ServedModelConfig(tiny_spec(tiny(n, i))) for i, n in enumerate(["a", "b"])]  # made on cpu:0

@@ -19,7 +19,7 @@ import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
-from serving.cost_model import StepCost
+from serving.scheduling.cost_model import StepCost
 from tests.server_helpers import running_server, tiny_models, tokenizer, wait_for
 
 

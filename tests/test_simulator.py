@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import StepCost
-from serving.device_runtime import DeviceRuntime
-from serving.engine import EngineConfig
-from serving.metrics import SLO, summarize
-from serving.simulator import SimModel, SystemPolicy, build_device, device_groups, route, simulate_device
-from serving.workload import FixedLengths, Request, Workload, synthetic_workload
+from serving.scheduling.cost_model import StepCost
+from serving.runtime.device_runtime import DeviceRuntime
+from serving.engine.llm_engine import EngineConfig
+from serving.sim.metrics import SLO, summarize
+from serving.sim.simulator import SimModel, SystemPolicy, build_device, device_groups, route, simulate_device
+from serving.sim.workload import FixedLengths, Request, Workload, synthetic_workload
 
 CONFIG = EngineConfig(max_num_seqs=8, max_model_len=512, max_num_batched_tokens=128, prefill_chunk=128)
 
@@ -53,7 +53,7 @@ def test_idle_device_jumps_to_the_next_arrival_and_models_take_turns():
 def test_runtime_tracks_each_models_step_time_in_clock_seconds():
     """The runtime's moving average of step times (what latency-aware EDF sizes its horizon with) is
     measured on the engines' clock: simulated seconds here, one weighted update per step that ran."""
-    from serving.device_runtime import STEP_TIME_WEIGHT
+    from serving.runtime.device_runtime import STEP_TIME_WEIGHT
 
     dev = build_device([sim_model("a"), sim_model("b", cost=exact_cost(decode_step=0.03))], 16 << 20,
                        policy="edf")
@@ -138,9 +138,9 @@ def test_device_groups_join_devices_that_share_a_replica():
 
 
 def test_simulate_placement_on_a_small_cluster():
-    from serving.cost_model import LLAMA3_8B, H100, roofline_step_cost, DeviceProfile, variant_key
-    from serving.global_scheduler import Device, ModelDemand, place
-    from serving.simulator import simulate_placement
+    from serving.scheduling.cost_model import LLAMA3_8B, H100, roofline_step_cost, DeviceProfile, variant_key
+    from serving.scheduling.placement import Device, ModelDemand, place
+    from serving.sim.simulator import simulate_placement
 
     entries = {variant_key(LLAMA3_8B.name, p, 1): roofline_step_cost(LLAMA3_8B, p, H100, 1) for p in ("bf16", "w4a16")}
     profile = DeviceProfile("h100", "roofline, test", entries, {})
@@ -162,10 +162,10 @@ def test_replanning_follows_a_popularity_flip():
     popularity flips at 30 s. Planned once, `b`'s single replica drowns; re-planning moves replicas
     to `b` within a window and a check of the flip and keeps the late requests on time. With steady
     rates nothing is re-placed and the result is simulate_placement's."""
-    from serving.cost_model import H100, LLAMA3_8B, DeviceProfile, roofline_step_cost, variant_key
-    from serving.global_scheduler import Device, ModelDemand, place
-    from serving.simulator import simulate_placement, simulate_replanning
-    from serving.workload import popularity_flip
+    from serving.scheduling.cost_model import H100, LLAMA3_8B, DeviceProfile, roofline_step_cost, variant_key
+    from serving.scheduling.placement import Device, ModelDemand, place
+    from serving.sim.simulator import simulate_placement, simulate_replanning
+    from serving.sim.workload import popularity_flip
 
     profile = DeviceProfile("h100", "roofline, test", {variant_key(LLAMA3_8B.name, "bf16", 1):
                                                         roofline_step_cost(LLAMA3_8B, "bf16", H100, 1)}, {})
@@ -224,9 +224,9 @@ class RecordingRunner:
 def _real_vs_simulated_trial(loaded, cfg, config):
     """Profile, serve one trace for real, simulate it; (step ratio, real and simulated attainment,
     the load the run's own steps say it offered, requests)."""
-    from serving.cost_model import StepSample, fit_step_cost
-    from serving.profiler import ProfileGrid, build_profile_engine, profile_engine
-    from serving.replay import WallClock, replay
+    from serving.scheduling.cost_model import StepSample, fit_step_cost
+    from serving.sim.profiler import ProfileGrid, build_profile_engine, profile_engine
+    from serving.sim.replay import WallClock, replay
     from tests.helpers import build_engine
 
     grid = ProfileGrid.for_config(config, quick=True)

@@ -1,4 +1,4 @@
-"""Tests for serving/workload.py: arrival processes, power-law popularity, length samplers, the Azure
+"""Tests for serving/sim/workload.py: arrival processes, power-law popularity, length samplers, the Azure
 2023 traces, and Workload helpers.
 
 Statistical checks use large samples and tolerances of about 5-7 standard errors (derived next to each
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from serving.workload import (AZURE_DATA_DIR, SHAREGPT_MEAN_OUTPUT, SHAREGPT_MEAN_PROMPT, FixedLengths,
+from serving.sim.workload import (AZURE_DATA_DIR, SHAREGPT_MEAN_OUTPUT, SHAREGPT_MEAN_PROMPT, FixedLengths,
                               LengthSampler, LognormalLengths, Request, TraceLengths, Workload, azure_trace,
                               azure_workload, gamma_arrivals, poisson_arrivals, popularity_flip, power_law_rates,
                               power_law_shares, read_azure_csv, sharegpt_like_lengths, synthetic_workload)
@@ -118,7 +118,7 @@ def test_trace_lengths_keep_pairs(rng):
 # --- Azure traces -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, count, rate, cv, prompt_mean, output_mean", [
-    # benchmarks/data/azure_llm_2023/README.md and workloads.md §1.
+    # serving/sim/traces/azure_llm_2023/README.md and workloads.md §1.
     ("conv", 19_366, 5.53, 1.09, 1155, 211),
     ("code", 8_819, 2.57, 13.2, 2048, 28),
 ])

@@ -18,9 +18,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from serving.local_scheduler import AdmissionPolicy, FCFSAdmission
-from serving.page_manager import PageManager
-from serving.sequence import Sequence, SequenceStatus
+from serving.scheduling.step_policy import AdmissionPolicy, FCFSAdmission
+from serving.engine.page_manager import PageManager
+from serving.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

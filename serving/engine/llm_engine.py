@@ -22,12 +22,12 @@ import numpy as np
 
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv_pool import KVPool, slab_bytes_for
-from serving.model_runner import ModelRunner
-from serving.page_manager import PageManager
-from serving.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
-from serving.scheduler import Scheduler
-from serving.sequence import RequestOutput, Sequence, TokenLogprobs
+from serving.kv.kv_pool import KVPool, slab_bytes_for
+from serving.engine.model_runner import ModelRunner
+from serving.engine.page_manager import PageManager
+from serving.engine.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import RequestOutput, Sequence, TokenLogprobs
 
 
 class PromptTooLongError(ValueError):

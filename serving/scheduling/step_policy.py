@@ -4,7 +4,7 @@ device steps next.
 Admission (`Scheduler(admission=...)`, asked every prefill iteration):
   FCFSAdmission   admit in arrival order up to the sequence and token caps (vLLM's behaviour).
   SAABAdmission   FineServe's SLO-Aware Adaptive Batching (fineserve.md §5), with the step-time cost
-                  model of `serving.cost_model` in place of a profiled constant:
+                  model of `serving.scheduling.cost_model` in place of a profiled constant:
                   1. predict TTFT of waiting request r as `now + τ · (B + len_r)`, τ the model's
                      prefill seconds per token, B the prompt tokens still to prefill in the running
                      batch plus one per decoding request (each decode row costs about a token);
@@ -38,12 +38,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
 
-from serving.metrics import SLO
-from serving.sequence import Sequence, SequenceStatus
+from serving.sim.metrics import SLO
+from serving.engine.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
-    from serving.device_runtime import DeviceRuntime
-    from serving.engine import LLMEngine
+    from serving.runtime.device_runtime import DeviceRuntime
+    from serving.engine.llm_engine import LLMEngine
 
 # Latency-aware EDF: a request is at risk when it falls due within this many rounds of the ready
 # models' steps (a few of round-robin's turns: a chunked prompt needs more than one). Simulated

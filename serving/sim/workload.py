@@ -10,7 +10,7 @@ Sources (see ../shared/reference/workloads.md §1-2):
 - Popularity: MuxServe's power law, rate of model i proportional to (i + 1)^-alpha.
 - Azure LLM inference traces 2023 (Azure/AzurePublicDataset, CC-BY 4.0; the data behind Splitwise,
   Patel et al., ISCA 2024): one hour of a conversation service and one of a coding service, copied
-  into benchmarks/data/azure_llm_2023/.
+  into serving/sim/traces/azure_llm_2023/.
 - ShareGPT-like lengths: mean prompt 161 and output 338 tokens (vLLM and MuxServe papers). Only the
   means are published, so the synthetic sampler is a lognormal with those means and an assumed spread.
 """
@@ -24,13 +24,15 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 AZURE_KINDS = ("conv", "code")
-AZURE_DATA_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "azure_llm_2023"
+# Package data (a wheel installs it too).
+AZURE_DATA_DIR = Path(str(resources.files(__package__).joinpath("traces", "azure_llm_2023")))
 
 # ShareGPT first turns (vLLM paper, also MuxServe's cost model): mean prompt / output tokens.
 SHAREGPT_MEAN_PROMPT = 161

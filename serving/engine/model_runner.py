@@ -22,8 +22,8 @@ from flax import nnx
 from models.llama import LlamaForCausalLM
 from models.quant_linear import use_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
-from serving.sequence import Sequence
+from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
+from serving.engine.sequence import Sequence
 
 MIN_PREFILL_BUCKET = 16
 PAGES_PER_ATTENTION_BLOCK = 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv_pool import SlabAllocator
-from serving.sequence import Sequence
+from serving.kv.kv_pool import SlabAllocator
+from serving.engine.sequence import Sequence
 
 
 class PageManager:

@@ -35,18 +35,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import StepCost
-from serving.device_runtime import DeviceRuntime
-from serving.engine import EngineConfig, LLMEngine
-from serving.global_scheduler import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, ModelDemand, PlacementError,
+from serving.scheduling.cost_model import StepCost
+from serving.runtime.device_runtime import DeviceRuntime
+from serving.engine.llm_engine import EngineConfig, LLMEngine
+from serving.scheduling.placement import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, ModelDemand, PlacementError,
                                       RatesMonitor, pool_specs, rate_drift, replace)
-from serving.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
-from serving.local_scheduler import FCFSAdmission, SAABAdmission, step_policy
-from serving.metrics import SLO, RequestRecord
-from serving.model_runner import ShapeBuckets, StepResult
-from serving.pool_plan import ModelPages, PoolPlan, plan_pool
-from serving.replay import replay
-from serving.workload import Request
+from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
+from serving.scheduling.step_policy import FCFSAdmission, SAABAdmission, step_policy
+from serving.sim.metrics import SLO, RequestRecord
+from serving.engine.model_runner import ShapeBuckets, StepResult
+from serving.kv.pool_plan import ModelPages, PoolPlan, plan_pool
+from serving.sim.replay import replay
+from serving.sim.workload import Request
 
 ADMISSIONS = ("fcfs", "saab", "saab-tpot", "saab-keep")
 

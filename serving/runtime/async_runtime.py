@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import jax
 
-from serving.device_runtime import DeviceRuntime, ModelStepError
-from serving.sampling import SamplingParams
-from serving.sequence import RequestOutput
+from serving.runtime.device_runtime import DeviceRuntime, ModelStepError
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import RequestOutput
 
 log = logging.getLogger("fineserve.runtime")
 

@@ -5,7 +5,7 @@ length and forces the output length (`max_tokens`, EOS ignored), as trace replay
 requests to a `DeviceRuntime` when their arrival time comes on `clock`, steps the runtime while any
 model has work, and waits for the next arrival when idle. On a wall clock that is a real run (times
 relative to the start); on a simulated clock whose time the stand-in runners advance (see
-`serving.simulator`) the same loop is a discrete-event simulation of that device.
+`serving.sim.simulator`) the same loop is a discrete-event simulation of that device.
 
 Every request ends as one `RequestRecord`: finished, dropped by admission, or failed (refused at
 submission, e.g. a prompt longer than the model's context), never lost.
@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from serving.device_runtime import DeviceRuntime
-from serving.metrics import RequestRecord
-from serving.sampling import SamplingParams
-from serving.sequence import RequestOutput
-from serving.workload import Request
+from serving.runtime.device_runtime import DeviceRuntime
+from serving.sim.metrics import RequestRecord
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import RequestOutput
+from serving.sim.workload import Request
 
 PROMPT_TOKEN = 1  # synthetic prompts repeat one in-vocabulary token
 

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
-from serving.engine import LLMEngine
-from serving.kv_pool import KVPool
-from serving.local_scheduler import RoundRobin
-from serving.sequence import RequestOutput, SequenceStatus
+from serving.engine.llm_engine import LLMEngine
+from serving.kv.kv_pool import KVPool
+from serving.scheduling.step_policy import RoundRobin
+from serving.engine.sequence import RequestOutput, SequenceStatus
 
 
 STEP_TIME_WEIGHT = 0.2  # of the newest step in `step_seconds`: prefill and decode steps mix

@@ -62,9 +62,9 @@ import numpy as np
 from models.config import ModelConfig
 from models.precision import resolve_precision
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import TTFT_CHUNK_TOKENS, DeviceProfile, ModelShape, StepCost
-from serving.kv_pool import DEFAULT_SLAB_BYTES, choose_slab_geometry
-from serving.pool_plan import ModelPages, page_size_options
+from serving.scheduling.cost_model import TTFT_CHUNK_TOKENS, DeviceProfile, ModelShape, StepCost
+from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, choose_slab_geometry
+from serving.kv.pool_plan import ModelPages, page_size_options
 
 STRATEGIES = ("fineserve", "prism", "muxserve", "static")
 TP_SIZES = (1, 2, 4, 8)

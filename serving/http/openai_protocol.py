@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.sampling import MAX_LOGPROBS
+from serving.engine.sampling import MAX_LOGPROBS
 
 MAX_N = 8            # samples per request
 MAX_STOP = 8         # stop strings per request

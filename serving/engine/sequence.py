@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from serving.sampling import SamplingParams
+from serving.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

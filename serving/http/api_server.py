@@ -32,12 +32,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import openai_protocol as api
-from serving.async_runtime import AsyncRuntime, ModelFailed, Overloaded, RequestStream, ShuttingDown
-from serving.engine import PromptTooLongError
-from serving.sampling import SamplingParams
-from serving.sequence import RequestOutput
-from serving.server_metrics import ServerMetrics
+from serving.http import openai_protocol as api
+from serving.runtime.async_runtime import AsyncRuntime, ModelFailed, Overloaded, RequestStream, ShuttingDown
+from serving.engine.llm_engine import PromptTooLongError
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import RequestOutput
+from serving.http.server_metrics import ServerMetrics
 
 request_log = logging.getLogger("fineserve.requests")
 

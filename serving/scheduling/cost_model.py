@@ -25,7 +25,7 @@ split by step kind because the engine never mixes prefill and decode in one step
 `kv_lens` the attention sees.
 
 Padding (`pad_to_buckets=True`, measured profiles of this engine): the engine runs every step in a
-bucket shape (serving/model_runner.py): B_pad = next power of two >= rows, prefill S_pad =
+bucket shape (serving/engine/model_runner.py): B_pad = next power of two >= rows, prefill S_pad =
 max(16, next power of two >= longest row), and its reference attention loops over blocks of
 `attention_block` tokens up to the LONGEST context in the batch, for every padded row and query.
 So T = B_pad·S_pad, A = B_pad·S_pad·round_up(max ctx), B = B_pad, C = B_pad·round_up(max ctx)
@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +56,9 @@ from scipy.optimize import nnls
 from models.config import ModelConfig
 from models.precision import PrecisionPreset, resolve_precision
 
-MIN_PREFILL_BUCKET = 16       # serving/model_runner.py pads prefill chunks to at least this
+# Device cost profiles shipped with the package (package data: a wheel installs them too).
+PROFILE_DIR = Path(str(resources.files(__package__).joinpath("profiles")))
+MIN_PREFILL_BUCKET = 16       # serving/engine/model_runner.py pads prefill chunks to at least this
 TTFT_CHUNK_TOKENS = 512       # the engine's default prefill chunk (EngineConfig.prefill_chunk)
 SAAB_PROMPT_TOKENS = 903      # FineServe: p95 prompt of LMSYS-Chat, used for the SLO and τ
 PREFILL_FEATURES = ("1", "T", "A")
@@ -241,6 +244,12 @@ class DeviceProfile:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def shipped(cls, kind: str) -> DeviceProfile | None:
+        """The profile of device `kind` shipped with the package (`PROFILE_DIR`), if there is one."""
+        path = PROFILE_DIR / f"{kind}.json"
+        return cls.load(path) if path.is_file() else None
 
     @classmethod
     def load(cls, path) -> DeviceProfile:

@@ -8,12 +8,12 @@ outside its scheduler: building the padded batch on the host, the jitted forward
 and the sampled tokens' copy to the host. Rows get distinct KV pages, so the attention reads as
 many bytes as real sequences would.
 
-`profile_models` loads each model, profiles it, fits it (serving/cost_model.py) and saves a
-DeviceProfile whose meta holds the fit errors and the raw samples. benchmarks/profiles/cpu.json came
+`profile_models` loads each model, profiles it, fits it (serving/scheduling/cost_model.py) and saves a
+DeviceProfile whose meta holds the fit errors and the raw samples. serving/scheduling/profiles/cpu.json came
 from (min: the machine was shared with other jobs, see the profile's meta):
 
-    .venv/bin/python -m serving.profiler --models smollm2-135m-bf16,smollm2-135m-w8a8,smollm2-135m-w4a16 \
-        --quick --statistic min --out benchmarks/profiles/cpu.json
+    .venv/bin/python -m serving.sim.profiler --models smollm2-135m-bf16,smollm2-135m-w8a8,smollm2-135m-w4a16 \
+        --quick --statistic min --out serving/scheduling/profiles/cpu.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from models.errors import ModelLoadError
 from models.loader import LoadedModel, load_model, random_model
 from models.precision import PRESETS
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.cost_model import (
+from serving.scheduling.cost_model import (
     FEATURES_DOC,
     LLAMA3_8B,
     LLAMA3_70B,
@@ -47,11 +47,11 @@ from serving.cost_model import (
     fit_step_cost,
     variant_key,
 )
-from serving.engine import EngineConfig, LLMEngine, engine_with_own_pool
-from serving.kv_pool import slab_bytes_for
-from serving.model_runner import PAGES_PER_ATTENTION_BLOCK
-from serving.sampling import SamplingParams
-from serving.sequence import Sequence
+from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool
+from serving.kv.kv_pool import slab_bytes_for
+from serving.engine.model_runner import PAGES_PER_ATTENTION_BLOCK
+from serving.engine.sampling import SamplingParams
+from serving.engine.sequence import Sequence
 
 RANDOM_SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B}
 TOKENS_PER_PAGE = 16
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
                     help="also profile a random-weight model shaped like Llama-3-8B / 70B (GPU only)")
     ap.add_argument("--precisions", default="bf16", help="comma-separated presets for --random-shape")
-    ap.add_argument("--out", default=None, help="profile JSON (default benchmarks/profiles/<device>.json)")
+    ap.add_argument("--out", default=None, help="profile JSON (default serving/scheduling/profiles/<device>.json)")
     ap.add_argument("--device-kind", default=None, help="name of this device in the profile (default: detected)")
     ap.add_argument("--quick", action="store_true", help="a smaller grid and 3 repeats (minutes on CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per step (default 5; 3 with --quick)")

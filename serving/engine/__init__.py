@@ -1,0 +1,1 @@
+"""Engine core: requests, scheduling of one model's batch, pages, the jitted model runner."""

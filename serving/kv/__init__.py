@@ -1,0 +1,1 @@
+"""KV Slab: the shared device pool, its slab allocator and pool plans."""

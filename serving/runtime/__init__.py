@@ -1,0 +1,1 @@
+"""Runtimes: several models stepping over one device pool, and the asyncio front of it."""

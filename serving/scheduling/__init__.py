@@ -1,0 +1,1 @@
+"""Two-level scheduling: admission, step policy, cost model, global placement."""

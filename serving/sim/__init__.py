@@ -1,0 +1,1 @@
+"""Simulation and measurement: workloads, replay, metrics, the simulator, the profiler."""
