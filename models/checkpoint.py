@@ -1,32 +1,16 @@
 """Save and load quantized models as a self-describing, checksummed directory.
 
-`fineserve quantize` writes (and `load_quantized` / `load_model(dir)` read) a directory holding:
+`fineserve quantize` writes (and `load_quantized` / `load_model(dir)` read) a directory holding
+`params/` (an Orbax checkpoint of the NNX `Param` state as a pure dict, each leaf in its own
+dtype), the tokenizer files `Tokenizer.from_hf_dir` reads, `fineserve_model.json` (format version,
+config, precision preset, each QuantLinear's format, every parameter's shape and dtype, every
+file's size) and `checksums.sha256` (one line per other file; written last, so its presence marks
+a complete checkpoint).
 
-==========================  ========================================================================
-params/                     an Orbax checkpoint (`ocp.StandardCheckpointer`, OCDBT + tensorstore) of
-                            the model's parameters: the NNX `Param` state as a nested pure dict
-                            (`nnx.to_pure_dict`), every leaf stored in its own dtype (uint8 packed
-                            int4, int8, float8_e4m3fn, bfloat16, float32; tensorstore round-trips
-                            float8 natively, so nothing is bitcast)
-tokenizer.json              the HF `tokenizers` model (when the model has a tokenizer), with
-tokenizer_config.json       bos token, add_bos_token and chat template, and
-generation_config.json      every EOS id, so `Tokenizer.from_hf_dir` rebuilds it exactly
-fineserve_model.json        metadata: format name and version, the ModelConfig, the PrecisionPreset,
-                            the model dtype, each QuantLinear's fmt/group_size/act_format, EOS ids,
-                            the source model, every parameter's shape and dtype, and the byte size of
-                            every other file
-checksums.sha256            `sha256sum` format (`<hex>  <relative path>`), one line for EVERY other
-                            file; written last, so its presence marks a complete checkpoint
-==========================  ========================================================================
-
-`load_quantized` verifies all of it before reading a parameter: the checksum file exists, every
-listed file exists with its recorded size (shorter: truncated) and hash (else corrupt), no file
-under params/ is unlisted, the format version is known, the metadata is self-consistent (a QuantLinear's
-fmt matches its arrays' dtypes and shapes), and the Orbax checkpoint's own array metadata matches
-fineserve_model.json leaf by leaf. Only then are the parameters restored into an abstract model
-(`models.weights.abstract_model`: eval_shape of LlamaForCausalLM with the same QuantLinear
-replacements), and every restored leaf is checked again. Every failure is a `CheckpointError`
-naming the file and the problem.
+`load_quantized` verifies checksums, sizes, the format version and the metadata (against the config
+and against Orbax's own array metadata) before restoring anything into an abstract model
+(`models.weights.abstract_model`), then checks every restored leaf again. Every failure is a
+`CheckpointError` naming the file and the problem. docs/models.md has the full layout and checks.
 """
 
 from __future__ import annotations
@@ -48,8 +32,10 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.errors import CheckpointError, ModelLoadError
+from models.loaded_model import LoadedModel, parse_dtype
 from models.precision import PRESETS, PrecisionPreset
 from models.quant_linear import QuantLinear
+from models.quantize import model_weight_bytes
 from models.tokenizer import Tokenizer
 from models.weights import LAYER_LINEARS, QuantSpec, abstract_model, kernel_shape
 
@@ -135,7 +121,7 @@ def _quant_linears(model) -> dict[str, QuantLinear]:
 
 
 def save_quantized(loaded, out_dir, *, overwrite: bool = False) -> Path:
-    """Write `loaded` (a models.loader.LoadedModel, quantized or not) to `out_dir` in the format
+    """Write `loaded` (a models.loaded_model.LoadedModel, quantized or not) to `out_dir` in the format
     above and return its path. The directory is written under a temporary name next to `out_dir`
     and renamed into place, so a failure leaves nothing behind. A non-empty `out_dir` is refused
     unless `overwrite`; even then only an existing fineserve checkpoint is replaced, never a
@@ -169,9 +155,7 @@ def save_quantized(loaded, out_dir, *, overwrite: bool = False) -> Path:
 
 
 def _write(loaded, root: Path) -> None:
-    import orbax.checkpoint as ocp
-
-    from models.quantize import model_weight_bytes
+    import orbax.checkpoint as ocp  # local: a heavy import that adds a root log handler; only checkpoints use it
 
     model = loaded.model
     params = nnx.state(model, nnx.Param)
@@ -353,7 +337,7 @@ def _quant_specs(meta: dict, stored: dict[str, jax.ShapeDtypeStruct], config: Mo
 
 
 def load_quantized(path, dtype=None, *, name: str | None = None):
-    """Load a checkpoint written by `save_quantized` as a models.loader.LoadedModel with the stored
+    """Load a checkpoint written by `save_quantized` as a models.loaded_model.LoadedModel with the stored
     precision preset. dtype: None keeps the stored model dtype; "bfloat16"/"float32" (or the jnp
     dtype) casts the float parameters (embedding, norms, float linears, biases; not quantized
     values or scales) to it. Raises CheckpointError (a ModelLoadError) naming the file and the
@@ -366,9 +350,7 @@ def load_quantized(path, dtype=None, *, name: str | None = None):
 
 
 def _load(root: Path, dtype, name):
-    import orbax.checkpoint as ocp
-
-    from models.loader import LoadedModel, parse_dtype
+    import orbax.checkpoint as ocp  # local: a heavy import that adds a root log handler; only checkpoints use it
 
     meta = verify_checkpoint(root)
     where = root / METADATA_FILE

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
 
+import gguf
 import numpy as np
 
 from models.config import ModelConfig, RopeScaling
@@ -68,7 +69,6 @@ class RawTensor(NamedTuple):
     @property
     def shape(self) -> tuple[int, ...]:
         """Logical (HF) shape of the tensor."""
-        import gguf
         if self.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                           gguf.GGMLQuantizationType.BF16):
             return tuple(self.data.shape)
@@ -124,7 +124,6 @@ def _require(reader, key: str) -> Any:
 
 def open_gguf(path: str | os.PathLike):
     """`gguf.GGUFReader` for `path`, with ModelLoadError/WeightsError naming the path on failure."""
-    import gguf
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"GGUF file not found: {path}")
@@ -300,7 +299,6 @@ def _iter_named(reader) -> Iterator[tuple[str, Any]]:
 
 def iter_gguf_tensors(reader, config: ModelConfig | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, float32 array in HF layout), one tensor at a time."""
-    import gguf
     config = config or config_from_gguf_metadata(reader)
     for hf_name, t in _iter_named(reader):
         try:

@@ -12,45 +12,36 @@ from __future__ import annotations
 import gc
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
+from flax import nnx
 
+from models.checkpoint import load_quantized
 from models.config import ModelConfig
-from models.errors import ModelLoadError, ModelNotFoundError
-from models.precision import PRESETS, PrecisionPreset, layout_kv_dtype, resolve_precision
+from models.errors import ModelConfigError, ModelLoadError, ModelNotFoundError, WeightsError
+from models.gguf_loader import config_from_gguf_metadata, load_gguf, open_gguf
+from models.hf_loader import read_hf_config, read_hf_weights
+from models.llama import LlamaForCausalLM
+from models.loaded_model import LoadedModel, parse_dtype
+from models.precision import PRESETS, PrecisionPreset, resolve_precision
+from models.quant_import import (
+    _quantization_config,
+    gguf_quantized_tensors,
+    parse_quantization_config,
+    read_hf_quantized,
+)
+from models.quant_linear import QuantLinear
+from models.quantize import calibration_windows, quantize_model
 from models.tokenizer import Tokenizer
+from models.weights import LAYER_LINEARS, model_from_hf_weights
 
 KNOWN_MODELS = {
     "smollm2-135m": "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
-DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 
 
 def model_cache_dir() -> Path:
     return Path(os.environ.get("FINESERVE_CACHE", Path.home() / ".cache" / "fineserve-jax")) / "models"
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    config: ModelConfig
-    model: object  # LlamaForCausalLM
-    tokenizer: Tokenizer | None
-    dtype: object
-    precision: PrecisionPreset = PRESETS["bf16"]
-
-    @property
-    def kv_dtype(self) -> str:
-        """The KV page format this model's pages use."""
-        return layout_kv_dtype(self.precision, self.dtype)
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        """EOS ids from the config and the tokenizer (HF configs and GGUF metadata may list different ones)."""
-        ids = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
-        return tuple(sorted(ids))
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -74,23 +65,12 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
-def parse_dtype(dtype) -> object:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype in (jnp.bfloat16, jnp.float32):
-        return dtype
-    raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-
-
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calib_text.txt"
 CALIBRATION_WINDOW = 256
 
 
 def calibration_tokens(tokenizer: Tokenizer | None, samples: int):
     """int32[n, CALIBRATION_WINDOW] windows of the shipped calibration text, or None without a tokenizer."""
-    from models.quantize import calibration_windows
     if tokenizer is None or samples <= 0:
         return None
     ids = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
@@ -125,8 +105,6 @@ def native_preset(info) -> PrecisionPreset:
 
 def _gguf_native_preset(model) -> PrecisionPreset:
     """GGUF Q4_0/Q4_1 linears load as int4 (group 32), Q8_0 as group-wise int8, weight-only."""
-    from models.quant_linear import QuantLinear
-    from models.weights import LAYER_LINEARS
     fmts = {getattr(model.layers, n).fmt for n in LAYER_LINEARS
             if isinstance(getattr(model.layers, n), QuantLinear)}
     if not fmts:
@@ -145,7 +123,6 @@ def _hf_quantization(path: Path):
     """QuantInfo when the HF directory holds a pre-quantized checkpoint (config.json with a
     `quantization_config`, or an AutoGPTQ/AutoAWQ side file), else None. A malformed config.json
     returns None so that the float path reports it."""
-    from models.quant_import import _quantization_config, parse_quantization_config
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -198,7 +175,6 @@ def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPr
 
 def _finish_float(model, tokenizer, requested: PrecisionPreset | None, kv_dtype, calib_samples):
     """Quantize a float model to the requested preset (None: bf16)."""
-    from models.quantize import quantize_model
     preset = requested or resolve_precision("bf16", kv_dtype)
     if preset.changes_weights:
         calib = calibration_tokens(tokenizer, calib_samples) if preset.needs_calibration else None
@@ -207,9 +183,6 @@ def _finish_float(model, tokenizer, requested: PrecisionPreset | None, kv_dtype,
 
 
 def _load_float_hf(path, name, jdtype, requested, kv_dtype, calib_samples) -> LoadedModel:
-    from models.hf_loader import read_hf_config, read_hf_weights
-    from models.weights import model_from_hf_weights
-
     config = read_hf_config(path)
     weights = read_hf_weights(path)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
@@ -220,11 +193,6 @@ def _load_float_hf(path, name, jdtype, requested, kv_dtype, calib_samples) -> Lo
 
 
 def _load_gguf(path, name, jdtype, requested, kv_dtype, native, calib_samples) -> LoadedModel:
-    from models.gguf_loader import config_from_gguf_metadata, load_gguf, open_gguf
-    from models.errors import ModelConfigError, WeightsError
-    from models.quant_import import gguf_quantized_tensors
-    from models.weights import model_from_hf_weights
-
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path} is not a .gguf file or an HF checkpoint directory")
     if native and requested is None:
@@ -255,11 +223,6 @@ def _load_gguf(path, name, jdtype, requested, kv_dtype, native, calib_samples) -
 
 
 def _load_prequantized(path, name, jdtype, requested, kv_dtype, info) -> LoadedModel:
-    from models.errors import ModelConfigError
-    from models.hf_loader import read_hf_config
-    from models.quant_import import read_hf_quantized
-    from models.weights import model_from_hf_weights
-
     preset = native_preset(info)
     if requested is not None:
         if (requested.weight_format, requested.activation_format) != (preset.weight_format,
@@ -280,9 +243,6 @@ def _load_prequantized(path, name, jdtype, requested, kv_dtype, info) -> LoadedM
 
 
 def _load_fineserve(path, name, jdtype, requested, kv_dtype) -> LoadedModel:
-    from models.checkpoint import load_quantized
-    from models.errors import ModelConfigError
-
     def refuse(stored_name):
         if requested is not None and _base_name(requested) != stored_name.split("+kv-")[0]:
             raise ModelConfigError(f"{path} holds a model quantized to {stored_name!r}; load it with "
@@ -302,10 +262,6 @@ def random_model(config: ModelConfig, precision: str | PrecisionPreset = "bf16",
                  kv_dtype: str | None = None, seed: int = 0, name: str | None = None) -> LoadedModel:
     """A model of this architecture with random weights (no tokenizer), quantized to `precision` by
     plain round-to-nearest: for tests, memory benchmarks and profiling shapes no checkpoint has."""
-    from flax import nnx
-
-    from models.llama import LlamaForCausalLM
-
     preset = check_precision(precision, kv_dtype) or resolve_precision("bf16", kv_dtype)
     jdtype = parse_dtype(dtype)
     model = LlamaForCausalLM(config, dtype=jdtype, rngs=nnx.Rngs(seed))

@@ -10,12 +10,9 @@ w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale sear
 w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data)
 =========  =====================  ===================  =========  ================================
 
-int4 KV (w4a8kv4, or any preset with kv_dtype="int4") also applies SmoothAttention at calibration.
-`kv_dtype` overrides a preset's KV format on its own (`resolve_precision("w4a16", kv_dtype="fp8")`).
-The embedding (and a tied LM head) stays in the model dtype in every preset, as AWQ/GPTQ do.
-Group size: 128 where the input dimension allows it, else the largest of 64/32 that divides it
-(SmolLM2's hidden size 576 is not a multiple of 128); `group_size_for` is the one rule.
-The formats themselves (packing, scales, byte counts) live in `pallas_kernels/quant_formats.py`.
+int4 KV also applies SmoothAttention at calibration; `kv_dtype` overrides a preset's KV format on
+its own (`resolve_precision("w4a16", kv_dtype="fp8")`); the embedding stays in the model dtype.
+`group_size_for` is the one group-size rule; docs/models.md explains these choices.
 """
 
 from __future__ import annotations
@@ -71,8 +68,7 @@ class PrecisionPreset:
 
     def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
         """Exact KV bytes per token over all layers (K and V, scales included)."""
-        fmt = "bf16" if self.kv_format == "bf16" else self.kv_format
-        return cfg.num_layers * kv_bytes_per_token_per_layer(fmt, cfg.num_kv_heads, cfg.head_dim)
+        return cfg.num_layers * kv_bytes_per_token_per_layer(self.kv_format, cfg.num_kv_heads, cfg.head_dim)
 
     def weight_bytes(self, cfg: ModelConfig) -> int:
         """Exact bytes of all weights (quantized linears in their packed format, the rest bf16)."""

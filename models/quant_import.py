@@ -1,27 +1,12 @@
 """Import pre-quantized checkpoints (AWQ, GPTQ, FP8, GGUF Q4_0/Q4_1/Q8_0) straight into our
 quantized weight formats (`pallas_kernels.quant_formats.QuantizedTensor`), without a bf16 detour.
 
-Target convention: every imported linear weight becomes a `QuantizedTensor` in KERNEL layout
-`[in, out]` (the transpose of HF's `[out, in]`) with the reduced axis `axis=0`:
-
-=================  =========================================================================
-source             result
-=================  =========================================================================
-AWQ GEMM, GPTQ     fmt "int4": values uint8 `[in/2, out]` (`pack_int4(q, axis=0)` layout),
-                   scales/zeros float32 `[in/g, out]`, `w = (q - zero) * scale`. GPTQ v1
-                   zeros are stored minus one and come back as stored + 1 (so a stored 15
-                   gives 16, exactly what AutoGPTQ computes).
-GGUF Q4_0          fmt "int4", group 32, scale `d`, zero 8.
-GGUF Q4_1          fmt "int4", group 32, scale `d`, float zero `-m / d` (a block with d == 0
-                   is the constant m: q = 0, scale 1, zero -m, exact).
-GGUF Q8_0          fmt "int8" group-wise: values int8 `[in, out]`, scales `[in/32, out]`.
-FP8 (compressed-   fmt "fp8": values float8_e4m3fn `[in, out]`, scales float32 `[1, out]`
-tensors, AutoFP8)  (a per-tensor scale is broadcast to every output channel).
-=================  =========================================================================
-
-Arrays are host numpy arrays (`jnp` functions such as `dequantize` accept them). Tensors that are
-not quantized in the checkpoint (norms, embeddings, biases, modules left in float such as AWQ's
-lm_head) come back as float32 numpy arrays in HF layout and naming, like the other loaders.
+Every imported linear weight becomes a `QuantizedTensor` in kernel layout `[in, out]` (the
+transpose of HF's `[out, in]`) reduced along `axis=0`: AWQ GEMM, GPTQ and GGUF Q4_0/Q4_1 as "int4"
+(asymmetric, `w = (q - zero) * scale`), GGUF Q8_0 as group-wise "int8", FP8 as "fp8" with one scale
+per output channel. docs/models.md tables each source's packing, scales and zero points. Arrays are
+host numpy arrays; tensors not quantized in the checkpoint come back as float32 numpy arrays in HF
+layout and naming, like the other loaders.
 
 Not supported (each raises an error naming the tensor or option): act-order GPTQ (`desc_act`
 with a permuted `g_idx`), GPTQ/AWQ bit widths other than 4, AWQ GEMV packing, block-wise or
@@ -36,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import gguf
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from models.config import ModelConfig
 from models.errors import ModelConfigError, WeightsError
@@ -263,9 +250,7 @@ def _q4_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def gguf_block_to_quantized(raw: RawTensor, *, name: str = "GGUF tensor") -> QuantizedTensor:
     """Raw GGUF Q4_0 / Q4_1 / Q8_0 rows (HF `[out, in]`, 32-wide blocks along `in`) -> a
-    QuantizedTensor in kernel layout `[in, out]` (see the module table)."""
-    import gguf
-
+    QuantizedTensor in kernel layout `[in, out]` (formats tabled in docs/models.md)."""
     Q = gguf.GGMLQuantizationType
     qtype = raw.qtype
     if qtype == Q.Q4_0:  # f16 d, 16 bytes of nibbles; x = (q - 8) * d
@@ -294,10 +279,8 @@ def gguf_block_to_quantized(raw: RawTensor, *, name: str = "GGUF tensor") -> Qua
                        f"import (supported: Q4_0, Q4_1, Q8_0)")
 
 
-def _direct_gguf_types():
-    import gguf
-    Q = gguf.GGMLQuantizationType
-    return (Q.Q4_0, Q.Q4_1, Q.Q8_0)
+_DIRECT_GGUF_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
+                      gguf.GGMLQuantizationType.Q8_0)
 
 
 def gguf_quantized_tensors(reader, config: ModelConfig | None = None
@@ -307,10 +290,9 @@ def gguf_quantized_tensors(reader, config: ModelConfig | None = None
     embedding always: it is a gather, not a matmul). Q/K rows are un-permuted (by
     `gguf_raw_tensors`, on the raw block rows). Raises WeightsError for unexpected, mis-shaped,
     unsupported-type or missing tensors."""
-    import gguf
     config = config or config_from_gguf_metadata(reader)
     shapes = expected_shapes(config)
-    direct = _direct_gguf_types()
+    direct = _DIRECT_GGUF_TYPES
     out: dict[str, QuantizedTensor | np.ndarray] = {}
     for name, raw in gguf_raw_tensors(reader, config).items():
         check_tensor(name, raw.shape, shapes, config)
@@ -359,8 +341,6 @@ def _read_raw_tensors(path: Path, names: list[str]) -> dict[str, np.ndarray]:
 def _read_checkpoint_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint (single file or sharded, as models.hf_loader finds them),
     in its stored dtype (bf16 as ml_dtypes.bfloat16, FP8 as float8_e4m3fn)."""
-    from safetensors import SafetensorError, safe_open
-
     tensors: dict[str, np.ndarray] = {}
     for path in safetensors_files(model_dir):
         try:

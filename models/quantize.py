@@ -1,31 +1,16 @@
 """Post-training quantization of a Llama-family model to a precision preset.
 
 Steps, all on the float model before any weight is rounded (as AWQ and SmoothQuant do):
-1. calibration statistics: one dense forward over calibration windows records, per layer, the
-   per-channel |activation| max and mean at the input of each linear group;
-2. smoothing: per-input-channel factors `s` move difficulty between activations and weights
-   (`x / s` and `s * W`, an exact identity in real arithmetic); `1/s` is folded into the op that
-   produces the activation, so serving pays nothing:
-       attn_in (q, k, v)    <- input_layernorm weight
-       mlp_in  (gate, up)   <- post_attention_layernorm weight
-       down_in (down)       <- up_proj output columns
-       o_in    (o)          <- v_proj output columns (with GQA every query head of a KV group
-                               reads the same v channel, so factors are tied across the group);
-   w8a8 uses SmoothQuant's `s = max|x|^a / max|w|^(1-a)` (Qwix's `compute_scales_ratio`), with the
-   migration strength `a` searched per layer and site for the least int8 output error (as later
-   SmoothQuant variants do; a fixed `smoothquant_alpha` in the preset skips the search); the int4
-   presets use AWQ: a grid search over `s = mean|x|^r` minimising the error of the layer OUTPUT on
-   sampled calibration tokens, quantized with our own group format. (Qwix's
-   `awq_core.search_optimal_scales` minimises an activation-weighted weight error with Qwix's grid;
-   our search plus clipping (step 3) took SmolLM2 w4a16 from +4.2% NLL over bf16 with it to +3.8%.)
-   SmoothAttention (QServe, for int4 KV): `K / l` and `Q * l` with `l = max|K|^0.5` per channel over
-   the post-RoPE keys, equal on each RoPE pair (i, i + D/2) so it commutes with RoPE; folded into the
-   k_proj and q_proj output columns (q·k is unchanged; int4 K loses its outlier channels);
-3. AWQ weight clipping (int4 presets): per group and output channel, the clipping range that
-   minimises that group's output error on the sampled tokens (q_proj/k_proj are left unclipped, as in
-   AWQ, since attention scores are sensitive to them);
-4. round-to-nearest into our packed formats (`pallas_kernels.quant_formats`), every linear of every
-   layer replaced by a `QuantLinear`. Without calibration data the int4 presets are plain RTN.
+1. calibration statistics: per-channel |activation| max and mean (and sampled rows) at the input
+   of each linear group, from one dense forward over calibration windows;
+2. smoothing: per-input-channel factors `s` (`x / s`, `s * W`), with `1/s` folded into the op that
+   produces the activation so serving pays nothing: SmoothQuant (arXiv:2211.10438) with a searched
+   migration strength for w8a8, an AWQ (arXiv:2306.00978) output-error search for the int4
+   presets, and SmoothAttention (QServe, arXiv:2405.04532) on K/Q for int4 KV;
+3. AWQ weight clipping (int4 presets), per group and output channel;
+4. round-to-nearest into our packed formats, every layer linear replaced by a `QuantLinear`.
+Without calibration data the int4 presets are plain RTN. docs/models.md has the folding sites and
+the reasons behind each choice.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ import os
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -21,7 +24,6 @@ _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
 # Pre-tokenizer regexes for GGUF `tokenizer.ggml.pre` values (from llama.cpp's llama-vocab.cpp).
-_GPT2_PRE = ("default", "gpt2", "")
 # GPT-2 regex, but every digit is its own pre-token.
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell", "falcon")
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -58,7 +60,6 @@ def _pick_chat_template(value: Any) -> str | None:
 
 
 def _raise_exception(message: str):
-    from jinja2.exceptions import TemplateError
     raise TemplateError(message)
 
 
@@ -78,8 +79,6 @@ _JINJA_CACHE: dict[str, Any] = {}
 def _compile_template(source: str):
     compiled = _JINJA_CACHE.get(source)
     if compiled is None:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
@@ -275,10 +274,6 @@ class Tokenizer:
     # ---- properties ------------------------------------------------------------------------
 
     @property
-    def hf_tokenizer(self) -> _HFTokenizer:
-        return self._tok
-
-    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
@@ -331,7 +326,6 @@ class Tokenizer:
         if not self._chat_template:
             raise ValueError("model has no chat template")
         validate_messages(messages)
-        from jinja2.exceptions import TemplateError
         try:
             template = _compile_template(self._chat_template)
         except TemplateError as e:
