@@ -37,16 +37,18 @@ from tqdm import tqdm
 
 from fineserve_jax.demo import demo_fleet_specs, demo_profile_key
 from fineserve_jax.fleet import Fleet
-from fineserve_jax.serve import use_local_scheduling
 from models.loader import load_model
 from models.precision import resolve_precision
+from serving.scheduling.local_scheduling import LocalScheduling
 from serving.scheduling.cost_model import DEVICES, LLAMA3_70B, LLAMA3_8B, PROFILE_DIR, DeviceProfile
-from serving.scheduling.placement import (Device, ModelDemand, PlacementError, SchedulerConfig, fineserve_slo,
-                                          place)
+from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
+from serving.scheduling.slo import fineserve_slo_of
+from serving.scheduling.strategies import place
 from serving.sim.replay import WallClock, replay
 from serving.sim.simulator import SystemPolicy, simulate_placement, simulate_replanning
 from serving.scheduling.step_policy import STEP_POLICIES
-from serving.sim.metrics import SLO, format_table, summarize
+from serving.scheduling.slo import SLO
+from serving.sim.metrics import format_table, summarize
 from serving.sim.workload import (AZURE_KINDS, TraceLengths, Workload, azure_workload, popularity_flip,
                               synthetic_workload)
 
@@ -127,7 +129,7 @@ def simulated_setup(cluster: ClusterSpec, slo_scale: float):
     devices = [Device(f"{cluster.kind}-{i}", cluster.kind, int(spec.memory_bytes), node=i // cluster.per_node)
                for i in range(cluster.count)]
     models = paper_models()
-    slo_ttft = {name: fineserve_slo(profile.get(shape.name, p, _base_tp(shape, p, spec.memory_bytes)), slo_scale)
+    slo_ttft = {name: fineserve_slo_of(profile.get(shape.name, p, _base_tp(shape, p, spec.memory_bytes)), slo_scale)
                 for name, shape, p in models}
     return profile, devices, models, slo_ttft
 
@@ -181,16 +183,16 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
     rates = workload.rates_by_model()
     specs = [dataclasses.replace(s, kv_share=max(rates.get(s.served_name, 0.0), 1e-3))
              if system == "muxserve" else s for s in specs]
-    fleet = Fleet(specs, pool_bytes, pool_mode="static" if system in ("static", "muxserve") else "slab")
-    slos = {name: SLO(slo_ttft[name]) for name in fleet.model_names}
-    engines = fleet.runtime.engines
-    for engine in engines.values():
-        engine.warmup()
+    slos = {s.served_name: SLO(slo_ttft[s.served_name]) for s in specs}
     if system == "fineserve":  # SAAB with early drop, (latency-aware) EDF stepping
-        costs = {name: profile.get(*demo_profile_key(name), 1) for name in engines}
-        use_local_scheduling(fleet, slo_ttft, costs, admission="saab", drop_hopeless=True, step_policy=step_policy)
+        costs = {name: profile.get(*demo_profile_key(name), 1) for name in slos}
+        scheduling = LocalScheduling("saab", step_policy, slos, costs)
     else:
-        use_local_scheduling(fleet, slo_ttft, {}, step_policy="round_robin")  # FCFS, models take turns
+        scheduling = LocalScheduling("fcfs", "round_robin", slos)  # FCFS, models take turns
+    fleet = Fleet(specs, pool_bytes, pool_mode="static" if system in ("static", "muxserve") else "slab",
+                  scheduling=scheduling)
+    for engine in fleet.runtime.engines.values():
+        engine.warmup()
     clock = WallClock()
     with tqdm(total=len(workload.requests), desc=f"{system} (real)", leave=False) as bar:
         records = replay(fleet.runtime, workload.requests, clock, clock.wait_until, progress=bar.update)
@@ -386,7 +388,7 @@ def real_setup(slo_scale: float, specs=None):
             for s in tqdm(demo_fleet_specs(), desc="loading the demo fleet", leave=False)]
     slo_ttft = {}
     for s in specs:
-        slo_ttft[s.served_name] = fineserve_slo(profile.get(*demo_profile_key(s.served_name), 1), slo_scale)
+        slo_ttft[s.served_name] = fineserve_slo_of(profile.get(*demo_profile_key(s.served_name), 1), slo_scale)
     return specs, profile, slo_ttft
 
 

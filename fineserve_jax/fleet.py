@@ -26,6 +26,7 @@ import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -36,8 +37,8 @@ from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.runtime.device_runtime import DeviceRuntime
-from serving.scheduling.step_policy import RoundRobin
+from serving.runtime.device_runtime import assemble_device
+from serving.scheduling.local_scheduling import LocalScheduling
 from serving.engine.llm_engine import LLMEngine
 from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
@@ -110,11 +111,12 @@ class Fleet:
     model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed per-model partitions) and
     "single_page" (every page padded to the largest). `device` (a `jax.Device`; default: JAX's
     default device): where the models are loaded and the pool is allocated; pre-loaded models' weights
-    are moved there. Weights and pool are committed to it, so every step runs there."""
+    are moved there. Weights and pool are committed to it, so every step runs there. `scheduling`:
+    each model's admission and the step policy between models (default FCFS, round-robin)."""
 
     def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str = DEFAULT_POOL_BYTES, *,
-                 pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES, policy=None,
-                 pool_fill: int = 0, device: jax.Device | None = None):
+                 pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES,
+                 scheduling: LocalScheduling | None = None, pool_fill: int = 0, device: jax.Device | None = None):
         specs = list(models)
         if not specs or not all(isinstance(s, ModelSpec) for s in specs):
             raise ValueError("a Fleet needs a non-empty list of ModelSpec")
@@ -148,9 +150,10 @@ class Fleet:
                                    max_model_len=spec.max_model_len,
                                    max_num_batched_tokens=spec.max_num_batched_tokens, seed=spec.seed,
                                    kernels=spec.kernels)
-            engines[name] = LLMEngine(loaded.model, self.plan.layouts[name], self.pool, name, config,
-                                      tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
-        self.runtime = DeviceRuntime(self.pool, engines, policy or RoundRobin(list(engines)))
+            engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], self.pool, name, config,
+                                    tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
+        self.runtime = assemble_device(self.pool, engines, scheduling)
+        engines = self.runtime.engines
         self._outbox: dict[str, list[RequestOutput]] = {name: [] for name in engines}
         self._views = {name: LLM.over_engine(name, self.loaded[name], engines[name],
                                              lambda name=name: self._step_for(name))

@@ -22,9 +22,6 @@ from fineserve_jax.fleet import Fleet
 from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.http.api_server import ServedModel, build_app, make_server
 from serving.runtime.async_runtime import AsyncRuntime, ModelLimits
-from serving.scheduling.step_policy import SAABAdmission
-from serving.scheduling.step_policy import step_policy as make_step_policy
-from serving.sim.metrics import SLO
 
 log = logging.getLogger("fineserve.serve")
 
@@ -41,25 +38,9 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
             for name, e in engines.items()}
 
 
-def use_local_scheduling(fleet: Fleet, slo_ttft_s: dict[str, float], step_costs: dict, *, admission: str = "fcfs",
-                         drop_hopeless: bool = False, step_policy: str = "edf") -> None:
-    """One device's local scheduling (before its engine thread starts). FineServe's is admission
-    "saab" (SAAB for every model with a step-cost model, `step_costs[name]`, a cost_model.StepCost;
-    FCFS for the others) and step_policy "edf" (latency-aware EDF over the models' TTFT SLOs)."""
-    engines = fleet.runtime.engines
-    slos = {name: SLO(slo_ttft_s[name]) for name in engines}
-    for name, engine in engines.items():
-        cost = step_costs.get(name)
-        if admission == "saab" and cost is not None:
-            engine.scheduler.admission = SAABAdmission(cost, slos[name], drop_hopeless=drop_hopeless)
-        elif admission == "saab":
-            log.info("%s: no step-cost profile for this device, so FCFS admission instead of SAAB", name)
-    fleet.runtime.policy = make_step_policy(step_policy, fleet.runtime, slos)
-
-
 def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = None, warmup: bool = True) -> FastAPI:
-    """One app over every device's fleet (serve_config.DeviceFleet), scheduled as `server_config`
-    (serve_config.ServerConfig) says, warmed up unless told not to."""
+    """One app over every device's fleet (serve_config.DeviceFleet, each already scheduled as the
+    config's [server] says), warmed up unless told not to."""
     models: dict[str, ServedModel] = {}
     for df in device_fleets:
         if warmup:
@@ -67,8 +48,6 @@ def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = Non
                 t0 = time.perf_counter()
                 engine.warmup()
                 log.info("warmed up %s on %s in %.1f s", name, df.device_name, time.perf_counter() - t0)
-        use_local_scheduling(df.fleet, df.slo_ttft_s, df.step_costs, admission=server_config.admission,
-                             drop_hopeless=server_config.drop_hopeless, step_policy=server_config.step_policy)
         models |= served_models(df.fleet, slo_ttft_s=df.slo_ttft_s, max_queue=df.max_queue,
                                 device=df.jax_device, device_name=df.device_name)
     drain = drain_timeout_s if drain_timeout_s is not None else server_config.drain_timeout_s

@@ -68,9 +68,12 @@ from models.precision import PrecisionPreset, layout_kv_dtype, resolve_precision
 from models.quantize import model_weight_bytes
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import DEVICES, DeviceProfile, ModelShape, StepCost, roofline_step_cost, variant_key
-from serving.scheduling.placement import (Device, ModelDemand, PlacementError, SchedulerConfig, fineserve_slo,
-                                      place)
+from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
+from serving.scheduling.slo import fineserve_slo_of
+from serving.scheduling.strategies import place
 from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
+from serving.scheduling.local_scheduling import LocalScheduling
+from serving.scheduling.slo import SLO
 from serving.scheduling.step_policy import STEP_POLICIES
 from serving.kv.pool_plan import POOL_MODES
 
@@ -80,7 +83,7 @@ DEFAULT_SLO_TTFT_S = 2.0            # where no device profile covers the model
 DEFAULT_RATE = 1.0                  # requests / s
 QUEUE_PER_SEQ = 4                   # default max_queue = 4 x max_num_seqs
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_DRAIN_TIMEOUT_S = "127.0.0.1", 8000, 30.0
-ADMISSIONS = ("saab", "fcfs")
+ADMISSIONS = ("saab", "fcfs")       # [server] admission; drop_hopeless picks SAAB's variant
 # No step-time model: any positive cost (memory-only placement also plans for rate 0 and no SLO,
 # so that only memory decides).
 MEMORY_ONLY_COST = StepCost(prefill=(1e-6, 0.0, 0.0), decode=(1e-6, 0.0, 0.0, 0.0), pad_to_buckets=False)
@@ -114,6 +117,12 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+    def scheduling(self, slo_ttft_s: dict[str, float], step_costs: dict[str, StepCost | None]) -> LocalScheduling:
+        """One device's local scheduling under this [server] section, for its models' TTFT SLOs
+        (seconds) and step costs (SAAB needs them; a model without one admits FCFS)."""
+        admission = self.admission if self.admission == "fcfs" else "saab" if self.drop_hopeless else "saab-keep"
+        return LocalScheduling(admission, self.step_policy, {n: SLO(s) for n, s in slo_ttft_s.items()}, step_costs)
 
 
 @dataclass
@@ -388,7 +397,7 @@ def slo_ttft_s(model: ServedModelConfig, kind: str | None, profile: DeviceProfil
     if profile is None and kind is not None:
         profile = _load_profile(kind)
     cost = _profile_cost(profile, model.spec)
-    return fineserve_slo(cost) if cost is not None else DEFAULT_SLO_TTFT_S
+    return fineserve_slo_of(cost) if cost is not None else DEFAULT_SLO_TTFT_S
 
 
 def read_model_config(spec: ModelSpec) -> ModelConfig:
@@ -488,7 +497,6 @@ class DeviceFleet:
     fleet: Fleet
     slo_ttft_s: dict[str, float]   # served name -> TTFT SLO, seconds
     max_queue: dict[str, int]      # served name -> waiting requests allowed
-    step_costs: dict[str, StepCost | None] = field(default_factory=dict)  # served name -> step times (SAAB)
 
 
 def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
@@ -504,10 +512,10 @@ def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
         jd, kind = _jax_device(d), device_kind(d)
         profile = _load_profile(kind)
         models = [config.model(n) for n in names]
+        slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
+        costs = {m.name: step_cost(m, kind, profile) for m in models}
         fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
-                      slab_bytes=config.slab_bytes, device=jd)  # loads, commits and allocates on jd
-        fleets.append(DeviceFleet(d.name, jd, fleet, {m.name: slo_ttft_s(m, kind, profile) for m in models},
-                                  {m.name: m.max_queue for m in models},
-                                  {m.name: step_cost(m, kind, profile, ModelShape.from_config(
-                                      fleet.loaded[m.name].config, m.name)) for m in models}))
+                      slab_bytes=config.slab_bytes, scheduling=config.server.scheduling(slos, costs),
+                      device=jd)  # loads, commits and allocates on jd
+        fleets.append(DeviceFleet(d.name, jd, fleet, slos, {m.name: m.max_queue for m in models}))
     return fleets

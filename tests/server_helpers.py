@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import gguf
 
 from fineserve_jax.fleet import Fleet, ModelSpec
-from fineserve_jax.serve import served_models, use_local_scheduling
+from fineserve_jax.serve import served_models
+from fineserve_jax.serve_config import ServerConfig
 from models.config import ModelConfig
 from models.loader import model_cache_dir, random_model
 from models.tokenizer import Tokenizer
@@ -74,11 +75,10 @@ def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_t
     """The server as `fineserve serve` runs it (its default scheduling unless told otherwise)."""
     specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
                        tokens_per_page=8) for m in models]
-    fleet = Fleet(specs, pool_bytes)
-    names = fleet.model_names
+    names = [s.served_name for s in specs]
     slos = {n: slo_ttft_s for n in names}
-    use_local_scheduling(fleet, slos, step_costs or {}, admission=admission, drop_hopeless=drop_hopeless,
-                         step_policy=step_policy)
+    server = ServerConfig(admission=admission, drop_hopeless=drop_hopeless, step_policy=step_policy)
+    fleet = Fleet(specs, pool_bytes, scheduling=server.scheduling(slos, step_costs or {}))
     app = build_app(served_models(fleet, slo_ttft_s=slos, max_queue={n: max_queue for n in names}),
                     drain_timeout_s=drain_timeout_s)
     server = make_server(app, "127.0.0.1", 0, log_level="warning")

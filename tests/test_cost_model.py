@@ -14,6 +14,7 @@ from models.config import ModelConfig
 from fineserve_jax.fleet import ModelSpec
 from models.loader import random_model
 from serving.scheduling.cost_model import (
+    PROFILE_DIR,
     H100,
     H200,
     LLAMA3_8B,
@@ -39,7 +40,7 @@ from serving.sim.profiler import (
     profile_models,
 )
 
-PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"
+PROFILES = PROFILE_DIR
 PRECISIONS = ("bf16", "w8a8", "fp8", "w4a16", "w4a8kv4")
 MS = 1e-3
 

@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import LLAMA3_8B, LLAMA3_70B, H100, DeviceProfile, ModelShape, roofline_step_cost, variant_key
-from serving.scheduling.placement import (
-    STRATEGIES, TP_RULES, Device, ModelDemand, PlacementError, RateObservation, RatesMonitor, SchedulerConfig,
-    fineserve_slo, kv_budget, place, place_fineserve, place_muxserve, place_prism, place_static, plan_replicas,
-    pool_specs, rate_drift, replace, should_replace)
+from serving.scheduling.demand import STRATEGIES, TP_RULES, Device, ModelDemand, PlacementError, SchedulerConfig
+from serving.scheduling.placement import kv_budget, pool_specs
+from serving.scheduling.replan import RateObservation, RatesMonitor, rate_drift, replan, should_replan
+from serving.scheduling.replica_planner import plan_replicas
+from serving.scheduling.slo import fineserve_slo_of
+from serving.scheduling.strategies import place
 from serving.kv.kv_pool import SlabAllocator
 from serving.kv.pool_plan import plan_pool
 
@@ -96,7 +98,7 @@ def where(placement) -> dict[str, list[tuple[str, ...]]]:
 
 def test_fineserve_slo_rule():
     # 40 x batch-1 TTFT of a 903-token prompt (0.01 + 0.0903 s) + 4 ms.
-    assert fineserve_slo(FakeCost()) == pytest.approx(40 * 0.1003 + 0.004)
+    assert fineserve_slo_of(FakeCost()) == pytest.approx(40 * 0.1003 + 0.004)
 
 
 def test_plan_batch_sizes_are_the_hand_computed_ones():
@@ -109,13 +111,13 @@ def test_plan_batch_sizes_are_the_hand_computed_ones():
 
 
 def test_high_rate_model_gets_replicas_on_distinct_devices():
-    pl = place_fineserve([demand("a", 40, slo=0.055)], devices(2), ONE_TP, CONFIG)
+    pl = place("fineserve", [demand("a", 40, slo=0.055)], devices(2), ONE_TP, CONFIG)
     # thr(slo_max_bs=4) = 26.7 < 40: two replicas at 20 req/s, each needing b = 3.
     assert [(r.tp, r.rate, r.min_num_seqs, r.max_num_seqs) for r in pl.replicas] == [(1, 20, 3, 4)] * 2
     assert sorted(r.devices for r in pl.replicas) == [("d0",), ("d1",)]
     # 60 req/s would need 3 replicas; there are 2 devices.
     with pytest.raises(PlacementError, match="even with 2 replicas"):
-        place_fineserve([demand("a", 60, slo=0.055)], devices(2), ONE_TP, CONFIG)
+        place("fineserve", [demand("a", 60, slo=0.055)], devices(2), ONE_TP, CONFIG)
 
 
 def test_llama70b_bf16_needs_tp2_on_80gb():
@@ -127,12 +129,12 @@ def test_llama70b_bf16_needs_tp2_on_80gb():
     plans, reasons = plan_replicas(d, profile, h100s)
     assert [p.tp for p in plans] == [2, 4]          # tp=1: weights do not fit; tp=8: only 4 devices
     assert any(r.startswith("tp=1: weights") for r in reasons)
-    pl = place_fineserve([d], h100s, profile)
+    pl = place("fineserve", [d], h100s, profile)
     assert [(r.tp, len(r.devices)) for r in pl.replicas] == [(2, 2)]
     # A TP group stays inside a node: one device per node cannot hold it.
     split = [Device(f"g{i}", "h100", 80 * 10**9, node=i) for i in range(4)]
     with pytest.raises(PlacementError, match="70b"):
-        place_fineserve([d], split, profile)
+        place("fineserve", [d], split, profile)
 
 
 def test_real_roofline_profile_and_shapes():
@@ -164,11 +166,11 @@ def test_tp_rule_fineserve_smallest_rate_min_bs_vs_fewest_devices():
     # TP 2 halves every step time: thr2(b) = b / (0.055 + 0.005 b) reaches 20 req/s at b = 2 (TP 1: b = 3).
     profile = FakeProfile({1: FakeCost(), 2: FakeCost(0.005, 5e-5, 0.005)})
     d = demand("a", 20, slo=0.055)
-    fineserve = place_fineserve([d], devices(2), profile, CONFIG)
+    fineserve = place("fineserve", [d], devices(2), profile, CONFIG)
     assert [(r.tp, r.min_num_seqs) for r in fineserve.replicas] == [(2, 2)]
-    fewest = place_fineserve([d], devices(2), profile, SchedulerConfig(memory_fraction=1.0, tp_rule="min_devices"))
+    fewest = place("fineserve", [d], devices(2), profile, SchedulerConfig(memory_fraction=1.0, tp_rule="min_devices"))
     assert [(r.tp, r.min_num_seqs) for r in fewest.replicas] == [(1, 3)]
-    assert [r.tp for r in place_prism([d], devices(2), profile, CONFIG).replicas] == [1]  # base TP
+    assert [r.tp for r in place("prism", [d], devices(2), profile, CONFIG).replicas] == [1]  # base TP
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def three_models():
 
 
 def test_fineserve_places_where_the_cluster_caches_most_tokens():
-    pl = place_fineserve(three_models(), devices(2), ONE_TP, CONFIG)
+    pl = place("fineserve", three_models(), devices(2), ONE_TP, CONFIG)
     # X first (largest) -> d0; Y -> the empty d1. Z (int4) beside bf16 X leaves the cluster
     # 8.5 GiB/1 KiB + 8.5 GiB/264 B (d0) + 22 GiB/264 B (d1) tokens; beside int4 Y only
     # 22 GiB/1 KiB + 17 GiB/264 B: int4 KV gets half of X's pool at 4x the tokens per byte.
@@ -194,7 +196,7 @@ def test_fineserve_places_where_the_cluster_caches_most_tokens():
     assert pl.kv_capacity_tokens("d0")["Z"] == (17 * GiB // 2162688) * 8192
     assert pl.kv_capacity_tokens("d1")["Y"] == (22 * GiB // (497 * 4224)) * 497 * 16
     # MuxServe on the same inputs keeps int4 KV as bf16: far fewer cacheable tokens.
-    assert pl.score > 2 * place_muxserve(three_models(), devices(2), ONE_TP, CONFIG).score
+    assert pl.score > 2 * place("muxserve", three_models(), devices(2), ONE_TP, CONFIG).score
 
 
 def test_minimum_kv_is_counted_in_whole_slabs():
@@ -204,13 +206,13 @@ def test_minimum_kv_is_counted_in_whole_slabs():
     dev = [Device("d0", "fake", a.weight_bytes + b.weight_bytes + 5 * MiB)]
     assert [p.rate_min_bs for p in plan_replicas(a, ONE_TP, dev, CONFIG)[0]] == [23]
     with pytest.raises(PlacementError, match="cannot place B.*3 slabs exceeds the pool's 2"):
-        place_fineserve([a, b], dev, ONE_TP, CONFIG)
+        place("fineserve", [a, b], dev, ONE_TP, CONFIG)
     dev = [Device("d0", "fake", dev[0].memory_bytes + SLAB)]
-    assert place_fineserve([a, b], dev, ONE_TP, CONFIG).models_on("d0") == ["A", "B"]
+    assert place("fineserve", [a, b], dev, ONE_TP, CONFIG).models_on("d0") == ["A", "B"]
 
 
 def test_prism_places_by_kv_pressure():
-    pl = place_prism(three_models(), devices(2), ONE_TP, CONFIG)
+    pl = place("prism", three_models(), devices(2), ONE_TP, CONFIG)
     # Order by rate / SLO: Y (20), Z (10), X (1). Y -> d0 (tie). Z: d0 (20+10)/(22-5) vs d1 10/(32-5)
     # -> d1. X: d0 (20+1)/(22-10) = 1.75 vs d1 (10+1)/(27-10) = 0.65 -> d1, beside Z.
     assert pl.models_on("d0") == ["Y"] and pl.models_on("d1") == ["Z", "X"]
@@ -220,10 +222,10 @@ def test_muxserve_marginal_throughput_vs_fineserve_free_memory():
     # slo_max_bs = 4, thr(4) = 26.7: utilizations Y 0.75, X 0.0375, Z 0.3.
     models = [demand("X", 1, weight_gib=20, slo=0.055), demand("Y", 20, weight_gib=5, slo=0.055),
               demand("Z", 8, weight_gib=2, slo=0.055)]
-    mux = place_muxserve(models, devices(2), ONE_TP, CONFIG)
+    mux = place("muxserve", models, devices(2), ONE_TP, CONFIG)
     # Order by rate x weights: Y, X, Z. Z beside Y would overload d0 (1.05): gain 28/1.05 - 20 = 6.7 < 8.
     assert mux.models_on("d0") == ["Y"] and mux.models_on("d1") == ["X", "Z"]
-    fine = place_fineserve(models, devices(2), ONE_TP, CONFIG)
+    fine = place("fineserve", models, devices(2), ONE_TP, CONFIG)
     # FineServe: X (largest) -> d0, Y -> d1; Z (all bf16) costs 2 GiB of tokens either way, and the
     # tie goes to the device with the larger pool: beside Y (25 GiB vs 10).
     assert fine.models_on("d0") == ["X"] and fine.models_on("d1") == ["Y", "Z"]
@@ -234,65 +236,65 @@ def test_muxserve_bf16_kv_gains_nothing_from_quantized_kv():
     # bf16 128 slabs x 64 tokens = 8192 tokens (74 sequences); int4 124 slabs x 256 = 31744 (288).
     d = demand("q", 88, kv="int4", weight_gib=10, slo=2.0, shape=WIDE)
     devs = devices(2, 10.25)
-    fine = place_fineserve([d], devs, ONE_TP, CONFIG)
+    fine = place("fineserve", [d], devs, ONE_TP, CONFIG)
     # thr(81) = 81 / 0.92 = 88.04: b = 81 fits int4's 288 sequences, not bf16's 74.
     assert [(r.min_num_seqs, fine.plans["q"].cache_max_bs) for r in fine.replicas] == [(81, 288)]
-    mux = place_muxserve([d], devs, ONE_TP, CONFIG)
+    mux = place("muxserve", [d], devs, ONE_TP, CONFIG)
     assert [r.min_num_seqs for r in mux.replicas] == [9, 9] and mux.plans["q"].cache_max_bs == 74
 
 
 def test_muxserve_pool_holds_one_head_dim():
     models = [demand("a", 1), demand("b", 1, shape=HD128)]
-    assert place_fineserve(models, devices(1), ONE_TP, CONFIG).models_on("d0") == ["a", "b"]
+    assert place("fineserve", models, devices(1), ONE_TP, CONFIG).models_on("d0") == ["a", "b"]
     with pytest.raises(PlacementError, match="head_dim"):
-        place_muxserve(models, devices(1), ONE_TP, CONFIG)
+        place("muxserve", models, devices(1), ONE_TP, CONFIG)
 
 
 def test_kv_budget_muxserve_quotas_follow_rate_times_blocks_fineserve_shares():
     models = [demand("a", 3), demand("b", 1)]
-    mux = place_muxserve(models, devices(1), ONE_TP, CONFIG)
+    mux = place("muxserve", models, devices(1), ONE_TP, CONFIG)
     # 12 GiB pool = 6144 slabs; each model's minimum is 1 slab (110 tokens); the other 6142 go 3:1.
     budget = kv_budget(mux)
     assert budget[("d0", "a")] == (1 + int(6142 * 0.75)) * SLAB
     assert budget[("d0", "b")] == (1 + int(6142 * 0.25)) * SLAB
-    shared = kv_budget(place_fineserve(models, devices(1), ONE_TP, CONFIG))
+    shared = kv_budget(place("fineserve", models, devices(1), ONE_TP, CONFIG))
     assert shared == {("d0", "a"): 6144 * SLAB, ("d0", "b"): 6144 * SLAB}
 
 
 def test_static_dedicated_devices_spares_and_equal_partitions():
     models = [demand("A", 20, slo=0.055), demand("B", 5, slo=0.055)]
-    two = place_static(models, devices(2), ONE_TP, CONFIG)
+    two = place("static", models, devices(2), ONE_TP, CONFIG)
     assert where(two) == {"A": [("d0",)], "B": [("d1",)]}
     assert kv_budget(two) == {("d0", "A"): 22 * GiB, ("d1", "B"): 22 * GiB}
     # A spare device becomes a second replica of the busier model (A: utilization 0.75 vs 0.19).
-    three = place_static(models, devices(3), ONE_TP, CONFIG)
+    three = place("static", models, devices(3), ONE_TP, CONFIG)
     assert where(three) == {"A": [("d0",), ("d2",)], "B": [("d1",)]}
     assert [r.rate for r in three.replicas_of("A")] == [10, 10]
-    idle = place_static(models, devices(3), ONE_TP, SchedulerConfig(memory_fraction=1.0, use_spare_devices=False))
+    idle = place("static", models, devices(3), ONE_TP, SchedulerConfig(memory_fraction=1.0, use_spare_devices=False))
     assert idle.models_on("d2") == []
     # One device: equal memory partitions (16 GiB each: 10 of weights, 6 of KV), nothing shared.
-    one = place_static(models, devices(1), ONE_TP, CONFIG)
+    one = place("static", models, devices(1), ONE_TP, CONFIG)
     assert kv_budget(one) == {("d0", "A"): 6 * GiB, ("d0", "B"): 6 * GiB}
     assert one.kv_capacity_tokens("d0") == {"A": 3072 * 2048, "B": 3072 * 2048}
     # 20 + 4 GiB of weights: A's 16 GiB share cannot hold it. Each gets its minimum (1 slab) plus half
     # of the other 4094 slabs of the 8 GiB pool: 4 GiB each, still no sharing.
-    uneven = place_static([demand("A", 20, slo=0.055, weight_gib=20), demand("B", 5, slo=0.055, weight_gib=4)],
+    uneven = place("static", [demand("A", 20, slo=0.055, weight_gib=20), demand("B", 5, slo=0.055, weight_gib=4)],
                           devices(1), ONE_TP, CONFIG)
     assert kv_budget(uneven) == {("d0", "A"): 4 * GiB, ("d0", "B"): 4 * GiB}
 
 
 def test_placement_errors_name_the_model_and_reason():
     with pytest.raises(PlacementError, match="big.*weights"):
-        place_fineserve([demand("big", 1, weight_gib=20)], devices(1, 12), FakeProfile({1: FakeCost(), 2: FakeCost()}),
+        place("fineserve", [demand("big", 1, weight_gib=20)], devices(1, 12), FakeProfile({1: FakeCost(), 2: FakeCost()}),
                         CONFIG)
     with pytest.raises(PlacementError, match="slow.*SLO"):
-        place_fineserve([demand("slow", 1, slo=0.015)], devices(2), ONE_TP, CONFIG)  # prefill(1) = 0.02 s
+        place("fineserve", [demand("slow", 1, slo=0.015)], devices(2), ONE_TP, CONFIG)  # prefill(1) = 0.02 s
     with pytest.raises(PlacementError, match="cannot place b"):
-        place_fineserve([demand("a", 1, weight_gib=8), demand("b", 1, weight_gib=8)], devices(1, 12), ONE_TP, CONFIG)
+        place("fineserve", [demand("a", 1, weight_gib=8), demand("b", 1, weight_gib=8)], devices(1, 12), ONE_TP, CONFIG)
 
 
 def test_kv_capacity_is_slab_aware_and_matches_the_allocator():
-    pl = place_fineserve([demand("bf", 1), demand("i4", 1, kv="int4")], devices(1), ONE_TP, CONFIG)
+    pl = place("fineserve", [demand("bf", 1), demand("i4", 1, kv="int4")], devices(1), ONE_TP, CONFIG)
     # Pages of 16384 and 4224 bytes: slabs of 4 x lcm = 2162688 bytes, 132 bf16 pages or 512 int4 pages.
     slabs = (32 - 20) * GiB // 2162688
     assert pl.kv_capacity_tokens("d0") == {"bf": slabs * 132 * 16, "i4": slabs * 512 * 16}
@@ -364,18 +366,18 @@ def test_memory_is_never_oversubscribed(case, fraction, rule):
 
 
 def test_drift_thresholds_and_evidence():
-    pl = place_fineserve([demand("a", 10)], devices(1), ONE_TP, CONFIG)
-    assert not should_replace(pl, {"a": 14.9}) and not should_replace(pl, {"a": 5.1})
-    assert should_replace(pl, {"a": 15.1}) and should_replace(pl, {"a": 4.9})
+    pl = place("fineserve", [demand("a", 10)], devices(1), ONE_TP, CONFIG)
+    assert not should_replan(pl, {"a": 14.9}) and not should_replan(pl, {"a": 5.1})
+    assert should_replan(pl, {"a": 15.1}) and should_replan(pl, {"a": 4.9})
     assert rate_drift(pl, {"a": 15.1}) == {"a": pytest.approx(0.51)}
-    assert not should_replace(pl, {"a": 15.1}, threshold=0.6)
-    assert not should_replace(pl, {"b": 100.0})                       # not a placed model
+    assert not should_replan(pl, {"a": 15.1}, threshold=0.6)
+    assert not should_replan(pl, {"b": 100.0})                       # not a placed model
     # Too little evidence: 5 arrivals seen, 3 expected at plan over 0.3 s.
-    assert not should_replace(pl, {"a": RateObservation(16.7, 5, 0.3)})
-    assert should_replace(pl, {"a": RateObservation(16.7, 50, 3.0)})
+    assert not should_replan(pl, {"a": RateObservation(16.7, 5, 0.3)})
+    assert should_replan(pl, {"a": RateObservation(16.7, 50, 3.0)})
     # Silence counts once the plan expected enough arrivals (10 req/s x 10 s = 100 >= 20).
-    assert should_replace(pl, {"a": RateObservation(0.0, 0, 10.0)})
-    assert not should_replace(pl, {"a": RateObservation(0.0, 0, 1.0)})
+    assert should_replan(pl, {"a": RateObservation(0.0, 0, 10.0)})
+    assert not should_replan(pl, {"a": RateObservation(0.0, 0, 1.0)})
 
 
 def test_rates_monitor_sliding_window():
@@ -391,24 +393,24 @@ def test_rates_monitor_sliding_window():
 def test_replace_keeps_unchanged_models_in_place():
     # X is 1 MiB heavier than Y, so X is placed first (d0). When Y's rate goes to 60 req/s its KV
     # for b = 17 puts it first: a fresh placement swaps the two devices; replace keeps X on d0.
-    old = place_fineserve([demand("X", 1), demand("Y", 1, weight_gib=10 - 1 / 1024)], devices(2), ONE_TP, CONFIG)
+    old = place("fineserve", [demand("X", 1), demand("Y", 1, weight_gib=10 - 1 / 1024)], devices(2), ONE_TP, CONFIG)
     assert where(old) == {"X": [("d0",)], "Y": [("d1",)]}
-    assert should_replace(old, {"X": 1.0, "Y": 60.0})
+    assert should_replan(old, {"X": 1.0, "Y": 60.0})
     new_demands = [demand("X", 1), demand("Y", 60, weight_gib=10 - 1 / 1024)]
-    fresh = place_fineserve(new_demands, devices(2), ONE_TP, CONFIG)
+    fresh = place("fineserve", new_demands, devices(2), ONE_TP, CONFIG)
     assert where(fresh) == {"X": [("d1",)], "Y": [("d0",)]}
-    result = replace(old, new_demands, ONE_TP)
+    result = replan(old, new_demands, ONE_TP)
     assert where(result.placement) == {"X": [("d0",)], "Y": [("d1",)]}
     assert (result.kept, result.moved, result.full_replan) == (("X", "Y"), (), False)
     assert [(r.rate, r.min_num_seqs) for r in result.placement.replicas_of("Y")] == [(60, 17)]
 
 
 def test_replace_falls_back_to_a_full_replan_and_reports_moves():
-    old = place_fineserve([demand("X", 1, weight_gib=6), demand("Y", 1, weight_gib=6)], devices(2, 16), ONE_TP, CONFIG)
+    old = place("fineserve", [demand("X", 1, weight_gib=6), demand("Y", 1, weight_gib=6)], devices(2, 16), ONE_TP, CONFIG)
     assert where(old) == {"X": [("d0",)], "Y": [("d1",)]}
     # A new 12 GiB model needs an empty device: keeping X and Y apart leaves none.
     new = [demand("X", 1, weight_gib=6), demand("Y", 1, weight_gib=6), demand("Z", 1, weight_gib=12)]
-    result = replace(old, new, ONE_TP)
+    result = replan(old, new, ONE_TP)
     assert result.full_replan and result.added == ("Z",)
     assert where(result.placement) == {"X": [("d1",)], "Y": [("d1",)], "Z": [("d0",)]}
     assert result.moved == ("X",) and result.kept == ("Y",)

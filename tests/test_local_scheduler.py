@@ -12,9 +12,10 @@ import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv.kv_pool import SlabAllocator
-from serving.scheduling.step_policy import (EarliestDeadlineFirst, FCFSAdmission, SAABAdmission, deadline_first,
-                                     earliest_deadline, prefill_backlog)
-from serving.sim.metrics import SLO
+from serving.engine.scheduler import FCFSAdmission
+from serving.scheduling.admission import SAABAdmission, prefill_backlog
+from serving.scheduling.step_policy import EarliestDeadlineFirst, deadline_first, earliest_deadline
+from serving.scheduling.slo import SLO
 from serving.engine.page_manager import PageManager
 from serving.engine.sampling import SamplingParams
 from serving.engine.scheduler import Scheduler
@@ -209,9 +210,12 @@ def test_a_decoding_model_without_a_tpot_bound_is_due_one_ttft_after_its_last_to
 
 
 def fake_engines(clock, **queues):
-    return {name: SimpleNamespace(scheduler=SimpleNamespace(waiting=deque(waiting), running=run),
-                                  clock=lambda: clock["now"])
-            for name, (waiting, run) in queues.items()}
+    engines = {}
+    for name, (waiting, run) in queues.items():
+        scheduler = SimpleNamespace(waiting=deque(waiting), running=run)
+        engines[name] = SimpleNamespace(scheduler=scheduler, clock=lambda: clock["now"],
+                                        queues=lambda s=scheduler: (s.waiting, s.running))
+    return engines
 
 
 def test_deadline_first_serves_first_and_next_tokens_in_the_order_they_fell_due():

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from serving.sim.metrics import (SLO, LatencyStats, RequestRecord, Summary, fineserve_slo, format_table, meets_all,
-                             summarize)
+from serving.scheduling.slo import SLO, fineserve_slo
+from serving.sim.metrics import LatencyStats, RequestRecord, Summary, format_table, meets_all, summarize
 
 
 def finished(rid, model, arrival, times, prompt_len=10):

@@ -13,7 +13,8 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import StepCost
 from serving.runtime.device_runtime import DeviceRuntime
 from serving.engine.llm_engine import EngineConfig
-from serving.sim.metrics import SLO, summarize
+from serving.scheduling.slo import SLO
+from serving.sim.metrics import summarize
 from serving.sim.simulator import SimModel, SystemPolicy, build_device, device_groups, route, simulate_device
 from serving.sim.workload import FixedLengths, Request, Workload, synthetic_workload
 
@@ -53,7 +54,7 @@ def test_idle_device_jumps_to_the_next_arrival_and_models_take_turns():
 def test_runtime_tracks_each_models_step_time_in_clock_seconds():
     """The runtime's moving average of step times (what latency-aware EDF sizes its horizon with) is
     measured on the engines' clock: simulated seconds here, one weighted update per step that ran."""
-    from serving.runtime.device_runtime import STEP_TIME_WEIGHT
+    from serving.scheduling.step_policy import STEP_TIME_WEIGHT
 
     dev = build_device([sim_model("a"), sim_model("b", cost=exact_cost(decode_step=0.03))], 16 << 20,
                        policy="edf")
@@ -139,7 +140,8 @@ def test_device_groups_join_devices_that_share_a_replica():
 
 def test_simulate_placement_on_a_small_cluster():
     from serving.scheduling.cost_model import LLAMA3_8B, H100, roofline_step_cost, DeviceProfile, variant_key
-    from serving.scheduling.placement import Device, ModelDemand, place
+    from serving.scheduling.demand import Device, ModelDemand
+    from serving.scheduling.strategies import place
     from serving.sim.simulator import simulate_placement
 
     entries = {variant_key(LLAMA3_8B.name, p, 1): roofline_step_cost(LLAMA3_8B, p, H100, 1) for p in ("bf16", "w4a16")}
@@ -163,7 +165,8 @@ def test_replanning_follows_a_popularity_flip():
     to `b` within a window and a check of the flip and keeps the late requests on time. With steady
     rates nothing is re-placed and the result is simulate_placement's."""
     from serving.scheduling.cost_model import H100, LLAMA3_8B, DeviceProfile, roofline_step_cost, variant_key
-    from serving.scheduling.placement import Device, ModelDemand, place
+    from serving.scheduling.demand import Device, ModelDemand
+    from serving.scheduling.strategies import place
     from serving.sim.simulator import simulate_placement, simulate_replanning
     from serving.sim.workload import popularity_flip
 

@@ -16,7 +16,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.page_manager import PageManager
 from serving.engine.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
 from serving.engine.scheduler import Scheduler
-from serving.engine.sequence import RequestOutput, Sequence, TokenLogprobs
+from serving.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
 
 class PromptTooLongError(ValueError):
@@ -72,16 +72,17 @@ class StepStats:
 class LLMEngine:
     def __init__(self, model, layout: KVPageLayout, pool: KVPool, model_key: str, config: EngineConfig,
                  tokenizer=None, eos_token_ids: tuple[int, ...] = (), *, admission=None, runner=None,
-                 clock: Callable[[], float] = time.time):
-        """admission: a `local_scheduler` policy (default FCFS). runner: anything with ModelRunner's
-        `execute` and `prefill_fits` (default: a ModelRunner of `model`)."""
+                 clock: Callable[[], float] = time.time, reclaim: Callable[[], bool] | None = None):
+        """admission: an `AdmissionPolicy` (default FCFS). runner: anything with ModelRunner's
+        `execute` and `prefill_fits` (default: a ModelRunner of `model`). reclaim: asked for memory
+        when the shared pool is short of pages (the device runtime compacts other models)."""
         self.clock = clock
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.pool = pool
         self.layout = layout
-        self.pages = PageManager(pool.allocator, model_key, layout)
+        self.pages = PageManager(pool.allocator, model_key, layout, reclaim=reclaim)
         pool_pages = pool.allocator.capacity_pages(model_key)
         if pool_pages < layout.pages_for(config.max_model_len):
             raise ValueError(
@@ -156,6 +157,24 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def queues(self) -> tuple[Iterable[Sequence], list[Sequence]]:
+        """(waiting, running): the queued sequences in queue order, the admitted ones in admission order."""
+        return self.scheduler.waiting, self.scheduler.running
+
+    def live_sequences(self) -> list[Sequence]:
+        """The admitted sequences that hold KV in the pool."""
+        return [s for s in self.scheduler.running if s.status is SequenceStatus.RUNNING]
+
+    def preempt_all(self) -> None:
+        """Send every admitted sequence back to the queue, to be recomputed (its KV is lost)."""
+        for seq in list(self.scheduler.running):
+            self.scheduler.preempt(seq)
+
+    def rename_pages(self, moves: dict[int, int]) -> None:
+        """The pool moved these pages (old -> new page id): update the page tables."""
+        for seq in self.scheduler.running:
+            seq.pages = [moves.get(p, p) for p in seq.pages]
 
     @property
     def num_compilations(self) -> int:

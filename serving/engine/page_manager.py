@@ -10,13 +10,14 @@ from serving.engine.sequence import Sequence
 
 
 class PageManager:
-    def __init__(self, allocator: SlabAllocator, model_key: str, layout: KVPageLayout):
+    def __init__(self, allocator: SlabAllocator, model_key: str, layout: KVPageLayout, *,
+                 reclaim: Callable[[], bool] | None = None):
         self.allocator = allocator
         self.model_key = model_key
         self.layout = layout
-        # Set by a runtime that shares the pool: frees memory other models hold without using it
+        # From a runtime that shares the pool: frees memory other models hold without using it
         # (compaction); returns whether it freed anything.
-        self.reclaim: Callable[[], bool] | None = None
+        self.reclaim = reclaim
 
     def pages_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra pages `seq` needs to cache `num_new_tokens` more tokens."""

@@ -5,7 +5,7 @@ Each step is either a prefill step (chunks of prompts, new requests admitted FCF
 chunk could not be scheduled, its next prompt token). Prefill goes first so new
 requests join the running decode batch as soon as possible. Which waiting requests are admitted,
 in what order, and which are dropped as hopeless is the admission policy's choice
-(`local_scheduler`: FCFS by default, or SLO-aware SAAB); dropped requests finish at once with
+(FCFS by default as here, or `scheduling.admission`'s SLO-aware SAAB); dropped requests finish at once with
 reason "dropped" and wait in `dropped` until the engine reports them. When the pool runs out of pages during
 decode, the most recently admitted sequence is preempted: its pages are freed and it is recomputed
 later from its prompt plus the tokens it has generated (its outputs are kept).
@@ -16,11 +16,28 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
-from serving.scheduling.step_policy import AdmissionPolicy, FCFSAdmission
 from serving.engine.page_manager import PageManager
 from serving.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class Admission:
+    admit: list[Sequence]   # in the order to admit (the scheduler stops at its caps)
+    drop: list[Sequence]    # finished at once as "dropped"
+
+
+class AdmissionPolicy(Protocol):
+    def select(self, waiting: list[Sequence], running: list[Sequence], now: float, *,
+               seq_slots: int, token_budget: int) -> Admission:
+        """Which of `waiting` (in queue order) to admit now, given `seq_slots` free sequence slots and
+        `token_budget` prefill tokens for this step."""
+
+
+class FCFSAdmission:
+    def select(self, waiting, running, now, *, seq_slots, token_budget) -> Admission:
+        return Admission(list(waiting), [])
 
 
 @dataclass

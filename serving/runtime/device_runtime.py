@@ -8,8 +8,9 @@ Each model sees the shared words through its own page geometry (kv_pages.KVPageL
 `step` asks the policy which model goes next among those with work; a model whose requests are
 all waiting for pages held by other models is skipped for that step. Before a model waits (or
 preempts) for lack of pages, the other models are compacted: their live pages are moved into as few
-slabs as possible, and the emptied slabs return to the pool for anyone (`reclaim_for`). Round-robin is the default
-policy; the scheduling layer supplies SLO-aware ones through the same `pick` interface.
+slabs as possible, and the emptied slabs return to the pool for anyone (`reclaim_for`).
+`assemble_device` builds a device: its engines with their admission policies and this reclaim hook,
+and the step policy (round-robin by default, or SLO-aware ones from `scheduling`).
 
 A model whose step raises is isolated: `step` raises ModelStepError naming it, and `recover` fails
 only that model's requests; the other models keep their requests (and, unless the failed program
@@ -18,7 +19,8 @@ took the donated pool with it, their cached KV).
 
 from __future__ import annotations
 
-from typing import Protocol
+from functools import partial
+from typing import Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +28,11 @@ import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
 from serving.engine.llm_engine import LLMEngine
+from serving.engine.sequence import RequestOutput
 from serving.kv.kv_pool import KVPool
-from serving.scheduling.step_policy import RoundRobin
-from serving.engine.sequence import RequestOutput, SequenceStatus
+from serving.scheduling.local_scheduling import LocalScheduling
+from serving.scheduling.step_policy import RoundRobin, StepTimes
 
-
-STEP_TIME_WEIGHT = 0.2  # of the newest step in `step_seconds`: prefill and decode steps mix
 _copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
 
 
@@ -49,7 +50,9 @@ class StepPolicy(Protocol):
 
 
 class DeviceRuntime:
-    def __init__(self, pool: KVPool, engines: dict[str, LLMEngine], policy: StepPolicy | None = None):
+    def __init__(self, pool: KVPool, engines: dict[str, LLMEngine], policy: StepPolicy | None = None,
+                 step_seconds: StepTimes | None = None):
+        """step_seconds: where each model's step times are kept (shared with a latency-aware policy)."""
         for name, engine in engines.items():
             if engine.pool is not pool:
                 raise ValueError(f"engine {name!r} does not use this runtime's pool")
@@ -57,11 +60,7 @@ class DeviceRuntime:
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
         self.pages_moved = 0
-        # each model's recent step time (clock seconds, a moving average): latency-aware policies'
-        # estimate of how long a round of the ready models takes
-        self.step_seconds: dict[str, float] = {}
-        for name, engine in engines.items():
-            engine.pages.reclaim = lambda name=name: self.reclaim_for(name)
+        self.step_seconds = step_seconds if step_seconds is not None else StepTimes()
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines.values())
@@ -78,7 +77,7 @@ class DeviceRuntime:
             except Exception as e:
                 raise ModelStepError(name) from e
             if engine.stats.steps > steps:
-                self._observe(name, engine.clock() - start)
+                self.step_seconds.observe(name, engine.clock() - start)
             if not engine.blocked:
                 return [(name, out) for out in outputs]
             ready.remove(name)  # waiting for pages other models hold; try the next one
@@ -87,10 +86,6 @@ class DeviceRuntime:
             # model is blocked the pool is empty and this cannot happen.
             raise RuntimeError("every model with requests is waiting for KV pages")
         return []
-
-    def _observe(self, name: str, seconds: float) -> None:
-        last = self.step_seconds.get(name)
-        self.step_seconds[name] = seconds if last is None else last + STEP_TIME_WEIGHT * (seconds - last)
 
     def recover(self, name: str) -> list[RequestOutput]:
         """After `name`'s step raised: finish all its requests with reason "error" (their pages
@@ -102,8 +97,7 @@ class DeviceRuntime:
         if words is not None and words.is_deleted():
             self.pool.words = jax.device_put(jnp.zeros(words.shape, words.dtype), words.sharding)
             for engine in self.engines.values():
-                for seq in list(engine.scheduler.running):
-                    engine.scheduler.preempt(seq)
+                engine.preempt_all()
         return failed
 
     def reclaim_for(self, name: str) -> bool:
@@ -124,8 +118,7 @@ class DeviceRuntime:
                 dst[:len(moves)] = list(moves.values())
                 if self.pool.words is not None:  # None: a simulated pool (allocator only)
                     self.pool.words = _copy_pages(self.pool.words, engine.layout, src, dst)
-                for seq in engine.scheduler.running:
-                    seq.pages = [moves.get(p, p) for p in seq.pages]
+                engine.rename_pages(moves)
                 self.pages_moved += len(moves)
             freed = True
         return freed
@@ -147,7 +140,7 @@ class DeviceRuntime:
         models = {}
         for name, engine in self.engines.items():
             layout = engine.layout
-            live = [s for s in engine.scheduler.running if s.status is SequenceStatus.RUNNING]
+            live = engine.live_sequences()
             tokens = sum(s.num_computed for s in live)
             pages = stats["models"][name]["used_pages"]
             kv_m = tokens * layout.bytes_per_token
@@ -175,3 +168,21 @@ class DeviceRuntime:
             "sequences": sum(m["sequences"] for m in models.values()),
             "models": models,
         }
+
+
+def assemble_device(pool: KVPool, engines: Mapping[str, Callable[..., LLMEngine]],
+                    scheduling: LocalScheduling | None = None) -> DeviceRuntime:
+    """One device: each model's engine, made by its factory (e.g. a `partial(LLMEngine, ...)` over
+    `pool`) given its admission policy and the runtime's reclaim hook, and the runtime stepping them
+    by `scheduling`'s step policy. The Fleet and the simulator both build devices this way."""
+    scheduling = scheduling or LocalScheduling()
+    runtime: DeviceRuntime | None = None  # assigned below, before any engine can step and reclaim
+
+    def reclaim(name: str) -> bool:
+        return runtime.reclaim_for(name)
+
+    built = {name: make(admission=scheduling.admission_for(name), reclaim=partial(reclaim, name))
+             for name, make in engines.items()}
+    step_seconds = StepTimes()
+    runtime = DeviceRuntime(pool, built, scheduling.policy_for(built, step_seconds), step_seconds)
+    return runtime

@@ -1,141 +1,42 @@
-"""Local scheduling: which waiting requests a model admits each iteration, and which model on a
-device steps next.
+"""Step policies: which of the models sharing a device steps next (`DeviceRuntime(policy=)`).
 
-Admission (`Scheduler(admission=...)`, asked every prefill iteration):
-  FCFSAdmission   admit in arrival order up to the sequence and token caps (vLLM's behaviour).
-  SAABAdmission   FineServe's SLO-Aware Adaptive Batching (fineserve.md §5), with the step-time cost
-                  model of `serving.scheduling.cost_model` in place of a profiled constant:
-                  1. predict TTFT of waiting request r as `now + τ · (B + len_r)`, τ the model's
-                     prefill seconds per token, B the prompt tokens still to prefill in the running
-                     batch plus one per decoding request (each decode row costs about a token);
-                  2. a request that cannot make its deadline (`arrival + SLO.ttft_s`) even alone is
-                     hopeless: dropped at once with an explicit answer (finish reason "dropped"), or,
-                     with `drop_hopeless=False`, moved behind every request that can still make it;
-                  3. of the rest, taken FCFS up to the caps, the longest prompts are removed until
-                     `now + τ · (B + Σ len)` meets every remaining deadline; removed requests stay
-                     queued for a later iteration;
-                  4. TPOT-aware variant (`slo.tpot_s` set): also remove the longest prompts while the
-                     predicted decode step of the grown batch exceeds the TPOT bound.
-                  Requests that already ran (preempted ones) are re-admitted first and never dropped.
+`RoundRobin` lets models take turns. `EarliestDeadlineFirst` (built by `deadline_first`) steps the
+model whose most urgent request is due first (`earliest_deadline`): a first token by `arrival + ttft`,
+a next token by `last token + tpot`, or `+ ttft` without a TPOT bound (otherwise a model that is only
+decoding is never due and starves). A first token already late counts as due now, so a backlog of
+late prompts cannot hold the device: a next token waits at most about one TTFT SLO.
 
-Device (`DeviceRuntime(policy=...)`): `RoundRobin` lets models take turns; `EarliestDeadlineFirst`
-(built by `deadline_first`) steps the model whose most urgent request is due first
-(`earliest_deadline`): a first token by `arrival + ttft`, a next token by `last token + tpot`, or
-`+ ttft` without a TPOT bound (otherwise a model that is only decoding is never due, and it starves
-while its neighbours keep receiving prompts). A first token that is already late counts as due now,
-so a backlog of late prompts (FCFS never drops them) cannot hold the device either: a next token
-waits at most about one TTFT SLO. Models with nothing due go round-robin.
-FineServe's policy is the latency-aware form (`deadline_first(..., step_seconds=...)`): only
-requests due within a few rounds of the ready models' measured steps compete by deadline, and the
-models take turns otherwise. Plain EDF serves the next deadline rather than the oldest work, so with
-loose SLOs it runs everything late; the latency-aware form keeps round-robin's latencies until a
-deadline is at risk.
+FineServe's policy is the latency-aware form (`step_seconds` given): only requests due within a few
+rounds of the ready models' measured steps compete by deadline, and the models take turns otherwise.
+Plain EDF serves the next deadline rather than the oldest work, so with loose SLOs it runs everything
+late; the latency-aware form keeps round-robin's latencies until a deadline is at risk.
 """
+
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping
 
-from serving.sim.metrics import SLO
+from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import Sequence, SequenceStatus
-
-if TYPE_CHECKING:
-    from serving.runtime.device_runtime import DeviceRuntime
-    from serving.engine.llm_engine import LLMEngine
+from serving.scheduling.slo import SLO
 
 # Latency-aware EDF: a request is at risk when it falls due within this many rounds of the ready
 # models' steps (a few of round-robin's turns: a chunked prompt needs more than one). Simulated
 # attainment is flat from 3 to 6 rounds and lower at 1-2 (RESULTS.md, step policy).
 AT_RISK_ROUNDS = 4.0
+STEP_TIME_WEIGHT = 0.2  # of the newest step in `StepTimes`: prefill and decode steps mix
+STEP_POLICIES = ("edf", "edf_strict", "round_robin")  # edf: latency-aware; edf_strict: plain EDF
 
 
-@dataclass
-class Admission:
-    admit: list[Sequence]   # in the order to admit (the scheduler stops at its caps)
-    drop: list[Sequence]    # finished at once as "dropped"
+class StepTimes(dict):
+    """Each model's recent step time, a moving average on the engines' clock: the device runtime
+    observes every step, latency-aware EDF reads how long a round of the ready models takes."""
 
-
-class AdmissionPolicy(Protocol):
-    def select(self, waiting: list[Sequence], running: list[Sequence], now: float, *,
-               seq_slots: int, token_budget: int) -> Admission:
-        """Which of `waiting` (in queue order) to admit now, given `seq_slots` free sequence slots and
-        `token_budget` prefill tokens for this step."""
-
-
-class FCFSAdmission:
-    def select(self, waiting, running, now, *, seq_slots, token_budget) -> Admission:
-        return Admission(list(waiting), [])
-
-
-def _has_run(seq: Sequence) -> bool:
-    return seq.metrics.num_preemptions > 0 or bool(seq.output_token_ids)
-
-
-def prefill_backlog(running: list[Sequence]) -> int:
-    """SAAB's B: prompt tokens still to prefill in the running batch, plus one per decoding row."""
-    backlog = 0
-    for seq in running:
-        if seq.status is not SequenceStatus.RUNNING:
-            continue
-        backlog += seq.num_uncomputed if seq.num_uncomputed > 1 else 1
-    return backlog
-
-
-class SAABAdmission:
-    """SLO-aware adaptive batching for one model. `cost` has `prefill_seconds_per_token()` and
-    `decode_seconds(context_lens)` (a `cost_model.StepCost`); `slo` its latency bounds."""
-
-    def __init__(self, cost, slo: SLO, *, drop_hopeless: bool = True, tpot_aware: bool = False,
-                 max_prefilling: int | None = None):
-        self.cost = cost
-        self.slo = slo
-        self.tau = cost.prefill_seconds_per_token()
-        self.drop_hopeless = drop_hopeless
-        self.tpot_aware = tpot_aware and slo.tpot_s is not None
-        self.max_prefilling = max_prefilling  # FineServe skips admission above 3 prompts in prefill
-        self.num_dropped = 0
-
-    def deadline(self, seq: Sequence) -> float:
-        return seq.metrics.arrival_time + self.slo.ttft_s
-
-    def select(self, waiting, running, now, *, seq_slots, token_budget) -> Admission:
-        resumed = [s for s in waiting if _has_run(s)]
-        fresh = [s for s in waiting if not _has_run(s)]
-        backlog = prefill_backlog(running)
-        prefilling = sum(1 for s in running if s.status is SequenceStatus.RUNNING and s.num_uncomputed > 1)
-        if self.max_prefilling is not None and prefilling >= self.max_prefilling:
-            return Admission(resumed, [])
-
-        def on_time(seq: Sequence, tokens: int) -> bool:
-            return now + self.tau * (backlog + tokens) <= self.deadline(seq)
-
-        hopeful = [s for s in fresh if on_time(s, s.num_uncomputed)]
-        hopeless = [s for s in fresh if not on_time(s, s.num_uncomputed)]
-        slots = max(0, seq_slots - len(resumed))
-        batch = hopeful[:slots]
-        # Shrink: drop the longest prompt (the last in queue order among equals, keeping FCFS) from this
-        # iteration's batch until every deadline holds.
-        while batch and not self._batch_ok(batch, running, now, backlog):
-            batch.remove(max(reversed(batch), key=lambda s: s.num_uncomputed))
-        later = [s for s in hopeful if s not in batch]
-        if self.drop_hopeless:
-            self.num_dropped += len(hopeless)
-            return Admission(resumed + batch, hopeless)
-        # Deprioritise: hopeless requests are admitted only behind everything that can still make it.
-        return Admission(resumed + batch + (hopeless if not later else []), [])
-
-    def _batch_ok(self, batch, running, now, backlog) -> bool:
-        total = backlog + sum(s.num_uncomputed for s in batch)
-        if now + self.tau * total > min(self.deadline(s) for s in batch):
-            return False
-        if self.tpot_aware:
-            contexts = [s.num_tokens for s in running if s.status is SequenceStatus.RUNNING]
-            contexts += [s.num_tokens for s in batch]
-            if self.cost.decode_seconds(contexts) > self.slo.tpot_s:
-                return False
-        return True
+    def observe(self, name: str, seconds: float) -> None:
+        last = self.get(name)
+        self[name] = seconds if last is None else last + STEP_TIME_WEIGHT * (seconds - last)
 
 
 class RoundRobin:
@@ -211,7 +112,7 @@ def earliest_deadline(waiting: Iterable[Sequence], running: list[Sequence], slo:
     return min(keys) if keys else None
 
 
-def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO], *,
+def deadline_first(engines: Mapping[str, LLMEngine], slos: Mapping[str, SLO], *,
                    step_seconds: Mapping[str, float] | None = None,
                    horizon_rounds: float = AT_RISK_ROUNDS) -> EarliestDeadlineFirst:
     """EDF over one device's engines, each model's key read from its scheduler's queues. With
@@ -221,7 +122,8 @@ def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO], 
 
     def deadline_of(name: str) -> tuple[float, float] | None:
         engine = engines[name]
-        return earliest_deadline(engine.scheduler.waiting, engine.scheduler.running, slos[name], engine.clock())
+        waiting, running = engine.queues()
+        return earliest_deadline(waiting, running, slos[name], engine.clock())
 
     if step_seconds is None:
         return EarliestDeadlineFirst(list(engines), deadline_of)
@@ -234,16 +136,19 @@ def deadline_first(engines: Mapping[str, "LLMEngine"], slos: Mapping[str, SLO], 
     return EarliestDeadlineFirst(list(engines), deadline_of, horizon=horizon, clock=lambda: engines[first].clock())
 
 
-STEP_POLICIES = ("edf", "edf_strict", "round_robin")  # edf: latency-aware; edf_strict: plain EDF
-
-
-def step_policy(kind: str, runtime: "DeviceRuntime", slos: Mapping[str, SLO]):
-    """The `DeviceRuntime` policy named `kind` (one of STEP_POLICIES) over `runtime`'s engines."""
-    engines = runtime.engines
-    if kind == "edf":
-        return deadline_first(engines, slos, step_seconds=runtime.step_seconds)
-    if kind == "edf_strict":
-        return deadline_first(engines, slos)
+def step_policy(kind: str, engines: Mapping[str, LLMEngine], slos: Mapping[str, SLO],
+                step_seconds: Mapping[str, float] | None = None):
+    """The `DeviceRuntime` policy named `kind` (one of STEP_POLICIES) over one device's `engines`;
+    "edf" reads each model's step time from `step_seconds` (the runtime's `StepTimes`)."""
+    if kind not in STEP_POLICIES:
+        raise ValueError(f"unknown step policy {kind!r}; choose from {STEP_POLICIES}")
     if kind == "round_robin":
         return RoundRobin(list(engines))
-    raise ValueError(f"unknown step policy {kind!r}; choose from {STEP_POLICIES}")
+    missing = sorted(set(engines) - set(slos))
+    if missing:
+        raise ValueError(f"step policy {kind!r} needs an SLO for every model; missing {missing}")
+    if kind == "edf_strict":
+        return deadline_first(engines, slos)
+    if step_seconds is None:
+        raise ValueError("latency-aware EDF needs the models' step times")
+    return deadline_first(engines, slos, step_seconds=step_seconds)

@@ -22,14 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.scheduling.slo import SLO
+
 REQUEST_STATUSES = ("finished", "dropped", "aborted", "failed")
-
-# FineServe's SLO rule: TTFT(batch 1, 903-token prompt, base TP) x scale + 4 ms. 903 tokens is the p95
-# prompt length of LMSYS-Chat-1M.
-FINESERVE_SLO_PROMPT_LEN = 903
-FINESERVE_SLO_SCALE = 40.0
-FINESERVE_SLO_SLACK_S = 0.004
-
 
 @dataclass
 class RequestRecord:
@@ -76,27 +71,6 @@ class RequestRecord:
     @property
     def itls(self) -> list[float]:
         return np.diff(self.token_times).tolist() if len(self.token_times) > 1 else []
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float               # met when TTFT < ttft_s (strict, as FineServe)
-    tpot_s: float | None = None  # met when TPOT <= tpot_s (as vLLM's goodput); None: no bound
-
-    def __post_init__(self):
-        for name in ("ttft_s", "tpot_s"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"SLO {name} must be a finite number > 0, got {value!r}")
-
-
-def fineserve_slo(ttft_batch1_903_s: float, scale: float = FINESERVE_SLO_SCALE) -> SLO:
-    """FineServe's TTFT SLO from the model's profiled TTFT at batch 1 with a 903-token prompt."""
-    if not (math.isfinite(ttft_batch1_903_s) and ttft_batch1_903_s > 0):
-        raise ValueError(f"ttft_batch1_903_s must be a finite number > 0, got {ttft_batch1_903_s!r}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    return SLO(ttft_s=ttft_batch1_903_s * scale + FINESERVE_SLO_SLACK_S)
 
 
 @dataclass

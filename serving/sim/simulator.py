@@ -30,26 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import StepCost
-from serving.runtime.device_runtime import DeviceRuntime
+from serving.runtime.device_runtime import DeviceRuntime, assemble_device
 from serving.engine.llm_engine import EngineConfig, LLMEngine
-from serving.scheduling.placement import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, ModelDemand, PlacementError,
-                                      RatesMonitor, pool_specs, rate_drift, replace)
+from serving.scheduling.demand import ModelDemand, PlacementError
+from serving.scheduling.placement import pool_specs
+from serving.scheduling.replan import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, RatesMonitor, rate_drift, replan)
 from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
-from serving.scheduling.step_policy import FCFSAdmission, SAABAdmission, step_policy
-from serving.sim.metrics import SLO, RequestRecord
+from serving.scheduling.local_scheduling import LocalScheduling
+from serving.scheduling.slo import SLO
+from serving.sim.metrics import RequestRecord
 from serving.engine.model_runner import ShapeBuckets, StepResult
 from serving.kv.pool_plan import ModelPages, PoolPlan, plan_pool
 from serving.sim.replay import replay
 from serving.sim.workload import Request
-
-ADMISSIONS = ("fcfs", "saab", "saab-tpot", "saab-keep")
-
 
 class SimClock:
     """A device's simulated time: runners advance it by step times; idle waits jump it."""
@@ -103,15 +103,6 @@ class SimModel:
     kv_share: float | None = None   # "static" pools: its fraction of the pool
 
 
-def admission_policy(kind: str, model: SimModel):
-    if kind == "fcfs":
-        return FCFSAdmission()
-    if kind in ("saab", "saab-tpot", "saab-keep"):
-        return SAABAdmission(model.cost, model.slo, tpot_aware=kind == "saab-tpot",
-                             drop_hopeless=kind != "saab-keep")
-    raise ValueError(f"unknown admission {kind!r}; choose from {ADMISSIONS}")
-
-
 @dataclass
 class SimulatedDevice:
     runtime: DeviceRuntime
@@ -135,10 +126,9 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
         fits = pool.allocator.capacity_pages(m.name) * layout.tokens_per_page
         config = dataclasses.replace(m.config, max_model_len=min(m.config.max_model_len, fits))
         runners[m.name] = SimulatedRunner(m.cost, clock, config)
-        engines[m.name] = LLMEngine(None, layout, pool, m.name, config,
-                                    admission=admission_policy(admission, m), runner=runners[m.name], clock=clock)
-    runtime = DeviceRuntime(pool, engines)
-    runtime.policy = step_policy(policy, runtime, {m.name: m.slo for m in models})
+        engines[m.name] = partial(LLMEngine, None, layout, pool, m.name, config, runner=runners[m.name], clock=clock)
+    scheduling = LocalScheduling(admission, policy, {m.name: m.slo for m in models}, {m.name: m.cost for m in models})
+    runtime = assemble_device(pool, engines, scheduling)
     return SimulatedDevice(runtime, clock, runners)
 
 
@@ -282,7 +272,7 @@ def simulate_replanning(placement, profile, requests: list[Request], slos: dict[
                                threshold, min_count)
             for factor in plan_factors if drift else ():
                 try:
-                    new = replace(current, demands_for({m: o.rate * factor for m, o in observed.items()}), profile,
+                    new = replan(current, demands_for({m: o.rate * factor for m, o in observed.items()}), profile,
                                   threshold=threshold)
                 except PlacementError:
                     continue
