@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator, Sequence as Seq
 
+from tqdm.auto import tqdm
+
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
@@ -173,7 +175,6 @@ class LLM:
             finished: dict[str, RequestOutput] = {}
             bar = None
             if use_tqdm:
-                from tqdm.auto import tqdm
                 bar = tqdm(total=sum(len(g) for g in groups), desc="generate", unit="req")
             while self.engine.has_unfinished_requests():
                 for out in self._step():

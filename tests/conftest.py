@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -11,10 +13,17 @@ import numpy as np
 import pytest
 
 
+LOCKS_ENV = "FINESERVE_TEST_LOCKS"
+
+
 def pytest_configure(config):
-    """One persistent XLA compilation cache for the session, shared with the subprocesses tests start
+    """One persistent XLA compilation cache per test process, shared with the subprocesses tests start
     (servers, CLIs): many tests build engines of the same tiny models, and each engine's programs
-    compile again otherwise. It starts empty in every session, so nothing outlives the run."""
+    compile again otherwise. It starts empty in every session, so nothing outlives the run.
+    The main process (not an xdist worker) also makes the lock files `timing` tests take."""
+    if not hasattr(config, "workerinput"):
+        config._lock_dir = tempfile.mkdtemp(prefix="fineserve-jax-test-locks-")
+        os.environ[LOCKS_ENV] = config._lock_dir
     cache = tempfile.mkdtemp(prefix="fineserve-jax-test-cache-")
     config._jax_cache_dir = cache
     settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
@@ -26,6 +35,35 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_jax_cache_dir", ""), ignore_errors=True)
+    shutil.rmtree(getattr(config, "_lock_dir", ""), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _test_lock(exclusive: bool):
+    """Tests run in parallel (pytest-xdist) but a `timing` test runs alone: it takes the main lock
+    exclusively, every other test shares it. The gate gives a waiting timing test precedence: a
+    test passes the gate before it takes its shared lock, and a timing test holds the gate."""
+    lock_dir = os.environ.get(LOCKS_ENV)
+    if lock_dir is None:
+        yield
+        return
+    with open(os.path.join(lock_dir, "gate"), "a") as gate, open(os.path.join(lock_dir, "main"), "a") as main:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(main, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup (module fixtures included), call and teardown of each test under the test lock."""
+    with _test_lock(exclusive=item.get_closest_marker("timing") is not None):
+        yield
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from serving.scheduling.replan import RateObservation, RatesMonitor, rate_drift,
 from serving.scheduling.replica_planner import plan_replicas
 from serving.scheduling.slo import fineserve_slo_of
 from serving.scheduling.strategies import place
-from serving.kv.kv_pool import SlabAllocator
+from serving.kv.slab_allocator import SlabAllocator
 from serving.kv.pool_plan import plan_pool
 
 GiB = 1 << 30

@@ -15,13 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from serving.kv.kv_pool import (
-    DEFAULT_SLAB_BYTES,
-    KVPool,
-    PoolExhausted,
-    SlabAllocator,
-    slab_bytes_for,
-)
+from serving.kv.kv_pool import KVPool
+from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES, slab_bytes_for
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers shared by the state machine and the example tests

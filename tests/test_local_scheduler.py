@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv.kv_pool import SlabAllocator
+from serving.kv.slab_allocator import SlabAllocator
 from serving.engine.scheduler import FCFSAdmission
 from serving.scheduling.admission import SAABAdmission, prefill_backlog
 from serving.scheduling.step_policy import EarliestDeadlineFirst, deadline_first, earliest_deadline

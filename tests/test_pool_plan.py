@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
-from serving.kv.kv_pool import EXACT_SLAB_SPAN, MAX_SLAB_WASTE, choose_slab_bytes, slab_bytes_for, slab_waste
+from serving.kv.slab_geometry import EXACT_SLAB_SPAN, MAX_SLAB_WASTE, choose_slab_bytes, slab_bytes_for, slab_waste
 from serving.kv.pool_plan import ModelPages, plan_pool
 
 

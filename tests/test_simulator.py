@@ -268,6 +268,7 @@ def _real_vs_simulated_trial(loaded, cfg, config):
     return ratio, att_real, att_sim, load, len(work.requests)
 
 
+@pytest.mark.timing
 def test_simulator_matches_the_real_engine_on_cpu():
     """One model, one trace, served for real (wall clock) and simulated on the same requests.
 

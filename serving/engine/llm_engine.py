@@ -22,7 +22,8 @@ import numpy as np
 
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv.kv_pool import KVPool, slab_bytes_for
+from serving.kv.kv_pool import KVPool
+from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import ModelRunner
 from serving.engine.page_manager import PageManager
 from serving.engine.sampling import SamplingParams, find_stop, longest_partial_stop_suffix

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv.kv_pool import SlabAllocator
+from serving.kv.slab_allocator import SlabAllocator
 from serving.engine.sequence import Sequence
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv.kv_pool import KVPool, slab_bytes_for
+from serving.kv.kv_pool import KVPool
+from serving.kv.slab_geometry import slab_bytes_for
 
 PAGES_PER_SLAB = 4
 MIN_STEP_TOKENS = 16  # short steps are padded so they share one compiled shape

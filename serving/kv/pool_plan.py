@@ -20,7 +20,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, KVPool, SlabAllocator, choose_slab_geometry, slab_bytes_for
+from serving.kv.kv_pool import KVPool
+from serving.kv.slab_allocator import SlabAllocator
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES, choose_slab_geometry, slab_bytes_for
 
 POOL_MODES = ("slab", "static", "single_page")
 MIN_TOKENS_PER_PAGE = 8

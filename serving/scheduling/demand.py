@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from models.config import ModelConfig
 from models.precision import resolve_precision
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.scheduling.cost_model import ModelShape
 
 STRATEGIES = ("fineserve", "prism", "muxserve", "static")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, choose_slab_geometry
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES, choose_slab_geometry
 from serving.kv.pool_plan import ModelPages
 from serving.scheduling.demand import Device, ModelDemand, SchedulerConfig
 

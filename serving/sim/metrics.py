@@ -1,7 +1,7 @@
 """Serving metrics from per-request records: latency distributions, SLO attainment, goodput, throughput.
 
 Independent of the engine: a benchmark driver (real engine or simulator) fills one RequestRecord per
-request. Definitions follow ../shared/reference/workloads.md §3 and fineserve.md §4, §7:
+request. Definitions follow vLLM's benchmarks and FineServe (arXiv 2509.06261):
 - TTFT = first output token time - arrival (queueing included); E2E = completion - arrival;
   TPOT = (E2E - TTFT) / (output_len - 1) per request (vLLM); ITL = every gap between consecutive
   streamed tokens, pooled over requests (vLLM).

@@ -48,7 +48,7 @@ from serving.scheduling.cost_model import (
     variant_key,
 )
 from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool
-from serving.kv.kv_pool import slab_bytes_for
+from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import PAGES_PER_ATTENTION_BLOCK
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import Sequence

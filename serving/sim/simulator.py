@@ -42,7 +42,8 @@ from serving.engine.llm_engine import EngineConfig, LLMEngine
 from serving.scheduling.demand import ModelDemand, PlacementError
 from serving.scheduling.placement import pool_specs
 from serving.scheduling.replan import (DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, RatesMonitor, rate_drift, replan)
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, SlabAllocator
+from serving.kv.slab_allocator import SlabAllocator
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.scheduling.slo import SLO
 from serving.sim.metrics import RequestRecord

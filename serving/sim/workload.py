@@ -4,7 +4,7 @@ A workload is a list of requests (model, arrival time, prompt length, output len
 window. Prompts carry no text: a replay sends synthetic prompts of the given token counts and forces
 the output lengths (ignore EOS, max_tokens = output_len).
 
-Sources (see ../shared/reference/workloads.md §1-2):
+Sources:
 - Arrivals: Poisson, or a Gamma renewal process with a given coefficient of variation (AlpaServe and
   FineServe; vLLM's ``--burstiness b`` is shape b, i.e. CV = 1/sqrt(b)).
 - Popularity: MuxServe's power law, rate of model i proportional to (i + 1)^-alpha.
