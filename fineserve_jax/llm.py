@@ -194,16 +194,7 @@ class LLM:
         groups: list[list[str]] = []
         try:
             for ids, text, params in requests:
-                if params.n == 1:
-                    groups.append([self.engine.add_request(ids, params, prompt=text)])
-                    continue
-                # n samples: independent requests with distinct seeds, merged by _collect.
-                children = []
-                for i in range(params.n):
-                    seed = None if params.seed is None else params.seed + i
-                    child = dataclasses.replace(params, n=1, seed=seed)
-                    children.append(self.engine.add_request(ids, child, prompt=text))
-                groups.append(children)
+                groups.append(self.engine.add_samples(ids, params, prompt=text))
         except BaseException:
             self._abort(groups)
             raise

@@ -123,6 +123,26 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    def add_samples(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
+                    request_ids: list[str] | None = None) -> list[str]:
+        """Queue the `params.n` samples of one prompt as n requests of one sample each, seeds `seed`,
+        `seed + 1`, ... (independent draws when unseeded); their request ids. All or nothing: if one
+        cannot be queued, those already queued are aborted."""
+        if request_ids is not None and len(request_ids) != params.n:
+            raise ValueError(f"{params.n} samples need {params.n} request ids, got {len(request_ids)}")
+        added: list[str] = []
+        try:
+            for i in range(params.n):
+                sample = params if params.n == 1 else dataclasses.replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + i)
+                added.append(self.add_request(prompt_token_ids, sample, prompt=prompt,
+                                              request_id=None if request_ids is None else request_ids[i]))
+        except BaseException:
+            for rid in added:
+                self.abort_request(rid)
+            raise
+        return added
+
     def use_clock(self, clock: Callable[[], float]) -> None:
         """Stamp request times with `clock` from now on (a replay's clock, relative to its start)."""
         self.clock = self.scheduler.clock = clock
@@ -162,6 +182,10 @@ class LLMEngine:
     def queues(self) -> tuple[Iterable[Sequence], list[Sequence]]:
         """(waiting, running): the queued sequences in queue order, the admitted ones in admission order."""
         return self.scheduler.waiting, self.scheduler.running
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     def live_sequences(self) -> list[Sequence]:
         """The admitted sequences that hold KV in the pool."""

@@ -61,7 +61,9 @@ class ShapeBuckets:
         """Whether a prefill batch with these per-row token counts pads to a bucket."""
         return self.bucket_for(True, num_tokens) in self._prefill_set
 
-    def bucket_for(self, is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
+    @staticmethod
+    def bucket_for(is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
+        """(rows, tokens per row) of the padded step for these per-row token counts."""
         batch = _pow2_at_least(len(num_tokens))
         seq = max(MIN_PREFILL_BUCKET, _pow2_at_least(max(num_tokens))) if is_prefill else 1
         return batch, seq

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import threading
@@ -251,21 +250,14 @@ class AsyncRuntime:
     def _add(self, cmd: _Add) -> None:
         stream = cmd.stream
         engine = self.runtime.engines[stream.model]
-        added = []
         try:
-            for i, rid in enumerate(stream.sample_ids):
-                params = cmd.params
-                if len(stream.sample_ids) > 1:  # n samples: independent requests with distinct seeds
-                    params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-                engine.add_request(cmd.prompt_token_ids, params, prompt=cmd.prompt, request_id=rid)
-                self._streams[rid] = (stream, i)
-                added.append(rid)
+            engine.add_samples(cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt, request_ids=stream.sample_ids)
         except Exception as e:  # validated before submit, so this is a bug: fail the request, loudly
             log.exception("could not queue request %s", stream.request_id)
-            for rid in added:
-                engine.abort_request(rid)
-                self._streams.pop(rid, None)
             self._put(stream, ModelFailed(f"could not queue the request: {e}"))
+            return
+        for i, rid in enumerate(stream.sample_ids):
+            self._streams[rid] = (stream, i)
 
     def _abort(self, stream: RequestStream) -> None:
         engine = self.runtime.engines[stream.model]
@@ -300,8 +292,9 @@ class AsyncRuntime:
         models = {}
         for name, engine in self.runtime.engines.items():
             used = stats["models"][name]["used_pages"]
-            models[name] = {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
-                            "preemptions": engine.scheduler.num_preemptions, "used_pages": used,
+            waiting, running = engine.queues()
+            models[name] = {"waiting": len(waiting), "running": len(running),
+                            "preemptions": engine.num_preemptions, "used_pages": used,
                             "kv_bytes": used * stats["models"][name]["page_bytes"],
                             "failures": self.failures[name]}
         self.snapshot = {"pool_bytes": stats["pool_bytes"], "used_bytes": stats["pool_bytes"] - stats["free_bytes"],

@@ -55,11 +55,12 @@ from scipy.optimize import nnls
 
 from models.config import ModelConfig
 from models.precision import PrecisionPreset, resolve_precision
+from serving.engine.llm_engine import EngineConfig
+from serving.engine.model_runner import ShapeBuckets
 
 # Device cost profiles shipped with the package (package data: a wheel installs them too).
 PROFILE_DIR = Path(str(resources.files(__package__).joinpath("profiles")))
-MIN_PREFILL_BUCKET = 16       # serving/engine/model_runner.py pads prefill chunks to at least this
-TTFT_CHUNK_TOKENS = 512       # the engine's default prefill chunk (EngineConfig.prefill_chunk)
+TTFT_CHUNK_TOKENS = EngineConfig.prefill_chunk  # the engine's default prefill chunk
 SAAB_PROMPT_TOKENS = 903      # FineServe: p95 prompt of LMSYS-Chat, used for the SLO and τ
 PREFILL_FEATURES = ("1", "T", "A")
 DECODE_FEATURES = ("1", "B", "C", "M")
@@ -69,10 +70,6 @@ FEATURES_DOC = ("prefill = [1, T, A]: T new tokens, A = sum(new_i * ctx_i); deco
                 "A = B_pad*S_pad*round_up(max ctx), B = B_pad, C = B_pad*round_up(max ctx) (rounded up to "
                 "attention_block); step = max(features . coef, features . coef_compute) when the compute "
                 "row is present, else features . coef")
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -95,8 +92,7 @@ def prefill_features(num_tokens: Sequence[int], context_lens: Sequence[int], *, 
     if len(num_tokens) == 0:  # len(): numpy arrays are fine too
         return np.zeros(3)
     if pad_to_buckets:
-        rows = _pow2_at_least(len(num_tokens))
-        seq = max(MIN_PREFILL_BUCKET, _pow2_at_least(max(num_tokens)))
+        rows, seq = ShapeBuckets.bucket_for(True, num_tokens)
         tokens = rows * seq
         attention = tokens * _round_up(max(context_lens), attention_block)
     else:
@@ -111,7 +107,7 @@ def decode_features(context_lens: Sequence[int], *, pad_to_buckets: bool, attent
     if len(context_lens) == 0:
         return np.zeros(len(DECODE_FEATURES))
     if pad_to_buckets:
-        rows = _pow2_at_least(len(context_lens))
+        rows, _ = ShapeBuckets.bucket_for(False, [1] * len(context_lens))
         context = rows * _round_up(max(context_lens), attention_block)
     else:
         rows = len(context_lens)
