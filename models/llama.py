@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.quant_linear import QuantLinear
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.kv_write import write_kv
@@ -37,6 +38,11 @@ def _linear(din, dout, bias, dtype, rngs):
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def _apply(linear, x, kernels: str):
+    """A linear layer, float (nnx.Linear) or quantized (QuantLinear, which runs `kernels`' matmul)."""
+    return linear(x, kernels) if isinstance(linear, QuantLinear) else linear(x)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         h, d = cfg.hidden_size, cfg.head_dim
@@ -51,28 +57,29 @@ class DecoderLayer(nnx.Module):
         self.down_proj = _linear(cfg.intermediate_size, h, False, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
 
-    def __call__(self, x, cos, sin, attend, cache, observe=None):
+    def __call__(self, x, cos, sin, attend, cache, observe=None, kernels: str = "xla"):
         """One decoder layer. `attend(q, k, v, cache) -> (out [B, S, Hq, D], cache)` is paged attention
         over the pool in serving and dense causal attention in calibration; `observe(site, x)` sees
         the input of every linear group (calibration statistics), with sites "attn_in", "o_in",
-        "mlp_in" and "down_in", and the post-RoPE keys ("k", for SmoothAttention)."""
+        "mlp_in" and "down_in", and the post-RoPE keys ("k", for SmoothAttention). `kernels`: the
+        implementation quantized linears run ("xla", "pallas", "interpret")."""
         observe = observe or (lambda site, value: None)
         b, s, _ = x.shape
         h = self.input_layernorm(x)
         observe("attn_in", h)
-        q = apply_rope(self.q_proj(h).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(h).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = apply_rope(_apply(self.q_proj, h, kernels).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(_apply(self.k_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v = _apply(self.v_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim)
         observe("k", k.reshape(b, s, -1))
         attn, cache = attend(q, k, v, cache)
         attn = attn.reshape(b, s, self.num_heads * self.head_dim)
         observe("o_in", attn)
-        x = x + self.o_proj(attn)
+        x = x + _apply(self.o_proj, attn, kernels)
         h = self.post_attention_layernorm(x)
         observe("mlp_in", h)
-        act = jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)
+        act = jax.nn.silu(_apply(self.gate_proj, h, kernels)) * _apply(self.up_proj, h, kernels)
         observe("down_in", act)
-        x = x + self.down_proj(act)
+        x = x + _apply(self.down_proj, act, kernels)
         return x, cache
 
 
@@ -92,9 +99,9 @@ def dense_causal_attention(q, k, v):
 class PagedKV:
     """Where this batch's tokens live in the pool: derived once per forward, shared by all layers."""
 
-    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, implementation):
+    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, kernels: str):
         t = layout.tokens_per_page
-        self.layout, self.page_table, self.implementation = layout, page_table, implementation
+        self.layout, self.page_table, self.kernels = layout, page_table, kernels
         offsets = jnp.arange(seq_len, dtype=jnp.int32)
         self.positions = start_pos[:, None] + offsets[None, :]                      # [B, S]
         self.write_valid = offsets[None, :] < num_new[:, None]                       # [B, S]
@@ -109,9 +116,9 @@ class PagedKV:
         n = b * s
         pool = write_kv(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
                         self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
-                        implementation=self.implementation)
+                        implementation=self.kernels)
         out = paged_attention(q, pool, self.layout, layer, self.page_table, self.positions, self.kv_lens,
-                              implementation=self.implementation)
+                              implementation=self.kernels)
         return out, pool
 
 
@@ -131,10 +138,11 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
 
     def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
-                 attention_impl: str = "xla"):
-        """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P].
+                 kernels: str = "xla"):
+        """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P]. `kernels`: the
+        implementation of attention, KV writes and quantized matmuls ("xla", "pallas", "interpret").
         Returns the final hidden states [B, S, hidden] and the updated pool."""
-        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], attention_impl)
+        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels)
         cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
         x = self.embed_tokens(tokens)
         graphdef, layer_state = nnx.split(self.layers)
@@ -143,7 +151,7 @@ class LlamaForCausalLM(nnx.Module):
             x, pool = carry
             state, layer = xs
             attend = lambda q, k, v, pool: kv.attend(q, k, v, pool, layer)
-            x, pool = nnx.merge(graphdef, state)(x, cos, sin, attend, pool)
+            x, pool = nnx.merge(graphdef, state)(x, cos, sin, attend, pool, kernels=kernels)
             return (x, pool), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)

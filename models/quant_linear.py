@@ -22,7 +22,6 @@ class QuantLinear(nnx.Module):
         if weight.axis != 0:
             raise ValueError(f"quantized weight must reduce its input axis 0, got axis {weight.axis}")
         self.fmt, self.group_size, self.act_format = weight.fmt, weight.group_size, act_format
-        self.implementation = "xla"  # the matmul dispatcher's choice; see `use_kernels`
         self.values = nnx.Param(weight.values)
         self.scales = nnx.Param(weight.scales)
         self.zeros = nnx.Param(weight.zeros) if weight.zeros is not None else None
@@ -32,16 +31,10 @@ class QuantLinear(nnx.Module):
         zeros = self.zeros[...] if self.zeros is not None else None
         return QuantizedTensor(self.values[...], self.scales[...], zeros, self.fmt, 0, self.group_size)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = quantized_matmul(x, self.weight(), act_format=self.act_format, implementation=self.implementation)
+    def __call__(self, x: jax.Array, kernels: str = "xla") -> jax.Array:
+        """kernels: the matmul dispatcher's implementation ("xla", "pallas", "interpret")."""
+        y = quantized_matmul(x, self.weight(), act_format=self.act_format, implementation=kernels)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
-
-def use_kernels(model: nnx.Module, implementation: str) -> None:
-    """Make every QuantLinear of `model` call `implementation` ("xla", "pallas", "interpret").
-    A static attribute: set it before the model is split for jit."""
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, QuantLinear):
-            node.implementation = implementation

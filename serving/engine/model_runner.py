@@ -20,7 +20,6 @@ import numpy as np
 from flax import nnx
 
 from models.llama import LlamaForCausalLM
-from models.quant_linear import use_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
 from serving.engine.sequence import Sequence
@@ -85,16 +84,14 @@ class ModelRunner(ShapeBuckets):
         """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret")."""
         super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.layout = layout
-        self.kernels = kernels
         self.vocab_size = model.config.vocab_size
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
-        use_kernels(model, kernels)
         graphdef, self.state = nnx.split(model)
 
         def forward(state, pool, tokens, start_pos, num_new, page_table):
             model = nnx.merge(graphdef, state)
-            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels)
+            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
             return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
 
