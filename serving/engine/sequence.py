@@ -96,10 +96,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token_at(self, i: int) -> int:
-        p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
-
     def tokens(self, start: int, stop: int) -> list[int]:
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
