@@ -1,36 +1,17 @@
 """How a model's KV cache pages sit inside the shared device pool, and reads/writes through page ids.
 
-The pool is one `uint32[num_slabs, slab_words]` device buffer per device. A model formats the slabs it
-is given into pages of its own size: page id `p` lives in slab `p // pages_per_slab` at word
-`(p % pages_per_slab) * page_words` (`page_stride_words` instead when pages are padded to a common
-size). Inside a page the layout is layer-major,
+The pool is one `uint32[num_slabs, slab_words]` buffer per device; a model formats the slabs it is
+given into pages of its own size (`KVPageLayout`), so models with different KV formats and shapes
+share one pool (paging as in PagedAttention, arXiv:2309.06180). Inside a page the layout is
+layer-major, `[layer][K|V][chunk]`, and one layer's K (or V) of a page, values and bfloat16 scales
+alike, is one contiguous chunk, read with one dynamic slice. Each token's scale row is padded to whole
+words, so no two tokens share a word and every write is a word scatter. `KVPageLayout` owns the sizes
+(`page_words`, `bytes_per_token`), which are exact: scales and padding included.
 
-    page  = [layer][K|V][chunk]                      (one chunk of `chunk_words` words each)
-    chunk = [token][kv_head][head_dim]               bfloat16 / float32: the elements, packed into words
-    chunk = [values region][scales region]           fp8 / int8 / int4 (quantized on write)
-      values region = [token][kv_head][head_dim]     1-byte elements (float8_e4m3fn bits, int8), or int4
-                                                     packed two per byte along head_dim (element 2i in
-                                                     the low nibble, as `quant_formats.pack_int4`):
-                                                     `row_words = Hkv * D * bits / 32` words per token
-      scales region = [token][scale_row_words]       bfloat16: fp8/int8 one scale per kv head
-                                                     [s_0 .. s_H-1]; int4 a scale then a zero (the float
-                                                     offset `min`) per kv head [s_0 .. s_H-1, z_0 .. z_H-1];
-                                                     each token's row zero-padded to whole 32-bit words
-
-so one layer's K (or V) for a page, values and scales alike, is a single contiguous chunk, read with
-one dynamic slice; a Pallas kernel loads the values tile and the scale tile of a page with one slice
-each. Padding scale rows to whole words means no two tokens share a word, so every write is a word
-scatter. Word offsets stay within a slab, so int32 indexing is enough for any pool size. Sizes
-(`page_words`, `bytes_per_token`) are exact: scales and padding included.
-
-Quantized formats follow `quant_formats.quantize_kv` (per token per kv head, bfloat16 scales):
-`write_kv_tokens` quantizes the K/V rows it is given (plain jnp: a per-head max, then elementwise
-ops, which XLA fuses with the packing into words and, as far as its fusion heuristics allow, with the
-RoPE that produced the rows), `read_kv_pages` dequantizes to float32 and `read_kv_pages_quantized`
-returns the stored values and scales as `QuantizedTensor`s.
-
-Writes for padding tokens go to slab index `num_slabs` (out of bounds) and are dropped by the scatter,
-so no page, and no other model's page, is ever touched by padding.
+`write_kv_tokens` quantizes K/V rows as `quant_formats.quantize_kv` (plain jnp, fused by XLA with the
+packing), `read_kv_pages` dequantizes to float32 and `read_kv_pages_quantized` returns the stored
+values and scales. Padding tokens are written out of bounds and dropped, so they touch no page.
+The full page layout: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -156,6 +137,13 @@ class KVPageLayout:
     def bytes_per_token(self) -> int:
         """KV bytes per token over all layers, K and V (scales and padding included)."""
         return self.page_bytes // self.tokens_per_page
+
+    @classmethod
+    def bytes_per_token_for(cls, num_layers: int, num_kv_heads: int, head_dim: int,
+                            kv_dtype: str = "bfloat16") -> int:
+        """`bytes_per_token` of a model's KV cache without a page size (it does not depend on one):
+        what capacity planning should use, so the figure is always what a page stores."""
+        return cls(num_layers, num_kv_heads, head_dim, 1, kv_dtype).bytes_per_token
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_page)

@@ -1,47 +1,17 @@
 """Pallas KV write: one layer's K/V rows of N tokens quantized in registers and stored into their pages.
 
-The in-kernel equivalent of `kv_pages.write_kv_tokens`, writing the pool in place (the pool is passed
-with `input_output_aliases`; jit the caller with the pool donated so no copy is made). For the same
-input the stored words are bit-identical to the reference: quantization per token per kv head with
-bfloat16 scales, by the formulas of `quant_formats.quantize_kv` (float32 math, scale rounded to
-bfloat16 first and values quantized against the rounded scale, round half to even):
-    int8  scale = absmax / 127,        code = clip(round(x / scale), -127, 127)   (byte, two's complement)
-    fp8   scale = absmax / 448,        code = e4m3 bits of x / scale, saturated to +-448
-    int4  scale = (max - min) / 15,    zero = bf16(min), code = clip(round((x - zero) / scale), 0, 15)
-a zero scale becomes 1. bfloat16 / float32 layouts just convert and pack. Tokens with `valid` false
-(padding) write nothing.
+The in-kernel equivalent of `kv_pages.write_kv_tokens` (one program per token, as vLLM's
+reshape_and_cache, arXiv:2309.06180), writing the pool in place: it is passed with
+`input_output_aliases`, so jit the caller with the pool donated. For the same input the stored words
+are bit-identical to the reference (per token per kv head, bfloat16 scales, the formulas of
+`quant_formats.quantize_kv`, round half to even); tokens with `valid` false write nothing. Stores are
+contiguous dynamic slices, so the tests can also run the kernel under the strict TPU interpreter as a
+bounds checker.
 
-Lowering
---------
-Generic `pl.pallas_call` (Triton-style, like the attention kernels, for the same reasons: it runs
-under `interpret=True` on CPU; Mosaic GPU is future work). Only ops Triton lowers are used: there is
-no `round` primitive in the Triton lowering, so round-half-to-even is built from `floor`
-(`_round_half_even`), and the fp8 encoding is integer/float arithmetic (`_e4m3_bits`), which needs no
-fp8 convert (sm89+) and saturates by construction. Tiles are [D / n, n] (`n` values per word), so the
-compiled path needs a power-of-two head_dim (`write_shape_error`).
-
-Design
-------
-* Grid `(N,)`: one program per token (as vLLM's reshape_and_cache). The program loads the token's K
-  (then V) rows, one kv head at a time as a [Dw, n] tile (`Dw = D / n` words of `n` values), computes
-  the head's scale (and zero), the codes, and packs them into Dw words (value i of a word shifted by
-  `i * bits`: the layout of `kv_pages`, as XLA's bitcasts), which it stores as one contiguous run at
-  `origin + slot * row_words + h * Dw` (`pl.ds` at a dynamic offset). The scale row's words (bf16
-  pairs: entry `2j` in the low half of word j, `2j + 1` in the high half; int4 zeros after the
-  scales; padding 0) are built from the heads' scalars and stored word by word. Two tokens never
-  share a word (scale rows are padded to whole words), so programs never race; tokens with the same
-  (page, slot) are the caller's error, as in the reference.
-* Stores are contiguous dynamic slices, not scatters: they need no mask (a token's words all lie in
-  its page), and they are what the stricter TPU interpreter (`pltpu.InterpretParams`) accepts, so the
-  tests can run the kernel there as a bounds checker (plain interpret mode clamps out-of-range stores).
-  Scatter stores (`plgpu_triton.store(ref.at[rows, cols], x, mask=...)`) also work in plain interpret
-  mode but would need masked lanes pointed out of bounds to stay race-free there.
-* Padding tokens: `pl.when(valid)` skips the program's stores.
-
-Compiled-path caveat (not checkable here, no GPU): Triton lowers float32 division to the
-approximate `div.full.f32` (<= 2 ulp), so on the GPU a code can differ by one from the XLA reference
-where `x / scale` lies within 2 ulp of a rounding midpoint (and a scale where `absmax / 127` lies
-that close to a bfloat16 midpoint). Bit-identity is verified in interpret mode.
+Written for the Triton-style `pl.pallas_call` lowering, with only ops Triton lowers (round-half-even
+built from `floor` in `_round_half_even`, the e4m3 encoding in integer/float arithmetic in
+`_e4m3_bits`); `write_shape_error` says which layouts the compiled path takes. Design and the compiled
+path's float32-division caveat: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -53,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout
 from pallas_kernels.paged_attention_pallas import _elems_per_word, _is_pow2
@@ -217,7 +188,6 @@ def write_kv_tokens_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.
     v_tiles = v.reshape(num_tokens, hkv, dw, n)
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu_triton
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1)
     token_spec = pl.BlockSpec((None, hkv, dw, n), lambda i: (i, 0, 0, 0))
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731

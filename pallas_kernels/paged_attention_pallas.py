@@ -1,61 +1,17 @@
 """Pallas decode attention over KV pages of the shared pool, for every KV format (bf16, f32, fp8, int8, int4).
 
-One query token per sequence (decode). The kernel reads the uint32 pool in place through the page
-table and decodes K/V words in registers with integer ops; the cache is never dequantized into a
-copy. Semantics are those of `paged_attention_ref.paged_attention_reference` for S == 1: a query at
-position `q_pos` sees the cached tokens `t < min(kv_len, q_pos + 1)`; a query that sees no key gives 0.
+One query token per sequence, with the semantics of `paged_attention_ref.paged_attention_reference`
+for S == 1. The kernel reads the uint32 pool in place through the page table (PagedAttention, Kwon et
+al., arXiv:2309.06180) and decodes K/V words in registers with integer ops, so a quantized cache is
+never dequantized into a copy and decode reads only the bytes the cache stores. Each program owns one
+KV group (GQA: K/V read once for all its query heads) and one split of the page table, combined with
+a log-sum-exp merge (split-K as in Flash-Decoding; online softmax as in FlashAttention,
+arXiv:2205.14135). `decode_element` is the per-format in-register decoder the prefill kernel shares.
 
-Lowering
---------
-Written for the generic `pl.pallas_call` + BlockSpec lowering used by the Triton backend
-(`jax.experimental.pallas.triton`, compiler params `num_warps`/`num_stages`), because that style runs
-unchanged under `interpret=True` on CPU and is the only one we can check here: no GPU was available
-when this was written, and Mosaic GPU kernels (`plgpu.kernel`, TMA copies) cannot run under plain
-`interpret=True` (the private Mosaic GPU interpreter needs a different kernel structure). The Triton
-backend is deprecated as of JAX 0.11; a Mosaic GPU port (TMA page copies into a SMEM ring, wgmma on
-the dequantized tile) is future work. Everything the kernel does lowers to Triton: pointer-tensor
-loads (`ref[int array, int array]`), 32-bit integer shifts/masks, bitcasts of equal width, converts,
-elementwise float math and reductions; every loaded or stored tile has a power-of-two size (checked
-by `decode_shape_error` for the compiled path).
-
-Design
-------
-* Grid `(batch, kv_head, split)`. One program owns all `G = Hq / Hkv` query heads of one KV group
-  (GQA: K/V words are read once per group) and one split of the page table (split-K /
-  flash-decoding): `blocks_per_split` blocks of `pages_per_block` pages. It loops only over the
-  blocks that hold live tokens and writes an unnormalised partial result (acc [G, D], running max m
-  [G], sum l [G]); `_merge_splits` combines the splits with a log-sum-exp merge in XLA. A split with
-  no live token writes (0, -inf, 0) and drops out of the merge.
-* Addressing: for a block, the page ids of its `K = pages_per_block * T` token slots are gathered from
-  the page table row; page `p` -> slab `p // pages_per_slab`, chunk origin
-  `(p % pages_per_slab) * page_slot_words + (layer * 2 + kind) * chunk_words`; token slot `t`, kv head
-  `h`: values at `origin + t * row_words + h * Dw + [0, Dw)` (`Dw = D * bits / 32` words), the scale
-  row at `origin + scales_offset + t * scale_row_words`. The pool is indexed [slab, word] (never
-  flattened) so word offsets stay int32 for any pool size. The page table is padded (edge mode) to
-  whole splits, so every address the kernel forms lies in a real page.
-* Decoding in registers: a word holds `n = 32 / bits` elements, element `n * w + i` in bits
-  `[i * bits, (i + 1) * bits)` (little-endian, as XLA's bitcasts). Instead of interleaving the `n`
-  extracted planes back into head_dim order, the wrapper permutes q's head_dim into plane order
-  (`[i][w]`), scores are sum over planes of plane dot products, the output accumulates per plane and
-  the wrapper permutes it back. Per format (`decode_element`, shared with the prefill kernel, which
-  passes a per-column element index instead of a plane number):
-    float32   the word bitcast to f32;
-    bfloat16  `((w >> 16i) & 0xFFFF) << 16`, bitcast to f32;
-    int8      `int32(w << (24 - 8i)) >> 24` (arithmetic shift sign-extends), converted to f32;
-    fp8 e4m3  byte `b = (w >> 8i) & 0xFF`, exponent e = b >> 3 & 15, mantissa m = b & 7:
-              `(-1)^s * (m + 8 [e > 0]) * 2^(max(e, 1) - 10)` (exact for normals and subnormals, with
-              the power of two built from its exponent bits, so no float32 subnormal is involved;
-              the NaN code 0x7F/0xFF reads as +-480, which the saturating quantizer never writes);
-    int4      nibble `(w >> 4i) & 15`, element 2j in the low nibble of byte j as `pack_int4`.
-  then `x * scale` (fp8/int8) or `x * scale + zero` (int4) with the bf16 scale/zero of the token and
-  kv head (`token_scales`: the half word `(w >> 16 * (j % 2)) << 16` of scale-row word `j // 2`),
-  exactly as `dequantize_kv` computes it.
-* Masking: token positions `>= min(kv_len, q_pos + 1)` have K and V zeroed with `where` (not by a
-  multiply, so NaN garbage in free pages or padding-table pages never propagates) and their scores
-  set to -inf; the online softmax is the reference's (same safe max / correction formulas).
-
-The dispatcher (`paged_attention.paged_attention`) routes decode here for implementation "pallas"
-(compiled) and "interpret" (this kernel under `interpret=True`).
+Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU;
+`decode_shape_error` says which layouts the compiled path takes. Grid, addressing, decoding and
+masking: docs/kernels.md. The dispatcher (`paged_attention.paged_attention`) routes decode here for
+"pallas" (compiled) and "interpret".
 """
 
 from __future__ import annotations
@@ -67,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import KV_DTYPES, WORD_BITS, KVPageLayout
 
@@ -315,7 +272,6 @@ def paged_decode_attention(
     grid = (batch, hkv, num_splits)
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu_triton
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     acc, m, l = pl.pallas_call(
         kernel,

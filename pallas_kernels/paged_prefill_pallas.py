@@ -1,64 +1,17 @@
 """Pallas prefill / chunked-prefill attention over KV pages of the shared pool, for every KV format.
 
-Queries `q [B, S, Hq, D]` at absolute positions `q_positions [B, S]` attend causally to the cached
-tokens of their sequence: the earlier context and this chunk's own tokens, which the caller has
-already written into the pages (`kv_write.write_kv`). Semantics are exactly those of
-`paged_attention_ref.paged_attention_reference`, for any S: a query at position `p` sees the tokens
-`t < kv_len` with `t <= p`; a query that sees no key (a padding row, a position < 0, an empty
-sequence) gives 0, never NaN. Like the decode kernel (`paged_attention_pallas`), K/V words are read
-in place from the uint32 pool through the page table and decoded in registers; the cache is never
-dequantized into a copy.
+Queries `q [B, S, Hq, D]` at absolute positions attend causally to their sequence's cached tokens (the
+earlier context and this chunk's own, already written by `kv_write.write_kv`), with exactly the
+semantics of `paged_attention_ref.paged_attention_reference`; a query that sees no key gives 0. As in
+the decode kernel, K/V words are read in place from the pool and decoded in registers
+(`paged_attention_pallas.decode_element`), never dequantized into a copy. Each program owns a block of
+query tokens times one KV group's query heads and runs FlashAttention's online softmax
+(arXiv:2205.14135, arXiv:2307.08691) over KV blocks up to its causal limit, with two float32-
+accumulating dots per block; no split-K, since prefill has parallelism enough in its query blocks.
 
-Lowering
---------
-Written for the generic `pl.pallas_call` + BlockSpec lowering of the Triton backend, for the reasons
-given in `paged_attention_pallas`: that style runs unchanged under `interpret=True` on CPU, the only
-place it could be checked (no GPU was available when this was written), while Mosaic GPU kernels
-(`plgpu.kernel`, TMA) cannot run under plain interpret mode. The Triton backend is deprecated as of
-JAX 0.11; a Mosaic GPU port (TMA page copies into an SMEM ring, wgmma with the dequantized K/V tile
-as operand, warp-specialised like `attention_mgpu.py`) is future work. Everything here lowers to
-Triton: pointer-tensor loads, 32-bit integer shifts/masks, equal-width bitcasts, converts,
-elementwise math, reductions and two `lax.dot_general`s per KV block with float32 accumulation
-(`tl.dot`, tensor cores: TF32 for float32 operands at the default precision, IEEE FMA with
-`precision=lax.Precision.HIGHEST`). Triton needs power-of-two tiles and dot dimensions >= 16:
-`prefill_shape_error` says when a layout / tiling cannot be compiled (interpret mode has no limit).
-
-Design
-------
-* Grid `(batch, kv_head, q_block)`. One program owns `BQ` query tokens times all `G = Hq / Hkv` query
-  heads of one KV group (GQA: each K/V tile is loaded once for the group), i.e. `R = BQ * Gp` rows
-  (G padded to a power of two `Gp`; row `r` is token `r // Gp`, head `r % Gp`). The wrapper scales
-  q by `D^-0.5` in float32 (as the reference) and lays it out `[B, Hkv, S_pad * Gp, D]`, with each
-  row's query position alongside (`-1` for rows padding S or G: they see nothing).
-* The program loops over KV blocks of `pages_per_block * T` tokens, only up to the causal limit of
-  its rows, `min(kv_len, max(row position) + 1)` (later blocks cannot be seen by any of its rows), with
-  the reference's online softmax (same safe max / correction formulas). Per block:
-  `s = q @ k^T` ([R, D] x [D, K] -> [R, K]) and `acc = acc * alpha + p @ v` ([R, K] x [K, D]), both
-  `lax.dot_general` with `preferred_element_type=float32`. The output is normalised in the program
-  (no split-K: prefill has parallelism enough in its query blocks) and written once.
-* Addressing: the block's page ids come from the page-table row (padded, edge mode, to whole blocks,
-  so every address lies in a real page); page `p` -> slab `p // pages_per_slab`, chunk origin
-  `(p % pages_per_slab) * page_slot_words + (layer * 2 + kind) * chunk_words`; token slot `t`, kv head
-  `h`, element `d`: word `origin + t * row_words + h * Dw + d // n` (`n = 32 / bits` elements per word,
-  `Dw = D / n`), element `d % n` of it; the scale row at `origin + scales_offset + t * scale_row_words`.
-  The pool is indexed [slab, word], so word offsets stay int32 for any pool size.
-* Decoding in registers (`paged_attention_pallas.decode_element`, shared with the decode kernel): the
-  K/V tile is loaded as a [K, D] pointer tensor in natural head_dim order, each word loaded by the `n`
-  columns it holds (one cache line serves them all), and column `d` extracts element `d % n` with a
-  per-column shift: bf16 half word, int8 sign-extended byte, fp8 e4m3 byte (exact, integer ops),
-  int4 nibble, then `x * scale` (fp8/int8) or `x * scale + zero` (int4) with the token's bf16
-  scale/zero (`token_scales`), exactly as `dequantize_kv`. Unlike the decode kernel, no plane
-  permutation of q is needed, so the dots contract over the whole head_dim (>= 16 for Triton even
-  for int4 with D = 64, where a plane would be only 8 words wide).
-* Masking: tokens at positions `>= min(kv_len, max row position + 1)` have K and V zeroed with
-  `where`, so no NaN garbage (free pages, the unwritten tail of the last page, the pages that padding
-  table entries point at) enters a dot: for V this is required (`p = 0` times NaN is NaN in p.v), for
-  K it is defensive (a NaN score would only land in a masked column). Each score is kept only where
-  the key position is `< kv_len` and `<= the row's position`, else -inf (a `where`, not an additive
-  bias); a row with no key keeps `l = 0` and writes 0.
-
-The dispatcher (`paged_attention.paged_attention`) routes S > 1 here for implementation "pallas"
-(compiled) and "interpret" (this kernel under `interpret=True`).
+Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU;
+`prefill_shape_error` says which layouts / tilings the compiled path takes. Design: docs/kernels.md.
+The dispatcher (`paged_attention.paged_attention`) routes S > 1 here for "pallas" and "interpret".
 """
 
 from __future__ import annotations
@@ -69,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention_pallas import (DEFAULT_BLOCK_TOKENS, _elems_per_word, _is_pow2,
@@ -232,7 +186,6 @@ def paged_prefill_attention(
                                max_tokens=num_pages * layout.tokens_per_page, precision=precision)
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu_triton
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

@@ -1,43 +1,16 @@
 """Numeric formats for quantized weights, activations and KV caches: the single owner of packed layouts.
 
-Every Pallas kernel and XLA reference matmul that reads a quantized tensor goes through the layouts
-defined here. All functions are pure `jnp` and work under `jax.jit` (axes, formats and group sizes are
-static Python values; shape checks raise `ValueError` at trace time).
+Every Pallas kernel and XLA reference that reads a quantized tensor goes through the layouts defined
+here: int8 (per channel / per token, or GGUF Q8_0 groups), fp8 e4m3 (arXiv:2209.05433; casts saturate
+via `saturating_cast_e4m3`, since XLA's fp8 convert does not), asymmetric group-wise int4 with
+integer zero points (the AWQ / GPTQ convention, arXiv:2306.00978, arXiv:2210.17323), symmetric
+int4_sym, and per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4. int4 is packed two per byte
+(`pack_int4`, element 2i in the low nibble) or eight per word (`pack_int4_u32`). Scales are computed
+in float32; with a narrower `scale_dtype` values are quantized against the rounded scale, so
+dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
 
-Formats
--------
-=========  ==========================================================================================
-int8       symmetric int8, `scale = absmax / 127` (per output channel for weights, per token for
-           activations); `x ~= q * scale`. Imported weights (GGUF Q8_0) may instead carry one scale
-           per group of `group_size` along K (`group_size` set, scales `[K // g, out]`).
-fp8        float8_e4m3fn values, `scale = absmax / 448`; `x ~= float(q) * scale`. Casts go through
-           `saturating_cast_e4m3` because XLA's fp8 convert does NOT saturate (500.0 -> NaN).
-int4       asymmetric unsigned int4 in [0, 15], groups of `group_size` along the K (input) axis,
-           `scale = (max - min) / 15`, integer zero point `z = round(-min / scale)`,
-           `x ~= (q - z) * scale` (AWQ/GPTQ convention). The group range is widened to include 0
-           (as GPTQ does), so `z` always lies in [0, 15] and clipping it never breaks the range.
-           Imported zeros may be non-integer floats (GGUF Q4_1: `z = -min / d`).
-int4_sym   symmetric signed int4 in [-8, 7], `scale = absmax / 7`, `x ~= q * scale`.
-kv_int8    KV cache, symmetric int8 per token per head, `scale = absmax / 127`.
-kv_fp8     KV cache, e4m3 per token per head, `scale = absmax / 448`.
-kv_int4    KV cache, asymmetric int4 per token per head, `scale = (max - min) / 15`, float offset
-           `zero = min`, `x ~= q * scale + min`; values packed two per byte along head_dim.
-=========  ==========================================================================================
-
-int4 packing
-------------
-* uint8 form (`pack_int4`): two elements per byte along the packed axis; element `2i` in the low
-  nibble (bits 0..3) and element `2i+1` in the high nibble (bits 4..7). `[1, 2] -> 0x21`.
-* uint32 form (`pack_int4_u32`): eight elements per word; element `8j+i` in bits `4i..4i+3` of word
-  `j` (FireQ/AWQ-style word order, before any AWQ column reordering). `[1..8] -> 0x87654321`.
-Signed values are stored as their two's-complement low nibble (-1 -> 0xF); unsigned as-is.
-
-Scales are computed in float32 and stored in `scale_dtype` (float32 by default, so dequantization is
-exact with respect to what was stored); when a narrower `scale_dtype` is asked for, values are
-quantized against the *rounded* scale so dequantization stays consistent with the stored numbers.
 Byte accounting (`kv_bytes_per_token_per_layer`, `weight_bytes`) is computed from bit widths, never
-from `.nbytes` (XLA:CPU reports one byte per int4 element). KV bytes count what the paged KV cache
-(`kv_pages.py`) stores: each token's scale row (and values row) is padded to whole 32-bit words.
+from `.nbytes` (XLA:CPU reports one byte per int4 element). Format table and packing: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,59 +1,16 @@
 """Pallas matmul kernels for quantized weights: `x[..., K] @ w[K, N]` for every weight format.
 
-Semantics are those of `quantized_matmul_ref` (same quantizers, same dequantization formulas, same
-rounding order); only the float32 summation order differs (int32 accumulation is exact).
+W4A16 (int4 / int4_sym group-wise, AWQ arXiv:2306.00978 / GPTQ arXiv:2210.17323 layouts), W8A16
+(int8 per channel or GGUF Q8_0 groups, fp8 per channel), W8A8 int8 (SmoothQuant, arXiv:2211.10438),
+FP8 e4m3 (arXiv:2209.05433) and W4A8 (int4 weights x e4m3 activations, as QServe arXiv:2405.04532 and
+FireQ). Weights are dequantized in registers, never copied: memory-bound small-M matmuls read only the
+packed bytes. Semantics are those of `quantized_matmul_ref` (same quantizers, same dequantization
+formulas, same rounding order); only the float32 summation order differs (int32 accumulation is
+exact). Per-token activation quantization runs in the wrapper with the reference's own quantizers.
 
-Lowering
---------
-Written for the generic `pl.pallas_call` + BlockSpec lowering used by the Triton backend
-(`jax.experimental.pallas.triton`, compiler params `num_warps`/`num_stages`), like
-`paged_attention_pallas`: that style runs unchanged under `interpret=True` on CPU, the only way we can
-check a kernel here (no GPU was available when this was written; Mosaic GPU `plgpu.kernel` programs do
-not run under plain `interpret=True`). The Triton backend is deprecated as of JAX 0.11; a Mosaic GPU
-port (TMA tiles into a SMEM ring, `WGMMA_UPCAST` int4 loads, wgmma) is future work. Everything the
-kernels do lowers to Triton: strided and contiguous tile loads, 32-bit integer shifts/masks, converts,
-elementwise float math, row sums and `tl.dot` on bf16/f32, int8 (int32 accumulator) and e4m3
-(f32 accumulator; compute capability >= 8.9) tiles. The compiled path needs power-of-two tiles with
-at least 16 rows/columns per dot operand (`matmul_shape_error`); interpret mode has no such limit.
-
-Design (all formats)
---------------------
-* Grid `(Mp / bm, N / bn)`; each program owns one `[bm, bn]` output tile and loops over K in steps of
-  `bk` logical elements (`lax.fori_loop`), keeping the accumulator in registers. BlockSpecs hand it
-  the `[bm, K]` rows of x and the `[K(/2), bn]` columns of the weight; tiles are sliced with `pl.ds`.
-* M is zero-padded in the wrapper to a multiple of `bm` (activations only, cheap); weights are never
-  copied: `bn` is the largest power of two dividing N (capped at `block_n`) and `bk` the largest power
-  of two dividing K (capped at `block_k`, and chosen so that `bk` divides the group size or the group
-  size divides `bk`), so K "not a multiple of block_k" just gets a smaller `bk`.
-* Activation quantization (per-token int8 / e4m3, scale `[M, 1]`) runs in the wrapper with the
-  reference's own quantizers (`quantize_*_per_token`, one fused XLA pass over x), so the kernel sees
-  exactly the reference's codes; in a real deployment it would be fused into the previous op.
-
-Per format
-----------
-weight-only (act_format None: int4 / int4_sym group-wise, int8 per-channel or group-wise (GGUF Q8_0),
-  fp8 per-channel): the weight tile is dequantized in registers exactly as `quant_formats.dequantize`
-  does (`(q - z) * s` / `q * s` in float32), rounded to x's dtype (bf16 or f32), then
-  `dot(x_tile, w_tile, f32 accumulation)` (f32 operands: precision HIGHEST, i.e. IEEE, not TF32).
-  int4: the packed tile `[bk/2, bn]` uint8 holds element 2r in the low nibble of row r and 2r+1 in
-  the high one (`pack_int4` along K). Instead of interleaving the nibbles back into K order, the
-  kernel loads x's even and odd columns of the step with stride-2 `pl.ds` and does two dots:
-  `x[:, 0::2] @ lo + x[:, 1::2] @ hi`. Unsigned nibbles: `p & 15`, `p >> 4`; signed (int4_sym): the
-  byte widened to int32 and sign-extended with `(p << 28) >> 28`, `(p << 24) >> 28`.
-  Group scales/zeros: when a step lies within one group (`bk <= g`) a single `[1, bn]` row is read
-  and broadcast; when a step spans `bk / g` groups, the `[bk/g, bn]` rows are broadcast to
-  `[bk/g, g(/2), bn]` and merged into the tile's row count (a leading-dims reshape).
-W8A8 (act int8, per-channel int8 weights): int8 x int8 tiles, `dot(..., int32)` accumulated in an
-  int32 accumulator over K (exact; overflow-free for K < 2^31 / 127^2 ~ 133k), epilogue
-  `float32(acc) * s_x[:, None] * s_w[None, :]` in the reference's order.
-FP8 (act fp8, fp8 weights): e4m3 x e4m3 tiles, `dot(..., float32)` (products exact in f32),
-  epilogue `acc * s_x * s_w`.
-W4A8 (act fp8, asymmetric int4 weights): steps never straddle a group (`bk` divides g). Per step the
-  unsigned nibbles (0..15, exact in e4m3) are cast to e4m3 and the group partial is
-  `x8 @ q8 - rowsum(x8) * z`, i.e. `x . (q - z)` computed as an exact fp8 mma plus a rank-1 zero
-  correction (QServe/tokamax style), valid for non-integer zero points too (GGUF Q4_1); the partial
-  is scaled by the group scale and accumulated in f32; the token scale is applied last, as in
-  `w4a8_matmul`. (The reference forms `q - z` first; the two differ only in f32 rounding.)
+Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU;
+`matmul_shape_error` says which shapes the compiled path takes and `has_kernel` which format pairs
+have a kernel. Tiling and the per-format inner loops: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -64,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.quant_formats import QuantizedTensor, quantize_fp8_per_token, quantize_int8_per_token
 
@@ -299,7 +257,6 @@ def _pallas_matmul(x, values, scales, *zeros, kind: str, act_format, fmt: str, g
 
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu_triton
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(
         kernel,

@@ -1,4 +1,4 @@
-"""Kernel benchmark: paged attention and quantized matmuls, Pallas vs the XLA references (issue 5).
+"""Kernel benchmark: paged attention and quantized matmuls, Pallas vs the XLA references.
 
     .venv/bin/python scripts/bench_kernels.py [--smoke] [--json OUT] [--markdown OUT]
                                               [--ops copy,decode,prefill,matmul] [--impls ...]
@@ -10,8 +10,9 @@ What is timed
   cannot simplify it away.
 * decode: Llama-3-8B-like attention, 32 query heads / 8 KV heads, head_dim 128, one layer, 16-token
   pages; B in {1, 16, 64} x context in {512, 4096, 16384}; KV formats bf16, fp8, int8, int4. The pool
-  is a `serving.kv.kv_pool.KVPool` (2 MiB slabs, the pool's default size), the pages come from its allocator
-  and every page table is a random shuffle of them, so a sequence's pages are scattered over slabs.
+  is laid out as serving's `KVPool` (2 MiB slabs, the pool's default size, via `slab_bytes_for`), the
+  pages are those its allocator hands one model, and every page table is a random shuffle of them, so
+  a sequence's pages are scattered over slabs (`pallas_kernels.kernel_cases.build_attention_case`).
   K/V are random (normal x a per-token scale, so quantization scales vary) and written with
   `write_kv_tokens`. Through the dispatcher (`pallas_kernels.paged_attention`): "pallas" (GPU),
   "xla" (reference), "interpret" (--smoke only). For bf16 KV also "jax-paged":
@@ -49,7 +50,7 @@ reference time / this time), `vs jax` (jax-paged / this, bf16 decode), `vs bf16`
 the same shape and implementation / this; matmuls: the bf16 dot / this). A variant that raises
 (e.g. a shape the compiled kernel refuses, out of memory) is a row with the error text.
 
-The issue-5 targets (`TARGETS`) are evaluated on the "pallas" rows; without them (no GPU, --smoke)
+The performance targets (`TARGETS`) are evaluated on the "pallas" rows; without them (no GPU, --smoke)
 the value is computed from the "interpret" rows when present, for the record only, and `met` is null.
 
 The full shape set is meant for one H100/H200 (pools up to 4 GiB, plus 4 GiB for the JAX op's copy
@@ -78,31 +79,32 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, write_kv_tokens  # noqa: E402
-from pallas_kernels.paged_attention import paged_attention  # noqa: E402
-from pallas_kernels.quant_formats import (  # noqa: E402
+from pallas_kernels.kernel_cases import (
+    WEIGHT_SCALE_DTYPE,
+    AttentionCase,
+    build_attention_case,
+    error_text,
+    quantized_weights,
+)
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.quant_formats import (
     quantize_fp8_per_channel,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
 )
-from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES, KVPool, slab_bytes_for  # noqa: E402
+from pallas_kernels.quantized_matmul import quantized_matmul
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES, slab_bytes_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 OPS = ("copy", "decode", "prefill", "matmul")
 OP_ALIASES = {"attention": ("decode", "prefill")}
 IMPLS = ("pallas", "xla", "interpret", "jax-paged")
 KV_FORMATS = ("bf16", "fp8", "int8", "int4")
-WEIGHT_SCALE_DTYPE = jnp.bfloat16      # as models/quantize.py stores scales and zero points
-FILL_CHUNK_TOKENS = 1 << 16            # tokens written per pool-fill call (bounds the random K/V temp)
-MIN_FILL_CHUNK_TOKENS = 1 << 12
-MODEL_NAME = "bench"                   # the pool allocator's model name
 
 # name -> (weight quantizer (w [K, N] float32, group size) -> QuantizedTensor, activation format)
 MATMUL_FORMATS = {
@@ -148,7 +150,7 @@ SMOKE = Shapes(q_heads=4, kv_heads=2, head_dim=64, tokens_per_page=16,
                copy_bytes=16 << 20, slab_target=64 << 10, target_decode=(2, 128),
                repeats=2, min_repeat_s=0.0, max_calls=2)
 
-# Issue 5 targets: (name, what, threshold). Evaluated by `evaluate_targets`.
+# Performance targets: (name, what, threshold). Evaluated by `evaluate_targets`.
 TARGETS = (
     ("decode_bw_bf16", "bf16-KV decode at the target shape >= 85% of copy bandwidth", 0.85),
     ("decode_bw_int8", "int8-KV decode at the target shape >= 85% of copy bandwidth", 0.85),
@@ -176,11 +178,6 @@ def time_calls(fn, args, shapes: Shapes) -> dict:
         per_call.append((time.perf_counter() - t0) / calls)
     return {"time_s": statistics.median(per_call), "time_s_min": min(per_call), "calls": calls,
             "repeats": shapes.repeats}
-
-
-def error_text(e: BaseException, limit: int = 2000) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def run_variant(row: dict, fn, args, shapes: Shapes, ref_out=None) -> tuple[dict, object]:
@@ -217,94 +214,6 @@ def measure_copy_bandwidth(shapes: Shapes) -> dict:
 
 
 # ---- attention cases ---------------------------------------------------------------------------
-@dataclass
-class AttentionCase:
-    layout: KVPageLayout
-    pool: jax.Array          # uint32[num_slabs, slab_words]
-    page_table: jax.Array    # int32[B, P]
-    q: jax.Array             # [B, S, Hq, D]
-    q_positions: jax.Array   # int32[B, S]
-    kv_lens: jax.Array       # int32[B]
-    layer: int
-
-    @property
-    def num_pool_pages(self) -> int:
-        return self.pool.shape[0] * self.layout.pages_per_slab
-
-
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
-def _write_random_tokens(pool, layout: KVPageLayout, key, pages, slots, valid, layer):
-    """Write random K/V rows (normal x a per-token, per-head scale in [0.5, 2], so quantization
-    scales vary) for the given token slots; invalid slots are dropped by the scatter."""
-    n, h, d = pages.shape[0], layout.num_kv_heads, layout.head_dim
-    keys = jax.random.split(key, 4)
-    k = jax.random.normal(keys[0], (n, h, d)) * jax.random.uniform(keys[1], (n, h, 1), minval=0.5, maxval=2.0)
-    v = jax.random.normal(keys[2], (n, h, d)) * jax.random.uniform(keys[3], (n, h, 1), minval=0.5, maxval=2.0)
-    return write_kv_tokens(pool, layout, pages, slots, valid, layer, k, v)
-
-
-def token_slots(table: np.ndarray, lengths: np.ndarray, tokens_per_page: int) -> tuple[np.ndarray, np.ndarray]:
-    """(page id, slot) of every live token, sequence by sequence."""
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    pos = np.concatenate([np.arange(n) for n in lengths]) if lengths.sum() else np.zeros(0, np.int64)
-    return table[rows, pos // tokens_per_page].astype(np.int32), (pos % tokens_per_page).astype(np.int32)
-
-
-def build_attention_case(seed: int, *, num_kv_heads: int, head_dim: int, tokens_per_page: int,
-                         kv_format: str, lengths, group: int, seq: int = 1, q_dtype=jnp.bfloat16,
-                         table_pages: int | None = None, spare_pages: int = 0, slab_bytes: int | None = None,
-                         slab_target: int = DEFAULT_SLAB_BYTES, fill: int = 0, num_layers: int = 1,
-                         layer: int | None = None) -> AttentionCase:
-    """A KVPool holding `lengths[b]` random tokens per sequence in every layer, pages from its
-    allocator in a random order, page-table columns past a sequence's pages pointing at random valid
-    pages (free ones included), and random queries at the last `seq` positions of each sequence.
-    `fill` is the pool's initial word (a NaN pattern exposes reads of unwritten words); `slab_bytes`
-    overrides the slab size (default: `slab_bytes_for` the page size and `slab_target`)."""
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray(lengths, np.int64)
-    probe = KVPageLayout(num_layers, num_kv_heads, head_dim, tokens_per_page, kv_format)
-    used = [probe.pages_for(int(n)) for n in lengths]
-    slab_bytes = slab_bytes or slab_bytes_for([probe.page_bytes], slab_target)
-    pages_per_slab = slab_bytes // probe.page_bytes
-    num_slabs = max(1, -(-(sum(used) + spare_pages) // pages_per_slab))
-    pool = KVPool(num_slabs, slab_bytes, fill=fill)
-    assert pool.allocator.register(MODEL_NAME, probe.page_bytes) == pages_per_slab
-    layout = dataclasses.replace(probe, pages_per_slab=pages_per_slab)
-    pages = rng.permutation(pool.allocator.allocate(MODEL_NAME, sum(used)))
-
-    width = max(table_pages or 0, max(used), 1)
-    table = rng.integers(0, num_slabs * pages_per_slab, size=(len(lengths), width)).astype(np.int32)
-    start = 0
-    for b, u in enumerate(used):
-        table[b, :u] = pages[start:start + u]
-        start += u
-
-    tok_pages, tok_slots = token_slots(table, lengths, tokens_per_page)
-    # Power-of-two chunk sizes, at least MIN_FILL_CHUNK_TOKENS: one compiled writer per layout
-    # serves many cases.
-    chunk = min(FILL_CHUNK_TOKENS, max(MIN_FILL_CHUNK_TOKENS, 1 << max(0, (len(tok_pages) - 1).bit_length())))
-    words = pool.words
-    key = jax.random.key(seed % (1 << 32))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        for layer_i in range(num_layers):
-            for lo in range(0, max(len(tok_pages), 1), chunk):
-                p = np.zeros(chunk, np.int32)
-                s = np.zeros(chunk, np.int32)
-                n = len(tok_pages[lo:lo + chunk])
-                p[:n], s[:n] = tok_pages[lo:lo + chunk], tok_slots[lo:lo + chunk]
-                key, sub = jax.random.split(key)
-                words = _write_random_tokens(words, layout, sub, jnp.asarray(p), jnp.asarray(s),
-                                             jnp.asarray(np.arange(chunk) < n), jnp.int32(layer_i))
-    pool.words = words
-
-    key, sub = jax.random.split(key)
-    q = jax.random.normal(sub, (len(lengths), seq, num_kv_heads * group, head_dim), jnp.float32).astype(q_dtype)
-    q_positions = np.maximum(lengths[:, None] - seq + np.arange(seq)[None, :], 0).astype(np.int32)
-    return AttentionCase(layout, pool.words, jnp.asarray(table), q, jnp.asarray(q_positions),
-                         jnp.asarray(lengths.astype(np.int32)), num_layers - 1 if layer is None else layer)
-
-
 def attention_fn(case: AttentionCase, impl: str):
     """The dispatcher for one implementation, jitted with the layout and layer fixed."""
     layout, layer = case.layout, case.layer
@@ -374,10 +283,12 @@ def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shape
                       "kv_heads": shapes.kv_heads, "head_dim": shapes.head_dim,
                       "tokens_per_page": shapes.tokens_per_page}}
     try:
+        page_bytes = KVPageLayout(1, shapes.kv_heads, shapes.head_dim, shapes.tokens_per_page, fmt).page_bytes
         case = build_attention_case(
             seed, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim,
             tokens_per_page=shapes.tokens_per_page, kv_format=fmt, lengths=[ctx] * batch,
-            group=shapes.q_heads // shapes.kv_heads, seq=seq, slab_target=shapes.slab_target)
+            group=shapes.q_heads // shapes.kv_heads, seq=seq,
+            slab_bytes=slab_bytes_for([page_bytes], shapes.slab_target))  # slabs sized as serving's pool
     except Exception as e:  # e.g. out of memory for the pool
         return [progress(meta | {"impl": "-", "status": "error", "error": "building the pool: " + error_text(e)})]
     meta |= {"pool_bytes": int(case.pool.size) * 4} | attention_bytes(case, seq, ctx)
@@ -429,20 +340,11 @@ def matmul_rows(shapes: Shapes, impls: list[str], backend: str, smoke: bool, see
     return rows
 
 
-def quantized_weights(key, k: int, n: int, group_size: int) -> dict:
-    """bf16 and every MATMUL_FORMATS quantization of one random [K, N] weight (scale 0.02)."""
-    w32 = jax.random.normal(key, (k, n), jnp.float32) * 0.02
-    weights = {"bf16": w32.astype(jnp.bfloat16)}
-    for name, (quant, _) in MATMUL_FORMATS.items():
-        weights[name] = jax.jit(functools.partial(quant, g=group_size))(w32)
-    return weights
-
-
 def matmul_shape_rows(k: int, n: int, shapes: Shapes, impls: list[str], backend: str, smoke: bool, seed: int,
                       progress) -> list[dict]:
     key_w, key_x = jax.random.split(jax.random.key(seed % (1 << 32)))
     try:
-        weights = quantized_weights(key_w, k, n, shapes.group_size)
+        weights = quantized_weights(key_w, k, n, shapes.group_size, MATMUL_FORMATS)
     except Exception as e:
         return [progress({"op": "matmul", "format": "-", "impl": "-", "shape": {"m": 0, "k": k, "n": n},
                           "status": "error", "error": "quantizing the weights: " + error_text(e)})]
@@ -637,7 +539,7 @@ def header_text(doc: dict) -> str:
 
 
 def markdown_report(doc: dict) -> str:
-    parts = [f"# Kernel benchmark\n\n`{doc['command']}`\n\n{header_text(doc)}\n", "## Targets (issue 5)\n",
+    parts = [f"# Kernel benchmark\n\n`{doc['command']}`\n\n{header_text(doc)}\n", "## Targets\n",
              targets_text(doc["targets"], markdown=True) + "\n"]
     for op in ("decode", "prefill", "matmul"):
         rows = [r for r in doc["rows"] if r["op"] == op]
@@ -755,7 +657,7 @@ def main(argv=None) -> int:
     }
     print(f"\n{header_text(doc)}; {doc['seconds']:.0f} s\n")
     print(plain_table(rows))
-    print("\nTargets (issue 5):")
+    print("\nTargets:")
     print(targets_text(targets, markdown=False))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

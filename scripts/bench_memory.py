@@ -85,12 +85,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
+from tqdm import tqdm
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_KV_SHARE = 0.98
 MODES = ("slab", "static", "single_page")

@@ -1,4 +1,4 @@
-"""Correctness check of the compiled Pallas kernels on a GPU, against the XLA references (issue 5).
+"""Correctness check of the compiled Pallas kernels on a GPU, against the XLA references.
 
     .venv/bin/python scripts/check_kernels_gpu.py [--json OUT] [--interpret] [filters]
 
@@ -9,8 +9,8 @@ crosses a page boundary), float32 queries; plus, per KV format, bfloat16 queries
 passes) at T = 16, GQA 4, head_dim 128. Each pool is built as the kernel tests build theirs
 (tests/test_paged_attention_pallas.py): 2 layers (layer 1 is read, so the layer offset matters),
 2 KV heads, slabs of 3 pages plus a 20-byte remainder no page fits, every word first filled with a
-NaN pattern (a read of any word the result should not depend on poisons it), pages from the
-`KVPool` allocator in random order (sequences straddle slabs), page-table columns past a sequence's
+NaN pattern (a read of any word the result should not depend on poisons it), the pages a slab
+allocator hands one model in random order (sequences straddle slabs), page-table columns past a sequence's
 pages pointing at random valid pages (free, NaN ones included); a 24-page table (a multiple of 8 like
 the engine's, so the dispatcher's default plan gives several blocks and splits); sequence lengths 1,
 T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactly 0).
@@ -76,29 +76,30 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench_kernels import build_attention_case, error_text  # noqa: E402
-from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages  # noqa: E402
-from pallas_kernels.paged_attention import paged_attention  # noqa: E402
-from pallas_kernels.quant_formats import (  # noqa: E402
+from pallas_kernels.kernel_cases import (
+    POISON,
+    attention_queries,
+    build_attention_case,
+    consumed_operands,
+    error_text,
+    quantize_q8_0,
+    random_activations,
+    random_weight,
+)
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.quant_formats import (
     QuantizedTensor,
-    dequantize,
     quantize_fp8_per_channel,
-    quantize_fp8_per_token,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
-    quantize_int8_per_token,
-    unpack_int4,
 )
-from pallas_kernels.quantized_matmul import quantized_matmul  # noqa: E402
-from pallas_kernels.quantized_matmul_pallas import has_kernel  # noqa: E402
+from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.quantized_matmul_pallas import has_kernel
 
 OPS = ("decode", "prefill", "matmul")
 KV_FORMATS = ("bfloat16", "float32", "fp8", "int8", "int4")
@@ -113,7 +114,6 @@ TABLE_PAGES = 24                   # page-table width: a multiple of 8, as the e
 SPARE_PAGES = 4                    # free (NaN) pages the padding columns may point at
 PAGES_PER_SLAB = 3
 SLAB_REMAINDER_BYTES = 20          # a slab tail no page fits
-POISON = 0x7FC07FC0                # NaN as one float32 and as two bfloat16 halves
 BF16_Q_CASE = (16, 4, 128)         # (page size, GQA ratio, head_dim) of the bfloat16-q cases
 
 EPS32 = 2.0 ** -24
@@ -124,23 +124,13 @@ FP8_MMA_REL = 2.0 ** -13           # ~14-bit accumulation per fp8 MMA step (comp
 W8A8_COMPILED_ULPS = 4
 
 
-def _q8_0(w, group: int = 32) -> QuantizedTensor:
-    """Group-wise symmetric int8 along K (the GGUF Q8_0 layout, f16-rounded scales), as imported."""
-    k, n = w.shape
-    wg = np.asarray(w, np.float32).reshape(k // group, group, n)
-    d = (np.abs(wg).max(axis=1) / 127.0).astype(np.float16).astype(np.float32)
-    d = np.where(d == 0, 1.0, d)
-    q = np.clip(np.round(wg / d[:, None, :]), -127, 127).astype(np.int8).reshape(k, n)
-    return QuantizedTensor(jnp.asarray(q), jnp.asarray(d), None, "int8", 0, group)
-
-
 # name -> (weight quantizer w [K, N] -> QuantizedTensor, activation format); bf16 scales as loaded.
 MATMUL_FORMATS = {
     "w4a16_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), None),
     "w4a16_g32": (lambda w: quantize_int4_groupwise(w, 32, scale_dtype=jnp.bfloat16), None),
     "w4a16_sym_g32": (lambda w: quantize_int4_groupwise(w, 32, asymmetric=False, scale_dtype=jnp.bfloat16), None),
     "w8a16": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), None),
-    "w8a16_q8_0": (_q8_0, None),
+    "w8a16_q8_0": (quantize_q8_0, None),
     "fp8_weight_only": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), None),
     "w8a8": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
     "fp8": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
@@ -184,22 +174,6 @@ def attention_mismatch(out, ref, q_dtype, extra=0.0) -> tuple[float, float]:
     else:
         tol = ATTN_F32_TOL * np.abs(ref) + ATTN_F32_TOL
     return float(err.max(initial=0.0)), float((err / (tol + extra)).max(initial=0.0))
-
-
-def consumed_operands(x, qw: QuantizedTensor, act):
-    """(x, w) as the matmul consumes them, float64: quantized activations dequantized; for W4A8 the
-    weight magnitude |q| + |z| (times the scale) of the kernel's x.q - z * sum(x) decomposition."""
-    if act is None:
-        return np.asarray(x, np.float64), np.asarray(dequantize(qw, x.dtype), np.float64)
-    quant = quantize_int8_per_token if act == "int8" else quantize_fp8_per_token
-    xd = np.asarray(dequantize(quant(x)), np.float64)
-    if act == "fp8" and qw.fmt == "int4":
-        g = qw.group_size
-        q = np.asarray(unpack_int4(qw.values, signed=False, axis=0), np.float64)
-        z = np.repeat(np.abs(np.asarray(qw.zeros, np.float64)), g, axis=0)
-        s = np.repeat(np.asarray(qw.scales, np.float64), g, axis=0)
-        return xd, (q + z) * s
-    return xd, np.asarray(dequantize(qw), np.float64)
 
 
 def matmul_bound(x, qw: QuantizedTensor, act, name: str, compiled: bool):
@@ -252,10 +226,6 @@ def run_case(record: dict, body, progress) -> dict:
     record["seconds"] = time.perf_counter() - t0
     progress(record)
     return record
-
-
-def attention_queries(key, batch: int, seq: int, q_heads: int, head_dim: int, dtype):
-    return jax.random.normal(key, (batch, seq, q_heads, head_dim), jnp.float32).astype(dtype)
 
 
 def kernel_attention(impl: str, precision: str, *args):
@@ -379,12 +349,9 @@ def matmul_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
         for fi, name in enumerate(sel.matmul_formats):
             quant, act = MATMUL_FORMATS[name]
             rng = np.random.default_rng(seed + 100 * si + fi)
-            w = jnp.asarray((rng.normal(size=(k, n)) * 0.05).astype(np.float32))
-            qw = quant(w)
+            qw = quant(random_weight(rng, k, n))
             for m in sel.ms:
-                x = rng.normal(size=(m, k)).astype(np.float32)
-                x[:, rng.integers(0, k, 3)] *= 20.0  # activation outlier channels
-                x = jnp.asarray(x, x_dtype)
+                x = random_activations(rng, m, k, x_dtype)
                 record = {"kind": "matmul", "format": name, "act_format": act, "m": m, "k": k, "n": n,
                           "x_dtype": jnp.dtype(x_dtype).name, "seed": seed + 100 * si + fi}
 

@@ -29,14 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from models.loader import load_model
+from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL
+from models.quantize import model_weight_bytes
+from serving.engine.paged_forward import PagedForward
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from models.loader import load_model  # noqa: E402
-from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL  # noqa: E402
-from models.quantize import model_weight_bytes  # noqa: E402
-from serving.engine.paged_forward import PagedForward  # noqa: E402
-
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED}
 CONTEXT_ROWS = {"float32": {"precision": "bf16", "dtype": "float32"}, "native": {"precision": "native"}}
 DEFAULT_PRESETS = ["bf16", "w8a8", "fp8", "w4a16", "w4a8kv4", "w4a16-rtn", "w4a16-rtn-channel"]

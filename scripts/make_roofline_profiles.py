@@ -17,10 +17,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.precision import PRESETS  # noqa: E402
-from serving.scheduling.cost_model import (  # noqa: E402
+from models.precision import PRESETS
+from serving.scheduling.cost_model import (
     DEFAULT_EFFICIENCY,
     FEATURES_DOC,
     H100,

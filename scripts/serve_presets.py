@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fineserve_jax import LLM, SamplingParams  # noqa: E402
-from models.precision import PRESETS  # noqa: E402
+from fineserve_jax import LLM, SamplingParams
+from models.precision import PRESETS
 
 
 def main(argv=None) -> int:

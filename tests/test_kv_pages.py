@@ -89,6 +89,18 @@ def test_layout_validation():
         read_kv_pages_quantized(jnp.zeros((1, layout.page_words), jnp.uint32), layout, jnp.zeros(1, jnp.int32), 0)
 
 
+@pytest.mark.parametrize("kv_dtype", ALL_FORMATS + ("bf16",))
+def test_bytes_per_token_for_matches_the_layout(kv_dtype):
+    # The page-size-free figure capacity planning uses is what any page of that model stores.
+    for num_layers, h, d in ((1, 3, 64), (32, 8, 128), (2, 1, 64)):
+        want = num_layers * kv_bytes_per_token_per_layer(kv_dtype, h, d)
+        assert KVPageLayout.bytes_per_token_for(num_layers, h, d, kv_dtype) == want
+        for t in (8, 16):
+            assert KVPageLayout(num_layers, h, d, t, kv_dtype).bytes_per_token == want
+    with pytest.raises(ValueError, match="unsupported kv_dtype"):
+        KVPageLayout.bytes_per_token_for(1, 2, 64, "int2")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Write -> read round trips
 

@@ -33,7 +33,7 @@ import pytest
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, write_kv_tokens
 from pallas_kernels.paged_attention_ref import paged_attention_reference
 from pallas_kernels.quant_formats import dequantize_kv, quantize_kv
-from serving.kv.kv_pool import SlabAllocator
+from serving.kv.slab_allocator import SlabAllocator
 
 # 0x7FC00000 is a float32 quiet NaN, but read as two bfloat16 elements its low half is +0.0. The
 # pattern 0x7FC07FC0 is a NaN whether the word is read as one float32 or as two bfloat16s.

@@ -32,16 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.kernel_cases import consumed_operands, quantize_q8_0, random_activations, random_weight
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
-    dequantize,
     pack_int4,
     quantize_fp8_per_channel,
-    quantize_fp8_per_token,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
-    quantize_int8_per_token,
-    unpack_int4,
 )
 from pallas_kernels.quantized_matmul import IMPLEMENTATIONS, quantized_matmul
 from pallas_kernels.quantized_matmul_pallas import (
@@ -58,16 +55,6 @@ EPS32 = 2.0 ** -24
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")  # tests/conftest.py
 
 
-def _q8_0(w: jax.Array, g: int = 32) -> QuantizedTensor:
-    """Group-wise symmetric int8 along K (the GGUF Q8_0 layout, f16-rounded scales)."""
-    k, n = w.shape
-    wg = np.asarray(w, np.float32).reshape(k // g, g, n)
-    d = (np.abs(wg).max(axis=1) / 127.0).astype(np.float16).astype(np.float32)
-    d = np.where(d == 0, 1.0, d)
-    q = np.clip(np.round(wg / d[:, None, :]), -127, 127).astype(np.int8).reshape(k, n)
-    return QuantizedTensor(jnp.asarray(q), jnp.asarray(d), None, "int8", 0, 32)
-
-
 # name: (weight quantizer taking (w, K), act_format)
 FORMATS = {
     "w4a16_g32": (lambda w, k: quantize_int4_groupwise(w, 32, scale_dtype=jnp.bfloat16), None),
@@ -75,7 +62,7 @@ FORMATS = {
     "w4a16_g128": (lambda w, k: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), None),
     "w4a16_sym_g64": (lambda w, k: quantize_int4_groupwise(w, 64, asymmetric=False), None),
     "w8a16": (lambda w, k: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), None),
-    "w8a16_q8_0": (lambda w, k: _q8_0(w), None),
+    "w8a16_q8_0": (lambda w, k: quantize_q8_0(w), None),
     "fp8_weight_only": (lambda w, k: quantize_fp8_per_channel(w), None),
     "w8a8": (lambda w, k: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
     "fp8": (lambda w, k: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
@@ -91,29 +78,12 @@ DTYPES = {(256, 64): jnp.bfloat16, (384, 48): jnp.float32}
 
 
 def _operands(rng, m, k, n, dtype):
-    x = rng.normal(size=(m, k)).astype(np.float32)
-    x[:, rng.integers(0, k, 3)] *= 20.0  # activation outlier channels
-    w = (rng.normal(size=(k, n)) * 0.05).astype(np.float32)
-    return jnp.asarray(x, dtype), jnp.asarray(w)
-
-
-def _consumed(x, qw, act):
-    """(x as the matmul consumes it, weight as it consumes it), float64, for error bounds."""
-    if act is None:
-        return np.asarray(x, np.float64), np.asarray(dequantize(qw, x.dtype), np.float64)
-    quant = quantize_int8_per_token if act == "int8" else quantize_fp8_per_token
-    xd = np.asarray(dequantize(quant(x)), np.float64)
-    if act == "fp8" and qw.fmt == "int4":  # W4A8: the kernel's decomposition uses |q| + |z|
-        g = qw.group_size
-        q = np.asarray(unpack_int4(qw.values, signed=False, axis=0), np.float64)
-        z = np.repeat(np.abs(np.asarray(qw.zeros, np.float64)), g, axis=0)
-        s = np.repeat(np.asarray(qw.scales, np.float64), g, axis=0)
-        return xd, (q + z) * s
-    return xd, np.asarray(dequantize(qw), np.float64)
+    x = random_activations(rng, m, k, dtype)  # three outlier channels
+    return x, random_weight(rng, k, n)
 
 
 def _bound(x, qw, act, k):
-    xd, wd = _consumed(x, qw, act)
+    xd, wd = consumed_operands(x, qw, act)  # W4A8: |q| + |z|, the kernel's decomposition
     return (2 * k + 8) * EPS32 * (np.abs(xd) @ np.abs(wd)) + 1e-30
 
 
@@ -135,7 +105,7 @@ def _check(out, ref, x, qw, act, k):
 def test_kernel_matches_reference(rng, name, kn):
     k, n = kn
     quant_w, act = FORMATS[name]
-    w = jnp.asarray((rng.normal(size=(k, n)) * 0.05).astype(np.float32))
+    w = random_weight(rng, k, n)
     qw = quant_w(w, k)
     assert has_kernel(qw, act)
     # bf16 activations for one shape, f32 for the other (weight-only kernels compute in x's dtype).
@@ -202,7 +172,7 @@ def test_dispatcher_implementations_and_errors(rng):
         with pytest.raises(ValueError, match="W8A8"):
             quantized_matmul(x, quantize_fp8_per_channel(w), act_format="int8", implementation=impl)
         with pytest.raises(ValueError, match="W8A8"):
-            quantized_matmul(x, _q8_0(w), act_format="int8", implementation=impl)
+            quantized_matmul(x, quantize_q8_0(w), act_format="int8", implementation=impl)
         with pytest.raises(ValueError, match="activation format"):
             quantized_matmul(x, qw, act_format="int2", implementation=impl)
         with pytest.raises(ValueError, match="K="):
