@@ -1,25 +1,19 @@
 """`fineserve bench`: replay one workload on FineServe and on every baseline, side by side.
 
 Systems (what each changes; everything else is the same code):
-  fineserve  FineServe placement (slab-aware, fewest devices per replica), one shared KV Slab pool per
-             device, SAAB admission (SLO-aware, early drop), earliest-deadline-first model stepping.
-  prism      Prism-style KV-pressure placement, one shared pool, FCFS admission, round-robin stepping.
-  muxserve   MuxServe-style greedy placement, per-model KV quotas in a bf16 head-wise pool, FCFS, round-robin.
+  fineserve  FineServe placement (arXiv 2509.06261), one shared KV Slab pool per device, SAAB
+             admission (SLO-aware, early drop), latency-aware earliest-deadline-first model stepping.
+  prism      Prism-style KV-pressure placement (arXiv 2505.04021), one shared pool, FCFS, round-robin.
+  muxserve   MuxServe-style greedy placement (arXiv 2404.02015), per-model KV quotas in a bf16
+             head-wise pool, FCFS, round-robin.
   static     dedicated devices / static partitions, per-model pools, FCFS, round-robin.
   fineserve-replan  (`--drift flip` only) FineServe that re-places the models when the observed rates
-             drift from plan (`simulator.simulate_replanning`); every other system keeps its placement.
-
-`--drift flip` reverses the models' popularity halfway through a Poisson/Gamma window, and every
-system is planned on the first half's rates (what was known before the drift).
+             drift from plan (`serving.sim.simulator.simulate_replanning`).
 
 `--simulate` runs them in the discrete-event simulator (`serving.sim.simulator`) on a cluster such as
-16xH100 with Llama-3-8B- and 70B-shaped models at several precisions and a device profile
-(serving/scheduling/profiles/<kind>.json). Without it, the demo fleet (SmolLM2-135M at bf16, w8a8, w4a16
-sharing one CPU device) serves the workload for real on this machine, with rates scaled to it; on one
-device the systems differ in pool and local scheduling only.
-
-Output: a table per sweep, `--json OUT` with every summary, and PNG plots (`--plots DIR`): SLO
-attainment vs rate, attainment vs SLO scale, throughput vs rate.
+16xH100 with Llama-3-8B- and 70B-sized models and a shipped device profile; without it, the demo fleet
+serves the workload for real on this machine. Output: a table per sweep, `--json OUT`, PNG plots
+(`--plots DIR`). Design notes: docs/scheduling.md; results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -38,9 +32,10 @@ from tqdm import tqdm
 from fineserve_jax.demo import demo_fleet_specs, demo_profile_key
 from fineserve_jax.fleet import Fleet
 from models.loader import load_model
+from models.config import ModelConfig
 from models.precision import resolve_precision
 from serving.scheduling.local_scheduling import LocalScheduling
-from serving.scheduling.cost_model import DEVICES, LLAMA3_70B, LLAMA3_8B, PROFILE_DIR, DeviceProfile
+from serving.scheduling.cost_model import DEVICES, PROFILE_DIR, ROOFLINE_MODELS, DeviceProfile
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.slo import fineserve_slo_of
 from serving.scheduling.strategies import place
@@ -109,13 +104,13 @@ class ClusterSpec:
 def paper_models():
     """The simulated model mix: Llama-3-8B twice at each of four precisions, Llama-3-70B once at each."""
     precisions = ("bf16", "w4a16", "fp8", "w4a8kv4")
-    mix = [(f"8b-{p}-{i}", LLAMA3_8B, p) for i in (0, 1) for p in precisions]
-    return mix + [(f"70b-{p}", LLAMA3_70B, p) for p in precisions]
+    mix = [(f"8b-{p}-{i}", "llama3-8b", p) for i in (0, 1) for p in precisions]
+    return mix + [(f"70b-{p}", "llama3-70b", p) for p in precisions]
 
 
-def _base_tp(shape, precision: str, device_bytes: int) -> int:
+def _base_tp(config: ModelConfig, precision: str, device_bytes: int) -> int:
     """The smallest TP whose weight share fits in 70% of a device (the SLO's 'base TP')."""
-    weights = resolve_precision(precision).weight_bytes(shape.to_config())
+    weights = resolve_precision(precision).weight_bytes(config)
     return next((tp for tp in (1, 2, 4, 8) if weights / tp <= 0.7 * device_bytes), 8)
 
 
@@ -129,8 +124,9 @@ def simulated_setup(cluster: ClusterSpec, slo_scale: float):
     devices = [Device(f"{cluster.kind}-{i}", cluster.kind, int(spec.memory_bytes), node=i // cluster.per_node)
                for i in range(cluster.count)]
     models = paper_models()
-    slo_ttft = {name: fineserve_slo_of(profile.get(shape.name, p, _base_tp(shape, p, spec.memory_bytes)), slo_scale)
-                for name, shape, p in models}
+    slo_ttft = {name: fineserve_slo_of(profile.get(model, p, _base_tp(ROOFLINE_MODELS[model], p, spec.memory_bytes)),
+                                       slo_scale)
+                for name, model, p in models}
     return profile, devices, models, slo_ttft
 
 
@@ -143,10 +139,11 @@ def run_simulated(system: str, workload: Workload, profile, devices, models, slo
     config = SchedulerConfig(tp_rule="min_devices") if strategy == "fineserve" else None
 
     def demands_for(rates: dict[str, float], factor: float = 1.0) -> list[ModelDemand]:
-        return [ModelDemand.from_shape(name, shape, p, max(rates.get(name, 0.0), 1e-3) * factor, slo_ttft[name],
-                                       mean_prompt=max(1, int(stats["prompt_mean"])),
-                                       mean_output=max(1, int(stats["output_mean"])))
-                for name, shape, p in models]
+        return [ModelDemand.from_config(name, ROOFLINE_MODELS[model], p, max(rates.get(name, 0.0), 1e-3) * factor,
+                                        slo_ttft[name], profile_model=model,
+                                        mean_prompt=max(1, int(stats["prompt_mean"])),
+                                        mean_output=max(1, int(stats["output_mean"])))
+                for name, model, p in models]
 
     notes, placement = [], None
     for factor in PLAN_RATE_FACTORS:

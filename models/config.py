@@ -65,6 +65,28 @@ class ModelConfig:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
+    @property
+    def layer_linear_params(self) -> int:
+        """Parameters of all decoder layers' linear layers (q, k, v, o, gate, up, down)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
+        return self.num_layers * (attn + 3 * h * self.intermediate_size)
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        """All parameters (embedding, a separate LM head unless tied, norms)."""
+        embeds = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.layer_linear_params + embeds + (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def attention_flops_per_pair(self) -> int:
+        """FLOPs of one (query, cached key) pair over all layers: QK^T and PV, 2 FLOPs per MAC each."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

@@ -17,38 +17,38 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from models.precision import PRESETS
+from models.precision import PRESETS, resolve_precision
 from serving.scheduling.cost_model import (
     DEFAULT_EFFICIENCY,
     FEATURES_DOC,
     H100,
     H200,
-    LLAMA3_8B,
-    LLAMA3_70B,
+    ROOFLINE_MODELS,
     DeviceProfile,
     DeviceSpec,
     roofline_step_cost,
     variant_key,
 )
 
-SHAPES = (LLAMA3_8B, LLAMA3_70B)
 PRECISIONS = ("bf16", "w8a8", "fp8", "w4a16", "w4a8kv4")
 TP_SIZES = (1, 2, 4, 8)
+SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                "vocab_size", "tie_word_embeddings")
 
 
 def roofline_profile(device: DeviceSpec, efficiency: float = DEFAULT_EFFICIENCY) -> DeviceProfile:
     entries, info = {}, {}
-    for shape in SHAPES:
+    for name, config in ROOFLINE_MODELS.items():
         for precision in PRECISIONS:
             for tp in TP_SIZES:
-                key = variant_key(shape.name, precision, tp)
-                cost = roofline_step_cost(shape, precision, device, tp, efficiency=efficiency)
-                weights = shape.weight_bytes(precision)
+                key = variant_key(name, precision, tp)
+                cost = roofline_step_cost(config, precision, device, tp, efficiency=efficiency)
+                weights = resolve_precision(precision).weight_bytes(config)
                 entries[key] = cost
                 info[key] = {
                     "weight_bytes": weights,
                     "weight_bytes_per_device": weights / tp,
-                    "kv_bytes_per_token": shape.kv_bytes_per_token(precision),
+                    "kv_bytes_per_token": resolve_precision(precision).kv_bytes_per_token(config),
                     "weights_fit_device": weights / tp < device.memory_bytes,
                     "ttft_903_seconds": cost.ttft_seconds(903),
                     "decode_batch1_ctx1024_seconds": cost.decode_seconds([1024]),
@@ -63,7 +63,8 @@ def roofline_profile(device: DeviceSpec, efficiency: float = DEFAULT_EFFICIENCY)
             "precisions": {p: {"weights": PRESETS[p].weight_format,
                                "math": PRESETS[p].activation_format or "bf16",
                                "kv": PRESETS[p].kv_format} for p in PRECISIONS},
-            "shapes": {s.name: dataclasses.asdict(s) for s in SHAPES},
+            "shapes": {name: {"name": name, **{f: getattr(c, f) for f in SHAPE_FIELDS}}
+                       for name, c in ROOFLINE_MODELS.items()},
             "generator": "scripts/make_roofline_profiles.py",
             "entries": info}
     return DeviceProfile(device.kind, source, entries, meta)

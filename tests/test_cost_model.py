@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
+from models.precision import resolve_precision
 from fineserve_jax.fleet import ModelSpec
 from models.loader import random_model
 from serving.scheduling.cost_model import (
@@ -19,8 +20,8 @@ from serving.scheduling.cost_model import (
     H200,
     LLAMA3_8B,
     LLAMA3_70B,
+    ROOFLINE_MODELS,
     DeviceProfile,
-    ModelShape,
     StepCost,
     StepSample,
     decode_features,
@@ -170,13 +171,13 @@ def test_fit_needs_both_kinds():
 def test_model_bytes_match_workloads_examples():
     assert LLAMA3_8B.params == pytest.approx(8.03e9, rel=0.002)
     assert LLAMA3_70B.params == pytest.approx(70.55e9, rel=0.002)
-    assert LLAMA3_8B.weight_bytes("bf16") == pytest.approx(16.1e9, rel=0.01)
-    assert LLAMA3_8B.weight_bytes("w4a16") == pytest.approx(5.8e9, rel=0.01)
-    assert LLAMA3_8B.kv_bytes_per_token("bf16") == 128 << 10
-    assert LLAMA3_8B.kv_bytes_per_token("w4a8kv4") == 34 << 10
-    smol = ModelShape("smollm2-135m", 30, 576, 1536, 9, 3, 64, 49152, tie_word_embeddings=True)
-    assert smol.kv_bytes_per_token("bf16") == 22.5 * 1024
-    assert ModelShape.from_config(smol.to_config(), "smollm2-135m") == smol
+    assert resolve_precision("bf16").weight_bytes(LLAMA3_8B) == pytest.approx(16.1e9, rel=0.01)
+    assert resolve_precision("w4a16").weight_bytes(LLAMA3_8B) == pytest.approx(5.8e9, rel=0.01)
+    assert resolve_precision("bf16").kv_bytes_per_token(LLAMA3_8B) == 128 << 10
+    assert resolve_precision("w4a8kv4").kv_bytes_per_token(LLAMA3_8B) == 34 << 10
+    smol = ModelConfig("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                       num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+    assert resolve_precision("bf16").kv_bytes_per_token(smol) == 22.5 * 1024
 
 
 @pytest.mark.parametrize("precision, batch, floor_ms", [
@@ -257,10 +258,10 @@ def test_shipped_roofline_profiles(kind):
     assert "no GPU" in profile.source
     assert len(profile.entries) == 2 * len(PRECISIONS) * 4
     device = {"h100": H100, "h200": H200}[kind]
-    for shape in (LLAMA3_8B, LLAMA3_70B):
+    for name, config in ROOFLINE_MODELS.items():
         for precision in PRECISIONS:
             for tp in (1, 2, 4, 8):  # the file is what the formula gives today
-                assert profile.get(shape.name, precision, tp) == roofline_step_cost(shape, precision, device, tp)
+                assert profile.get(name, precision, tp) == roofline_step_cost(config, precision, device, tp)
     assert profile.meta["entries"]["llama3-70b/bf16/tp1"]["weights_fit_device"] is False
 
 

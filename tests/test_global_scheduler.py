@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.scheduling.cost_model import LLAMA3_8B, LLAMA3_70B, H100, DeviceProfile, ModelShape, roofline_step_cost, variant_key
+from models.config import ModelConfig
+from models.precision import resolve_precision
+from serving.scheduling.cost_model import LLAMA3_8B, LLAMA3_70B, H100, DeviceProfile, roofline_step_cost, variant_key
 from serving.scheduling.demand import STRATEGIES, TP_RULES, Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.placement import kv_budget, pool_specs
 from serving.scheduling.replan import RateObservation, RatesMonitor, rate_drift, replan, should_replan
@@ -35,9 +37,13 @@ SLAB = 2 * MiB
 
 
 # One layer, one KV head of 256: bf16 KV = 1 KiB/token (16 KiB pages), int4 = 264 B/token.
-TINY = ModelShape("tiny", 1, 512, 1024, 2, 1, 256, 1000)
-WIDE = ModelShape("wide", 32, 512, 1024, 2, 1, 256, 1000)      # 32 KiB/token bf16, 8448 B/token int4
-HD128 = ModelShape("hd128", 1, 512, 1024, 4, 2, 128, 1000)     # 1 KiB/token bf16, another head_dim
+def shape(layers, hidden, intermediate, heads, kv_heads, head_dim, vocab) -> ModelConfig:
+    return ModelConfig("llama", vocab, hidden, intermediate, layers, heads, kv_heads, head_dim)
+
+
+TINY = shape(1, 512, 1024, 2, 1, 256, 1000)
+WIDE = shape(32, 512, 1024, 2, 1, 256, 1000)      # 32 KiB/token bf16, 8448 B/token int4
+HD128 = shape(1, 512, 1024, 4, 2, 128, 1000)     # 1 KiB/token bf16, another head_dim
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,8 @@ def test_high_rate_model_gets_replicas_on_distinct_devices():
 
 
 def test_llama70b_bf16_needs_tp2_on_80gb():
-    d = ModelDemand.from_shape("70b", LLAMA3_70B, "bf16", rate=0.1, slo_ttft_s=1.0)
-    assert d.weight_bytes == LLAMA3_70B.weight_bytes("bf16")
+    d = ModelDemand.from_config("70b", LLAMA3_70B, "bf16", rate=0.1, slo_ttft_s=1.0)
+    assert d.weight_bytes == resolve_precision("bf16").weight_bytes(LLAMA3_70B)
     assert 140e9 < d.weight_bytes < 142e9
     profile = FakeProfile({tp: FakeCost() for tp in (1, 2, 4, 8)})
     h100s = [Device(f"g{i}", "h100", 80 * 10**9) for i in range(4)]
@@ -140,13 +146,14 @@ def test_llama70b_bf16_needs_tp2_on_80gb():
 def test_real_roofline_profile_and_shapes():
     """The real cost model and shapes: Llama-3-70B bf16 takes TP 2 when devices are what counts and the
     TP with the smallest rate_min_bs by FineServe's rule; every strategy places a mixed set safely."""
-    variants = [(LLAMA3_8B, "bf16"), (LLAMA3_8B, "w4a8kv4"), (LLAMA3_70B, "bf16")]
+    variants = [(("llama3-8b", LLAMA3_8B), "bf16"), (("llama3-8b", LLAMA3_8B), "w4a8kv4"),
+                (("llama3-70b", LLAMA3_70B), "bf16")]
     profile = DeviceProfile("h100", "roofline (test)", {
-        variant_key(shape.name, prec, tp): roofline_step_cost(shape, prec, H100, tp)
-        for shape, prec in variants for tp in (1, 2, 4)})
-    demands = [ModelDemand.from_shape(f"{shape.name}-{prec}", shape, prec, rate=rate, slo_ttft_s=2.0)
-               for (shape, prec), rate in zip(variants, (4.0, 8.0, 0.2))]
-    assert demands[1].kv_bytes_per_token == LLAMA3_8B.kv_bytes_per_token("w4a8kv4") == 32 * 2 * (512 + 32)
+        variant_key(name, prec, tp): roofline_step_cost(config, prec, H100, tp)
+        for (name, config), prec in variants for tp in (1, 2, 4)})
+    demands = [ModelDemand.from_config(f"{name}-{prec}", config, prec, rate=rate, slo_ttft_s=2.0, profile_model=name)
+               for ((name, config), prec), rate in zip(variants, (4.0, 8.0, 0.2))]
+    assert demands[1].kv_bytes_per_token == resolve_precision("w4a8kv4").kv_bytes_per_token(LLAMA3_8B) == 32 * 2 * (512 + 32)
     h100s = [Device(f"g{i}", "h100", 80 * 10**9) for i in range(4)]
     seventy = demands[2]
     plans, _ = plan_replicas(seventy, profile, h100s, SchedulerConfig(tp_rule="min_devices"))
@@ -392,7 +399,7 @@ def test_rates_monitor_sliding_window():
 
 def test_replace_keeps_unchanged_models_in_place():
     # X is 1 MiB heavier than Y, so X is placed first (d0). When Y's rate goes to 60 req/s its KV
-    # for b = 17 puts it first: a fresh placement swaps the two devices; replace keeps X on d0.
+    # for b = 17 puts it first: a fresh placement swaps the two devices; replan keeps X on d0.
     old = place("fineserve", [demand("X", 1), demand("Y", 1, weight_gib=10 - 1 / 1024)], devices(2), ONE_TP, CONFIG)
     assert where(old) == {"X": [("d0",)], "Y": [("d1",)]}
     assert should_replan(old, {"X": 1.0, "Y": 60.0})

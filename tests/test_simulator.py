@@ -144,10 +144,10 @@ def test_simulate_placement_on_a_small_cluster():
     from serving.scheduling.strategies import place
     from serving.sim.simulator import simulate_placement
 
-    entries = {variant_key(LLAMA3_8B.name, p, 1): roofline_step_cost(LLAMA3_8B, p, H100, 1) for p in ("bf16", "w4a16")}
+    entries = {variant_key("llama3-8b", p, 1): roofline_step_cost(LLAMA3_8B, p, H100, 1) for p in ("bf16", "w4a16")}
     profile = DeviceProfile("h100", "roofline, test", entries, {})
-    demands = [ModelDemand.from_shape("a", LLAMA3_8B, "bf16", 2.0, 2.0),
-               ModelDemand.from_shape("b", LLAMA3_8B, "w4a16", 1.0, 2.0)]
+    demands = [ModelDemand.from_config("a", LLAMA3_8B, "bf16", 2.0, 2.0, profile_model="llama3-8b"),
+               ModelDemand.from_config("b", LLAMA3_8B, "w4a16", 1.0, 2.0, profile_model="llama3-8b")]
     devices = [Device("d0", "h100", 80_000_000_000), Device("d1", "h100", 80_000_000_000)]
     work = synthetic_workload(["a", "b"], 3.0, 1.0, duration_s=20.0, lengths=FixedLengths(300, 50), seed=1)
     slos = {"a": SLO(2.0), "b": SLO(2.0)}
@@ -170,14 +170,15 @@ def test_replanning_follows_a_popularity_flip():
     from serving.sim.simulator import simulate_placement, simulate_replanning
     from serving.sim.workload import popularity_flip
 
-    profile = DeviceProfile("h100", "roofline, test", {variant_key(LLAMA3_8B.name, "bf16", 1):
+    profile = DeviceProfile("h100", "roofline, test", {variant_key("llama3-8b", "bf16", 1):
                                                         roofline_step_cost(LLAMA3_8B, "bf16", H100, 1)}, {})
     slos, policy = {"a": SLO(1.0), "b": SLO(1.0)}, SystemPolicy("saab", "edf")
     devices = [Device(f"d{i}", "h100", 80_000_000_000) for i in range(3)]
 
     def demands_for(rates):
-        return [ModelDemand.from_shape(m, LLAMA3_8B, "bf16", max(rates.get(m, 0.0), 1e-3), 1.0,
-                                       mean_prompt=500, mean_output=400) for m in ("a", "b")]
+        return [ModelDemand.from_config(m, LLAMA3_8B, "bf16", max(rates.get(m, 0.0), 1e-3), 1.0,
+                                        mean_prompt=500, mean_output=400, profile_model="llama3-8b")
+                for m in ("a", "b")]
 
     work = popularity_flip(["a", "b"], 40.0, 3.0, duration_s=60.0, lengths=FixedLengths(500, 400), seed=1)
     before = Workload([r for r in work.requests if r.arrival_s < 30], 30.0).rates_by_model()

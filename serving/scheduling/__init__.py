@@ -1,1 +1,3 @@
-"""Two-level scheduling: admission, step policy, cost model, global placement."""
+"""Two-level scheduling (FineServe, arXiv 2509.06261): per device, admission and the step policy
+between models; across devices, the cost model, replica planning, placement and re-planning.
+Design notes: docs/scheduling.md."""

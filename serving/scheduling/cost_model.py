@@ -1,43 +1,17 @@
 """Step-time model of one model variant on one device kind: what the global scheduler, SAAB and the
 simulator use instead of running the model.
 
-Feature form (why: workloads.md §4's recommended in-house form,
-`t_iter = c0 + c1·n_seq + [Σ W + Σ ctx·b_kv] / BW + 2·N·n_prefill_tokens / F + a·Σ prefill_len²`,
-split by step kind because the engine never mixes prefill and decode in one step):
+A step's time is a linear form in a few features, split by step kind because the engine never mixes
+prefill and decode in one step (`context_lens` count the cached tokens after the step):
 
-    prefill = [1, T, A]      T = new tokens, A = attention work
-    decode  = [1, B, C, M]   B = rows (one new token each), C = cached tokens read, M = [rows > 1]
+    prefill = [1, T, A]      T = new tokens, A = sum(new_i x ctx_i) (attention work)
+    decode  = [1, B, C, M]   B = rows, C = sum(ctx_i) (KV read), M = [rows > 1]
 
-* 1: what every step pays whatever its size: reading the weights once (W / BW), program dispatch,
-  sampling, the host's batch building.
-* prefill T: per-token work, 2·N FLOPs of the linear layers plus the KV written (compute-bound).
-* prefill A = Σ new_i × ctx_i: attention, every new query against the row's cached keys
-  (the form's Σ prefill_len² generalised to chunks that start mid-context).
-* decode B: per-row work, 2·N FLOPs (memory-bound decode hides it until B ≈ B*, ~300 for BF16).
-* decode C = Σ ctx_i: KV bytes read, Σ ctx_i · b_kv / BW.
-* decode M = 1 when the step has more than one row: added because measurements demand it. On
-  XLA:CPU a one-row decode step takes the matrix-vector path and runs about twice as fast as a
-  two-row one (SmolLM2-135M bf16: 57 ms for 1 row, 108 ms for 2, 92 ms for 4, 115 ms for 8); without
-  M the fit misses 4-row steps by 20-40% on every CPU variant, with it the decode error halves.
-  Roofline (GPU) profiles give it 0. A 3-coefficient decode tuple means no M term.
-
-`context_lens` always count the cached tokens AFTER the step (this step's tokens included): the
-`kv_lens` the attention sees.
-
-Padding (`pad_to_buckets=True`, measured profiles of this engine): the engine runs every step in a
-bucket shape (serving/engine/model_runner.py): B_pad = next power of two >= rows, prefill S_pad =
-max(16, next power of two >= longest row), and its reference attention loops over blocks of
-`attention_block` tokens up to the LONGEST context in the batch, for every padded row and query.
-So T = B_pad·S_pad, A = B_pad·S_pad·round_up(max ctx), B = B_pad, C = B_pad·round_up(max ctx)
-(M is the same in both modes).
-GPU roofline profiles count exact tokens (`pad_to_buckets=False`): memory-bound decode reads the
-same weights whatever the padding, and the Pallas decode kernel skips padded rows and dead blocks.
-Padded prefill tokens do cost FLOPs on a GPU too, so there the roofline is optimistic by the
-bucket's padding (a 391-token chunk runs as 512).
-
-A roofline `StepCost` also carries a second, compute-bound coefficient row (`prefill_compute`,
-`decode_compute`): the step takes the larger of the memory-bound and compute-bound forms, as in
-workloads.md §5's floor `max(bytes / BW, FLOPs / F)`. Measured (fitted) profiles leave them empty.
+Measured profiles (`fit_step_cost`, from `serving.sim.profiler`) compute the features on the engine's
+padded bucket shapes (`pad_to_buckets=True`); roofline profiles (`roofline_step_cost`, GPUs until
+measured) count exact tokens and add a compute-bound row: the step takes the larger of the two.
+Profiles ship in serving/scheduling/profiles/<kind>.json. Why each feature, the padding rules, the
+fit and the roofline's assumptions: docs/scheduling.md.
 """
 
 from __future__ import annotations
@@ -320,66 +294,12 @@ def fit_step_cost(samples: list[StepSample], *, pad_to_buckets: bool = True,
 
 # ---- roofline (GPU, not measured) --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions that set a Llama-family model's bytes and FLOPs."""
-
-    name: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, name: str) -> ModelShape:
-        return cls(name, config.num_layers, config.hidden_size, config.intermediate_size, config.num_heads,
-                   config.num_kv_heads, config.head_dim, config.vocab_size, config.tie_word_embeddings)
-
-    def to_config(self, max_position_embeddings: int = 8192) -> ModelConfig:
-        return ModelConfig("llama", self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers,
-                           self.num_heads, self.num_kv_heads, self.head_dim,
-                           max_position_embeddings=max_position_embeddings,
-                           tie_word_embeddings=self.tie_word_embeddings)
-
-    @property
-    def layer_linear_params(self) -> int:
-        """Parameters of all decoder layers' linear layers (q, k, v, o, gate, up, down)."""
-        h, d = self.hidden_size, self.head_dim
-        attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
-        return self.num_layers * (attn + 3 * h * self.intermediate_size)
-
-    @property
-    def lm_head_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def params(self) -> int:
-        """All parameters (embedding, a separate LM head unless tied, norms)."""
-        embeds = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.layer_linear_params + embeds + (2 * self.num_layers + 1) * self.hidden_size
-
-    def weight_bytes(self, precision: str | PrecisionPreset) -> int:
-        """Bytes of all weights in a precision preset (packed quantized linears, the rest bf16)."""
-        return resolve_precision(precision).weight_bytes(self.to_config())
-
-    def kv_bytes_per_token(self, precision: str | PrecisionPreset) -> int:
-        """KV bytes per token over all layers in the preset's KV format (scales included)."""
-        return resolve_precision(precision).kv_bytes_per_token(self.to_config())
-
-    @property
-    def attention_flops_per_pair(self) -> int:
-        """FLOPs of one (query, cached key) pair over all layers: QK^T and PV, 2 FLOPs per MAC each."""
-        return 4 * self.num_layers * self.num_heads * self.head_dim
-
-
-LLAMA3_8B = ModelShape("llama3-8b", num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32,
-                       num_kv_heads=8, head_dim=128, vocab_size=128256)
-LLAMA3_70B = ModelShape("llama3-70b", num_layers=80, hidden_size=8192, intermediate_size=28672, num_heads=64,
-                        num_kv_heads=8, head_dim=128, vocab_size=128256)
+LLAMA3_8B = ModelConfig("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192)
+LLAMA3_70B = ModelConfig("llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                         num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=8192)
+# The models GPU profiles are derived for, by their profile names.
+ROOFLINE_MODELS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
 
 @dataclass(frozen=True)
@@ -408,12 +328,12 @@ GPU_LAUNCH_OVERHEAD_S = 300e-6
 H100 = DeviceSpec("h100", 80e9, 3.35e12, 989e12, 1979e12, 1979e12, GPU_LAUNCH_OVERHEAD_S)
 H200 = DeviceSpec("h200", 141e9, 4.8e12, 989e12, 1979e12, 1979e12, GPU_LAUNCH_OVERHEAD_S)
 DEVICES = {d.kind: d for d in (H100, H200)}
-# workloads.md §6: 50-60% of the memory floor is typical of untuned stacks (70-85% the best case);
-# FlashAttention-3 reaches 75% of BF16 peak, less in FP8. 0.6 for both, until measured.
+# Share of peak bandwidth and FLOPs a step reaches: an assumption for an untuned stack, the same for
+# both bounds, until measured profiles replace the roofline ones (docs/scheduling.md).
 DEFAULT_EFFICIENCY = 0.6
 
 
-def roofline_step_cost(shape: ModelShape, precision: str, device: DeviceSpec, tp: int = 1, *,
+def roofline_step_cost(config: ModelConfig, precision: str, device: DeviceSpec, tp: int = 1, *,
                        efficiency: float = DEFAULT_EFFICIENCY) -> StepCost:
     """Step cost from peak bandwidth and FLOPs (no measurement): each step takes the larger of
     bytes / (BW · efficiency) and FLOPs / (F · efficiency), plus launch overhead and, with tp > 1,
@@ -433,16 +353,16 @@ def roofline_step_cost(shape: ModelShape, precision: str, device: DeviceSpec, tp
     bw = device.hbm_bytes_per_s * efficiency
     flops = device.matmul_flops(preset) * efficiency
     bf16 = device.bf16_flops * efficiency
-    kv_share = math.ceil(shape.num_kv_heads / tp) / shape.num_kv_heads  # KV heads on one device
-    weights = shape.weight_bytes(preset) / tp
-    kv_per_token = shape.kv_bytes_per_token(preset) * kv_share
-    linear_flops_per_token = 2 * shape.layer_linear_params / tp / flops
-    lm_head_per_row = 2 * shape.lm_head_params / tp / bf16
-    attention_per_pair = shape.attention_flops_per_pair / tp / bf16
+    kv_share = math.ceil(config.num_kv_heads / tp) / config.num_kv_heads  # KV heads on one device
+    weights = preset.weight_bytes(config) / tp
+    kv_per_token = preset.kv_bytes_per_token(config) * kv_share
+    linear_flops_per_token = 2 * config.layer_linear_params / tp / flops
+    lm_head_per_row = 2 * config.lm_head_params / tp / bf16
+    attention_per_pair = config.attention_flops_per_pair / tp / bf16
     if tp > 1:  # ring all-reduce: each device sends and receives 2 (tp-1)/tp of the buffer
-        allreduces = 2 * shape.num_layers
+        allreduces = 2 * config.num_layers
         comm_fixed = allreduces * device.allreduce_latency_s
-        comm_per_token = allreduces * 2 * (tp - 1) / tp * shape.hidden_size * 2 / device.link_bytes_per_s
+        comm_per_token = allreduces * 2 * (tp - 1) / tp * config.hidden_size * 2 / device.link_bytes_per_s
     else:
         comm_fixed = comm_per_token = 0.0
     fixed = device.launch_overhead_s + comm_fixed

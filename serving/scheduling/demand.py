@@ -1,5 +1,5 @@
-"""What the global scheduler places: devices, the models' demands (shape, precision, rate, SLO)
-and the planner's settings, with FineServe's planning constants (arXiv 2509.06261, section 4)."""
+"""What the global scheduler places: devices, the models' demands (architecture, precision, rate, SLO)
+and the planner's settings, with FineServe's planning constants (arXiv 2509.06261)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from models.config import ModelConfig
 from models.precision import resolve_precision
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
-from serving.scheduling.cost_model import ModelShape
 
 STRATEGIES = ("fineserve", "prism", "muxserve", "static")
 TP_SIZES = (1, 2, 4, 8)
@@ -39,7 +38,7 @@ class ModelDemand:
     """One served model (a model in one precision) and its traffic."""
 
     name: str                     # unique served name, e.g. "llama3-8b/w4a8kv4"
-    shape: ModelShape             # needs num_layers, num_kv_heads, head_dim (+ the rest for from_shape)
+    config: ModelConfig           # the architecture (dimensions: weights, KV, FLOPs)
     precision: str                # preset name: cost-profile key and weight format
     kv_dtype: str                 # "bf16" | "fp8" | "int8" | "int4"
     weight_bytes: int             # all weights, unsharded
@@ -49,7 +48,7 @@ class ModelDemand:
     mean_prompt: int = PLAN_PROMPT_TOKENS
     mean_output: int = PLAN_OUTPUT_TOKENS
     tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE
-    profile_model: str | None = None  # model key in the DeviceProfile; default shape.name
+    profile_model: str | None = None  # model key in the DeviceProfile; default: name
 
     def __post_init__(self):
         if self.rate < 0 or self.slo_ttft_s <= 0:
@@ -58,37 +57,33 @@ class ModelDemand:
             raise ValueError(f"{self.name}: weight_bytes and mean_prompt must be positive")
 
     @classmethod
-    def from_shape(cls, name: str, shape: ModelShape, precision: str, rate: float, slo_ttft_s: float, *,
-                   kv_dtype: str | None = None, mean_prompt: int = PLAN_PROMPT_TOKENS,
-                   mean_output: int = PLAN_OUTPUT_TOKENS, tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE,
-                   profile_model: str | None = None) -> "ModelDemand":
+    def from_config(cls, name: str, config: ModelConfig, precision: str, rate: float, slo_ttft_s: float, *,
+                    kv_dtype: str | None = None, mean_prompt: int = PLAN_PROMPT_TOKENS,
+                    mean_output: int = PLAN_OUTPUT_TOKENS, tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE,
+                    profile_model: str | None = None) -> "ModelDemand":
         """Weight and KV bytes from the repo's precision presets (exact packed sizes)."""
         preset = resolve_precision(precision, kv_dtype)
-        cfg = ModelConfig(architecture="llama", vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-                          intermediate_size=shape.intermediate_size, num_layers=shape.num_layers,
-                          num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                          tie_word_embeddings=getattr(shape, "tie_word_embeddings", False))
-        return cls(name, shape, precision, preset.kv_format, preset.weight_bytes(cfg),
-                   preset.kv_bytes_per_token(cfg), rate, slo_ttft_s, mean_prompt, mean_output,
+        return cls(name, config, precision, preset.kv_format, preset.weight_bytes(config),
+                   preset.kv_bytes_per_token(config), rate, slo_ttft_s, mean_prompt, mean_output,
                    tokens_per_page, profile_model)
 
     @property
     def profile_key(self) -> str:
-        return self.profile_model or self.shape.name
+        return self.profile_model or self.name
 
     @property
     def seq_len(self) -> int:
         return self.mean_prompt + self.mean_output
 
     def kv_heads_per_device(self, tp: int) -> int:
-        return max(1, -(-self.shape.num_kv_heads // tp))  # replicated when tp > KV heads
+        return max(1, -(-self.config.num_kv_heads // tp))  # replicated when tp > KV heads
 
     def weight_bytes_per_device(self, tp: int) -> int:
         return -(-self.weight_bytes // tp)
 
     def page_layout(self, tp: int = 1, kv_dtype: str | None = None) -> KVPageLayout:
         """The model's KV page on one device of a TP group (its KV heads split across the group)."""
-        return KVPageLayout(self.shape.num_layers, self.kv_heads_per_device(tp), self.shape.head_dim,
+        return KVPageLayout(self.config.num_layers, self.kv_heads_per_device(tp), self.config.head_dim,
                             self.tokens_per_page, kv_dtype or self.kv_dtype)
 
 

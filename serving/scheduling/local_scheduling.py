@@ -1,7 +1,8 @@
 """One device's local scheduling, as one value: each model's admission policy and the step policy
 between the device's models, with the SLOs and step costs they need. The server, the bench and the
-simulator all describe a device's scheduling this way; `runtime.device_runtime.assemble_device` builds
-it into the engines and the runtime.
+simulator all describe a device's scheduling this way (`Fleet(scheduling=...)`);
+`serving.runtime.device_runtime.assemble_device` builds it into the engines and the runtime.
+Defaults: FCFS admission, round-robin stepping (docs/scheduling.md).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """A placement: which devices serve which model replicas with what tensor parallelism, and how each
 device's KV memory is split among its co-located models. The KV arithmetic uses the real slab
-geometry (`kv.kv_pool.choose_slab_geometry` over the co-located models' page sizes), so the tokens a
-placement promises are the tokens the device's pool will hold. `kv_budget` and `pool_specs` hand a
-device's partition to the simulator or a runtime.
+geometry (`serving.kv.slab_geometry.choose_slab_geometry` over the co-located models' page sizes),
+so the tokens a placement promises are the tokens the device's pool will hold. `kv_budget` and
+`pool_specs` hand a device's partition to the simulator or a runtime.
 
 Memory model: a device offers `memory_fraction x memory_bytes` for weights and KV (the rest is XLA
-workspace and activations); weights are split evenly across a TP group; KV heads too.
+workspace and activations); weights are split evenly across a TP group; KV heads too. KV sharing per
+strategy: one shared pool (FineServe, Prism) or fixed quotas (MuxServe, static); docs/scheduling.md.
 """
 
 from __future__ import annotations

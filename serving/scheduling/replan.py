@@ -2,7 +2,8 @@
 `rate_drift` / `should_replan` flag a model whose observed rate differs from its planned rate by more
 than `threshold` (relative), once there is enough evidence (`min_count` arrivals observed or expected);
 `replan` re-runs the placement's strategy with the new demands, keeping the device sets of models
-whose rate stayed within the threshold.
+whose rate stayed within the threshold (a `Replan` says which were kept, moved, added, removed).
+`serving.sim.simulator.simulate_replanning` drives it in simulation (docs/scheduling.md).
 """
 
 from __future__ import annotations

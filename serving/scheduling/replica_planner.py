@@ -5,7 +5,7 @@ the cost model's step times at batch b = 1..max_num_seqs:
     rate_min_bs  = smallest b with b / (prefill(b) + mean_output x decode(b)) >= rate / dp,
     cache_max_bs = tokens the device's KV pool holds with the model alone (slab geometry) / seq_len,
 adding replicas (dp) until rate_min_bs <= min(slo_max_bs, cache_max_bs). Strategies rank the
-feasible plans differently (`TP_RULES`).
+feasible plans differently (`TP_RULES`; docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ class _Planner:
         layout = demand.page_layout(plan.tp, _kv_dtype_for(self.strategy, demand))
         options = tuple((l.page_bytes, l.tokens_per_page) for l in page_size_options(layout))
         return DeviceFootprint(demand.name, plan.tp, demand.weight_bytes_per_device(plan.tp),
-                          plan.rate_min_bs * demand.seq_len, options, demand.shape.head_dim, plan.replica_rate,
+                          plan.rate_min_bs * demand.seq_len, options, demand.config.head_dim, plan.replica_rate,
                           demand.slo_ttft_s, plan.utilization,
-                          demand.shape.num_layers * demand.kv_heads_per_device(plan.tp))
+                          demand.config.num_layers * demand.kv_heads_per_device(plan.tp))
 
     def cache_max_bs(self, demand: ModelDemand, tp: int) -> int:
         """Sequences of seq_len the model alone can cache on the largest device."""

@@ -1,8 +1,8 @@
 """Latency SLOs and FineServe's rule for setting them.
 
-FineServe sets each model's TTFT SLO to its batch-1 TTFT on a 903-token prompt (the p95 prompt of
-LMSYS-Chat-1M) at its base tensor parallelism, times a scale, plus a 4 ms buffer. The same rule sets
-the SLOs of the server, the bench and the simulator.
+FineServe (arXiv 2509.06261) sets each model's TTFT SLO to its batch-1 TTFT on a 903-token prompt
+(the p95 prompt of LMSYS-Chat-1M) at its base tensor parallelism, times a scale, plus a 4 ms buffer.
+The same rule sets the SLOs of the server, the bench and the simulator (docs/scheduling.md).
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ a next token by `last token + tpot`, or `+ ttft` without a TPOT bound (otherwise
 decoding is never due and starves). A first token already late counts as due now, so a backlog of
 late prompts cannot hold the device: a next token waits at most about one TTFT SLO.
 
-FineServe's policy is the latency-aware form (`step_seconds` given): only requests due within a few
-rounds of the ready models' measured steps compete by deadline, and the models take turns otherwise.
-Plain EDF serves the next deadline rather than the oldest work, so with loose SLOs it runs everything
-late; the latency-aware form keeps round-robin's latencies until a deadline is at risk.
+FineServe's policy (arXiv 2509.06261) is the latency-aware form (`step_seconds` given): only requests
+due within a few rounds of the ready models' recent steps compete by deadline, and the models take
+turns otherwise. Plain EDF serves the next deadline rather than the oldest work, so with loose SLOs
+it runs everything late; the latency-aware form keeps round-robin's latencies until a deadline is at
+risk. Design notes: docs/scheduling.md.
 """
 
 
@@ -23,8 +24,8 @@ from serving.engine.sequence import Sequence, SequenceStatus
 from serving.scheduling.slo import SLO
 
 # Latency-aware EDF: a request is at risk when it falls due within this many rounds of the ready
-# models' steps (a few of round-robin's turns: a chunked prompt needs more than one). Simulated
-# attainment is flat from 3 to 6 rounds and lower at 1-2 (RESULTS.md, step policy).
+# models' steps (a few of round-robin's turns: a chunked prompt needs more than one). Chosen from a
+# sweep of horizons in simulation (docs/scheduling.md; figures in benchmarks/RESULTS.md).
 AT_RISK_ROUNDS = 4.0
 STEP_TIME_WEIGHT = 0.2  # of the newest step in `StepTimes`: prefill and decode steps mix
 STEP_POLICIES = ("edf", "edf_strict", "round_robin")  # edf: latency-aware; edf_strict: plain EDF

@@ -12,6 +12,7 @@ minimum KV (rate_min_bs x seq_len tokens, in whole slabs of the real geometry) f
              arXiv 2404.02015).
   static     fewest devices; dedicated devices while there are empty ones (spare devices become
              extra replicas of the busiest models), else equal memory partitions per device.
+Design notes: docs/scheduling.md.
 """
 
 from __future__ import annotations

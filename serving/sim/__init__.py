@@ -1,1 +1,2 @@
-"""Simulation and measurement: workloads, replay, metrics, the simulator, the profiler."""
+"""Simulation and measurement: workloads (and the Azure 2023 traces in traces/), replay, metrics, the
+simulator, the profiler. Design notes: docs/scheduling.md."""

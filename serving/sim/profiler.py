@@ -9,8 +9,8 @@ and the sampled tokens' copy to the host. Rows get distinct KV pages, so the att
 many bytes as real sequences would.
 
 `profile_models` loads each model, profiles it, fits it (serving/scheduling/cost_model.py) and saves a
-DeviceProfile whose meta holds the fit errors and the raw samples. serving/scheduling/profiles/cpu.json came
-from (min: the machine was shared with other jobs, see the profile's meta):
+DeviceProfile whose meta holds the fit errors and the raw samples. The shipped CPU profile is made by
+(`--statistic min` suits a machine shared with other jobs; docs/scheduling.md):
 
     .venv/bin/python -m serving.sim.profiler --models smollm2-135m-bf16,smollm2-135m-w8a8,smollm2-135m-w4a16 \
         --quick --statistic min --out serving/scheduling/profiles/cpu.json
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from models.errors import ModelLoadError
 from models.loader import LoadedModel, load_model, random_model
-from models.precision import PRESETS
+from models.precision import PRESETS, resolve_precision
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import (
     FEATURES_DOC,
@@ -53,7 +53,7 @@ from serving.engine.model_runner import PAGES_PER_ATTENTION_BLOCK
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import Sequence
 
-RANDOM_SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B}
+RANDOM_SHAPES = {"8b": ("llama3-8b", LLAMA3_8B), "70b": ("llama3-70b", LLAMA3_70B)}  # profile name, config
 TOKENS_PER_PAGE = 16
 DEFAULT_REPEATS = 5
 QUICK_REPEATS = 3
@@ -377,16 +377,16 @@ def main(argv=None) -> int:
     try:
         targets = [parse_model_variant(m) for m in args.models.split(",") if m.strip()]
         if args.random_shape:
-            shape = RANDOM_SHAPES[args.random_shape]
+            shape_name, shape = RANDOM_SHAPES[args.random_shape]
             if jax.devices()[0].platform == "cpu":
-                raise ValueError(f"--random-shape {args.random_shape}: {shape.name} is too big for a CPU "
-                                 f"({shape.weight_bytes('bf16') / 1e9:.0f} GB of bf16 weights, minutes per "
+                bf16_bytes = resolve_precision("bf16").weight_bytes(shape)
+                raise ValueError(f"--random-shape {args.random_shape}: {shape_name} is too big for a CPU "
+                                 f"({bf16_bytes / 1e9:.0f} GB of bf16 weights, minutes per "
                                  f"step). Profile it on a GPU, or use the roofline profiles "
                                  f"(scripts/make_roofline_profiles.py)")
             for precision in args.precisions.split(","):
-                loaded = random_model(shape.to_config(), precision.strip(), "bfloat16",
-                                      name=shape.name)
-                targets.append(ProfileTarget(loaded, loaded.precision.name, shape.name))
+                loaded = random_model(shape, precision.strip(), "bfloat16", name=shape_name)
+                targets.append(ProfileTarget(loaded, loaded.precision.name, shape_name))
         if not targets:
             raise ValueError("nothing to profile: give --models and/or --random-shape")
     except ValueError as e:

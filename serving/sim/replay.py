@@ -8,7 +8,8 @@ relative to the start); on a simulated clock whose time the stand-in runners adv
 `serving.sim.simulator`) the same loop is a discrete-event simulation of that device.
 
 Every request ends as one `RequestRecord`: finished, dropped by admission, or failed (refused at
-submission, e.g. a prompt longer than the model's context), never lost.
+submission, e.g. a prompt longer than the model's context), never lost. Design notes:
+docs/scheduling.md (simulator).
 """
 
 from __future__ import annotations

@@ -1,29 +1,16 @@
 """Discrete-event simulation of serving, running the serving code itself with a cost model for devices.
 
-What is real: the engines (`LLMEngine`: request handling, stop rules, outputs), their schedulers and
-admission policies (`local_scheduler`), the page managers and the slab allocator (one
-`SlabAllocator` per device, planned by `pool_plan` exactly as a real pool), the device runtime and
-its step policy, and the global scheduler's placement. What is simulated: the device. A
-`SimulatedRunner` stands in for the `ModelRunner` of each model: it forms the same padded shape
-buckets, returns a token per row (never EOS; replays force output lengths) and advances its device's
-clock by the step time the cost model (`cost_model.StepCost`) predicts for that batch. The pool is
-an allocator without a device buffer, so a 16 x 80 GB cluster costs host memory for page tables
-only. Page copies of compaction are not timed (they are rare and small).
+What is real: the engines, their schedulers and admission policies, the page managers, the slab
+allocator (one per device, planned by `serving.kv.pool_plan` exactly as a real pool), the device
+runtime and its step policy (`serving.scheduling.local_scheduling.LocalScheduling`), and the global
+scheduler's placement. What is simulated: the device. A `SimulatedRunner` stands in for each model's
+`ModelRunner`: same padded shape buckets, a token per row, and its device's clock advanced by the
+step time `serving.scheduling.cost_model.StepCost` predicts. The pool has no device buffer.
 
-One device, or one group of devices: `simulate_device` replays a request list with `replay.replay`
-on a simulated clock that jumps to the next arrival when every model is idle. A cluster
-(`simulate_placement`): the replicas of a `global_scheduler.Placement` are grouped into sets of
-devices that share a replica (a TP group and whatever else it overlaps); each group simulates as one
-device with their memory and its own clock, since groups share nothing. Requests of a model go to its
-replicas by weighted round-robin in arrival order (the replicas' planned rates as weights), as a
-data-parallel router without load feedback would send them.
-
-Re-placement (`simulate_replanning`): a `RatesMonitor` watches arrivals; at every check its window's
-rates are compared with the placement's plan (`rate_drift`), and on drift `replace` re-places the
-models for the observed rates. Requests arriving after that go to the new placement. Each
-placement's period is simulated on its own, so a period's backlog does not slow the next one down
-and moving a model's weights is free: both favour re-placement slightly (the backlog drains in
-seconds below saturation; loading an 8B model's weights takes about a second).
+`simulate_device` replays requests on one device (`serving.sim.replay`); `simulate_placement` runs a
+`serving.scheduling.placement.Placement` as independent device groups, routing each model's
+requests to its replicas; `simulate_replanning` re-places on rate drift
+(`serving.scheduling.replan.replan`). Design and validation: docs/scheduling.md.
 """
 
 from __future__ import annotations
@@ -198,7 +185,7 @@ def build_group(placement, specs: dict, group: tuple[str, ...], profile, slos: d
                 policy: SystemPolicy, *, max_model_len: int, max_num_batched_tokens: int = 2048,
                 prefill_chunk: int = 512) -> SimulatedDevice:
     """One simulated device for a device group: the placement's pools of those devices (`specs`, from
-    `global_scheduler.pool_specs`) merged (bytes and quotas add; a replica's page holds all its KV
+    `placement.pool_specs`) merged (bytes and quotas add; a replica's page holds all its KV
     heads), its replicas as engines in the placement's order."""
     models = []
     pool_bytes = sum(specs[d].pool_bytes for d in group if d in specs)
@@ -208,7 +195,7 @@ def build_group(placement, specs: dict, group: tuple[str, ...], profile, slos: d
                 continue
             demand = placement.demands[model]
             pages = specs[r.devices[0]].models[model]
-            layout = dataclasses.replace(pages.layout, num_kv_heads=demand.shape.num_kv_heads)
+            layout = dataclasses.replace(pages.layout, num_kv_heads=demand.config.num_kv_heads)
             quota = sum(specs[d].models[model].max_bytes or 0 for d in r.devices)
             config = EngineConfig(max_num_seqs=r.max_num_seqs, max_model_len=max_model_len,
                                   max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk)
@@ -244,7 +231,7 @@ class Replanning:
     time_s: float
     drift: dict[str, float]       # model -> relative drift of its observed rate from plan
     moved: tuple[str, ...]        # models whose device sets changed
-    placement: object             # global_scheduler.Placement, serving from time_s on
+    placement: object             # a placement.Placement, serving from time_s on
     planned_share: float = 1.0    # of the observed rates (< 1: they did not fit)
 
 
@@ -255,10 +242,10 @@ def simulate_replanning(placement, profile, requests: list[Request], slos: dict[
                         window_s: float = 30.0, threshold: float = DEFAULT_DRIFT_THRESHOLD,
                         min_count: int = MIN_DRIFT_OBSERVATIONS, max_model_len: int = 8192,
                         ) -> tuple[list[RequestRecord], list[Replanning]]:
-    """`simulate_placement` with re-placement on rate drift (see the module docstring). `demands_for`
+    """`simulate_placement` with re-placement on rate drift (docs/scheduling.md). `demands_for`
     turns rates into demands. A placement may plan for a share of the offered rates (best effort:
     `rate_scale` for the first one); drift is judged on observed rates times that share, and a
-    re-placement takes the first of `plan_factors` x the observed rates that `replace` can fit (none:
+    re-placement takes the first of `plan_factors` x the observed rates that `replan` can fit (none:
     the current placement stays). Returns the records (arrival order) and the re-placements made."""
     monitor = RatesMonitor(window_s, start_s=0.0)
     models = list(placement.demands)

@@ -7,7 +7,7 @@ the output lengths (ignore EOS, max_tokens = output_len).
 Sources:
 - Arrivals: Poisson, or a Gamma renewal process with a given coefficient of variation (AlpaServe and
   FineServe; vLLM's ``--burstiness b`` is shape b, i.e. CV = 1/sqrt(b)).
-- Popularity: MuxServe's power law, rate of model i proportional to (i + 1)^-alpha.
+- Popularity: MuxServe's power law (arXiv 2404.02015), rate of model i proportional to (i + 1)^-alpha.
 - Azure LLM inference traces 2023 (Azure/AzurePublicDataset, CC-BY 4.0; the data behind Splitwise,
   Patel et al., ISCA 2024): one hour of a conversation service and one of a coding service, copied
   into serving/sim/traces/azure_llm_2023/.
