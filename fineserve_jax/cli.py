@@ -1,6 +1,7 @@
-"""The `fineserve` command line: `serve` models over HTTP (OpenAI API), `generate` one prompt, `batch` a JSONL file of prompts, `quantize`
-a model into a checkpoint directory that `--model DIR` (and `LLM(model=DIR)`) serves, `profile` the
-step times of models on this device, `bench` the schedulers on a workload."""
+"""The `fineserve` command line: `serve` models over HTTP (OpenAI API), `generate` one prompt,
+`batch` a JSONL file of prompts, `quantize` a model into a checkpoint directory that `--model DIR`
+(and `LLM(model=DIR)`) serves, `profile` the step times of models on this device, `bench` the
+schedulers on a workload."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-b
 device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
 Each device is scheduled as `[server] admission/drop_hopeless/step_policy` say: by default FCFS
 admission and FineServe's latency-aware EDF between models; `admission = "saab"` adds its SLO-aware
-batching where the device's cost profile covers the model.
+batching where the device's cost profile covers the model. Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests for serving/kv/kv_pool.py: the host-side SlabAllocator, slab_bytes_for and the KVPool buffer.
+"""Tests for serving/kv/: the host-side SlabAllocator (slab_allocator.py), slab_bytes_for
+(slab_geometry.py) and the KVPool buffer (kv_pool.py).
 
 The core is a hypothesis state machine that registers several models with different page sizes on
 one allocator (all but one tiling the slab exactly, one leaving a remainder) and runs random

@@ -1,4 +1,4 @@
-"""Tests for serving/kv/pool_plan.py and kv_pool.choose_slab_bytes: slab size, per-model geometry, and
+"""Tests for serving/kv/pool_plan.py and slab_geometry.choose_slab_bytes: slab size, per-model geometry, and
 the static / single-page-size baselines."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_choose_slab_bytes(pages, target):
 
 
 def test_choose_slab_bytes_llama8b_bf16_with_int4_kv():
-    bf16 = KVPageLayout(32, 8, 128, 16, "bfloat16").page_bytes
+    bf16 = KVPageLayout(32, 8, 128, 16, "bf16").page_bytes
     int4 = KVPageLayout(32, 8, 128, 16, "int4").page_bytes
     assert (bf16, int4) == (2 << 20, 557056)   # int4 pages carry a scale and a zero per head per token
     fineserve = 2 * lcm(bf16, int4)              # FineServe's rule: 68 MiB slabs
@@ -60,7 +60,7 @@ def test_choose_slab_bytes_rejects_bad_pages():
 
 
 def layouts():
-    return {"bf16": KVPageLayout(4, 2, 64, 16, "bfloat16"),
+    return {"bf16": KVPageLayout(4, 2, 64, 16, "bf16"),
             "int8": KVPageLayout(6, 2, 64, 16, "int8"),
             "int4": KVPageLayout(3, 1, 32, 16, "int4")}
 
@@ -194,7 +194,7 @@ def test_copy_pages_moves_whole_pages_and_nothing_else(stride_pad):
 def test_plan_picks_page_lengths_that_tile_a_slab_for_an_8b_class_mix():
     """Scale rows give int8/fp8 pages an odd factor (2^14 x 65 bytes for Llama-8B int8): at 16 tokens
     per page no slab up to 16x the target leaves < 1%; 8-token pages for those models do."""
-    mix = {"llama8b-bf16": KVPageLayout(32, 8, 128, 16, "bfloat16"),
+    mix = {"llama8b-bf16": KVPageLayout(32, 8, 128, 16, "bf16"),
            "llama8b-int8": KVPageLayout(32, 8, 128, 16, "int8"),
            "3b-fp8": KVPageLayout(28, 8, 128, 16, "fp8"),
            "1b-int4": KVPageLayout(16, 8, 64, 16, "int4")}

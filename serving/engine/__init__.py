@@ -1,1 +1,2 @@
-"""Engine core: requests, scheduling of one model's batch, pages, the jitted model runner."""
+"""Engine core: requests, scheduling of one model's batch, pages, sampling, the jitted model runner.
+Design notes: docs/serving.md."""

@@ -3,10 +3,13 @@
 `add_request` queues a prompt; each `step` runs one batch (chosen by the Scheduler) through the
 ModelRunner and returns a RequestOutput for every request that produced a token or finished
 (including requests the admission policy dropped, with finish reason "dropped").
-Requests that arrive while others are decoding join the running batch at the next step.
+Requests that arrive while others are decoding join the running batch at the next step, as in
+vLLM's continuous batching (arXiv 2309.06180). `add_samples` queues a request's `n` samples as n
+one-sample requests, all or nothing.
 
 The simulator builds the same engine with a runner that stands in for the device (`runner=`), an
 allocator-only pool and its own clock (`clock=`), so scheduling runs the code that serves.
+Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up 
 prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
 budget. The page table always has the width of a maximum-length sequence, so it never changes a
 shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
-reports how many programs exist.
+reports how many programs exist. The cost model and the simulator's stand-in runner pad with the
+same `ShapeBuckets`, so they see the batches the engine really runs.
 
-The pool is donated to every step, so it is updated in place and never copied.
+The pool is donated to every step, so it is updated in place and never copied (docs/serving.md).
 """
 
 from __future__ import annotations

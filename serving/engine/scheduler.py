@@ -5,10 +5,11 @@ Each step is either a prefill step (chunks of prompts, new requests admitted FCF
 chunk could not be scheduled, its next prompt token). Prefill goes first so new
 requests join the running decode batch as soon as possible. Which waiting requests are admitted,
 in what order, and which are dropped as hopeless is the admission policy's choice
-(FCFS by default as here, or `scheduling.admission`'s SLO-aware SAAB); dropped requests finish at once with
-reason "dropped" and wait in `dropped` until the engine reports them. When the pool runs out of pages during
-decode, the most recently admitted sequence is preempted: its pages are freed and it is recomputed
-later from its prompt plus the tokens it has generated (its outputs are kept).
+(FCFS by default as here, as vLLM; or `serving.scheduling.admission`'s SLO-aware SAAB); dropped
+requests finish at once with reason "dropped" and wait in `dropped` until the engine reports them.
+When the pool runs out of pages during decode, the most recently admitted sequence is preempted: its
+pages are freed and it is recomputed later from its prompt plus the tokens it has generated (its
+outputs are kept). Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

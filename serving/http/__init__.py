@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP server: protocol, app and metrics."""
+"""The OpenAI-compatible HTTP server: protocol, app and metrics. Design notes: docs/serving.md."""

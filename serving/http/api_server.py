@@ -12,6 +12,7 @@ when the model's bounded queue is full, 503 (with Retry-After) while shutting do
 admission policy dropped the request, 500 when the model failed during the request (the model
 recovers; other models are untouched). A client that disconnects has its request aborted and its
 KV pages freed. Every request ends with one structured log line on the "fineserve.requests" logger.
+Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""KV Slab: the shared device pool, its slab allocator and pool plans."""
+"""KV Slab (FineServe, arXiv 2509.06261): the shared device pool, slab geometry, the slab allocator
+and pool plans. Design notes: docs/kv_slab.md."""

@@ -1,6 +1,8 @@
 """The device KV pool: one `uint32[num_slabs, slab_words]` buffer per device holds every model's KV
 cache, with the slab allocator that hands out its pages. Each model's jitted program is given the
 buffer (donated) and returns the updated one, so the pool is updated in place whichever model runs.
+Untyped words, because each model reads its slabs through its own page layout
+(`pallas_kernels.kv_pages.KVPageLayout`). Design notes: docs/kv_slab.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ modes share all the code downstream (allocator, runtime, kernels):
                  owns a fixed share of the slabs (equal by default), reserved and capped.
   "single_page"  the baseline of one page size for the whole pool: every page padded to the largest
                  model's page, slabs shared as in "slab".
+Design notes (modes, baselines, where plans come from): docs/kv_slab.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The host-side slab allocator of a device's KV pool.
+"""The host-side slab allocator of a device's KV pool (FineServe's KV Slab, arXiv 2509.06261, over
+PagedAttention-style pages, arXiv 2309.06180).
 
 The host hands out pages: a slab is formatted into one model's page size the first time that model
 needs it, pages are taken from the model's fullest partial slab first (so slabs empty out and can be
@@ -7,6 +8,7 @@ ids are per model: page `p` of a model with `pages_per_slab = n` is local page `
 `p // n` (pallas_kernels/kv_pages.py has the in-slab layout). A model may reserve slabs (`min_slabs`)
 and be capped (`max_slabs`); equal reservation and cap give a static partition, the baseline of
 separate per-model pools. `compact` moves a model's live pages into as few slabs as possible.
+Design notes (allocation order, byte accounting, compaction): docs/kv_slab.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Slab geometry: how big a slab is, and which page size each co-located model formats its slabs
-into, so that every model's pages tile a slab with (almost) no waste. FineServe takes
-2 x lcm(page sizes); the lcm of pages with scale rows grows fast, so here a slab is the smallest size
-near a target that every model tiles within a waste bound (design note: docs/kv_slab.md).
+into, so that every model's pages tile a slab with (almost) no waste. FineServe (arXiv 2509.06261)
+takes 2 x lcm(page sizes); the lcm of pages with scale rows grows fast, so here a slab is the
+smallest size near a target that every model tiles within a waste bound (docs/kv_slab.md).
 """
 
 from __future__ import annotations

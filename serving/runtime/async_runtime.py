@@ -11,6 +11,7 @@ hands every output to its request's asyncio queue. Nothing is ever dropped silen
   step raises fails its own requests (`ModelFailed`) and keeps serving; `drain` gives in-flight
   requests until a deadline and then fails the rest (`ShuttingDown`);
 - `abort` (a client that went away) finishes the request and frees its pages at the next step.
+Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -5,16 +5,15 @@ programs) over the same `KVPool`: each step takes `pool.words`, donates it to th
 and stores the result back, so the pool is updated in place and never copied, whichever model runs.
 Each model sees the shared words through its own page geometry (kv_pages.KVPageLayout).
 
-`step` asks the policy which model goes next among those with work; a model whose requests are
+`step` asks the step policy which model goes next among those with work; a model whose requests are
 all waiting for pages held by other models is skipped for that step. Before a model waits (or
-preempts) for lack of pages, the other models are compacted: their live pages are moved into as few
-slabs as possible, and the emptied slabs return to the pool for anyone (`reclaim_for`).
-`assemble_device` builds a device: its engines with their admission policies and this reclaim hook,
-and the step policy (round-robin by default, or SLO-aware ones from `scheduling`).
+preempts) for lack of pages, the other models are compacted (`reclaim_for`). `assemble_device` builds
+a device from a `serving.scheduling.local_scheduling.LocalScheduling`: its engines with their
+admission policies and this reclaim hook, and the step policy (round-robin by default).
 
 A model whose step raises is isolated: `step` raises ModelStepError naming it, and `recover` fails
 only that model's requests; the other models keep their requests (and, unless the failed program
-took the donated pool with it, their cached KV).
+took the donated pool with it, their cached KV). Design notes: docs/serving.md, docs/kv_slab.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Admission policies: which waiting requests a model admits each iteration (`Scheduler(admission=)`).
 
-FCFS (`engine.scheduler.FCFSAdmission`) admits in arrival order up to the caps, as vLLM does.
+FCFS (`serving.engine.scheduler.FCFSAdmission`) admits in arrival order up to the caps, as vLLM does.
 `SAABAdmission` is FineServe's SLO-Aware Adaptive Batching (arXiv 2509.06261), with the step-time
 cost model in place of a profiled constant (docs/scheduling.md):
   1. predict TTFT of waiting request r as `now + tau (B + len_r)`, tau the model's prefill seconds
