@@ -7,24 +7,16 @@
     fleet.llm("smollm2-135m-bf16").chat(...)      # the full LLM API of one model
 
 Each model keeps its own jitted programs; all of them thread the same donated pool
-(serving/runtime/device_runtime.py), and `pool_mode` picks KV Slab or one of its baselines
-(serving/kv/pool_plan.py). The same fleet from a file: `Fleet.from_config("fleet.toml")`:
-
-    pool_bytes = "256MiB"        # or an integer
-    pool_mode = "slab"           # "slab" | "static" | "single_page"
-    [[models]]
-    model = "smollm2-135m"
-    precision = "w4a16"
-    name = "small-int4"          # optional; default "<model>-<precision>"
-    kv_reserve_bytes = "16MiB"   # optional per-model reservation / cap
+(serving/runtime/device_runtime.py), `pool_mode` picks KV Slab or one of its baselines
+(serving/kv/pool_plan.py), and `scheduling=` takes a
+`serving.scheduling.local_scheduling.LocalScheduling`. The same fleet from a TOML file
+(`pool_bytes`, `pool_mode`, `slab_bytes`, and `[[models]]` entries of ModelSpec fields; README.md):
+`Fleet.from_config("fleet.toml")`. Design notes: docs/serving.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import re
-import tomllib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +25,7 @@ from typing import Sequence as Seq
 import jax
 from flax import nnx
 
+from fineserve_jax.config_files import fleet_file, parse_bytes, read_toml
 from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model
 from pallas_kernels.implementation import resolve_kernels
@@ -40,27 +33,12 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.engine.llm_engine import LLMEngine
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
 DEFAULT_POOL_BYTES = 512 << 20
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(value, what: str) -> int:
-    """An integer byte count, or a string such as "256MiB" / "1.5GB"."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a byte count, got {value!r}")
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise ValueError(f"{what} must be a byte count such as 268435456 or \"256MiB\", got {value!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
 @dataclass
@@ -167,32 +145,15 @@ class Fleet:
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> Fleet:
         """A fleet from a TOML file (see the module docstring); unknown keys are errors."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read fleet config {path}: {e}") from None
-        return cls.from_dict(data, **overrides)
+        return cls.from_dict(read_toml(path, "fleet config"), source=path, **overrides)
 
     @classmethod
-    def from_dict(cls, data: dict, **overrides) -> Fleet:
-        top = {"models", "pool_bytes", "pool_mode", "slab_bytes"}
-        unknown = sorted(set(data) - top)
-        if unknown:
-            raise ValueError(f"unknown fleet config keys {unknown}; known: {sorted(top)}")
-        entries = data.get("models")
-        if not isinstance(entries, list) or not entries:
-            raise ValueError("the fleet config needs at least one [[models]] entry")
-        fields = {f.name for f in dataclasses.fields(ModelSpec)}
-        specs = []
-        for i, entry in enumerate(entries):
-            bad = sorted(set(entry) - fields)
-            if bad or "model" not in entry:
-                raise ValueError(f"[[models]] entry {i}: " + (f"unknown keys {bad}; known: {sorted(fields)}"
-                                                             if bad else "needs a 'model'"))
-            specs.append(ModelSpec(**entry))
-        kwargs = {k: data[k] for k in ("pool_bytes", "pool_mode", "slab_bytes") if k in data}
-        return cls(specs, **(kwargs | overrides))
+    def from_dict(cls, data: dict, *, source: str | Path | None = None, **overrides) -> Fleet:
+        """A fleet from a fleet file's data, every key checked (config_files.FleetFile: unknown keys,
+        wrong types and bad values raise ValueError naming `source`, the file, and the key);
+        `overrides`: Fleet arguments that replace the file's."""
+        config = fleet_file(data, ModelSpec, source)
+        return cls([m.spec for m in config.models], **(config.pool() | overrides))
 
     # ---- serving -------------------------------------------------------------------------------
     @property

@@ -5,43 +5,13 @@
     for df in build_fleets(config):                   # one Fleet (one shared KV pool) per device
         df.device_name, df.jax_device, df.fleet, df.slo_ttft_s, df.max_queue
 
-A fleet.toml (`Fleet.from_config`) is a valid serve config; these keys are added:
-
-    pool_bytes = "512MiB"          # each device's KV pool, unless its [[devices]] entry sets one
-    [server]                       # optional; `fineserve serve --host/--port` override it
-    host = "127.0.0.1"
-    port = 8000
-    drain_timeout_s = 30           # on shutdown, in-flight requests get this long to finish
-    admission = "fcfs"             # or "saab": FineServe's SLO-aware batching where a step-cost model exists
-    drop_hopeless = false          # saab: drop (503) requests that cannot meet their SLO, else run them last
-    step_policy = "edf"            # which co-located model steps next: "edf" (FineServe's latency-aware
-                                   # EDF), "edf_strict" (plain EDF) or "round_robin"
-    [[devices]]                    # optional; default: one device, jax.devices()[0]
-    name = "gpu0"                  # default "device<i>"
-    jax_device = 0                 # index into jax.devices(); default: the entry's position
-    kind = "h100"                  # cost-profile kind; default from the jax device ("h100", "cpu", ...)
-    memory_bytes = "80GB"          # default: the jax device's memory_stats(); needed to place on 2+ devices
-    pool_bytes = "16GiB"           # default: the top-level pool_bytes
-    [[models]]                     # any ModelSpec field (see fleet.py), plus:
-    model = "smollm2-135m"
-    precision = "w4a16"
-    slo_ttft_ms = 500              # TTFT SLO; default: FineServe's rule on the device profile
-                                   # (serving/scheduling/profiles/<kind>.json) where it covers the model, else 2 s
-    rate = 2.0                     # expected requests / s, for placement (default 1)
-    max_queue = 64                 # waiting requests before the server refuses more (default 4 x max_num_seqs)
-
-Placement (`place_models`): on one device every model goes there. On several, FineServe's global
-scheduler (serving/scheduling/placement.py, strategy "fineserve", TP 1) places them from the models'
-shapes (config.json / GGUF header: no weights are loaded; "auto"/"native" precision is planned as
-bf16, an upper bound). Each device is offered its memory less its configured KV pool, which is
-allocated whatever the models: the scheduler fits the weights, plus each model's minimum KV as
-FineServe reserves it, beside the pool (slightly conservative). Its KV score counts that leftover
-memory, not the fixed pools, so it guarantees a fit, not the best split of the pools.
-Step costs: the device profile where it covers the model, else the roofline for a known GPU kind
-(cost_model.DEVICES, which is how the h100/h200 profiles are made), else none (memory decides for
-that model). When the expected rates or SLOs cannot be met, every model is placed by memory only, with
-a warning logged; only a placement that does not fit in memory is an error. The server runs one replica per
-model, on one device: where the scheduler plans more replicas, the first one's device is kept (logged).
+A fleet.toml (`Fleet.from_config`) is a valid serve config; a serve config adds a `[server]` section
+(host, port, drain timeout, admission, drop_hopeless, step_policy), `[[devices]]` and, per model,
+`slo_ttft_ms`, `rate` and `max_queue`. SLOs default to FineServe's rule (arXiv 2509.06261) on the
+device's cost profile (serving/scheduling/profiles/<kind>.json) where it covers the model. On several
+devices FineServe's global placement (`serving.scheduling.strategies.place`, TP 1) puts the models,
+from their checkpoints' metadata only; the server runs one replica per model. Every key and the
+placement rules: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -50,16 +20,15 @@ import dataclasses
 import json
 import logging
 import math
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from fineserve_jax.config_files import DEFAULT_RATE, DeviceConfig, ServerConfig, parse_bytes, read_toml, serve_file
 from fineserve_jax.demo import demo_fleet_specs
-from fineserve_jax.fleet import DEFAULT_POOL_BYTES, Fleet, ModelSpec, parse_bytes
+from fineserve_jax.fleet import DEFAULT_POOL_BYTES, Fleet, ModelSpec
 from models.config import ModelConfig
 from models.gguf_loader import config_from_gguf_metadata, open_gguf
 from models.hf_loader import read_hf_config
@@ -67,92 +36,30 @@ from models.loader import LoadedModel, check_precision, parse_dtype, resolve_mod
 from models.precision import PrecisionPreset, layout_kv_dtype, resolve_precision
 from models.quantize import model_weight_bytes
 from pallas_kernels.kv_pages import KVPageLayout
-from serving.scheduling.cost_model import DEVICES, DeviceProfile, ModelShape, StepCost, roofline_step_cost, variant_key
+from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roofline_step_cost, variant_key
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.slo import fineserve_slo_of
 from serving.scheduling.strategies import place
-from serving.kv.kv_pool import DEFAULT_SLAB_BYTES
-from serving.scheduling.local_scheduling import LocalScheduling
-from serving.scheduling.slo import SLO
-from serving.scheduling.step_policy import STEP_POLICIES
-from serving.kv.pool_plan import POOL_MODES
+from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 
 log = logging.getLogger("fineserve.config")
 
 DEFAULT_SLO_TTFT_S = 2.0            # where no device profile covers the model
-DEFAULT_RATE = 1.0                  # requests / s
 QUEUE_PER_SEQ = 4                   # default max_queue = 4 x max_num_seqs
-DEFAULT_HOST, DEFAULT_PORT, DEFAULT_DRAIN_TIMEOUT_S = "127.0.0.1", 8000, 30.0
-ADMISSIONS = ("saab", "fcfs")       # [server] admission; drop_hopeless picks SAAB's variant
 # No step-time model: any positive cost (memory-only placement also plans for rate 0 and no SLO,
 # so that only memory decides).
 MEMORY_ONLY_COST = StepCost(prefill=(1e-6, 0.0, 0.0), decode=(1e-6, 0.0, 0.0, 0.0), pad_to_buckets=False)
 
 
 # --------------------------------------------------------------------------------------------------
-# The configuration
-
-
-@dataclass
-class ServerConfig:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    # FCFS within a model, as vLLM, and never a drop; latency-aware EDF between models, which takes
-    # turns until a deadline is at risk (RESULTS.md: on the CPU demo replay it kept round-robin's
-    # latencies; in simulation, under FCFS, it met more SLOs than round-robin at 3 of 5 loads and
-    # had a lower or equal TTFT p99 at all 5).
-    admission: str = "fcfs"
-    drop_hopeless: bool = False
-    step_policy: str = "edf"
-
-    def __post_init__(self):
-        if not self.host:
-            raise ValueError("host must be a non-empty string")
-        if self.admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
-        if self.step_policy not in STEP_POLICIES:
-            raise ValueError(f"step_policy must be one of {STEP_POLICIES}, got {self.step_policy!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if not self.drain_timeout_s >= 0:
-            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-
-    def scheduling(self, slo_ttft_s: dict[str, float], step_costs: dict[str, StepCost | None]) -> LocalScheduling:
-        """One device's local scheduling under this [server] section, for its models' TTFT SLOs
-        (seconds) and step costs (SAAB needs them; a model without one admits FCFS)."""
-        admission = self.admission if self.admission == "fcfs" else "saab" if self.drop_hopeless else "saab-keep"
-        return LocalScheduling(admission, self.step_policy, {n: SLO(s) for n, s in slo_ttft_s.items()}, step_costs)
-
-
-@dataclass
-class DeviceConfig:
-    """One device of the pool. None fields come from the jax device when they are needed."""
-
-    name: str
-    jax_device: int | None = None      # index into jax.devices(); None: its position in ServeConfig.devices
-    memory_bytes: int | str | None = None
-    kind: str | None = None
-    pool_bytes: int | str | None = None  # None: ServeConfig.pool_bytes
-
-    def __post_init__(self):
-        if not self.name:
-            raise ValueError("a device needs a non-empty name")
-        if self.jax_device is not None and self.jax_device < 0:
-            raise ValueError(f"jax_device must be >= 0, got {self.jax_device}")
-        if self.kind is not None and not self.kind:
-            raise ValueError("kind must be a non-empty string")
-        for key in ("memory_bytes", "pool_bytes"):
-            value = getattr(self, key)
-            if value is not None:
-                setattr(self, key, parse_bytes(value, key))
-                if getattr(self, key) <= 0:
-                    raise ValueError(f"{key} must be positive, got {value!r}")
+# The configuration: [server] and [[devices]] are config_files.ServerConfig / DeviceConfig; a file's
+# keys, types and values are checked there (config_files.ServeFile), its models and devices here.
 
 
 @dataclass
 class ServedModelConfig:
-    """One served model: what the Fleet loads (`spec`) and what the server plans and admits by."""
+    """One served model: what the Fleet loads (`spec`) and what the server plans and admits by
+    (from a file: config_files.ServedModelEntry)."""
 
     spec: ModelSpec
     slo_ttft_s: float | None = None    # None: see slo_ttft_s()
@@ -160,16 +67,8 @@ class ServedModelConfig:
     max_queue: int | None = None       # waiting requests; None: QUEUE_PER_SEQ x max_num_seqs
 
     def __post_init__(self):
-        if not isinstance(self.spec, ModelSpec):
-            raise ValueError(f"spec must be a ModelSpec, got {type(self.spec).__name__}")
-        if self.slo_ttft_s is not None and not (self.slo_ttft_s > 0 and math.isfinite(self.slo_ttft_s)):
-            raise ValueError(f"slo_ttft_ms must be positive, got {self.slo_ttft_s * 1e3}")
-        if not (self.rate >= 0 and math.isfinite(self.rate)):
-            raise ValueError(f"rate must be a finite number >= 0 (requests / s), got {self.rate}")
         if self.max_queue is None:
             self.max_queue = QUEUE_PER_SEQ * self.spec.max_num_seqs
-        if self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
 
     @property
     def name(self) -> str:
@@ -180,22 +79,19 @@ class ServedModelConfig:
 class ServeConfig:
     models: list[ServedModelConfig]
     devices: list[DeviceConfig] = field(default_factory=list)  # empty: one device, jax.devices()[0]
+    # (DeviceConfig's name and jax_device default to "device<i>" and <i>, its position)
     pool_bytes: int | str = DEFAULT_POOL_BYTES
     pool_mode: str = "slab"
     slab_bytes: int | str = DEFAULT_SLAB_BYTES
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self):
-        if not self.models or not all(isinstance(m, ServedModelConfig) for m in self.models):
-            raise ValueError("a serve config needs at least one model (ServedModelConfig / [[models]])")
         _refuse_duplicates("model name", [m.name for m in self.models], "set name = ... in [[models]]")
-        self.devices = list(self.devices) or [DeviceConfig("device0", 0)]
-        self.devices = [d if d.jax_device is not None else dataclasses.replace(d, jax_device=i)
-                        for i, d in enumerate(self.devices)]
+        self.devices = [dataclasses.replace(d, name=d.name or f"device{i}",
+                                            jax_device=i if d.jax_device is None else d.jax_device)
+                        for i, d in enumerate(self.devices or [DeviceConfig()])]
         _refuse_duplicates("device name", [d.name for d in self.devices])
         _refuse_duplicates("jax_device", [d.jax_device for d in self.devices], "one entry per jax device")
-        if self.pool_mode not in POOL_MODES:
-            raise ValueError(f"unknown pool_mode {self.pool_mode!r}; choose one of {POOL_MODES}")
         self.pool_bytes = parse_bytes(self.pool_bytes, "pool_bytes")
         self.slab_bytes = parse_bytes(self.slab_bytes, "slab_bytes")
 
@@ -212,32 +108,21 @@ class ServeConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServeConfig:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read serve config {path}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path, "serve config"), source=path)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ServeConfig:
-        """Every key is checked: unknown keys, wrong types and bad values raise ValueError naming them;
-        so do device indices this process does not have."""
-        _check_keys("serve config", data, {"models", "devices", "server", "pool_bytes", "pool_mode", "slab_bytes"})
-        models = [_served_model(i, e) for i, e in enumerate(_tables(data, "models", required=True))]
-        devices = [_device(i, e) for i, e in enumerate(_tables(data, "devices"))]
-        server = data.get("server", {})
-        if not isinstance(server, dict):
-            raise ValueError(f"[server] must be a table, got {server!r}")
-        _check_keys("[server]", server, {f.name for f in dataclasses.fields(ServerConfig)})
-        server = _construct(ServerConfig, "[server]", {k: _typed(v, _SERVER_TYPES[k], f"[server] {k}")
-                                                      for k, v in server.items()})
-        top = {k: data[k] for k in ("pool_bytes", "slab_bytes") if k in data}
-        if "pool_mode" in data:
-            top["pool_mode"] = _typed(data["pool_mode"], str, "pool_mode")
-        config = _construct(cls, "serve config", dict(models=models, devices=devices, server=server, **top))
-        for d in config.devices:
-            _jax_device(d)  # fail at parse time on an index this process lacks
+    def from_dict(cls, data: dict, source: str | Path | None = None) -> ServeConfig:
+        """Every key is checked (config_files.ServeFile): unknown keys, wrong types and bad values raise
+        ValueError naming `source` (the file) and the key; so do duplicate names and device indices
+        this process does not have."""
+        file = serve_file(data, ModelSpec, source)
+        try:
+            config = cls([ServedModelConfig(m.spec, m.slo_ttft_s, m.rate, m.max_queue) for m in file.models],
+                         file.devices, server=file.server, **file.pool())
+            for d in config.devices:
+                _jax_device(d)  # fail at parse time on an index this process lacks
+        except ValueError as e:
+            raise ValueError(f"{source or file.what}: {e}") from None
         return config
 
 
@@ -245,78 +130,6 @@ def _refuse_duplicates(what: str, values: list, hint: str = "") -> None:
     dup = sorted({str(v) for v in values if values.count(v) > 1})
     if dup:
         raise ValueError(f"duplicate {what}s {dup}" + (f"; {hint}" if hint else ""))
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing helpers (TOML -> dataclasses)
-
-_SERVE_MODEL_TYPES = {"slo_ttft_ms": float, "rate": float, "max_queue": int}
-_DEVICE_TYPES = {"name": str, "jax_device": int, "memory_bytes": "bytes", "kind": str, "pool_bytes": "bytes"}
-_SERVER_TYPES = {"host": str, "port": int, "drain_timeout_s": float, "admission": str, "drop_hopeless": bool,
-                 "step_policy": str}
-_BYTE_FIELDS = {"kv_reserve_bytes", "kv_max_bytes"}
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def _spec_types() -> dict[str, type | str]:
-    """What TOML may give each ModelSpec field, from its annotations (`model`: a name or path)."""
-    types = {}
-    for name, hint in typing.get_type_hints(ModelSpec).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        types[name] = "bytes" if name in _BYTE_FIELDS else (str if LoadedModel in args else args[0])
-    return types
-
-
-def _typed(value, kind: type | str, where: str):
-    if kind == "bytes":
-        return parse_bytes(value, where)
-    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-    if not ok or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"{where} must be {_TYPE_NAMES[kind]}, got {value!r}")
-    return float(value) if kind is float else value
-
-
-def _check_keys(where: str, entry: dict, known: set[str]) -> None:
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-
-
-def _tables(data: dict, key: str, required: bool = False) -> list[dict]:
-    entries = data.get(key, [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError(f"{key} must be an array of tables ([[{key}]] entries), got {entries!r}")
-    if required and not entries:
-        raise ValueError(f"the serve config needs at least one [[{key}]] entry")
-    return entries
-
-
-def _construct(cls, where: str, kwargs: dict):
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _served_model(i: int, entry: dict) -> ServedModelConfig:
-    where = f"[[models]] entry {i}" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
-    spec_types = _spec_types()
-    _check_keys(where, entry, set(spec_types) | set(_SERVE_MODEL_TYPES))
-    if "model" not in entry:
-        raise ValueError(f"{where}: needs a 'model'")
-    typed = {k: _typed(v, spec_types.get(k) or _SERVE_MODEL_TYPES[k], f"{where}: {k}") for k, v in entry.items()}
-    serve = {k: typed.pop(k) for k in _SERVE_MODEL_TYPES if k in typed}
-    if "slo_ttft_ms" in serve:
-        serve["slo_ttft_s"] = serve.pop("slo_ttft_ms") / 1e3
-    spec = _construct(ModelSpec, where, typed)
-    return _construct(ServedModelConfig, where, dict(spec=spec, **serve))
-
-
-def _device(i: int, entry: dict) -> DeviceConfig:
-    where = f"[[devices]] entry {i}" + (f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else "")
-    _check_keys(where, entry, set(_DEVICE_TYPES))
-    typed = {k: _typed(v, _DEVICE_TYPES[k], f"{where}: {k}") for k, v in entry.items()}
-    return _construct(DeviceConfig, where, {"name": f"device{i}", "jax_device": i} | typed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,13 +192,12 @@ def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec) -> StepCost | 
 
 
 def step_cost(model: ServedModelConfig, kind: str | None, profile: DeviceProfile | None,
-              shape: ModelShape | None = None) -> StepCost | None:
+              config: ModelConfig | None = None) -> StepCost | None:
     """The model's step times on a device of `kind`: the device profile's where it covers the model,
-    else the roofline of a known GPU kind (`shape`: the model's, if already read), else None."""
+    else the roofline of a known GPU kind (`config`: the model's, if already read), else None."""
     cost = _profile_cost(profile, model.spec)
     if cost is None and kind in DEVICES:
-        shape = shape or ModelShape.from_config(read_model_config(model.spec), model.name)
-        cost = roofline_step_cost(shape, _planned_preset(model.spec), DEVICES[kind])
+        cost = roofline_step_cost(config or read_model_config(model.spec), _planned_preset(model.spec), DEVICES[kind])
     return cost
 
 
@@ -423,8 +235,8 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.tokens_per_page,
                           layout_kv_dtype(preset, dtype))
     # profile_model: a private key per model, so that the profile built for placement has one entry each.
-    return ModelDemand(model.name, ModelShape.from_config(cfg, f"m{index}"), preset.name, layout.kv_dtype,
-                       weights, -(-layout.page_bytes // spec.tokens_per_page), model.rate, slo,
+    return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
+                       weights, layout.bytes_per_token, model.rate, slo,
                        tokens_per_page=spec.tokens_per_page, profile_model=f"m{index}")
 
 
@@ -446,7 +258,7 @@ def place_models(config: ServeConfig) -> dict[str, list[str]]:
     demands = [_demand(i, m, slo_ttft_s(m, kind, profile)) for i, m in enumerate(config.models)]
     costs = {}
     for d, m in zip(demands, config.models):
-        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.shape) or MEMORY_ONLY_COST
+        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
     try:
         placement = place("fineserve", demands, devices, DeviceProfile(kind or "mixed", "serve", costs), scheduler)
     except PlacementError as e:

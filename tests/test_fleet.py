@@ -272,3 +272,18 @@ kv_reserve_bytes = "1MiB"
         path.write_text(text)
         with pytest.raises(ValueError, match=match):
             Fleet.from_config(path)
+
+
+def test_fleet_file_errors_name_the_file_and_the_key(tmp_path):
+    path = tmp_path / "fleet.toml"
+    for text, message in [
+            ('[[models]]\nmodel = "x"\nmax_num_seqs = "8"\n', r"\[\[models\]\] entry 0: max_num_seqs must be an int"),
+            ('[[models]]\nmodel = "x"\nslo_ttft_ms = 500\n', r"\[\[models\]\] entry 0: unknown keys \['slo_ttft_ms'\]"),
+            ('pool_bytes = true\n[[models]]\nmodel = "x"\n', r"pool_bytes must be a byte count, got True"),
+            ('pool_mode = "paged"\n[[models]]\nmodel = "x"\n', r"unknown pool_mode 'paged'"),
+            ('[server]\nport = 1\n[[models]]\nmodel = "x"\n', r"unknown fleet config keys \['server'\]")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+            Fleet.from_config(path)
+    with pytest.raises(ValueError, match=r"^fleet config: \[\[models\]\] entry 0: kv_reserve_bytes must be a byte"):
+        Fleet.from_dict({"models": [{"model": "x", "kv_reserve_bytes": "lots"}]})

@@ -6,6 +6,7 @@ for building."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -145,6 +146,48 @@ def with_devices(*entries):
 def test_bad_configs_are_refused_naming_the_problem(data, message):
     with pytest.raises(ValueError, match=message):
         ServeConfig.from_dict(data)
+
+
+def test_errors_name_the_file_and_the_key(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text('pool_bytes = "64MiB"\n[server]\nport = 9000\ntls = true\n'
+                    '[[models]]\nmodel = "smollm2-135m"\nname = "small"\nmax_num_seqs = 2.5\ncolour = "red"\n')
+    with pytest.raises(ValueError) as e:
+        ServeConfig.from_toml(path)
+    lines = str(e.value).splitlines()  # every problem, one line each, each naming the file
+    assert len(lines) == 3
+    assert f"{path}: [[models]] entry 0 ('small'): max_num_seqs must be an integer, got 2.5" in lines
+    assert any(ln.startswith(f"{path}: [[models]] entry 0 ('small'): unknown keys ['colour']; known: [")
+               for ln in lines)
+    assert (f"{path}: [server]: unknown keys ['tls']; known: ['admission', 'drain_timeout_s', 'drop_hopeless', "
+            f"'host', 'port', 'step_policy']") in lines
+    path.write_text('bogus = 1\n[[models]]\nmodel = "smollm2-135m"\n')
+    with pytest.raises(ValueError, match=rf"^{path}: unknown serve config keys \['bogus'\]"):
+        ServeConfig.from_toml(path)
+    path.write_text('[[models]]\nmodel = "smollm2-135m"\nname = "a"\n[[models]]\nmodel = "smollm2-135m"\nname = "a"\n')
+    with pytest.raises(ValueError, match=rf"^{path}: duplicate model names \['a'\]"):
+        ServeConfig.from_toml(path)
+
+
+def test_byte_sizes_are_integers_or_sizes_but_not_bools():
+    c = ServeConfig.from_dict(with_devices({"name": "a", "memory_bytes": "1.5GB", "pool_bytes": "256MiB"}))
+    assert (c.devices[0].memory_bytes, c.devices[0].pool_bytes) == (1_500_000_000, 256 * MIB)
+    assert DeviceConfig("b", 1, 2 << 30, pool_bytes="1MiB").pool_bytes == MIB  # in code, too
+    assert ServeConfig.from_dict({"models": [model(kv_max_bytes="1MiB")]}).models[0].spec.kv_max_bytes == MIB
+    for data, key in [({"models": [model()], "pool_bytes": True}, "pool_bytes"),
+                      ({"models": [model(kv_reserve_bytes=False)]}, r"entry 0: kv_reserve_bytes"),
+                      (with_devices({"name": "a", "memory_bytes": True}), r"entry 0 \('a'\): memory_bytes")]:
+        with pytest.raises(ValueError, match=rf"{key} must be a byte count, got (True|False)"):
+            ServeConfig.from_dict(data)
+
+
+def test_a_model_entry_takes_every_modelspec_field():
+    """The entries' keys come from ModelSpec: a field added there is a key here."""
+    spec = ModelSpec("smollm2-135m", "w4a16", name="x", kv_dtype="int8", dtype="float32", calib_samples=4,
+                     tokens_per_page=8, max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64,
+                     kv_reserve_bytes=MIB, kv_max_bytes=2 * MIB, kv_share=0.5, seed=3, kernels="xla")
+    entry = {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)}
+    assert ServeConfig.from_dict({"models": [entry]}).models[0].spec == spec
 
 
 def test_unreadable_files_are_refused(tmp_path):
