@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from pallas_kernels.quant_formats import kv_bytes_per_token_per_layer, weight_bytes
+from pallas_kernels.kv_pages import KV_DTYPE_ALIASES, KVPageLayout
+from pallas_kernels.quant_formats import weight_bytes
 
-KV_DTYPES = ("bf16", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # a preset's KV formats (KVPageLayout's names)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class PrecisionPreset:
 
     def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
         """Exact KV bytes per token over all layers (K and V, scales included)."""
-        return cfg.num_layers * kv_bytes_per_token_per_layer(self.kv_format, cfg.num_kv_heads, cfg.head_dim)
+        return KVPageLayout.bytes_per_token_for(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_format)
 
     def weight_bytes(self, cfg: ModelConfig) -> int:
         """Exact bytes of all weights (quantized linears in their packed format, the rest bf16)."""
@@ -110,7 +111,7 @@ def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str |
     else:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRESETS)}")
     if kv_dtype is not None:
-        kv = {"bfloat16": "bf16"}.get(kv_dtype, kv_dtype)
+        kv = KV_DTYPE_ALIASES.get(kv_dtype, kv_dtype)
         if kv not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
         if kv != preset.kv_format:
@@ -120,6 +121,4 @@ def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str |
 
 def layout_kv_dtype(preset: PrecisionPreset, model_dtype) -> str:
     """The KVPageLayout dtype name for a preset: bf16 KV follows the model dtype (float32 models in tests)."""
-    if preset.kv_format == "bf16":
-        return "float32" if model_dtype == jnp.float32 else "bfloat16"
-    return preset.kv_format
+    return "float32" if preset.kv_format == "bf16" and model_dtype == jnp.float32 else preset.kv_format

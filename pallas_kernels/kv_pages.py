@@ -31,16 +31,25 @@ WORD_BITS = 32
 # KV formats -> (storage dtype of the value elements, bits per value). int4 is stored as uint8 bytes
 # holding two values each.
 KV_DTYPES = {
-    "bfloat16": (jnp.bfloat16, 16),
+    "bf16": (jnp.bfloat16, 16),
     "float32": (jnp.float32, 32),
     "fp8": (jnp.float8_e4m3fn, 8),
     "int8": (jnp.int8, 8),
     "int4": (jnp.uint8, 4),
 }
-KV_DTYPE_ALIASES = {"bf16": "bfloat16"}
+KV_DTYPE_ALIASES = {"bfloat16": "bf16"}  # accepted on input, never stored
 QUANTIZED_KV_DTYPES = ("fp8", "int8", "int4")
 SCALE_DTYPE = jnp.bfloat16
 SCALE_BITS = 16
+
+
+def normalize_kv_dtype(kv_dtype: str) -> str:
+    """The one name of a KV format (bf16, float32, fp8, int8, int4), from it or an alias."""
+    name = KV_DTYPE_ALIASES.get(kv_dtype, kv_dtype)
+    if name not in KV_DTYPES:
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; supported: {sorted(KV_DTYPES)} "
+                         f"(aliases: {sorted(KV_DTYPE_ALIASES)})")
+    return name
 
 
 @dataclass(frozen=True)
@@ -49,17 +58,14 @@ class KVPageLayout:
     num_kv_heads: int
     head_dim: int
     tokens_per_page: int
-    kv_dtype: str = "bfloat16"  # bfloat16 (alias bf16), float32, fp8, int8, int4
+    kv_dtype: str = "bf16"  # bf16 (alias bfloat16), float32, fp8, int8, int4
     pages_per_slab: int = 1  # set once the pool's slab size is known
     # Words from one page's start to the next in a slab: page_words, or more when every page of a
     # pool is padded to one size (the single-page-size baseline).
     page_stride_words: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "kv_dtype", KV_DTYPE_ALIASES.get(self.kv_dtype, self.kv_dtype))
-        if self.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"unsupported kv_dtype {self.kv_dtype!r}; supported: {sorted(KV_DTYPES)} "
-                             f"(aliases: {sorted(KV_DTYPE_ALIASES)})")
+        object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
         if self.num_kv_heads <= 0 or self.head_dim <= 0:
             raise ValueError("num_kv_heads and head_dim must be positive")
         if (self.num_kv_heads * self.head_dim * self.value_bits) % WORD_BITS:
@@ -140,7 +146,7 @@ class KVPageLayout:
 
     @classmethod
     def bytes_per_token_for(cls, num_layers: int, num_kv_heads: int, head_dim: int,
-                            kv_dtype: str = "bfloat16") -> int:
+                            kv_dtype: str = "bf16") -> int:
         """`bytes_per_token` of a model's KV cache without a page size (it does not depend on one):
         what capacity planning should use, so the figure is always what a page stores."""
         return cls(num_layers, num_kv_heads, head_dim, 1, kv_dtype).bytes_per_token

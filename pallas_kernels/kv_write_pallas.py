@@ -95,7 +95,7 @@ def quantize_head_row(x, kv_dtype: str):
     where the format has none)."""
     if kv_dtype == "float32":
         return lax.bitcast_convert_type(x, jnp.uint32), None, None
-    if kv_dtype == "bfloat16":
+    if kv_dtype == "bf16":
         return _bf16_bits(x), None, None
     if kv_dtype == "int4":
         x_min, x_max = jnp.min(x), jnp.max(x)

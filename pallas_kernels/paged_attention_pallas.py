@@ -89,7 +89,7 @@ def decode_element(words, index, kv_dtype: str):
     tile straight into head_dim order)."""
     if kv_dtype == "float32":
         return lax.bitcast_convert_type(words, jnp.float32)
-    if kv_dtype == "bfloat16":
+    if kv_dtype == "bf16":
         return _bf16_half_to_f32(words, index)
     if kv_dtype not in ("int8", "fp8", "int4"):
         raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")

@@ -9,7 +9,7 @@ int4_sym, and per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4. int4 is 
 in float32; with a narrower `scale_dtype` values are quantized against the rounded scale, so
 dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
 
-Byte accounting (`kv_bytes_per_token_per_layer`, `weight_bytes`) is computed from bit widths, never
+Byte accounting (`weight_bytes`; KV bytes: `kv_pages.KVPageLayout`) is computed from bit widths, never
 from `.nbytes` (XLA:CPU reports one byte per int4 element). Format table and packing: docs/kernels.md.
 """
 
@@ -28,7 +28,6 @@ INT8_MAX = 127.0
 INT4_SYM_MAX = 7.0
 UINT4_MAX = 15.0
 
-KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
 WEIGHT_FORMATS = ("bf16", "float32", "int8", "fp8", "int4", "int4_sym")
 # Serving-level format names -> weight storage format.
 WEIGHT_FORMAT_ALIASES = {
@@ -351,35 +350,6 @@ def _bits_to_bytes(bits: int, what: str) -> int:
     if bits % 8:
         raise ValueError(f"{what} is not a whole number of bytes ({bits} bits)")
     return bits // 8
-
-
-def kv_bytes_per_token_per_layer(
-    kv_format: str, num_kv_heads: int, head_dim: int, scale_dtype: Any = jnp.bfloat16
-) -> int:
-    """Exact bytes one token occupies in one layer's KV cache: K and V, values + scales + zeros, as
-    stored by `kv_pages.KVPageLayout` (a page's bytes per token divided by its number of layers).
-
-    bf16 (alias bfloat16)/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4:
-    4 bits/element + one scale and one zero (both `scale_dtype`) per head. Each token's values row and
-    its scale row fill whole 32-bit words: the values row must (ValueError otherwise), the scale row is
-    zero-padded (e.g. int8 with 3 KV heads and bf16 scales: 6 bytes of scales stored in 8).
-    """
-    kv_format = "bf16" if kv_format == "bfloat16" else kv_format
-    elems = num_kv_heads * head_dim
-    sbits = _dtype_bits(scale_dtype)
-    if kv_format == "bf16":
-        bits, scale_bits = elems * 16, 0
-    elif kv_format == "float32":
-        bits, scale_bits = elems * 32, 0
-    elif kv_format in ("fp8", "int8"):
-        bits, scale_bits = elems * 8, num_kv_heads * sbits
-    elif kv_format == "int4":
-        bits, scale_bits = elems * 4, num_kv_heads * 2 * sbits
-    else:
-        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: {KV_FORMATS} (and bfloat16)")
-    if bits % 32:
-        raise ValueError(f"a token's K row is not a whole number of 32-bit words ({bits} bits)")
-    return 2 * (bits + -(-scale_bits // 32) * 32) // 8
 
 
 def weight_bytes(

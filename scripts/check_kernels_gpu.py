@@ -3,7 +3,7 @@
     .venv/bin/python scripts/check_kernels_gpu.py [--json OUT] [--interpret] [filters]
 
 Attention (through the dispatcher `pallas_kernels.paged_attention`, implementation "pallas"): every
-KV format (bfloat16, float32, fp8, int8, int4) x page size {8, 16} x GQA ratio {1, 4} x head_dim
+KV format (bf16, float32, fp8, int8, int4) x page size {8, 16} x GQA ratio {1, 4} x head_dim
 {64, 128}, decode (one query per sequence) and prefill (a chunk of T + 3 queries per sequence, which
 crosses a page boundary), float32 queries; plus, per KV format, bfloat16 queries (what the model
 passes) at T = 16, GQA 4, head_dim 128. Each pool is built as the kernel tests build theirs
@@ -102,7 +102,7 @@ from pallas_kernels.quantized_matmul import quantized_matmul
 from pallas_kernels.quantized_matmul_pallas import has_kernel
 
 OPS = ("decode", "prefill", "matmul")
-KV_FORMATS = ("bfloat16", "float32", "fp8", "int8", "int4")
+KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
 PAGE_SIZES = (8, 16)
 GQA_RATIOS = (1, 4)
 HEAD_DIMS = (64, 128)

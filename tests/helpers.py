@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.engine.paged_forward import PagedForward  # noqa: F401  (re-exported for tests)
@@ -28,3 +31,32 @@ def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_
 def drain(engine) -> dict[str, object]:
     """Run an engine until idle; the final RequestOutput of each request by id."""
     return {o.request_id: o for o in engine.run_until_done() if o.finished}
+
+
+def kv_bytes_per_token_per_layer(
+    kv_format: str, num_kv_heads: int, head_dim: int, scale_dtype: Any = jnp.bfloat16
+) -> int:
+    """An independent count of the bytes one token occupies in one layer's KV cache (K and V, values
+    + scales + zeros), from bit widths alone: what `KVPageLayout.bytes_per_token` is checked against.
+
+    bf16 (alias bfloat16)/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4:
+    4 bits/element + one scale and one zero (both `scale_dtype`) per head. Each token's values row and
+    its scale row fill whole 32-bit words: the values row must (ValueError otherwise), the scale row is
+    zero-padded (e.g. int8 with 3 KV heads and bf16 scales: 6 bytes of scales stored in 8).
+    """
+    kv_format = "bf16" if kv_format == "bfloat16" else kv_format
+    elems = num_kv_heads * head_dim
+    sbits = jnp.dtype(scale_dtype).itemsize * 8
+    if kv_format == "bf16":
+        bits, scale_bits = elems * 16, 0
+    elif kv_format == "float32":
+        bits, scale_bits = elems * 32, 0
+    elif kv_format in ("fp8", "int8"):
+        bits, scale_bits = elems * 8, num_kv_heads * sbits
+    elif kv_format == "int4":
+        bits, scale_bits = elems * 4, num_kv_heads * 2 * sbits
+    else:
+        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: bf16 (bfloat16), float32, fp8, int8, int4")
+    if bits % 32:
+        raise ValueError(f"a token's K row is not a whole number of 32-bit words ({bits} bits)")
+    return 2 * (bits + -(-scale_bits // 32) * 32) // 8

@@ -18,14 +18,14 @@ import pytest
 from jax import lax
 
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, read_kv_pages_quantized, write_kv_tokens
-from pallas_kernels.quant_formats import kv_bytes_per_token_per_layer
+from tests.helpers import kv_bytes_per_token_per_layer
 from tests.test_paged_attention import (_dequantize_kv, _quantize_kv, _read, _write, bits, model_write,
                                         quantized_words)
 
 QUANTIZED = ("fp8", "int8", "int4")
-ALL_FORMATS = ("bfloat16", "float32") + QUANTIZED
-VALUE_BITS = {"bfloat16": 16, "float32": 32, "fp8": 8, "int8": 8, "int4": 4}
-SCALES_PER_HEAD = {"bfloat16": 0, "float32": 0, "fp8": 1, "int8": 1, "int4": 2}  # int4: scale + zero
+ALL_FORMATS = ("bf16", "float32") + QUANTIZED
+VALUE_BITS = {"bf16": 16, "float32": 32, "fp8": 8, "int8": 8, "int4": 4}
+SCALES_PER_HEAD = {"bf16": 0, "float32": 0, "fp8": 1, "int8": 1, "int4": 2}  # int4: scale + zero
 POISON = np.uint32(0xFFFFFFFF)  # NaN as float32, bfloat16 (scales) and e4m3 (0xFF); int8 -1, int4 15
 
 _read_quantized = jax.jit(read_kv_pages_quantized, static_argnums=1)
@@ -71,8 +71,8 @@ def test_layout_sizes_by_hand():
 
 def test_layout_validation():
     layout = KVPageLayout(1, 2, 64, 8, "bf16")
-    assert layout.kv_dtype == "bfloat16" and layout == KVPageLayout(1, 2, 64, 8, "bfloat16")
-    assert dataclasses.replace(layout, pages_per_slab=3).kv_dtype == "bfloat16"
+    assert layout.kv_dtype == "bf16" and layout == KVPageLayout(1, 2, 64, 8, "bfloat16")
+    assert dataclasses.replace(layout, pages_per_slab=3).kv_dtype == "bf16"
     assert kv_bytes_per_token_per_layer("bfloat16", 2, 64) == kv_bytes_per_token_per_layer("bf16", 2, 64)
     assert layout.dtype == jnp.bfloat16 and KVPageLayout(1, 2, 64, 8, "int4").dtype == jnp.float32
     with pytest.raises(ValueError, match="unsupported kv_dtype"):

@@ -47,9 +47,9 @@ PAGES_PER_SLAB = 3  # pages of one sequence straddle slabs
 S_PREFILL = 6
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand, round to nearest even)
 
-NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+NP_DTYPES = {"float32": np.float32, "bf16": ml_dtypes.bfloat16}
 QUANTIZED = ("fp8", "int8", "int4")
-KV_DTYPES = ("float32", "bfloat16") + QUANTIZED
+KV_DTYPES = ("float32", "bf16") + QUANTIZED
 
 _write = jax.jit(write_kv_tokens, static_argnums=1)
 _read = jax.jit(read_kv_pages, static_argnums=1)
@@ -340,7 +340,7 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
                     sq_err_q += np.sum((out[b] - ref32) ** 2)
                     sq_pred += predicted_sq_error(q[b], kv[layer, 0, b], kv[layer, 1, b], var[layer, 0, b],
                                                   var[layer, 1, b], q_pos[b], n)
-                if kv_dtype == "bfloat16" and n:
+                if kv_dtype == "bf16" and n:
                     k32, v32 = kv[layer, 0, b], kv[layer, 1, b]
                     ref32 = dense_attention(q[b], k32, v32, q_pos[b], n)
                     bound = bf16_error_bound(q[b], k32, v32, q_pos[b], n)
@@ -348,7 +348,7 @@ def test_write_read_attend(kv_dtype, tokens_per_page, heads, head_dim):
                     assert (err.max(axis=-1) <= bound + 5e-6).all(), (err.max(), bound.min())
                     sq_err += np.sum(err[q_pos[b] >= 0] ** 2)
                     sq_v += np.sum(v32[:n] ** 2) / n * (q_pos[b] >= 0).sum() * hq * head_dim
-            if kv_dtype == "bfloat16":
+            if kv_dtype == "bf16":
                 # The worst-case bound above is loose (it lets every rounding push the same way);
                 # the roundings have random signs and average out, so over the batch the RMS error
                 # stays within bf16's relative precision of the RMS value (measured: < 0.25 u).
@@ -386,7 +386,7 @@ def test_error_grows_as_precision_drops():
     q_pos = (lens[:, None] - S_PREFILL + np.arange(S_PREFILL)[None, :]).astype(np.int32)
     refs = [dense_attention(q[b], kv[0, b], kv[1, b], q_pos[b], n) for b, n in enumerate(lens)]
     rms = {}
-    for kv_dtype in ("float32", "bfloat16", "int8", "fp8", "int4"):
+    for kv_dtype in ("float32", "bf16", "int8", "fp8", "int4"):
         layout = KVPageLayout(NUM_LAYERS, hkv, d, t, kv_dtype, pages_per_slab=PAGES_PER_SLAB)
         table, _, _, valid, rows_b, rows_pos, pages, slots = scattered_batch(
             rng, layout, lens, num_slabs * PAGES_PER_SLAB)

@@ -53,7 +53,7 @@ NUM_LAYERS = 2
 LAYER = 1                       # read the second layer: the layer offset matters
 PAGES_PER_SLAB = 3
 P = 6                           # page-table width
-KV_DTYPES = ("bfloat16", "float32", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4")
 RTOL = ATOL = 2e-5              # float32 outputs, every KV format (see the module docstring)
 
 _write = jax.jit(write_kv_tokens, static_argnums=1)
@@ -184,7 +184,7 @@ def test_padded_page_stride(rng):
 
 def test_bfloat16_queries(rng):
     """bfloat16 q (as the model passes it): the output is bfloat16, computed in float32 inside."""
-    layout = KVPageLayout(NUM_LAYERS, 4, 128, 16, "bfloat16", pages_per_slab=PAGES_PER_SLAB)
+    layout = KVPageLayout(NUM_LAYERS, 4, 128, 16, "bf16", pages_per_slab=PAGES_PER_SLAB)
     q, pool, table, q_pos, kv_lens = build_case(rng, layout, [50, 16, 3], q_dtype=jnp.bfloat16, group=2)
     out = _kernel(q, pool, layout, jnp.int32(LAYER), table, q_pos, kv_lens, pages_per_block=1,
                   num_splits=4, interpret=True)
@@ -221,7 +221,7 @@ def test_decode_words_int4_bf16_f32():
     planes = decode_words(jnp.asarray(_words(packed)), "int4")
     np.testing.assert_array_equal(np.stack([np.asarray(p) for p in planes], -1).reshape(-1), nibbles)
     bf = rng.standard_normal(64).astype(ml_dtypes.bfloat16)
-    planes = decode_words(jnp.asarray(np.ascontiguousarray(bf).view("<u4")), "bfloat16")
+    planes = decode_words(jnp.asarray(np.ascontiguousarray(bf).view("<u4")), "bf16")
     np.testing.assert_array_equal(np.stack([np.asarray(p) for p in planes], -1).reshape(-1),
                                   bf.astype(np.float32))
     f = rng.standard_normal(16).astype(np.float32)
@@ -257,7 +257,7 @@ def test_dispatcher_decode_and_prefill(rng):
 
 
 def test_dispatcher_rejects_unknown_and_compiled_on_cpu(rng):
-    layout = KVPageLayout(NUM_LAYERS, 2, 64, 8, "bfloat16", pages_per_slab=PAGES_PER_SLAB)
+    layout = KVPageLayout(NUM_LAYERS, 2, 64, 8, "bf16", pages_per_slab=PAGES_PER_SLAB)
     q, pool, table, q_pos, kv_lens = build_case(rng, layout, [3], group=1)
     with pytest.raises(ValueError, match="xla.*pallas.*interpret"):
         paged_attention(q, pool, layout, LAYER, table, q_pos, kv_lens, implementation="triton")

@@ -63,7 +63,7 @@ PAGES_PER_SLAB = 3
 P = 6                           # page-table width
 S = 8                           # query slots per sequence in the matrix
 NUM_KV_HEADS = 2
-KV_DTYPES = ("bfloat16", "float32", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4")
 RTOL = ATOL = 2e-5              # float32 outputs, every KV format (see the module docstring)
 
 _write = jax.jit(write_kv_tokens, static_argnums=1)
@@ -209,7 +209,7 @@ def _dispatch(implementation):
 
 
 def test_dispatcher_routes_prefill_to_the_kernel(rng):
-    layout = KVPageLayout(NUM_LAYERS, NUM_KV_HEADS, 64, 8, "bfloat16", pages_per_slab=PAGES_PER_SLAB)
+    layout = KVPageLayout(NUM_LAYERS, NUM_KV_HEADS, 64, 8, "bf16", pages_per_slab=PAGES_PER_SLAB)
     contexts, chunks = [0, 11], [4, 3]
     kv_lens = np.add(contexts, chunks).astype(np.int32)
     pool, table = build_pool(rng, layout, kv_lens, P)

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import kv_bytes_per_token_per_layer
 from pallas_kernels.quant_formats import (
     E4M3_MAX,
     QuantizedTensor,
     dequantize,
     dequantize_kv,
-    kv_bytes_per_token_per_layer,
     pack_int4,
     pack_int4_u32,
     quantize_fp8_per_channel,
