@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout, write_kv_tokens
+from pallas_kernels.pow2 import next_pow2
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
     dequantize,
@@ -109,7 +110,7 @@ def build_attention_case(seed: int, *, num_kv_heads: int, head_dim: int, tokens_
     tok_pages, tok_slots = token_slots(table, lengths, tokens_per_page)
     # Power-of-two chunk sizes, at least MIN_FILL_CHUNK_TOKENS: one compiled writer per layout
     # serves many cases.
-    chunk = min(FILL_CHUNK_TOKENS, max(MIN_FILL_CHUNK_TOKENS, 1 << max(0, (len(tok_pages) - 1).bit_length())))
+    chunk = min(FILL_CHUNK_TOKENS, max(MIN_FILL_CHUNK_TOKENS, next_pow2(len(tok_pages))))
     key = jax.random.key(seed % (1 << 32))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")

@@ -26,7 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout
-from pallas_kernels.paged_attention_pallas import _elems_per_word, _is_pow2
+from pallas_kernels.paged_attention_pallas import _elems_per_word
+from pallas_kernels.pow2 import is_pow2
 from pallas_kernels.quant_formats import E4M3_MAX, INT8_MAX, UINT4_MAX
 
 BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, int4) row
@@ -35,7 +36,7 @@ BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, i
 def write_shape_error(layout: KVPageLayout) -> str | None:
     """Why the compiled (Triton) kernel cannot take this layout, or None: its tiles are [D / n, n]
     values (n per word), which Triton needs to be a power of two. Interpret mode has no such limit."""
-    if not _is_pow2(layout.head_dim):
+    if not is_pow2(layout.head_dim):
         return f"head_dim {layout.head_dim} is not a power of two"
     return None
 

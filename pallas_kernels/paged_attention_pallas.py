@@ -26,19 +26,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import KV_DTYPES, WORD_BITS, KVPageLayout
+from pallas_kernels.pow2 import is_pow2, next_pow2
 
 # Default tokens per inner-loop block (pages_per_block = this // tokens_per_page) and split count.
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_MAX_SPLITS = 8
 KV_VALUE_BITS = {name: bits for name, (_, bits) in KV_DTYPES.items()}
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _elems_per_word(layout: KVPageLayout) -> int:
@@ -51,9 +44,9 @@ def decode_shape_error(layout: KVPageLayout, pages_per_block: int) -> str | None
     n = _elems_per_word(layout)
     words = layout.head_dim // n
     block_tokens = pages_per_block * layout.tokens_per_page
-    if not _is_pow2(layout.head_dim) or not _is_pow2(words):
+    if not is_pow2(layout.head_dim) or not is_pow2(words):
         return f"head_dim {layout.head_dim} ({words} words per head row) is not a power of two"
-    if not _is_pow2(block_tokens):
+    if not is_pow2(block_tokens):
         return f"block of {block_tokens} tokens ({pages_per_block} pages x {layout.tokens_per_page}) " \
                f"is not a power of two"
     return None
@@ -243,7 +236,7 @@ def paged_decode_attention(
         raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
                          f"({hkv} kv heads x {layout.head_dim})")
     group = num_q_heads // hkv
-    gp = _next_pow2(group)                 # Triton tiles: pad the query group to a power of two
+    gp = next_pow2(group)                 # Triton tiles: pad the query group to a power of two
     n = _elems_per_word(layout)
     dw = head_dim // n
     num_pages = page_table.shape[1]

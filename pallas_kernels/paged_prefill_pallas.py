@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels.kv_pages import KVPageLayout
-from pallas_kernels.paged_attention_pallas import (DEFAULT_BLOCK_TOKENS, _elems_per_word, _is_pow2,
-                                                    _next_pow2, decode_element, token_scales)
+from pallas_kernels.paged_attention_pallas import DEFAULT_BLOCK_TOKENS, _elems_per_word, decode_element, token_scales
+from pallas_kernels.pow2 import is_pow2, next_pow2
 
 # Default rows (query tokens x padded group) per program.
 DEFAULT_BLOCK_ROWS = 64
@@ -44,7 +44,7 @@ def prefill_shape_error(layout: KVPageLayout, block_rows: int, pages_per_block: 
                        (f"KV block of {block_tokens} tokens ({pages_per_block} pages x "
                         f"{layout.tokens_per_page})", block_tokens),
                        (f"query block of {block_rows} rows", block_rows)):
-        if not _is_pow2(size) or size < MIN_DOT_DIM:
+        if not is_pow2(size) or size < MIN_DOT_DIM:
             return f"{what} is not a power of two >= {MIN_DOT_DIM}"
     return None
 
@@ -54,9 +54,9 @@ def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
     """(block_q, pages_per_block) for S = `seq` query tokens of GQA ratio `group` and a page table of
     `num_pages` columns. Defaults: about DEFAULT_BLOCK_ROWS rows (at least 16, the smallest Triton
     dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens."""
-    gp = _next_pow2(group)
+    gp = next_pow2(group)
     if block_q is None:
-        block_q = max(1, min(DEFAULT_BLOCK_ROWS // gp, _next_pow2(seq)), -(-MIN_DOT_DIM // gp))
+        block_q = max(1, min(DEFAULT_BLOCK_ROWS // gp, next_pow2(seq)), -(-MIN_DOT_DIM // gp))
     if pages_per_block is None:
         pages_per_block = max(1, DEFAULT_BLOCK_TOKENS // layout.tokens_per_page)
     pages_per_block = max(1, min(pages_per_block, num_pages))
@@ -157,7 +157,7 @@ def paged_prefill_attention(
         raise ValueError(f"q_positions {q_positions.shape} / kv_lens {kv_lens.shape} do not fit q "
                          f"[{batch}, {seq}, ...]")
     group = num_q_heads // hkv
-    gp = _next_pow2(group)
+    gp = next_pow2(group)
     num_pages = page_table.shape[1]
     block_q, pages_per_block = plan_prefill(layout, seq, group, num_pages, block_q, pages_per_block)
     rows = block_q * gp

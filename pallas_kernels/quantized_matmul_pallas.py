@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels.pow2 import is_pow2, next_pow2, pow2_factor
 from pallas_kernels.quant_formats import QuantizedTensor, quantize_fp8_per_token, quantize_int8_per_token
 
 DEFAULT_BLOCK_M = 64
@@ -31,19 +32,6 @@ DEFAULT_BLOCK_K = 128
 MIN_DOT_DIM = 16          # Triton's tl.dot needs at least 16 along every dimension
 
 _DOT_DIMS = (((1,), (0,)), ((), ()))
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def _pow2_factor(x: int) -> int:
-    """The largest power of two dividing x (x > 0)."""
-    return x & -x
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,15 +79,15 @@ def plan_blocks(m: int, k: int, n: int, w: QuantizedTensor, act_format: str | No
     dividing N / K, capped by block_n / block_k. For grouped weights bk also divides g or is a
     multiple of it; for W4A8 bk divides g (a step never straddles a group)."""
     for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if not _is_pow2(b):
+        if not is_pow2(b):
             raise ValueError(f"{name} must be a power of two, got {b}")
-    bm = min(block_m, max(MIN_DOT_DIM, _next_pow2(m)))
-    bn = min(block_n, _pow2_factor(n))
-    bk = min(block_k, _pow2_factor(k))
+    bm = min(block_m, max(MIN_DOT_DIM, next_pow2(m)))
+    bn = min(block_n, pow2_factor(n))
+    bk = min(block_k, pow2_factor(k))
     if _grouped(w):
         g = w.group_size
-        if not _is_pow2(g) or _kernel_kind(w, act_format) == "w4a8":
-            bk = min(bk, _pow2_factor(g))
+        if not is_pow2(g) or _kernel_kind(w, act_format) == "w4a8":
+            bk = min(bk, pow2_factor(g))
     return bm, bn, bk
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.llama import LlamaForCausalLM
 from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
 from serving.engine.sequence import Sequence
 
@@ -29,16 +30,12 @@ MIN_PREFILL_BUCKET = 16
 PAGES_PER_ATTENTION_BLOCK = 8
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 class ShapeBuckets:
     """The padded shapes a model's steps run in (see the module docstring); shared with the
     simulator's stand-in runner so simulated batches are the ones the engine forms."""
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int):
-        self.max_batch = _pow2_at_least(max_num_seqs)
+        self.max_batch = next_pow2(max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
         self._prefill_set = set(self.prefill_buckets())
@@ -49,7 +46,7 @@ class ShapeBuckets:
     def prefill_buckets(self) -> list[tuple[int, int]]:
         out = []
         s = MIN_PREFILL_BUCKET
-        while s <= _pow2_at_least(self.prefill_chunk):
+        while s <= next_pow2(self.prefill_chunk):
             b = 1
             while b <= self.max_batch and b * s <= max(self.max_num_batched_tokens, s):
                 out.append((b, s))
@@ -64,8 +61,8 @@ class ShapeBuckets:
     @staticmethod
     def bucket_for(is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
         """(rows, tokens per row) of the padded step for these per-row token counts."""
-        batch = _pow2_at_least(len(num_tokens))
-        seq = max(MIN_PREFILL_BUCKET, _pow2_at_least(max(num_tokens))) if is_prefill else 1
+        batch = next_pow2(len(num_tokens))
+        seq = max(MIN_PREFILL_BUCKET, next_pow2(max(num_tokens))) if is_prefill else 1
         return batch, seq
 
 

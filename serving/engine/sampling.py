@@ -1,14 +1,8 @@
-"""Token sampling for the engine, with vLLM-compatible semantics.
-
-Three layers:
-
-* `SamplingParams`: one request's settings (vLLM names and defaults), validated on construction.
-* `build_sampling_batch`: host side, turns the running requests' params into per-row arrays
-  (`SamplingBatch`) plus a few static `SamplerFlags` that pick which compiled variant of the
-  sampler runs.
-* `sample`: the jitted, batched sampler over device logits.
-
-`find_stop` and `longest_partial_stop_suffix` are host-side helpers for stop strings.
+"""Token sampling for the engine, with vLLM-compatible semantics: `SamplingParams` (one request's
+settings, vLLM names and defaults, validated on construction); `build_sampling_batch` (host side:
+per-row arrays, `SamplingBatch`, and static `SamplerFlags` that pick a compiled variant); `sample`
+(the jitted, batched sampler over device logits); `find_stop` / `longest_partial_stop_suffix` (stop
+strings, on the host).
 
 Order of operations in `sample` (vLLM V1):
   1. logprobs from the raw logits (before penalties and temperature);
@@ -29,6 +23,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.pow2 import next_pow2
 
 # Temperatures below this are treated as greedy, as in vLLM (dividing by them overflows).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -310,7 +306,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, flags: SamplerFlags) -> S
 
 
 def _padded_history_len(length: int) -> int:
-    return max(MIN_HISTORY_LEN, 1 << max(0, length - 1).bit_length())
+    return max(MIN_HISTORY_LEN, next_pow2(length))
 
 
 def build_sampling_batch(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv_pages import copy_pages
+from pallas_kernels.pow2 import next_pow2
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import RequestOutput
 from serving.kv.kv_pool import KVPool
@@ -110,7 +111,7 @@ class DeviceRuntime:
                 continue
             moves = allocator.compact(other)
             if moves:
-                n = 1 << (len(moves) - 1).bit_length()  # pad to a power of two: few compiled shapes
+                n = next_pow2(len(moves))  # few compiled shapes
                 src = np.zeros(n, np.int32)
                 dst = np.full(n, -1, np.int32)
                 src[:len(moves)] = list(moves)
