@@ -116,9 +116,9 @@ class PagedKV:
         n = b * s
         pool = write_kv(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
                         self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
-                        implementation=self.kernels)
+                        kernels=self.kernels)
         out = paged_attention(q, pool, self.layout, layer, self.page_table, self.positions, self.kv_lens,
-                              implementation=self.kernels)
+                              kernels=self.kernels)
         return out, pool
 
 

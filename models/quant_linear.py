@@ -33,7 +33,7 @@ class QuantLinear(nnx.Module):
 
     def __call__(self, x: jax.Array, kernels: str = "xla") -> jax.Array:
         """kernels: the matmul dispatcher's implementation ("xla", "pallas", "interpret")."""
-        y = quantized_matmul(x, self.weight(), act_format=self.act_format, implementation=kernels)
+        y = quantized_matmul(x, self.weight(), act_format=self.act_format, kernels=kernels)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)

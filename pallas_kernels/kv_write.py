@@ -1,6 +1,6 @@
 """Dispatcher for writing one layer's K/V rows of N tokens into their pages. Models call only this.
 
-Implementations (a static argument, so each compiles into its own program):
+`kernels` picks the implementation (a static argument, so each compiles into its own program):
   "xla"        `kv_pages.write_kv_tokens` (jnp quantization + a word scatter); the default, and what
                runs on CPU.
   "pallas"     the Pallas kernel (`kv_write_pallas`), compiled for the GPU (Triton lowering); raises
@@ -23,10 +23,10 @@ __all__ = ["IMPLEMENTATIONS", "write_kv"]
 
 
 def write_kv(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: jax.Array, valid: jax.Array,
-             layer, k: jax.Array, v: jax.Array, *, implementation: str = "xla") -> jax.Array:
+             layer, k: jax.Array, v: jax.Array, *, kernels: str = "xla") -> jax.Array:
     """page_ids, slots, valid: [N]; k, v: [N, Hkv, D] (any float dtype). Returns the updated pool."""
-    check_implementation(implementation)
-    if implementation == "xla":
+    check_implementation(kernels)
+    if kernels == "xla":
         return write_kv_tokens(pool, layout, page_ids, slots, valid, layer, k, v)
     return write_kv_tokens_pallas(pool, layout, page_ids, slots, valid, layer, k, v,
-                                  interpret=(implementation == "interpret"))
+                                  interpret=(kernels == "interpret"))

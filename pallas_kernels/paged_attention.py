@@ -1,6 +1,6 @@
 """Dispatcher for attention over KV pages. Models call only this.
 
-Implementations (a static argument, so each compiles into its own program):
+`kernels` picks the implementation (a static argument, so each compiles into its own program):
   "xla"        the pure-XLA reference (`paged_attention_ref`); the default, and what runs on CPU.
   "pallas"     the Pallas kernels, compiled for the GPU (Triton lowering); raises on other backends.
   "interpret"  the same Pallas kernels under `interpret=True` (any backend; slow, for tests).
@@ -21,10 +21,10 @@ from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 __all__ = ["IMPLEMENTATIONS", "paged_attention"]
 
 
-def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, implementation: str = "xla"):
-    check_implementation(implementation)
-    if implementation == "xla":
+def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, kernels: str = "xla"):
+    check_implementation(kernels)
+    if kernels == "xla":
         return paged_attention_reference(q, pool, layout, layer, page_table, q_positions, kv_lens)
     kernel = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
     return kernel(q, pool, layout, layer, page_table, q_positions, kv_lens,
-                  interpret=(implementation == "interpret"))
+                  interpret=(kernels == "interpret"))

@@ -1,6 +1,6 @@
 """Dispatcher for matmuls with quantized weights (and optionally quantized activations). Models call only this.
 
-Implementations (a static argument, so each compiles into its own program):
+`kernels` picks the implementation (a static argument, so each compiles into its own program):
   "xla"        the pure-XLA reference (`quantized_matmul_ref`); the default, and what runs on CPU.
   "pallas"     the Pallas kernels (`quantized_matmul_pallas`), compiled for the GPU (Triton lowering);
                raises ValueError on other backends.
@@ -14,23 +14,20 @@ reference for every implementation; the reference also raises the errors for pai
 
 from __future__ import annotations
 
-import jax
-
+from pallas_kernels.implementation import IMPLEMENTATIONS, check_implementation
 from pallas_kernels.quantized_matmul_pallas import has_kernel, quantized_matmul_pallas
 from pallas_kernels.quantized_matmul_ref import ACTIVATION_FORMATS, quantized_matmul_reference
 
-IMPLEMENTATIONS = ("xla", "pallas", "interpret")
+__all__ = ["IMPLEMENTATIONS", "quantized_matmul"]
 
 
-def quantized_matmul(x, w, *, act_format=None, implementation: str = "xla"):
+def quantized_matmul(x, w, *, act_format=None, kernels: str = "xla"):
     """x [..., K] @ w (QuantizedTensor [K, N]) -> float32 [..., N]."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown matmul implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
-    if implementation == "xla" or act_format not in ACTIVATION_FORMATS or not has_kernel(w, act_format):
+    if kernels not in IMPLEMENTATIONS:
+        check_implementation(kernels)  # raises, naming the choices
+    if kernels == "xla" or act_format not in ACTIVATION_FORMATS or not has_kernel(w, act_format):
         return quantized_matmul_reference(x, w, act_format)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.shape[0]}")
-    if implementation == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"implementation 'pallas' compiles for the GPU, but the default backend is "
-                         f"{jax.default_backend()!r}; use 'interpret' (the same kernel, interpreted) or 'xla'")
-    return quantized_matmul_pallas(x, w, act_format, interpret=(implementation == "interpret"))
+    check_implementation(kernels)  # "pallas" compiles for the GPU only
+    return quantized_matmul_pallas(x, w, act_format, interpret=(kernels == "interpret"))

@@ -218,7 +218,7 @@ def attention_fn(case: AttentionCase, impl: str):
     """The dispatcher for one implementation, jitted with the layout and layer fixed."""
     layout, layer = case.layout, case.layer
     return jax.jit(lambda q, pool, table, qpos, lens: paged_attention(
-        q, pool, layout, layer, table, qpos, lens, implementation=impl))
+        q, pool, layout, layer, table, qpos, lens, kernels=impl))
 
 
 def attention_args(case: AttentionCase) -> tuple:
@@ -368,7 +368,7 @@ def matmul_shape_rows(k: int, n: int, shapes: Shapes, impls: list[str], backend:
                 if (why := unavailable(impl, backend, smoke)) is not None:
                     rows.append(progress(skipped(row, why)))
                     continue
-                fn = jax.jit(functools.partial(quantized_matmul, act_format=act, implementation=impl))
+                fn = jax.jit(functools.partial(quantized_matmul, act_format=act, kernels=impl))
                 row, out = run_variant(row, fn, (x, qw), shapes, ref_out)
                 if impl == "xla":
                     ref_out = out

@@ -203,12 +203,12 @@ def matmul_mismatch(out, ref, bound, act, compiled: bool) -> tuple[float, float]
 # ---- running cases -----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def attention_callable(implementation: str):
-    return jax.jit(functools.partial(paged_attention, implementation=implementation), static_argnums=2)
+    return jax.jit(functools.partial(paged_attention, kernels=implementation), static_argnums=2)
 
 
 @functools.lru_cache(maxsize=None)
 def matmul_callable(implementation: str, act_format: str | None):
-    return jax.jit(functools.partial(quantized_matmul, act_format=act_format, implementation=implementation))
+    return jax.jit(functools.partial(quantized_matmul, act_format=act_format, kernels=implementation))
 
 
 def reference_attention(*args):

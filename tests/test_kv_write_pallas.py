@@ -218,14 +218,14 @@ def test_dispatcher(rng):
     ref = _ref(*args)
     for impl in ("xla", "interpret"):
         # Donating the pool, as a model would: the write is in place.
-        fn = jax.jit(functools.partial(write_kv, implementation=impl), static_argnums=1, donate_argnums=0)
+        fn = jax.jit(functools.partial(write_kv, kernels=impl), static_argnums=1, donate_argnums=0)
         assert_same_words(fn(jnp.array(pool, copy=True), *args[1:]), ref, impl)
     assert set(IMPLEMENTATIONS) == {"xla", "pallas", "interpret"}
     with pytest.raises(ValueError, match="xla.*pallas.*interpret"):
-        write_kv(*args, implementation="triton")
+        write_kv(*args, kernels="triton")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="interpret"):
-            write_kv(*args, implementation="pallas")
+            write_kv(*args, kernels="pallas")
 
 
 def test_write_shape_error():

@@ -235,7 +235,7 @@ def test_decode_words_int4_bf16_f32():
 
 @functools.lru_cache(maxsize=None)
 def _dispatch(implementation):
-    return jax.jit(functools.partial(paged_attention, implementation=implementation), static_argnums=2)
+    return jax.jit(functools.partial(paged_attention, kernels=implementation), static_argnums=2)
 
 
 def test_dispatcher_decode_and_prefill(rng):
@@ -260,7 +260,7 @@ def test_dispatcher_rejects_unknown_and_compiled_on_cpu(rng):
     layout = KVPageLayout(NUM_LAYERS, 2, 64, 8, "bf16", pages_per_slab=PAGES_PER_SLAB)
     q, pool, table, q_pos, kv_lens = build_case(rng, layout, [3], group=1)
     with pytest.raises(ValueError, match="xla.*pallas.*interpret"):
-        paged_attention(q, pool, layout, LAYER, table, q_pos, kv_lens, implementation="triton")
+        paged_attention(q, pool, layout, LAYER, table, q_pos, kv_lens, kernels="triton")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="interpret"):
-            paged_attention(q, pool, layout, LAYER, table, q_pos, kv_lens, implementation="pallas")
+            paged_attention(q, pool, layout, LAYER, table, q_pos, kv_lens, kernels="pallas")

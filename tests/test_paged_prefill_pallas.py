@@ -205,7 +205,7 @@ def test_bfloat16_queries_padded_page_stride(rng):
 
 @functools.lru_cache(maxsize=None)
 def _dispatch(implementation):
-    return jax.jit(functools.partial(paged_attention, implementation=implementation), static_argnums=2)
+    return jax.jit(functools.partial(paged_attention, kernels=implementation), static_argnums=2)
 
 
 def test_dispatcher_routes_prefill_to_the_kernel(rng):
@@ -221,7 +221,7 @@ def test_dispatcher_routes_prefill_to_the_kernel(rng):
     check(got, _ref(*args, pages_per_block=6))
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="interpret"):
-            paged_attention(*args, implementation="pallas")
+            paged_attention(*args, kernels="pallas")
 
 
 def test_prefill_shape_error():

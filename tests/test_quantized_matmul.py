@@ -95,4 +95,4 @@ def test_mismatched_formats_raise():
     with pytest.raises(ValueError, match="K="):
         quantized_matmul(x[:, :128], quantize_int8_per_channel(w))
     with pytest.raises(ValueError, match="implementation"):
-        quantized_matmul(x, quantize_int8_per_channel(w), implementation="cuda")
+        quantized_matmul(x, quantize_int8_per_channel(w), kernels="cuda")

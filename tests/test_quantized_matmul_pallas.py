@@ -151,7 +151,7 @@ def test_dispatcher_interpret_leading_dims_under_jit(rng):
     x, w = _operands(rng, 6, k, n, jnp.bfloat16)
     x = x.reshape(2, 3, k)
     qw = quantize_int4_groupwise(w, 32)
-    f = jax.jit(lambda x, qw: quantized_matmul(x, qw, implementation="interpret"))
+    f = jax.jit(lambda x, qw: quantized_matmul(x, qw, kernels="interpret"))
     out = f(x, qw)
     assert out.shape == (2, 3, n) and out.dtype == jnp.float32
     ref = quantized_matmul(x, qw)
@@ -163,20 +163,20 @@ def test_dispatcher_implementations_and_errors(rng):
     x, w = _operands(rng, 3, 128, 32, jnp.float32)
     qw = quantize_int8_per_channel(w)
     with pytest.raises(ValueError, match=r"'xla', 'pallas', 'interpret'"):
-        quantized_matmul(x, qw, implementation="cuda")
+        quantized_matmul(x, qw, kernels="cuda")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="interpret"):
-            quantized_matmul(x, qw, implementation="pallas")
+            quantized_matmul(x, qw, kernels="pallas")
     # Pairs without a kernel go to the reference, which raises its own errors for every implementation.
     for impl in IMPLEMENTATIONS:
         with pytest.raises(ValueError, match="W8A8"):
-            quantized_matmul(x, quantize_fp8_per_channel(w), act_format="int8", implementation=impl)
+            quantized_matmul(x, quantize_fp8_per_channel(w), act_format="int8", kernels=impl)
         with pytest.raises(ValueError, match="W8A8"):
-            quantized_matmul(x, quantize_q8_0(w), act_format="int8", implementation=impl)
+            quantized_matmul(x, quantize_q8_0(w), act_format="int8", kernels=impl)
         with pytest.raises(ValueError, match="activation format"):
-            quantized_matmul(x, qw, act_format="int2", implementation=impl)
+            quantized_matmul(x, qw, act_format="int2", kernels=impl)
         with pytest.raises(ValueError, match="K="):
-            quantized_matmul(x[:, :64], qw, implementation=impl)
+            quantized_matmul(x[:, :64], qw, kernels=impl)
     assert not has_kernel(quantize_fp8_per_channel(w), "int8")
     with pytest.raises(ValueError, match="no Pallas kernel"):
         quantized_matmul_pallas(x, quantize_fp8_per_channel(w), "int8", interpret=True)
