@@ -211,7 +211,7 @@ def _row(system, rate, slo_scale, summary, notes, seconds):
 def comparison(rows: list[dict], systems: list[str]) -> dict:
     """At the highest rate where FineServe holds TARGET_ATTAINMENT at the base SLO scale (the rate
     sweep's; the scale sweep runs at the top rate only): each baseline's attainment and FineServe's
-    ratio to it (the issue's targets: >= 2.5x static, >= 1.3x MuxServe and Prism)."""
+    ratio to it (FineServe's targets: >= 2.5x static, >= 1.3x MuxServe and Prism)."""
     base_scale = rows[0]["slo_scale"] if rows else None
     fs = [r for r in rows if r["system"] == "fineserve" and r["slo_scale"] == base_scale
           and r["slo_attainment"] >= TARGET_ATTAINMENT]

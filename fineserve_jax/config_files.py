@@ -1,24 +1,15 @@
 """The two TOML files, as pydantic models: a fleet file (`Fleet.from_config`) and a serve config
 (`ServeConfig.from_toml`), which is a fleet file plus [server], [[devices]] and each model's serving
-keys (slo_ttft_ms, rate, max_queue). Examples of both: README.md.
+keys (slo_ttft_ms, rate, max_queue); examples of both in README.md. `read_toml` reads a file,
+`fleet_file` / `serve_file` validate its data.
 
-    data = read_toml(path, "serve config")              # ValueError where it cannot be read or parsed
-    file = serve_file(data, ModelSpec, source=path)      # ServeFile: .models (.spec, .rate, ...), .server,
-                                                         # .devices, .pool(); fleet_file(...): FleetFile
-
-Unknown keys are refused; byte sizes are integers or strings such as "256MiB" / "1.5GB" (`ByteSize`);
-types are strict: true is not a count, "80" is not a port, 2.5 is not a queue length (an integer is a
-number, though). Each problem is a line of one ValueError that names the file and the key:
-
+Unknown keys are refused; byte sizes are integers or strings such as "256MiB" (`ByteSize`); types are
+strict (true is not a count, "80" is not a port; an integer is a number). Each problem is one line of
+one ValueError naming the file and the key, e.g.
     fleet.toml: [[models]] entry 1 ('small'): max_num_seqs must be an integer, got 2.5
-    fleet.toml: [server] port must be an integer, got '80'
-    fleet.toml: [server]: port must be in 0..65535, got 70000
-    fleet.toml: unknown serve config keys ['colour']; known: [...]
-
-A [[models]] entry takes every field of `ModelSpec`, which also checks the entry's values (precision,
-kernels, ...): the dataclass is passed in (fleet.py imports this module), and its fields become the
-entry's, so the two cannot drift. [server] and [[devices]] are `ServerConfig` and `DeviceConfig`, which
-serve_config.py uses as they are.
+A [[models]] entry takes every field of `ModelSpec` (passed in: fleet.py imports this module), so the
+two cannot drift; ModelSpec checks the values. [server] and [[devices]] are `ServerConfig` and
+`DeviceConfig`, which serve_config.py uses as they are.
 """
 
 from __future__ import annotations

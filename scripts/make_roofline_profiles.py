@@ -7,7 +7,7 @@ and TP 1, 2, 4, 8. Each entry's meta gives the bytes it was derived from and whe
 fit on one device. Replace a file with `python -m serving.sim.profiler ... --device-kind h100` output
 measured on the GPU when one is available.
 
-    .venv/bin/python scripts/make_roofline_profiles.py [--efficiency 0.6] [--out-dir benchmarks/profiles]
+    .venv/bin/python scripts/make_roofline_profiles.py [--efficiency 0.6] [--out-dir serving/scheduling/profiles]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from serving.scheduling.cost_model import (
     FEATURES_DOC,
     H100,
     H200,
+    PROFILE_DIR,
     ROOFLINE_MODELS,
     DeviceProfile,
     DeviceSpec,
@@ -54,7 +55,7 @@ def roofline_profile(device: DeviceSpec, efficiency: float = DEFAULT_EFFICIENCY)
                     "decode_batch1_ctx1024_seconds": cost.decode_seconds([1024]),
                     "decode_batch64_ctx1024_seconds": cost.decode_seconds([1024] * 64),
                 }
-    source = (f"roofline (not measured): derived from the roofline formula of workloads.md §5 "
+    source = (f"roofline (not measured): derived from the roofline formula "
               f"(serving/scheduling/cost_model.py roofline_step_cost, efficiency {efficiency} of peak bandwidth and "
               f"FLOPs, launch overhead {device.launch_overhead_s * 1e6:.0f} us per step, NVLink "
               f"{device.link_bytes_per_s / 1e9:.0f} GB/s all-reduce with "
@@ -73,7 +74,7 @@ def roofline_profile(device: DeviceSpec, efficiency: float = DEFAULT_EFFICIENCY)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY)
-    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"))
+    ap.add_argument("--out-dir", default=str(PROFILE_DIR), help="default: the profiles the package ships")
     args = ap.parse_args(argv)
     for device in (H100, H200):
         path = Path(args.out_dir) / f"{device.kind}.json"

@@ -1,4 +1,4 @@
-"""Step-cost model: features (padded and exact), fitting, roofline against workloads.md §5, profiles
+"""Step-cost model: features (padded and exact), fitting, roofline against worked examples, profiles
 on disk, and a small real profile of a tiny random model on this device."""
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def test_model_bytes_match_workloads_examples():
     ("w4a8kv4", 1, 1.74), ("w4a8kv4", 64, 2.41), ("w4a8kv4", 256, 4.46),  # INT4 W + INT4 KV
 ])
 def test_roofline_decode_floor_matches_worked_examples(precision, batch, floor_ms):
-    # workloads.md §5, Llama-3-8B at context 1024: the floor has no launch overhead, peak bandwidth
+    # Worked example, Llama-3-8B at context 1024: the floor has no launch overhead, peak bandwidth
     no_launch = dataclasses.replace(H100, launch_overhead_s=0.0)
     cost = roofline_step_cost(LLAMA3_8B, precision, no_launch, efficiency=1.0)
     assert cost.decode_seconds([1024] * batch) == pytest.approx(floor_ms * MS, rel=0.03)

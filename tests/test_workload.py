@@ -78,7 +78,7 @@ def test_power_law_rates_by_hand():
 
 @pytest.mark.parametrize("alpha, total, top_share", [(0.7, 214, 0.19), (2.1, 61, 0.66)])
 def test_power_law_matches_muxserve_totals(alpha, total, top_share):
-    # workloads.md §2: 19 models, top model 40 req/s -> total 214 req/s (alpha 0.7) or 61 (alpha 2.1),
+    # MuxServe's setting: 19 models, top model 40 req/s -> total 214 req/s (alpha 0.7) or 61 (alpha 2.1),
     # top model 19% or 66% of traffic (figures rounded to the shown digits).
     shares = power_law_shares(19, alpha)
     assert shares.sum() == pytest.approx(1.0)
@@ -118,7 +118,7 @@ def test_trace_lengths_keep_pairs(rng):
 # --- Azure traces -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, count, rate, cv, prompt_mean, output_mean", [
-    # serving/sim/traces/azure_llm_2023/README.md and workloads.md §1.
+    # serving/sim/traces/azure_llm_2023/README.md.
     ("conv", 19_366, 5.53, 1.09, 1155, 211),
     ("code", 8_819, 2.57, 13.2, 2048, 28),
 ])
