@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fineserve_jax import bench, serve
+from fineserve_jax.caches import Caches
 from fineserve_jax.llm import LLM
 from models.checkpoint import is_quantized_checkpoint, save_quantized
 from models.errors import ModelLoadError
@@ -32,6 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "pallas", "interpret"],
                    help="kernel implementation: auto (Pallas on a GPU, XLA elsewhere), xla, pallas, interpret")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not cache compiled programs and calibrated weights (fineserve_jax/caches.py)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,8 +84,10 @@ def _sampling(args):
 
 
 def _llm(args):
+    caches = Caches(None) if args.no_cache else Caches.default()
+    caches.enable_compilation_cache()
     kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype,
-              "kernels": args.kernels}
+              "kernels": args.kernels, "quantized_cache": caches.quantized}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
     return LLM(args.model, precision=args.precision, dtype=args.dtype, **kwargs)

@@ -24,6 +24,7 @@ from typing import Sequence as Seq
 
 import jax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from fineserve_jax.config_files import fleet_file, parse_bytes, read_toml
 from fineserve_jax.llm import LLM, check_max_model_len, engine_config
@@ -90,11 +91,14 @@ class Fleet:
     "single_page" (every page padded to the largest). `device` (a `jax.Device`; default: JAX's
     default device): where the models are loaded and the pool is allocated; pre-loaded models' weights
     are moved there. Weights and pool are committed to it, so every step runs there. `scheduling`:
-    each model's admission and the step policy between models (default FCFS, round-robin)."""
+    each model's admission and the step policy between models (default FCFS, round-robin).
+    `quantized_cache`: a folder caching calibrated weights (see `models.quantized_cache`);
+    `progress`: show a progress bar while loading."""
 
     def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str = DEFAULT_POOL_BYTES, *,
                  pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES,
-                 scheduling: LocalScheduling | None = None, pool_fill: int = 0, device: jax.Device | None = None):
+                 scheduling: LocalScheduling | None = None, pool_fill: int = 0, device: jax.Device | None = None,
+                 quantized_cache: str | Path | None = None, progress: bool = False):
         specs = list(models)
         if not specs or not all(isinstance(s, ModelSpec) for s in specs):
             raise ValueError("a Fleet needs a non-empty list of ModelSpec")
@@ -109,10 +113,10 @@ class Fleet:
         self.device = device
         self.loaded: dict[str, LoadedModel] = {}
         with jax.default_device(device) if device is not None else contextlib.nullcontext():
-            for name, spec in self.specs.items():
+            for name, spec in tqdm(self.specs.items(), desc="loading models", unit="model", disable=not progress):
                 self.loaded[name] = spec.model if isinstance(spec.model, LoadedModel) else load_model(
                     spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype,
-                    calib_samples=spec.calib_samples)
+                    calib_samples=spec.calib_samples, quantized_cache=quantized_cache)
         if device is not None:  # commit the weights there (no copy for those already there)
             for loaded in self.loaded.values():
                 nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -55,19 +56,22 @@ class LLM:
       seed: engine seed, used for requests that do not set their own.
       kernels: "auto" (Pallas kernels on a GPU, the XLA references elsewhere), "xla", "pallas" or
         "interpret" (the Pallas kernels interpreted: any backend, slow).
+      quantized_cache: a folder caching calibrated weights, so loading the same checkpoint and
+        preset again skips calibration (`fineserve_jax.caches.Caches`); None: no cache.
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
                  kv_dtype: str | None = None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
-                 calib_samples: int = 8, kernels: str = "auto"):
+                 calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None):
         check_precision(precision, kv_dtype)  # bad names fail before any loading
         if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         check_max_model_len(max_model_len)  # bad values fail before any loading
         resolve_kernels(kernels)
-        loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples)
+        loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples,
+                            quantized_cache=quantized_cache)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels)
         engine = engine_with_own_pool(

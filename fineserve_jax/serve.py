@@ -15,9 +15,12 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from fastapi import FastAPI
+from tqdm.auto import tqdm
 
+from fineserve_jax.caches import RUNTIME_CACHE_ENV, Caches
 from fineserve_jax.fleet import Fleet
 from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.http.api_server import ServedModel, build_app, make_server
@@ -46,7 +49,8 @@ def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = Non
         if warmup:
             for name, engine in df.fleet.runtime.engines.items():
                 t0 = time.perf_counter()
-                engine.warmup()
+                with tqdm(total=engine.runner.num_buckets, desc=f"warming up {name}", unit="shape") as bar:
+                    engine.warmup(progress=bar.update)
                 log.info("warmed up %s on %s in %.1f s", name, df.device_name, time.perf_counter() - t0)
         models |= served_models(df.fleet, slo_ttft_s=df.slo_ttft_s, max_queue=df.max_queue,
                                 device=df.jax_device, device_name=df.device_name)
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds in-flight requests get to finish on SIGTERM before they are failed")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling every model's programs at start")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"where compiled programs and calibrated weights are cached for fast restarts "
+                        f"(default: ${RUNTIME_CACHE_ENV}, else runtime/ in the model cache)")
+    p.add_argument("--no-cache", action="store_true", help="compile and calibrate from scratch, cache nothing")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -70,10 +78,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax's chatter
+    caches = Caches(None) if args.no_cache else Caches(Path(args.cache_dir)) if args.cache_dir else Caches.default()
+    caches.enable_compilation_cache()
     try:
         config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()
         t0 = time.perf_counter()
-        fleets = build_fleets(config)
+        fleets = build_fleets(config, quantized_cache=caches.quantized)
     except (ValueError, OSError) as e:
         print(f"fineserve: error: {e}", file=sys.stderr)
         return 2

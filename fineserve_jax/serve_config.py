@@ -311,10 +311,10 @@ class DeviceFleet:
     max_queue: dict[str, int]      # served name -> waiting requests allowed
 
 
-def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
+def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None) -> list[DeviceFleet]:
     """Place the models and build one Fleet per device that hosts any, its weights and pool on that
     jax device (`Fleet(device=...)`; the server's engine thread also steps it under
-    `jax.default_device(jax_device)`)."""
+    `jax.default_device(jax_device)`), calibrated weights cached in `quantized_cache` if given."""
     placed = place_models(config)
     fleets = []
     for d in config.devices:
@@ -328,6 +328,6 @@ def build_fleets(config: ServeConfig) -> list[DeviceFleet]:
         costs = {m.name: step_cost(m, kind, profile) for m in models}
         fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
                       slab_bytes=config.slab_bytes, scheduling=config.server.scheduling(slos, costs),
-                      device=jd)  # loads, commits and allocates on jd
+                      device=jd, quantized_cache=quantized_cache, progress=True)  # loads, commits, allocates on jd
         fleets.append(DeviceFleet(d.name, jd, fleet, slos, {m.name: m.max_queue for m in models}))
     return fleets

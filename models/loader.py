@@ -12,8 +12,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+from functools import partial
 from pathlib import Path
 
+import jax.numpy as jnp
 from flax import nnx
 
 from models.checkpoint import load_quantized
@@ -32,6 +34,7 @@ from models.quant_import import (
 )
 from models.quant_linear import QuantLinear
 from models.quantize import calibration_windows, quantize_model
+from models.quantized_cache import cache_key, cached_quantized_model
 from models.tokenizer import Tokenizer
 from models.weights import LAYER_LINEARS, model_from_hf_weights
 
@@ -136,7 +139,8 @@ def _hf_quantization(path: Path):
 
 
 def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPreset = "auto",
-               kv_dtype: str | None = None, calib_samples: int = 8) -> LoadedModel:
+               kv_dtype: str | None = None, calib_samples: int = 8,
+               quantized_cache: str | Path | None = None) -> LoadedModel:
     """Load everything or raise a ModelLoadError naming the problem; nothing half-loaded survives
     a failure (intermediate arrays are dropped before the error propagates).
 
@@ -154,7 +158,9 @@ def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPr
         own weight and activation formats (e.g. "w4a16" on AWQ, "fp8" on an FP8 checkpoint, whose
         KV format then applies); anything else raises ModelConfigError. A fineserve checkpoint
         accepts only the preset it was quantized to.
-    kv_dtype overrides the KV format in every case."""
+    kv_dtype overrides the KV format in every case.
+    quantized_cache: a folder where a float checkpoint quantized to a preset is cached
+      (`models.quantized_cache`), so loading it again skips calibration; None: no cache."""
     requested = check_precision(precision, kv_dtype)
     native = isinstance(precision, str) and precision.lower() == "native"
     jdtype = parse_dtype(dtype)
@@ -163,11 +169,16 @@ def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPr
         if path.is_dir() and (path / "fineserve_model.json").is_file():
             return _load_fineserve(path, name_or_path, jdtype, requested, kv_dtype)
         if path.is_file():
-            return _load_gguf(path, name_or_path, jdtype, requested, kv_dtype, native, calib_samples)
-        info = _hf_quantization(path)
-        if info is not None:
-            return _load_prequantized(path, name_or_path, jdtype, requested, kv_dtype, info)
-        return _load_float_hf(path, name_or_path, jdtype, requested, kv_dtype, calib_samples)
+            load = partial(_load_gguf, path, name_or_path, jdtype, requested, kv_dtype, native, calib_samples)
+        else:
+            info = _hf_quantization(path)
+            if info is not None:
+                return _load_prequantized(path, name_or_path, jdtype, requested, kv_dtype, info)
+            load = partial(_load_float_hf, path, name_or_path, jdtype, requested, kv_dtype, calib_samples)
+        if quantized_cache is None or requested is None or not requested.changes_weights:
+            return load()
+        key = cache_key(path, requested, jnp.dtype(jdtype).name, calib_samples, CALIBRATION_TEXT)
+        return cached_quantized_model(Path(quantized_cache), key, str(name_or_path), requested, jdtype, load)
     except BaseException:
         gc.collect()
         raise

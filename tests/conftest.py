@@ -25,6 +25,8 @@ def pytest_configure(config):
         config._lock_dir = tempfile.mkdtemp(prefix="fineserve-jax-test-locks-")
         os.environ[LOCKS_ENV] = config._lock_dir
     cache = tempfile.mkdtemp(prefix="fineserve-jax-test-cache-")
+    # servers and CLIs that tests start cache calibrated weights here, not in the user's cache
+    os.environ["FINESERVE_RUNTIME_CACHE"] = os.path.join(cache, "runtime")
     config._jax_cache_dir = cache
     settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
                 "jax_persistent_cache_min_entry_size_bytes": -1}

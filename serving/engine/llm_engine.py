@@ -208,8 +208,10 @@ class LLMEngine:
     def num_compilations(self) -> int:
         return self.runner.num_compilations
 
-    def warmup(self, sampling_variants: list[SamplingParams] | None = None) -> None:
-        self.pool.words = self.runner.warmup(self.pool.words, sampling_variants)
+    def warmup(self, sampling_variants: list[SamplingParams] | None = None,
+               progress: Callable[[int], object] | None = None) -> None:
+        """Compile every step shape (`runner.num_buckets` of them; `progress(1)` after each)."""
+        self.pool.words = self.runner.warmup(self.pool.words, sampling_variants, progress)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

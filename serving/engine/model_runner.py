@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -132,8 +133,14 @@ class ModelRunner(ShapeBuckets):
             sampled, logprobs, top_ids, top_lp = np.asarray(out.token_ids)[:n], None, None, None
         return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0)
 
-    def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None) -> jax.Array:
-        """Compile every bucket (and the given sampling variants at every batch size)."""
+    @property
+    def num_buckets(self) -> int:
+        return len(self.decode_buckets()) + len(self.prefill_buckets())
+
+    def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None,
+               progress: Callable[[int], object] | None = None) -> jax.Array:
+        """Compile every bucket (and the given sampling variants at every batch size); `progress(1)`
+        after each bucket."""
         variants = sampling_variants or [SamplingParams(temperature=0.0),
                                          SamplingParams(temperature=0.8, top_p=0.95, top_k=50),
                                          SamplingParams(temperature=0.8)]
@@ -147,5 +154,7 @@ class ModelRunner(ShapeBuckets):
             for v in variants:
                 batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
                 sample(logits, batch, flags=flags)
+            if progress is not None:
+                progress(1)
         jax.block_until_ready(pool)
         return pool
