@@ -27,7 +27,10 @@ from pallas_kernels.pow2 import next_pow2
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
     dequantize,
+    quantize_fp8_per_channel,
     quantize_fp8_per_token,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
     quantize_int8_per_token,
     unpack_int4,
 )
@@ -184,3 +187,17 @@ def consumed_operands(x, qw: QuantizedTensor, act):
         s = np.repeat(np.asarray(qw.scales, np.float64), g, axis=0)
         return xd, (q + z) * s
     return xd, np.asarray(dequantize(qw), np.float64)
+
+
+# name -> (weight quantizer w [K, N] -> QuantizedTensor, activation format); bf16 scales as loaded.
+MATMUL_FORMATS = {
+    "w4a16_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), None),
+    "w4a16_g32": (lambda w: quantize_int4_groupwise(w, 32, scale_dtype=jnp.bfloat16), None),
+    "w4a16_sym_g32": (lambda w: quantize_int4_groupwise(w, 32, asymmetric=False, scale_dtype=jnp.bfloat16), None),
+    "w8a16": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), None),
+    "w8a16_q8_0": (quantize_q8_0, None),
+    "fp8_weight_only": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), None),
+    "w8a8": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
+    "fp8": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
+    "w4a8_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), "fp8"),
+}

@@ -198,6 +198,15 @@ def _merge_splits(acc, m, l):
     return out / jnp.where(l_tot > 0, l_tot, 1.0)[..., None]
 
 
+def decode_tiling(layout: KVPageLayout, group: int) -> tuple[int, int]:
+    """(pages_per_block, num_warps) that fit the registers: a program holds [G, block, D] products,
+    which spill past 255 registers per thread at G x D >= 512 with 4 warps (8 fix it) and at
+    G x D >= 1024 even with 8 unless the block halves (sm_90a, `pallas_kernels.compile_check`)."""
+    width = next_pow2(group) * layout.head_dim
+    block_tokens = DEFAULT_BLOCK_TOKENS // 2 if width >= 1024 else DEFAULT_BLOCK_TOKENS
+    return max(1, block_tokens // layout.tokens_per_page), 8 if width >= 512 else 4
+
+
 def plan_splits(layout: KVPageLayout, num_pages: int, pages_per_block: int | None = None,
                 num_splits: int | None = None) -> tuple[int, int, int]:
     """(pages_per_block, blocks_per_split, num_splits) for a page table of `num_pages` columns."""
@@ -223,11 +232,12 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     num_splits: int | None = None,
     interpret=False,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> jax.Array:
     """Decode attention (one query per sequence) read in place from the pool. Returns [B, 1, Hq, D] in
-    q's dtype. `interpret`: False (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts."""
+    q's dtype. `interpret`: False (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts.
+    `pages_per_block` and `num_warps` default to `decode_tiling`'s."""
     batch, seq, num_q_heads, head_dim = q.shape
     if seq != 1:
         raise ValueError(f"paged_decode_attention takes one query token per sequence, got S={seq}")
@@ -240,7 +250,9 @@ def paged_decode_attention(
     n = _elems_per_word(layout)
     dw = head_dim // n
     num_pages = page_table.shape[1]
-    pages_per_block, blocks_per_split, num_splits = plan_splits(layout, num_pages, pages_per_block,
+    tiled_pages, tiled_warps = decode_tiling(layout, group)
+    num_warps = num_warps or tiled_warps
+    pages_per_block, blocks_per_split, num_splits = plan_splits(layout, num_pages, pages_per_block or tiled_pages,
                                                                 num_splits)
     if not interpret and (why := decode_shape_error(layout, pages_per_block)):
         raise ValueError(f"compiled Pallas decode attention: {why}")

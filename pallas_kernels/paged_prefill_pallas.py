@@ -141,7 +141,7 @@ def paged_prefill_attention(
     pages_per_block: int | None = None,
     precision=None,
     interpret=False,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> jax.Array:
     """Causal prefill / chunked-prefill attention read in place from the pool. Returns [B, S, Hq, D]
@@ -186,7 +186,9 @@ def paged_prefill_attention(
                                max_tokens=num_pages * layout.tokens_per_page, precision=precision)
     compiler_params = None
     if not interpret:
-        compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        # 4 warps spill the [BQ x G, D] accumulators at head_dim 128 (sm_90a, pallas_kernels.compile_check)
+        warps = num_warps or (8 if layout.head_dim >= 128 else 4)
+        compiler_params = plgpu_triton.CompilerParams(num_warps=warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
         grid=(batch, hkv, num_q_blocks),

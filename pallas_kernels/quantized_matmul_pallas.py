@@ -267,7 +267,7 @@ def quantized_matmul_pallas(
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int = DEFAULT_BLOCK_N,
     block_k: int = DEFAULT_BLOCK_K,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> jax.Array:
     """x [..., K] (bf16/f32) @ quantized w [K, N] -> float32 [..., N] with a Pallas kernel.
@@ -295,5 +295,11 @@ def quantized_matmul_pallas(
     zeros = (w.zeros,) if w.fmt == "int4" else ()
     out = _pallas_matmul(x2, w.values, w.scales, *zeros, kind=kind, act_format=act_format, fmt=w.fmt,
                          group_size=w.group_size, bm=bm, bn=bn, bk=bk, interpret=interpret,
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_warps=num_warps or _default_warps(bm), num_stages=num_stages)
     return out[:m].reshape(*lead, n)
+
+
+def _default_warps(bm: int) -> int:
+    """8 warps for tiles of 64+ rows (wgmma): with 4, the int4 group-32 and W4A8 kernels spill on
+    sm_90a (`pallas_kernels.compile_check`); small-M tiles fit in 4."""
+    return 8 if bm >= 64 else 4

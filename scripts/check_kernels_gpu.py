@@ -81,23 +81,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kernel_cases import (
+    MATMUL_FORMATS,
     POISON,
     attention_queries,
     build_attention_case,
     consumed_operands,
     error_text,
-    quantize_q8_0,
     random_activations,
     random_weight,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.paged_attention import paged_attention
-from pallas_kernels.quant_formats import (
-    QuantizedTensor,
-    quantize_fp8_per_channel,
-    quantize_int4_groupwise,
-    quantize_int8_per_channel,
-)
+from pallas_kernels.quant_formats import QuantizedTensor
 from pallas_kernels.quantized_matmul import quantized_matmul
 from pallas_kernels.quantized_matmul_pallas import has_kernel
 
@@ -124,18 +119,6 @@ FP8_MMA_REL = 2.0 ** -13           # ~14-bit accumulation per fp8 MMA step (comp
 W8A8_COMPILED_ULPS = 4
 
 
-# name -> (weight quantizer w [K, N] -> QuantizedTensor, activation format); bf16 scales as loaded.
-MATMUL_FORMATS = {
-    "w4a16_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), None),
-    "w4a16_g32": (lambda w: quantize_int4_groupwise(w, 32, scale_dtype=jnp.bfloat16), None),
-    "w4a16_sym_g32": (lambda w: quantize_int4_groupwise(w, 32, asymmetric=False, scale_dtype=jnp.bfloat16), None),
-    "w8a16": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), None),
-    "w8a16_q8_0": (quantize_q8_0, None),
-    "fp8_weight_only": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), None),
-    "w8a8": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
-    "fp8": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
-    "w4a8_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), "fp8"),
-}
 FP8_OPERAND_FORMATS = ("fp8", "w4a8_g128")     # kernels whose dots take e4m3 operands
 # name -> (K, N, x dtype)
 MATMUL_SHAPES = {

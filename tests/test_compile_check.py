@@ -1,0 +1,44 @@
+"""Every kernel lowers for an H100 and compiles to sm_90a on this CPU machine, without spilling
+registers at the benchmark shapes (the fast subset: every KV format and matmul format once; the
+full table is `python -m pallas_kernels.compile_check`, recorded in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pallas_kernels.compile_check import cases, check, decode_case, matmul_case, prefill_case, spilling
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sm90a")
+    return [check(case, workdir) for case in cases("fast")]
+
+
+def test_every_kernel_compiles_for_sm90a_without_spills(fast):
+    assert len(fast) == 21 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
+    assert [r["case"] for r in fast if "error" in r] == []
+    assert spilling(fast) == []
+    for r in fast:
+        for k in r["kernels"]:
+            assert 0 < k["registers"] <= 255 and 0 < k["occupancy"] <= 1, (r["case"], k)
+            assert k["widest_global_load_bits"] >= 16, (r["case"], k)
+
+
+def test_tensor_core_use(fast):
+    """Prefill's dots run on Hopper's wgmma; decode has no dot (a matrix-vector product per head)."""
+    mma = {r["case"]: {k["mma"] for k in r["kernels"]} for r in fast}
+    assert all(mma[c] == {"wgmma"} for c in mma if c.startswith("prefill"))
+    assert all(mma[c] == {"none"} for c in mma if c.startswith("decode"))
+
+
+def test_the_cases_are_the_benchmark_shapes():
+    d = decode_case("int4", 8)
+    assert d.name == "decode int4 G=8 B=64 ctx=4096" and d.args[0].shape == (64, 1, 64, 128)
+    assert d.bytes == 64 * 4096 * 8 * 2 * (64 + 4)         # one layer's int4 K and V with scales
+    assert prefill_case("bf16", 4).args[0].shape == (1, 512, 32, 128)
+    m = matmul_case("w4a16_g128", 4096)
+    assert m.args[0].shape == (4096, 4096) and m.flops == 2 * 4096 * 4096 * 14336
+    k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
+    assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
+    assert len(cases("full")) == 56
