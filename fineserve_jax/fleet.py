@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence as Seq
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -34,8 +35,10 @@ from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.engine.llm_engine import LLMEngine
+from serving.engine.model_runner import ModelRunner
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
+from serving.kv.pool_sizing import check_utilization, device_memory_stats, pool_bytes_for_utilization
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
@@ -93,12 +96,15 @@ class Fleet:
     are moved there. Weights and pool are committed to it, so every step runs there. `scheduling`:
     each model's admission and the step policy between models (default FCFS, round-robin).
     `quantized_cache`: a folder caching calibrated weights (see `models.quantized_cache`);
-    `progress`: show a progress bar while loading."""
+    `progress`: show a progress bar while loading. `pool_bytes` (default 512 MiB) or, instead,
+    `gpu_memory_utilization` (vLLM's: the pool takes that fraction of the device's memory less the
+    weights and a step's activations, measured after loading; `serving.kv.pool_sizing`)."""
 
-    def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str = DEFAULT_POOL_BYTES, *,
+    def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str | None = None, *,
                  pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES,
                  scheduling: LocalScheduling | None = None, pool_fill: int = 0, device: jax.Device | None = None,
-                 quantized_cache: str | Path | None = None, progress: bool = False):
+                 quantized_cache: str | Path | None = None, progress: bool = False,
+                 gpu_memory_utilization: float | None = None):
         specs = list(models)
         if not specs or not all(isinstance(s, ModelSpec) for s in specs):
             raise ValueError("a Fleet needs a non-empty list of ModelSpec")
@@ -107,7 +113,10 @@ class Fleet:
             raise ValueError(f"model names must be unique, got {names}; set ModelSpec(name=...)")
         if pool_mode not in POOL_MODES:
             raise ValueError(f"unknown pool_mode {pool_mode!r}; choose one of {POOL_MODES}")
-        pool_bytes = parse_bytes(pool_bytes, "pool_bytes")
+        if gpu_memory_utilization is not None:
+            check_utilization(gpu_memory_utilization)
+        if pool_bytes is not None or gpu_memory_utilization is None:
+            pool_bytes = parse_bytes(DEFAULT_POOL_BYTES if pool_bytes is None else pool_bytes, "pool_bytes")
         slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
         self.specs = dict(zip(names, specs))
         self.device = device
@@ -120,6 +129,8 @@ class Fleet:
         if device is not None:  # commit the weights there (no copy for those already there)
             for loaded in self.loaded.values():
                 nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), device))
+        if pool_bytes is None:
+            pool_bytes = self._pool_bytes_for(gpu_memory_utilization)
         self.plan: PoolPlan = plan_pool(
             {name: ModelPages(self._layout(name), self.specs[name].kv_reserve_bytes,
                               self.specs[name].kv_max_bytes, self.specs[name].kv_share)
@@ -140,6 +151,25 @@ class Fleet:
         self._views = {name: LLM.over_engine(name, self.loaded[name], engines[name],
                                              lambda name=name: self._step_for(name))
                        for name in engines}
+
+    def _pool_bytes_for(self, utilization: float) -> int:
+        """The pool's size from the device's memory once the weights are loaded, less the scratch
+        memory of the largest step of any model (XLA's analysis of that program)."""
+        device = self.device or jax.devices()[0]
+        stats = device_memory_stats(device)
+        activations = 0
+        if stats.get("bytes_limit") is not None:  # else pool_bytes_for_utilization says why it cannot
+            for name, spec in self.specs.items():
+                model, layout = self.loaded[name], self._layout(name)
+                config = engine_config(model.config, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
+                                       max_num_batched_tokens=spec.max_num_batched_tokens, kernels=spec.kernels)
+                runner = ModelRunner(model.model, layout, max_num_seqs=config.max_num_seqs,
+                                     max_model_len=config.max_model_len,
+                                     max_num_batched_tokens=config.max_num_batched_tokens,
+                                     prefill_chunk=config.prefill_chunk, kernels=resolve_kernels(config.kernels))
+                pool = jax.ShapeDtypeStruct((1, layout.page_words), jnp.uint32)  # its size does not matter
+                activations = max(activations, runner.largest_step_temp_bytes(pool))
+        return pool_bytes_for_utilization(utilization, stats, activations)
 
     def _layout(self, name: str) -> KVPageLayout:
         cfg, spec = self.loaded[name].config, self.specs[name]

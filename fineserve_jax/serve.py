@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from fineserve_jax.caches import RUNTIME_CACHE_ENV, Caches
 from fineserve_jax.fleet import Fleet
 from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.http.api_server import ServedModel, build_app, make_server
+from serving.kv.pool_sizing import check_utilization
 from serving.runtime.async_runtime import AsyncRuntime, ModelLimits
 
 log = logging.getLogger("fineserve.serve")
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where compiled programs and calibrated weights are cached for fast restarts "
                         f"(default: ${RUNTIME_CACHE_ENV}, else runtime/ in the model cache)")
     p.add_argument("--no-cache", action="store_true", help="compile and calibrate from scratch, cache nothing")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="size each device's KV pool to this fraction of its memory, less weights and a step's "
+                        "activations (as vLLM; devices whose [[devices]] entry sets pool_bytes keep it)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -79,12 +84,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax's chatter
+    if args.gpu_memory_utilization is not None:  # before JAX starts its GPU client: its limit is ours
+        try:
+            check_utilization(args.gpu_memory_utilization)
+        except ValueError as e:
+            print(f"fineserve: error: {e}", file=sys.stderr)
+            return 2
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     caches = Caches(None) if args.no_cache else Caches(Path(args.cache_dir)) if args.cache_dir else Caches.default()
     caches.enable_compilation_cache()
     try:
         config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()
         t0 = time.perf_counter()
-        fleets = build_fleets(config, quantized_cache=caches.quantized)
+        fleets = build_fleets(config, quantized_cache=caches.quantized,
+                              gpu_memory_utilization=args.gpu_memory_utilization)
     except (ValueError, OSError) as e:
         print(f"fineserve: error: {e}", file=sys.stderr)
         return 2

@@ -311,10 +311,13 @@ class DeviceFleet:
     max_queue: dict[str, int]      # served name -> waiting requests allowed
 
 
-def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None) -> list[DeviceFleet]:
+def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
+                 gpu_memory_utilization: float | None = None) -> list[DeviceFleet]:
     """Place the models and build one Fleet per device that hosts any, its weights and pool on that
     jax device (`Fleet(device=...)`; the server's engine thread also steps it under
-    `jax.default_device(jax_device)`), calibrated weights cached in `quantized_cache` if given."""
+    `jax.default_device(jax_device)`), calibrated weights cached in `quantized_cache` if given.
+    With `gpu_memory_utilization`, a device whose [[devices]] entry gives no pool_bytes sizes its
+    pool from its memory instead of the file's default pool_bytes."""
     placed = place_models(config)
     fleets = []
     for d in config.devices:
@@ -326,7 +329,9 @@ def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None)
         models = [config.model(n) for n in names]
         slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
         costs = {m.name: step_cost(m, kind, profile) for m in models}
-        fleet = Fleet([m.spec for m in models], config.device_pool_bytes(d), pool_mode=config.pool_mode,
+        pool_bytes = d.pool_bytes if gpu_memory_utilization is not None else config.device_pool_bytes(d)
+        fleet = Fleet([m.spec for m in models], pool_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                      pool_mode=config.pool_mode,
                       slab_bytes=config.slab_bytes, scheduling=config.server.scheduling(slos, costs),
                       device=jd, quantized_cache=quantized_cache, progress=True)  # loads, commits, allocates on jd
         fleets.append(DeviceFleet(d.name, jd, fleet, slos, {m.name: m.max_queue for m in models}))

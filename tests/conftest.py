@@ -27,6 +27,7 @@ def pytest_configure(config):
     cache = tempfile.mkdtemp(prefix="fineserve-jax-test-cache-")
     # servers and CLIs that tests start cache calibrated weights here, not in the user's cache
     os.environ["FINESERVE_RUNTIME_CACHE"] = os.path.join(cache, "runtime")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")  # the sm_90a compile check
     config._jax_cache_dir = cache
     settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
                 "jax_persistent_cache_min_entry_size_bytes": -1}

@@ -7,6 +7,7 @@ import pytest
 
 from fineserve_jax.caches import RUNTIME_CACHE_ENV, Caches
 from fineserve_jax.serve import build_parser
+from fineserve_jax.serve import main as serve_main
 
 XLA_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                 "jax_persistent_cache_min_entry_size_bytes")
@@ -44,7 +45,10 @@ def test_compilation_cache_is_switched_on_unless_jax_was_told(tmp_path, monkeypa
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
 
 
-def test_serve_cache_flags():
-    args = build_parser().parse_args(["--cache-dir", "/tmp/x", "--no-cache"])
-    assert args.cache_dir == "/tmp/x" and args.no_cache
-    assert not build_parser().parse_args([]).no_cache
+def test_serve_cache_and_memory_flags(capsys):
+    args = build_parser().parse_args(["--cache-dir", "/tmp/x", "--no-cache", "--gpu-memory-utilization", "0.9"])
+    assert args.cache_dir == "/tmp/x" and args.no_cache and args.gpu_memory_utilization == 0.9
+    defaults = build_parser().parse_args([])
+    assert not defaults.no_cache and defaults.gpu_memory_utilization is None
+    assert serve_main(["--gpu-memory-utilization", "1.5"]) == 2
+    assert "gpu_memory_utilization must be a fraction in (0, 1]" in capsys.readouterr().err

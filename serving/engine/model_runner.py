@@ -133,6 +133,21 @@ class ModelRunner(ShapeBuckets):
             sampled, logprobs, top_ids, top_lp = np.asarray(out.token_ids)[:n], None, None, None
         return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0)
 
+    def _run_bucket(self, pool: jax.Array, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
+        """The forward program of one bucket on zero inputs (page 0 of every row, nothing written)."""
+        zeros = np.zeros((batch,), np.int32)
+        table = np.zeros((batch, self.table_width), np.int32)
+        return self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table)
+
+    def largest_step_temp_bytes(self, pool: jax.ShapeDtypeStruct) -> int:
+        """Scratch memory (activations) of the largest bucket's program, from XLA's own analysis of
+        it compiled for a pool of this shape: the most a step needs beside weights and pool."""
+        batch, seq = max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1])
+        ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        compiled = self._forward.lower(self.state, pool, jax.ShapeDtypeStruct((batch, seq), jnp.int32), ints, ints,
+                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32)).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
     @property
     def num_buckets(self) -> int:
         return len(self.decode_buckets()) + len(self.prefill_buckets())
@@ -145,12 +160,8 @@ class ModelRunner(ShapeBuckets):
                                          SamplingParams(temperature=0.8, top_p=0.95, top_k=50),
                                          SamplingParams(temperature=0.8)]
         shapes = [(b, 1) for b in self.decode_buckets()] + self.prefill_buckets()
-        table = None
         for b, s in shapes:
-            zeros = np.zeros((b,), np.int32)
-            if table is None or table.shape[0] != b:
-                table = np.zeros((b, self.table_width), np.int32)
-            logits, pool = self._forward(self.state, pool, np.zeros((b, s), np.int32), zeros, zeros, table)
+            logits, pool = self._run_bucket(pool, b, s)
             for v in variants:
                 batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
                 sample(logits, batch, flags=flags)

@@ -1,0 +1,64 @@
+"""Sizing a device's KV pool from its memory (gpu_memory_utilization): the arithmetic, the errors,
+and a Fleet on a device whose memory statistics are faked (a CPU reports none)."""
+
+from __future__ import annotations
+
+import pytest
+
+import fineserve_jax.fleet
+from fineserve_jax import Fleet, ModelSpec
+from models.config import ModelConfig
+from models.loader import random_model
+from serving.engine.model_runner import ModelRunner
+from serving.kv.pool_sizing import pool_bytes_for_utilization
+
+GiB = 1 << 30
+
+
+def test_the_pool_takes_what_is_left_of_the_fraction():
+    loaded = {"bytes_limit": int(0.75 * 80 * GiB), "bytes_in_use": 20 * GiB}
+    assert pool_bytes_for_utilization(0.9, loaded, 2 * GiB, mem_fraction=0.75) == int(0.9 * 80 * GiB) - 22 * GiB
+    # serve sets JAX's fraction to the utilization: the pool is JAX's limit less what is used
+    assert pool_bytes_for_utilization(0.9, {"bytes_limit": 72 * GiB, "bytes_in_use": 20 * GiB}, 2 * GiB,
+                                      mem_fraction=0.9) == 50 * GiB
+
+
+@pytest.mark.parametrize("utilization, stats, match", [
+    (0.0, {"bytes_limit": GiB, "bytes_in_use": 0}, "fraction in"),
+    (1.5, {"bytes_limit": GiB, "bytes_in_use": 0}, "fraction in"),
+    (True, {"bytes_limit": GiB, "bytes_in_use": 0}, "fraction in"),
+    (0.9, {}, "reports its memory"),
+    (0.5, {"bytes_limit": 8 * GiB, "bytes_in_use": 6 * GiB}, "no memory left for the KV pool"),
+])
+def test_bad_utilization_and_no_room_are_clear_errors(utilization, stats, match):
+    with pytest.raises(ValueError, match=match):
+        pool_bytes_for_utilization(utilization, stats, 0, mem_fraction=1.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = ModelConfig("llama", 512, 128, 160, 2, 4, 2, 32, max_position_embeddings=256)
+    return random_model(config, "bf16", "float32", name="tiny", seed=1)
+
+
+def spec(model) -> ModelSpec:
+    return ModelSpec(model, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, tokens_per_page=8)
+
+
+def test_a_fleet_sizes_its_pool_from_the_device(model, monkeypatch):
+    stats = {"bytes_limit": 48 << 20, "bytes_in_use": 8 << 20}
+    monkeypatch.setattr(fineserve_jax.fleet, "device_memory_stats", lambda device: stats)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    fleet = Fleet([spec(model)], gpu_memory_utilization=0.5)
+    runner = fleet.runtime.engines["tiny"].runner
+    assert isinstance(runner, ModelRunner)
+    activations = runner.largest_step_temp_bytes(fleet.pool.words)  # as for any pool shape
+    assert activations > 0
+    budget = int(0.5 * (48 << 20) / 0.75) - (8 << 20)                 # 24 MiB of the 64 MiB device
+    assert budget - activations - fleet.plan.slab_bytes < fleet.pool.nbytes <= budget - activations
+    assert Fleet([spec(model)], pool_bytes="4MiB", gpu_memory_utilization=0.5).pool.nbytes <= 4 << 20  # explicit wins
+
+
+def test_a_device_without_memory_statistics_needs_pool_bytes(model):
+    with pytest.raises(ValueError, match="pool_bytes"):
+        Fleet([spec(model)], gpu_memory_utilization=0.9)           # this CPU reports no memory limit
