@@ -91,12 +91,13 @@ from pallas_kernels.kernel_cases import (
     random_weight,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+from pallas_kernels.kv_write import write_kv
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.quant_formats import QuantizedTensor
 from pallas_kernels.quantized_matmul import quantized_matmul
 from pallas_kernels.quantized_matmul_pallas import has_kernel
 
-OPS = ("decode", "prefill", "matmul")
+OPS = ("decode", "prefill", "kv_write", "matmul")
 KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
 PAGE_SIZES = (8, 16)
 GQA_RATIOS = (1, 4)
@@ -324,6 +325,49 @@ def attention_pool_checks(fmt: str, t: int, d: int, sel: Selection, impl: str, s
     return records
 
 
+WRITE_TOKENS = 97                  # rows written per KV-write case (some invalid, some sharing a page)
+WRITE_MIDPOINT_SHARE = 0.01        # compiled: share of written words allowed to differ (div.full rounding)
+
+
+def kv_write_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
+    """The in-place quantizing KV write against `write_kv_tokens` (the XLA path), over a poisoned pool:
+    every word the same, interpreted; compiled, `x / scale` is an approximate division, so a code may
+    differ by one at a rounding midpoint: a small share of the written words may differ, nothing else."""
+    records = []
+    write = {name: jax.jit(functools.partial(write_kv, kernels=name), static_argnums=1)
+             for name in ("xla", impl)}
+    for i, (fmt, t, d) in enumerate((f, t, d) for f in sel.kv_formats for t in sel.page_sizes for d in sel.head_dims):
+        rng = np.random.default_rng(seed + 7000 + i)
+        layout = KVPageLayout(NUM_LAYERS, NUM_KV_HEADS, d, t, fmt, pages_per_slab=PAGES_PER_SLAB)
+        record = {"kind": "kv_write", "kv_format": fmt, "tokens_per_page": t, "gqa": 0, "head_dim": d,
+                  "q_dtype": "-", "kernel_precision": "-", "seed": seed + 7000 + i}
+
+        def body(layout=layout, rng=rng):
+            slabs = 3
+            pool = jnp.full((slabs, layout.page_words * PAGES_PER_SLAB), POISON, jnp.uint32)
+            pages = rng.integers(0, slabs * PAGES_PER_SLAB, WRITE_TOKENS).astype(np.int32)
+            slots = rng.integers(0, layout.tokens_per_page, WRITE_TOKENS).astype(np.int32)
+            _, first = np.unique(np.stack([pages, slots], 1), axis=0, return_index=True)
+            valid = np.zeros(WRITE_TOKENS, bool)
+            valid[first] = rng.random(len(first)) < 0.9                # distinct slots; some rows padding
+            k, v = (jnp.asarray(rng.standard_normal((WRITE_TOKENS, NUM_KV_HEADS, layout.head_dim)) * 3,
+                                jnp.bfloat16) for _ in range(2))
+            args = (layout, jnp.asarray(pages), jnp.asarray(slots), jnp.asarray(valid), jnp.int32(LAYER), k, v)
+            ref = np.asarray(write["xla"](pool, *args))
+            out = np.asarray(write[impl](pool, *args))
+            differ = ref != out
+            written = ref != np.asarray(pool)                          # poison overwritten
+            outside = int((differ & ~written).sum())
+            share = float(differ.sum() / max(1, written.sum()))
+            limit = 0.0 if impl == "interpret" or not layout.quantized else WRITE_MIDPOINT_SHARE
+            return {"passed": outside == 0 and share <= limit, "differing_words": int(differ.sum()),
+                    "differing_outside_written": outside, "written_words": int(written.sum()),
+                    "max_abs_err": share, "err_over_tol": share / limit if limit else float(share > 0)}
+
+        records.append(run_case(record, body, progress))
+    return records
+
+
 def matmul_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
     records = []
     compiled = impl == "pallas"
@@ -451,6 +495,8 @@ def main(argv=None) -> int:
         records = []
         if {"decode", "prefill"} & set(sel.ops):
             records += attention_checks(sel, impl, seed, progress)
+        if "kv_write" in sel.ops:
+            records += kv_write_checks(sel, impl, seed, progress)
         if "matmul" in sel.ops:
             records += matmul_checks(sel, impl, seed, progress)
     finally:
