@@ -38,7 +38,8 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import ModelRunner
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
-from serving.kv.pool_sizing import check_utilization, device_memory_stats, pool_bytes_for_utilization
+from serving.kv.pool_sizing import (check_reports_memory, check_utilization, device_memory_stats,
+                                   pool_bytes_for_utilization)
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
@@ -117,6 +118,8 @@ class Fleet:
             check_utilization(gpu_memory_utilization)
         if pool_bytes is not None or gpu_memory_utilization is None:
             pool_bytes = parse_bytes(DEFAULT_POOL_BYTES if pool_bytes is None else pool_bytes, "pool_bytes")
+        else:  # sized from the device's memory: fail before loading anything if it cannot be
+            check_reports_memory(device_memory_stats(device or jax.devices()[0]))
         slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
         self.specs = dict(zip(names, specs))
         self.device = device

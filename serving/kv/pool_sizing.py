@@ -34,14 +34,18 @@ def device_memory_stats(device) -> dict:
         return {}
 
 
+def check_reports_memory(stats: Mapping[str, int]) -> None:
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError("gpu_memory_utilization needs a device that reports its memory (a GPU); "
+                         "this one does not: give the pool's size (pool_bytes) instead")
+
+
 def pool_bytes_for_utilization(utilization: float, loaded: Mapping[str, int], activations: int,
                                mem_fraction: float | None = None) -> int:
     """The pool's bytes: `loaded` are the device's memory stats once the weights are loaded,
     `activations` the largest step's scratch bytes. ValueError when nothing is left."""
     check_utilization(utilization)
-    if not loaded or "bytes_limit" not in loaded:
-        raise ValueError("gpu_memory_utilization needs a device that reports its memory (a GPU); "
-                         "this one does not: give the pool's size (pool_bytes) instead")
+    check_reports_memory(loaded)
     total = loaded["bytes_limit"] / (mem_fraction or jax_mem_fraction())
     budget = int(utilization * total)
     weights = loaded["bytes_in_use"]
