@@ -189,10 +189,14 @@ class FleetFile(BaseModel, Generic[Entry]):
     pool_bytes: ByteSize | None = None         # None: the default of Fleet / ServeConfig
     pool_mode: PoolMode | None = None
     slab_bytes: ByteSize | None = None
+    # instead of pool_bytes: the pool takes this fraction of the device's memory (serving.kv.pool_sizing)
+    gpu_memory_utilization: Annotated[StrictFloat, _check(lambda u: 0 < u <= 1,
+                                                          "{key} must be in (0, 1], got {value}")] | None = None
 
     def pool(self) -> dict:
         """The pool keys the file sets, as keyword arguments of Fleet / ServeConfig."""
-        return self.model_dump(include={"pool_bytes", "pool_mode", "slab_bytes"}, exclude_none=True)
+        return self.model_dump(include={"pool_bytes", "pool_mode", "slab_bytes", "gpu_memory_utilization"},
+                               exclude_none=True)
 
 
 class ServeFile(FleetFile[Entry], Generic[Entry]):

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from tqdm.auto import tqdm
 
 from fineserve_jax.caches import RUNTIME_CACHE_ENV, Caches
+from fineserve_jax.config_files import read_toml
 from fineserve_jax.fleet import Fleet
 from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.http.api_server import ServedModel, build_app, make_server
@@ -84,13 +85,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))  # orbax's chatter
-    if args.gpu_memory_utilization is not None:  # before JAX starts its GPU client: its limit is ours
-        try:
-            check_utilization(args.gpu_memory_utilization)
-        except ValueError as e:
-            print(f"fineserve: error: {e}", file=sys.stderr)
-            return 2
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.gpu_memory_utilization))
+    try:
+        utilization = args.gpu_memory_utilization
+        if utilization is not None:
+            check_utilization(utilization)
+        elif args.config:  # the file's, read before JAX starts (parsing the config starts it)
+            utilization = read_toml(args.config, "serve config").get("gpu_memory_utilization")
+    except ValueError as e:
+        print(f"fineserve: error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(utilization, float) and 0 < utilization <= 1:  # JAX's limit is then the pools' budget
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(utilization))
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     caches = Caches(None) if args.no_cache else Caches(Path(args.cache_dir)) if args.cache_dir else Caches.default()
     caches.enable_compilation_cache()

@@ -80,10 +80,11 @@ class ServeConfig:
     models: list[ServedModelConfig]
     devices: list[DeviceConfig] = field(default_factory=list)  # empty: one device, jax.devices()[0]
     # (DeviceConfig's name and jax_device default to "device<i>" and <i>, its position)
-    pool_bytes: int | str = DEFAULT_POOL_BYTES
+    pool_bytes: int | str | None = None    # None: DEFAULT_POOL_BYTES, unless sized by gpu_memory_utilization
     pool_mode: str = "slab"
     slab_bytes: int | str = DEFAULT_SLAB_BYTES
     server: ServerConfig = field(default_factory=ServerConfig)
+    gpu_memory_utilization: float | None = None  # size pools from device memory (serving.kv.pool_sizing)
 
     def __post_init__(self):
         _refuse_duplicates("model name", [m.name for m in self.models], "set name = ... in [[models]]")
@@ -92,14 +93,18 @@ class ServeConfig:
                         for i, d in enumerate(self.devices or [DeviceConfig()])]
         _refuse_duplicates("device name", [d.name for d in self.devices])
         _refuse_duplicates("jax_device", [d.jax_device for d in self.devices], "one entry per jax device")
-        self.pool_bytes = parse_bytes(self.pool_bytes, "pool_bytes")
+        if self.pool_bytes is not None:
+            self.pool_bytes = parse_bytes(self.pool_bytes, "pool_bytes")
         self.slab_bytes = parse_bytes(self.slab_bytes, "slab_bytes")
 
     def model(self, name: str) -> ServedModelConfig:
         return next(m for m in self.models if m.name == name)
 
-    def device_pool_bytes(self, device: DeviceConfig) -> int:
-        return device.pool_bytes if device.pool_bytes is not None else self.pool_bytes
+    def device_pool_bytes(self, device: DeviceConfig) -> int | None:
+        """The device's pool size as configured; None: sized from its memory (gpu_memory_utilization)."""
+        if device.pool_bytes is not None or self.pool_bytes is not None:
+            return device.pool_bytes if device.pool_bytes is not None else self.pool_bytes
+        return None if self.gpu_memory_utilization is not None else DEFAULT_POOL_BYTES
 
     @classmethod
     def demo(cls) -> ServeConfig:
@@ -285,7 +290,7 @@ def place_models(config: ServeConfig) -> dict[str, list[str]]:
 def _scheduler_device(config: ServeConfig, device: DeviceConfig, scheduler: SchedulerConfig) -> Device:
     """The device as the scheduler sees it: its memory less the KV pool that will be allocated there
     (the scheduler then fits weights and each model's minimum KV in what is left: conservative)."""
-    memory, pool = device_memory(device), config.device_pool_bytes(device)
+    memory, pool = device_memory(device), config.device_pool_bytes(device) or 0  # 0: sized after placement
     if memory is None:
         raise ValueError(f"device {device.name!r}: its memory is unknown (jax reports none); set memory_bytes "
                          f"in its [[devices]] entry to place models on several devices")
@@ -316,8 +321,8 @@ def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
     """Place the models and build one Fleet per device that hosts any, its weights and pool on that
     jax device (`Fleet(device=...)`; the server's engine thread also steps it under
     `jax.default_device(jax_device)`), calibrated weights cached in `quantized_cache` if given.
-    With `gpu_memory_utilization`, a device whose [[devices]] entry gives no pool_bytes sizes its
-    pool from its memory instead of the file's default pool_bytes."""
+    With `gpu_memory_utilization` (the command line's, else the file's), a device whose [[devices]]
+    entry gives no pool_bytes sizes its pool from its memory instead of the file's pool_bytes."""
     placed = place_models(config)
     fleets = []
     for d in config.devices:
@@ -330,7 +335,8 @@ def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
         slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
         costs = {m.name: step_cost(m, kind, profile) for m in models}
         pool_bytes = d.pool_bytes if gpu_memory_utilization is not None else config.device_pool_bytes(d)
-        fleet = Fleet([m.spec for m in models], pool_bytes, gpu_memory_utilization=gpu_memory_utilization,
+        fleet = Fleet([m.spec for m in models], pool_bytes,
+                      gpu_memory_utilization=gpu_memory_utilization or config.gpu_memory_utilization,
                       pool_mode=config.pool_mode,
                       slab_bytes=config.slab_bytes, scheduling=config.server.scheduling(slos, costs),
                       device=jd, quantized_cache=quantized_cache, progress=True)  # loads, commits, allocates on jd

@@ -62,3 +62,20 @@ def test_a_fleet_sizes_its_pool_from_the_device(model, monkeypatch):
 def test_a_device_without_memory_statistics_needs_pool_bytes(model):
     with pytest.raises(ValueError, match="pool_bytes"):
         Fleet([spec(model)], gpu_memory_utilization=0.9)           # this CPU reports no memory limit
+
+
+def test_the_files_take_gpu_memory_utilization(tmp_path):
+    from fineserve_jax.serve_config import ServeConfig
+
+    config = ServeConfig.from_dict({"gpu_memory_utilization": 0.85, "models": [{"model": "smollm2-135m"}]})
+    assert config.gpu_memory_utilization == 0.85 and config.device_pool_bytes(config.devices[0]) is None
+    explicit = ServeConfig.from_dict({"gpu_memory_utilization": 0.85, "pool_bytes": "64MiB",
+                                      "models": [{"model": "smollm2-135m"}]})
+    assert explicit.device_pool_bytes(explicit.devices[0]) == 64 << 20         # an explicit size wins
+    assert ServeConfig.demo().device_pool_bytes(ServeConfig.demo().devices[0]) == 512 << 20
+    path = tmp_path / "fleet.toml"
+    path.write_text('gpu_memory_utilization = 1.5\n[[models]]\nmodel = "smollm2-135m"\n')
+    with pytest.raises(ValueError, match=r"fleet.toml: gpu_memory_utilization must be in \(0, 1\], got 1.5"):
+        ServeConfig.from_toml(path)
+    with pytest.raises(ValueError, match="pool_bytes"):   # a fleet file too; this CPU reports no memory
+        Fleet.from_dict({"gpu_memory_utilization": 0.5, "models": [{"model": "smollm2-135m"}]})
