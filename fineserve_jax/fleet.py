@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Sequence as Seq
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -34,8 +33,7 @@ from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
-from serving.engine.llm_engine import LLMEngine
-from serving.engine.model_runner import ModelRunner
+from serving.engine.llm_engine import LLMEngine, step_scratch_bytes
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
 from serving.kv.pool_sizing import (check_reports_memory, check_utilization, device_memory_stats,
@@ -158,20 +156,14 @@ class Fleet:
     def _pool_bytes_for(self, utilization: float) -> int:
         """The pool's size from the device's memory once the weights are loaded, less the scratch
         memory of the largest step of any model (XLA's analysis of that program)."""
-        device = self.device or jax.devices()[0]
-        stats = device_memory_stats(device)
+        stats = device_memory_stats(self.device or jax.devices()[0])
         activations = 0
         if stats.get("bytes_limit") is not None:  # else pool_bytes_for_utilization says why it cannot
             for name, spec in self.specs.items():
-                model, layout = self.loaded[name], self._layout(name)
+                model = self.loaded[name]
                 config = engine_config(model.config, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
                                        max_num_batched_tokens=spec.max_num_batched_tokens, kernels=spec.kernels)
-                runner = ModelRunner(model.model, layout, max_num_seqs=config.max_num_seqs,
-                                     max_model_len=config.max_model_len,
-                                     max_num_batched_tokens=config.max_num_batched_tokens,
-                                     prefill_chunk=config.prefill_chunk, kernels=resolve_kernels(config.kernels))
-                pool = jax.ShapeDtypeStruct((1, layout.page_words), jnp.uint32)  # its size does not matter
-                activations = max(activations, runner.largest_step_temp_bytes(pool))
+                activations = max(activations, step_scratch_bytes(model.model, self._layout(name), config))
         return pool_bytes_for_utilization(utilization, stats, activations)
 
     def _layout(self, name: str) -> KVPageLayout:

@@ -6,15 +6,19 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
+import jax
 from tqdm.auto import tqdm
 
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
 from pallas_kernels.implementation import resolve_kernels
-from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool
+from pallas_kernels.kv_pages import KVPageLayout
+from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool, step_scratch_bytes
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
+from serving.kv.pool_sizing import (check_reports_memory, check_utilization, device_memory_stats,
+                                   pool_bytes_for_utilization)
 
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
@@ -50,7 +54,9 @@ class LLM:
       kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8" or "int4".
       dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.
       calib_samples: calibration windows for quantized presets (0: plain round-to-nearest).
-      kv_cache_bytes: size of the device KV pool.
+      kv_cache_bytes: size of the device KV pool (default 512 MiB), or, instead,
+      gpu_memory_utilization: as vLLM's, the pool takes that fraction of the device's memory less the
+        weights and a step's activations (`serving.kv.pool_sizing`; needs a GPU).
       max_num_seqs, max_model_len, max_num_batched_tokens: batching limits as in vLLM.
       tokens_per_page: KV page size in tokens.
       seed: engine seed, used for requests that do not set their own.
@@ -61,21 +67,32 @@ class LLM:
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
-                 kv_dtype: str | None = None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+                 kv_dtype: str | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
-                 calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None):
+                 calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
+                 gpu_memory_utilization: float | None = None):
         check_precision(precision, kv_dtype)  # bad names fail before any loading
-        if not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0:
+        if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
+        sized = kv_cache_bytes is None and gpu_memory_utilization is not None
+        if gpu_memory_utilization is not None:
+            check_utilization(gpu_memory_utilization)
+        if sized:  # fail before loading anything where the device cannot say how much memory it has
+            check_reports_memory(device_memory_stats(jax.devices()[0]))
         check_max_model_len(max_model_len)  # bad values fail before any loading
         resolve_kernels(kernels)
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples,
                             quantized_cache=quantized_cache)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels)
+        if sized:
+            cfg = loaded.config
+            layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, loaded.kv_dtype)
+            kv_cache_bytes = pool_bytes_for_utilization(gpu_memory_utilization, device_memory_stats(jax.devices()[0]),
+                                                        step_scratch_bytes(loaded.model, layout, config))
         engine = engine_with_own_pool(
-            loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes,
+            loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             tokens_per_page=tokens_per_page, tokenizer=loaded.tokenizer,
             eos_token_ids=loaded.eos_token_ids, model_key=str(model))
         self._bind(str(model), loaded, engine, engine.step)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import fineserve_jax.fleet
-from fineserve_jax import Fleet, ModelSpec
+from fineserve_jax import Fleet, ModelSpec, SamplingParams
 from models.config import ModelConfig
 from models.loader import random_model
 from serving.engine.model_runner import ModelRunner
@@ -79,3 +79,22 @@ def test_the_files_take_gpu_memory_utilization(tmp_path):
         ServeConfig.from_toml(path)
     with pytest.raises(ValueError, match="pool_bytes"):   # a fleet file too; this CPU reports no memory
         Fleet.from_dict({"gpu_memory_utilization": 0.5, "models": [{"model": "smollm2-135m"}]})
+
+
+def test_llm_sizes_its_pool_from_the_device(monkeypatch):
+    import fineserve_jax.llm
+    from fineserve_jax import LLM
+    from tests.helpers import FIXTURES
+
+    with pytest.raises(ValueError, match="kv_cache_bytes"):                # this CPU reports no memory
+        LLM(str(FIXTURES / "llama"), dtype="float32", gpu_memory_utilization=0.9)
+    stats = {"bytes_limit": 96 << 20, "bytes_in_use": 16 << 20}
+    monkeypatch.setattr(fineserve_jax.llm, "device_memory_stats", lambda device: stats)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.0")
+    llm = LLM(str(FIXTURES / "llama"), dtype="float32", max_model_len=128, gpu_memory_utilization=0.5)
+    engine = llm.engine
+    activations = engine.runner.largest_step_temp_bytes(engine.pool.words)
+    budget = (48 << 20) - (16 << 20) - activations
+    assert activations > 0 and budget - engine.pool.allocator.slab_bytes < engine.pool.nbytes <= budget
+    out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 4

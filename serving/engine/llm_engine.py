@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
@@ -297,6 +299,15 @@ class LLMEngine:
         """Step until every queued request is finished; yields outputs as they are produced."""
         while self.has_unfinished_requests():
             yield from self.step()
+
+
+def step_scratch_bytes(model, layout: KVPageLayout, config: EngineConfig) -> int:
+    """Scratch memory (activations) of the largest step an engine of `config` takes: XLA's analysis
+    of that program, compiled but not run (the pool's size does not change it)."""
+    runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                         max_num_batched_tokens=config.max_num_batched_tokens, prefill_chunk=config.prefill_chunk,
+                         kernels=resolve_kernels(config.kernels))
+    return runner.largest_step_temp_bytes(jax.ShapeDtypeStruct((1, layout.page_words), jnp.uint32))
 
 
 def engine_with_own_pool(model, config: EngineConfig, *, kv_dtype: str, kv_cache_bytes: int,

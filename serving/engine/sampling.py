@@ -14,7 +14,6 @@ Order of operations in `sample` (vLLM V1):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence

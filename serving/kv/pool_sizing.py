@@ -37,7 +37,7 @@ def device_memory_stats(device) -> dict:
 def check_reports_memory(stats: Mapping[str, int]) -> None:
     if not stats or "bytes_limit" not in stats:
         raise ValueError("gpu_memory_utilization needs a device that reports its memory (a GPU); "
-                         "this one does not: give the pool's size (pool_bytes) instead")
+                         "this one does not: give the pool's size (pool_bytes; LLM: kv_cache_bytes) instead")
 
 
 def pool_bytes_for_utilization(utilization: float, loaded: Mapping[str, int], activations: int,
