@@ -187,6 +187,15 @@ def _occupancy(registers: int, shared: int, num_warps: int) -> float:
     return blocks * num_warps / MAX_WARPS_PER_SM
 
 
+def _global_loads(ptx: str) -> dict[int, int]:
+    """How many `ld.global` instructions of each width (bits) the PTX holds."""
+    counts: dict[int, int] = {}
+    for vec, bits in re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        width = int(vec or 1) * int(bits)
+        counts[width] = counts.get(width, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _widest_global_load(ptx: str) -> int:
     """Bits of the widest load from global memory in the PTX: `ld.global` (128: ld.global.v4.b32) or
     an asynchronous copy to shared memory (`cp.async ... 16`: 128)."""
@@ -217,7 +226,8 @@ def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
     return {"kernel": kernel.name, "num_warps": kernel.num_warps, "num_stages": kernel.num_stages,
             "registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
             "shared_bytes": shared, "occupancy": _occupancy(registers, shared, kernel.num_warps), "mma": mma,
-            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "widest_global_load_bits": _widest_global_load(ptx)}
+            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "widest_global_load_bits": _widest_global_load(ptx),
+            "global_loads_by_bits": _global_loads(ptx)}
 
 
 def check(case: Case, workdir: Path) -> dict:
