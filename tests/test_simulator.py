@@ -266,7 +266,11 @@ def _real_vs_simulated_trial(loaded, cfg, config):
     print(f"held-out predicted/measured step time (median) {ratio:.3f}; attainment real {att_real:.3f} "
           f"simulated {att_sim:.3f} over {len(work.requests)} requests, {len(steps)} steps, load {load:.2f} "
           f"by the run's own steps; fit {errors}")
-    return ratio, att_real, att_sim, load, len(work.requests)
+    return ratio, att_real, att_sim, load, len(work.requests), errors["decode_mean_rel_err"]
+
+
+NOISY_DECODE_FIT = 0.13  # mean relative error of the decode fit on a run's own steps
+MAX_TRIALS = 5
 
 
 @pytest.mark.timing
@@ -286,8 +290,10 @@ def test_simulator_matches_the_real_engine_on_cpu():
     The comparison is made below saturation: if the run's own steps say the machine slowed down so
     much that the trace offered more than it sustains (a quiet run measures ~0.9 by this rough
     service-time estimate; near saturation a few ms of OS jitter swing attainment by 10+ points:
-    57% vs 69% at 119 requests in one CI run), the trial is repeated with a fresh profile, up to
-    three times."""
+    57% vs 69% at 119 requests in one CI run), or that its step times were unusually noisy (the decode
+    fit on them off by more than NOISY_DECODE_FIT on average: 7-10% in quiet runs, 15-23% in noisy
+    ones; one CI run at 16% served 81% in time where the simulation of its steps made 96%), the
+    trial is repeated with a fresh profile, up to MAX_TRIALS times, and the quietest is checked."""
     from models.config import ModelConfig
     from models.loader import random_model
 
@@ -296,9 +302,13 @@ def test_simulator_matches_the_real_engine_on_cpu():
     cfg = ModelConfig("llama", 512, 768, 1536, 4, 4, 2, 64, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
     config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
-    for _ in range(3):
-        ratio, att_real, att_sim, load, n = _real_vs_simulated_trial(loaded, cfg, config)
-        if load <= 1.0:
+    trials = []
+    for _ in range(MAX_TRIALS):
+        trials.append(_real_vs_simulated_trial(loaded, cfg, config))
+        load, decode_fit_err = trials[-1][3], trials[-1][5]
+        if load <= 1.0 and decode_fit_err <= NOISY_DECODE_FIT:
             break
+    # the quietest trial: below saturation first, then the smallest decode fit error
+    ratio, att_real, att_sim, load, n, _ = min(trials, key=lambda trial: (trial[3] > 1.0, trial[5]))
     assert abs(ratio - 1) <= 0.10, ratio
     assert abs(att_real - att_sim) <= 0.05, (att_real, att_sim, n, load)
