@@ -33,11 +33,10 @@ from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
-from serving.engine.llm_engine import LLMEngine, step_scratch_bytes
+from serving.engine.llm_engine import LLMEngine, pool_bytes_for_device
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
-from serving.kv.pool_sizing import (check_reports_memory, check_utilization, device_memory_stats,
-                                   pool_bytes_for_utilization)
+from serving.kv.pool_sizing import check_reports_memory, check_utilization, device_memory_stats
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
@@ -156,20 +155,14 @@ class Fleet:
     def _pool_bytes_for(self, utilization: float) -> int:
         """The pool's size from the device's memory once the weights are loaded, less the scratch
         memory of the largest step of any model (XLA's analysis of that program)."""
-        stats = device_memory_stats(self.device or jax.devices()[0])
-        activations = 0
-        if stats.get("bytes_limit") is not None:  # else pool_bytes_for_utilization says why it cannot
-            for name, spec in self.specs.items():
-                model = self.loaded[name]
-                config = engine_config(model.config, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-                                       max_num_batched_tokens=spec.max_num_batched_tokens, kernels=spec.kernels)
-                activations = max(activations, step_scratch_bytes(model.model, self._layout(name), config))
-        return pool_bytes_for_utilization(utilization, stats, activations)
+        return pool_bytes_for_device(self.device or jax.devices()[0], utilization, (
+            (self.loaded[name].model, self._layout(name),
+             engine_config(self.loaded[name].config, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
+                           max_num_batched_tokens=spec.max_num_batched_tokens, kernels=spec.kernels))
+            for name, spec in self.specs.items()))
 
     def _layout(self, name: str) -> KVPageLayout:
-        cfg, spec = self.loaded[name].config, self.specs[name]
-        return KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.tokens_per_page,
-                            self.loaded[name].kv_dtype)
+        return self.loaded[name].kv_layout(self.specs[name].tokens_per_page)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> Fleet:

@@ -13,12 +13,10 @@ from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
 from pallas_kernels.implementation import resolve_kernels
-from pallas_kernels.kv_pages import KVPageLayout
-from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool, step_scratch_bytes
+from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool, pool_bytes_for_device
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
-from serving.kv.pool_sizing import (check_reports_memory, check_utilization, device_memory_stats,
-                                   pool_bytes_for_utilization)
+from serving.kv.pool_sizing import check_reports_memory, check_utilization, device_memory_stats
 
 DEFAULT_KV_CACHE_BYTES = 512 << 20
 
@@ -87,10 +85,8 @@ class LLM:
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels)
         if sized:
-            cfg = loaded.config
-            layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, loaded.kv_dtype)
-            kv_cache_bytes = pool_bytes_for_utilization(gpu_memory_utilization, device_memory_stats(jax.devices()[0]),
-                                                        step_scratch_bytes(loaded.model, layout, config))
+            kv_cache_bytes = pool_bytes_for_device(jax.devices()[0], gpu_memory_utilization,
+                                                   [(loaded.model, loaded.kv_layout(tokens_per_page), config)])
         engine = engine_with_own_pool(
             loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             tokens_per_page=tokens_per_page, tokenizer=loaded.tokenizer,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 from models.precision import PRESETS, PrecisionPreset, layout_kv_dtype
 from models.tokenizer import Tokenizer
+from pallas_kernels.kv_pages import KVPageLayout
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -31,6 +32,11 @@ class LoadedModel:
     def kv_dtype(self) -> str:
         """The KV page format this model's pages use."""
         return layout_kv_dtype(self.precision, self.dtype)
+
+    def kv_layout(self, tokens_per_page: int) -> KVPageLayout:
+        """This model's KV page with `tokens_per_page` tokens (its slab placement not yet known)."""
+        c = self.config
+        return KVPageLayout(c.num_layers, c.num_kv_heads, c.head_dim, tokens_per_page, self.kv_dtype)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

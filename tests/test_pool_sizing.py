@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 import fineserve_jax.fleet
+import fineserve_jax.llm
+import serving.engine.llm_engine
 from fineserve_jax import Fleet, ModelSpec, SamplingParams
 from models.config import ModelConfig
 from models.loader import random_model
@@ -13,6 +15,13 @@ from serving.engine.model_runner import ModelRunner
 from serving.kv.pool_sizing import pool_bytes_for_utilization
 
 GiB = 1 << 30
+
+
+def fake_device_memory(monkeypatch, stats: dict) -> None:
+    """The device reports `stats` wherever its memory is asked for (the checks before loading, and
+    the sizing after)."""
+    for module in (fineserve_jax.fleet, fineserve_jax.llm, serving.engine.llm_engine):
+        monkeypatch.setattr(module, "device_memory_stats", lambda device: stats)
 
 
 def test_the_pool_takes_what_is_left_of_the_fraction():
@@ -47,7 +56,7 @@ def spec(model) -> ModelSpec:
 
 def test_a_fleet_sizes_its_pool_from_the_device(model, monkeypatch):
     stats = {"bytes_limit": 48 << 20, "bytes_in_use": 8 << 20}
-    monkeypatch.setattr(fineserve_jax.fleet, "device_memory_stats", lambda device: stats)
+    fake_device_memory(monkeypatch, stats)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
     fleet = Fleet([spec(model)], gpu_memory_utilization=0.5)
     runner = fleet.runtime.engines["tiny"].runner
@@ -82,14 +91,13 @@ def test_the_files_take_gpu_memory_utilization(tmp_path):
 
 
 def test_llm_sizes_its_pool_from_the_device(monkeypatch):
-    import fineserve_jax.llm
     from fineserve_jax import LLM
     from tests.helpers import FIXTURES
 
     with pytest.raises(ValueError, match="kv_cache_bytes"):                # this CPU reports no memory
         LLM(str(FIXTURES / "llama"), dtype="float32", gpu_memory_utilization=0.9)
     stats = {"bytes_limit": 96 << 20, "bytes_in_use": 16 << 20}
-    monkeypatch.setattr(fineserve_jax.llm, "device_memory_stats", lambda device: stats)
+    fake_device_memory(monkeypatch, stats)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.0")
     llm = LLM(str(FIXTURES / "llama"), dtype="float32", max_model_len=128, gpu_memory_utilization=0.5)
     engine = llm.engine

@@ -28,6 +28,7 @@ import numpy as np
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv.kv_pool import KVPool
+from serving.kv.pool_sizing import check_reports_memory, device_memory_stats, pool_bytes_for_utilization
 from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import ModelRunner
 from serving.engine.page_manager import PageManager
@@ -308,6 +309,17 @@ def step_scratch_bytes(model, layout: KVPageLayout, config: EngineConfig) -> int
                          max_num_batched_tokens=config.max_num_batched_tokens, prefill_chunk=config.prefill_chunk,
                          kernels=resolve_kernels(config.kernels))
     return runner.largest_step_temp_bytes(jax.ShapeDtypeStruct((1, layout.page_words), jnp.uint32))
+
+
+def pool_bytes_for_device(device, utilization: float,
+                          models: Iterable[tuple[object, KVPageLayout, EngineConfig]]) -> int:
+    """A pool of `utilization` of `device`'s memory less what is in use (the loaded weights) and less
+    the largest step's scratch memory among `models` ((model, page layout, engine config) each);
+    ValueError where the device cannot say (a CPU) or nothing is left."""
+    stats = device_memory_stats(device)
+    check_reports_memory(stats)
+    activations = max((step_scratch_bytes(model, layout, config) for model, layout, config in models), default=0)
+    return pool_bytes_for_utilization(utilization, stats, activations)
 
 
 def engine_with_own_pool(model, config: EngineConfig, *, kv_dtype: str, kv_cache_bytes: int,

@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from models.errors import ModelLoadError
 from models.loader import LoadedModel, load_model, random_model
 from models.precision import PRESETS, resolve_precision
-from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import (
     FEATURES_DOC,
     LLAMA3_8B,
@@ -126,8 +125,7 @@ def profile_engine_config(*, max_num_seqs: int = 32, max_num_batched_tokens: int
 def build_profile_engine(loaded: LoadedModel, config: EngineConfig, grid: ProfileGrid) -> LLMEngine:
     """An engine over a private pool just large enough for the grid's largest step (distinct pages
     per row, plus one slab of slack for partly used slabs)."""
-    cfg = loaded.config
-    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, TOKENS_PER_PAGE, loaded.kv_dtype)
+    layout = loaded.kv_layout(TOKENS_PER_PAGE)
     slab = slab_bytes_for([layout.page_bytes])
     pages = max(layout.pages_for(config.max_model_len),
                 max([r * layout.pages_for(c) for r, _, c in grid.prefill] +
