@@ -21,6 +21,13 @@ class Caches:
     root: Path | None  # None: no caching
 
     @classmethod
+    def from_flags(cls, no_cache: bool, cache_dir: str | None = None) -> Caches:
+        """What `--no-cache` and `--cache-dir` ask for (neither: the default folder)."""
+        if no_cache:
+            return cls(None)
+        return cls(Path(cache_dir)) if cache_dir else cls.default()
+
+    @classmethod
     def default(cls) -> Caches:
         root = os.environ.get(RUNTIME_CACHE_ENV)
         return cls(Path(root) if root else model_cache_dir().parent / "runtime")

@@ -84,7 +84,7 @@ def _sampling(args):
 
 
 def _llm(args):
-    caches = Caches(None) if args.no_cache else Caches.default()
+    caches = Caches.from_flags(args.no_cache)
     caches.enable_compilation_cache()
     kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype,
               "kernels": args.kernels, "quantized_cache": caches.quantized}

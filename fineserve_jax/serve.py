@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from fastapi import FastAPI
 from tqdm.auto import tqdm
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     if isinstance(utilization, float) and 0 < utilization <= 1:  # JAX's limit is then the pools' budget
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(utilization))
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    caches = Caches(None) if args.no_cache else Caches(Path(args.cache_dir)) if args.cache_dir else Caches.default()
+    caches = Caches.from_flags(args.no_cache, args.cache_dir)
     caches.enable_compilation_cache()
     try:
         config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()

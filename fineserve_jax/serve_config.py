@@ -40,6 +40,7 @@ from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roof
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.slo import fineserve_slo_of
 from serving.scheduling.strategies import place
+from serving.kv.pool_sizing import device_memory_stats
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 
 log = logging.getLogger("fineserve.config")
@@ -162,15 +163,8 @@ def device_memory(device: DeviceConfig) -> int | None:
     """The configured memory_bytes, else the jax device's bytes_limit (None where unknown, e.g. CPU)."""
     if device.memory_bytes is not None:
         return device.memory_bytes
-    try:
-        stats = _jax_device(device).memory_stats() or {}
-    except (RuntimeError, NotImplementedError):
-        stats = {}
-    return stats.get("bytes_limit")
+    return device_memory_stats(_jax_device(device)).get("bytes_limit")
 
-
-def _load_profile(kind: str) -> DeviceProfile | None:
-    return DeviceProfile.shipped(kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +206,7 @@ def slo_ttft_s(model: ServedModelConfig, kind: str | None, profile: DeviceProfil
     if model.slo_ttft_s is not None:
         return model.slo_ttft_s
     if profile is None and kind is not None:
-        profile = _load_profile(kind)
+        profile = DeviceProfile.shipped(kind)
     cost = _profile_cost(profile, model.spec)
     return fineserve_slo_of(cost) if cost is not None else DEFAULT_SLO_TTFT_S
 
@@ -259,7 +253,7 @@ def place_models(config: ServeConfig) -> dict[str, list[str]]:
     devices = [_scheduler_device(config, d, scheduler) for d in config.devices]
     kinds = {d.kind for d in devices}
     kind = kinds.pop() if len(kinds) == 1 else None  # mixed kinds: one profile cannot cost them all
-    profile = _load_profile(kind) if kind is not None else None
+    profile = DeviceProfile.shipped(kind) if kind is not None else None
     demands = [_demand(i, m, slo_ttft_s(m, kind, profile)) for i, m in enumerate(config.models)]
     costs = {}
     for d, m in zip(demands, config.models):
@@ -330,7 +324,7 @@ def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
         if not names:
             continue  # hosts nothing: no pool is allocated
         jd, kind = _jax_device(d), device_kind(d)
-        profile = _load_profile(kind)
+        profile = DeviceProfile.shipped(kind)
         models = [config.model(n) for n in names]
         slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
         costs = {m.name: step_cost(m, kind, profile) for m in models}
