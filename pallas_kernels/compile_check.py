@@ -196,15 +196,11 @@ def _global_loads(ptx: str) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def _widest_global_load(ptx: str) -> int:
-    """Bits of the widest load from global memory in the PTX: `ld.global` (128: ld.global.v4.b32) or
-    an asynchronous copy to shared memory (`cp.async ... 16`: 128)."""
-    widest = 0
-    for vec, bits in re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
-        widest = max(widest, int(vec or 1) * int(bits))
-    for size in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", ptx):
-        widest = max(widest, 8 * int(size, 0))
-    return widest
+def _widest_global_load(ptx: str, loads: dict[int, int]) -> int:
+    """Bits of the widest load from global memory: an `ld.global` (`loads`, by width) or an
+    asynchronous copy to shared memory (`cp.async ... 16`: 128)."""
+    copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", ptx)
+    return max([*loads, *(8 * int(size, 0) for size in copies)], default=0)
 
 
 def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
@@ -223,11 +219,12 @@ def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     shared = compiled.metadata.shared
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    loads = _global_loads(ptx)
     return {"kernel": kernel.name, "num_warps": kernel.num_warps, "num_stages": kernel.num_stages,
             "registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
             "shared_bytes": shared, "occupancy": _occupancy(registers, shared, kernel.num_warps), "mma": mma,
-            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "widest_global_load_bits": _widest_global_load(ptx),
-            "global_loads_by_bits": _global_loads(ptx)}
+            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "global_loads_by_bits": loads,
+            "widest_global_load_bits": _widest_global_load(ptx, loads)}
 
 
 def check(case: Case, workdir: Path) -> dict:
