@@ -270,7 +270,7 @@ def _real_vs_simulated_trial(loaded, cfg, config):
 
 
 NOISY_DECODE_FIT = 0.13  # mean relative error of the decode fit on a run's own steps
-MAX_TRIALS = 5
+MAX_TRIALS = 8
 
 
 @pytest.mark.timing
