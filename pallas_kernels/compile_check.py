@@ -53,6 +53,7 @@ NUM_LAYERS, HEAD_DIM, KV_HEADS, TOKENS_PER_PAGE, PAGES_PER_SLAB = 32, 128, 8, 16
 DECODE_BATCH, DECODE_CONTEXT, PREFILL_CHUNK, WRITE_TOKENS = 64, 4096, 512, 512
 MATMUL_K, MATMUL_N, MATMUL_MS = 4096, 14336, (1, 16, 256, 4096)
 S = jax.ShapeDtypeStruct
+BF16_X3 = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,16 @@ def decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: int = D
                 args, kv_bytes, 4.0 * batch * q_heads * context * HEAD_DIM)
 
 
-def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK) -> Case:
+def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK, precision=None) -> Case:
+    """`precision`: of the kernel's dots (None: serving; BF16_BF16_F32_X3: the GPU check's)."""
     layout, q_heads, pages = _layout(kv), KV_HEADS * group, chunk // TOKENS_PER_PAGE
     args = (S((1, chunk, q_heads, HEAD_DIM), jnp.bfloat16), _pool(layout, pages), S((), jnp.int32),
             S((1, pages), jnp.int32), S((1, chunk), jnp.int32), S((1,), jnp.int32))
     io = chunk * (layout.bytes_per_token / NUM_LAYERS + 2 * 2 * q_heads * HEAD_DIM)
-    return Case("prefill", f"prefill {kv} G={group} chunk={chunk}",
-                lambda q, pool, layer, table, pos, lens: paged_prefill_attention(q, pool, layout, layer, table, pos, lens),
+    dots = "" if precision is None else " dots=bf16x3" if precision == BF16_X3 else f" dots={precision}"
+    return Case("prefill", f"prefill {kv} G={group} chunk={chunk}{dots}",
+                lambda q, pool, layer, table, pos, lens: paged_prefill_attention(q, pool, layout, layer, table, pos,
+                                                                                 lens, precision=precision),
                 args, io, 4.0 * chunk * chunk * q_heads * HEAD_DIM)
 
 
@@ -125,12 +129,15 @@ def matmul_case(fmt: str, m: int, k: int = MATMUL_K, n: int = MATMUL_N) -> Case:
 
 
 def cases(subset: str = "full") -> list[Case]:
-    """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), a 512-token prefill chunk, a
-    512-token KV write, in every KV format; every matmul format on a 4096x14336 weight at M = 1, 16,
-    256, 4096. "fast": the GQA-4 attention cases, the KV writes, and every matmul format at M=16."""
+    """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), a 512-token prefill chunk (and at
+    GQA 4 with the GPU check's bf16x3 dots), a 512-token KV write, in every KV format; every matmul
+    format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast": the GQA-4 attention cases (serving
+    dots), the KV writes, and every matmul format at M=16."""
     groups, ms = ((4,), (16,)) if subset == "fast" else ((4, 8), MATMUL_MS)
     out = [decode_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case(kv, g) for g in groups for kv in KV_FORMATS]
+    if subset != "fast":
+        out += [prefill_case(kv, 4, precision=BF16_X3) for kv in KV_FORMATS]
     out += [kv_write_case(kv) for kv in KV_FORMATS]
     out += [matmul_case(fmt, m) for fmt in MATMUL_FORMATS for m in ms]
     return out

@@ -8,7 +8,9 @@ For "pallas" / "interpret" the query length picks the kernel (S is static): S ==
 the split-K decode kernel (`paged_attention_pallas`), S > 1 (prefill, chunked prefill, or a decode
 batch padded to several query slots) to the prefill kernel (`paged_prefill_pallas`). Both have the
 reference's semantics: causal on each query's position, keys up to the sequence's kv_len (this step's
-writes included, see `kv_write.write_kv`), rows that see no key give 0.
+writes included, see `kv_write.write_kv`), rows that see no key give 0. `precision`: the prefill
+kernel's dot precision (None: the backend default); the decode kernel has no dot, and the reference
+follows `jax.default_matmul_precision`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 __all__ = ["IMPLEMENTATIONS", "paged_attention"]
 
 
-def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, kernels: str = "xla"):
+def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, kernels: str = "xla",
+                    precision=None):
     check_implementation(kernels)
     if kernels == "xla":
         return paged_attention_reference(q, pool, layout, layer, page_table, q_positions, kv_lens)
-    kernel = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
-    return kernel(q, pool, layout, layer, page_table, q_positions, kv_lens,
-                  interpret=(kernels == "interpret"))
+    interpret = kernels == "interpret"
+    if q.shape[1] == 1:
+        return paged_decode_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, interpret=interpret)
+    return paged_prefill_attention(q, pool, layout, layer, page_table, q_positions, kv_lens,
+                                   precision=precision, interpret=interpret)

@@ -32,6 +32,10 @@ from pallas_kernels.pow2 import is_pow2, next_pow2
 DEFAULT_BLOCK_ROWS = 64
 # Triton's `tl.dot` needs every dimension >= 16.
 MIN_DOT_DIM = 16
+# Dot algorithms that split each float32 operand into two and run three dots: near-float32 accuracy
+# on tensor cores (what a correctness check wants, where "highest" would compile to FMA loops). The
+# split operands take registers, so their KV blocks are MIN_DOT_DIM tokens (0 spills on sm_90a).
+MULTIPASS_DOTS = (lax.DotAlgorithmPreset.BF16_BF16_F32_X3, lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
 def prefill_shape_error(layout: KVPageLayout, block_rows: int, pages_per_block: int) -> str | None:
@@ -50,15 +54,17 @@ def prefill_shape_error(layout: KVPageLayout, block_rows: int, pages_per_block: 
 
 
 def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
-                 block_q: int | None = None, pages_per_block: int | None = None) -> tuple[int, int]:
+                 block_q: int | None = None, pages_per_block: int | None = None,
+                 precision=None) -> tuple[int, int]:
     """(block_q, pages_per_block) for S = `seq` query tokens of GQA ratio `group` and a page table of
     `num_pages` columns. Defaults: about DEFAULT_BLOCK_ROWS rows (at least 16, the smallest Triton
-    dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens."""
+    dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens (MIN_DOT_DIM for MULTIPASS_DOTS)."""
     gp = next_pow2(group)
     if block_q is None:
         block_q = max(1, min(DEFAULT_BLOCK_ROWS // gp, next_pow2(seq)), -(-MIN_DOT_DIM // gp))
     if pages_per_block is None:
-        pages_per_block = max(1, DEFAULT_BLOCK_TOKENS // layout.tokens_per_page)
+        block_tokens = MIN_DOT_DIM if precision in MULTIPASS_DOTS else DEFAULT_BLOCK_TOKENS
+        pages_per_block = max(1, block_tokens // layout.tokens_per_page)
     pages_per_block = max(1, min(pages_per_block, num_pages))
     return max(1, block_q), pages_per_block
 
@@ -146,7 +152,8 @@ def paged_prefill_attention(
 ) -> jax.Array:
     """Causal prefill / chunked-prefill attention read in place from the pool. Returns [B, S, Hq, D]
     in q's dtype. `block_q`: query tokens per program; `pages_per_block`: pages per KV loop step;
-    `precision`: of the two dots (None: the backend default); `interpret`: False (compiled, GPU
+    `precision`: of the two dots (None: the backend default, TF32 on float32 operands on the GPU;
+    a `MULTIPASS_DOTS` algorithm for near-float32 accuracy on tensor cores); `interpret`: False (compiled, GPU
     Triton lowering) or anything `pl.pallas_call` accepts."""
     batch, seq, num_q_heads, head_dim = q.shape
     hkv = layout.num_kv_heads
@@ -159,7 +166,7 @@ def paged_prefill_attention(
     group = num_q_heads // hkv
     gp = next_pow2(group)
     num_pages = page_table.shape[1]
-    block_q, pages_per_block = plan_prefill(layout, seq, group, num_pages, block_q, pages_per_block)
+    block_q, pages_per_block = plan_prefill(layout, seq, group, num_pages, block_q, pages_per_block, precision)
     rows = block_q * gp
     if not interpret and (why := prefill_shape_error(layout, rows, pages_per_block)):
         raise ValueError(f"compiled Pallas prefill attention: {why}")

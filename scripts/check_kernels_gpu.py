@@ -26,11 +26,11 @@ Inputs are fresh random numbers every run; the seed is printed (and stored in th
 can be replayed with --seed. The references are traced under `jax.default_matmul_precision("highest")`:
 on Ampere and newer GPUs XLA's default float32 dot is TF32, which would put the reference, not the
 kernel, ~1e-3 off. The matmul kernels are traced at the default precision, as the model runs them
-(they state their dot precision). The attention kernels are traced under "highest" too (`dots=highest`
-in the output): the decode kernel has no dot, and the prefill kernel's two dots (precision=None: TF32
-on float32 operands by default) then run in IEEE float32, so addressing, decoding and masking are
-checked with the tight tolerance; the bfloat16-query prefill cases are also run at the default
-precision (`dots=default`, the model's configuration) against the TF32 bound below.
+(they state their dot precision). The decode kernel has no dot. The prefill kernel's two dots are
+checked tightly with `precision=BF16_BF16_F32_X3` (`dots=bf16x3` in the output): each float32 operand
+split into two bfloat16 parts, three tensor-core dots, near-float32 accuracy without the FMA loops
+(and their register spills) that "highest" compiles to; the bfloat16-query prefill cases are also
+run at the serving precision (`dots=default`, TF32 on the GPU) against the TF32 bound below.
 
 Tolerances (the interpret-mode tests' derivations; `tests/` is not importable where this runs, so they
 are restated here):
@@ -40,11 +40,13 @@ are restated here):
     combinations of V values of magnitude ~1-4. A page, slot or scale mistake moves outputs by O(1).
   attention, bfloat16 q: rtol = 2^-7, atol = 2^-7 * max|ref|: both sides round the same float32
     result to bfloat16, which can differ by one bf16 ulp at a rounding boundary.
-  attention, dots at the default precision: the above plus the TF32 bound of
-    `tf32_attention_bound` (scores off by at most Delta = 2^-10 * max sum|q k| of the row, so softmax
-    weights by a factor exp(+-2 Delta), plus 2^-10 for rounding p and v; times max|v|). It is a
-    worst case (a few % of max|v| here, ~100x the error a TF32 emulation shows), so these cases
-    catch gross errors only; the "highest" ones are the discriminating check.
+  attention, prefill dots: the above plus the bound of `dot_attention_bound` with the dot's
+    per-product relative error u (scores off by at most Delta = u * max sum|q k| of the row, so
+    softmax weights by a factor exp(+-2 Delta), plus u for p.v; times max|v|). bf16x3: u = 2^-16
+    (each operand is a + b with |x - a - b| <= 2^-18 |x|, and the dropped b_x b_y term is <= 2^-18 |xy|:
+    3 * 2^-18 < 2^-16), a bound ~1e-3 of max|v| here against the O(1) a layout mistake causes.
+    Default (TF32 operands, unit roundoff 2^-11 each): u = 2^-10, a worst case of a few % of
+    max|v| (~100x the error a TF32 emulation shows), so these cases catch gross errors only.
   matmul: |kernel - ref| <= (2K + 8) * 2^-24 * (|x| @ |w|) over the operands as consumed (products
     are exact in float32 on both sides; a float32 sum of K terms is off by at most K * 2^-24 of the
     sum of |terms| per side, plus a few epilogue roundings); for W4A8 |w| uses |q| + |z| (the kernel
@@ -78,6 +80,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from pallas_kernels.kernel_cases import (
@@ -185,9 +188,14 @@ def matmul_mismatch(out, ref, bound, act, compiled: bool) -> tuple[float, float]
 
 
 # ---- running cases -----------------------------------------------------------------------------
+# Prefill dot precision per label (the decode kernel has no dot): per-product relative error bound u.
+DOT_PRECISIONS = {"bf16x3": (lax.DotAlgorithmPreset.BF16_BF16_F32_X3, 2.0 ** -16), "default": (None, 2.0 ** -10)}
+
+
 @functools.lru_cache(maxsize=None)
-def attention_callable(implementation: str):
-    return jax.jit(functools.partial(paged_attention, kernels=implementation), static_argnums=2)
+def attention_callable(implementation: str, precision: str):
+    return jax.jit(functools.partial(paged_attention, kernels=implementation,
+                                     precision=DOT_PRECISIONS[precision][0]), static_argnums=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +205,7 @@ def matmul_callable(implementation: str, act_format: str | None):
 
 def reference_attention(*args):
     with jax.default_matmul_precision("highest"):
-        return jax.block_until_ready(attention_callable("xla")(*args))
+        return jax.block_until_ready(attention_callable("xla", "default")(*args))
 
 
 def run_case(record: dict, body, progress) -> dict:
@@ -213,21 +221,17 @@ def run_case(record: dict, body, progress) -> dict:
 
 
 def kernel_attention(impl: str, precision: str, *args):
-    """The kernel through the dispatcher; `precision` "highest" traces its dots as IEEE float32,
-    "default" as the model runs them (TF32 for float32 operands on the GPU)."""
-    if precision == "default":
-        return jax.block_until_ready(attention_callable(impl)(*args))
-    with jax.default_matmul_precision(precision):
-        return jax.block_until_ready(attention_callable(impl)(*args))
+    """The kernel through the dispatcher, its prefill dots at `precision` (a DOT_PRECISIONS label)."""
+    return jax.block_until_ready(attention_callable(impl, precision)(*args))
 
 
-def tf32_attention_bound(q, pool, layout: KVPageLayout, layer, page_table, q_positions, kv_lens):
-    """Per-element bound on |kernel - exact| for attention whose two dots round their float32
-    operands to TF32 (unit roundoff 2^-11), accumulating in float32:
-      scores: |s~ - s| <= Delta = (2^-10 + D 2^-24) * max_j sum_i |q_i k_ji| over the row's visible keys;
+def dot_attention_bound(unit: float, q, pool, layout: KVPageLayout, layer, page_table, q_positions, kv_lens):
+    """Per-element bound on |kernel - exact| for attention whose two dots make a relative error of at
+    most `unit` per product, accumulating in float32:
+      scores: |s~ - s| <= Delta = (unit + D 2^-24) * max_j sum_i |q_i k_ji| over the row's visible keys;
       softmax: every weight moves by a factor within exp(+-2 Delta), so the output by at most
         expm1(2 Delta) * max|v| over the visible values;
-      p.v: rounding p and v adds at most 2^-10 * max|v| (weights sum to 1).
+      p.v: adds at most unit * max|v| (weights sum to 1).
     Returns [B, S, Hq, 1] (broadcast over head_dim)."""
     k, v = read_kv_pages(pool, layout, page_table, layer)                  # [B, P, T, Hkv, D]
     b, p, t, h, d = k.shape
@@ -239,9 +243,9 @@ def tf32_attention_bound(q, pool, layout: KVPageLayout, layer, page_table, q_pos
     visible = live[:, None, :] & (np.arange(p * t)[None, None, :] <= np.asarray(q_positions)[:, :, None])
     absdot = np.einsum("bshgd,bjhd->bshgj", qs, np.abs(k))
     absdot = np.where(visible[:, :, None, None, :], absdot, 0.0).max(axis=-1, initial=0.0)   # [B, S, H, G]
-    delta = (2.0 ** -10 + d * EPS32) * absdot
+    delta = (unit + d * EPS32) * absdot
     vmax = np.where(visible[:, :, :, None], np.abs(v).max(axis=-1)[:, None], 0.0).max(axis=2)  # [B, S, H]
-    bound = (np.expm1(2 * delta) + 2.0 ** -10) * vmax[..., None]
+    bound = (np.expm1(2 * delta) + unit) * vmax[..., None]
     return bound.reshape(b, seq, hq, 1)
 
 
@@ -265,15 +269,16 @@ def bf16_q_case(sel: Selection) -> tuple[int, int, int]:
 
 
 def attention_variants(op: str, t: int, d: int, sel: Selection) -> list[tuple[int, object, str]]:
-    """(GQA ratio, q dtype, kernel precision) checked on one pool: float32 q at every selected ratio
-    with IEEE dots (tight tolerance); for the bf16-q pool bf16 q too, and for prefill bf16 q with the
-    dots at the default precision (the model's configuration; TF32 bound)."""
+    """(GQA ratio, q dtype, prefill dot precision) checked on one pool: float32 q at every selected
+    ratio with bf16x3 dots (tight tolerance); for the bf16-q pool bf16 q too, and for prefill bf16 q
+    with the dots at the serving precision (TF32 bound). Decode has no dot: "default"."""
+    tight = "default" if op == "decode" else "bf16x3"
     out = []
     if t in sel.page_sizes and d in sel.head_dims:
-        out += [(g, jnp.float32, "highest") for g in sel.gqa]
+        out += [(g, jnp.float32, tight) for g in sel.gqa]
     bf16_t, bf16_g, bf16_d = bf16_q_case(sel)
     if sel.bf16_q and (t, d) == (bf16_t, bf16_d):
-        out.append((bf16_g, jnp.bfloat16, "highest"))
+        out.append((bf16_g, jnp.bfloat16, tight))
         if op == "prefill":
             out.append((bf16_g, jnp.bfloat16, "default"))
     return out
@@ -316,7 +321,7 @@ def attention_pool_checks(fmt: str, t: int, d: int, sel: Selection, impl: str, s
                 out_np = np.asarray(out, np.float32)
                 finite = bool(np.isfinite(out_np).all())
                 empty_row_zero = not out_np[-1].any()   # the length-0 row sees no key
-                extra = tf32_attention_bound(*args) if precision == "default" else 0.0
+                extra = dot_attention_bound(DOT_PRECISIONS[precision][1], *args) if op == "prefill" else 0.0
                 max_err, ratio = attention_mismatch(out, ref, q_dtype, extra)
                 return {"passed": finite and empty_row_zero and ratio <= 1.0, "finite": finite,
                         "empty_row_zero": empty_row_zero, "max_abs_err": max_err, "err_over_tol": ratio}

@@ -96,9 +96,9 @@ def test_check_kernels_interpret(tmp_path, capsys):
     cases = doc["cases"]
     assert len(cases) == doc["passed"] and all(c["passed"] for c in cases)
     kinds = {(c["kind"], c.get("q_dtype"), c.get("kernel_precision")) for c in cases}
-    # Decode and prefill (float32 and bfloat16 queries; prefill also at the default dot precision),
-    # the KV write and the matmul.
-    assert kinds == {("decode", "float32", "highest"), ("decode", "bfloat16", "highest"),
-                     ("prefill", "float32", "highest"), ("prefill", "bfloat16", "highest"),
+    # Decode (no dot) and prefill (float32 and bfloat16 queries, bf16x3 dots; bfloat16 queries also at
+    # the serving precision), the KV write and the matmul.
+    assert kinds == {("decode", "float32", "default"), ("decode", "bfloat16", "default"),
+                     ("prefill", "float32", "bf16x3"), ("prefill", "bfloat16", "bf16x3"),
                      ("prefill", "bfloat16", "default"), ("kv_write", "-", "-"), ("matmul", None, None)}
     assert all(0 <= c["err_over_tol"] <= 1 for c in cases)

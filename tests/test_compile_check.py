@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pallas_kernels.compile_check import cases, check, decode_case, matmul_case, prefill_case, spilling
+from pallas_kernels.compile_check import BF16_X3, cases, check, decode_case, matmul_case, prefill_case, spilling
 
 
 @pytest.fixture(scope="module")
@@ -41,4 +41,5 @@ def test_the_cases_are_the_benchmark_shapes():
     assert m.args[0].shape == (4096, 4096) and m.flops == 2 * 4096 * 4096 * 14336
     k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
-    assert len(cases("full")) == 56
+    assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
+    assert len(cases("full")) == 60
