@@ -169,7 +169,8 @@ def _write(loaded, root: Path) -> None:
         if scope != "layers" or name not in LAYER_LINEARS:
             raise CheckpointError(f"cannot save a QuantLinear at {path!r}: only the stacked layer "
                                   f"projections ({', '.join(LAYER_LINEARS)}) may be quantized")
-        quant[path] = {"fmt": lin.fmt, "group_size": lin.group_size, "act_format": lin.act_format}
+        quant[path] = {"fmt": lin.fmt, "group_size": lin.group_size, "act_format": lin.act_format,
+                       "axis": lin.axis}
 
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -311,13 +312,20 @@ def _quant_specs(meta: dict, stored: dict[str, jax.ShapeDtypeStruct], config: Mo
         parts = {p: stored.get(f"{path}.{p}") for p in _QUANT_PARTS}
         if parts["values"] is None or parts["scales"] is None:
             raise CheckpointError(f"{where}: {path} ({fmt}) lists no values/scales arrays")
-        # What the format implies for the arrays: [L, K / rows_per_byte, N] values, [L, K / g, N] scales.
+        # What the format implies for the arrays: [L, K / rows_per_byte, N] values, [L, K / g, N] scales
+        # (K-major, axis 1: the last two axes swapped).
+        axis = q.get("axis", 0)
+        if axis not in (0, 1) or (axis == 1 and (fmt != "fp8" or g is not None)):
+            raise CheckpointError(f"{where}: {path} has axis {axis!r}; only per-channel fp8 weights may be "
+                                  "stored K-major (axis 1)")
         vdtype, per = _VALUES_LAYOUT[fmt]
         k, n = kernel_shape(config, name)
         groups = 1 if g is None else (k // g if isinstance(g, int) and g > 0 and k % g == 0 else None)
         if groups is None:
             raise CheckpointError(f"{where}: {path} has group size {g!r}, which does not tile K={k}")
         want = {"values": (config.num_layers, k // per, n), "scales": (config.num_layers, groups, n)}
+        if axis == 1:
+            want = {part: (shape[0], shape[2], shape[1]) for part, shape in want.items()}
         if fmt == "int4":
             want["zeros"] = want["scales"]
         for part in _QUANT_PARTS:
@@ -332,7 +340,7 @@ def _quant_specs(meta: dict, stored: dict[str, jax.ShapeDtypeStruct], config: Mo
                 expect = _spec_str(want[part], vdtype) if part == "values" else f"shape {list(want[part])}"
                 raise CheckpointError(f"{where}: metadata/param mismatch: {path} is {fmt} (group {g}) but "
                                       f"its {part} are {_spec_str(got.shape, got.dtype)} (expected {expect})")
-        out[name] = QuantSpec(fmt, g, q.get("act_format"), parts["values"], parts["scales"], parts["zeros"])
+        out[name] = QuantSpec(fmt, g, q.get("act_format"), parts["values"], parts["scales"], parts["zeros"], axis)
     return out
 
 

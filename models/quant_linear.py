@@ -1,7 +1,8 @@
 """A linear layer whose weight is stored quantized (packed int4, int8 or e4m3) on the device.
 
-It holds the arrays of a `QuantizedTensor` in kernel layout `[in, out]` as parameters; inside a
-stacked (scanned) layer they carry a leading layer axis like every other parameter. The forward pass
+It holds the arrays of a `QuantizedTensor` as parameters, in kernel layout `[in, out]` (axis 0
+reduced) or K-major `[out, in]` (axis 1: FP8 weights with FP8 activations, what FP8 tensor cores read);
+inside a stacked (scanned) layer they carry a leading layer axis like every other parameter. The forward pass
 goes through the `quantized_matmul` dispatcher, which picks the reference or a kernel.
 """
 
@@ -17,11 +18,11 @@ from pallas_kernels.quantized_matmul import quantized_matmul
 
 class QuantLinear(nnx.Module):
     def __init__(self, weight: QuantizedTensor, bias: jax.Array | None, *, act_format: str | None):
-        """weight: one layer's `[in, out]` QuantizedTensor (axis 0 reduced); its arrays may carry a
-        leading layer axis when the layer is stacked (`fmt`, `group_size` are shared)."""
-        if weight.axis != 0:
-            raise ValueError(f"quantized weight must reduce its input axis 0, got axis {weight.axis}")
-        self.fmt, self.group_size, self.act_format = weight.fmt, weight.group_size, act_format
+        """weight: one layer's `[in, out]` (axis 0) or `[out, in]` (axis 1) QuantizedTensor; its arrays
+        may carry a leading layer axis when the layer is stacked (`fmt`, `axis`, `group_size` are shared)."""
+        if weight.axis not in (0, 1):
+            raise ValueError(f"quantized weight must reduce its input axis (0, or 1 when K-major), got {weight.axis}")
+        self.fmt, self.axis, self.group_size, self.act_format = weight.fmt, weight.axis, weight.group_size, act_format
         self.values = nnx.Param(weight.values)
         self.scales = nnx.Param(weight.scales)
         self.zeros = nnx.Param(weight.zeros) if weight.zeros is not None else None
@@ -29,7 +30,7 @@ class QuantLinear(nnx.Module):
 
     def weight(self) -> QuantizedTensor:
         zeros = self.zeros[...] if self.zeros is not None else None
-        return QuantizedTensor(self.values[...], self.scales[...], zeros, self.fmt, 0, self.group_size)
+        return QuantizedTensor(self.values[...], self.scales[...], zeros, self.fmt, self.axis, self.group_size)
 
     def __call__(self, x: jax.Array, kernels: str = "xla") -> jax.Array:
         """kernels: the matmul dispatcher's implementation ("xla", "pallas", "interpret")."""

@@ -30,6 +30,7 @@ from models.weights import LAYER_LINEARS
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
     dequantize,
+    quantize_fp8_k_major,
     quantize_fp8_per_channel,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
@@ -215,11 +216,14 @@ def _apply_smoothing(layers, site: str, s: np.ndarray, num_kv_heads: int, head_d
 
 def quantize_weight(kernel: jax.Array, preset: PrecisionPreset) -> QuantizedTensor:
     """A stacked kernel [L, in, out] -> QuantizedTensor whose arrays carry the layer axis in front
-    (each layer's slice is an axis-0-reduced `[in, out]` weight)."""
+    (each layer's slice is an axis-0-reduced `[in, out]` weight, or for FP8 weights with FP8
+    activations a K-major `[out, in]` one, axis 1: what the FP8 tensor-core kernel reads)."""
     k = kernel.shape[1]
     fmt = preset.weight_format
     if fmt == "int8":
         fn = lambda w: quantize_int8_per_channel(w, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE)
+    elif fmt == "fp8" and preset.activation_format == "fp8":
+        fn = lambda w: quantize_fp8_k_major(w, scale_dtype=WEIGHT_SCALE_DTYPE)
     elif fmt == "fp8":
         fn = lambda w: quantize_fp8_per_channel(w, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE)
     elif fmt == "int4":

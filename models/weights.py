@@ -51,6 +51,7 @@ class QuantSpec:
     values: jax.ShapeDtypeStruct
     scales: jax.ShapeDtypeStruct
     zeros: jax.ShapeDtypeStruct | None
+    axis: int = 0          # each layer's reduced axis: 0 for [in, out], 1 for K-major [out, in]
 
 
 def abstract_model(cfg: ModelConfig, dtype, quant: Mapping[str, QuantSpec] | None = None) -> LlamaForCausalLM:
@@ -69,7 +70,7 @@ def abstract_model(cfg: ModelConfig, dtype, quant: Mapping[str, QuantSpec] | Non
             lin = getattr(model.layers, name)
             zeros = None if spec.zeros is None else jnp.zeros(spec.zeros.shape, spec.zeros.dtype)
             qt = QuantizedTensor(jnp.zeros(spec.values.shape, spec.values.dtype),
-                                 jnp.zeros(spec.scales.shape, spec.scales.dtype), zeros, spec.fmt, 0,
+                                 jnp.zeros(spec.scales.shape, spec.scales.dtype), zeros, spec.fmt, spec.axis,
                                  spec.group_size)
             bias = lin.bias[...] if lin.bias is not None else None
             setattr(model.layers, name, QuantLinear(qt, bias, act_format=spec.act_format))
@@ -138,7 +139,8 @@ def model_from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray | Q
                      jax.ShapeDtypeStruct((cfg.num_layers, *np.shape(ts[0].values)), ts[0].values.dtype),
                      jax.ShapeDtypeStruct((cfg.num_layers, *np.shape(ts[0].scales)), ts[0].scales.dtype),
                      None if ts[0].zeros is None else
-                     jax.ShapeDtypeStruct((cfg.num_layers, *np.shape(ts[0].zeros)), ts[0].zeros.dtype))
+                     jax.ShapeDtypeStruct((cfg.num_layers, *np.shape(ts[0].zeros)), ts[0].zeros.dtype),
+                     ts[0].axis)
         for m, ts in quantized.items()})
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)

@@ -4,7 +4,9 @@ Each case is lowered for an abstract H100 (`jax.sharding.use_abstract_mesh` with
 named "NVIDIA H100"), the Triton IR that JAX emits for each `pallas_call` is captured, compiled to
 sm_90a by the pinned `triton` wheel and assembled by its `ptxas`, which reports registers, spills and
 shared memory. From the PTX: the MMA instructions used (wgmma, mma.sync, or none: FMA) and the widest
-global load. A roofline estimate (bytes and FLOPs of the case over H100 peaks) says what the shape
+global load. Mosaic GPU kernels (`plgpu.kernel`) are lowered the same way, but their MLIR becomes PTX
+only inside a CUDA jaxlib: for them the report reads the instructions the lowered module spells out
+(wgmma shapes and operand types, TMA copies) and has no register figures. A roofline estimate (bytes and FLOPs of the case over H100 peaks) says what the shape
 should cost. Upstream Triton is not XLA's fork of it, so this is strong evidence, not proof.
 
     python -m pallas_kernels.compile_check [--subset fast|full] [--json OUT] [--markdown OUT]
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -35,11 +38,13 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia import compiler as nvidia_compiler
 
+from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
 from pallas_kernels.kernel_cases import MATMUL_FORMATS
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.kv_write_pallas import write_kv_tokens_pallas
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
+from pallas_kernels.quantized_matmul import uses_mosaic
 from pallas_kernels.quantized_matmul_pallas import quantized_matmul_pallas
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
@@ -123,8 +128,8 @@ def matmul_case(fmt: str, m: int, k: int = MATMUL_K, n: int = MATMUL_N) -> Case:
     except jax.errors.TracerArrayConversionError:  # a numpy quantizer (GGUF Q8_0): quantize zeros instead
         w = jax.tree_util.tree_map(lambda a: S(a.shape, a.dtype), quantize(jnp.zeros((k, n), jnp.bfloat16)))
     w_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(w))  # int4: packed bytes
-    return Case("matmul", f"matmul {fmt} M={m} K={k} N={n}",
-                lambda x, w: quantized_matmul_pallas(x, w, act), (S((m, k), jnp.bfloat16), w),
+    kernel = fp8_matmul_mgpu if uses_mosaic(w, act) else functools.partial(quantized_matmul_pallas, act_format=act)
+    return Case("matmul", f"matmul {fmt} M={m} K={k} N={n}", kernel, (S((m, k), jnp.bfloat16), w),
                 w_bytes + 2 * m * (k + n), 2.0 * m * k * n, fp8_math=act == "fp8")
 
 
@@ -172,8 +177,9 @@ def _capture_triton_ir(into: list[str]):
         triton_lowering.lower_jaxpr_to_triton_module = lower
 
 
-def lower_for_h100(case: Case) -> list[TritonKernel]:
-    """The case's Triton kernels, as JAX lowers them for an H100 (on any machine)."""
+def lower_for_h100(case: Case) -> tuple[list[TritonKernel], str]:
+    """The case's Triton kernels, as JAX lowers them for an H100 (on any machine), and the lowered
+    module's text."""
     modules: list[str] = []
     mesh = AbstractMesh((1,), ("d",), abstract_device=H100)
     with warnings.catch_warnings(), _capture_triton_ir(modules), use_abstract_mesh(mesh):
@@ -183,7 +189,22 @@ def lower_for_h100(case: Case) -> list[TritonKernel]:
     names = [re.search(r"tt\.func public @(\w+)", m).group(1) for m in modules]
     if len(configs) != len(modules):
         raise RuntimeError(f"{case.name}: {len(modules)} Triton modules but {len(configs)} kernel calls")
-    return [TritonKernel(n, m, int(w), int(s)) for n, m, (s, w) in zip(names, modules, configs)]
+    return [TritonKernel(n, m, int(w), int(s)) for n, m, (s, w) in zip(names, modules, configs)], text
+
+
+def mosaic_kernels(text: str) -> list[dict]:
+    """What a lowered module says about its Mosaic GPU kernels (one warpgroup each, as ours are):
+    the wgmma shapes and operand types and whether operands arrive by TMA."""
+    calls = text.count("custom_call @mosaic_gpu")
+    if not calls:
+        return []
+    # Each kernel's module carries "<kernel name>_mosaic_gpu" (beside a "stable_mosaic_gpu" dialect tag).
+    names = [n for n in re.findall(r"([a-z][a-z0-9_]*?)_mosaic_gpu\b", text) if n != "stable"] or ["mosaic_gpu"]
+    shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+\.\w+?\.\w+?\.\w+)\b", text)))
+    mma = "wgmma" if shapes else "mma.sync" if "mma.sync" in text else "none"
+    return [{"kernel": names[0], "backend": "mosaic_gpu", "num_warps": 4, "registers": None,
+             "spill_store_bytes": None, "spill_load_bytes": None, "shared_bytes": None, "occupancy": None,
+             "mma": mma, "wgmma_shapes": shapes, "tma": "cp.async.bulk.tensor" in text}] * calls
 
 
 def _occupancy(registers: int, shared: int, num_warps: int) -> float:
@@ -239,7 +260,8 @@ def check(case: Case, workdir: Path) -> dict:
     row = {"op": case.op, "case": case.name, "roofline_us": case.roofline_us, "bytes": case.bytes,
            "flops": case.flops}
     try:
-        row["kernels"] = [compile_sm90a(k, workdir) for k in lower_for_h100(case)]
+        triton_kernels, text = lower_for_h100(case)
+        row["kernels"] = [compile_sm90a(k, workdir) for k in triton_kernels] + mosaic_kernels(text)
     except Exception as e:  # reported per case, so one failure does not hide the others
         row["error"] = f"{type(e).__name__}: {e}"[:2000]
     return row
@@ -257,6 +279,11 @@ def markdown(rows: list[dict], header: str = "") -> str:
             lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | | | |")
             continue
         for k in r["kernels"]:
+            if k.get("backend") == "mosaic_gpu":
+                lines.append(f"| {r['case']} | {k['kernel']} (Mosaic GPU) | {k['num_warps']} | n/a | n/a | n/a | n/a | "
+                             f"{k['mma']} {', '.join(k['wgmma_shapes'])} | {'TMA' if k['tma'] else '-'} | "
+                             f"{r['roofline_us']:.1f} |")
+                continue
             lines.append(f"| {r['case']} | {k['kernel']} | {k['num_warps']} | {k['registers']} | "
                          f"{k['spill_store_bytes']}/{k['spill_load_bytes']} | {k['shared_bytes'] / 1024:.0f} | "
                          f"{k['occupancy']:.0%} | {k['mma']} | {k['widest_global_load_bits']} b | {r['roofline_us']:.1f} |")
@@ -265,7 +292,7 @@ def markdown(rows: list[dict], header: str = "") -> str:
 
 def spilling(rows: list[dict]) -> list[str]:
     return [f"{r['case']}: {k['kernel']} spills {k['spill_store_bytes']} B" for r in rows
-            for k in r.get("kernels", ()) if k["spill_store_bytes"] or k["spill_load_bytes"]]
+            for k in r.get("kernels", ()) if k["spill_store_bytes"] or k["spill_load_bytes"]]   # None: Mosaic
 
 
 def main(argv=None) -> int:

@@ -27,12 +27,14 @@ from pallas_kernels.pow2 import next_pow2
 from pallas_kernels.quant_formats import (
     QuantizedTensor,
     dequantize,
+    quantize_fp8_k_major,
     quantize_fp8_per_channel,
     quantize_fp8_per_token,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     quantize_int8_per_token,
     unpack_int4,
+    weight_kn,
 )
 
 POISON = 0x7FC07FC0                    # NaN as one float32 and as two bfloat16 halves
@@ -175,7 +177,8 @@ def quantized_weights(key, k: int, n: int, group_size: int, formats: dict) -> di
 def consumed_operands(x, qw: QuantizedTensor, act):
     """(x, w) as the matmul consumes them, float64, for error bounds: quantized activations
     dequantized; for W4A8 the weight magnitude |q| + |z| (times the scale) of the kernel's
-    x.q - z * sum(x) decomposition."""
+    x.q - z * sum(x) decomposition. K-major weights come back as [K, N]."""
+    qw = weight_kn(qw)
     if act is None:
         return np.asarray(x, np.float64), np.asarray(dequantize(qw, x.dtype), np.float64)
     quant = quantize_int8_per_token if act == "int8" else quantize_fp8_per_token
@@ -199,5 +202,6 @@ MATMUL_FORMATS = {
     "fp8_weight_only": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), None),
     "w8a8": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
     "fp8": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
+    "fp8_k_major": (lambda w: quantize_fp8_k_major(w, scale_dtype=jnp.bfloat16), "fp8"),   # Mosaic GPU
     "w4a8_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), "fp8"),
 }

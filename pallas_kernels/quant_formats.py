@@ -163,6 +163,23 @@ jax.tree_util.register_dataclass(
 )
 
 
+def weight_kn(w: QuantizedTensor) -> QuantizedTensor:
+    """A 2-D weight as `[K, N]` (axis 0 reduced): K-major `[N, K]` weights (axis 1, the layout FP8
+    tensor cores read) transposed, values, scales and zeros alike (exact); `[K, N]` ones unchanged."""
+    if w.values.ndim != 2 or w.axis not in (0, 1):
+        raise ValueError(f"not a 2-D weight: values {w.values.shape}, axis {w.axis}")
+    if w.axis == 0:
+        return w
+    zeros = None if w.zeros is None else w.zeros.T
+    return QuantizedTensor(w.values.T, w.scales.T, zeros, w.fmt, 0, w.group_size)
+
+
+def quantize_fp8_k_major(w: jax.Array, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
+    """float8_e4m3fn weights `[K, N]` stored K-major, `[N, K]` (axis 1), one scale per output channel:
+    what FP8 tensor cores read (`fp8_matmul_mgpu`). Same codes and scales as `quantize_fp8_per_channel`."""
+    return quantize_fp8_per_channel(jnp.swapaxes(w, -1, -2), axis=-1, scale_dtype=scale_dtype)
+
+
 def dequantize(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
     """Dequantize any `QuantizedTensor` (computed in float32, returned in `dtype`)."""
     fmt = qt.fmt

@@ -25,6 +25,7 @@ from pallas_kernels.quant_formats import (
     quantize_fp8_per_token,
     quantize_int8_per_token,
     unpack_int4,
+    weight_kn,
 )
 
 ACTIVATION_FORMATS = (None, "int8", "fp8")
@@ -71,9 +72,11 @@ def w4a8_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
 
 
 def quantized_matmul_reference(x: jax.Array, w: QuantizedTensor, act_format: str | None = None) -> jax.Array:
-    """x [..., K] (bf16/f32) @ quantized w [K, N] -> float32 [..., N]."""
-    if w.axis != 0 or len(w.shape) != 2:
-        raise ValueError(f"weights must be [K, N] with K (axis 0) reduced, got shape {w.shape} axis {w.axis}")
+    """x [..., K] (bf16/f32) @ quantized w [K, N] (or K-major [N, K], axis 1) -> float32 [..., N]."""
+    if w.axis not in (0, 1) or len(w.shape) != 2:
+        raise ValueError(f"weights must be [K, N] (axis 0 reduced) or [N, K] (axis 1), got shape {w.shape} "
+                         f"axis {w.axis}")
+    w = weight_kn(w)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.shape[0]}")
     if act_format is None:

@@ -17,10 +17,10 @@ T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactl
 
 Matmuls (through `pallas_kernels.quantized_matmul`, "pallas"): every weight format with a kernel
 (W4A16 int4 group 32/128 asymmetric and group 32 symmetric, W8A16 int8 per channel and group-wise
-GGUF Q8_0, fp8 weight-only, W8A8, FP8, W4A8) on (K, N) = (256, 64) with bf16 x, (384, 48) with f32 x
-(three 128-deep K steps, 16-wide column tiles, a 3-wide grid; weight-only kernels compute in x's
-dtype) and (4096, 512) with bf16 x, at M in {1, 16, 33, 256} (one row, a full 16-row tile, a
-partial tile, several tiles). x has a few outlier channels (x20), w ~ N(0, 0.05^2).
+GGUF Q8_0, fp8 weight-only, W8A8, FP8, W4A8 on the Triton lowering; FP8 with K-major weights on the
+Mosaic GPU kernel) on (K, N) = (256, 64) with bf16 x, (384, 192) with f32 x (three 128-deep K steps,
+64-wide column tiles, a 3-wide grid; weight-only kernels compute in x's dtype) and (4096, 512) with
+bf16 x, at M in {1, 16, 33, 256} (one row, a full 16-row tile, a partial tile, several tiles). x has a few outlier channels (x20), w ~ N(0, 0.05^2).
 
 Inputs are fresh random numbers every run; the seed is printed (and stored in the JSON) so a failure
 can be replayed with --seed. The references are traced under `jax.default_matmul_precision("highest")`:
@@ -97,8 +97,7 @@ from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.quant_formats import QuantizedTensor
-from pallas_kernels.quantized_matmul import quantized_matmul
-from pallas_kernels.quantized_matmul_pallas import has_kernel
+from pallas_kernels.quantized_matmul import has_kernel, quantized_matmul
 
 OPS = ("decode", "prefill", "kv_write", "matmul")
 KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
@@ -123,11 +122,11 @@ FP8_MMA_REL = 2.0 ** -13           # ~14-bit accumulation per fp8 MMA step (comp
 W8A8_COMPILED_ULPS = 4
 
 
-FP8_OPERAND_FORMATS = ("fp8", "w4a8_g128")     # kernels whose dots take e4m3 operands
+FP8_OPERAND_FORMATS = ("fp8", "fp8_k_major", "w4a8_g128")     # kernels whose dots take e4m3 operands
 # name -> (K, N, x dtype)
 MATMUL_SHAPES = {
     "256x64-bf16": (256, 64, jnp.bfloat16),
-    "384x48-f32": (384, 48, jnp.float32),
+    "384x192-f32": (384, 192, jnp.float32),
     "4096x512-bf16": (4096, 512, jnp.bfloat16),
 }
 MATMUL_MS = (1, 16, 33, 256)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KV_FORMATS = {"bf16", "fp8", "int8", "int4"}
-MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "w4a8"}
+MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "fp8_k_major", "w4a8"}
 TARGET_NAMES = {"decode_bw_bf16", "decode_bw_int8", "decode_bw_int4", "int4_kv_vs_bf16_kv",
                 "w4a16_vs_bf16_small_m", "fp8_vs_bf16_large_m"}
 
