@@ -224,11 +224,42 @@ def _global_loads(ptx: str) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
+def _loop_bodies(ptx: str) -> str:
+    """The PTX of every loop: from each loop header label (LLVM marks it "Loop Header") to the branch
+    back to it. Static counts over the whole kernel mix set-up loads with the ones each iteration
+    issues; these are the latter."""
+    lines = ptx.splitlines()
+    bodies = []
+    for i, line in enumerate(lines):
+        if "Loop Header" in line:
+            label = line.split(":")[0]
+            end = next((j for j in range(i + 1, len(lines)) if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", lines[j])),
+                       len(lines))
+            bodies.append("\n".join(lines[i:end + 1]))
+    return "\n".join(bodies)
+
+
+def _async_copies(ptx: str) -> dict[int, int]:
+    """How many `cp.async` global-to-shared copies of each width (bits) the PTX holds."""
+    counts: dict[int, int] = {}
+    for size in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", ptx):
+        counts[8 * int(size, 0)] = counts.get(8 * int(size, 0), 0) + 1
+    return counts
+
+
+def _loop_loads(ptx: str) -> dict[int, int]:
+    """Global loads and async copies per loop iteration, by width (bits)."""
+    body = _loop_bodies(ptx)
+    counts = _global_loads(body)
+    for bits, n in _async_copies(body).items():
+        counts[bits] = counts.get(bits, 0) + n
+    return dict(sorted(counts.items()))
+
+
 def _widest_global_load(ptx: str, loads: dict[int, int]) -> int:
     """Bits of the widest load from global memory: an `ld.global` (`loads`, by width) or an
     asynchronous copy to shared memory (`cp.async ... 16`: 128)."""
-    copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", ptx)
-    return max([*loads, *(8 * int(size, 0) for size in copies)], default=0)
+    return max([*loads, *_async_copies(ptx)], default=0)
 
 
 def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
@@ -252,6 +283,7 @@ def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
             "registers": registers, "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2)),
             "shared_bytes": shared, "occupancy": _occupancy(registers, shared, kernel.num_warps), "mma": mma,
             "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "global_loads_by_bits": loads,
+            "loop_global_loads_by_bits": _loop_loads(ptx),
             "widest_global_load_bits": _widest_global_load(ptx, loads)}
 
 
@@ -272,22 +304,28 @@ def check(case: Case, workdir: Path) -> dict:
 
 
 def markdown(rows: list[dict], header: str = "") -> str:
-    lines = [header, "| case | kernel | warps | regs | spill B (st/ld) | smem KiB | occupancy | MMA | widest load | roofline us |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "| case | kernel | warps | regs | spill B (st/ld) | smem KiB | occupancy | MMA | widest load | "
+                     "loop loads (count x bits) | roofline us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | | | |")
+            lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | | | | |")
             continue
         for k in r["kernels"]:
             if k.get("backend") == "mosaic_gpu":
                 lines.append(f"| {r['case']} | {k['kernel']} (Mosaic GPU) | {k['num_warps']} | n/a | n/a | n/a | n/a | "
-                             f"{k['mma']} {', '.join(k['wgmma_shapes'])} | {'TMA' if k['tma'] else '-'} | "
+                             f"{k['mma']} {', '.join(k['wgmma_shapes'])} | {'TMA' if k['tma'] else '-'} | - | "
                              f"{r['roofline_us']:.1f} |")
                 continue
             lines.append(f"| {r['case']} | {k['kernel']} | {k['num_warps']} | {k['registers']} | "
                          f"{k['spill_store_bytes']}/{k['spill_load_bytes']} | {k['shared_bytes'] / 1024:.0f} | "
-                         f"{k['occupancy']:.0%} | {k['mma']} | {k['widest_global_load_bits']} b | {r['roofline_us']:.1f} |")
+                         f"{k['occupancy']:.0%} | {k['mma']} | {k['widest_global_load_bits']} b | "
+                         f"{_load_mix(k['loop_global_loads_by_bits'])} | {r['roofline_us']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _load_mix(loads: dict[int, int]) -> str:
+    return " + ".join(f"{n}x{bits}" for bits, n in sorted(loads.items(), reverse=True)) or "-"
 
 
 def spilling(rows: list[dict]) -> list[str]:
