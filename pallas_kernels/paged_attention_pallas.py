@@ -78,8 +78,8 @@ def decode_element(words, index, kv_dtype: str):
     """Element `index` of uint32 words -> float32, the raw stored value (quantized codes are not scaled
     here). A word holds `n = 32 / bits` elements, element `n * w + i` of a row in bits
     `[i * bits, (i + 1) * bits)` of word w; `index` is a Python int (one plane) or a uint32 array that
-    broadcasts against `words` (a per-column element index, used by the prefill kernel to decode a
-    tile straight into head_dim order)."""
+    broadcasts against `words` (the prefill kernel splits `[block, Dw, 1]` words by a `[1, 1, n]`
+    index into `[block, Dw, n]`, which is head_dim order once reshaped)."""
     if kv_dtype == "float32":
         return lax.bitcast_convert_type(words, jnp.float32)
     if kv_dtype == "bf16":

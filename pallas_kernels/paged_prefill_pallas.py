@@ -58,12 +58,14 @@ def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
                  precision=None) -> tuple[int, int]:
     """(block_q, pages_per_block) for S = `seq` query tokens of GQA ratio `group` and a page table of
     `num_pages` columns. Defaults: about DEFAULT_BLOCK_ROWS rows (at least 16, the smallest Triton
-    dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens (MIN_DOT_DIM for MULTIPASS_DOTS)."""
+    dot) and KV blocks of DEFAULT_BLOCK_TOKENS tokens (half for int4, MIN_DOT_DIM for MULTIPASS_DOTS)."""
     gp = next_pow2(group)
     if block_q is None:
         block_q = max(1, min(DEFAULT_BLOCK_ROWS // gp, next_pow2(seq)), -(-MIN_DOT_DIM // gp))
     if pages_per_block is None:
-        block_tokens = MIN_DOT_DIM if precision in MULTIPASS_DOTS else DEFAULT_BLOCK_TOKENS
+        # int4 words split into eight elements in registers: 64-token blocks spill (sm_90a).
+        block_tokens = (MIN_DOT_DIM if precision in MULTIPASS_DOTS else
+                        DEFAULT_BLOCK_TOKENS // 2 if layout.kv_dtype == "int4" else DEFAULT_BLOCK_TOKENS)
         pages_per_block = max(1, block_tokens // layout.tokens_per_page)
     pages_per_block = max(1, min(pages_per_block, num_pages))
     return max(1, block_q), pages_per_block
@@ -88,16 +90,19 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
 
     tok = lax.broadcasted_iota(jnp.int32, (block,), 0)
     page_in_block, slot = tok // t_page, tok % t_page
-    col = lax.broadcasted_iota(jnp.int32, (1, d), 1)
-    word_in_row = h * dw + col // n                 # [1, D]: the word holding element d of head h
-    elem_in_word = (col % n).astype(jnp.uint32)     # [1, D]: which element of that word
+    word_col = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
+    elem_in_word = lax.broadcasted_iota(jnp.uint32, (1, 1, n), 2)
 
     def load(slab, page_origin, kind):
-        """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D]."""
+        """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D]. Each
+        word is loaded once (a contiguous row of Dw words: wide loads) and split in registers."""
         origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
-        slab_2d = jnp.broadcast_to(slab[:, None], (block, d))   # both pointer tensors [block, D]
-        words = pool_ref[slab_2d, (origin + slot * layout.row_words)[:, None] + word_in_row]
-        x = decode_element(words, elem_in_word, layout.kv_dtype)
+        slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))  # both pointer tensors [block, Dw]
+        words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_col]
+        if n == 1:
+            x = decode_element(words, 0, layout.kv_dtype)
+        else:   # element w * n + i of the row is element i of word w: [block, Dw, n] -> [block, D]
+            x = decode_element(words[:, :, None], elem_in_word, layout.kv_dtype).reshape(block, d)
         if layout.quantized:
             x = x * token_scales(pool_ref, layout, slab, origin, slot, h)
             if layout.kv_dtype == "int4":
