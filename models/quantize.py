@@ -171,12 +171,14 @@ def awq_clip(x, w, group_size):
     wg = w.reshape(groups, group_size, n_out)
     xg = x.reshape(x.shape[0], groups, group_size)
     amax = jnp.abs(wg).max(axis=1)                                        # [G, out]
-    ref = jnp.einsum("nGg,Ggo->nGo", xg, wg)
+    # mean_n (x_n . d)^2 = d^T C d with C = X^T X / n per group: the n sampled rows enter once,
+    # not once per ratio (the search costs K g N per ratio instead of n K N).
+    gram = jnp.einsum("nGg,nGh->Ggh", xg, xg) / x.shape[0]               # [G, g, g]
 
     def loss(ratio):
         lim = (amax * ratio)[:, None, :]
-        wq = _fake_int4(jnp.clip(wg, -lim, lim).reshape(k, n_out), group_size).reshape(wg.shape)
-        return jnp.mean((jnp.einsum("nGg,Ggo->nGo", xg, wq) - ref) ** 2, axis=0)  # [G, out]
+        d = _fake_int4(jnp.clip(wg, -lim, lim).reshape(k, n_out), group_size).reshape(wg.shape) - wg
+        return jnp.sum(d * jnp.einsum("Ggh,Gho->Ggo", gram, d), axis=1)  # [G, out]
 
     ratios = jnp.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
     best = ratios[jnp.argmin(lax.map(loss, ratios), axis=0)]              # [G, out]

@@ -10,7 +10,11 @@ from models.precision import PRESETS, RTN_INT4_PER_CHANNEL, resolve_precision
 from models.quant_linear import QuantLinear
 from models.weights import LAYER_LINEARS
 from models.quantize import (
+    CLIP_GRID,
+    CLIP_MIN_RATIO,
     ActivationStats,
+    _fake_int4,
+    awq_clip,
     awq_factors,
     model_weight_bytes,
     quantize_model,
@@ -101,6 +105,35 @@ def test_awq_search_beats_round_to_nearest_on_outlier_channels():
     rtn = np.asarray(dequantize(quantize_int4_groupwise(w, g)))
     awq = np.asarray(dequantize(quantize_int4_groupwise(w * s[:, None], g))) / s[:, None]
     assert out_err(awq) < 0.8 * out_err(rtn), (out_err(awq), out_err(rtn))
+
+
+def test_awq_clip_picks_each_groups_least_output_error():
+    """awq_clip scores the clipping ratios through each group's input Gram matrix; the ratio it keeps
+    per (group, output channel) is the one a direct evaluation over the sampled rows ranks best, and
+    the clipped kernel's int4 output error is no worse than unclipped RTN's (ratio 1 is a candidate)."""
+    rng = np.random.default_rng()
+    k, n, g = 256, 96, 64
+    x = rng.normal(size=(384, k)).astype(np.float32)
+    x[:, rng.choice(k, 6, replace=False)] *= 20.0
+    w = (rng.normal(size=(k, n)) * 0.02).astype(np.float32)
+    w[rng.integers(0, k, 40), rng.integers(0, n, 40)] *= 8.0          # weight outliers worth clipping
+    clipped = np.asarray(awq_clip(x, w, g))
+    xg, wg = x.reshape(len(x), k // g, g).astype(np.float64), w.reshape(k // g, g, n)
+    amax = np.abs(wg).max(axis=1)
+    ratios = np.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
+    losses = []
+    for r in ratios:
+        lim = (amax * r)[:, None, :]
+        d = np.asarray(_fake_int4(np.clip(wg, -lim, lim).reshape(k, n), g), np.float64).reshape(wg.shape) - wg
+        losses.append(np.mean(np.einsum("nGg,Ggo->nGo", xg, d) ** 2, axis=0))
+    losses = np.stack(losses)                                           # [ratios, G, out]
+    chosen = np.abs(clipped.reshape(wg.shape)).max(axis=1) / amax       # each group's kept ratio
+    chosen_loss = np.take_along_axis(losses, np.abs(ratios[:, None, None] - chosen).argmin(0)[None], 0)[0]
+    # Within float32 rounding of the best (near-ties may order differently than in float64).
+    assert (chosen_loss <= losses.min(axis=0) * (1 + 1e-4) + 1e-12).all()
+    assert (chosen < 1.0).any()                                         # the outliers did get clipped
+    rtn, awq = (np.asarray(_fake_int4(v, g)) for v in (w, clipped))
+    assert np.linalg.norm(x @ awq - x @ w) <= np.linalg.norm(x @ rtn - x @ w) * (1 + 1e-5)
 
 
 def test_quantized_models_track_the_float_model_in_precision_order():
