@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--precision", default="auto",
                    help="auto (the checkpoint as it is), native (auto, but GGUF Q4/Q8 blocks stay quantized), "
-                        "or a preset: bf16, w8a8, fp8, w4a16, w4a8kv4")
+                        "or a preset: bf16, w8a8, fp8, w4a16, w4a8kv4, fireq")
     p.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a model and save it as a checkpoint directory")
     quant.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
     quant.add_argument("--precision", required=True,
-                       help="bf16, w8a8, fp8, w4a16 or w4a8kv4 (auto/native: save as loaded)")
+                       help="bf16, w8a8, fp8, w4a16, w4a8kv4 or fireq (auto/native: save as loaded)")
     quant.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     quant.add_argument("--calib-samples", type=int, default=8,
                        help="calibration windows of the shipped text (0: plain round-to-nearest)")

@@ -46,8 +46,8 @@ class LLM:
         (dequantized) in bf16, pre-quantized AWQ/GPTQ/FP8 checkpoints straight in their int4/fp8
         formats, `fineserve quantize` output in its stored preset. "native" is "auto" but loads a
         GGUF file's Q4_0/Q4_1/Q8_0 linears straight into int4/int8. A preset name, "bf16", "w8a8",
-        "fp8", "w4a16" or "w4a8kv4" (see `models.precision`), quantizes a float checkpoint at load
-        time, calibrated on the shipped text (see `models.loader.load_model` for the rules on
+        "fp8", "w4a16", "w4a8kv4" or "fireq" (see `models.precision`), quantizes a float checkpoint at
+        load time, calibrated on the shipped text (see `models.loader.load_model` for the rules on
         already-quantized checkpoints).
       kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8" or "int4".
       dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.

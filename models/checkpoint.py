@@ -38,6 +38,7 @@ from models.quant_linear import QuantLinear
 from models.quantize import model_weight_bytes
 from models.tokenizer import Tokenizer
 from models.weights import LAYER_LINEARS, QuantSpec, abstract_model, kernel_shape
+from pallas_kernels.quant_formats import stored_weight_arrays
 
 FORMAT = "fineserve-quantized-model"
 FORMAT_VERSION = 1
@@ -45,8 +46,6 @@ METADATA_FILE = "fineserve_model.json"
 CHECKSUM_FILE = "checksums.sha256"
 PARAMS_DIR = "params"
 _QUANT_PARTS = ("values", "scales", "zeros")
-# QuantLinear fmt -> dtype of its `values` array and how many logical K rows one stored row holds.
-_VALUES_LAYOUT = {"int4": ("uint8", 2), "int8": ("int8", 1), "fp8": ("float8_e4m3fn", 1)}
 
 
 def is_quantized_checkpoint(path) -> bool:
@@ -306,28 +305,20 @@ def _quant_specs(meta: dict, stored: dict[str, jax.ShapeDtypeStruct], config: Mo
         scope, _, name = path.rpartition(".")
         if scope != "layers" or name not in LAYER_LINEARS or not isinstance(q, dict):
             raise CheckpointError(f"{where}: unsupported quantized linear {path!r}")
-        fmt, g = q.get("fmt"), q.get("group_size")
-        if fmt not in _VALUES_LAYOUT:
-            raise CheckpointError(f"{where}: {path} has unknown weight format {fmt!r}")
+        fmt, g, axis = q.get("fmt"), q.get("group_size"), q.get("axis", 0)
         parts = {p: stored.get(f"{path}.{p}") for p in _QUANT_PARTS}
         if parts["values"] is None or parts["scales"] is None:
             raise CheckpointError(f"{where}: {path} ({fmt}) lists no values/scales arrays")
-        # What the format implies for the arrays: [L, K / rows_per_byte, N] values, [L, K / g, N] scales
-        # (K-major, axis 1: the last two axes swapped).
-        axis = q.get("axis", 0)
-        if axis not in (0, 1) or (axis == 1 and (fmt != "fp8" or g is not None)):
-            raise CheckpointError(f"{where}: {path} has axis {axis!r}; only per-channel fp8 weights may be "
-                                  "stored K-major (axis 1)")
-        vdtype, per = _VALUES_LAYOUT[fmt]
+        # What the format implies for the arrays ([L, ...] each): quant_formats owns the layouts.
         k, n = kernel_shape(config, name)
-        groups = 1 if g is None else (k // g if isinstance(g, int) and g > 0 and k % g == 0 else None)
-        if groups is None:
-            raise CheckpointError(f"{where}: {path} has group size {g!r}, which does not tile K={k}")
-        want = {"values": (config.num_layers, k // per, n), "scales": (config.num_layers, groups, n)}
-        if axis == 1:
-            want = {part: (shape[0], shape[2], shape[1]) for part, shape in want.items()}
-        if fmt == "int4":
-            want["zeros"] = want["scales"]
+        try:
+            arrays = stored_weight_arrays(fmt, k, n, g, axis)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: {path}: {e}") from None
+        (values_shape, vdtype) = arrays["values"]
+        want = {"values": (config.num_layers, *values_shape), "scales": (config.num_layers, *arrays["scales"])}
+        if arrays["zeros"] is not None:
+            want["zeros"] = (config.num_layers, *arrays["zeros"])
         for part in _QUANT_PARTS:
             got = parts[part]
             if part not in want:

@@ -8,6 +8,8 @@ w8a8       int8 per channel       int8 per token       bf16       SmoothQuant mi
 fp8        e4m3 per channel       e4m3 per token       fp8        -
 w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale search (RTN without data)
 w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data)
+fireq      int4 g128 symmetric    e4m3 per token       int4       AWQ-style factor search + clipping
+           (FireQ's INT4-FP8: e4m3 group scales x one 2^i per tensor, stored K-major)
 =========  =====================  ===================  =========  ================================
 
 int4 KV also applies SmoothAttention at calibration; `kv_dtype` overrides a preset's KV format on
@@ -32,7 +34,7 @@ KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # a preset's KV formats (KVPageLayo
 @dataclass(frozen=True)
 class PrecisionPreset:
     name: str
-    weight_format: str               # "bf16" | "int8" | "fp8" | "int4"
+    weight_format: str               # "bf16" | "int8" | "fp8" | "int4" | "int4_fp8"
     activation_format: str | None    # None: the model dtype; "int8" | "fp8": quantized per token
     kv_format: str                   # "bf16" | "fp8" | "int8" | "int4"
     group_size: int | None = None    # int4: preferred group along K; None: per channel
@@ -58,14 +60,16 @@ class PrecisionPreset:
 
     def group_size_for(self, k: int) -> int | None:
         """The group size used for an input dimension `k` (None: per channel)."""
-        if self.weight_format != "int4":
+        if self.weight_format not in ("int4", "int4_fp8"):
             return None
         if self.group_size is None:
             return k
+        smallest = 64 if self.weight_format == "int4_fp8" else 32   # int4_fp8: one FP8 MMA K step per group
         for g in (self.group_size, 64, 32):
-            if g <= self.group_size and k % g == 0:
+            if smallest <= g <= self.group_size and k % g == 0:
                 return g
-        raise ValueError(f"input dimension {k} is not a multiple of 32; int4 groups cannot tile it")
+        raise ValueError(f"input dimension {k} is not a multiple of {smallest}; {self.weight_format} groups "
+                         "cannot tile it")
 
     def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
         """Exact KV bytes per token over all layers (K and V, scales included)."""
@@ -95,6 +99,7 @@ PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (
     PrecisionPreset("fp8", "fp8", "fp8", "fp8"),
     PrecisionPreset("w4a16", "int4", None, "bf16", group_size=128, calibration="awq"),
     PrecisionPreset("w4a8kv4", "int4", "fp8", "int4", group_size=128, calibration="awq"),
+    PrecisionPreset("fireq", "int4_fp8", "fp8", "int4", group_size=128, calibration="awq"),
 )}
 
 # Baselines for the quality report only (not served by name): naive round-to-nearest int4.

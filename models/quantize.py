@@ -32,9 +32,11 @@ from pallas_kernels.quant_formats import (
     dequantize,
     quantize_fp8_k_major,
     quantize_fp8_per_channel,
+    quantize_int4_fp8,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     quantize_int8_per_token,
+    weight_kn,
 )
 
 # Calibration site -> (linears reading it, the module whose output the smoothing folds into).
@@ -92,8 +94,11 @@ def collect_activation_stats(model, windows: np.ndarray, batch_size: int = 4) ->
             for site in parts[0]}
 
 
-def _fake_int4(w: jax.Array, group_size: int) -> jax.Array:
-    """Round-trip through our int4 group format (what serving will compute with), float32."""
+def _fake_int4(w: jax.Array, group_size: int, weight_format: str = "int4") -> jax.Array:
+    """Round-trip a [in, out] kernel through an int4 group format (what serving will compute with),
+    float32: "int4" (asymmetric) or "int4_fp8" (FireQ's symmetric int4 with e4m3 group scales)."""
+    if weight_format == "int4_fp8":
+        return dequantize(weight_kn(quantize_int4_fp8(w, group_size, scale_dtype=WEIGHT_SCALE_DTYPE)))
     return dequantize(quantize_int4_groupwise(w, group_size, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE))
 
 
@@ -134,8 +139,8 @@ def _tie_groups(x: np.ndarray, num_kv_heads: int, head_dim: int, reduce) -> np.n
     return np.broadcast_to(reduce(g, axis=-2, keepdims=True), g.shape).reshape(x.shape)
 
 
-@jax.jit(static_argnames=("group_size",))
-def _awq_search(x, w, meanabs, group_size):
+@jax.jit(static_argnames=("group_size", "weight_format"))
+def _awq_search(x, w, meanabs, group_size, weight_format="int4"):
     """AWQ scale search for one layer: x [n, in] sampled inputs, w [in, out] (every consumer's
     kernel side by side). Returns s[in] minimising |x W - (x / s) Q(s W)|^2 over `s = mean|x|^r`."""
     ref = x @ w
@@ -144,25 +149,27 @@ def _awq_search(x, w, meanabs, group_size):
     def loss(ratio):
         s = a ** ratio
         s = s / jnp.sqrt(s.max() * s.min())
-        wq = _fake_int4(w * s[:, None], group_size) / s[:, None]
+        wq = _fake_int4(w * s[:, None], group_size, weight_format) / s[:, None]
         return jnp.mean((x @ wq - ref) ** 2), s
 
     losses, scales = lax.map(loss, jnp.linspace(0.0, 1.0, AWQ_GRID))
     return scales[jnp.argmin(losses)]
 
 
-def awq_factors(stats: ActivationStats, kernels: list[np.ndarray], group_size: int) -> np.ndarray:
-    """AWQ per-input-channel scales s[L, in], one output-error search per layer."""
+def awq_factors(stats: ActivationStats, kernels: list[np.ndarray], group_size: int,
+                weight_format: str = "int4") -> np.ndarray:
+    """AWQ per-input-channel scales s[L, in], one output-error search per layer (through
+    `weight_format`'s rounding, see `_fake_int4`)."""
     out = []
     for layer in range(stats.meanabs.shape[0]):
         w = np.concatenate([k[layer] for k in kernels], axis=-1)
         out.append(np.asarray(_awq_search(jnp.asarray(stats.samples[layer]), jnp.asarray(w, jnp.float32),
-                                          jnp.asarray(stats.meanabs[layer]), group_size)))
+                                          jnp.asarray(stats.meanabs[layer]), group_size, weight_format)))
     return np.stack(out).astype(np.float32)
 
 
-@jax.jit(static_argnames=("group_size",))
-def awq_clip(x, w, group_size):
+@jax.jit(static_argnames=("group_size", "weight_format"))
+def awq_clip(x, w, group_size, weight_format="int4"):
     """AWQ clipping for one layer's kernel w [in, out] given sampled inputs x [n, in]: per group
     and output channel, clip to `r * max|w|` with r in [CLIP_MIN_RATIO, 1] minimising that group's
     output error after int4 rounding. Returns the clipped float kernel."""
@@ -177,7 +184,7 @@ def awq_clip(x, w, group_size):
 
     def loss(ratio):
         lim = (amax * ratio)[:, None, :]
-        d = _fake_int4(jnp.clip(wg, -lim, lim).reshape(k, n_out), group_size).reshape(wg.shape) - wg
+        d = _fake_int4(jnp.clip(wg, -lim, lim).reshape(k, n_out), group_size, weight_format).reshape(wg.shape) - wg
         return jnp.sum(d * jnp.einsum("Ggh,Gho->Ggo", gram, d), axis=1)  # [G, out]
 
     ratios = jnp.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
@@ -232,6 +239,9 @@ def quantize_weight(kernel: jax.Array, preset: PrecisionPreset) -> QuantizedTens
         g = preset.group_size_for(k)
         fn = lambda w: quantize_int4_groupwise(w, group_size=g, axis=0, asymmetric=True,
                                                scale_dtype=WEIGHT_SCALE_DTYPE)
+    elif fmt == "int4_fp8":
+        g = preset.group_size_for(k)
+        fn = lambda w: quantize_int4_fp8(w, group_size=g, scale_dtype=WEIGHT_SCALE_DTYPE)
     else:
         raise ValueError(f"no quantizer for weight format {fmt!r}")
     return jax.jit(jax.vmap(fn))(kernel.astype(jnp.float32))
@@ -269,7 +279,7 @@ def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStat
         if preset.calibration == "smoothquant":
             s = smoothquant_factors(st, kernels, preset.smoothquant_alpha)
         elif preset.calibration == "awq":
-            s = awq_factors(st, kernels, preset.group_size_for(kernels[0].shape[1]))
+            s = awq_factors(st, kernels, preset.group_size_for(kernels[0].shape[1]), preset.weight_format)
         else:
             raise ValueError(f"unknown calibration method {preset.calibration!r}")
         if site == "o_in":
@@ -287,7 +297,8 @@ def clip_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) ->
         lin = getattr(model.layers, name)
         kernel = np.asarray(lin.kernel[...], np.float32)
         g = preset.group_size_for(kernel.shape[1])
-        clipped = [np.asarray(awq_clip(jnp.asarray(x[i]), jnp.asarray(kernel[i]), g)) for i in range(len(kernel))]
+        clipped = [np.asarray(awq_clip(jnp.asarray(x[i]), jnp.asarray(kernel[i]), g, preset.weight_format))
+                   for i in range(len(kernel))]
         lin.kernel[...] = jnp.asarray(np.stack(clipped), lin.kernel[...].dtype)
 
 

@@ -30,6 +30,7 @@ from pallas_kernels.quant_formats import (
     quantize_fp8_k_major,
     quantize_fp8_per_channel,
     quantize_fp8_per_token,
+    quantize_int4_fp8,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     quantize_int8_per_token,
@@ -203,5 +204,6 @@ MATMUL_FORMATS = {
     "w8a8": (lambda w: quantize_int8_per_channel(w, scale_dtype=jnp.bfloat16), "int8"),
     "fp8": (lambda w: quantize_fp8_per_channel(w, scale_dtype=jnp.bfloat16), "fp8"),
     "fp8_k_major": (lambda w: quantize_fp8_k_major(w, scale_dtype=jnp.bfloat16), "fp8"),   # Mosaic GPU
+    "int4_fp8_g128": (lambda w: quantize_int4_fp8(w, 128), "fp8"),                          # Mosaic GPU
     "w4a8_g128": (lambda w: quantize_int4_groupwise(w, 128, scale_dtype=jnp.bfloat16), "fp8"),
 }

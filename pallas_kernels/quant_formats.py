@@ -28,7 +28,9 @@ INT8_MAX = 127.0
 INT4_SYM_MAX = 7.0
 UINT4_MAX = 15.0
 
-WEIGHT_FORMATS = ("bf16", "float32", "int8", "fp8", "int4", "int4_sym")
+WEIGHT_FORMATS = ("bf16", "float32", "int8", "fp8", "int4", "int4_sym", "int4_fp8")
+E4M3_MIN_SUBNORMAL = 2.0 ** -9
+FIREQ_MAX_EXPONENT = 14    # the per-tensor multiplier of int4_fp8 scales is 2^i, i in [0, 14]
 # Serving-level format names -> weight storage format.
 WEIGHT_FORMAT_ALIASES = {
     "bfloat16": "bf16",
@@ -36,6 +38,7 @@ WEIGHT_FORMAT_ALIASES = {
     "w8a8": "int8",
     "w4a16": "int4",
     "w4a8kv4": "int4",
+    "fireq": "int4_fp8",
 }
 
 
@@ -132,7 +135,8 @@ class QuantizedTensor:
     values: int8 | float8_e4m3fn | uint8 (int4 packed two per byte along `axis`).
     scales: per-channel/per-token scales with size 1 on the reduced axis (int8, fp8, KV), or
             per-group scales `[..., K // group_size, ...]` in place of the K axis (int4 weights,
-            and int8 weights when `group_size` is set).
+            and int8 weights when `group_size` is set); int4_fp8 (values K-major `[N, K // 2]`,
+            axis 1) keeps its group scales `[K // group_size, N]`, the rows its kernel streams.
     zeros:  None, the integer zero point stored as float (int4), or the float offset `min` (kv_int4).
     axis:   the reduced axis (weights: K axis; activations/KV: last axis). Non-negative.
     """
@@ -148,7 +152,7 @@ class QuantizedTensor:
     def shape(self) -> tuple[int, ...]:
         """Logical (unpacked) shape."""
         s = list(self.values.shape)
-        if self.fmt in ("int4", "int4_sym", "kv_int4"):
+        if self.fmt in ("int4", "int4_sym", "int4_fp8", "kv_int4"):
             s[self.axis] *= 2
         return tuple(s)
 
@@ -165,11 +169,14 @@ jax.tree_util.register_dataclass(
 
 def weight_kn(w: QuantizedTensor) -> QuantizedTensor:
     """A 2-D weight as `[K, N]` (axis 0 reduced): K-major `[N, K]` weights (axis 1, the layout FP8
-    tensor cores read) transposed, values, scales and zeros alike (exact); `[K, N]` ones unchanged."""
+    tensor cores read) transposed, values, scales and zeros alike (exact; int4_fp8 becomes the
+    int4_sym weight with the same nibbles and scales); `[K, N]` ones unchanged."""
     if w.values.ndim != 2 or w.axis not in (0, 1):
         raise ValueError(f"not a 2-D weight: values {w.values.shape}, axis {w.axis}")
     if w.axis == 0:
         return w
+    if w.fmt == "int4_fp8":   # the same nibbles and scales read as [K, N] int4_sym (exact)
+        return QuantizedTensor(w.values.T, w.scales, None, "int4_sym", 0, w.group_size)
     zeros = None if w.zeros is None else w.zeros.T
     return QuantizedTensor(w.values.T, w.scales.T, zeros, w.fmt, 0, w.group_size)
 
@@ -194,6 +201,10 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
     elif fmt == "kv_int4":
         q = unpack_int4(qt.values, signed=False, axis=qt.axis).astype(jnp.float32)
         out = q * s + qt.zeros.astype(jnp.float32)
+    elif fmt == "int4_fp8":
+        if qt.values.ndim != 2:
+            raise ValueError(f"int4_fp8 weights are 2-D [N, K // 2], got {qt.values.shape}")
+        return dequantize(weight_kn(qt), dtype).T
     elif fmt in ("int4", "int4_sym"):
         q = unpack_int4(qt.values, signed=(fmt == "int4_sym"), axis=qt.axis).astype(jnp.float32)
         grouped = _split_groups(q, qt.axis, qt.group_size)
@@ -323,6 +334,33 @@ def quantize_int4_groupwise(
     return QuantizedTensor(pack_int4(q, axis=axis), jnp.squeeze(scale, red), zeros, fmt, axis, group_size)
 
 
+def quantize_int4_fp8(w: jax.Array, group_size: int = 128, scale_dtype: Any = jnp.bfloat16) -> QuantizedTensor:
+    """FireQ's INT4-FP8 weights from a `[K, N]` kernel: symmetric int4 per group of `group_size` along
+    K, stored K-major (values `[N, K // 2]`, axis 1, for the FP8 tensor-core kernel), with e4m3 group
+    scales under one per-tensor power-of-two multiplier.
+
+    Each group's scale `absmax / 7` is multiplied by `2^i`, the largest `i` in [0, 14] that keeps every
+    scale of the tensor <= 448 (fewest underflows), clamped at the smallest e4m3 subnormal 2^-9, rounded
+    to e4m3, and divided back: `scales [K // group_size, N]` hold `e4m3 / 2^i` exactly (bfloat16 holds
+    every such value). q = round(w / scale) in [-7, 7], against the stored scale.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"int4_fp8 quantizes a 2-D [K, N] kernel, got shape {w.shape}")
+    k, n = w.shape
+    if group_size <= 0 or group_size % 2 or k % group_size:
+        raise ValueError(f"K={k} must be a multiple of an even group_size ({group_size})")
+    g = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
+    scale = jnp.max(jnp.abs(g), axis=1) / INT4_SYM_MAX                                 # [G, N]
+    top = jnp.max(scale)
+    exponent = jnp.where(top > 0, jnp.floor(jnp.log2(E4M3_MAX / jnp.where(top > 0, top, 1.0))), 0.0)
+    multiplier = 2.0 ** jnp.clip(exponent, 0, FIREQ_MAX_EXPONENT)
+    e4m3 = jnp.clip(scale * multiplier, E4M3_MIN_SUBNORMAL, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    stored = (e4m3.astype(jnp.float32) / multiplier).astype(scale_dtype)
+    q = jnp.clip(jnp.round(g / stored.astype(jnp.float32)[:, None, :]), -INT4_SYM_MAX, INT4_SYM_MAX)
+    values = pack_int4(q.astype(jnp.int32).reshape(k, n).T, axis=1)                     # [N, K // 2]
+    return QuantizedTensor(values, stored, None, "int4_fp8", 1, group_size)
+
+
 def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) -> QuantizedTensor:
     """Quantize K or V `[..., heads, head_dim]` with one scale per token per head (head_dim reduced).
 
@@ -356,6 +394,35 @@ def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) ->
 
 
 # ---------------------------------------------------------------------------------------------------
+# Stored layouts of 2-D weights
+
+# fmt -> (dtype name of `values`, logical K elements per stored element)
+_VALUES_LAYOUT = {"int8": ("int8", 1), "fp8": ("float8_e4m3fn", 1), "int4": ("uint8", 2),
+                  "int4_sym": ("uint8", 2), "int4_fp8": ("uint8", 2)}
+K_MAJOR_FORMATS = ("fp8", "int4_fp8")   # stored [N, K] (axis 1): FP8 tensor cores read K-major
+
+
+def stored_weight_arrays(fmt: str, k: int, n: int, group_size: int | None, axis: int) -> dict:
+    """What a `[K, N]` weight in `fmt` stores: {"values": (shape, dtype name), "scales": shape,
+    "zeros": shape or None}. Raises ValueError for a layout the format does not have."""
+    if fmt not in _VALUES_LAYOUT:
+        raise ValueError(f"unknown weight format {fmt!r}; stored formats: {', '.join(_VALUES_LAYOUT)}")
+    k_major_ok = fmt == "int4_fp8" or (fmt == "fp8" and group_size is None)
+    if axis not in (0, 1) or (axis == 1 and not k_major_ok) or (fmt == "int4_fp8" and axis != 1):
+        raise ValueError(f"{fmt} weights are not stored with axis {axis!r} (K-major, axis 1: per-channel fp8 "
+                         "or int4_fp8 only, which is always K-major)")
+    groups = 1 if group_size is None else (k // group_size if group_size > 0 and k % group_size == 0 else None)
+    if groups is None or (fmt.startswith("int4") and group_size is None):
+        raise ValueError(f"group size {group_size!r} does not tile K={k} for {fmt}")
+    vdtype, per = _VALUES_LAYOUT[fmt]
+    values, scales = (k // per, n), (groups, n)
+    if axis == 1:
+        values = (n, k // per)
+        scales = scales if fmt == "int4_fp8" else (n, groups)
+    return {"values": (values, vdtype), "scales": scales, "zeros": scales if fmt == "int4" else None}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Byte accounting (from bit widths)
 
 
@@ -384,7 +451,7 @@ def weight_bytes(
     int8 with grouped=True: 1 byte/element + one scale per group of `group_size` along `axis`
     (int4 formats are always grouped; fp8 has no grouped form).
     int4: 4 bits/element + per group of `group_size` along `axis`: a scale and a zero point.
-    int4_sym: 4 bits/element + a scale per group.
+    int4_sym, int4_fp8: 4 bits/element + a scale per group.
     """
     fmt = WEIGHT_FORMAT_ALIASES.get(fmt, fmt)
     n = int(np.prod(shape, dtype=np.int64))
@@ -403,7 +470,7 @@ def weight_bytes(
         bits = n * 8 + (n // group_size) * sbits
     elif fmt in ("int8", "fp8"):
         bits = n * 8 + (n // k) * sbits
-    elif fmt in ("int4", "int4_sym"):
+    elif fmt in ("int4", "int4_sym", "int4_fp8"):
         if k % group_size:
             raise ValueError(f"K axis length {k} not divisible by group_size {group_size}")
         groups = n // group_size

@@ -7,9 +7,10 @@
   "interpret"  the same Pallas kernels under `interpret=True` (any backend; slow, for tests).
 Kernels exist for weight-only W4A16 (int4/int4_sym group-wise), W8A16 (int8 per-channel or
 group-wise GGUF Q8_0, fp8 per-channel), W8A8 int8, FP8 and W4A8 (int4 x e4m3), all Triton-lowered
-on `[K, N]` weights; FP8 with K-major `[N, K]` weights (`quantize_fp8_k_major`) goes to the Mosaic GPU
-kernel (`fp8_matmul_mgpu`: wgmma on FP8 tensor cores, which the Triton lowering cannot reach), under
-`plgpu.InterpretGPUParams()` for "interpret". A (weight, activation)
+on `[K, N]` weights; FP8 activations with K-major weights, e4m3 `[N, K]` (`quantize_fp8_k_major`) or
+FireQ's INT4-FP8 (`quantize_int4_fp8`), go to the Mosaic GPU kernels (`fp8_matmul_mgpu`: wgmma on FP8
+tensor cores, which the Triton lowering cannot reach), under `plgpu.InterpretGPUParams()` for
+"interpret". A (weight, activation)
 format pair without a kernel (`has_kernel` is False) falls back to the
 reference for every implementation; the reference also raises the errors for pairs that make no sense
 (e.g. fp8 weights with int8 activations).
@@ -17,7 +18,7 @@ reference for every implementation; the reference also raises the errors for pai
 
 from __future__ import annotations
 
-from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu, is_k_major_fp8
+from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu, is_mosaic_weight
 from pallas_kernels.implementation import IMPLEMENTATIONS, check_implementation
 from pallas_kernels.quantized_matmul_pallas import has_kernel as has_triton_kernel
 from pallas_kernels.quantized_matmul_pallas import quantized_matmul_pallas
@@ -27,8 +28,8 @@ __all__ = ["IMPLEMENTATIONS", "has_kernel", "quantized_matmul"]
 
 
 def uses_mosaic(w, act_format) -> bool:
-    """FP8 activations with K-major e4m3 weights: the Mosaic GPU kernel."""
-    return act_format == "fp8" and is_k_major_fp8(w)
+    """FP8 activations with K-major e4m3 or int4_fp8 weights: the Mosaic GPU kernels."""
+    return act_format == "fp8" and is_mosaic_weight(w)
 
 
 def has_kernel(w, act_format=None) -> bool:

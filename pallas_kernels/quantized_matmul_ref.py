@@ -8,9 +8,10 @@ rounding, so kernels can be tested against it:
 * W8A8 int8: per-token dynamic int8 activations x per-channel int8 weights, int32 accumulation, then
   `acc * s_x * s_w`.
 * FP8: per-token e4m3 activations x per-channel e4m3 weights, float32 accumulation, then scales.
-* W4A8 (FireQ INT4-FP8): per-token e4m3 activations x int4 group-wise weights. `q - zero` is an
-  integer in [-15, 15] for integer zero points (exact in e4m3), so each group's partial product is an
-  fp8 x fp8 product accumulated in float32, scaled by the group scale, then by the token scale.
+* W4A8: per-token e4m3 activations x int4 group-wise weights, asymmetric (QServe-like) or symmetric
+  (FireQ's INT4-FP8, `int4_fp8`, read as the int4_sym weight it equals). `q - zero` is an integer in
+  [-15, 15] for integer zero points (exact in e4m3), so each group's partial product is an fp8 x fp8
+  product accumulated in float32, scaled by the group scale, then by the token scale.
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def fp8_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
 
 
 def w4a8_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
-    if w.fmt != "int4":
-        raise ValueError(f"W4A8 needs asymmetric int4 weights, got {w.fmt}")
+    """int4 group-wise weights (asymmetric, or symmetric: int4_sym, and int4_fp8 read as it) x e4m3
+    per-token activations: per group an exact fp8 x int product sum, then the group scale."""
+    if w.fmt not in ("int4", "int4_sym"):
+        raise ValueError(f"W4A8 needs int4 weights, got {w.fmt}")
     xq = quantize_fp8_per_token(x)
     k, n = w.shape
     g = w.group_size
-    q = unpack_int4(w.values, signed=False, axis=0).astype(jnp.float32).reshape(k // g, g, n)
-    centred = q - w.zeros.astype(jnp.float32)[:, None, :]          # [G, g, N]
+    q = unpack_int4(w.values, signed=w.fmt == "int4_sym", axis=0).astype(jnp.float32).reshape(k // g, g, n)
+    centred = q - w.zeros.astype(jnp.float32)[:, None, :] if w.fmt == "int4" else q   # [G, g, N]
     xg = xq.values.astype(jnp.float32).reshape(*x.shape[:-1], k // g, g)
     partial = jnp.einsum("...Gg,Ggn->...Gn", xg, centred, preferred_element_type=jnp.float32)
     acc = jnp.einsum("...Gn,Gn->...n", partial, w.scales.astype(jnp.float32))
@@ -84,5 +87,5 @@ def quantized_matmul_reference(x: jax.Array, w: QuantizedTensor, act_format: str
     if act_format == "int8":
         return int8_matmul(x, w)
     if act_format == "fp8":
-        return w4a8_matmul(x, w) if w.fmt == "int4" else fp8_matmul(x, w)
+        return w4a8_matmul(x, w) if w.fmt in ("int4", "int4_sym") else fp8_matmul(x, w)
     raise ValueError(f"unknown activation format {act_format!r}; choose from {ACTIVATION_FORMATS}")

@@ -94,6 +94,7 @@ from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.quant_formats import (
     quantize_fp8_k_major,
     quantize_fp8_per_channel,
+    quantize_int4_fp8,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
 )
@@ -115,6 +116,8 @@ MATMUL_FORMATS = {
     "fp8": (lambda w, g: quantize_fp8_per_channel(w, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
     # the fp8 preset's layout: the Mosaic GPU kernel (wgmma on FP8 tensor cores)
     "fp8_k_major": (lambda w, g: quantize_fp8_k_major(w, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
+    # FireQ's INT4-FP8 (the fireq preset): the Mosaic GPU kernel, int4 converted to e4m3 per group
+    "fireq": (lambda w, g: quantize_int4_fp8(w, g, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
     "w4a8": (lambda w, g: quantize_int4_groupwise(w, g, scale_dtype=WEIGHT_SCALE_DTYPE), "fp8"),
 }
 
@@ -162,7 +165,17 @@ TARGETS = (
     ("w4a16_vs_bf16_small_m", "W4A16 at M <= 16 >= 3.3x faster than the bf16 dot (every M and shape)", 3.3),
     ("fp8_vs_bf16_large_m", "FP8 GEMM (the fp8 preset's Mosaic GPU kernel) at M >= 1024 >= 1.7x faster than "
                             "the bf16 dot (every M and shape)", 1.7),
+    ("fireq_vs_w4a16_m16", "FireQ INT4-FP8 at M = 16 >= 1.2x faster than the W4A16 kernel (every shape)", 1.2),
+    ("fireq_vs_bf16_large_m", "FireQ INT4-FP8 at M >= 1024 >= 1.5x faster than the bf16 dot (every M and shape)",
+     1.5),
 )
+# Matmul targets: name -> (format, which M count, the speedup compared).
+MATMUL_TARGETS = {
+    "w4a16_vs_bf16_small_m": ("w4a16", lambda m: m <= 16, "vs_bf16"),
+    "fp8_vs_bf16_large_m": ("fp8_k_major", lambda m: m >= 1024, "vs_bf16"),
+    "fireq_vs_w4a16_m16": ("fireq", lambda m: m == 16, "vs_w4a16"),
+    "fireq_vs_bf16_large_m": ("fireq", lambda m: m >= 1024, "vs_bf16"),
+}
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -410,6 +423,8 @@ def add_derived(rows: list[dict], copy_gbps: float | None) -> None:
             speedups["vs_jax_paged"] = times[(key, "bf16", "jax-paged")] / t
         if r["op"] == "matmul" and r["format"] != "bf16" and (key, "bf16", "xla-dot") in times:
             speedups["vs_bf16"] = times[(key, "bf16", "xla-dot")] / t
+        if r["op"] == "matmul" and r["format"] == "fireq" and (key, "w4a16", r["impl"]) in times:
+            speedups["vs_w4a16"] = times[(key, "w4a16", r["impl"])] / t
         if r["op"] in ("decode", "prefill") and r["format"] != "bf16" and (key, "bf16", r["impl"]) in times:
             speedups["vs_bf16"] = times[(key, "bf16", r["impl"])] / t
         r["speedups"] = speedups
@@ -432,9 +447,9 @@ def evaluate_targets(rows: list[dict], shapes: Shapes) -> list[dict]:
         return next((r for r in ok if r["op"] == "decode" and r["format"] == fmt
                      and r["shape"]["batch"] == batch and r["shape"]["context"] == ctx), None)
 
-    def matmul_cases(fmt, keep):
+    def matmul_cases(fmt, keep, speedup):
         return [r for r in ok if r["op"] == "matmul" and r["format"] == fmt and keep(r["shape"]["m"])
-                and "vs_bf16" in r["speedups"]]
+                and speedup in r["speedups"]]
 
     out = []
     for name, what, threshold in TARGETS:
@@ -450,9 +465,9 @@ def evaluate_targets(rows: list[dict], shapes: Shapes) -> list[dict]:
                 value = r["speedups"]["vs_bf16"]
                 cases = [{"shape": r["shape"], "speedup": value}]
         else:
-            fmt, keep = ("w4a16", lambda m: m <= 16) if name.startswith("w4a16") else ("fp8_k_major", lambda m: m >= 1024)
-            found = matmul_cases(fmt, keep)
-            cases = [{"shape": r["shape"], "speedup": r["speedups"]["vs_bf16"]} for r in found]
+            fmt, keep, speedup = MATMUL_TARGETS[name]
+            found = matmul_cases(fmt, keep, speedup)
+            cases = [{"shape": r["shape"], "speedup": r["speedups"][speedup]} for r in found]
             value = min((c["speedup"] for c in cases), default=None)
         met = None if value is None or impl != "pallas" else bool(value >= threshold)
         note = None

@@ -16,9 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KV_FORMATS = {"bf16", "fp8", "int8", "int4"}
-MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "fp8_k_major", "w4a8"}
+MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "fp8_k_major", "fireq", "w4a8"}
 TARGET_NAMES = {"decode_bw_bf16", "decode_bw_int8", "decode_bw_int4", "int4_kv_vs_bf16_kv",
-                "w4a16_vs_bf16_small_m", "fp8_vs_bf16_large_m"}
+                "w4a16_vs_bf16_small_m", "fp8_vs_bf16_large_m", "fireq_vs_w4a16_m16", "fireq_vs_bf16_large_m"}
 
 
 def _script(name: str):
@@ -81,6 +81,7 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert all(t["met"] is None for t in targets.values())
     assert _positive(targets["int4_kv_vs_bf16_kv"]["value"]) and _positive(targets["decode_bw_int4"]["value"])
     assert targets["fp8_vs_bf16_large_m"]["value"] is None                # no M >= 1024 in the smoke set
+    assert _positive(targets["fireq_vs_w4a16_m16"]["value"])              # interpreted M = 16 rows
     text = md.read_text()
     assert "## decode" in text and "## matmul" in text and "| target |" in text
 

@@ -16,7 +16,7 @@ def fast(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm90a_without_spills(fast):
-    assert len(fast) == 22 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
+    assert len(fast) == 23 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
     assert [r["case"] for r in fast if "error" in r] == []
     assert spilling(fast) == []
     for r in fast:
@@ -35,13 +35,14 @@ def test_tensor_core_use(fast):
 
 
 def test_fp8_matmul_runs_on_fp8_tensor_cores(fast):
-    """The Triton lowering gives the FP8 matmul mma.sync; the Mosaic GPU kernel (K-major weights)
-    issues wgmma on e4m3 operands, 16 tokens wide at M=16, its tiles brought in by TMA."""
+    """The Triton lowering gives the FP8 and W4A8 matmuls mma.sync; the Mosaic GPU kernels (K-major fp8,
+    FireQ's INT4-FP8) issue wgmma on e4m3 operands, 16 tokens wide at M=16, tiles brought in by TMA."""
     kernels = {r["case"].split()[1]: r["kernels"] for r in fast if r["op"] == "matmul"}
-    assert [k["mma"] for k in kernels["fp8"]] == ["mma.sync"]
-    [mosaic] = kernels["fp8_k_major"]
-    assert mosaic["kernel"] == "fp8_matmul_mgpu" and mosaic["backend"] == "mosaic_gpu"
-    assert mosaic["mma"] == "wgmma" and mosaic["wgmma_shapes"] == ["m64n16k32.f32.e4m3.e4m3"] and mosaic["tma"]
+    assert [k["mma"] for k in kernels["fp8"] + kernels["w4a8_g128"]] == ["mma.sync"] * 2
+    for fmt, name in (("fp8_k_major", "fp8_matmul_mgpu"), ("int4_fp8_g128", "int4_fp8_matmul_mgpu")):
+        [mosaic] = kernels[fmt]
+        assert mosaic["kernel"] == name and mosaic["backend"] == "mosaic_gpu"
+        assert mosaic["mma"] == "wgmma" and mosaic["wgmma_shapes"] == ["m64n16k32.f32.e4m3.e4m3"] and mosaic["tma"]
 
 
 def test_the_cases_are_the_benchmark_shapes():
@@ -54,4 +55,4 @@ def test_the_cases_are_the_benchmark_shapes():
     k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
     assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
-    assert len(cases("full")) == 64
+    assert len(cases("full")) == 68

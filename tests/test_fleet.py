@@ -3,7 +3,8 @@
 Isolation is the point: the pool starts full of NaN, and between steps every page that is free or
 belongs to another model is overwritten with random words (and checked untouched afterwards); each
 model must still produce exactly the tokens it produces alone. Compute is float32 so that batching
-differences cannot move a greedy token; the KV pages are float32 / int8 / int4.
+differences cannot move a greedy token; the KV pages are float32 / int8 / int4, the weights float,
+int8, int4 and FireQ's INT4-FP8.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def config(layers, kv_heads, head_dim):
 def models():
     return [random_model(config(2, 2, 32), "bf16", "float32", name="a-bf16", seed=1),
             random_model(config(3, 2, 62), "w8a8", "float32", kv_dtype="int8", name="b-w8a8", seed=2),
-            random_model(config(4, 2, 56), "w4a8kv4", "float32", name="c-w4a8kv4", seed=3)]
+            random_model(config(4, 2, 56), "w4a8kv4", "float32", name="c-w4a8kv4", seed=3),
+            # FireQ's INT4-FP8 weights (K in multiples of 64); bf16 KV: a-bf16's page size, same slabs
+            random_model(ModelConfig("llama", VOCAB, 128, 256, 2, 4, 2, 32, max_position_embeddings=256),
+                         "fireq", "float32", kv_dtype="bf16", name="d-fireq", seed=4)]
 
 
 def specs(models, **kw):
@@ -158,10 +162,10 @@ class ScribblingPolicy(RoundRobin):
 
 
 def test_colocated_models_match_alone_with_poisoned_and_scribbled_pool(models, alone):
-    """3 models on a pool too small for the load, so they also preempt (recompute) their own
+    """4 models on a pool too small for the load, so they also preempt (recompute) their own
     sequences; the pool starts as NaN and is scribbled over before every step."""
     names, prompts, params = workload(models)
-    fleet = Fleet(specs(models), pool_bytes=256 << 10, slab_bytes=8 << 10, pool_fill=NAN_WORD)
+    fleet = Fleet(specs(models), pool_bytes=192 << 10, slab_bytes=8 << 10, pool_fill=NAN_WORD)
     assert len({(l.num_layers, l.kv_dtype) for l in fleet.plan.layouts.values()}) == 3
     policy = ScribblingPolicy(fleet)
     fleet.runtime.policy = policy

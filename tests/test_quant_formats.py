@@ -24,6 +24,7 @@ from pallas_kernels.quant_formats import (
     pack_int4_u32,
     quantize_fp8_per_channel,
     quantize_fp8_per_token,
+    quantize_int4_fp8,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
     quantize_int8_per_token,
@@ -31,7 +32,9 @@ from pallas_kernels.quant_formats import (
     saturating_cast_e4m3,
     unpack_int4,
     unpack_int4_u32,
+    stored_weight_arrays,
     weight_bytes,
+    weight_kn,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +387,65 @@ def test_kv_bytes_pad_scale_rows_to_words():
     # A values row that is not whole words cannot be stored.
     with pytest.raises(ValueError):
         kv_bytes_per_token_per_layer("int8", 1, 2)
+
+
+def _fireq_exponent(scales: np.ndarray) -> int:
+    """The smallest i in [0, 14] with every scale * 2^i an e4m3 value in [2^-9, 448]. With a clamped
+    (all-zero) group in the tensor, whose scale is exactly 2^-9 / 2^I, that is the quantizer's I."""
+    for i in range(15):
+        t = scales.astype(np.float64) * 2.0 ** i
+        e4 = np.asarray(jnp.asarray(t, jnp.float32).astype(jnp.float8_e4m3fn).astype(jnp.float32), np.float64)
+        if np.all(e4 == t) and t.max() <= E4M3_MAX and t.min() >= 2.0 ** -9:
+            return i
+    raise AssertionError("no per-tensor multiplier makes the scales e4m3")
+
+
+@pytest.mark.parametrize("magnitude", [0.05, 40.0, 1e-4])
+def test_int4_fp8_format(magnitude):
+    """FireQ's INT4-FP8: symmetric int4 in [-7, 7] per group of 128 along K, stored K-major; group
+    scales are e4m3 values under one per-tensor 2^i (i the largest keeping them <= 448, so the
+    smallest scales underflow least), clamped at 2^-9; within half a step of the float weight except
+    where the clamp or the e4m3 rounding of the scale bites."""
+    rng = np.random.default_rng()
+    k, n, g = 512, 48, 128
+    w = (rng.standard_normal((k, n)) * magnitude).astype(np.float32)
+    w[:, 0] = 0.0                                                  # an all-zero column
+    w[:128, 1] *= 1e-3                                             # a tiny group
+    qt = quantize_int4_fp8(jnp.asarray(w), g)
+    assert qt.fmt == "int4_fp8" and qt.axis == 1 and qt.values.dtype == jnp.uint8
+    assert qt.values.shape == (n, k // 2) and qt.scales.shape == (k // g, n) and qt.shape == (n, k)
+    q = np.asarray(unpack_int4(qt.values, signed=True, axis=1)).astype(np.int64)      # [N, K]
+    assert q.min() >= -7 and q.max() <= 7 and not q[0].any()
+    s = np.asarray(qt.scales, np.float64)                                              # [G, N]
+    i = _fireq_exponent(s)
+    top = np.abs(w).reshape(k // g, g, n).max(axis=1).max() / 7
+    assert top * 2.0 ** i <= E4M3_MAX and (i == 14 or top * 2.0 ** (i + 1) > E4M3_MAX)
+    deq = np.asarray(dequantize(qt), np.float64)                                       # [N, K]
+    np.testing.assert_array_equal(deq, q * np.repeat(s.T, g, axis=1))
+    # Half a step of the stored scale, plus what saturating at +-7 costs when e4m3 rounded the scale
+    # down (at most 2^-4 relative: e4m3 has 3 mantissa bits, so 7 * s_stored >= absmax / (1 + 2^-4)).
+    step = np.repeat(s.T, g, axis=1)
+    assert np.all(np.abs(deq - w.T) <= step / 2 + np.abs(w.T) * 2.0 ** -4 + 1e-12)
+    # The same nibbles and scales are the [K, N] int4_sym weight.
+    kn = weight_kn(qt)
+    assert kn.fmt == "int4_sym" and kn.axis == 0 and np.array_equal(np.asarray(dequantize(kn)), deq.T)
+
+
+def test_int4_fp8_stored_arrays_and_bytes():
+    k, n = 4096, 14336
+    assert stored_weight_arrays("int4_fp8", k, n, 128, 1) == {
+        "values": ((n, k // 2), "uint8"), "scales": (k // 128, n), "zeros": None}
+    assert stored_weight_arrays("fp8", k, n, None, 1)["scales"] == (n, 1)
+    assert stored_weight_arrays("int4", k, n, 128, 0)["zeros"] == (k // 128, n)
+    with pytest.raises(ValueError, match="K-major"):
+        stored_weight_arrays("int4_fp8", k, n, 128, 0)
+    with pytest.raises(ValueError, match="K-major"):
+        stored_weight_arrays("int8", k, n, None, 1)
+    with pytest.raises(ValueError, match="does not tile"):
+        stored_weight_arrays("int4_fp8", 100, n, 128, 1)
+    assert weight_bytes("int4_fp8", (k, n), 128) == weight_bytes("fireq", (k, n), 128) == k * n // 2 + (k // 128) * n * 2
+    qt = quantize_int4_fp8(jnp.ones((256, 16)), 128)
+    assert qt.values.size + qt.scales.size * 2 == weight_bytes("int4_fp8", (256, 16), 128)
 
 
 def test_weight_bytes_llama3_8b_mlp():

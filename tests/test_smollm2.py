@@ -28,6 +28,15 @@ def test_answers_capital_of_france(llm):
     assert out.finish_reason == "stop"
 
 
+def test_fireq_answers_capital_of_france():
+    """FireQ's INT4-FP8 weights (calibrated at load) with FP8 activations and int4 KV."""
+    fireq = LLM("smollm2-135m", precision="fireq", max_model_len=1024, kv_cache_bytes=64 << 20)
+    assert fireq.precision.weight_format == "int4_fp8"
+    out = fireq.chat([{"role": "user", "content": "What is the capital of France?"}],
+                     SamplingParams(temperature=0, max_tokens=24))[0]
+    assert "Paris" in out.text
+
+
 def test_batched_chat_matches_single(llm):
     questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 plus 2?"]
     params = SamplingParams(temperature=0, max_tokens=16)
