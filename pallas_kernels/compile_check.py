@@ -4,10 +4,11 @@ Each case is lowered for an abstract H100 (`jax.sharding.use_abstract_mesh` with
 named "NVIDIA H100"), the Triton IR that JAX emits for each `pallas_call` is captured, compiled to
 sm_90a by the pinned `triton` wheel and assembled by its `ptxas`, which reports registers, spills and
 shared memory. From the PTX: the MMA instructions used (wgmma, mma.sync, or none: FMA) and the widest
-global load. Mosaic GPU kernels (`plgpu.kernel`) are lowered the same way, but their MLIR becomes PTX
-only inside a CUDA jaxlib: for them the report reads the instructions the lowered module spells out
-(wgmma shapes and operand types, TMA copies) and has no register figures. A roofline estimate (bytes and FLOPs of the case over H100 peaks) says what the shape
-should cost. Upstream Triton is not XLA's fork of it, so this is strong evidence, not proof.
+global load, overall and per loop iteration. Mosaic GPU kernels (`plgpu.kernel`) are lowered the
+same way, but their MLIR becomes PTX only inside a CUDA jaxlib: for them the report reads the
+instructions the lowered module spells out (wgmma shapes and operand types, TMA copies) and has no
+register figures. A roofline estimate (bytes and FLOPs of the case over H100 peaks) says what the
+shape should cost. Upstream Triton is not XLA's fork of it, so this is strong evidence, not proof.
 
     python -m pallas_kernels.compile_check [--subset fast|full] [--json OUT] [--markdown OUT]
 """
@@ -233,8 +234,8 @@ def _loop_bodies(ptx: str) -> str:
     for i, line in enumerate(lines):
         if "Loop Header" in line:
             label = line.split(":")[0]
-            end = next((j for j in range(i + 1, len(lines)) if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", lines[j])),
-                       len(lines))
+            back = re.compile(rf"\bbra(\.uni)?\s+{re.escape(label)};")
+            end = next((j for j in range(i + 1, len(lines)) if back.search(lines[j])), len(lines))
             bodies.append("\n".join(lines[i:end + 1]))
     return "\n".join(bodies)
 

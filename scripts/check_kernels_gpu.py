@@ -18,9 +18,10 @@ T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactl
 Matmuls (through `pallas_kernels.quantized_matmul`, "pallas"): every weight format with a kernel
 (W4A16 int4 group 32/128 asymmetric and group 32 symmetric, W8A16 int8 per channel and group-wise
 GGUF Q8_0, fp8 weight-only, W8A8, FP8, W4A8 on the Triton lowering; FP8 with K-major weights and
-FireQ's INT4-FP8 on the Mosaic GPU kernels) on (K, N) = (256, 64) with bf16 x, (384, 192) with f32 x (three 128-deep K steps,
-64-wide column tiles, a 3-wide grid; weight-only kernels compute in x's dtype) and (4096, 512) with
-bf16 x, at M in {1, 16, 33, 256} (one row, a full 16-row tile, a partial tile, several tiles). x has a few outlier channels (x20), w ~ N(0, 0.05^2).
+FireQ's INT4-FP8 on the Mosaic GPU kernels) on (K, N) = (256, 64) with bf16 x, (384, 192) with f32 x
+(three 128-deep K steps, 64-wide column tiles, a 3-wide grid; weight-only kernels compute in x's
+dtype) and (4096, 512) with bf16 x, at M in {1, 16, 33, 256} (one row, a full 16-row tile, a partial
+tile, several tiles). x has a few outlier channels (x20), w ~ N(0, 0.05^2).
 
 Inputs are fresh random numbers every run; the seed is printed (and stored in the JSON) so a failure
 can be replayed with --seed. The references are traced under `jax.default_matmul_precision("highest")`:

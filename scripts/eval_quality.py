@@ -37,9 +37,10 @@ from serving.engine.paged_forward import PagedForward
 ROOT = Path(__file__).resolve().parent.parent
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED}
 CONTEXT_ROWS = {"float32": {"precision": "bf16", "dtype": "float32"}, "native": {"precision": "native"}}
-DEFAULT_PRESETS = ["bf16", "w8a8", "fp8", "w4a16", "w4a8kv4", "w4a16-rtn", "w4a16-rtn-channel"]
+DEFAULT_PRESETS = ["bf16", "w8a8", "fp8", "w4a16", "w4a8kv4", "fireq", "w4a16-rtn", "w4a16-rtn-channel"]
 TARGETS = {  # preset: (max NLL increase over bf16 as a fraction or None, min top-1 agreement)
-    "w8a8": (0.01, 0.95), "fp8": (None, 0.95), "w4a16": (None, 0.85), "w4a8kv4": (None, 0.85)}
+    "w8a8": (0.01, 0.95), "fp8": (None, 0.95), "w4a16": (None, 0.85), "w4a8kv4": (None, 0.85),
+    "fireq": (0.05, 0.75)}
 
 
 @jax.jit

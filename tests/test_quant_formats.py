@@ -443,7 +443,8 @@ def test_int4_fp8_stored_arrays_and_bytes():
         stored_weight_arrays("int8", k, n, None, 1)
     with pytest.raises(ValueError, match="does not tile"):
         stored_weight_arrays("int4_fp8", 100, n, 128, 1)
-    assert weight_bytes("int4_fp8", (k, n), 128) == weight_bytes("fireq", (k, n), 128) == k * n // 2 + (k // 128) * n * 2
+    assert weight_bytes("int4_fp8", (k, n), 128) == weight_bytes("fireq", (k, n), 128) == (
+        k * n // 2 + (k // 128) * n * 2)
     qt = quantize_int4_fp8(jnp.ones((256, 16)), 128)
     assert qt.values.size + qt.scales.size * 2 == weight_bytes("int4_fp8", (256, 16), 128)
 
