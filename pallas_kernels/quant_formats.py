@@ -4,7 +4,8 @@ Every Pallas kernel and XLA reference that reads a quantized tensor goes through
 here: int8 (per channel / per token, or GGUF Q8_0 groups), fp8 e4m3 (arXiv:2209.05433; casts saturate
 via `saturating_cast_e4m3`, since XLA's fp8 convert does not), asymmetric group-wise int4 with
 integer zero points (the AWQ / GPTQ convention, arXiv:2306.00978, arXiv:2210.17323), symmetric
-int4_sym, and per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4. int4 is packed two per byte
+int4_sym, FireQ's int4_fp8 (arXiv:2505.20839: symmetric int4, e4m3 group scales, stored K-major), and
+per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4. int4 is packed two per byte
 (`pack_int4`, element 2i in the low nibble) or eight per word (`pack_int4_u32`). Scales are computed
 in float32; with a narrower `scale_dtype` values are quantized against the rounded scale, so
 dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
