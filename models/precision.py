@@ -12,9 +12,8 @@ fireq      int4 g128 symmetric    e4m3 per token       int4       AWQ-style fact
            (FireQ's INT4-FP8: e4m3 group scales x one 2^i per tensor, stored K-major)
 =========  =====================  ===================  =========  ================================
 
-int4 KV also applies SmoothAttention at calibration; `kv_dtype` overrides a preset's KV format on
-its own (`resolve_precision("w4a16", kv_dtype="fp8")`); the embedding stays in the model dtype.
-`group_size_for` is the one group-size rule; docs/models.md explains these choices.
+int4 KV also applies SmoothAttention; `kv_dtype` overrides a preset's KV format alone; the embedding
+stays in the model dtype; `group_size_for` is the one group-size rule (docs/models.md: why).
 """
 
 from __future__ import annotations

@@ -1,21 +1,17 @@
 """FP8 tensor-core matmuls for Hopper written for Mosaic GPU: `wgmma` on e4m3 operands, TMA loads.
 
-`x[M, K] @ w` with per-token e4m3 activations and K-major weights, in two formats:
-* fp8: per-channel e4m3 weights `[N, K]` (axis 1, `quantize_fp8_k_major`);
-* int4_fp8 (FireQ's INT4-FP8): symmetric int4 `[N, K // 2]` packed along K with e4m3 group scales
-  (`quantize_int4_fp8`); each K step is one group, its int4 tile converted to e4m3 (exact: values in
-  [-7, 7]) and the group's product scaled into a float32 sum in registers.
-Hopper's FP8 tensor cores read both operands K-major from shared memory (the "TN" layout cuBLAS FP8
-GEMMs require too), which the Triton lowering cannot reach (it gives `mma.sync`). The kernel computes
-`out^T[N, M] = w[N, K] . x[M, K]^T`: the weight rows are the 64-row wgmma M granule and the tokens its
-N dimension (8 to 128 wide), so a decode token costs an 8-wide MMA instead of a 64-row one. Each
-program owns a (tile_n, tile_m) output tile; a TMA pipeline streams the K tiles into swizzled shared
-memory; the epilogue applies the token (and fp8's channel) scales and stores through shared memory.
-The converted int4 tile goes back through shared memory for the wgmma: the Mosaic GPU interpreter
-takes wgmma operands from shared memory only (A in registers is the next step once a GPU measures it).
-Semantics are the reference's (`quantized_matmul_ref`: same quantizers, products exact in float32,
-only the summation order differs). Runs compiled on sm_90a, or anywhere under
-`plgpu.InterpretGPUParams()` (the tests, on CPU).
+`x[M, K] @ w` with per-token e4m3 activations and K-major weights: per-channel e4m3 `[N, K]`
+(`quantize_fp8_k_major`), or FireQ's INT4-FP8 (`quantize_int4_fp8`), whose K steps are its groups:
+each int4 tile is converted to e4m3 (exact: values in [-7, 7]) and its product scaled into a float32
+sum. FP8 tensor cores read both operands K-major (the "TN" layout cuBLAS FP8 GEMMs require too); the
+Triton lowering cannot reach them (it gives `mma.sync`). The kernel computes `out^T = w . x^T`: weight
+rows are the 64-row wgmma M granule, tokens its N dimension (8 to 128 wide), so a decode token costs
+an 8-wide MMA. Each program owns a (tile_n, tile_m) output tile; a TMA pipeline streams K tiles into
+swizzled shared memory; the epilogue applies the scales and stores through shared memory. The
+converted int4 tile goes through shared memory because the Mosaic GPU interpreter takes wgmma
+operands from there only (A in registers is for when a GPU can measure it). Semantics are
+`quantized_matmul_ref`'s (same quantizers, exact products, only the summation order differs). Runs
+compiled on sm_90a, or anywhere under `plgpu.InterpretGPUParams()` (the tests, on CPU).
 """
 
 from __future__ import annotations
