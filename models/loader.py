@@ -177,7 +177,8 @@ def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPr
             load = partial(_load_float_hf, path, name_or_path, jdtype, requested, kv_dtype, calib_samples)
         if quantized_cache is None or requested is None or not requested.changes_weights:
             return load()
-        key = cache_key(path, requested, jnp.dtype(jdtype).name, calib_samples, CALIBRATION_TEXT)
+        key = cache_key(path, requested, jnp.dtype(jdtype).name, calib_samples, CALIBRATION_TEXT,
+                        Path(quantized_cache))
         return cached_quantized_model(Path(quantized_cache), key, str(name_or_path), requested, jdtype, load)
     except BaseException:
         gc.collect()

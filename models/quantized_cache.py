@@ -4,7 +4,8 @@ An entry is a `models.checkpoint` directory (checksummed, verified on every load
 over everything that decides the quantized weights: the checkpoint's content (sha256 of its files),
 the precision preset, the compute dtype, the calibration sample count and text, and this module's
 format version. A missing entry is built and written atomically; a corrupt or unreadable one is
-removed and built again, never used.
+removed and built again, never used. Hashing a large checkpoint takes a while, so the cache folder
+remembers each digest against its files' paths, sizes and modification times (`.digests.json`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from models.precision import PrecisionPreset
 
 log = logging.getLogger("fineserve.models")
 
-CACHE_FORMAT = 1  # bump when quantization or calibration changes what a preset produces
+CACHE_FORMAT = 2  # bump when quantization or calibration changes what a preset produces
 _CHUNK = 1 << 20
+DIGESTS_FILE = ".digests.json"
 
 
 def content_digest(path: Path) -> str:
@@ -41,10 +43,46 @@ def content_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(checkpoint: Path, preset: PrecisionPreset, dtype: str, calib_samples: int, calib_text: Path) -> str:
-    parts = {"format": CACHE_FORMAT, "checkpoint": content_digest(checkpoint), "dtype": dtype,
+def _file_stamps(path: Path) -> list:
+    """(relative path, size, mtime in ns) of every file whose bytes `content_digest` reads."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f.relative_to(path)) if f != path else f.name, (st := f.stat()).st_size, st.st_mtime_ns]
+            for f in files]
+
+
+def remembered_digest(path: Path, cache_dir: Path | None) -> str:
+    """`content_digest(path)`, remembered in `cache_dir`/.digests.json against the files' paths, sizes
+    and modification times: unchanged files are not read again. An unreadable memo is ignored."""
+    if cache_dir is None:
+        return content_digest(path)
+    memo_file = Path(cache_dir).expanduser() / DIGESTS_FILE
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    where, stamps = str(path.resolve()), _file_stamps(path)
+    known = memo.get(where)
+    if isinstance(known, dict) and known.get("files") == stamps and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    digest = content_digest(path)
+    memo[where] = {"files": stamps, "sha256": digest}
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    except OSError as e:  # a read-only cache costs the memo, not the load
+        log.warning("could not remember the digest of %s in %s: %s", path, memo_file, e)
+    return digest
+
+
+def cache_key(checkpoint: Path, preset: PrecisionPreset, dtype: str, calib_samples: int, calib_text: Path,
+              cache_dir: Path | None = None) -> str:
+    """The entry name for these inputs; `cache_dir` (the cache folder) remembers file digests."""
+    parts = {"format": CACHE_FORMAT, "checkpoint": remembered_digest(checkpoint, cache_dir), "dtype": dtype,
              "preset": dataclasses.asdict(preset), "calib_samples": calib_samples,
-             "calib_text": content_digest(calib_text)}
+             "calib_text": remembered_digest(calib_text, cache_dir)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

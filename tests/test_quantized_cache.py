@@ -5,6 +5,7 @@ entry is rebuilt, never used."""
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import numpy as np
@@ -72,3 +73,29 @@ def test_a_corrupt_entry_is_rebuilt(tmp_path, caplog):
     assert_same(rebuilt, first)
     assert entries(cache) == [entry]
     assert_same(load_model(LLAMA, "float32", "w4a16", calib_samples=2, quantized_cache=cache), first)
+
+
+def test_checkpoint_digests_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A large checkpoint is hashed once: the cache folder remembers its digest against the files'
+    paths, sizes and modification times, and hashes again only when one of them changes."""
+    import models.quantized_cache as qc
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "a.bin").write_bytes(b"x" * 1000)
+    (ckpt / "b.json").write_text("{}")
+    cache = tmp_path / "cache"
+    first = qc.remembered_digest(ckpt, cache)
+    assert first == qc.content_digest(ckpt) and (cache / qc.DIGESTS_FILE).is_file()
+    reads = []
+    real = qc.content_digest
+    monkeypatch.setattr(qc, "content_digest", lambda p: reads.append(p) or real(p))
+    assert qc.remembered_digest(ckpt, cache) == first and reads == []            # not read again
+    stat = (ckpt / "a.bin").stat()
+    (ckpt / "a.bin").write_bytes(b"y" * 1000)                                     # same size, new mtime
+    os.utime(ckpt / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))     # (a clock tick may be coarse)
+    second = qc.remembered_digest(ckpt, cache)
+    assert second != first and reads == [ckpt]
+    (cache / qc.DIGESTS_FILE).write_text("not json")                              # a broken memo is ignored
+    assert qc.remembered_digest(ckpt, cache) == second and len(reads) == 2
+    assert qc.remembered_digest(ckpt, None) == second                            # no cache: always hashed
