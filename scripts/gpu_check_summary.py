@@ -39,10 +39,12 @@ def figures(out: Path) -> dict:
                                                "dropped", "count")} for r in serve["rows"]]
     if (compiled := _load(out / "compile_check.json")) is not None:
         kernels = [k for c in compiled["cases"] for k in c.get("kernels", ())]
+        triton = [k for k in kernels if k.get("backend") != "mosaic_gpu"]   # Mosaic GPU: no register figures
         found["compile_check"] = {"cases": len(compiled["cases"]),
                                   "failed": [c["case"] for c in compiled["cases"] if "error" in c],
-                                  "spilling": [k["kernel"] for k in kernels if k["spill_store_bytes"]],
-                                  "max_registers": max((k["registers"] for k in kernels), default=None)}
+                                  "spilling": [k["kernel"] for k in triton if k["spill_store_bytes"]],
+                                  "max_registers": max((k["registers"] for k in triton), default=None),
+                                  "wgmma_kernels": sorted({k["kernel"] for k in kernels if k["mma"] == "wgmma"})}
     return found
 
 
@@ -71,7 +73,8 @@ def markdown(steps: list[dict], found: dict) -> str:
     if "compile_check" in found:
         c = found["compile_check"]
         lines += ["", f"sm_90a compile report: {c['cases']} cases, {len(c['failed'])} failed, "
-                      f"{len(c['spilling'])} kernels spilling, at most {c['max_registers']} registers."]
+                      f"{len(c['spilling'])} kernels spilling, at most {c['max_registers']} registers (Triton "
+                      f"kernels); wgmma in {', '.join(c['wgmma_kernels']) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 
