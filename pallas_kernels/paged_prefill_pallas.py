@@ -34,7 +34,8 @@ DEFAULT_BLOCK_ROWS = 64
 MIN_DOT_DIM = 16
 # Dot algorithms that split each float32 operand into two and run three dots: near-float32 accuracy
 # on tensor cores (what a correctness check wants, where "highest" would compile to FMA loops). The
-# split operands take registers, so their KV blocks are MIN_DOT_DIM tokens (0 spills on sm_90a).
+# split operands take registers, so their KV blocks are MIN_DOT_DIM tokens: 0 spills on sm_90a for
+# BF16_BF16_F32_X3, the GPU check's; TF32x3 still spills 48-56 B there.
 MULTIPASS_DOTS = (lax.DotAlgorithmPreset.BF16_BF16_F32_X3, lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
 
 
@@ -158,8 +159,8 @@ def paged_prefill_attention(
     """Causal prefill / chunked-prefill attention read in place from the pool. Returns [B, S, Hq, D]
     in q's dtype. `block_q`: query tokens per program; `pages_per_block`: pages per KV loop step;
     `precision`: of the two dots (None: the backend default, TF32 on float32 operands on the GPU;
-    a `MULTIPASS_DOTS` algorithm for near-float32 accuracy on tensor cores); `interpret`: False (compiled, GPU
-    Triton lowering) or anything `pl.pallas_call` accepts."""
+    a `MULTIPASS_DOTS` algorithm for near-float32 accuracy on tensor cores); `interpret`: False
+    (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts."""
     batch, seq, num_q_heads, head_dim = q.shape
     hkv = layout.num_kv_heads
     if head_dim != layout.head_dim or num_q_heads % hkv:
