@@ -79,8 +79,8 @@ def shape_error(m: int, k: int, n: int, tile_m: int | None = None, tile_n: int |
 
 
 def _row_vector(ref, axis: int, shape):
-    """A float32 vector in shared memory broadcast along `axis` of a wgmma accumulator of `shape`."""
-    v = plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+    """A vector in shared memory, as float32, broadcast along `axis` of a wgmma accumulator of `shape`."""
+    v = plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1 - axis)).astype(jnp.float32)
     return lax.broadcast_in_dim(v, shape, (axis,))
 
 
@@ -163,8 +163,9 @@ def _matmul_t(x, values, w_scales, *, tile_m: int, tile_n: int, tile_k: int, max
         values = lax.bitcast_convert_type(values, jnp.int4).reshape(n, k)
     xq = quantize_fp8_per_token(x)
     sx = xq.scales.astype(jnp.float32).reshape(mp)
-    sw = w_scales.astype(jnp.float32)
-    sw = sw if int4 else sw.reshape(n)
+    # int4_fp8's group scales stay as stored (the kernel streams a row per group and widens it in
+    # registers: no per-call conversion of the whole array); fp8's N channel scales are fetched once.
+    sw = w_scales if int4 else w_scales.astype(jnp.float32).reshape(n)
     steps = k // tile_k
     # >= 2 (fp8: one step's buffers stay held for the wgmma in flight)
     kernel = functools.partial(_kernel, int4=int4, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, steps=steps,
