@@ -345,6 +345,7 @@ def main(argv=None) -> int:
         for case in cases(args.subset):
             rows.append(check(case, Path(tmp)))
             status = rows[-1].get("error") or ", ".join(
+                f"Mosaic GPU, {k['mma']} {' '.join(k['wgmma_shapes'])}" if k.get("backend") == "mosaic_gpu" else
                 f"{k['registers']} regs, {k['spill_store_bytes']} B spilled, {k['mma']}" for k in rows[-1]["kernels"])
             print(f"{case.name}: {status}", file=sys.stderr, flush=True)
     header = (f"Compiled for sm_90a with triton {triton.__version__} (jax {jax.__version__}), "

@@ -400,7 +400,6 @@ def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) ->
 # fmt -> (dtype name of `values`, logical K elements per stored element)
 _VALUES_LAYOUT = {"int8": ("int8", 1), "fp8": ("float8_e4m3fn", 1), "int4": ("uint8", 2),
                   "int4_sym": ("uint8", 2), "int4_fp8": ("uint8", 2)}
-K_MAJOR_FORMATS = ("fp8", "int4_fp8")   # stored [N, K] (axis 1): FP8 tensor cores read K-major
 
 
 def stored_weight_arrays(fmt: str, k: int, n: int, group_size: int | None, axis: int) -> dict:
