@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -120,10 +122,11 @@ def test_awq_clip_picks_each_groups_least_output_error():
     clipped = np.asarray(awq_clip(x, w, g))
     xg, wg = x.reshape(len(x), k // g, g).astype(np.float64), w.reshape(k // g, g, n)
     amax = np.abs(wg).max(axis=1)
-    ratios = np.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID)
+    ratios = np.asarray(jnp.linspace(1.0, CLIP_MIN_RATIO, CLIP_GRID))   # float32 grid and limits, as awq_clip
     losses = []
     for r in ratios:
-        lim = (amax * r)[:, None, :]
+        lim = (amax * r)[:, None, :]                                     # (a float64 limit can round a group's
+                                                                         #  max, and so its scale, differently)
         d = np.asarray(_fake_int4(np.clip(wg, -lim, lim).reshape(k, n), g), np.float64).reshape(wg.shape) - wg
         losses.append(np.mean(np.einsum("nGg,Ggo->nGo", xg, d) ** 2, axis=0))
     losses = np.stack(losses)                                           # [ratios, G, out]
