@@ -36,15 +36,16 @@ KV_DTYPES = {
     "fp8": (jnp.float8_e4m3fn, 8),
     "int8": (jnp.int8, 8),
     "int4": (jnp.uint8, 4),
+    "int4_fp8": (jnp.uint8, 4),   # FireQ: symmetric int4 codes, attention with FP8 queries and P
 }
 KV_DTYPE_ALIASES = {"bfloat16": "bf16"}  # accepted on input, never stored
-QUANTIZED_KV_DTYPES = ("fp8", "int8", "int4")
+QUANTIZED_KV_DTYPES = ("fp8", "int8", "int4", "int4_fp8")
 SCALE_DTYPE = jnp.bfloat16
 SCALE_BITS = 16
 
 
 def normalize_kv_dtype(kv_dtype: str) -> str:
-    """The one name of a KV format (bf16, float32, fp8, int8, int4), from it or an alias."""
+    """The one name of a KV format (bf16, float32, fp8, int8, int4, int4_fp8), from it or an alias."""
     name = KV_DTYPE_ALIASES.get(kv_dtype, kv_dtype)
     if name not in KV_DTYPES:
         raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; supported: {sorted(KV_DTYPES)} "
@@ -58,7 +59,7 @@ class KVPageLayout:
     num_kv_heads: int
     head_dim: int
     tokens_per_page: int
-    kv_dtype: str = "bf16"  # bf16 (alias bfloat16), float32, fp8, int8, int4
+    kv_dtype: str = "bf16"  # bf16 (alias bfloat16), float32, fp8, int8, int4, int4_fp8
     pages_per_slab: int = 1  # set once the pool's slab size is known
     # Words from one page's start to the next in a slab: page_words, or more when every page of a
     # pool is padded to one size (the single-page-size baseline).
@@ -71,7 +72,7 @@ class KVPageLayout:
         if (self.num_kv_heads * self.head_dim * self.value_bits) % WORD_BITS:
             raise ValueError(f"a token's K row ({self.num_kv_heads} kv heads x {self.head_dim} x "
                              f"{self.value_bits} bits) must fill whole 32-bit words")
-        if self.kv_dtype == "int4" and self.head_dim % 2:
+        if self.value_bits == 4 and self.head_dim % 2:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
@@ -99,8 +100,9 @@ class KVPageLayout:
 
     @property
     def scales_per_token(self) -> int:
-        """bfloat16 scale-row entries per token (K or V, one layer): H (fp8/int8), 2H (int4), 0."""
-        return {"fp8": 1, "int8": 1, "int4": 2}.get(self.kv_dtype, 0) * self.num_kv_heads
+        """bfloat16 scale-row entries per token (K or V, one layer): H (fp8/int8/int4_fp8), 2H (int4
+        scales and zeros), 0."""
+        return {"fp8": 1, "int8": 1, "int4": 2, "int4_fp8": 1}.get(self.kv_dtype, 0) * self.num_kv_heads
 
     @property
     def row_words(self) -> int:

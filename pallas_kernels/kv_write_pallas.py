@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout
 from pallas_kernels.paged_attention_pallas import _elems_per_word
 from pallas_kernels.pow2 import is_pow2
-from pallas_kernels.quant_formats import E4M3_MAX, INT8_MAX, UINT4_MAX
+from pallas_kernels.quant_formats import E4M3_MAX, INT4_SYM_MAX, INT8_MAX, UINT4_MAX
 
 BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, int4) row
 
@@ -112,6 +112,10 @@ def quantize_head_row(x, kv_dtype: str):
     if kv_dtype == "fp8":
         scale_bits = _scale_bits(absmax / E4M3_MAX)
         return _e4m3_bits(x / _bf16_bits_to_f32(scale_bits)), scale_bits, None
+    if kv_dtype == "int4_fp8":   # symmetric int4, two's complement nibbles
+        scale_bits = _scale_bits(absmax / INT4_SYM_MAX)
+        q = jnp.clip(_round_half_even(x / _bf16_bits_to_f32(scale_bits)), -INT4_SYM_MAX, INT4_SYM_MAX)
+        return lax.bitcast_convert_type(q.astype(jnp.int32), jnp.uint32) & np.uint32(0xF), scale_bits, None
     raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
 
 

@@ -1,4 +1,5 @@
-"""Pallas decode attention over KV pages of the shared pool, for every KV format (bf16, f32, fp8, int8, int4).
+"""Pallas decode attention over KV pages of the shared pool, for every KV format (bf16, f32, fp8, int8,
+int4, int4_fp8).
 
 One query token per sequence, with the semantics of `paged_attention_ref.paged_attention_reference`
 for S == 1. The kernel reads the uint32 pool in place through the page table (PagedAttention, Kwon et
@@ -7,6 +8,8 @@ never dequantized into a copy and decode reads only the bytes the cache stores. 
 KV group (GQA: K/V read once for all its query heads) and one split of the page table, combined with
 a log-sum-exp merge (split-K as in Flash-Decoding; online softmax as in FlashAttention,
 arXiv:2205.14135). `decode_element` is the per-format in-register decoder the prefill kernel shares.
+FireQ's int4_fp8 KV is attended with FP8 queries and FP8 P, the scales applied outside the products
+(`fp8_attention`).
 
 Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU;
 `decode_shape_error` says which layouts the compiled path takes. Grid, addressing, decoding and
@@ -25,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor, signed_nibbles
 from pallas_kernels.kv_pages import KV_DTYPES, WORD_BITS, KVPageLayout
 from pallas_kernels.pow2 import is_pow2, next_pow2
 
@@ -84,7 +88,7 @@ def decode_element(words, index, kv_dtype: str):
         return lax.bitcast_convert_type(words, jnp.float32)
     if kv_dtype == "bf16":
         return _bf16_half_to_f32(words, index)
-    if kv_dtype not in ("int8", "fp8", "int4"):
+    if kv_dtype not in ("int8", "fp8", "int4", "int4_fp8"):
         raise ValueError(f"unsupported kv_dtype {kv_dtype!r}")
     bits = KV_VALUE_BITS[kv_dtype]
     if isinstance(index, int):
@@ -97,6 +101,8 @@ def decode_element(words, index, kv_dtype: str):
         return (signed >> 24).astype(jnp.float32)
     if kv_dtype == "fp8":
         return _fp8_e4m3_to_f32((words >> shift) & np.uint32(0xFF))
+    if kv_dtype == "int4_fp8":   # two's complement nibbles, in the order of `pack_int4`
+        return signed_nibbles(words, shift)
     # int4: nibble i of the word; element 2j sits in the low nibble of byte j (as `pack_int4`).
     return lax.bitcast_convert_type((words >> shift) & np.uint32(15), jnp.int32).astype(jnp.float32)
 
@@ -121,7 +127,7 @@ def token_scales(pool_ref, layout: KVPageLayout, slab, origin, slot, entry):
 # Kernel
 
 
-def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_ref, l_ref, *,
+def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, q_scale_ref, pool_ref, acc_ref, m_ref, l_ref, *,
                    layout: KVPageLayout, pages_per_block: int, blocks_per_split: int):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_page = layout.tokens_per_page
@@ -129,6 +135,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
     dw = layout.head_dim // n                      # words of one kv head's row of one token
     block = pages_per_block * t_page               # tokens per loop step
     hkv = layout.num_kv_heads
+    fp8 = layout.kv_dtype == "int4_fp8"           # codes and scales apart: FP8 q . k and p . v
 
     length = lens_ref[b]
     layer = layer_ref[0]
@@ -139,22 +146,24 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
     page_in_block, slot = tok // t_page, tok % t_page
     word_iota = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
     q_planes = [q_ref[:, pl.ds(i * dw, dw)].astype(jnp.float32) for i in range(n)]  # [G, Dw] each
+    q_scale = q_scale_ref[...][:, None]            # [G, 1]: int4_fp8's FP8 query scales (else 1)
 
-    def load(slab, page_origin, kind):
-        """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]."""
+    def load(slab, page_origin, kind, live):
+        """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]
+        and, for int4_fp8, the codes' scales [block, 1] apart (else None); zero where not live."""
         origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
         # Two pointer tensors of one shape [block, Dw] (slab broadcast explicitly for Triton).
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))
         words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_iota]
         planes = decode_words(words, layout.kv_dtype)
-        if layout.quantized:
-            scale = token_scales(pool_ref, layout, slab, origin, slot, h)
-            if layout.kv_dtype == "int4":
-                zero = token_scales(pool_ref, layout, slab, origin, slot, hkv + h)
-                planes = [x * scale + zero for x in planes]
-            else:
-                planes = [x * scale for x in planes]
-        return planes
+        scale = token_scales(pool_ref, layout, slab, origin, slot, h) if layout.quantized else None
+        if layout.kv_dtype == "int4":
+            zero = token_scales(pool_ref, layout, slab, origin, slot, hkv + h)
+            planes = [x * scale + zero for x in planes]
+        elif layout.quantized and not fp8:
+            planes = [x * scale for x in planes]
+        planes = [jnp.where(live, x, 0.0) for x in planes]
+        return planes, (jnp.where(live, scale, 0.0) if fp8 else None)
 
     def body(j, carry):
         m, l, accs = carry
@@ -163,17 +172,25 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
         slab = pages // layout.pages_per_slab
         page_origin = (pages % layout.pages_per_slab) * layout.page_slot_words
         live = (split_start + j * block + tok < length)[:, None]                           # [block, 1]
-        k = [jnp.where(live, x, 0.0) for x in load(slab, page_origin, 0)]
-        v = [jnp.where(live, x, 0.0) for x in load(slab, page_origin, 1)]
+        k, k_scale = load(slab, page_origin, 0, live)
+        v, v_scale = load(slab, page_origin, 1, live)
         s = sum(jnp.sum(qp[:, None, :] * kp[None, :, :], axis=-1) for qp, kp in zip(q_planes, k))
+        if fp8:
+            s = s * q_scale * k_scale[:, 0][None, :]
         s = jnp.where(live[:, 0][None, :], s, -jnp.inf)                                      # [G, block]
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(axis=-1)
-        accs = [a * alpha[:, None] + jnp.sum(p[:, :, None] * vp[None, :, :], axis=1)
-                for a, vp in zip(accs, v)]
+        if fp8:
+            c = p_factor(jnp.max(v_scale[:, 0]))   # (one-axis reduce: Triton lowers no other)
+            pv = fp8_probabilities(p, v_scale[:, 0][None, :], c)
+            accs = [a * alpha[:, None] + jnp.sum(pv[:, :, None] * vp[None, :, :], axis=1) / c
+                    for a, vp in zip(accs, v)]
+        else:
+            accs = [a * alpha[:, None] + jnp.sum(p[:, :, None] * vp[None, :, :], axis=1)
+                    for a, vp in zip(accs, v)]
         return m_new, l, accs
 
     g = q_ref.shape[0]
@@ -260,8 +277,14 @@ def paged_decode_attention(
     # q: scale like the reference, group by kv head, head_dim permuted into plane order [i][w].
     qg = q.reshape(batch, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
     qg = qg.reshape(batch, hkv, group, dw, n).swapaxes(-1, -2).reshape(batch, hkv, group, head_dim)
+    if layout.kv_dtype == "int4_fp8":
+        qg, q_scale = fp8_queries(qg)
+        q_scale = q_scale[..., 0]
+    else:
+        q_scale = jnp.ones((batch, hkv, group), jnp.float32)
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+        q_scale = jnp.pad(q_scale, ((0, 0), (0, 0), (0, gp - group)))
     # Live tokens: causal on the query position, within kv_len and within the page table.
     lens = jnp.minimum(kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
     lens = jnp.clip(lens, 0, num_pages * layout.tokens_per_page)
@@ -286,6 +309,7 @@ def paged_decode_attention(
             pl.BlockSpec((batch,), lambda b, h, s: (0,)),                             # lens
             pl.BlockSpec((None, padded), lambda b, h, s: (b, 0)),                     # page table row
             pl.BlockSpec((None, None, gp, head_dim), lambda b, h, s: (b, h, 0, 0)),   # q group
+            pl.BlockSpec((None, None, gp), lambda b, h, s: (b, h, 0)),                # its scales
             pl.BlockSpec(pool.shape, lambda b, h, s: (0, 0)),                         # the whole pool
         ],
         out_specs=[
@@ -301,7 +325,7 @@ def paged_decode_attention(
         interpret=interpret,
         compiler_params=compiler_params,
         name=f"paged_decode_attention_{layout.kv_dtype}",
-    )(layer_arr, lens, table, qg, pool)
+    )(layer_arr, lens, table, qg, q_scale, pool)
 
     out = _merge_splits(acc, m, l)[:, :, :group]                                     # [B, Hkv, G, D]
     out = out.reshape(batch, hkv, group, n, dw).swapaxes(-1, -2)                      # back to [w][i]

@@ -9,6 +9,8 @@ Every KV format of `KVPageLayout` works: quantized pages (fp8 / int8 / int4 with
 dequantized to float32 inside the block loop, one block of pages at a time (`read_kv_pages`), so the
 cache is never expanded as a whole. Positions past a sequence's end are zeroed before use, so garbage
 there (NaN values, or garbage scale words that dequantize to NaN/inf) never reaches a live result.
+FireQ's int4_fp8 pages are read as codes and scales instead, and attended with FP8 queries and FP8 P
+(`fp8_attention`), as the kernels do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, read_kv_pages_quantized
+from pallas_kernels.quant_formats import unpack_int4
 
 
 def paged_attention_reference(
@@ -42,6 +46,24 @@ def paged_attention_reference(
     scale = head_dim ** -0.5
 
     qg = q.reshape(batch, seq, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
+    fp8 = layout.kv_dtype == "int4_fp8"
+    if fp8:
+        qg, q_scale = fp8_queries(qg)                                   # q_scale [B, S, Hkv, G, 1]
+        q_scale = q_scale[..., 0].transpose(0, 2, 3, 1)[..., None]      # [B, Hkv, G, S, 1]
+
+    def read_block(ids, k_live):
+        """K and V of the block's tokens [B, K, Hkv, D] float32, zero past each sequence's end, and
+        (int4_fp8) their per-token scales [B, K, Hkv] (codes otherwise dequantized: scales None)."""
+        live = k_live[:, :, None, None]
+        if not fp8:
+            k, v = read_kv_pages(pool, layout, ids, layer)             # [B, pb, T, Hkv, D]
+            return [jnp.where(live, x.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32),
+                              0.0) for x in (k, v)] + [None, None]
+        stored = read_kv_pages_quantized(pool, layout, ids, layer)
+        codes = [unpack_int4(x.values, signed=True, axis=x.axis).astype(jnp.float32) for x in stored]
+        scales = [x.scales.astype(jnp.float32).reshape(batch, block_tokens, num_kv_heads) for x in stored]
+        return ([jnp.where(live, c.reshape(batch, block_tokens, num_kv_heads, head_dim), 0.0) for c in codes]
+                + [jnp.where(k_live[:, :, None], x, 0.0) for x in scales])
     m0 = jnp.full((batch, num_kv_heads, group, seq), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((batch, num_kv_heads, group, seq), jnp.float32)
     acc0 = jnp.zeros((batch, num_kv_heads, group, seq, head_dim), jnp.float32)
@@ -49,25 +71,29 @@ def paged_attention_reference(
     def block(i, carry):
         m, l, acc = carry
         ids = lax.dynamic_slice_in_dim(page_table, i * pages_per_block, pages_per_block, axis=1)
-        k, v = read_kv_pages(pool, layout, ids, layer)  # [B, pb, T, Hkv, D], dequantized if quantized
-        k = k.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
-        v = v.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32)
         k_pos = i * block_tokens + jnp.arange(block_tokens)
         k_live = k_pos[None, :] < kv_lens[:, None]                                   # [B, K]
-        # Pages past a sequence's end may hold anything (NaN values or scales included): zero them
-        # before use.
-        k = jnp.where(k_live[:, :, None, None], k, 0.0)
-        v = jnp.where(k_live[:, :, None, None], v, 0.0)
+        # Pages past a sequence's end may hold anything (NaN values or scales included): read_block
+        # zeroes them before use.
+        k, v, k_scale, v_scale = read_block(ids, k_live)
         mask = k_live[:, None, :] & (k_pos[None, None, :] <= q_positions[:, :, None])  # [B, S, K]
         s = jnp.einsum("bshgd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
+        if fp8:
+            s = s * q_scale * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
         s = jnp.where(mask[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("bhgsk,bkhd->bhgsd", p, v,
-                                                  preferred_element_type=jnp.float32)
+        if fp8:
+            sv = v_scale.transpose(0, 2, 1)[:, :, None, None, :]                    # [B, Hkv, 1, 1, K]
+            c = p_factor(sv.max(axis=-1, keepdims=True))
+            pv = jnp.einsum("bhgsk,bkhd->bhgsd", fp8_probabilities(p, sv, c), v,
+                            preferred_element_type=jnp.float32) / c
+        else:
+            pv = jnp.einsum("bhgsk,bkhd->bhgsd", p, v, preferred_element_type=jnp.float32)
+        acc = acc * alpha[..., None] + pv
         return m_new, l, acc
 
     num_blocks = (jnp.max(kv_lens) + block_tokens - 1) // block_tokens

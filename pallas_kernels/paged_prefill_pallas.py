@@ -8,6 +8,9 @@ the decode kernel, K/V words are read in place from the pool and decoded in regi
 query tokens times one KV group's query heads and runs FlashAttention's online softmax
 (arXiv:2205.14135, arXiv:2307.08691) over KV blocks up to its causal limit, with two float32-
 accumulating dots per block; no split-K, since prefill has parallelism enough in its query blocks.
+FireQ's int4_fp8 KV is attended with FP8 queries and FP8 P (`fp8_attention`): the dots multiply
+e4m3 values and int4 codes, which bfloat16 holds exactly, so they run as bf16 dots with float32
+accumulation and give what FP8 tensor cores would.
 
 Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU;
 `prefill_shape_error` says which layouts / tilings the compiled path takes. Design: docs/kernels.md.
@@ -24,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
+from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention_pallas import DEFAULT_BLOCK_TOKENS, _elems_per_word, decode_element, token_scales
 from pallas_kernels.pow2 import is_pow2, next_pow2
@@ -66,13 +70,13 @@ def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
     if pages_per_block is None:
         # int4 words split into eight elements in registers: 64-token blocks spill (sm_90a).
         block_tokens = (MIN_DOT_DIM if precision in MULTIPASS_DOTS else
-                        DEFAULT_BLOCK_TOKENS // 2 if layout.kv_dtype == "int4" else DEFAULT_BLOCK_TOKENS)
+                        DEFAULT_BLOCK_TOKENS // 2 if layout.value_bits == 4 else DEFAULT_BLOCK_TOKENS)
         pages_per_block = max(1, block_tokens // layout.tokens_per_page)
     pages_per_block = max(1, min(pages_per_block, num_pages))
     return max(1, block_q), pages_per_block
 
 
-def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, out_ref, *,
+def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, q_scale_ref, pool_ref, out_ref, *,
                     layout: KVPageLayout, pages_per_block: int, max_tokens: int, precision):
     b, h = pl.program_id(0), pl.program_id(1)
     t_page = layout.tokens_per_page
@@ -81,9 +85,13 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
     dw = d // n
     block = pages_per_block * t_page               # KV tokens per loop step
     hkv = layout.num_kv_heads
+    fp8 = layout.kv_dtype == "int4_fp8"            # codes and scales apart: FP8 q . k and p . v
 
     layer = layer_ref[0]
-    q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5
+    q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5 (int4_fp8: e4m3)
+    q_scale = q_scale_ref[...][:, None]             # [R, 1] int4_fp8's FP8 query scales (else 1)
+    if fp8:
+        q = q.astype(jnp.bfloat16)                  # exact: e4m3 values
     qpos = qpos_ref[...]                            # [R] int32; -1 for padding rows
     # Causal limit of this program's rows: no row sees a key at or past it.
     kv_hi = jnp.clip(jnp.minimum(lens_ref[b], jnp.max(qpos) + 1), 0, max_tokens)
@@ -94,9 +102,10 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
     word_col = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
     elem_in_word = lax.broadcasted_iota(jnp.uint32, (1, 1, n), 2)
 
-    def load(slab, page_origin, kind):
-        """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D]. Each
-        word is loaded once (a contiguous row of Dw words: wide loads) and split in registers."""
+    def load(slab, page_origin, kind, live):
+        """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D] and, for
+        int4_fp8, the codes' scales [block, 1] apart (else None); zero where not live. Each word is
+        loaded once (a contiguous row of Dw words: wide loads) and split in registers."""
         origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))  # both pointer tensors [block, Dw]
         words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_col]
@@ -104,11 +113,14 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
             x = decode_element(words, 0, layout.kv_dtype)
         else:   # element w * n + i of the row is element i of word w: [block, Dw, n] -> [block, D]
             x = decode_element(words[:, :, None], elem_in_word, layout.kv_dtype).reshape(block, d)
+        live = live[:, None]
+        if fp8:
+            return jnp.where(live, x, 0.0), jnp.where(live, token_scales(pool_ref, layout, slab, origin, slot, h), 0.0)
         if layout.quantized:
             x = x * token_scales(pool_ref, layout, slab, origin, slot, h)
             if layout.kv_dtype == "int4":
                 x = x + token_scales(pool_ref, layout, slab, origin, slot, hkv + h)
-        return x
+        return jnp.where(live, x, 0.0), None
 
     def body(j, carry):
         m, l, acc = carry
@@ -117,10 +129,14 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
         page_origin = (pages % layout.pages_per_slab) * layout.page_slot_words
         pos = j * block + tok                                                              # [block]
         live = pos < kv_hi
-        k = jnp.where(live[:, None], load(slab, page_origin, 0), 0.0)
-        v = jnp.where(live[:, None], load(slab, page_origin, 1), 0.0)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)                           # [R, block]
+        k, k_scale = load(slab, page_origin, 0, live)
+        v, v_scale = load(slab, page_origin, 1, live)
+        if fp8:
+            s = lax.dot_general(q, k.astype(jnp.bfloat16), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * q_scale * k_scale[:, 0][None, :]
+        else:
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32)                       # [R, block]
         seen = live[None, :] & (pos[None, :] <= qpos[:, None])
         s = jnp.where(seen, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -128,8 +144,14 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(axis=-1)
-        pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)                          # [R, D]
+        if fp8:
+            c = p_factor(jnp.max(v_scale[:, 0]))   # (one-axis reduce: Triton lowers no other)
+            p8 = fp8_probabilities(p, v_scale[:, 0][None, :], c).astype(jnp.bfloat16)       # exact
+            pv = lax.dot_general(p8, v.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32) / c
+        else:
+            pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)                      # [R, D]
         return m_new, l, acc * alpha[:, None] + pv
 
     rows = q.shape[0]
@@ -184,6 +206,11 @@ def paged_prefill_attention(
     qg = q.reshape(batch, seq, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
     qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
     qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, s_pad * gp, head_dim)
+    if layout.kv_dtype == "int4_fp8":
+        qg, q_scale = fp8_queries(qg)
+        q_scale = q_scale[..., 0]
+    else:
+        q_scale = jnp.ones((batch, hkv, s_pad * gp), jnp.float32)
     # Each row's query position; padding rows (S or G) get -1 and see no key.
     qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
     qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
@@ -211,6 +238,7 @@ def paged_prefill_attention(
             pl.BlockSpec((None, padded), lambda b, h, i: (b, 0)),                      # page table row
             pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),                        # row positions
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),  # q rows
+            pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i)),               # their scales
             pl.BlockSpec(pool.shape, lambda b, h, i: (0, 0)),                          # the whole pool
         ],
         out_specs=pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),
@@ -218,7 +246,7 @@ def paged_prefill_attention(
         interpret=interpret,
         compiler_params=compiler_params,
         name=f"paged_prefill_attention_{layout.kv_dtype}",
-    )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, pool)
+    )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, q_scale, pool)
 
     out = out.reshape(batch, hkv, s_pad, gp, head_dim)[:, :, :seq, :group]
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)

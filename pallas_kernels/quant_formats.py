@@ -5,10 +5,10 @@ here: int8 (per channel / per token, or GGUF Q8_0 groups), fp8 e4m3 (arXiv:2209.
 via `saturating_cast_e4m3`, since XLA's fp8 convert does not), asymmetric group-wise int4 with
 integer zero points (the AWQ / GPTQ convention, arXiv:2306.00978, arXiv:2210.17323), symmetric
 int4_sym, FireQ's int4_fp8 (arXiv:2505.20839: symmetric int4, e4m3 group scales, stored K-major), and
-per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4. int4 is packed two per byte
-(`pack_int4`, element 2i in the low nibble) or eight per word (`pack_int4_u32`). Scales are computed
-in float32; with a narrower `scale_dtype` values are quantized against the rounded scale, so
-dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
+per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4 / kv_int4_fp8 (FireQ's symmetric int4 KV).
+int4 is packed two per byte (`pack_int4`, element 2i in the low nibble) or eight per word
+(`pack_int4_u32`). Scales are computed in float32; with a narrower `scale_dtype` values are
+quantized against the rounded scale, so dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
 
 Byte accounting (`weight_bytes`; KV bytes: `kv_pages.KVPageLayout`) is computed from bit widths, never
 from `.nbytes` (XLA:CPU reports one byte per int4 element). Format table and packing: docs/kernels.md.
@@ -153,7 +153,7 @@ class QuantizedTensor:
     def shape(self) -> tuple[int, ...]:
         """Logical (unpacked) shape."""
         s = list(self.values.shape)
-        if self.fmt in ("int4", "int4_sym", "int4_fp8", "kv_int4"):
+        if self.fmt in ("int4", "int4_sym", "int4_fp8", "kv_int4", "kv_int4_fp8"):
             s[self.axis] *= 2
         return tuple(s)
 
@@ -202,6 +202,8 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
     elif fmt == "kv_int4":
         q = unpack_int4(qt.values, signed=False, axis=qt.axis).astype(jnp.float32)
         out = q * s + qt.zeros.astype(jnp.float32)
+    elif fmt == "kv_int4_fp8":
+        out = unpack_int4(qt.values, signed=True, axis=qt.axis).astype(jnp.float32) * s
     elif fmt == "int4_fp8":
         if qt.values.ndim != 2:
             raise ValueError(f"int4_fp8 weights are 2-D [N, K // 2], got {qt.values.shape}")
@@ -369,6 +371,9 @@ def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) ->
     kv_format "fp8":  e4m3, `scale = absmax / 448`.
     kv_format "int4": asymmetric, `scale = (max - min) / 15`, zeros = float offset `min`,
                       q in [0, 15] packed two per byte along head_dim, `x ~= q * scale + min`.
+    kv_format "int4_fp8": FireQ's KV, symmetric, `scale = absmax / 7`, q in [-7, 7] (two's
+                      complement nibbles, two per byte): every code is exact in e4m3, so attention
+                      multiplies the codes on FP8 tensor cores and applies the scales outside.
     scales (and zeros) have shape `[..., heads, 1]`.
     """
     if x.ndim < 2:
@@ -391,7 +396,11 @@ def quantize_kv(x: jax.Array, kv_format: str, scale_dtype: Any = jnp.float32) ->
         q = jnp.round((x - zero.astype(jnp.float32)) / scale.astype(jnp.float32))
         q = jnp.clip(q, 0.0, UINT4_MAX).astype(jnp.int32)
         return QuantizedTensor(pack_int4(q, axis=axis), scale, zero, "kv_int4", axis)
-    raise ValueError(f"unsupported kv_format {kv_format!r}; quantized KV formats: fp8, int8, int4")
+    if kv_format == "int4_fp8":
+        _check_packable(x.shape[-1], 2, axis)
+        q, scale = _symmetric_int(x, axis, INT4_SYM_MAX, scale_dtype, jnp.int32)
+        return QuantizedTensor(pack_int4(q, axis=axis), scale, None, "kv_int4_fp8", axis)
+    raise ValueError(f"unsupported kv_format {kv_format!r}; quantized KV formats: fp8, int8, int4, int4_fp8")
 
 
 # ---------------------------------------------------------------------------------------------------

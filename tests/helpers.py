@@ -40,7 +40,8 @@ def kv_bytes_per_token_per_layer(
     + scales + zeros), from bit widths alone: what `KVPageLayout.bytes_per_token` is checked against.
 
     bf16 (alias bfloat16)/float32: values only. fp8/int8: 1 byte/element + one scale per head. int4:
-    4 bits/element + one scale and one zero (both `scale_dtype`) per head. Each token's values row and
+    4 bits/element + one scale and one zero (both `scale_dtype`) per head; int4_fp8 (FireQ's
+    symmetric int4): 4 bits/element + one scale per head. Each token's values row and
     its scale row fill whole 32-bit words: the values row must (ValueError otherwise), the scale row is
     zero-padded (e.g. int8 with 3 KV heads and bf16 scales: 6 bytes of scales stored in 8).
     """
@@ -55,8 +56,11 @@ def kv_bytes_per_token_per_layer(
         bits, scale_bits = elems * 8, num_kv_heads * sbits
     elif kv_format == "int4":
         bits, scale_bits = elems * 4, num_kv_heads * 2 * sbits
+    elif kv_format == "int4_fp8":
+        bits, scale_bits = elems * 4, num_kv_heads * sbits
     else:
-        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: bf16 (bfloat16), float32, fp8, int8, int4")
+        raise ValueError(f"unsupported kv_format {kv_format!r}; supported: bf16 (bfloat16), float32, fp8, int8, "
+                         "int4, int4_fp8")
     if bits % 32:
         raise ValueError(f"a token's K row is not a whole number of 32-bit words ({bits} bits)")
     return 2 * (bits + -(-scale_bits // 32) * 32) // 8

@@ -16,7 +16,7 @@ def fast(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm90a_without_spills(fast):
-    assert len(fast) == 23 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
+    assert len(fast) == 26 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
     assert [r["case"] for r in fast if "error" in r] == []
     assert spilling(fast) == []
     for r in fast:
@@ -55,4 +55,4 @@ def test_the_cases_are_the_benchmark_shapes():
     k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
     assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
-    assert len(cases("full")) == 68
+    assert len(cases("full")) == 73

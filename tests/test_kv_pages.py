@@ -22,10 +22,10 @@ from tests.helpers import kv_bytes_per_token_per_layer
 from tests.test_paged_attention import (_dequantize_kv, _quantize_kv, _read, _write, bits, model_write,
                                         quantized_words)
 
-QUANTIZED = ("fp8", "int8", "int4")
+QUANTIZED = ("fp8", "int8", "int4", "int4_fp8")
 ALL_FORMATS = ("bf16", "float32") + QUANTIZED
-VALUE_BITS = {"bf16": 16, "float32": 32, "fp8": 8, "int8": 8, "int4": 4}
-SCALES_PER_HEAD = {"bf16": 0, "float32": 0, "fp8": 1, "int8": 1, "int4": 2}  # int4: scale + zero
+VALUE_BITS = {"bf16": 16, "float32": 32, "fp8": 8, "int8": 8, "int4": 4, "int4_fp8": 4}
+SCALES_PER_HEAD = {"bf16": 0, "float32": 0, "fp8": 1, "int8": 1, "int4": 2, "int4_fp8": 1}  # int4: scale + zero
 POISON = np.uint32(0xFFFFFFFF)  # NaN as float32, bfloat16 (scales) and e4m3 (0xFF); int8 -1, int4 15
 
 _read_quantized = jax.jit(read_kv_pages_quantized, static_argnums=1)
@@ -67,6 +67,8 @@ def test_layout_sizes_by_hand():
     assert KVPageLayout(32, 8, 128, 16, "bf16").bytes_per_token == 32 * 4096
     assert KVPageLayout(32, 8, 128, 16, "int8").bytes_per_token == 32 * 2080
     assert KVPageLayout(32, 8, 128, 16, "int4").bytes_per_token == 32 * 1088
+    # FireQ's int4_fp8: int4 values and one bf16 scale per head (no zero): 2 * (512 + 16) bytes a layer.
+    assert KVPageLayout(32, 8, 128, 16, "int4_fp8").bytes_per_token == 32 * 1056
 
 
 def test_layout_validation():

@@ -41,7 +41,7 @@ NUM_LAYERS = 2
 LAYER = 1                       # write the second layer: the layer offset matters
 PAGES_PER_SLAB = 3
 NUM_SLABS = 4
-KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4", "int4_fp8")
 
 _ref = jax.jit(write_kv_tokens, static_argnums=1)
 _kernel = jax.jit(write_kv_tokens_pallas, static_argnums=1, static_argnames="interpret")

@@ -23,7 +23,8 @@ and the Mosaic GPU interpreter runs only `plgpu.kernel` programs. Plain interpre
 out-of-range reads, so addressing is checked by the NaN poison and the comparison with the reference.
 
 Tolerances. Kernel and reference dequantize identically (same bfloat16 scales/zeros, same float32
-`x * s (+ z)`; fp8/int8/int4 codes and bf16 values convert exactly to float32), so for every KV
+`x * s (+ z)`; fp8/int8/int4 codes and bf16 values convert exactly to float32; int4_fp8's e4m3
+queries and P through the same `fp8_attention` functions, over the same KV blocks), so for every KV
 format they differ only in float32 summation order: q.k sums D <= 128 products (relative error
 <= D * 2^-24 ~ 8e-6 of the sum of |products|, far less in practice), p.v sums a block of tokens, and
 the online softmax rescales at different block boundaries (a few ulps each). Outputs are convex
@@ -63,7 +64,7 @@ PAGES_PER_SLAB = 3
 P = 6                           # page-table width
 S = 8                           # query slots per sequence in the matrix
 NUM_KV_HEADS = 2
-KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4")
+KV_DTYPES = ("bf16", "float32", "fp8", "int8", "int4", "int4_fp8")
 RTOL = ATOL = 2e-5              # float32 outputs, every KV format (see the module docstring)
 
 _write = jax.jit(write_kv_tokens, static_argnums=1)
@@ -152,8 +153,9 @@ def test_prefill_matches_reference(rng, kv_dtype, tokens_per_page, head_dim):
     # Several query blocks and KV blocks: 2 blocks of 4 tokens (G = 1: 4 rows) or 4 blocks of 2
     # tokens (G = 4: 8 rows); T = 8: KV blocks of 2 pages (3 blocks), T = 16: of 4 pages (the 6-page
     # table padded to 8).
-    out = _kernel(*args, block_q=4 if group == 1 else 2, pages_per_block=2 if t == 8 else 4,
-                  interpret=True)
+    # int4_fp8 rounds P to e4m3 relative to the running max: it walks the reference's blocks.
+    out = _kernel(*args, block_q=4 if group == 1 else 2,
+                  pages_per_block=2 if t == 8 or kv_dtype == "int4_fp8" else 4, interpret=True)
     check(out, _ref(*args, pages_per_block=2))
     sees_nothing = (q_pos < 0) | (kv_lens[:, None] == 0)
     assert sees_nothing[padding].any()
