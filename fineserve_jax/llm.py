@@ -49,7 +49,7 @@ class LLM:
         "fp8", "w4a16", "w4a8kv4" or "fireq" (see `models.precision`), quantizes a float checkpoint at
         load time, calibrated on the shipped text (see `models.loader.load_model` for the rules on
         already-quantized checkpoints).
-      kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8" or "int4".
+      kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8", "int4" or "int4_fp8".
       dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.
       calib_samples: calibration windows for quantized presets (0: plain round-to-nearest).
       kv_cache_bytes: size of the device KV pool (default 512 MiB), or, instead,

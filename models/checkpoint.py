@@ -41,7 +41,7 @@ from models.weights import LAYER_LINEARS, QuantSpec, abstract_model, kernel_shap
 from pallas_kernels.quant_formats import stored_weight_arrays
 
 FORMAT = "fineserve-quantized-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: presets name their key scaling (post-RoPE factors are parameters)
 METADATA_FILE = "fineserve_model.json"
 CHECKSUM_FILE = "checksums.sha256"
 PARAMS_DIR = "params"
@@ -372,7 +372,7 @@ def _load(root: Path, dtype, name):
     quant = _quant_specs(meta, stored, config, where)
 
     # What the metadata's config and QuantLinears imply, in the stored dtypes.
-    abstract = abstract_model(config, target_dtype, quant)
+    abstract = abstract_model(config, target_dtype, quant, rotated_key_scale=preset.post_rope_key_scaling)
     graphdef, abs_state = nnx.split(abstract)
     implied = _flatten(nnx.to_pure_dict(abs_state))
     quantized_leaves = {f"layers.{m}.{p}" for m in quant for p in _QUANT_PARTS}

@@ -56,6 +56,7 @@ class DecoderLayer(nnx.Module):
         self.up_proj = _linear(h, cfg.intermediate_size, False, dtype, rngs)
         self.down_proj = _linear(cfg.intermediate_size, h, False, dtype, rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.k_rope_scale = nnx.data(None)  # post-RoPE key scaling, [Hkv * D]: see LlamaForCausalLM.scale_rotated_keys
 
     def __call__(self, x, cos, sin, attend, cache, observe=None, kernels: str = "xla"):
         """One decoder layer. `attend(q, k, v, cache) -> (out [B, S, Hq, D], cache)` is paged attention
@@ -69,6 +70,10 @@ class DecoderLayer(nnx.Module):
         observe("attn_in", h)
         q = apply_rope(_apply(self.q_proj, h, kernels).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(_apply(self.k_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        if self.k_rope_scale is not None:   # K * f, Q / f: the scores are unchanged, K's range is not
+            f = self.k_rope_scale[...].reshape(self.num_kv_heads, self.head_dim)
+            k = (k * f).astype(k.dtype)
+            q = (q / jnp.repeat(f, self.num_heads // self.num_kv_heads, axis=0)).astype(q.dtype)
         v = _apply(self.v_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim)
         observe("k", k.reshape(b, s, -1))
         attn, cache = attend(q, k, v, cache)
@@ -136,6 +141,17 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+
+    def scale_rotated_keys(self, factors=None) -> None:
+        """Scale every layer's keys after RoPE by `factors` [L, Hkv * D] (ones when None) and its
+        queries by the inverse (FireQ's post-RoPE scaling: per channel, so it cannot be folded into
+        W_k, which RoPE follows). What the KV cache stores changes, the attention output does not."""
+        cfg = self.config
+        shape = (cfg.num_layers, cfg.num_kv_heads * cfg.head_dim)
+        factors = jnp.ones(shape, self.dtype) if factors is None else jnp.asarray(factors, self.dtype)
+        if factors.shape != shape:
+            raise ValueError(f"key scale factors must be {shape}, got {factors.shape}")
+        self.layers.k_rope_scale = nnx.Param(factors)
 
     def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
                  kernels: str = "xla"):

@@ -223,7 +223,7 @@ def _load_gguf(path, name, jdtype, requested, kv_dtype, native, calib_samples) -
             raise ModelConfigError(f"{path}: {e}") from None
         model = model_from_hf_weights(config, weights, jdtype)  # weight-only (act_format None)
         del weights, reader
-        preset = resolve_precision(_gguf_native_preset(model), kv_dtype)
+        preset = resolve_precision(_gguf_native_preset(model), kv_dtype, rescale_keys=False)
         return LoadedModel(str(name), config, model, tokenizer, jdtype, preset)
     gguf = load_gguf(path)
     config, weights, tokenizer = gguf.config, gguf.weights, gguf.tokenizer
@@ -243,9 +243,9 @@ def _load_prequantized(path, name, jdtype, requested, kv_dtype, info) -> LoadedM
                 f"{path} is already quantized with {info.method} ({preset.name}: {preset.weight_format} "
                 f"weights); it cannot be re-quantized to precision {_base_name(requested)!r}: use "
                 f"precision='auto' (kv_dtype= still picks the KV cache format)")
-        preset = resolve_precision(preset, requested.kv_format)
+        preset = resolve_precision(preset, requested.kv_format, rescale_keys=False)
     else:
-        preset = resolve_precision(preset, kv_dtype)
+        preset = resolve_precision(preset, kv_dtype, rescale_keys=False)
     config = read_hf_config(path)
     weights, _ = read_hf_quantized(path)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
@@ -266,7 +266,7 @@ def _load_fineserve(path, name, jdtype, requested, kv_dtype) -> LoadedModel:
         pass
     loaded = load_quantized(path, jdtype, name=str(name))
     refuse(loaded.precision.name)
-    loaded.precision = resolve_precision(loaded.precision, kv_dtype)
+    loaded.precision = resolve_precision(loaded.precision, kv_dtype, rescale_keys=False)
     return loaded
 
 

@@ -7,13 +7,19 @@ bf16       bf16                   bf16                 bf16       -
 w8a8       int8 per channel       int8 per token       bf16       SmoothQuant migration (searched alpha)
 fp8        e4m3 per channel       e4m3 per token       fp8        -
 w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale search (RTN without data)
-w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data)
-fireq      int4 g128 symmetric    e4m3 per token       int4       AWQ-style factor search + clipping
-           (FireQ's INT4-FP8: e4m3 group scales x one 2^i per tensor, stored K-major)
+w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data),
+                                                                  SmoothAttention
+fireq      int4 g128 symmetric    e4m3 per token       int4 sym   AWQ-style factor search + clipping,
+                                                                  RoPE-aware key scaling
+           (FireQ's INT4-FP8: e4m3 group scales x one 2^i per tensor, stored K-major; KV int4_fp8:
+           symmetric int4 per token and head, attended with e4m3 queries and P)
 =========  =====================  ===================  =========  ================================
 
-int4 KV also applies SmoothAttention; `kv_dtype` overrides a preset's KV format alone; the embedding
-stays in the model dtype; `group_size_for` is the one group-size rule (docs/models.md: why).
+Keys are scaled for int4 KV (`kv_scaling`): w4a8kv4 uses QServe's SmoothAttention ("pre_rope"), every
+other int4-KV model FireQ's RoPE-aware scaling ("rope_aware": SmoothAttention on most channels, the
+top outlier channels scaled after RoPE instead). `kv_dtype` overrides a preset's KV format alone (and
+picks that format's key scaling); the embedding stays in the model dtype; `group_size_for` is the
+one group-size rule (docs/models.md: why).
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from models.config import ModelConfig
 from pallas_kernels.kv_pages import KV_DTYPE_ALIASES, KVPageLayout
 from pallas_kernels.quant_formats import weight_bytes
 
-KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # a preset's KV formats (KVPageLayout's names)
+KV_DTYPES = ("bf16", "fp8", "int8", "int4", "int4_fp8")  # a preset's KV formats (KVPageLayout's names)
+# How keys are scaled before they are cached (models.quantize.scale_keys): not at all; pre-RoPE per
+# RoPE pair, folded into W_k / W_q (SmoothAttention); post-RoPE on each KV head's top outlier
+# channels; or both, the pre-RoPE scales reset to 1 where the post-RoPE ones act (FireQ).
+KV_SCALINGS = ("none", "pre_rope", "post_rope", "rope_aware")
+INT4_KV = ("int4", "int4_fp8")
 
 
 @dataclass(frozen=True)
@@ -35,27 +46,39 @@ class PrecisionPreset:
     name: str
     weight_format: str               # "bf16" | "int8" | "fp8" | "int4" | "int4_fp8"
     activation_format: str | None    # None: the model dtype; "int8" | "fp8": quantized per token
-    kv_format: str                   # "bf16" | "fp8" | "int8" | "int4"
+    kv_format: str                   # "bf16" | "fp8" | "int8" | "int4" | "int4_fp8"
     group_size: int | None = None    # int4: preferred group along K; None: per channel
     calibration: str | None = None   # "smoothquant" | "awq" | None
     smoothquant_alpha: float | None = None  # None: searched per layer and site
+    kv_scaling: str | None = None    # one of KV_SCALINGS; None: "rope_aware" for int4 KVs, else "none"
+
+    def __post_init__(self):
+        if self.kv_scaling is None:
+            object.__setattr__(self, "kv_scaling", "rope_aware" if self.kv_format in INT4_KV else "none")
+        if self.kv_scaling not in KV_SCALINGS:
+            raise ValueError(f"unknown kv_scaling {self.kv_scaling!r}; choose from {', '.join(KV_SCALINGS)}")
 
     @property
     def quantized_weights(self) -> bool:
         return self.weight_format != "bf16"
 
     @property
-    def smooth_attention(self) -> bool:
-        """int4 KV needs SmoothAttention (QServe): K outlier channels moved into Q before RoPE."""
-        return self.kv_format == "int4"
+    def pre_rope_key_scaling(self) -> bool:
+        """K channels scaled before RoPE, tied over RoPE pairs and folded into W_k / W_q."""
+        return self.kv_scaling in ("pre_rope", "rope_aware")
+
+    @property
+    def post_rope_key_scaling(self) -> bool:
+        """K's outlier channels scaled after RoPE (a `k_rope_scale` parameter per layer)."""
+        return self.kv_scaling in ("post_rope", "rope_aware")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.calibration is not None or self.smooth_attention
+        return self.calibration is not None or self.kv_scaling != "none"
 
     @property
     def changes_weights(self) -> bool:
-        return self.quantized_weights or self.smooth_attention
+        return self.quantized_weights or self.kv_scaling != "none"
 
     def group_size_for(self, k: int) -> int | None:
         """The group size used for an input dimension `k` (None: per channel)."""
@@ -89,7 +112,8 @@ class PrecisionPreset:
         bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * d if cfg.attention_bias else 0
         norms = cfg.num_layers * (2 * h + bias) + h
         embeds = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        return total + 2 * (norms + embeds)
+        key_scale = cfg.num_layers * cfg.num_kv_heads * d if self.post_rope_key_scaling else 0
+        return total + 2 * (norms + embeds + key_scale)
 
 
 PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (
@@ -97,8 +121,8 @@ PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (
     PrecisionPreset("w8a8", "int8", "int8", "bf16", calibration="smoothquant"),
     PrecisionPreset("fp8", "fp8", "fp8", "fp8"),
     PrecisionPreset("w4a16", "int4", None, "bf16", group_size=128, calibration="awq"),
-    PrecisionPreset("w4a8kv4", "int4", "fp8", "int4", group_size=128, calibration="awq"),
-    PrecisionPreset("fireq", "int4_fp8", "fp8", "int4", group_size=128, calibration="awq"),
+    PrecisionPreset("w4a8kv4", "int4", "fp8", "int4", group_size=128, calibration="awq", kv_scaling="pre_rope"),
+    PrecisionPreset("fireq", "int4_fp8", "fp8", "int4_fp8", group_size=128, calibration="awq"),
 )}
 
 # Baselines for the quality report only (not served by name): naive round-to-nearest int4.
@@ -106,8 +130,11 @@ RTN_INT4_PER_CHANNEL = PrecisionPreset("w4a16-rtn-channel", "int4", None, "bf16"
 RTN_INT4_GROUPED = PrecisionPreset("w4a16-rtn", "int4", None, "bf16", group_size=128)
 
 
-def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str | None = None) -> PrecisionPreset:
-    """A preset by name (or as given), with the KV format optionally overridden."""
+def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str | None = None, *,
+                      rescale_keys: bool = True) -> PrecisionPreset:
+    """A preset by name (or as given), with the KV format optionally overridden. The override picks
+    the new format's key scaling when `rescale_keys` (the model is still to be calibrated); False
+    keeps the preset's, for a model already built (its weights hold the scaling it had)."""
     if isinstance(precision, PrecisionPreset):
         preset = precision
     elif isinstance(precision, str) and precision.lower() in PRESETS:
@@ -119,7 +146,8 @@ def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str |
         if kv not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
         if kv != preset.kv_format:
-            preset = dataclasses.replace(preset, kv_format=kv, name=f"{preset.name}+kv-{kv}")
+            scaling = None if rescale_keys else preset.kv_scaling
+            preset = dataclasses.replace(preset, kv_format=kv, kv_scaling=scaling, name=f"{preset.name}+kv-{kv}")
     return preset
 
 

@@ -25,7 +25,7 @@ from models.precision import PrecisionPreset
 
 log = logging.getLogger("fineserve.models")
 
-CACHE_FORMAT = 2  # bump when quantization or calibration changes what a preset produces
+CACHE_FORMAT = 3  # bump when quantization or calibration changes what a preset produces
 _CHUNK = 1 << 20
 DIGESTS_FILE = ".digests.json"
 

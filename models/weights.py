@@ -54,10 +54,12 @@ class QuantSpec:
     axis: int = 0          # each layer's reduced axis: 0 for [in, out], 1 for K-major [out, in]
 
 
-def abstract_model(cfg: ModelConfig, dtype, quant: Mapping[str, QuantSpec] | None = None) -> LlamaForCausalLM:
+def abstract_model(cfg: ModelConfig, dtype, quant: Mapping[str, QuantSpec] | None = None,
+                   rotated_key_scale: bool = False) -> LlamaForCausalLM:
     """An abstract (ShapeDtypeStruct-leaved, nothing allocated) LlamaForCausalLM whose stacked layer
-    linears named in `quant` ("q_proj", ..., "down_proj") are QuantLinears of the given specs.
-    The float kernels they replace are never materialised."""
+    linears named in `quant` ("q_proj", ..., "down_proj") are QuantLinears of the given specs, with
+    post-RoPE key scale factors when `rotated_key_scale`. The float kernels the QuantLinears replace
+    are never materialised."""
     quant = dict(quant or {})
     unknown = sorted(set(quant) - set(LAYER_LINEARS))
     if unknown:
@@ -74,6 +76,8 @@ def abstract_model(cfg: ModelConfig, dtype, quant: Mapping[str, QuantSpec] | Non
                                  spec.group_size)
             bias = lin.bias[...] if lin.bias is not None else None
             setattr(model.layers, name, QuantLinear(qt, bias, act_format=spec.act_format))
+        if rotated_key_scale:
+            model.scale_rotated_keys()
         return model
 
     return nnx.eval_shape(build)

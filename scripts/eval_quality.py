@@ -13,11 +13,18 @@ Baselines `w4a16-rtn-channel` (naive int4 round-to-nearest, one scale per output
 `w4a16-rtn` (group-wise RTN, no AWQ) show what AWQ's scale search buys. Context rows on request:
 `float32` (the bf16 checkpoint computed in float32: how far bf16 arithmetic alone moves the
 metrics) and `native` (a pre-quantized checkpoint served in its own format, e.g. GGUF Q4_1 blocks).
+Ablations on request (`--presets fireq-ablations` names them all): FireQ's formats with its pieces
+removed (`fireq-no-smoothing`: plain RTN; `fireq-channelwise`: no key scaling; `fireq-pre-rope`,
+`fireq-post-rope`: one key scaling alone; `fireq` has both; `fireq-kv-int4`: QServe's asymmetric
+int4 KV attended in float instead of FireQ's symmetric int4 KV with FP8 queries and P), and int4 KV
+alone on bf16 weights under each key scaling (`kv4`, `kv4-pre-rope`, `kv4-post-rope`,
+`kv4-rope-aware`; `kv4-fp8-attention`: FireQ's int4_fp8 KV, RoPE-aware).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -30,17 +37,30 @@ import numpy as np
 from tqdm import tqdm
 
 from models.loader import load_model
-from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL
+from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL, resolve_precision
 from models.quantize import model_weight_bytes
 from serving.engine.paged_forward import PagedForward
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED}
+_KV4 = resolve_precision("bf16", kv_dtype="int4")
+ABLATIONS = {p.name: p for p in (
+    dataclasses.replace(PRESETS["fireq"], name="fireq-no-smoothing", calibration=None, kv_scaling="none"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-channelwise", kv_scaling="none"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-pre-rope", kv_scaling="pre_rope"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-post-rope", kv_scaling="post_rope"),
+    *(dataclasses.replace(_KV4, name=f"kv4{suffix}", kv_scaling=scaling) for suffix, scaling in (
+        ("", "none"), ("-pre-rope", "pre_rope"), ("-post-rope", "post_rope"), ("-rope-aware", "rope_aware"))),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-kv-int4", kv_format="int4"),
+    dataclasses.replace(_KV4, name="kv4-fp8-attention", kv_format="int4_fp8", kv_scaling="rope_aware"),
+)}
+ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED,
+               **ABLATIONS}
+ROW_GROUPS = {"fireq-ablations": ["w4a8kv4", "fireq", *ABLATIONS]}
 CONTEXT_ROWS = {"float32": {"precision": "bf16", "dtype": "float32"}, "native": {"precision": "native"}}
 DEFAULT_PRESETS = ["bf16", "w8a8", "fp8", "w4a16", "w4a8kv4", "fireq", "w4a16-rtn", "w4a16-rtn-channel"]
 TARGETS = {  # preset: (max NLL increase over bf16 as a fraction or None, min top-1 agreement)
     "w8a8": (0.01, 0.95), "fp8": (None, 0.95), "w4a16": (None, 0.85), "w4a8kv4": (None, 0.85),
-    "fireq": (0.05, 0.75)}
+    "fireq": (0.05, 0.75), "kv4-rope-aware": (0.01, 0.85)}
 
 
 @jax.jit
@@ -68,9 +88,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    names = list(dict.fromkeys(m for n in names for m in ROW_GROUPS.get(n, [n])))
     unknown = [n for n in names if n not in ALL_PRESETS and n not in CONTEXT_ROWS]
     if unknown:
-        ap.error(f"unknown presets {unknown}; choose from {', '.join([*ALL_PRESETS, *CONTEXT_ROWS])}")
+        ap.error(f"unknown presets {unknown}; choose from {', '.join([*ALL_PRESETS, *CONTEXT_ROWS, *ROW_GROUPS])}")
     if "bf16" not in names:
         names.insert(0, "bf16")
 
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
 
     print(f"\n{args.model}: {count} predicted tokens in {n_windows} windows of {args.window} "
           f"({time.time() - t0:.0f} s)\n")
-    print(f"| preset | weights | act | KV | NLL | PPL | dNLL | KL | top-1 | weight MiB | KV B/token |")
+    print("| preset | weights | act | KV | NLL | PPL | dNLL | KL | top-1 | weight MiB | KV B/token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, r in results.items():
         print(f"| {n} | {r['weights']} | {r['activations']} | {r['kv']} | {r['nll']:.4f} | {r['ppl']:.2f} | "

@@ -17,6 +17,7 @@ from flax import nnx
 from fineserve_jax import LLM, SamplingParams
 from fineserve_jax.cli import main as cli_main
 from models.checkpoint import (
+    FORMAT_VERSION,
     CHECKSUM_FILE, METADATA_FILE, PARAMS_DIR, is_quantized_checkpoint, save_quantized, write_checksums)
 from models.errors import CheckpointError, ModelConfigError, ModelLoadError
 from models.loader import load_model
@@ -204,7 +205,7 @@ def edit_metadata(d, edit) -> None:
 
 def test_unsupported_format_version(ckpt):
     edit_metadata(ckpt, lambda m: m.update(format_version=99))
-    expect_error(ckpt, r"unsupported format version 99 \(this fineserve reads version 1\)")
+    expect_error(ckpt, rf"unsupported format version 99 \(this fineserve reads version {FORMAT_VERSION}\)")
 
 
 def test_metadata_fmt_contradicting_its_arrays(ckpt):

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from models.loader import load_model
-from models.precision import PRESETS, RTN_INT4_PER_CHANNEL, resolve_precision
+from models.precision import PRESETS, RTN_INT4_PER_CHANNEL, PrecisionPreset, resolve_precision
 from models.quant_linear import QuantLinear
 from models.weights import LAYER_LINEARS
 from models.quantize import (
     CLIP_GRID,
     CLIP_MIN_RATIO,
+    POST_ROPE_TOP_K,
     ActivationStats,
     _fake_int4,
     awq_clip,
@@ -37,6 +38,19 @@ def test_resolve_precision_names_and_kv_override():
         resolve_precision("int3")
     with pytest.raises(ValueError, match="unknown kv_dtype 'int2'"):
         resolve_precision("bf16", kv_dtype="int2")
+
+
+def test_key_scaling_follows_the_kv_format():
+    """int4 KV scales keys RoPE-aware (FireQ) unless the preset says otherwise (w4a8kv4: QServe's
+    SmoothAttention); a KV override re-picks the scaling, except for a model already built."""
+    assert PRESETS["fireq"].kv_scaling == "rope_aware" and PRESETS["w4a8kv4"].kv_scaling == "pre_rope"
+    assert PRESETS["bf16"].kv_scaling == "none" and PRESETS["fp8"].kv_scaling == "none"
+    assert resolve_precision("bf16", kv_dtype="int4").kv_scaling == "rope_aware"
+    assert resolve_precision("w4a8kv4", kv_dtype="fp8").kv_scaling == "none"
+    assert resolve_precision("fireq", kv_dtype="int8", rescale_keys=False).kv_scaling == "rope_aware"
+    assert resolve_precision("bf16", kv_dtype="int4", rescale_keys=False).kv_scaling == "none"
+    with pytest.raises(ValueError, match="unknown kv_scaling 'post'"):
+        PrecisionPreset("x", "bf16", None, "int4", kv_scaling="post")
 
 
 def test_group_size_rule():
@@ -70,20 +84,30 @@ def test_int4_is_packed_two_per_byte_on_device():
     assert q.values[...].shape == (cfg.num_layers, cfg.hidden_size // 2, cfg.num_heads * cfg.head_dim)
 
 
-@pytest.mark.parametrize("method", ["smoothquant", "awq", "smoothattention"])
+@pytest.mark.parametrize("method", ["smoothquant", "awq", "pre_rope", "post_rope", "rope_aware"])
 def test_smoothing_preserves_the_function(method):
-    """Folding x/s into the producer and s*W into the consumers (and SmoothAttention's K/l, Q*l,
-    which must commute with RoPE) is an identity before rounding."""
+    """Folding x/s into the producer and s*W into the consumers, and the key scalings (SmoothAttention's
+    K/l, Q*l, which must commute with RoPE; FireQ's K*f, Q/f after RoPE) are identities before
+    rounding."""
     rng = np.random.default_rng()
-    preset = {"smoothquant": PRESETS["w8a8"], "awq": PRESETS["w4a16"],
-              "smoothattention": resolve_precision("bf16", kv_dtype="int4")}[method]
+    int4_kv = resolve_precision("bf16", kv_dtype="int4")
+    presets = {"smoothquant": PRESETS["w8a8"], "awq": PRESETS["w4a16"]}
+    preset = presets[method] if method in presets else dataclasses.replace(int4_kv, kv_scaling=method)
     base = load_model(str(FIXTURES / "llama"), dtype="float32")
     smoothed = load_model(str(FIXTURES / "llama"), dtype="float32")
     calib = rng.integers(0, base.config.vocab_size, (3, 32)).astype(np.int32)
-    changed = "k_proj" if method == "smoothattention" else "q_proj"
+    changed = "k_proj" if method in ("pre_rope", "rope_aware") else "q_proj"
     before = np.asarray(getattr(smoothed.model.layers, changed).kernel[...]).copy()
     smooth_model(smoothed.model, preset, collect_activation_stats(smoothed.model, calib))
-    assert not np.allclose(before, np.asarray(getattr(smoothed.model.layers, changed).kernel[...]))
+    if method != "post_rope":
+        assert not np.allclose(before, np.asarray(getattr(smoothed.model.layers, changed).kernel[...]))
+    else:
+        assert np.array_equal(before, np.asarray(smoothed.model.layers.q_proj.kernel[...]))
+    key_scale = smoothed.model.layers.k_rope_scale
+    assert (key_scale is not None) == preset.post_rope_key_scaling
+    if key_scale is not None:                          # 3 channels and their partners per KV head
+        f = np.asarray(key_scale[...]).reshape(base.config.num_layers, base.config.num_kv_heads, -1)
+        assert ((f < 1).sum(-1) <= 2 * POST_ROPE_TOP_K).all() and (f < 1).any() and (f <= 1).all()
     tokens = rng.integers(0, base.config.vocab_size, 24)
     ref = PagedForward(base.model).step(tokens)
     out = PagedForward(smoothed.model).step(tokens)

@@ -53,8 +53,9 @@ def test_every_preset_serves_the_same_prompt_in_one_process(tmp_path):
         assert row["answer"].strip() and row["finish_reason"] in ("stop", "length"), row
     assert "Paris" in rows["bf16"]["answer"]
     kv = {n: r["kv_bytes_per_token"] for n, r in rows.items()}
-    # SmolLM2: 30 layers x 3 KV heads x 64: bf16 23040; fp8 1 byte + word-padded bf16 scales; int4 packed.
+    # SmolLM2: 30 layers x 3 KV heads x 64: bf16 23040; fp8 1 byte + word-padded bf16 scales; int4 packed
+    # with scales and zeros, int4_fp8 packed with scales.
     assert (kv["bf16"], kv["w8a8"], kv["fp8"], kv["w4a16"], kv["w4a8kv4"], kv["fireq"]) == (
-        23040, 23040, 12000, 23040, 6480, 6480)
+        23040, 23040, 12000, 23040, 6480, 6240)   # fireq: one scale per head, no zero
     w = {n: r["weight_bytes"] for n, r in rows.items()}
     assert w["fireq"] < w["w4a16"] == w["w4a8kv4"] < w["w8a8"] == w["fp8"] < w["bf16"]   # fireq: no zeros

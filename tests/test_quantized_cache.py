@@ -37,15 +37,19 @@ def entries(cache):
     return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
 
 
-def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["w8a8", "fireq"])
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, precision):
+    """fireq also caches its calibrated post-RoPE key scale factors."""
     cache = tmp_path / "cache"
-    first = load_model(LLAMA, "float32", "w8a8", calib_samples=2, quantized_cache=cache)
+    first = load_model(LLAMA, "float32", precision, calib_samples=2, quantized_cache=cache)
     assert len(entries(cache)) == 1
-    plain = load_model(LLAMA, "float32", "w8a8", calib_samples=2)        # no cache: the same weights
+    plain = load_model(LLAMA, "float32", precision, calib_samples=2)     # no cache: the same weights
     assert_same(first, plain)
+    if precision == "fireq":
+        assert (np.asarray(first.model.layers.k_rope_scale[...]) < 1).any()
     with monkeypatch.context() as m:
         m.setattr(models.loader, "quantize_model", lambda *a, **k: pytest.fail("quantized again"))
-        again = load_model(LLAMA, "float32", "w8a8", calib_samples=2, quantized_cache=cache)
+        again = load_model(LLAMA, "float32", precision, calib_samples=2, quantized_cache=cache)
     assert_same(again, first)
     assert again.name == first.name == LLAMA and again.tokenizer is not None
 

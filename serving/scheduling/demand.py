@@ -40,7 +40,7 @@ class ModelDemand:
     name: str                     # unique served name, e.g. "llama3-8b/w4a8kv4"
     config: ModelConfig           # the architecture (dimensions: weights, KV, FLOPs)
     precision: str                # preset name: cost-profile key and weight format
-    kv_dtype: str                 # "bf16" | "fp8" | "int8" | "int4"
+    kv_dtype: str                 # "bf16" | "fp8" | "int8" | "int4" | "int4_fp8"
     weight_bytes: int             # all weights, unsharded
     kv_bytes_per_token: int       # all layers, K and V, scales included, unsharded
     rate: float                   # requests / s
