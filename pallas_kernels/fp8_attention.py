@@ -5,8 +5,9 @@ K and V are stored as symmetric int4 codes in [-7, 7] with one bfloat16 scale pe
 (`quant_formats.quantize_kv(..., "int4_fp8")`); every code is exact in e4m3, so both attention
 products can run on FP8 tensor cores with the scales applied outside them:
 - queries: each row (one query head of one token, already multiplied by D^-0.5) is scaled by a power
-  of two that brings its absmax into (128, 256] and rounded to e4m3: q ~= q8 * sq (`fp8_queries`);
-- scores: s = (q8 . k_codes) * sq * sk[t], one FP8 product, the token's K scale applied per column;
+  of two that brings its absmax into (128, 256], rounded to e4m3 and scaled back (`fp8_queries`):
+  q8 * sq with q8 in e4m3, carried as one float (exact), since sq can leave the product exactly;
+- scores: s = ((q8 * sq) . k_codes) * sk[t], one FP8 product, the token's K scale applied per column;
 - P: the online softmax's p in [0, 1] with V's per-token scale folded in, times a power of two that
   brings the block's largest V scale into (128, 256], rounded to e4m3 (`fp8_probabilities`); then
   p . v = (p8 . v_codes) / c, one FP8 product. The softmax denominator sums the unrounded p.
@@ -40,11 +41,10 @@ def round_e4m3(x):
 
 
 def fp8_queries(q):
-    """q float32 [..., D] -> (q8 [..., D], scale [..., 1]): q8 holds e4m3 values, q ~= q8 * scale,
-    scale a power of two per row."""
-    absmax = jnp.maximum(jnp.max(jnp.abs(q), axis=-1, keepdims=True), TINY)
-    factor = pow2_ceil(absmax)
-    return round_e4m3(q * (FP8_HEADROOM / factor)), factor / FP8_HEADROOM
+    """q float32 [..., D] -> q8 * scale: each row rounded to e4m3 under a power-of-two scale that
+    brings its absmax into (128, 256], and the scale multiplied back (exact; bf16 holds it too)."""
+    factor = pow2_ceil(jnp.maximum(jnp.max(jnp.abs(q), axis=-1, keepdims=True), TINY))
+    return round_e4m3(q * (FP8_HEADROOM / factor)) * (factor / FP8_HEADROOM)
 
 
 def p_factor(v_scale_max):

@@ -127,7 +127,7 @@ def token_scales(pool_ref, layout: KVPageLayout, slab, origin, slot, entry):
 # Kernel
 
 
-def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, q_scale_ref, pool_ref, acc_ref, m_ref, l_ref, *,
+def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_ref, l_ref, *,
                    layout: KVPageLayout, pages_per_block: int, blocks_per_split: int):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     t_page = layout.tokens_per_page
@@ -146,7 +146,6 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, q_scale_ref, pool_ref,
     page_in_block, slot = tok // t_page, tok % t_page
     word_iota = lax.broadcasted_iota(jnp.int32, (1, dw), 1)
     q_planes = [q_ref[:, pl.ds(i * dw, dw)].astype(jnp.float32) for i in range(n)]  # [G, Dw] each
-    q_scale = q_scale_ref[...][:, None]            # [G, 1]: int4_fp8's FP8 query scales (else 1)
 
     def load(slab, page_origin, kind, live):
         """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]
@@ -176,7 +175,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, q_scale_ref, pool_ref,
         v, v_scale = load(slab, page_origin, 1, live)
         s = sum(jnp.sum(qp[:, None, :] * kp[None, :, :], axis=-1) for qp, kp in zip(q_planes, k))
         if fp8:
-            s = s * q_scale * k_scale[:, 0][None, :]
+            s = s * k_scale[:, 0][None, :]
         s = jnp.where(live[:, 0][None, :], s, -jnp.inf)                                      # [G, block]
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -278,13 +277,9 @@ def paged_decode_attention(
     qg = q.reshape(batch, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
     qg = qg.reshape(batch, hkv, group, dw, n).swapaxes(-1, -2).reshape(batch, hkv, group, head_dim)
     if layout.kv_dtype == "int4_fp8":
-        qg, q_scale = fp8_queries(qg)
-        q_scale = q_scale[..., 0]
-    else:
-        q_scale = jnp.ones((batch, hkv, group), jnp.float32)
+        qg = fp8_queries(qg)
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
-        q_scale = jnp.pad(q_scale, ((0, 0), (0, 0), (0, gp - group)))
     # Live tokens: causal on the query position, within kv_len and within the page table.
     lens = jnp.minimum(kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
     lens = jnp.clip(lens, 0, num_pages * layout.tokens_per_page)
@@ -309,7 +304,6 @@ def paged_decode_attention(
             pl.BlockSpec((batch,), lambda b, h, s: (0,)),                             # lens
             pl.BlockSpec((None, padded), lambda b, h, s: (b, 0)),                     # page table row
             pl.BlockSpec((None, None, gp, head_dim), lambda b, h, s: (b, h, 0, 0)),   # q group
-            pl.BlockSpec((None, None, gp), lambda b, h, s: (b, h, 0)),                # its scales
             pl.BlockSpec(pool.shape, lambda b, h, s: (0, 0)),                         # the whole pool
         ],
         out_specs=[
@@ -325,7 +319,7 @@ def paged_decode_attention(
         interpret=interpret,
         compiler_params=compiler_params,
         name=f"paged_decode_attention_{layout.kv_dtype}",
-    )(layer_arr, lens, table, qg, q_scale, pool)
+    )(layer_arr, lens, table, qg, pool)
 
     out = _merge_splits(acc, m, l)[:, :, :group]                                     # [B, Hkv, G, D]
     out = out.reshape(batch, hkv, group, n, dw).swapaxes(-1, -2)                      # back to [w][i]

@@ -48,8 +48,7 @@ def paged_attention_reference(
     qg = q.reshape(batch, seq, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
     fp8 = layout.kv_dtype == "int4_fp8"
     if fp8:
-        qg, q_scale = fp8_queries(qg)                                   # q_scale [B, S, Hkv, G, 1]
-        q_scale = q_scale[..., 0].transpose(0, 2, 3, 1)[..., None]      # [B, Hkv, G, S, 1]
+        qg = fp8_queries(qg)
 
     def read_block(ids, k_live):
         """K and V of the block's tokens [B, K, Hkv, D] float32, zero past each sequence's end, and
@@ -79,7 +78,7 @@ def paged_attention_reference(
         mask = k_live[:, None, :] & (k_pos[None, None, :] <= q_positions[:, :, None])  # [B, S, K]
         s = jnp.einsum("bshgd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
         if fp8:
-            s = s * q_scale * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
+            s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
         s = jnp.where(mask[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)

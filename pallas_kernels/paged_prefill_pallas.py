@@ -76,7 +76,7 @@ def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
     return max(1, block_q), pages_per_block
 
 
-def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, q_scale_ref, pool_ref, out_ref, *,
+def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, out_ref, *,
                     layout: KVPageLayout, pages_per_block: int, max_tokens: int, precision):
     b, h = pl.program_id(0), pl.program_id(1)
     t_page = layout.tokens_per_page
@@ -89,7 +89,6 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, q_scale_ref
 
     layer = layer_ref[0]
     q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5 (int4_fp8: e4m3)
-    q_scale = q_scale_ref[...][:, None]             # [R, 1] int4_fp8's FP8 query scales (else 1)
     if fp8:
         q = q.astype(jnp.bfloat16)                  # exact: e4m3 values
     qpos = qpos_ref[...]                            # [R] int32; -1 for padding rows
@@ -133,7 +132,7 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, q_scale_ref
         v, v_scale = load(slab, page_origin, 1, live)
         if fp8:
             s = lax.dot_general(q, k.astype(jnp.bfloat16), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * q_scale * k_scale[:, 0][None, :]
+                                preferred_element_type=jnp.float32) * k_scale[:, 0][None, :]
         else:
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32)                       # [R, block]
@@ -207,10 +206,7 @@ def paged_prefill_attention(
     qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
     qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, s_pad * gp, head_dim)
     if layout.kv_dtype == "int4_fp8":
-        qg, q_scale = fp8_queries(qg)
-        q_scale = q_scale[..., 0]
-    else:
-        q_scale = jnp.ones((batch, hkv, s_pad * gp), jnp.float32)
+        qg = fp8_queries(qg)
     # Each row's query position; padding rows (S or G) get -1 and see no key.
     qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
     qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
@@ -238,7 +234,6 @@ def paged_prefill_attention(
             pl.BlockSpec((None, padded), lambda b, h, i: (b, 0)),                      # page table row
             pl.BlockSpec((None, rows), lambda b, h, i: (b, i)),                        # row positions
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),  # q rows
-            pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i)),               # their scales
             pl.BlockSpec(pool.shape, lambda b, h, i: (0, 0)),                          # the whole pool
         ],
         out_specs=pl.BlockSpec((None, None, rows, head_dim), lambda b, h, i: (b, h, i, 0)),
@@ -246,7 +241,7 @@ def paged_prefill_attention(
         interpret=interpret,
         compiler_params=compiler_params,
         name=f"paged_prefill_attention_{layout.kv_dtype}",
-    )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, q_scale, pool)
+    )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, pool)
 
     out = out.reshape(batch, hkv, s_pad, gp, head_dim)[:, :, :seq, :group]
     return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
