@@ -12,9 +12,10 @@ products can run on FP8 tensor cores with the scales applied outside them:
   brings the block's largest V scale into (128, 256], rounded to e4m3 (`fp8_probabilities`); then
   p . v = (p8 . v_codes) / c, one FP8 product. The softmax denominator sums the unrounded p.
 Every rescaling is by a power of two, so it is exact and commutes with e4m3 rounding (away from the
-subnormal range): the result does not depend on how an implementation blocks the tokens, and the
-kernels and the reference differ only where float32 summation order moves a value across an e4m3
-rounding boundary. The functions use only ops the Triton lowering takes.
+subnormal range): the block size does not change what c does. P itself is relative to the running
+max when its block is processed, so implementations that walk the same blocks in the same order
+differ only where float32 summation order moves a value across an e4m3 rounding boundary, and others
+by e4m3 roundings of P. The functions use only ops the Triton lowering takes.
 """
 
 from __future__ import annotations

@@ -88,9 +88,9 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
     fp8 = layout.kv_dtype == "int4_fp8"            # codes and scales apart: FP8 q . k and p . v
 
     layer = layer_ref[0]
-    q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5 (int4_fp8: e4m3)
+    q = q_ref[...]                                  # [R, D] float32, scaled by D^-0.5 (int4_fp8: rounded to e4m3)
     if fp8:
-        q = q.astype(jnp.bfloat16)                  # exact: e4m3 values
+        q = q.astype(jnp.bfloat16)                  # exact: e4m3 values times a power of two
     qpos = qpos_ref[...]                            # [R] int32; -1 for padding rows
     # Causal limit of this program's rows: no row sees a key at or past it.
     kv_hi = jnp.clip(jnp.minimum(lens_ref[b], jnp.max(qpos) + 1), 0, max_tokens)
@@ -114,7 +114,8 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
             x = decode_element(words[:, :, None], elem_in_word, layout.kv_dtype).reshape(block, d)
         live = live[:, None]
         if fp8:
-            return jnp.where(live, x, 0.0), jnp.where(live, token_scales(pool_ref, layout, slab, origin, slot, h), 0.0)
+            scale = token_scales(pool_ref, layout, slab, origin, slot, h)
+            return jnp.where(live, x, 0.0), jnp.where(live, scale, 0.0)
         if layout.quantized:
             x = x * token_scales(pool_ref, layout, slab, origin, slot, h)
             if layout.kv_dtype == "int4":

@@ -8,7 +8,8 @@ int4_sym, FireQ's int4_fp8 (arXiv:2505.20839: symmetric int4, e4m3 group scales,
 per-token-per-head KV formats kv_int8 / kv_fp8 / kv_int4 / kv_int4_fp8 (FireQ's symmetric int4 KV).
 int4 is packed two per byte (`pack_int4`, element 2i in the low nibble) or eight per word
 (`pack_int4_u32`). Scales are computed in float32; with a narrower `scale_dtype` values are
-quantized against the rounded scale, so dequantization matches what is stored. All functions are pure `jnp` and work under `jax.jit`.
+quantized against the rounded scale, so dequantization matches what is stored. All functions are
+pure `jnp` and work under `jax.jit`.
 
 Byte accounting (`weight_bytes`; KV bytes: `kv_pages.KVPageLayout`) is computed from bit widths, never
 from `.nbytes` (XLA:CPU reports one byte per int4 element). Format table and packing: docs/kernels.md.
