@@ -84,22 +84,23 @@ def _row_vector(ref, axis: int, shape):
     return lax.broadcast_in_dim(v, shape, (axis,))
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, out_gmem, out_smem, sx_smem, sw_smem, *scratch, int4: bool,
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, out_gmem, out_smem, sx_smem, w_smem_extra, barrier, *, int4: bool,
             tile_m: int, tile_n: int, tile_k: int, steps: int, max_concurrent_steps: int):
-    *w8_smem, barrier = scratch
+    """`w_smem_extra`: fp8, the tile's channel scales [tile_n]; int4_fp8, its converted e4m3 weight
+    tile [tile_n, tile_k]."""
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
     m_rows, n_rows = pl.ds(mi * tile_m, tile_m), pl.ds(ni * tile_n, tile_n)
     shape = (tile_n, tile_m)
     # The token (and fp8 channel) scales of this tile, fetched by TMA while the main loop runs.
     plgpu.copy_gmem_to_smem(sx_gmem.at[m_rows], sx_smem, barrier)
     if not int4:
-        plgpu.copy_gmem_to_smem(sw_gmem.at[n_rows], sw_smem, barrier)
+        plgpu.copy_gmem_to_smem(sw_gmem.at[n_rows], w_smem_extra, barrier)
     # fp8 keeps one wgmma in flight, so a step's tiles are released one step late; int4_fp8 waits.
     x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda k: (mi, k), transforms=_transforms(tile_k),
                              delay_release=0 if int4 else 1)
 
     if int4:
-        [w8] = w8_smem
+        w8 = w_smem_extra
 
         def group_step(_, x_smem, w_smem, s_smem, total):
             w8[...] = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float8_e4m3fn)
@@ -145,7 +146,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, out_gmem, out_smem, sx_smem, sw_sm
     plgpu.barrier_wait(barrier)
     out = acc * _row_vector(sx_smem, 1, shape)
     if not int4:
-        out = out * _row_vector(sw_smem, 0, shape)
+        out = out * _row_vector(w_smem_extra, 0, shape)
     out_smem[...] = out
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[n_rows, m_rows])
@@ -170,7 +171,8 @@ def _matmul_t(x, values, w_scales, *, tile_m: int, tile_n: int, tile_k: int, max
     # >= 2 (fp8: one step's buffers stay held for the wgmma in flight)
     kernel = functools.partial(_kernel, int4=int4, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, steps=steps,
                                max_concurrent_steps=max(2, min(max_concurrent_steps, steps)))
-    w8 = [plgpu.SMEM((tile_n, tile_k), jnp.float8_e4m3fn, transforms=_transforms(tile_k))] if int4 else []
+    w_smem_extra = (plgpu.SMEM((tile_n, tile_k), jnp.float8_e4m3fn, transforms=_transforms(tile_k)) if int4 else
+                    plgpu.SMEM((tile_n,), jnp.float32))
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((n, mp), jnp.float32),
@@ -179,8 +181,7 @@ def _matmul_t(x, values, w_scales, *, tile_m: int, tile_n: int, tile_k: int, max
         scratch_types=[
             plgpu.SMEM((tile_n, tile_m), jnp.float32),
             plgpu.SMEM((tile_m,), jnp.float32),
-            plgpu.SMEM((tile_n,), jnp.float32),
-            *w8,
+            w_smem_extra,
             plgpu.Barrier(num_arrivals=1 if int4 else 2),
         ],
         interpret=plgpu.InterpretGPUParams() if interpret is True else interpret,

@@ -44,13 +44,6 @@ EPS32 = 2.0 ** -24
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")  # tests/conftest.py
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (1 << 31))
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
-
-
 # Jitted like the kernel's wrapper: under jit XLA turns the quantizer's `absmax / 448` into a multiply
 # by the reciprocal, so an eager reference can pick fp8 codes one step away (~1e-2 differences).
 reference = jax.jit(quantized_matmul_reference, static_argnums=2)
