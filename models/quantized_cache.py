@@ -30,13 +30,19 @@ _CHUNK = 1 << 20
 DIGESTS_FILE = ".digests.json"
 
 
+def _content_files(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) of a checkpoint's content: the file itself, or every file under the directory by
+    relative path, in sorted order."""
+    if path.is_file():
+        return [(path.name, path)]
+    return [(str(f.relative_to(path)), f) for f in sorted(p for p in path.rglob("*") if p.is_file())]
+
+
 def content_digest(path: Path) -> str:
-    """sha256 over a checkpoint's content: the file, or every file under the directory (by relative
-    path, in sorted order)."""
+    """sha256 over a checkpoint's content (`_content_files`: each name, then the file's bytes)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+    for name, f in _content_files(path):
+        h.update(name.encode() + b"\0")
         with open(f, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 h.update(chunk)
@@ -44,10 +50,8 @@ def content_digest(path: Path) -> str:
 
 
 def _file_stamps(path: Path) -> list:
-    """(relative path, size, mtime in ns) of every file whose bytes `content_digest` reads."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(f.relative_to(path)) if f != path else f.name, (st := f.stat()).st_size, st.st_mtime_ns]
-            for f in files]
+    """(name, size, mtime in ns) of every file whose bytes `content_digest` reads."""
+    return [[name, (st := f.stat()).st_size, st.st_mtime_ns] for name, f in _content_files(path)]
 
 
 def remembered_digest(path: Path, cache_dir: Path | None) -> str:
