@@ -10,10 +10,9 @@ group-wise GGUF Q8_0, fp8 per-channel), W8A8 int8, FP8 and W4A8 (int4 x e4m3), a
 on `[K, N]` weights; FP8 activations with K-major weights, e4m3 `[N, K]` (`quantize_fp8_k_major`) or
 FireQ's INT4-FP8 (`quantize_int4_fp8`), go to the Mosaic GPU kernels (`fp8_matmul_mgpu`: wgmma on FP8
 tensor cores, which the Triton lowering cannot reach), under `plgpu.InterpretGPUParams()` for
-"interpret". A (weight, activation)
-format pair without a kernel (`has_kernel` is False) falls back to the
-reference for every implementation; the reference also raises the errors for pairs that make no sense
-(e.g. fp8 weights with int8 activations).
+"interpret". A (weight, activation) format pair without a kernel (`has_kernel` is False) falls back
+to the reference for every implementation; the reference also raises the errors for pairs that make
+no sense (e.g. fp8 weights with int8 activations).
 """
 
 from __future__ import annotations
