@@ -30,9 +30,10 @@ What is timed
   W8A8 (int8 weights, per-token int8 activations), FP8 (e4m3 weights per channel, per-token e4m3
   activations; `fp8` [K, N] on the Triton kernel, `fp8_k_major` the fp8 preset's Mosaic GPU one),
   FireQ's INT4-FP8 (`fireq`, Mosaic GPU), W4A8 (int4 group 128, per-token e4m3 activations), all
-  with bfloat16 scales as the model loader stores them, through `pallas_kernels.quantized_matmul` ("pallas", "xla", "interpret");
-  and the plain XLA bf16 dot `x @ w` on the same shape (impl "xla-dot"), the baseline of `vs bf16`.
-  Per-token activation quantization is part of the timed call (the op's wrapper does it).
+  with bfloat16 scales as the model loader stores them, through `pallas_kernels.quantized_matmul`
+  ("pallas", "xla", "interpret"); and the plain XLA bf16 dot `x @ w` on the same shape (impl
+  "xla-dot"), the baseline of `vs bf16`. Per-token activation quantization is part of the timed
+  call (the op's wrapper does it).
 
 Timing
 ------
