@@ -381,7 +381,8 @@ def real_setup(slo_scale: float, specs=None):
     profile = DeviceProfile.load(path)
     if specs is None:
         specs = [dataclasses.replace(s, precision="auto", model=load_model(
-            s.model, s.dtype, s.precision, kv_dtype=s.kv_dtype, calib_samples=s.calib_samples))
+            s.model, s.dtype, s.precision, kv_dtype=s.kv_dtype, calib_samples=s.calib_samples,
+            kv_skip_layers=s.kv_skip_layers))
             for s in tqdm(demo_fleet_specs(), desc="loading the demo fleet", leave=False)]
     slo_ttft = {}
     for s in specs:

@@ -21,12 +21,24 @@ from serving.engine.sampling import SamplingParams
 from serving.sim import profiler
 
 
+KV_DTYPE_HELP = "KV cache format overriding the preset's: bf16, fp8, int8, int4, int4_fp8"
+KV_SKIP_HELP = "comma-separated layers whose KV stays in the model dtype, e.g. 0 (vLLM's kv_cache_dtype_skip_layers)"
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="known name (smollm2-135m), HF directory or .gguf file")
     p.add_argument("--precision", default="auto",
                    help="auto (the checkpoint as it is), native (auto, but GGUF Q4/Q8 blocks stay quantized), "
                         "or a preset: bf16, w8a8, fp8, w4a16, w4a8kv4, fireq")
-    p.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
+    p.add_argument("--kv-dtype", default=None, help=KV_DTYPE_HELP)
+    p.add_argument("--kv-skip-layers", type=_layer_list, default=None, help=KV_SKIP_HELP)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
@@ -72,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     quant.add_argument("--calib-samples", type=int, default=8,
                        help="calibration windows of the shipped text (0: plain round-to-nearest)")
-    quant.add_argument("--kv-dtype", default=None, help="KV cache format overriding the preset's: bf16, fp8, int8, int4")
+    quant.add_argument("--kv-dtype", default=None, help=KV_DTYPE_HELP)
+    quant.add_argument("--kv-skip-layers", type=_layer_list, default=None, help=KV_SKIP_HELP)
     quant.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     quant.add_argument("--force", action="store_true", help="replace an existing checkpoint in --out")
     return parser
@@ -87,6 +100,7 @@ def _llm(args):
     caches = Caches.from_flags(args.no_cache)
     caches.enable_compilation_cache()
     kwargs = {"max_model_len": args.max_model_len, "seed": args.seed, "kv_dtype": args.kv_dtype,
+              "kv_skip_layers": args.kv_skip_layers,
               "kernels": args.kernels, "quantized_cache": caches.quantized}
     if args.kv_cache_bytes is not None:
         kwargs["kv_cache_bytes"] = args.kv_cache_bytes
@@ -154,7 +168,7 @@ def cmd_batch(args) -> int:
 def cmd_quantize(args) -> int:
     if args.calib_samples < 0:
         raise ValueError(f"--calib-samples must be >= 0, got {args.calib_samples}")
-    check_precision(args.precision, args.kv_dtype)
+    check_precision(args.precision, args.kv_dtype, args.kv_skip_layers)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -165,7 +179,7 @@ def cmd_quantize(args) -> int:
             raise ValueError(f"--out {out} is not empty and is not a fineserve checkpoint; "
                              f"refusing to replace it even with --force")
     loaded = load_model(args.model, args.dtype, args.precision, kv_dtype=args.kv_dtype,
-                        calib_samples=args.calib_samples)
+                        calib_samples=args.calib_samples, kv_skip_layers=args.kv_skip_layers)
     path = save_quantized(loaded, out, overwrite=args.force)
     print(f"quantized {args.model} to {loaded.precision.name} (kv {loaded.precision.kv_format}): "
           f"{model_weight_bytes(loaded.model)} weight bytes -> {path}")

@@ -84,7 +84,8 @@ Port = _check(lambda p: 0 <= p <= 65535, "{key} must be in 0..65535, got {value}
 Rate = _check(lambda r: r >= 0 and math.isfinite(r), "{key} must be a finite number >= 0 (requests / s), got {value}")
 PoolMode = Annotated[StrictStr, _check(lambda v: v in POOL_MODES,
                                        f"unknown pool_mode {{value!r}}; choose one of {POOL_MODES}")]
-_FILE_TYPES = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool}  # what TOML gives
+_FILE_TYPES = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool,  # what TOML gives
+               tuple[int, ...]: list[StrictInt]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +264,8 @@ def _problems(error: ValidationError, schema: type[BaseModel], data: dict, what:
             table = _table(where, data)
             lines[i] = (f"{table}: " if table else "") + str(e["ctx"]["error"])
         elif kind in _TYPE_NAMES:
-            lines[i] = f"{_key(loc, data, kind)} must be {_TYPE_NAMES[kind]}, got {e['input']!r}"
+            expected = "an array" if kind == "list_type" and len(loc) > 1 else _TYPE_NAMES[kind]  # a key's value
+            lines[i] = f"{_key(loc, data, kind)} must be {expected}, got {e['input']!r}"
         else:
             lines[i] = f"{_key(loc, data, kind)}: {e['msg']}"
     return list(lines.values())
@@ -281,7 +283,10 @@ def _table(loc: tuple, data) -> str | None:
 
 def _key(loc: tuple, data, kind: str) -> str:
     """A key as the file writes it: "pool_bytes", "[server] port", "[[models]] entry 1 ('x'): rate";
-    a table itself where one was expected ("[server] must be a table")."""
+    a table itself where one was expected ("[server] must be a table"); an item of a key's array
+    ("[[models]] entry 0: kv_skip_layers item 1")."""
+    if len(loc) >= 3 and isinstance(loc[-1], int):
+        return f"{_key(loc[:-1], data, kind)} item {loc[-1]}"
     if kind in ("model_type", "dataclass_type") or not loc or isinstance(loc[-1], int):
         return _table(loc, data) or "the file"
     table = _table(loc[:-1], data)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fineserve_jax.config_files import fleet_file, parse_bytes, read_toml
 from fineserve_jax.llm import LLM, check_max_model_len, engine_config
-from models.loader import LoadedModel, check_precision, load_model
+from models.loader import LoadedModel, check_precision, load_model, with_kv_skip_layers
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import assemble_device
@@ -52,6 +52,7 @@ class ModelSpec:
     precision: str = "auto"
     name: str | None = None             # the name requests use; default "<model>-<precision>"
     kv_dtype: str | None = None
+    kv_skip_layers: tuple[int, ...] | None = None  # layers whose KV stays in the model dtype (see LLM)
     dtype: str = "bfloat16"
     calib_samples: int = 8
     tokens_per_page: int = 16
@@ -65,7 +66,7 @@ class ModelSpec:
     kernels: str = "auto"               # see LLM: auto, xla, pallas, interpret
 
     def __post_init__(self):
-        check_precision(self.precision, self.kv_dtype)
+        check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
         resolve_kernels(self.kernels)
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
@@ -123,9 +124,11 @@ class Fleet:
         self.loaded: dict[str, LoadedModel] = {}
         with jax.default_device(device) if device is not None else contextlib.nullcontext():
             for name, spec in tqdm(self.specs.items(), desc="loading models", unit="model", disable=not progress):
-                self.loaded[name] = spec.model if isinstance(spec.model, LoadedModel) else load_model(
+                self.loaded[name] = with_kv_skip_layers(spec.model, spec.kv_skip_layers) if isinstance(
+                    spec.model, LoadedModel) else load_model(
                     spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype,
-                    calib_samples=spec.calib_samples, quantized_cache=quantized_cache)
+                    calib_samples=spec.calib_samples, quantized_cache=quantized_cache,
+                    kv_skip_layers=spec.kv_skip_layers)
         if device is not None:  # commit the weights there (no copy for those already there)
             for loaded in self.loaded.values():
                 nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), device))

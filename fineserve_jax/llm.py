@@ -50,6 +50,8 @@ class LLM:
         load time, calibrated on the shipped text (see `models.loader.load_model` for the rules on
         already-quantized checkpoints).
       kv_dtype: KV cache format overriding the preset's: "bf16", "fp8", "int8", "int4" or "int4_fp8".
+      kv_skip_layers: layers whose KV cache stays in the model dtype whatever its format (vLLM's
+        kv_cache_dtype_skip_layers), e.g. [0] keeps the first layer's KV bf16 under int4 KV.
       dtype: "bfloat16" or "float32": compute dtype, and dtype of the unquantized weights and bf16 KV.
       calib_samples: calibration windows for quantized presets (0: plain round-to-nearest).
       kv_cache_bytes: size of the device KV pool (default 512 MiB), or, instead,
@@ -65,12 +67,12 @@ class LLM:
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
-                 kv_dtype: str | None = None, kv_cache_bytes: int | None = None,
+                 kv_dtype: str | None = None, kv_skip_layers=None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
                  calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
                  gpu_memory_utilization: float | None = None):
-        check_precision(precision, kv_dtype)  # bad names fail before any loading
+        check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         sized = kv_cache_bytes is None and gpu_memory_utilization is not None
@@ -81,15 +83,16 @@ class LLM:
         check_max_model_len(max_model_len)  # bad values fail before any loading
         resolve_kernels(kernels)
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples,
-                            quantized_cache=quantized_cache)
+                            quantized_cache=quantized_cache, kv_skip_layers=kv_skip_layers)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels)
+        layout = loaded.kv_layout(tokens_per_page)
         if sized:
             kv_cache_bytes = pool_bytes_for_device(jax.devices()[0], gpu_memory_utilization,
-                                                   [(loaded.model, loaded.kv_layout(tokens_per_page), config)])
+                                                   [(loaded.model, layout, config)])
         engine = engine_with_own_pool(
-            loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
-            tokens_per_page=tokens_per_page, tokenizer=loaded.tokenizer,
+            loaded.model, config, layout=layout, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
+            tokenizer=loaded.tokenizer,
             eos_token_ids=loaded.eos_token_ids, model_key=str(model))
         self._bind(str(model), loaded, engine, engine.step)
 

@@ -33,9 +33,8 @@ from models.config import ModelConfig
 from models.gguf_loader import config_from_gguf_metadata, open_gguf
 from models.hf_loader import read_hf_config
 from models.loader import LoadedModel, check_precision, parse_dtype, resolve_model_path
-from models.precision import PrecisionPreset, layout_kv_dtype, resolve_precision
+from models.precision import PrecisionPreset, kv_page_layout, resolve_precision
 from models.quantize import model_weight_bytes
-from pallas_kernels.kv_pages import KVPageLayout
 from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roofline_step_cost, variant_key
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.slo import fineserve_slo_of
@@ -174,8 +173,9 @@ def device_memory(device: DeviceConfig) -> int | None:
 def _planned_preset(spec: ModelSpec) -> PrecisionPreset:
     """The model's precision; "auto"/"native" are planned as bf16 (an upper bound on weight bytes)."""
     if isinstance(spec.model, LoadedModel):
-        return spec.model.precision
-    return check_precision(spec.precision, spec.kv_dtype) or resolve_precision("bf16", spec.kv_dtype)
+        return resolve_precision(spec.model.precision, kv_skip_layers=spec.kv_skip_layers)
+    preset = check_precision(spec.precision, spec.kv_dtype) or resolve_precision("bf16", spec.kv_dtype)
+    return resolve_precision(preset, kv_skip_layers=spec.kv_skip_layers)
 
 
 def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec) -> StepCost | None:
@@ -231,12 +231,12 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     else:  # a float32 compute dtype doubles the unquantized weights: count all of them twice (upper bound)
         dtype = parse_dtype(spec.dtype)
         weights = preset.weight_bytes(cfg) * (2 if dtype == jnp.float32 else 1)
-    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.tokens_per_page,
-                          layout_kv_dtype(preset, dtype))
+    layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype)
     # profile_model: a private key per model, so that the profile built for placement has one entry each.
     return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
                        weights, layout.bytes_per_token, model.rate, slo,
-                       tokens_per_page=spec.tokens_per_page, profile_model=f"m{index}")
+                       tokens_per_page=spec.tokens_per_page, profile_model=f"m{index}",
+                       kv_skip_layers=preset.kv_skip_layers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ Layers are stacked (one `DecoderLayer` whose parameters carry a leading layer ax
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
@@ -116,13 +119,25 @@ class PagedKV:
         self.kv_lens = start_pos + num_new
 
     def attend(self, q, k, v, pool, layer):
-        """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages."""
+        """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages.
+        A page mixing KV formats over layers picks the layer's group at run time (`lax.switch`: the
+        layers stay one scan; each group's attention is its own branch)."""
+        groups = self.layout.layer_groups()
+        if len(groups) == 1:
+            return self._attend_group(q, k, v, pool, layer, groups[0].layout)
+        group_of_layer = np.repeat(np.arange(len(groups), dtype=np.int32),
+                                   [g.layout.num_layers for g in groups])
+        branches = [functools.partial(self._attend_group, layer=layer - g.first_layer, layout=g.layout)
+                    for g in groups]
+        return jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool)
+
+    def _attend_group(self, q, k, v, pool, layer, layout: KVPageLayout):
         b, s, hkv, d = k.shape
         n = b * s
-        pool = write_kv(pool, self.layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
+        pool = write_kv(pool, layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
                         self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
                         kernels=self.kernels)
-        out = paged_attention(q, pool, self.layout, layer, self.page_table, self.positions, self.kv_lens,
+        out = paged_attention(q, pool, layout, layer, self.page_table, self.positions, self.kv_lens,
                               kernels=self.kernels)
         return out, pool
 

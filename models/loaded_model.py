@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.precision import PRESETS, PrecisionPreset, layout_kv_dtype
+from models.precision import PRESETS, PrecisionPreset, kv_page_layout, layout_kv_dtype
 from models.tokenizer import Tokenizer
 from pallas_kernels.kv_pages import KVPageLayout
 
@@ -30,13 +30,12 @@ class LoadedModel:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV page format this model's pages use."""
+        """The KV page format this model's pages use (but in its `precision.kv_skip_layers`)."""
         return layout_kv_dtype(self.precision, self.dtype)
 
     def kv_layout(self, tokens_per_page: int) -> KVPageLayout:
         """This model's KV page with `tokens_per_page` tokens (its slab placement not yet known)."""
-        c = self.config
-        return KVPageLayout(c.num_layers, c.num_kv_heads, c.head_dim, tokens_per_page, self.kv_dtype)
+        return kv_page_layout(self.precision, self.config, tokens_per_page, self.dtype)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ holding exactly one), or a quantized checkpoint directory written by `fineserve 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -83,10 +84,12 @@ def calibration_tokens(tokenizer: Tokenizer | None, samples: int):
 PRECISION_MODES = ("auto", "native")
 
 
-def check_precision(precision: str | PrecisionPreset = "auto", kv_dtype: str | None = None) -> PrecisionPreset | None:
-    """Validate a `precision` / `kv_dtype` pair before anything is loaded: the named preset (KV
-    override applied), or None for "auto" / "native" (decided by the checkpoint). ValueError
-    naming the bad value otherwise."""
+def check_precision(precision: str | PrecisionPreset = "auto", kv_dtype: str | None = None,
+                    kv_skip_layers=None) -> PrecisionPreset | None:
+    """Validate a `precision` / `kv_dtype` pair (and `kv_skip_layers`' form: its range needs the
+    model) before anything is loaded: the named preset (KV override applied), or None for "auto" /
+    "native" (decided by the checkpoint). ValueError naming the bad value otherwise."""
+    resolve_precision("bf16", kv_skip_layers=kv_skip_layers)  # validates kv_skip_layers
     if isinstance(precision, str) and precision.lower() in PRECISION_MODES:
         resolve_precision("bf16", kv_dtype)  # validates kv_dtype
         return None
@@ -140,7 +143,7 @@ def _hf_quantization(path: Path):
 
 def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPreset = "auto",
                kv_dtype: str | None = None, calib_samples: int = 8,
-               quantized_cache: str | Path | None = None) -> LoadedModel:
+               quantized_cache: str | Path | None = None, kv_skip_layers=None) -> LoadedModel:
     """Load everything or raise a ModelLoadError naming the problem; nothing half-loaded survives
     a failure (intermediate arrays are dropped before the error propagates).
 
@@ -158,9 +161,26 @@ def load_model(name_or_path: str, dtype="bfloat16", precision: str | PrecisionPr
         own weight and activation formats (e.g. "w4a16" on AWQ, "fp8" on an FP8 checkpoint, whose
         KV format then applies); anything else raises ModelConfigError. A fineserve checkpoint
         accepts only the preset it was quantized to.
-    kv_dtype overrides the KV format in every case.
+    kv_dtype overrides the KV format in every case; kv_skip_layers (None: the preset's) lists layers
+    whose KV stays in the model dtype (their weights are the same either way).
     quantized_cache: a folder where a float checkpoint quantized to a preset is cached
       (`models.quantized_cache`), so loading it again skips calibration; None: no cache."""
+    check_precision(precision, kv_dtype, kv_skip_layers)
+    loaded = _load_model(name_or_path, dtype, precision, kv_dtype, calib_samples, quantized_cache)
+    return with_kv_skip_layers(loaded, kv_skip_layers)
+
+
+def with_kv_skip_layers(loaded: LoadedModel, kv_skip_layers) -> LoadedModel:
+    """`loaded` with its KV kept in the model dtype on `kv_skip_layers` (None: as it is); ValueError
+    naming any layer the model does not have."""
+    if kv_skip_layers is not None:
+        preset = resolve_precision(loaded.precision, kv_skip_layers=kv_skip_layers)
+        preset.check_layers(loaded.config)
+        loaded = dataclasses.replace(loaded, precision=preset)
+    return loaded
+
+
+def _load_model(name_or_path, dtype, precision, kv_dtype, calib_samples, quantized_cache) -> LoadedModel:
     requested = check_precision(precision, kv_dtype)
     native = isinstance(precision, str) and precision.lower() == "native"
     jdtype = parse_dtype(dtype)
@@ -271,11 +291,13 @@ def _load_fineserve(path, name, jdtype, requested, kv_dtype) -> LoadedModel:
 
 
 def random_model(config: ModelConfig, precision: str | PrecisionPreset = "bf16", dtype="bfloat16", *,
-                 kv_dtype: str | None = None, seed: int = 0, name: str | None = None) -> LoadedModel:
+                 kv_dtype: str | None = None, seed: int = 0, name: str | None = None,
+                 kv_skip_layers=None) -> LoadedModel:
     """A model of this architecture with random weights (no tokenizer), quantized to `precision` by
     plain round-to-nearest: for tests, memory benchmarks and profiling shapes no checkpoint has."""
-    preset = check_precision(precision, kv_dtype) or resolve_precision("bf16", kv_dtype)
+    preset = check_precision(precision, kv_dtype, kv_skip_layers) or resolve_precision("bf16", kv_dtype)
     jdtype = parse_dtype(dtype)
     model = LlamaForCausalLM(config, dtype=jdtype, rngs=nnx.Rngs(seed))
     model, preset = _finish_float(model, None, preset, kv_dtype, 0)
-    return LoadedModel(name or f"random-{config.num_layers}l-{preset.name}", config, model, None, jdtype, preset)
+    loaded = LoadedModel(name or f"random-{config.num_layers}l-{preset.name}", config, model, None, jdtype, preset)
+    return with_kv_skip_layers(loaded, kv_skip_layers)

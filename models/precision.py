@@ -41,6 +41,17 @@ KV_SCALINGS = ("none", "pre_rope", "post_rope", "rope_aware")
 INT4_KV = ("int4", "int4_fp8")
 
 
+def _layer_indices(layers) -> tuple[int, ...]:
+    """Sorted distinct layer indices from any iterable of non-negative ints; ValueError otherwise."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"kv_skip_layers must be a list of layer indices, got {layers!r}")
+    layers = list(layers)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        raise ValueError(f"kv_skip_layers must be non-negative layer indices, got {layers!r}")
+    return tuple(sorted(set(layers)))
+
+
+
 @dataclass(frozen=True)
 class PrecisionPreset:
     name: str
@@ -51,8 +62,12 @@ class PrecisionPreset:
     calibration: str | None = None   # "smoothquant" | "awq" | None
     smoothquant_alpha: float | None = None  # None: searched per layer and site
     kv_scaling: str | None = None    # one of KV_SCALINGS; None: "rope_aware" for int4 KVs, else "none"
+    # Layers whose KV cache stays in the model dtype whatever kv_format is (vLLM's
+    # kv_cache_dtype_skip_layers), e.g. (0,): the first layer, whose keys quantize worst.
+    kv_skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "kv_skip_layers", _layer_indices(self.kv_skip_layers))
         if self.kv_scaling is None:
             object.__setattr__(self, "kv_scaling", "rope_aware" if self.kv_format in INT4_KV else "none")
         if self.kv_scaling not in KV_SCALINGS:
@@ -93,9 +108,16 @@ class PrecisionPreset:
         raise ValueError(f"input dimension {k} is not a multiple of {smallest}; {self.weight_format} groups "
                          "cannot tile it")
 
+    def check_layers(self, cfg: ModelConfig) -> None:
+        """ValueError naming the problem when kv_skip_layers names a layer the model does not have."""
+        bad = [layer for layer in self.kv_skip_layers if layer >= cfg.num_layers]
+        if bad:
+            raise ValueError(f"kv_skip_layers {bad} out of range: the model has {cfg.num_layers} layers "
+                             f"(0..{cfg.num_layers - 1})")
+
     def kv_bytes_per_token(self, cfg: ModelConfig) -> int:
         """Exact KV bytes per token over all layers (K and V, scales included)."""
-        return KVPageLayout.bytes_per_token_for(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_format)
+        return kv_page_layout(self, cfg, 1, jnp.bfloat16).bytes_per_token
 
     def weight_bytes(self, cfg: ModelConfig) -> int:
         """Exact bytes of all weights (quantized linears in their packed format, the rest bf16)."""
@@ -131,10 +153,11 @@ RTN_INT4_GROUPED = PrecisionPreset("w4a16-rtn", "int4", None, "bf16", group_size
 
 
 def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str | None = None, *,
-                      rescale_keys: bool = True) -> PrecisionPreset:
+                      rescale_keys: bool = True, kv_skip_layers=None) -> PrecisionPreset:
     """A preset by name (or as given), with the KV format optionally overridden. The override picks
     the new format's key scaling when `rescale_keys` (the model is still to be calibrated); False
-    keeps the preset's, for a model already built (its weights hold the scaling it had)."""
+    keeps the preset's, for a model already built (its weights hold the scaling it had).
+    `kv_skip_layers` (None: the preset's) lists layers whose KV stays in the model dtype."""
     if isinstance(precision, PrecisionPreset):
         preset = precision
     elif isinstance(precision, str) and precision.lower() in PRESETS:
@@ -148,9 +171,29 @@ def resolve_precision(precision: str | PrecisionPreset = "bf16", kv_dtype: str |
         if kv != preset.kv_format:
             scaling = None if rescale_keys else preset.kv_scaling
             preset = dataclasses.replace(preset, kv_format=kv, kv_scaling=scaling, name=f"{preset.name}+kv-{kv}")
+    if kv_skip_layers is not None:
+        skip = _layer_indices(kv_skip_layers)
+        if skip != preset.kv_skip_layers:
+            suffix = f"+kv-skip-{'-'.join(map(str, skip))}" if skip else ""
+            preset = dataclasses.replace(preset, kv_skip_layers=skip, name=preset.name + suffix)
     return preset
 
 
 def layout_kv_dtype(preset: PrecisionPreset, model_dtype) -> str:
     """The KVPageLayout dtype name for a preset: bf16 KV follows the model dtype (float32 models in tests)."""
     return "float32" if preset.kv_format == "bf16" and model_dtype == jnp.float32 else preset.kv_format
+
+
+def layer_kv_dtypes(preset: PrecisionPreset, model_dtype) -> tuple[tuple[int, str], ...]:
+    """KVPageLayout.layer_kv_dtypes for a preset: its skipped layers in the model dtype's KV format."""
+    wide = "float32" if model_dtype == jnp.float32 else "bf16"
+    return tuple((layer, wide) for layer in preset.kv_skip_layers)
+
+
+def kv_page_layout(preset: PrecisionPreset, cfg: ModelConfig, tokens_per_page: int, model_dtype, *,
+                   num_kv_heads: int | None = None) -> KVPageLayout:
+    """A model's KV page under `preset` (not yet placed in slabs); `num_kv_heads`: one device's share
+    of a tensor-parallel group (default: all)."""
+    preset.check_layers(cfg)
+    return KVPageLayout(cfg.num_layers, num_kv_heads or cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
+                        layout_kv_dtype(preset, model_dtype), layer_kv_dtypes=layer_kv_dtypes(preset, model_dtype))

@@ -64,9 +64,15 @@ class KVPageLayout:
     # Words from one page's start to the next in a slab: page_words, or more when every page of a
     # pool is padded to one size (the single-page-size baseline).
     page_stride_words: int = 0
+    # (layer, format) pairs for layers whose KV is stored in another format than kv_dtype.
+    layer_kv_dtypes: tuple[tuple[int, str], ...] = ()
+    # Word offset of layer 0's K chunk inside the page slot: non-zero only for a later group of
+    # layers of a mixed-format page (see layer_groups).
+    first_word: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
+        object.__setattr__(self, "layer_kv_dtypes", self._normalized_overrides())
         if self.num_kv_heads <= 0 or self.head_dim <= 0:
             raise ValueError("num_kv_heads and head_dim must be positive")
         if (self.num_kv_heads * self.head_dim * self.value_bits) % WORD_BITS:
@@ -76,9 +82,63 @@ class KVPageLayout:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
-        if self.page_stride_words and self.page_stride_words < self.page_words:
+        if self.mixed:
+            self.layer_groups()  # builds, so checks, each group's layout (whole words, even head_dim)
+        if self.first_word < 0 or (self.page_stride_words
+                                   and self.page_stride_words < self.first_word + self.page_words):
             raise ValueError(f"page_stride_words={self.page_stride_words} is shorter than a page "
-                             f"({self.page_words} words)")
+                             f"({self.page_words} words from word {self.first_word})")
+
+    def _normalized_overrides(self) -> tuple[tuple[int, str], ...]:
+        """layer_kv_dtypes sorted by layer, formats by their one name, entries equal to kv_dtype dropped."""
+        out = {}
+        for entry in self.layer_kv_dtypes:
+            layer, fmt = entry
+            if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+                raise ValueError(f"layer_kv_dtypes: layer {layer!r} is not one of the model's "
+                                 f"{self.num_layers} layers (0..{self.num_layers - 1})")
+            if int(layer) in out:
+                raise ValueError(f"layer_kv_dtypes names layer {layer} twice")
+            out[int(layer)] = normalize_kv_dtype(fmt)
+        return tuple((layer, fmt) for layer, fmt in sorted(out.items()) if fmt != self.kv_dtype)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some layers store their KV in another format than kv_dtype."""
+        return bool(self.layer_kv_dtypes)
+
+    def kv_dtype_of(self, layer: int) -> str:
+        return dict(self.layer_kv_dtypes).get(layer, self.kv_dtype)
+
+    def layer_groups(self) -> tuple[KVLayerGroup, ...]:
+        """Runs of consecutive layers stored in one format, in layer order, each as a uniform layout
+        of its own layers placed where they sit in this page (`first_word`, the page's slot stride):
+        that group's layer i is this page's layer `first_layer + i`. A uniform page is one group."""
+        if not self.mixed:
+            return (KVLayerGroup(0, self),)
+        groups, first, word = [], 0, self.first_word
+        for layer in range(1, self.num_layers + 1):
+            if layer < self.num_layers and self.kv_dtype_of(layer) == self.kv_dtype_of(first):
+                continue
+            groups.append((first, layer - first, self.kv_dtype_of(first), word))
+            word += KVPageLayout(layer - first, self.num_kv_heads, self.head_dim, self.tokens_per_page,
+                                 self.kv_dtype_of(first)).page_words
+            first = layer
+        stride = self.page_stride_words or word - self.first_word
+        return tuple(KVLayerGroup(first, KVPageLayout(
+            n, self.num_kv_heads, self.head_dim, self.tokens_per_page, fmt, self.pages_per_slab,
+            page_stride_words=stride, first_word=start)) for first, n, fmt, start in groups)
+
+    def check_uniform(self, what: str) -> None:
+        """ValueError unless every layer has kv_dtype (what kernels and page reads/writes take)."""
+        if self.mixed:
+            raise ValueError(f"{what} takes one KV format for every layer; this page mixes "
+                             f"{self.kv_dtype} with {dict(self.layer_kv_dtypes)}: pass each of "
+                             "layer_groups() instead")
+
+    def chunk_origin(self, layer, kind: int):
+        """Word offset, from a page slot's start, of `layer`'s K (kind 0) or V (kind 1) chunk."""
+        return self.first_word + (layer * 2 + kind) * self.chunk_words
 
     @property
     def quantized(self) -> bool:
@@ -126,6 +186,9 @@ class KVPageLayout:
 
     @property
     def page_words(self) -> int:
+        """Words of one page, all layers (of every group) with their scales."""
+        if self.mixed:
+            return sum(group.layout.num_layers * 2 * group.layout.chunk_words for group in self.layer_groups())
         return self.num_layers * 2 * self.chunk_words
 
     @property
@@ -148,13 +211,21 @@ class KVPageLayout:
 
     @classmethod
     def bytes_per_token_for(cls, num_layers: int, num_kv_heads: int, head_dim: int,
-                            kv_dtype: str = "bf16") -> int:
+                            kv_dtype: str = "bf16", layer_kv_dtypes: tuple[tuple[int, str], ...] = ()) -> int:
         """`bytes_per_token` of a model's KV cache without a page size (it does not depend on one):
         what capacity planning should use, so the figure is always what a page stores."""
-        return cls(num_layers, num_kv_heads, head_dim, 1, kv_dtype).bytes_per_token
+        return cls(num_layers, num_kv_heads, head_dim, 1, kv_dtype, layer_kv_dtypes=layer_kv_dtypes).bytes_per_token
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_page)
+
+
+@dataclass(frozen=True)
+class KVLayerGroup:
+    """Consecutive layers of a page stored in one format: page layer `first_layer + i` is `layout`'s
+    layer i (a uniform layout placed at its offset inside the page slot)."""
+    first_layer: int
+    layout: KVPageLayout
 
 
 def _words_to_elements(words: jax.Array, dtype) -> jax.Array:
@@ -178,7 +249,7 @@ def _elements_to_words(x: jax.Array) -> jax.Array:
 def _page_origin(layout: KVPageLayout, page_ids: jax.Array, layer, kind: int):
     """(slab index, first word) of `layer`'s K (kind 0) or V (kind 1) chunk in each page."""
     slab = page_ids // layout.pages_per_slab
-    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + (layer * 2 + kind) * layout.chunk_words
+    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.chunk_origin(layer, kind)
     return slab, word
 
 
@@ -221,6 +292,7 @@ def read_kv_pages_quantized(pool: jax.Array, layout: KVPageLayout, page_ids: jax
     """K and V of one layer, as stored, for a quantized layout: int32[...] page ids -> 2 x QuantizedTensor
     (values [..., T, Hkv, D] (int4: uint8 [..., T, Hkv, D/2]), bfloat16 scales/zeros [..., T, Hkv, 1]),
     with `quantize_kv`'s conventions (fmt "kv_<format>", axis = last)."""
+    layout.check_uniform("read_kv_pages_quantized")
     if not layout.quantized:
         raise ValueError(f"read_kv_pages_quantized needs a quantized layout, not {layout.kv_dtype!r}")
     out = []
@@ -235,6 +307,7 @@ def read_kv_pages_quantized(pool: jax.Array, layout: KVPageLayout, page_ids: jax
 def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
     """K and V of one layer for the given pages: int32[...] page ids -> 2 x dtype[..., T, Hkv, D], in the
     stored dtype, or dequantized to float32 for quantized layouts."""
+    layout.check_uniform("read_kv_pages")
     if layout.quantized:
         k, v = read_kv_pages_quantized(pool, layout, page_ids, layer)
         return dequantize_kv(k), dequantize_kv(v)
@@ -257,6 +330,7 @@ def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
                     valid: jax.Array, layer, k: jax.Array, v: jax.Array) -> jax.Array:
     """Write one layer's K/V rows of N tokens: page_ids, slots, valid: [N]; k, v: [N, Hkv, D] (any float
     dtype; cast to the stored dtype, or quantized per token per kv head for quantized layouts)."""
+    layout.check_uniform("write_kv_tokens")
     num_slabs = pool.shape[0]
     for kind, x in ((0, k), (1, v)):
         slab, word = _page_origin(layout, page_ids, layer, kind)

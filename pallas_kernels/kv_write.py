@@ -26,6 +26,7 @@ def write_kv(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: 
              layer, k: jax.Array, v: jax.Array, *, kernels: str = "xla") -> jax.Array:
     """page_ids, slots, valid: [N]; k, v: [N, Hkv, D] (any float dtype). Returns the updated pool."""
     check_implementation(kernels)
+    layout.check_uniform("write_kv")
     if kernels == "xla":
         return write_kv_tokens(pool, layout, page_ids, slots, valid, layer, k, v)
     return write_kv_tokens_pallas(pool, layout, page_ids, slots, valid, layer, k, v,

@@ -148,7 +148,7 @@ def _write_kernel(layer_ref, pages_ref, slots_ref, valid_ref, k_ref, v_ref, pool
     @pl.when(valid_ref[i] != 0)
     def _store():
         for kind, x_ref in ((0, k_ref), (1, v_ref)):
-            origin = page_origin + (layer * 2 + kind) * layout.chunk_words
+            origin = page_origin + layout.chunk_origin(layer, kind)
             row = origin + slot * layout.row_words
             scales, zeros = [], []
             for h in range(hkv):

@@ -26,6 +26,7 @@ __all__ = ["IMPLEMENTATIONS", "paged_attention"]
 def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *, kernels: str = "xla",
                     precision=None):
     check_implementation(kernels)
+    layout.check_uniform("paged_attention")
     if kernels == "xla":
         return paged_attention_reference(q, pool, layout, layer, page_table, q_positions, kv_lens)
     interpret = kernels == "interpret"

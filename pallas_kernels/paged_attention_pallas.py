@@ -150,7 +150,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
     def load(slab, page_origin, kind, live):
         """K (kind 0) or V (kind 1) of kv head h for the block's tokens: n float32 planes [block, Dw]
         and, for int4_fp8, the codes' scales [block, 1] apart (else None); zero where not live."""
-        origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
+        origin = page_origin + layout.chunk_origin(layer, kind)                     # [block]
         # Two pointer tensors of one shape [block, Dw] (slab broadcast explicitly for Triton).
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))
         words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_iota]

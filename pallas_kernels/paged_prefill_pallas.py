@@ -105,7 +105,7 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
         """K (kind 0) or V (kind 1) of kv head h for the block's tokens -> float32 [block, D] and, for
         int4_fp8, the codes' scales [block, 1] apart (else None); zero where not live. Each word is
         loaded once (a contiguous row of Dw words: wide loads) and split in registers."""
-        origin = page_origin + (layer * 2 + kind) * layout.chunk_words                     # [block]
+        origin = page_origin + layout.chunk_origin(layer, kind)                     # [block]
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))  # both pointer tensors [block, Dw]
         words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_col]
         if n == 1:

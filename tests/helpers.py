@@ -18,14 +18,23 @@ def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_
     """An LLMEngine over a pool of at least `num_pages` pages (in slabs of `pages_per_slab`)."""
     from serving.engine.llm_engine import EngineConfig, engine_with_own_pool
 
-    cfg = loaded.config
-    page_bytes = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
-                              loaded.kv_dtype).page_bytes
-    slab_bytes = page_bytes * pages_per_slab
-    return engine_with_own_pool(loaded.model, EngineConfig(**config), kv_dtype=loaded.kv_dtype,
-                                kv_cache_bytes=slab_bytes * -(-num_pages // pages_per_slab),
-                                tokens_per_page=tokens_per_page, slab_bytes=slab_bytes,
+    layout = loaded.kv_layout(tokens_per_page)
+    slab_bytes = layout.page_bytes * pages_per_slab
+    return engine_with_own_pool(loaded.model, EngineConfig(**config), layout=layout,
+                                kv_cache_bytes=slab_bytes * -(-num_pages // pages_per_slab), slab_bytes=slab_bytes,
                                 tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
+
+
+def mixed_page_group(num_layers: int, num_kv_heads: int, head_dim: int, tokens_per_page: int,
+                     kv_dtype: str, *, pages_per_slab: int) -> KVPageLayout:
+    """The `num_layers` layers of `kv_dtype` that follow a bf16 first layer in a mixed-format page: a
+    uniform layout at a word offset inside each page slot (kernel tests leave the bf16 layer's span
+    poisoned, so a read or write that misses the offset shows up)."""
+    page = KVPageLayout(num_layers + 1, num_kv_heads, head_dim, tokens_per_page, kv_dtype,
+                        pages_per_slab=pages_per_slab, layer_kv_dtypes=((0, "bf16"),))
+    group = page.layer_groups()[1]
+    assert group.first_layer == 1 and group.layout.first_word > 0
+    return group.layout
 
 
 def drain(engine) -> dict[str, object]:

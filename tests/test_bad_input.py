@@ -147,6 +147,8 @@ def test_other_invalid_arguments(llm):
     (["generate", "--model", "no-such-model", "--prompt", "hi"], "unknown model"),
     (["generate", "--model", str(LLAMA), "--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "--model", str(LLAMA), "--prompt", "word " * 600], "maximum context"),
+    (["generate", "--model", str(LLAMA), "--prompt", "hi", "--kv-dtype", "int4", "--kv-skip-layers", "0,7"],
+     "kv_skip_layers [7] out of range"),
 ])
 def test_cli_errors_are_one_line_and_nonzero(argv, needle, capsys):
     assert cli_main(argv) != 0

@@ -3,8 +3,9 @@
 Isolation is the point: the pool starts full of NaN, and between steps every page that is free or
 belongs to another model is overwritten with random words (and checked untouched afterwards); each
 model must still produce exactly the tokens it produces alone. Compute is float32 so that batching
-differences cannot move a greedy token; the KV pages are float32 / int8 / int4, the weights float,
-int8, int4 and FireQ's INT4-FP8.
+differences cannot move a greedy token; the KV pages are float32 / int8 / int4 (and, apart, FireQ's
+int4_fp8 with layer 0 in float32: a page mixing formats over layers), the weights float, int8, int4
+and FireQ's INT4-FP8.
 """
 
 from __future__ import annotations
@@ -180,6 +181,27 @@ def test_colocated_models_match_alone_with_poisoned_and_scribbled_pool(models, a
     assert fleet.pool.allocator.num_free_slabs == fleet.plan.num_slabs  # every page came back
 
 
+def test_a_page_mixing_kv_formats_over_layers_shares_the_pool(models):
+    """A FireQ model whose layer 0 keeps float32 KV (int4_fp8 elsewhere) beside a float32-KV model on
+    a NaN-filled, scribbled pool: its tokens are those it produces alone, nothing leaks either way."""
+    mixed = random_model(ModelConfig("llama", VOCAB, 128, 256, 3, 4, 2, 32, max_position_embeddings=256),
+                         "fireq", "float32", name="e-fireq-skip0", seed=5, kv_skip_layers=[0])
+    pair = [models[0], mixed]
+    names, prompts, params = workload(pair, seed=1)
+    mine = [i for i, n in enumerate(names) if n == mixed.name]
+    alone = Fleet(specs([mixed]), pool_bytes=1 << 20, slab_bytes=64 << 10).generate(
+        prompt_token_ids=[prompts[i] for i in mine], sampling_params=[params[i] for i in mine], model=mixed.name)
+    fleet = Fleet(specs(pair), pool_bytes=1 << 20, slab_bytes=64 << 10, pool_fill=NAN_WORD)
+    layout = fleet.plan.layouts[mixed.name]
+    assert layout.layer_kv_dtypes == ((0, "float32"),) and len(layout.layer_groups()) == 2
+    policy = ScribblingPolicy(fleet)
+    fleet.runtime.policy = policy
+    out = fleet.generate(prompt_token_ids=prompts, sampling_params=params, model=names)
+    policy.settle()
+    assert [out[i].token_ids for i in mine] == [o.token_ids for o in alone]
+    assert policy.scribbles > 0 and fleet.pool.allocator.num_free_slabs == fleet.plan.num_slabs
+
+
 @pytest.mark.parametrize("mode", ["static", "single_page"])
 def test_baseline_pools_give_the_same_tokens(models, alone, mode):
     names, prompts, params = workload(models)
@@ -259,10 +281,12 @@ model = "{FIXTURES / 'qwen2'}"
 precision = "fp8"
 max_model_len = 128
 kv_reserve_bytes = "1MiB"
+kv_skip_layers = [0]
 ''')
     fleet = Fleet.from_config(path)
     assert fleet.model_names == ["llama-bf16", "qwen2-fp8"]
     assert fleet.plan.layouts["qwen2-fp8"].kv_dtype == "fp8"
+    assert fleet.plan.layouts["qwen2-fp8"].layer_kv_dtypes == ((0, "bf16"),)
     assert fleet.plan.layouts["llama-bf16"].kv_dtype == "float32"
     assert fleet.plan.limits["qwen2-fp8"][0] == -(-(1 << 20) // fleet.plan.slab_bytes)
     out = fleet.generate(["Hello there", "Hi"], SamplingParams(temperature=0, max_tokens=4),
@@ -282,6 +306,10 @@ def test_fleet_file_errors_name_the_file_and_the_key(tmp_path):
     path = tmp_path / "fleet.toml"
     for text, message in [
             ('[[models]]\nmodel = "x"\nmax_num_seqs = "8"\n', r"\[\[models\]\] entry 0: max_num_seqs must be an int"),
+            ('[[models]]\nmodel = "x"\nkv_skip_layers = 0\n', r"\[\[models\]\] entry 0: kv_skip_layers must be an array, got 0"),
+            ('[[models]]\nmodel = "x"\nkv_skip_layers = [1, "a"]\n',
+             r"\[\[models\]\] entry 0: kv_skip_layers item 1 must be an integer, got 'a'"),
+            ('[[models]]\nmodel = "x"\nkv_skip_layers = [-1]\n', r"\[\[models\]\] entry 0: kv_skip_layers must be non-neg"),
             ('[[models]]\nmodel = "x"\nslo_ttft_ms = 500\n', r"\[\[models\]\] entry 0: unknown keys \['slo_ttft_ms'\]"),
             ('pool_bytes = true\n[[models]]\nmodel = "x"\n', r"pool_bytes must be a byte count, got True"),
             ('pool_mode = "paged"\n[[models]]\nmodel = "x"\n', r"unknown pool_mode 'paged'"),

@@ -264,3 +264,93 @@ def test_fp8_saturates_instead_of_nan():
     np.testing.assert_allclose(v[:, :, :2], -x[:, :, :2], rtol=2.0 ** -4 + 2.0 ** -8)
     assert (np.abs(x[:, :, 2:]) < 2.0 ** -10 * scale[:, :, None]).all()
     assert not k[:, :, 2:].any() and not v[:, :, 2:].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pages mixing formats over layers (layer_kv_dtypes)
+
+
+def test_mixed_page_sizes_sum_their_layers():
+    # Layers 0 and 3 bf16, 1-2 and 4 int4: groups [0] [1, 2] [3] [4], one after another in the page.
+    layout = KVPageLayout(5, 3, 64, 16, "int4", layer_kv_dtypes=((3, "bfloat16"), (0, "bf16"), (2, "int4")))
+    assert layout.layer_kv_dtypes == ((0, "bf16"), (3, "bf16"))   # sorted, aliases named, no-ops dropped
+    assert layout.mixed and [layout.kv_dtype_of(i) for i in range(5)] == ["bf16", "int4", "int4", "bf16", "int4"]
+    per_layer = {fmt: kv_bytes_per_token_per_layer(fmt, 3, 64) for fmt in ("bf16", "int4")}
+    assert layout.bytes_per_token == 2 * per_layer["bf16"] + 3 * per_layer["int4"]
+    assert KVPageLayout.bytes_per_token_for(5, 3, 64, "int4", ((0, "bf16"), (3, "bf16"))) == layout.bytes_per_token
+    groups = layout.layer_groups()
+    assert [(g.first_layer, g.layout.num_layers, g.layout.kv_dtype) for g in groups] == [
+        (0, 1, "bf16"), (1, 2, "int4"), (3, 1, "bf16"), (4, 1, "int4")]
+    word = 0
+    for g in groups:   # contiguous, in layer order, each a uniform page of its own layers
+        assert not g.layout.mixed and g.layout.first_word == word
+        assert g.layout.page_slot_words == layout.page_words
+        assert g.layout.page_words == KVPageLayout(g.layout.num_layers, 3, 64, 16, g.layout.kv_dtype).page_words
+        word += g.layout.page_words
+    assert word == layout.page_words == 16 * layout.bytes_per_token // 4
+    # Every layer overridden to one format: one group, the size of that format's uniform page.
+    every = KVPageLayout(2, 3, 64, 16, "int4", layer_kv_dtypes=((0, "bf16"), (1, "bf16")))
+    assert len(every.layer_groups()) == 1 and every.page_words == KVPageLayout(2, 3, 64, 16, "bf16").page_words
+    # A padded slot keeps its stride for every group; a uniform page is its own single group.
+    padded = dataclasses.replace(layout, page_stride_words=layout.page_words + 5)
+    assert all(g.layout.page_slot_words == layout.page_words + 5 for g in padded.layer_groups())
+    plain = KVPageLayout(2, 3, 64, 16, "int8")
+    assert plain.layer_groups()[0].layout is plain and not plain.mixed
+
+
+def test_mixed_page_validation():
+    with pytest.raises(ValueError, match="not one of the model's 2 layers"):
+        KVPageLayout(2, 2, 64, 8, "int4", layer_kv_dtypes=((2, "bf16"),))
+    with pytest.raises(ValueError, match="not one of the model's"):
+        KVPageLayout(2, 2, 64, 8, "int4", layer_kv_dtypes=((-1, "bf16"),))
+    with pytest.raises(ValueError, match="twice"):
+        KVPageLayout(2, 2, 64, 8, "int4", layer_kv_dtypes=((0, "bf16"), (0, "fp8")))
+    with pytest.raises(ValueError, match="unsupported kv_dtype"):
+        KVPageLayout(2, 2, 64, 8, "int4", layer_kv_dtypes=((0, "int2"),))
+    with pytest.raises(ValueError, match="32-bit words"):   # the override's own geometry is checked
+        KVPageLayout(2, 1, 2, 8, "float32", layer_kv_dtypes=((0, "fp8"),))
+    with pytest.raises(ValueError, match="shorter than a page"):
+        KVPageLayout(2, 2, 64, 8, "int4", first_word=8, page_stride_words=KVPageLayout(2, 2, 64, 8, "int4").page_words)
+    mixed = KVPageLayout(2, 2, 64, 8, "int4", layer_kv_dtypes=((0, "bf16"),))
+    pool, ids = jnp.zeros((1, mixed.page_words), jnp.uint32), jnp.zeros(1, jnp.int32)
+    with pytest.raises(ValueError, match="layer_groups"):
+        read_kv_pages(pool, mixed, ids, 0)
+    with pytest.raises(ValueError, match="layer_groups"):
+        write_kv_tokens(pool, mixed, ids, ids, jnp.ones(1, bool), 0, jnp.zeros((1, 2, 64)), jnp.zeros((1, 2, 64)))
+
+
+@jax.jit(static_argnums=1)
+def _write_layers(pool, layout, pages, slots, k, v):
+    """Write every layer of `layout` (k, v: [layers, N, H, D])."""
+    valid = jnp.ones(pages.shape, bool)
+    return lax.fori_loop(0, layout.num_layers, lambda layer, p: write_kv_tokens(
+        p, layout, pages, slots, valid, layer, k[layer], v[layer]), pool)
+
+
+def test_mixed_page_groups_write_where_a_uniform_page_of_theirs_would(rng):
+    """Each group's layers land in their own span of the page slot: the span holds, word for word,
+    what a plain uniform layout of that group writes into a pool of the span alone; reads through the
+    group layout give what reads of that pool give; nothing outside the span changes."""
+    t, h, d, num_pages = 8, 3, 64, 4
+    layout = KVPageLayout(4, h, d, t, "int4_fp8", pages_per_slab=2, layer_kv_dtypes=((0, "bf16"), (2, "fp8")))
+    assert [g.layout.kv_dtype for g in layout.layer_groups()] == ["bf16", "int4_fp8", "fp8", "int4_fp8"]
+    pos = rng.permutation(num_pages * t)[:19]            # distinct (page, slot) pairs, both slabs
+    pages, slots = jnp.asarray(pos // t, jnp.int32), jnp.asarray(pos % t, jnp.int32)
+    pool = jnp.full((num_pages // 2, 2 * layout.page_words), POISON, jnp.uint32)
+    for g in layout.layer_groups():
+        sub = g.layout
+        lo, hi = sub.first_word, sub.first_word + sub.page_words
+        k, v = (jnp.asarray(rand_kv(rng, (sub.num_layers, len(pos), h, d))) for _ in range(2))
+        before = np.asarray(pool).reshape(num_pages, layout.page_words)
+        pool = _write_layers(pool, sub, pages, slots, k, v)
+        after = np.asarray(pool).reshape(num_pages, layout.page_words)
+        alone = dataclasses.replace(sub, first_word=0, page_stride_words=0, pages_per_slab=1)
+        span = _write_layers(jnp.full((num_pages, sub.page_words), POISON, jnp.uint32), alone, pages, slots, k, v)
+        np.testing.assert_array_equal(after[:, lo:hi], np.asarray(span))
+        assert (after[:, lo:hi] != POISON).any(), "nothing written"
+        outside = np.ones(layout.page_words, bool)
+        outside[lo:hi] = False
+        np.testing.assert_array_equal(after[:, outside], before[:, outside])
+        for layer in range(sub.num_layers):
+            for got, want in zip(read_kv_pages(pool, sub, pages, layer), read_kv_pages(span, alone, pages, layer)):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

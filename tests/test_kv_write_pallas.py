@@ -35,6 +35,7 @@ from pallas_kernels.kv_write import IMPLEMENTATIONS, write_kv
 from pallas_kernels.kv_write_pallas import (_e4m3_bits, _round_half_even, write_kv_tokens_pallas,
                                             write_shape_error)
 from pallas_kernels.quant_formats import saturating_cast_e4m3
+from tests.helpers import mixed_page_group
 
 POISON = np.uint32(0x7FC07FC0)  # NaN as one float32 and as two bfloat16 halves
 NUM_LAYERS = 2
@@ -140,6 +141,20 @@ def test_write_padded_page_stride_and_layer0(rng):
     k = k.astype(jnp.bfloat16)
     ref = _ref(pool, layout, pages, slots, valid, jnp.int32(0), k, v)
     assert_same_words(_kernel(pool, layout, pages, slots, valid, jnp.int32(0), k, v, interpret=True), ref)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int4", "float32"])
+def test_write_layers_of_a_mixed_format_page(rng, kv_dtype):
+    """Layers placed after a bf16 first layer in a mixed-format page (KVPageLayout.layer_groups)."""
+    layout = mixed_page_group(NUM_LAYERS, 2, 64, 8, kv_dtype, pages_per_slab=PAGES_PER_SLAB)
+    pool, pages, slots, valid, k, v = build_write(rng, layout, num_valid=20, num_invalid=4)
+    ref = _ref(pool, layout, pages, slots, valid, jnp.int32(LAYER), k, v)
+    assert_same_words(_kernel(pool, layout, pages, slots, valid, jnp.int32(LAYER), k, v, interpret=True), ref)
+    # Nothing before the group's first word is written (the bf16 layer's span stays poisoned).
+    slots_words = np.asarray(ref)[:, :PAGES_PER_SLAB * layout.page_slot_words].reshape(
+        NUM_SLABS, PAGES_PER_SLAB, layout.page_slot_words)
+    assert (slots_words[:, :, :layout.first_word] == POISON).all()
+    assert (slots_words[:, :, layout.first_word:] != POISON).any()
 
 
 def test_write_strict_interpreter_bounds(rng):

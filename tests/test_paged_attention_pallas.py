@@ -48,6 +48,7 @@ from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_pallas import decode_words, paged_decode_attention, plan_splits
 from pallas_kernels.paged_attention_ref import paged_attention_reference
+from tests.helpers import mixed_page_group
 
 POISON = np.uint32(0x7FC07FC0)  # NaN as one float32 and as two bfloat16 halves
 NUM_LAYERS = 2
@@ -184,6 +185,15 @@ def test_padded_page_stride(rng):
                   num_splits=2, interpret=True)
     ref = _ref(q, pool, layout, jnp.int32(LAYER), table, q_pos, kv_lens, pages_per_block=2)
     check(out, ref)
+
+
+def test_layers_of_a_mixed_format_page(rng):
+    """The int4 layers of a page whose first layer is bf16 (KVPageLayout.layer_groups)."""
+    layout = mixed_page_group(NUM_LAYERS, 2, 64, 16, "int4", pages_per_slab=PAGES_PER_SLAB)
+    q, pool, table, q_pos, kv_lens = build_case(rng, layout, [33, 70, 5], group=2)
+    out = _kernel(q, pool, layout, jnp.int32(LAYER), table, q_pos, kv_lens, pages_per_block=2,
+                  num_splits=2, interpret=True)
+    check(out, _ref(q, pool, layout, jnp.int32(LAYER), table, q_pos, kv_lens, pages_per_block=2))
 
 
 def test_bfloat16_queries(rng):

@@ -56,6 +56,7 @@ from pallas_kernels.kv_pages import KVPageLayout, write_kv_tokens
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_ref import paged_attention_reference
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention, plan_prefill, prefill_shape_error
+from tests.helpers import mixed_page_group
 
 POISON = np.uint32(0x7FC07FC0)  # NaN as one float32 and as two bfloat16 halves
 NUM_LAYERS = 2
@@ -180,6 +181,18 @@ def test_default_plan_long_chunks(rng):
     q = random_q(rng, 3, seq, NUM_KV_HEADS * group, 64)
     args = (q, pool, layout, jnp.int32(LAYER), table, jnp.asarray(q_pos), jnp.asarray(kv_lens))
     check(_kernel(*args, interpret=True), _ref(*args, pages_per_block=4))
+
+
+def test_layers_of_a_mixed_format_page(rng):
+    """The int4_fp8 layers of a page whose first layer is bf16 (KVPageLayout.layer_groups)."""
+    layout = mixed_page_group(NUM_LAYERS, NUM_KV_HEADS, 64, 8, "int4_fp8", pages_per_slab=PAGES_PER_SLAB)
+    contexts, chunks = [0, 21, 40], [6, 5, 3]
+    kv_lens = np.add(contexts, chunks).astype(np.int32)
+    pool, table = build_pool(rng, layout, kv_lens, P)
+    q_pos, _ = chunk_positions(rng, contexts, chunks, 6)
+    args = (random_q(rng, 3, 6, NUM_KV_HEADS * 2, 64), pool, layout, jnp.int32(LAYER), table,
+            jnp.asarray(q_pos), jnp.asarray(kv_lens))
+    check(_kernel(*args, block_q=2, pages_per_block=2, interpret=True), _ref(*args, pages_per_block=2))
 
 
 def test_bfloat16_queries_padded_page_stride(rng):

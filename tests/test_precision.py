@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.loader import load_model
-from models.precision import PRESETS, RTN_INT4_PER_CHANNEL, PrecisionPreset, resolve_precision
+from models.config import ModelConfig
+from models.loader import load_model, random_model
+from models.precision import (PRESETS, RTN_INT4_PER_CHANNEL, PrecisionPreset, kv_page_layout,
+                              resolve_precision)
 from models.quant_linear import QuantLinear
 from models.weights import LAYER_LINEARS
 from models.quantize import (
@@ -24,6 +26,7 @@ from models.quantize import (
     collect_activation_stats,
     smooth_model,
 )
+from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.quant_formats import dequantize, quantize_int4_groupwise
 from tests.helpers import FIXTURES, PagedForward
 
@@ -182,3 +185,55 @@ def test_quantized_models_track_the_float_model_in_precision_order():
         rel[name] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert 1e-4 < rel["w8a8"] < 0.12 and rel["fp8"] < 0.35 and rel["w4a16"] < 0.8 and rel["w4a8kv4"] < 0.8, rel
     assert rel["w8a8"] < rel["fp8"] < rel["w4a16"], rel
+
+
+def test_kv_skip_layers_resolve_validate_and_count_bytes():
+    p = resolve_precision("fireq", kv_skip_layers=[3, 0, 0])
+    assert p.kv_skip_layers == (0, 3) and p.name == "fireq+kv-skip-0-3" and p.kv_format == "int4_fp8"
+    assert resolve_precision(p, kv_skip_layers=[]).kv_skip_layers == ()
+    assert resolve_precision(p).kv_skip_layers == (0, 3)                  # None keeps the preset's
+    assert resolve_precision("fireq", kv_skip_layers=()) is PRESETS["fireq"]
+    for bad in ([-1], ["0"], [True], "0", 3, [1.0]):
+        with pytest.raises(ValueError, match="kv_skip_layers"):
+            resolve_precision("fireq", kv_skip_layers=bad)
+    cfg = ModelConfig("llama", 64, 64, 128, 4, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"kv_skip_layers \[4\] out of range: the model has 4 layers"):
+        resolve_precision("w4a8kv4", kv_skip_layers=[1, 4]).check_layers(cfg)
+    with pytest.raises(ValueError, match="out of range"):
+        random_model(cfg, "w4a8kv4", kv_skip_layers=[9])
+    # Bytes: the skipped layers at bf16's per-layer size, the others at the preset's.
+    per_layer = {f: KVPageLayout.bytes_per_token_for(1, 2, 16, f) for f in ("bf16", "int4")}
+    skip = resolve_precision("w4a8kv4", kv_skip_layers=[0])
+    assert skip.kv_bytes_per_token(cfg) == per_layer["bf16"] + 3 * per_layer["int4"]
+    layout = kv_page_layout(skip, cfg, 16, jnp.float32)   # float32 models keep float32 KV there
+    assert layout.layer_kv_dtypes == ((0, "float32"),) and layout.kv_dtype == "int4"
+    # Weights are the same with and without skipped layers: only the KV format changes.
+    assert skip.weight_bytes(cfg) == PRESETS["w4a8kv4"].weight_bytes(cfg)
+
+
+def test_kv_skip_layers_store_those_layers_exactly(rng):
+    """A float32 model with int4 KV but layer 0 kept float32: layer 0's cached keys are the model's
+    keys bit for bit, layer 1's are int4 codes of them; logits with every layer skipped equal the
+    float32 KV model's exactly."""
+    loaded = random_model(ModelConfig("llama", 96, 64, 128, 2, 4, 2, 32), "bf16", "float32",
+                          seed=int(rng.integers(1 << 30)))
+    tokens = rng.integers(0, 96, 20)
+    ref = PagedForward(loaded.model, kv_dtype="float32")
+    ref_logits = ref.step(tokens)
+    every = PagedForward(loaded.model, kv_dtype="int4", layer_kv_dtypes=((0, "float32"), (1, "float32")))
+    np.testing.assert_allclose(every.step(tokens), ref_logits, rtol=1e-5, atol=1e-5)
+    mixed = PagedForward(loaded.model, kv_dtype="int4", layer_kv_dtypes=((0, "float32"),))
+    assert np.isfinite(mixed.step(tokens)).all()
+    first, rest = mixed.layout.layer_groups()
+    k0, k1 = (cached_keys(ref, ref.layout, layer, len(tokens)) for layer in (0, 1))
+    np.testing.assert_allclose(cached_keys(mixed, first.layout, 0, len(tokens)), k0, rtol=1e-5, atol=1e-5)
+    err = np.abs(cached_keys(mixed, rest.layout, 0, len(tokens)) - k1)
+    step = (k1.max(-1) - k1.min(-1))[..., None] / 15       # int4 asymmetric: one step per (token, head)
+    assert err.max() > 0 and (err <= step).all()            # rounding: half a step (+ bf16 scales)
+
+
+def cached_keys(fwd: PagedForward, layout, layer: int, n: int) -> np.ndarray:
+    """The first sequence's first n cached keys of `layer` (of `layout`, one of fwd's groups): [n, Hkv, D]."""
+    ids = fwd.table[0, :layout.pages_for(n)]
+    k = np.asarray(read_kv_pages(fwd.pool.words, layout, ids, layer)[0], np.float32)
+    return k.reshape(-1, layout.num_kv_heads, layout.head_dim)[:n]

@@ -322,12 +322,11 @@ def pool_bytes_for_device(device, utilization: float,
     return pool_bytes_for_utilization(utilization, stats, activations)
 
 
-def engine_with_own_pool(model, config: EngineConfig, *, kv_dtype: str, kv_cache_bytes: int,
-                         tokens_per_page: int = 16, slab_bytes: int | None = None, tokenizer=None,
+def engine_with_own_pool(model, config: EngineConfig, *, layout: KVPageLayout, kv_cache_bytes: int,
+                         slab_bytes: int | None = None, tokenizer=None,
                          eos_token_ids: tuple[int, ...] = (), model_key: str = "model") -> LLMEngine:
-    """One model alone on a pool of `kv_cache_bytes` (slabs sized for its pages unless given)."""
-    cfg = model.config
-    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, kv_dtype)
+    """One model alone on a pool of `kv_cache_bytes` with pages of `layout` (not yet placed; slabs
+    sized for its pages unless given)."""
     slab_bytes = slab_bytes or slab_bytes_for([layout.page_bytes])
     if kv_cache_bytes < slab_bytes:
         raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one slab ({slab_bytes} bytes)")

@@ -24,9 +24,11 @@ MIN_STEP_TOKENS = 16  # short steps are padded so they share one compiled shape
 
 class PagedForward:
     def __init__(self, model, max_tokens: int = 128, *, batch: int = 1, tokens_per_page: int = 4,
-                 kv_dtype: str = "float32", shuffle_pages: bool = True):
+                 kv_dtype: str = "float32", layer_kv_dtypes: tuple[tuple[int, str], ...] = (),
+                 shuffle_pages: bool = True):
         cfg = model.config
-        layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, kv_dtype)
+        layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tokens_per_page, kv_dtype,
+                              layer_kv_dtypes=layer_kv_dtypes)
         pages_per_seq = layout.pages_for(max_tokens)
         self.pool = KVPool(-(-batch * pages_per_seq // PAGES_PER_SLAB) + 1,
                            slab_bytes_for([layout.page_bytes], layout.page_bytes * PAGES_PER_SLAB))

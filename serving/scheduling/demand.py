@@ -49,6 +49,7 @@ class ModelDemand:
     mean_output: int = PLAN_OUTPUT_TOKENS
     tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE
     profile_model: str | None = None  # model key in the DeviceProfile; default: name
+    kv_skip_layers: tuple[int, ...] = ()  # layers whose KV stays bf16 whatever kv_dtype is
 
     def __post_init__(self):
         if self.rate < 0 or self.slo_ttft_s <= 0:
@@ -60,12 +61,12 @@ class ModelDemand:
     def from_config(cls, name: str, config: ModelConfig, precision: str, rate: float, slo_ttft_s: float, *,
                     kv_dtype: str | None = None, mean_prompt: int = PLAN_PROMPT_TOKENS,
                     mean_output: int = PLAN_OUTPUT_TOKENS, tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE,
-                    profile_model: str | None = None) -> "ModelDemand":
+                    profile_model: str | None = None, kv_skip_layers=None) -> "ModelDemand":
         """Weight and KV bytes from the repo's precision presets (exact packed sizes)."""
-        preset = resolve_precision(precision, kv_dtype)
+        preset = resolve_precision(precision, kv_dtype, kv_skip_layers=kv_skip_layers)
         return cls(name, config, precision, preset.kv_format, preset.weight_bytes(config),
                    preset.kv_bytes_per_token(config), rate, slo_ttft_s, mean_prompt, mean_output,
-                   tokens_per_page, profile_model)
+                   tokens_per_page, profile_model, preset.kv_skip_layers)
 
     @property
     def profile_key(self) -> str:
@@ -84,7 +85,8 @@ class ModelDemand:
     def page_layout(self, tp: int = 1, kv_dtype: str | None = None) -> KVPageLayout:
         """The model's KV page on one device of a TP group (its KV heads split across the group)."""
         return KVPageLayout(self.config.num_layers, self.kv_heads_per_device(tp), self.config.head_dim,
-                            self.tokens_per_page, kv_dtype or self.kv_dtype)
+                            self.tokens_per_page, kv_dtype or self.kv_dtype,
+                            layer_kv_dtypes=tuple((layer, "bf16") for layer in self.kv_skip_layers))
 
 
 @dataclass(frozen=True)

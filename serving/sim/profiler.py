@@ -131,8 +131,7 @@ def build_profile_engine(loaded: LoadedModel, config: EngineConfig, grid: Profil
                 max([r * layout.pages_for(c) for r, _, c in grid.prefill] +
                     [r * layout.pages_for(c) for r, c in grid.decode]))
     slabs = -(-pages // (slab // layout.page_bytes)) + 1
-    return engine_with_own_pool(loaded.model, config, kv_dtype=loaded.kv_dtype, kv_cache_bytes=slabs * slab,
-                                tokens_per_page=TOKENS_PER_PAGE, slab_bytes=slab)
+    return engine_with_own_pool(loaded.model, config, layout=layout, kv_cache_bytes=slabs * slab, slab_bytes=slab)
 
 
 def attention_block_tokens(engine: LLMEngine) -> int:
