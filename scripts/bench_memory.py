@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     print(mode_table(results))
     print()
     print(model_table(results))
-    print(f"\nMemory-bound steps in the window: "
+    print("\nMemory-bound steps in the window: "
           + ", ".join(f"{m} {pct(r['memory_bound_share'], 1)}" for m, r in results.items()))
     print(f"Stub vs device: the first {real['steps']} slab steps on the device ({real['prefill_steps']} prefill, "
           f"{real['decode_steps']} decode, {real['model_switches']} switches between "

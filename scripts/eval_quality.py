@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.loader import load_model
-from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL, resolve_precision
+from models.precision import PRESETS, RTN_INT4_GROUPED, RTN_INT4_PER_CHANNEL, layer_kv_dtypes, resolve_precision
 from models.quantize import model_weight_bytes
 from serving.engine.paged_forward import PagedForward
 
@@ -52,6 +52,8 @@ ABLATIONS = {p.name: p for p in (
         ("", "none"), ("-pre-rope", "pre_rope"), ("-post-rope", "post_rope"), ("-rope-aware", "rope_aware"))),
     dataclasses.replace(PRESETS["fireq"], name="fireq-kv-int4", kv_format="int4"),
     dataclasses.replace(_KV4, name="kv4-fp8-attention", kv_format="int4_fp8", kv_scaling="rope_aware"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-first-layer-bf16-kv", kv_skip_layers=(0,)),
+    dataclasses.replace(_KV4, name="kv4-rope-aware-first-layer-bf16", kv_scaling="rope_aware", kv_skip_layers=(0,)),
 )}
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED,
                **ABLATIONS}
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
     n_windows -= n_windows % batch
     windows = np.asarray(ids[: n_windows * args.window], np.int32).reshape(n_windows, args.window)
 
-    runners = {n: PagedForward(m.model, args.window, batch=batch, tokens_per_page=16,
-                               kv_dtype=m.kv_dtype, shuffle_pages=False) for n, m in models.items()}
+    runners = {n: PagedForward(m.model, args.window, batch=batch, tokens_per_page=16, kv_dtype=m.kv_dtype,
+                               layer_kv_dtypes=layer_kv_dtypes(m.precision, m.dtype), shuffle_pages=False)
+               for n, m in models.items()}
     sums = {n: np.zeros(3) for n in names}
     t0 = time.time()
     for i in tqdm(range(0, n_windows, batch), desc="scoring", unit="batch"):
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
                       "weight_bytes": model_weight_bytes(m.model),
                       "kv_bytes_per_token": runners[n].layout.bytes_per_token,
                       "weights": m.precision.weight_format, "activations": m.precision.activation_format or "model",
-                      "kv": m.kv_dtype}
+                      "kv": m.kv_dtype + "".join(f", layer {i} {f}" for i, f in runners[n].layout.layer_kv_dtypes)}
     base = results["bf16"]["nll"]
     for n, r in results.items():
         r["nll_increase"] = r["nll"] / base - 1
