@@ -23,6 +23,8 @@ from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_facto
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, read_kv_pages_quantized
 from pallas_kernels.quant_formats import unpack_int4
 
+REFERENCE_PAGES_PER_BLOCK = 8  # pages per step of the block loop (the engine's table widths are multiples of 8)
+
 
 def paged_attention_reference(
     q: jax.Array,            # [B, S, Hq, D] queries (RoPE applied)
@@ -33,7 +35,7 @@ def paged_attention_reference(
     q_positions: jax.Array,  # int32[B, S] absolute position of each query
     kv_lens: jax.Array,      # int32[B] cached tokens per sequence (after this step's writes)
     *,
-    pages_per_block: int = 8,
+    pages_per_block: int = REFERENCE_PAGES_PER_BLOCK,
 ) -> jax.Array:
     batch, seq, num_q_heads, head_dim = q.shape
     num_kv_heads = layout.num_kv_heads

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/check_kernels_gpu.py [--json OUT] [--interpret] [filters]
 
 Attention (through the dispatcher `pallas_kernels.paged_attention`, implementation "pallas"): every
-KV format (bf16, float32, fp8, int8, int4) x page size {8, 16} x GQA ratio {1, 4} x head_dim
+KV format (bf16, float32, fp8, int8, int4, FireQ's int4_fp8) x page size {8, 16} x GQA ratio {1, 4} x head_dim
 {64, 128}, decode (one query per sequence) and prefill (a chunk of T + 3 queries per sequence, which
 crosses a page boundary), float32 queries; plus, per KV format, bfloat16 queries (what the model
 passes) at T = 16, GQA 4, head_dim 128. Each pool is built as the kernel tests build theirs
@@ -13,7 +13,10 @@ NaN pattern (a read of any word the result should not depend on poisons it), the
 allocator hands one model in random order (sequences straddle slabs), page-table columns past a sequence's
 pages pointing at random valid pages (free, NaN ones included); a 24-page table (a multiple of 8 like
 the engine's, so the dispatcher's default plan gives several blocks and splits); sequence lengths 1,
-T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactly 0).
+T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactly 0). int4_fp8 rounds
+P to e4m3 against the running maximum, so its kernels match the reference only when they walk the
+reference's KV blocks: they are called directly with its blocking (8 pages a step, one split; the
+split-and-merge path does not depend on the format and is checked with the others).
 
 Matmuls (through `pallas_kernels.quantized_matmul`, "pallas"): every weight format with a kernel
 (W4A16 int4 group 32/128 asymmetric and group 32 symmetric, W8A16 int8 per channel and group-wise
@@ -97,11 +100,15 @@ from pallas_kernels.kernel_cases import (
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention_pallas import paged_decode_attention
+from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
+from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 from pallas_kernels.quant_formats import QuantizedTensor
 from pallas_kernels.quantized_matmul import has_kernel, quantized_matmul
 
 OPS = ("decode", "prefill", "kv_write", "matmul")
-KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4")
+KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4", "int4_fp8")
+REFERENCE_BLOCKED = ("int4_fp8",)  # formats whose kernels are checked at the reference's blocking
 PAGE_SIZES = (8, 16)
 GQA_RATIOS = (1, 4)
 HEAD_DIMS = (64, 128)
@@ -203,6 +210,19 @@ def matmul_callable(implementation: str, act_format: str | None):
     return jax.jit(functools.partial(quantized_matmul, act_format=act_format, kernels=implementation))
 
 
+@functools.lru_cache(maxsize=None)
+def reference_blocked_callable(op: str, implementation: str, precision: str):
+    """The decode or prefill kernel walking the reference's KV blocks in one pass (module docstring)."""
+    interpret = implementation == "interpret"
+    if op == "decode":
+        f = functools.partial(paged_decode_attention, pages_per_block=REFERENCE_PAGES_PER_BLOCK, num_splits=1,
+                              interpret=interpret)
+    else:
+        f = functools.partial(paged_prefill_attention, pages_per_block=REFERENCE_PAGES_PER_BLOCK,
+                              precision=DOT_PRECISIONS[precision][0], interpret=interpret)
+    return jax.jit(f, static_argnums=2)
+
+
 def reference_attention(*args):
     with jax.default_matmul_precision("highest"):
         return jax.block_until_ready(attention_callable("xla", "default")(*args))
@@ -220,8 +240,11 @@ def run_case(record: dict, body, progress) -> dict:
     return record
 
 
-def kernel_attention(impl: str, precision: str, *args):
-    """The kernel through the dispatcher, its prefill dots at `precision` (a DOT_PRECISIONS label)."""
+def kernel_attention(impl: str, precision: str, op: str, *args):
+    """The kernel through the dispatcher (at the reference's blocking for REFERENCE_BLOCKED formats),
+    its prefill dots at `precision` (a DOT_PRECISIONS label)."""
+    if args[2].kv_dtype in REFERENCE_BLOCKED:
+        return jax.block_until_ready(reference_blocked_callable(op, impl, precision)(*args))
     return jax.block_until_ready(attention_callable(impl, precision)(*args))
 
 
@@ -317,7 +340,7 @@ def attention_pool_checks(fmt: str, t: int, d: int, sel: Selection, impl: str, s
 
             def body(args=args, q_dtype=q_dtype, precision=precision):
                 ref = reference_attention(*args)
-                out = kernel_attention(impl, precision, *args)
+                out = kernel_attention(impl, precision, op, *args)
                 out_np = np.asarray(out, np.float32)
                 finite = bool(np.isfinite(out_np).all())
                 empty_row_zero = not out_np[-1].any()   # the length-0 row sees no key

@@ -89,7 +89,7 @@ def test_bench_kernels_smoke(tmp_path, capsys):
 def test_check_kernels_interpret(tmp_path, capsys):
     check = _script("check_kernels_gpu")
     out = tmp_path / "check.json"
-    argv = ["--interpret", "--json", str(out), "--kv-formats", "int4", "--gqa", "4",
+    argv = ["--interpret", "--json", str(out), "--kv-formats", "int4,int4_fp8", "--gqa", "4",
             "--matmul-formats", "w4a8_g128", "--ms", "16"]
     assert check.main(argv) == 0, capsys.readouterr().out
     doc = json.loads(out.read_text())
@@ -103,3 +103,4 @@ def test_check_kernels_interpret(tmp_path, capsys):
                      ("prefill", "float32", "bf16x3"), ("prefill", "bfloat16", "bf16x3"),
                      ("prefill", "bfloat16", "default"), ("kv_write", "-", "-"), ("matmul", None, None)}
     assert all(0 <= c["err_over_tol"] <= 1 for c in cases)
+    assert {c["kv_format"] for c in cases if c["kind"] == "prefill"} == {"int4", "int4_fp8"}

@@ -23,12 +23,13 @@ from flax import nnx
 
 from models.llama import LlamaForCausalLM
 from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
 from serving.engine.sequence import Sequence
 
 MIN_PREFILL_BUCKET = 16
-PAGES_PER_ATTENTION_BLOCK = 8
+PAGES_PER_ATTENTION_BLOCK = REFERENCE_PAGES_PER_BLOCK  # page tables are whole blocks of the reference's loop
 
 
 class ShapeBuckets:
