@@ -107,7 +107,9 @@ def test_imported_formats_round_trip(tmp_path):
 def test_llm_serves_a_quantized_checkpoint(saved):
     _, d = saved["w4a8kv4", "float32"]
     llm = LLM(model=str(d), kv_cache_bytes=4 << 20, max_model_len=64)
-    assert llm.precision.name == "w4a8kv4" and llm.engine is not None
+    # Saved with layer 0's KV in the model dtype: served so (bf16 here, int4 in the other layers).
+    assert llm.precision.name == "w4a8kv4+kv-skip-0" and llm.precision.kv_skip_layers == (0,)
+    assert llm.engine.layout.layer_kv_dtypes == ((0, "bf16"),) and llm.engine.layout.kv_dtype == "int4"
     out = llm.generate(["hello world"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
 
