@@ -286,7 +286,10 @@ def compile_sm90a(kernel: TritonKernel, workdir: Path) -> dict:
             "shared_bytes": shared, "occupancy": _occupancy(registers, shared, kernel.num_warps), "mma": mma,
             "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)), "global_loads_by_bits": loads,
             "loop_global_loads_by_bits": _loop_loads(ptx),
-            "widest_global_load_bits": _widest_global_load(ptx, loads)}
+            "widest_global_load_bits": _widest_global_load(ptx, loads),
+            # Triton's software pipeliner turns a loop's loads into cp.async copies into shared memory
+            # issued num_stages - 1 iterations ahead: none means the loop waits for every load.
+            "async_copies": sum(_async_copies(ptx).values())}
 
 
 def check(case: Case, workdir: Path) -> dict:
@@ -307,22 +310,23 @@ def check(case: Case, workdir: Path) -> dict:
 
 def markdown(rows: list[dict], header: str = "") -> str:
     lines = [header, "| case | kernel | warps | regs | spill B (st/ld) | smem KiB | occupancy | MMA | widest load | "
-                     "loop loads (count x bits) | roofline us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+                     "loop loads (count x bits) | stages (cp.async) | roofline us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | | | | |")
+            lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | | | | | |")
             continue
         for k in r["kernels"]:
             if k.get("backend") == "mosaic_gpu":
                 lines.append(f"| {r['case']} | {k['kernel']} (Mosaic GPU) | {k['num_warps']} | n/a | n/a | n/a | n/a | "
                              f"{k['mma']} {', '.join(k['wgmma_shapes'])} | {'TMA' if k['tma'] else '-'} | - | "
-                             f"{r['roofline_us']:.1f} |")
+                             f"TMA pipeline | {r['roofline_us']:.1f} |")
                 continue
             lines.append(f"| {r['case']} | {k['kernel']} | {k['num_warps']} | {k['registers']} | "
                          f"{k['spill_store_bytes']}/{k['spill_load_bytes']} | {k['shared_bytes'] / 1024:.0f} | "
                          f"{k['occupancy']:.0%} | {k['mma']} | {k['widest_global_load_bits']} b | "
-                         f"{_load_mix(k['loop_global_loads_by_bits'])} | {r['roofline_us']:.1f} |")
+                         f"{_load_mix(k['loop_global_loads_by_bits'])} | {k['num_stages']} ({k['async_copies']}) | "
+                         f"{r['roofline_us']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

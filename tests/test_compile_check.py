@@ -34,6 +34,14 @@ def test_tensor_core_use(fast):
     assert all(mma[c] == {"none"} for c in mma if c.startswith("decode"))
 
 
+def test_prefill_loads_the_next_kv_block_during_the_current_ones_mmas(fast):
+    """Triton's software pipeliner issues every prefill loop's K/V loads as cp.async copies into shared
+    memory a block ahead (num_stages 2), in every KV format: loading overlaps the dots."""
+    prefill = [(r["case"], k) for r in fast if r["op"] == "prefill" for k in r["kernels"]]
+    assert {case.split()[1] for case, _ in prefill} >= {"bf16", "fp8", "int8", "int4", "int4_fp8"}
+    assert all(k["num_stages"] >= 2 and k["async_copies"] > 0 for _, k in prefill), prefill
+
+
 def test_fp8_matmul_runs_on_fp8_tensor_cores(fast):
     """The Triton lowering gives the FP8 and W4A8 matmuls mma.sync; the Mosaic GPU kernels (K-major fp8,
     FireQ's INT4-FP8) issue wgmma on e4m3 operands, 16 tokens wide at M=16, tiles brought in by TMA."""
