@@ -51,7 +51,6 @@ def _layer_indices(layers) -> tuple[int, ...]:
     return tuple(sorted(set(layers)))
 
 
-
 @dataclass(frozen=True)
 class PrecisionPreset:
     name: str
