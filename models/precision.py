@@ -64,9 +64,14 @@ class PrecisionPreset:
     # Layers whose KV cache stays in the model dtype whatever kv_format is (vLLM's
     # kv_cache_dtype_skip_layers), e.g. (0,): the first layer, whose keys quantize worst.
     kv_skip_layers: tuple[int, ...] = ()
+    # GPTQ error feedback after AWQ's smoothing and clipping (int4_fp8 weights: models.quantize.gptq_int4_fp8).
+    gptq: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "kv_skip_layers", _layer_indices(self.kv_skip_layers))
+        if self.gptq and (self.weight_format != "int4_fp8" or self.calibration != "awq"):
+            raise ValueError(f"gptq needs int4_fp8 weights calibrated with awq, not {self.weight_format} "
+                             f"weights with {self.calibration}")
         if self.kv_scaling is None:
             object.__setattr__(self, "kv_scaling", "rope_aware" if self.kv_format in INT4_KV else "none")
         if self.kv_scaling not in KV_SCALINGS:

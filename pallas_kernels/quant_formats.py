@@ -338,6 +338,21 @@ def quantize_int4_groupwise(
     return QuantizedTensor(pack_int4(q, axis=axis), jnp.squeeze(scale, red), zeros, fmt, axis, group_size)
 
 
+def int4_fp8_multiplier(absmax: jax.Array) -> jax.Array:
+    """int4_fp8's per-tensor multiplier from every group's absmax: 2^i, the largest i in [0, 14] that
+    keeps every scale `absmax / 7` times it <= 448."""
+    top = jnp.max(absmax) / INT4_SYM_MAX
+    exponent = jnp.where(top > 0, jnp.floor(jnp.log2(E4M3_MAX / jnp.where(top > 0, top, 1.0))), 0.0)
+    return 2.0 ** jnp.clip(exponent, 0, FIREQ_MAX_EXPONENT)
+
+
+def int4_fp8_scales(absmax: jax.Array, multiplier: jax.Array, scale_dtype: Any = jnp.bfloat16) -> jax.Array:
+    """int4_fp8 group scales as stored: `absmax / 7` times `multiplier`, clamped to e4m3's range,
+    rounded to e4m3 and divided back (exact in bfloat16)."""
+    e4m3 = jnp.clip(absmax / INT4_SYM_MAX * multiplier, E4M3_MIN_SUBNORMAL, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return (e4m3.astype(jnp.float32) / multiplier).astype(scale_dtype)
+
+
 def quantize_int4_fp8(w: jax.Array, group_size: int = 128, scale_dtype: Any = jnp.bfloat16) -> QuantizedTensor:
     """FireQ's INT4-FP8 weights from a `[K, N]` kernel: symmetric int4 per group of `group_size` along
     K, stored K-major (values `[N, K // 2]`, axis 1, for the FP8 tensor-core kernel), with e4m3 group
@@ -354,12 +369,8 @@ def quantize_int4_fp8(w: jax.Array, group_size: int = 128, scale_dtype: Any = jn
     if group_size <= 0 or group_size % 2 or k % group_size:
         raise ValueError(f"K={k} must be a multiple of an even group_size ({group_size})")
     g = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
-    scale = jnp.max(jnp.abs(g), axis=1) / INT4_SYM_MAX                                 # [G, N]
-    top = jnp.max(scale)
-    exponent = jnp.where(top > 0, jnp.floor(jnp.log2(E4M3_MAX / jnp.where(top > 0, top, 1.0))), 0.0)
-    multiplier = 2.0 ** jnp.clip(exponent, 0, FIREQ_MAX_EXPONENT)
-    e4m3 = jnp.clip(scale * multiplier, E4M3_MIN_SUBNORMAL, E4M3_MAX).astype(jnp.float8_e4m3fn)
-    stored = (e4m3.astype(jnp.float32) / multiplier).astype(scale_dtype)
+    absmax = jnp.max(jnp.abs(g), axis=1)                                               # [G, N]
+    stored = int4_fp8_scales(absmax, int4_fp8_multiplier(absmax), scale_dtype)
     q = jnp.clip(jnp.round(g / stored.astype(jnp.float32)[:, None, :]), -INT4_SYM_MAX, INT4_SYM_MAX)
     values = pack_int4(q.astype(jnp.int32).reshape(k, n).T, axis=1)                     # [N, K // 2]
     return QuantizedTensor(values, stored, None, "int4_fp8", 1, group_size)

@@ -53,6 +53,11 @@ ABLATIONS = {p.name: p for p in (
     dataclasses.replace(PRESETS["fireq"], name="fireq-kv-int4", kv_format="int4"),
     dataclasses.replace(_KV4, name="kv4-fp8-attention", kv_format="int4_fp8", kv_scaling="rope_aware"),
     dataclasses.replace(PRESETS["fireq"], name="fireq-first-layer-bf16-kv", kv_skip_layers=(0,)),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-gptq", gptq=True),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-weights-only", activation_format=None, kv_format="bf16",
+                        kv_scaling="none"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-weights-only-gptq", activation_format=None, kv_format="bf16",
+                        kv_scaling="none", gptq=True),
     dataclasses.replace(_KV4, name="kv4-rope-aware-first-layer-bf16", kv_scaling="rope_aware", kv_skip_layers=(0,)),
 )}
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED,
