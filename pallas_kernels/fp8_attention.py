@@ -60,6 +60,13 @@ def fp8_probabilities(p, v_scale, c):
     return round_e4m3(p * v_scale * c)
 
 
+def fp8_block_probabilities(p, v_scale):
+    """A kernel's KV block: p [rows, K] and the block's V scales [K] -> (p8, c) with c the block's
+    `p_factor` (a one-axis max: Triton lowers no other reduction)."""
+    c = p_factor(jnp.max(v_scale))
+    return fp8_probabilities(p, v_scale[None, :], c), c
+
+
 def signed_nibbles(words, shift):
     """int4 codes (two's complement nibbles) at bit `shift` of uint32 words -> float32 in [-8, 7]:
     the nibble moved to the top, then an arithmetic right shift sign-extends it."""

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor, signed_nibbles
+from pallas_kernels.fp8_attention import fp8_block_probabilities, fp8_queries, signed_nibbles
 from pallas_kernels.kv_pages import KV_DTYPES, WORD_BITS, KVPageLayout
 from pallas_kernels.pow2 import is_pow2, next_pow2
 
@@ -183,8 +183,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(axis=-1)
         if fp8:
-            c = p_factor(jnp.max(v_scale[:, 0]))   # (one-axis reduce: Triton lowers no other)
-            pv = fp8_probabilities(p, v_scale[:, 0][None, :], c)
+            pv, c = fp8_block_probabilities(p, v_scale[:, 0])
             accs = [a * alpha[:, None] + jnp.sum(pv[:, :, None] * vp[None, :, :], axis=1) / c
                     for a, vp in zip(accs, v)]
         else:

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor
+from pallas_kernels.fp8_attention import fp8_block_probabilities, fp8_queries
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention_pallas import DEFAULT_BLOCK_TOKENS, _elems_per_word, decode_element, token_scales
 from pallas_kernels.pow2 import is_pow2, next_pow2
@@ -145,9 +145,8 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
         alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * alpha + p.sum(axis=-1)
         if fp8:
-            c = p_factor(jnp.max(v_scale[:, 0]))   # (one-axis reduce: Triton lowers no other)
-            p8 = fp8_probabilities(p, v_scale[:, 0][None, :], c).astype(jnp.bfloat16)       # exact
-            pv = lax.dot_general(p8, v.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
+            p8, c = fp8_block_probabilities(p, v_scale[:, 0])                 # e4m3: exact in bf16
+            pv = lax.dot_general(p8.astype(jnp.bfloat16), v.astype(jnp.bfloat16), (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32) / c
         else:
             pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=precision,
