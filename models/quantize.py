@@ -330,20 +330,24 @@ def gptq_int4_fp8(w, gram, group_size):
 
 
 def gptq_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) -> None:
-    """GPTQ on every linear from its sampled (smoothed) inputs: the kernel becomes GPTQ's rounded one,
-    which `round_model` then stores. Its quantizer re-derives the scales from that kernel: the same
-    ones, except in a group column where GPTQ left no code at +-7 (or where the tensor's largest group
-    moved its power-of-two multiplier); those re-round (under 1% of the weights on SmolLM2)."""
-    if preset.weight_format != "int4_fp8":
-        raise ValueError(f"GPTQ is implemented for int4_fp8 weights, not {preset.weight_format}")
+    """GPTQ on every linear from its sampled (smoothed) inputs (the preset allows it for int4_fp8
+    weights only): the kernel becomes GPTQ's rounded one, which `round_model` then stores. Its
+    quantizer re-derives the scales from that kernel: the same ones, except in a group column where
+    GPTQ left no code at +-7 (or where the tensor's largest group moved its power-of-two multiplier);
+    those re-round (under 1% of the weights on SmolLM2)."""
+    _rewrite_kernels(model, preset, inputs, lambda x, w, g: gptq_int4_fp8(w, x.T @ x / x.shape[0], g))
+
+
+def _rewrite_kernels(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray], fn, skip=()) -> None:
+    """Replace each layer's kernel of every linear in `inputs` (but `skip`) by `fn(x, w, g)`: x its
+    sampled inputs [n, in], w its float32 kernel [in, out], g the preset's group size for it."""
     for name, x in inputs.items():
+        if name in skip:
+            continue
         lin = getattr(model.layers, name)
         kernel = np.asarray(lin.kernel[...], np.float32)
         g = preset.group_size_for(kernel.shape[1])
-        out = []
-        for i in range(len(kernel)):
-            xi = jnp.asarray(x[i], jnp.float32)
-            out.append(np.asarray(gptq_int4_fp8(jnp.asarray(kernel[i]), xi.T @ xi / xi.shape[0], g)))
+        out = [np.asarray(fn(jnp.asarray(x[i], jnp.float32), jnp.asarray(kernel[i]), g)) for i in range(len(kernel))]
         lin.kernel[...] = jnp.asarray(np.stack(out), lin.kernel[...].dtype)
 
 
@@ -378,15 +382,8 @@ def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStat
 
 def clip_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) -> None:
     """AWQ clipping of every int4 kernel but q/k, from each linear's sampled inputs."""
-    for name, x in inputs.items():
-        if name in UNCLIPPED:
-            continue
-        lin = getattr(model.layers, name)
-        kernel = np.asarray(lin.kernel[...], np.float32)
-        g = preset.group_size_for(kernel.shape[1])
-        clipped = [np.asarray(awq_clip(jnp.asarray(x[i]), jnp.asarray(kernel[i]), g, preset.weight_format))
-                   for i in range(len(kernel))]
-        lin.kernel[...] = jnp.asarray(np.stack(clipped), lin.kernel[...].dtype)
+    _rewrite_kernels(model, preset, inputs, lambda x, w, g: awq_clip(x, w, g, preset.weight_format),
+                     skip=UNCLIPPED)
 
 
 def calibrate_model(model, preset: PrecisionPreset, calibration: np.ndarray) -> None:
