@@ -18,7 +18,10 @@ removed (`fireq-no-smoothing`: plain RTN; `fireq-channelwise`: no key scaling; `
 `fireq-post-rope`: one key scaling alone; `fireq` has both; `fireq-kv-int4`: QServe's asymmetric
 int4 KV attended in float instead of FireQ's symmetric int4 KV with FP8 queries and P), and int4 KV
 alone on bf16 weights under each key scaling (`kv4`, `kv4-pre-rope`, `kv4-post-rope`,
-`kv4-rope-aware`; `kv4-fp8-attention`: FireQ's int4_fp8 KV, RoPE-aware).
+`kv4-rope-aware`; `kv4-fp8-attention`: FireQ's int4_fp8 KV, RoPE-aware); the first layer's KV kept
+bf16 (`fireq-first-layer-bf16-kv`, `kv4-rope-aware-first-layer-bf16`); GPTQ on FireQ's weights
+(`fireq-gptq`), and the weights alone with and without it (`fireq-weights-only[-gptq]`: bf16
+activations and KV).
 """
 
 from __future__ import annotations
