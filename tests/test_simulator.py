@@ -1,6 +1,6 @@
 """The simulator runs the serving code (engines, schedulers, allocator, runtime) with a cost model for
 the device: its decisions on hand cases, the cluster plumbing, and its validation against the real
-engine on this CPU on one trace (step times within 10%, SLO attainment within 5 points)."""
+engine: the same schedule exactly on a cost-model clock, and step times within 10% on this CPU."""
 
 from __future__ import annotations
 
@@ -206,6 +206,61 @@ def test_replanning_follows_a_popularity_flip():
 # Validation against the real engine
 
 
+class CostClockRunner:
+    """Wraps a ModelRunner: runs the real model, then advances `clock` by what `cost` predicts for the
+    batch the engine really formed (what a SimulatedRunner does, minus the model)."""
+
+    def __init__(self, runner, cost: StepCost, clock):
+        self.runner, self.cost, self.clock = runner, cost, clock
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, pool, is_prefill, seqs, num_tokens):
+        context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
+        pool, result = self.runner.execute(pool, is_prefill, seqs, num_tokens)
+        self.clock.now += self.cost.step_seconds(is_prefill, num_tokens, context)
+        return pool, result
+
+
+def test_simulator_replays_the_real_engines_schedule_exactly():
+    """The real engine (model, pool, scheduler, runtime) on a clock that each step advances by the cost
+    model, against the simulator with the same cost model on the same trace: every request's token
+    times are the same. The only difference left is the device, so any scheduling, admission, paging
+    or bucketing the simulator gets wrong shows up here, free of this machine's noise. The trace
+    queues (some requests miss their SLO), so attainment is not trivially 1."""
+    from models.config import ModelConfig
+    from models.loader import random_model
+    from serving.sim.simulator import SimClock
+    from serving.sim.replay import replay
+    from tests.helpers import build_engine
+
+    cfg = ModelConfig("llama", 128, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024)
+    loaded = random_model(cfg, "bf16", "float32")
+    config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
+    # a CPU-like fit: ~10 ms fixed per step, prefill ~0.1 ms per token, decode ~1 ms per row
+    cost = StepCost(prefill=(1e-2, 1e-4, 1e-8), decode=(1e-2, 1e-3, 2e-6, 2e-3), attention_block=128)
+    per_request = cost.ttft_seconds(200) + 23 * cost.decode_seconds([224] * 4) / 4
+    work = synthetic_workload(["m"], 0.9 / per_request, 1.0, duration_s=10.0, lengths=FixedLengths(200, 24), seed=7)
+    slo = SLO(2 * cost.ttft_seconds(200))
+
+    engine = build_engine(loaded, num_pages=8 * 64, tokens_per_page=16, pages_per_slab=8, **dataclasses.asdict(config))
+    clock = SimClock()
+    engine.runner = CostClockRunner(engine.runner, cost, clock)
+    real = replay(DeviceRuntime(engine.pool, {"m": engine}), work.requests, clock, clock.wait_until)
+
+    layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, loaded.kv_dtype)
+    sim = build_device([SimModel("m", layout, cost, slo, config)], engine.pool.allocator.stats()["pool_bytes"],
+                       admission="fcfs", policy="round_robin")
+    simulated = simulate_device(sim, work.requests)
+    assert len(real) == len(work.requests) > 40
+    for r, s in zip(real, simulated):
+        assert (r.request_id, r.status, r.output_len) == (s.request_id, "finished", 24)
+        assert r.token_times == pytest.approx(s.token_times, abs=1e-9), r.request_id
+    attainment = summarize(real, {"m": slo}).overall.slo_attainment
+    assert 0.3 < attainment < 0.95, attainment
+
+
 class RecordingRunner:
     """Wraps a ModelRunner; records every step's batch and its wall time, counting the engine's host
     work since the previous step (scheduling, output bookkeeping: a few ms, which the simulator's
@@ -238,8 +293,8 @@ class RecordingRunner:
 
 
 def _real_vs_simulated_trial(loaded, cfg, config):
-    """Profile, serve one trace for real, simulate it; (step ratio, real and simulated attainment,
-    the load the run's own steps say it offered, requests)."""
+    """Profile, serve one trace for real, simulate it; (held-out step ratio, real and simulated
+    attainment, the load the run's own steps say it offered, requests)."""
     from serving.scheduling.cost_model import StepSample, fit_step_cost
     from serving.sim.profiler import ProfileGrid, build_profile_engine, profile_engine
     from serving.sim.replay import WallClock, replay
@@ -279,37 +334,26 @@ def _real_vs_simulated_trial(loaded, cfg, config):
     print(f"held-out predicted/measured step time (median) {ratio:.3f}; attainment real {att_real:.3f} "
           f"simulated {att_sim:.3f} over {len(work.requests)} requests, {len(steps)} steps, load {load:.2f} "
           f"by the run's own steps; fit {errors}")
-    return ratio, att_real, att_sim, load, len(work.requests), errors["decode_mean_rel_err"]
+    return ratio, att_real, att_sim, load, len(work.requests)
 
 
-NOISY_DECODE_FIT = 0.13  # mean relative error of the decode fit on a run's own steps
-MAX_TRIALS = 8
+MAX_TRIALS = 3
 
 
 @pytest.mark.timing
-def test_simulator_matches_the_real_engine_on_cpu():
-    """One model, one trace, served for real (wall clock) and simulated on the same requests.
+def test_cost_model_predicts_the_real_engines_steps_on_cpu():
+    """One model, one trace, served for real on the wall clock: the cost model fitted on every other
+    real step predicts the remaining steps within 10% (median of predicted / measured, because a
+    neighbour's burst lands on a few steps), so the form generalises to the batches the scheduler
+    really forms. A step's time includes the engine's host work since the previous step
+    (RecordingRunner): timing the model call alone left out ~5% of every step.
 
-    The cost model is fitted to steps of this machine, but this machine is shared: a profile taken
-    a minute before the run can be 10-25% off when a neighbour's load comes or goes (measured here).
-    So both checks use the run's own steps, and drift cannot fail them:
-    - step time: the cost model fitted on every other real step predicts the remaining steps within
-      10% (median of predicted / measured: the form generalises to the batches the scheduler really
-      forms; a median, because a neighbour's burst lands on a few steps);
-    - SLO attainment: the simulator, with the cost model fitted on the run's steps, lands within 5
-      points of the real run, at ~80% of the load the device sustains and an SLO of 4x the batch-1
-      TTFT, where queueing makes some requests miss. (At 1.5x TTFT the SLO is one step long and OS
-      jitter alone decides it.) A profile taken just before sets the load and the SLO. A step's time
-      includes the engine's host work since the previous step (RecordingRunner): timing the model
-      call alone left out ~5% of every step, and the real run queued more than its simulation
-      (89% in time against 96% in one CI run; 94-96% against 96% once it was counted).
-    The comparison is made below saturation: if the run's own steps say the machine slowed down so
-    much that the trace offered more than it sustains (a quiet run measures ~0.9 by this rough
-    service-time estimate; near saturation a few ms of OS jitter swing attainment by 10+ points:
-    57% vs 69% at 119 requests in one CI run), or that its step times were unusually noisy (the decode
-    fit on them off by more than NOISY_DECODE_FIT on average: 7-10% in quiet runs, 15-23% in noisy
-    ones; one CI run at 16% served 81% in time where the simulation of its steps made 96%), the
-    trial is repeated with a fresh profile, up to MAX_TRIALS times, and the quietest is checked."""
+    The simulated and real SLO attainment of the same run are printed, not asserted: on this shared
+    machine a neighbour's load swings the real run by 5-25 points, which no cost model fitted at
+    another moment can predict (held-out step ratios stayed within 0.95-1.04 in the noisiest CI run,
+    where attainment differed by 11 points). That the simulator schedules exactly as the engine does
+    is checked without the clock, above; wall-clock fidelity figures are in benchmarks/RESULTS.md. A
+    trial whose ratio misses is repeated with a fresh profile, up to MAX_TRIALS times."""
     from models.config import ModelConfig
     from models.loader import random_model
 
@@ -318,13 +362,9 @@ def test_simulator_matches_the_real_engine_on_cpu():
     cfg = ModelConfig("llama", 512, 768, 1536, 4, 4, 2, 64, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
     config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
-    trials = []
+    ratios = []
     for _ in range(MAX_TRIALS):
-        trials.append(_real_vs_simulated_trial(loaded, cfg, config))
-        load, decode_fit_err = trials[-1][3], trials[-1][5]
-        if load <= 1.0 and decode_fit_err <= NOISY_DECODE_FIT:
+        ratios.append(_real_vs_simulated_trial(loaded, cfg, config)[0])
+        if abs(ratios[-1] - 1) <= 0.10:
             break
-    # the quietest trial: below saturation first, then the smallest decode fit error
-    ratio, att_real, att_sim, load, n, _ = min(trials, key=lambda trial: (trial[3] > 1.0, trial[5]))
-    assert abs(ratio - 1) <= 0.10, ratio
-    assert abs(att_real - att_sim) <= 0.05, (att_real, att_sim, n, load)
+    assert abs(ratios[-1] - 1) <= 0.10, ratios
