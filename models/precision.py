@@ -10,7 +10,7 @@ w4a16      int4 g128 asymmetric   bf16                 bf16       AWQ scale sear
 w4a8kv4    int4 g128 asymmetric   e4m3 per token       int4       AWQ scale search (RTN without data),
                                                                   SmoothAttention
 fireq      int4 g128 symmetric    e4m3 per token       int4 sym   AWQ-style factor search + clipping,
-                                                                  RoPE-aware key scaling
+                                                                  GPTQ, RoPE-aware key scaling
            (FireQ's INT4-FP8: e4m3 group scales x one 2^i per tensor, stored K-major; KV int4_fp8:
            symmetric int4 per token and head, attended with e4m3 queries and P)
 =========  =====================  ===================  =========  ================================
@@ -148,7 +148,7 @@ PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (
     PrecisionPreset("fp8", "fp8", "fp8", "fp8"),
     PrecisionPreset("w4a16", "int4", None, "bf16", group_size=128, calibration="awq"),
     PrecisionPreset("w4a8kv4", "int4", "fp8", "int4", group_size=128, calibration="awq", kv_scaling="pre_rope"),
-    PrecisionPreset("fireq", "int4_fp8", "fp8", "int4_fp8", group_size=128, calibration="awq"),
+    PrecisionPreset("fireq", "int4_fp8", "fp8", "int4_fp8", group_size=128, calibration="awq", gptq=True),
 )}
 
 # Baselines for the quality report only (not served by name): naive round-to-nearest int4.

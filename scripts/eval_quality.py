@@ -19,9 +19,10 @@ removed (`fireq-no-smoothing`: plain RTN; `fireq-channelwise`: no key scaling; `
 int4 KV attended in float instead of FireQ's symmetric int4 KV with FP8 queries and P), and int4 KV
 alone on bf16 weights under each key scaling (`kv4`, `kv4-pre-rope`, `kv4-post-rope`,
 `kv4-rope-aware`; `kv4-fp8-attention`: FireQ's int4_fp8 KV, RoPE-aware); the first layer's KV kept
-bf16 (`fireq-first-layer-bf16-kv`, `kv4-rope-aware-first-layer-bf16`); GPTQ on FireQ's weights
-(`fireq-gptq`), and the weights alone with and without it (`fireq-weights-only[-gptq]`: bf16
-activations and KV).
+bf16 (`fireq-first-layer-bf16-kv`, `kv4-rope-aware-first-layer-bf16`); fireq without GPTQ
+(`fireq-no-gptq`: AWQ alone); and fireq's error taken apart: its weights alone with and without GPTQ
+(`fireq-weights-only[-no-gptq]`: bf16 activations and KV), its weights and FP8 activations over bf16
+KV (`fireq-bf16-kv`), its weights and KV with bf16 activations (`fireq-bf16-activations`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from serving.engine.paged_forward import PagedForward
 ROOT = Path(__file__).resolve().parent.parent
 _KV4 = resolve_precision("bf16", kv_dtype="int4")
 ABLATIONS = {p.name: p for p in (
-    dataclasses.replace(PRESETS["fireq"], name="fireq-no-smoothing", calibration=None, kv_scaling="none"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-no-smoothing", calibration=None, kv_scaling="none", gptq=False),
     dataclasses.replace(PRESETS["fireq"], name="fireq-channelwise", kv_scaling="none"),
     dataclasses.replace(PRESETS["fireq"], name="fireq-pre-rope", kv_scaling="pre_rope"),
     dataclasses.replace(PRESETS["fireq"], name="fireq-post-rope", kv_scaling="post_rope"),
@@ -56,11 +57,13 @@ ABLATIONS = {p.name: p for p in (
     dataclasses.replace(PRESETS["fireq"], name="fireq-kv-int4", kv_format="int4"),
     dataclasses.replace(_KV4, name="kv4-fp8-attention", kv_format="int4_fp8", kv_scaling="rope_aware"),
     dataclasses.replace(PRESETS["fireq"], name="fireq-first-layer-bf16-kv", kv_skip_layers=(0,)),
-    dataclasses.replace(PRESETS["fireq"], name="fireq-gptq", gptq=True),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-no-gptq", gptq=False),
     dataclasses.replace(PRESETS["fireq"], name="fireq-weights-only", activation_format=None, kv_format="bf16",
                         kv_scaling="none"),
-    dataclasses.replace(PRESETS["fireq"], name="fireq-weights-only-gptq", activation_format=None, kv_format="bf16",
-                        kv_scaling="none", gptq=True),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-weights-only-no-gptq", activation_format=None,
+                        kv_format="bf16", kv_scaling="none", gptq=False),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-bf16-kv", kv_format="bf16", kv_scaling="none"),
+    dataclasses.replace(PRESETS["fireq"], name="fireq-bf16-activations", activation_format=None),
     dataclasses.replace(_KV4, name="kv4-rope-aware-first-layer-bf16", kv_scaling="rope_aware", kv_skip_layers=(0,)),
 )}
 ALL_PRESETS = {**PRESETS, RTN_INT4_PER_CHANNEL.name: RTN_INT4_PER_CHANNEL, RTN_INT4_GROUPED.name: RTN_INT4_GROUPED,

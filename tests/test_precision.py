@@ -207,15 +207,16 @@ def test_quantized_models_track_the_float_model_in_precision_order():
 
 
 def test_gptq_runs_inside_the_fireq_calibration(rng):
-    """PrecisionPreset.gptq turns GPTQ on after AWQ: a tiny float32 model's int4_fp8 codes differ from
-    plain fireq's, and its logits track the float model's within the 4-bit bound of the test above."""
+    """PrecisionPreset.gptq (on in fireq) runs GPTQ after AWQ: a tiny float32 model's int4_fp8 codes
+    differ from AWQ alone's, and its logits track the float model's within the 4-bit bound above."""
     cfg = ModelConfig("llama", 96, 128, 256, 2, 4, 2, 32)
     seed = int(rng.integers(1 << 30))
     calib = rng.integers(0, 96, (4, 64)).astype(np.int32)
     tokens = rng.integers(0, 96, 20)
     ref = PagedForward(random_model(cfg, "bf16", "float32", seed=seed).model).step(tokens)
     codes, rel = {}, {}
-    for preset in (PRESETS["fireq"], dataclasses.replace(PRESETS["fireq"], gptq=True)):
+    assert PRESETS["fireq"].gptq
+    for preset in (dataclasses.replace(PRESETS["fireq"], gptq=False), PRESETS["fireq"]):
         model = quantize_model(random_model(cfg, "bf16", "float32", seed=seed).model, preset, calib)
         codes[preset.gptq] = np.asarray(model.layers.down_proj.values[...])
         rel[preset.gptq] = float(np.linalg.norm(PagedForward(model).step(tokens) - ref) / np.linalg.norm(ref))
