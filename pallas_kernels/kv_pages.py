@@ -4,8 +4,10 @@ The pool is one `uint32[num_slabs, slab_words]` buffer per device; a model forma
 given into pages of its own size (`KVPageLayout`), so models with different KV formats and shapes
 share one pool (paging as in PagedAttention, arXiv:2309.06180). Inside a page the layout is
 layer-major, `[layer][K|V][chunk]`, and one layer's K (or V) of a page, values and bfloat16 scales
-alike, is one contiguous chunk, read with one dynamic slice. Each token's scale row is padded to whole
-words, so no two tokens share a word and every write is a word scatter. `KVPageLayout` owns the sizes
+alike, is one contiguous chunk, read with one dynamic slice. Values are head-major inside the chunk
+(`[kv_head][token][head_dim]`), so one head's page tile is one contiguous run (a TMA box for Mosaic
+GPU kernels); scales are token-major, each token's scale row padded to whole words, so no two tokens
+share a word and every write is a word scatter. `KVPageLayout` owns the sizes
 (`page_words`, `bytes_per_token`), which are exact: scales and padding included.
 
 `write_kv_tokens` quantizes K/V rows as `quant_formats.quantize_kv` (plain jnp, fused by XLA with the
@@ -75,9 +77,9 @@ class KVPageLayout:
         object.__setattr__(self, "layer_kv_dtypes", self._normalized_overrides())
         if self.num_kv_heads <= 0 or self.head_dim <= 0:
             raise ValueError("num_kv_heads and head_dim must be positive")
-        if (self.num_kv_heads * self.head_dim * self.value_bits) % WORD_BITS:
-            raise ValueError(f"a token's K row ({self.num_kv_heads} kv heads x {self.head_dim} x "
-                             f"{self.value_bits} bits) must fill whole 32-bit words")
+        if (self.head_dim * self.value_bits) % WORD_BITS:
+            raise ValueError(f"a kv head's row of one token ({self.head_dim} x {self.value_bits} bits) must "
+                             "fill whole 32-bit words")
         if self.value_bits == 4 and self.head_dim % 2:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
@@ -168,6 +170,16 @@ class KVPageLayout:
     def row_words(self) -> int:
         """Words holding one token's K (or V) values for one layer: kv_heads x head_dim elements."""
         return self.num_kv_heads * self.head_dim * self.value_bits // WORD_BITS
+
+    @property
+    def head_words(self) -> int:
+        """Words holding one token's K (or V) values of one kv head: head_dim elements."""
+        return self.head_dim * self.value_bits // WORD_BITS
+
+    def value_word(self, head, slot):
+        """Word offset, inside a chunk, of kv head `head`'s values of the token at `slot` (ints or
+        traced): the values region is head-major, [kv_head][token][head_dim]."""
+        return (head * self.tokens_per_page + slot) * self.head_words
 
     @property
     def scale_row_words(self) -> int:
@@ -276,7 +288,7 @@ def _split_chunk(layout: KVPageLayout, chunk: jax.Array):
     """uint32[..., chunk_words] -> (value elements [..., T, Hkv, D or D/2], scale words [..., T, srw])."""
     t = layout.tokens_per_page
     values = _words_to_elements(chunk[..., :layout.scales_offset], layout.value_dtype)
-    values = values.reshape(*chunk.shape[:-1], t, layout.num_kv_heads, -1)
+    values = jnp.swapaxes(values.reshape(*chunk.shape[:-1], layout.num_kv_heads, t, -1), -3, -2)
     scales = chunk[..., layout.scales_offset:].reshape(*chunk.shape[:-1], t, layout.scale_row_words)
     return values, scales
 
@@ -316,7 +328,8 @@ def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, la
 
 
 def _quantized_rows(layout: KVPageLayout, x: jax.Array):
-    """[N, Hkv, D] -> (value words uint32[N, row_words], scale words uint32[N, scale_row_words])."""
+    """[N, Hkv, D] -> (value words uint32[N, row_words] (head after head), scale words
+    uint32[N, scale_row_words])."""
     qt = quantize_kv(x, layout.kv_dtype, scale_dtype=SCALE_DTYPE)
     n = x.shape[0]
     scales = [qt.scales.reshape(n, -1)] + ([qt.zeros.reshape(n, -1)] if qt.zeros is not None else [])
@@ -341,7 +354,11 @@ def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
                                   scale_rows)
         else:
             rows = _elements_to_words(x.astype(layout.value_dtype).reshape(x.shape[0], -1))
-        pool = _scatter_words(pool, slab, word + slots * layout.row_words, rows)
+        # One scatter of every (token, kv head) row of head_words words, each at its head's run.
+        heads = jnp.arange(layout.num_kv_heads)[None, :]
+        pool = _scatter_words(pool, jnp.repeat(slab, layout.num_kv_heads),
+                              (word[:, None] + layout.value_word(heads, slots[:, None])).reshape(-1),
+                              rows.reshape(-1, layout.head_words))
     return pool
 
 

@@ -149,11 +149,10 @@ def _write_kernel(layer_ref, pages_ref, slots_ref, valid_ref, k_ref, v_ref, pool
     def _store():
         for kind, x_ref in ((0, k_ref), (1, v_ref)):
             origin = page_origin + layout.chunk_origin(layer, kind)
-            row = origin + slot * layout.row_words
             scales, zeros = [], []
             for h in range(hkv):
                 codes, scale, zero = quantize_head_row(x_ref[h].astype(jnp.float32), layout.kv_dtype)
-                pool_ref[slab, pl.ds(row + h * dw, dw)] = pack_codes(codes, bits)
+                pool_ref[slab, pl.ds(origin + layout.value_word(h, slot), dw)] = pack_codes(codes, bits)
                 scales.append(scale)
                 zeros.append(zero)
             if not layout.quantized:

@@ -153,7 +153,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
         origin = page_origin + layout.chunk_origin(layer, kind)                     # [block]
         # Two pointer tensors of one shape [block, Dw] (slab broadcast explicitly for Triton).
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))
-        words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_iota]
+        words = pool_ref[slab_2d, (origin + layout.value_word(h, slot))[:, None] + word_iota]
         planes = decode_words(words, layout.kv_dtype)
         scale = token_scales(pool_ref, layout, slab, origin, slot, h) if layout.quantized else None
         if layout.kv_dtype == "int4":

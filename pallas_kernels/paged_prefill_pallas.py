@@ -107,7 +107,7 @@ def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, o
         loaded once (a contiguous row of Dw words: wide loads) and split in registers."""
         origin = page_origin + layout.chunk_origin(layer, kind)                     # [block]
         slab_2d = jnp.broadcast_to(slab[:, None], (block, dw))  # both pointer tensors [block, Dw]
-        words = pool_ref[slab_2d, (origin + slot * layout.row_words + h * dw)[:, None] + word_col]
+        words = pool_ref[slab_2d, (origin + layout.value_word(h, slot))[:, None] + word_col]
         if n == 1:
             x = decode_element(words, 0, layout.kv_dtype)
         else:   # element w * n + i of the row is element i of word w: [block, Dw, n] -> [block, D]

@@ -176,9 +176,10 @@ def test_round_trip(kv_dtype, heads, head_dim, tokens_per_page):
         slab, local = divmod(int(pages[i]), pages_per_slab)
         for c in range(2 * num_layers):  # (layer, K|V) chunks
             w = local * layout.page_words + c * layout.chunk_words
-            v0 = w + slots[i] * layout.row_words
+            for h in range(heads):
+                v0 = w + (h * t + slots[i]) * layout.head_words
+                written[slab, v0:v0 + layout.head_words] = True
             s0 = w + t * layout.row_words + slots[i] * layout.scale_row_words
-            written[slab, v0:v0 + layout.row_words] = True
             written[slab, s0:s0 + layout.scale_row_words] = True
     assert written.sum() == valid.sum() * 2 * num_layers * (layout.row_words + layout.scale_row_words)
     assert (pool[~written] == POISON).all()

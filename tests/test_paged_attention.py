@@ -105,9 +105,10 @@ def bits(x) -> np.ndarray:
 
 def model_write(pool: np.ndarray, layout: KVPageLayout, pages, slots, valid, layer, k, v) -> np.ndarray:
     """What write_kv_tokens must do, computed from the layout's documented formula: a chunk is
-    [token][row_words] values, then (quantized formats) [token][scale_row_words] scales."""
+    [kv_head][token][head_words] values, then (quantized formats) [token][scale_row_words] scales."""
     pool = pool.copy()
     rw, srw, t = layout.row_words, layout.scale_row_words, layout.tokens_per_page
+    hw = layout.head_words
     for kind, x in ((0, k), (1, v)):
         x = np.asarray(x)
         if layout.quantized:
@@ -117,8 +118,9 @@ def model_write(pool: np.ndarray, layout: KVPageLayout, pages, slots, valid, lay
         for i in np.flatnonzero(valid):
             slab, local = divmod(int(pages[i]), layout.pages_per_slab)
             chunk = local * layout.page_words + (layer * 2 + kind) * layout.chunk_words
-            w = chunk + int(slots[i]) * rw
-            pool[slab, w:w + rw] = rows[i]
+            for h in range(layout.num_kv_heads):
+                w = chunk + (h * t + int(slots[i])) * hw
+                pool[slab, w:w + hw] = rows[i, h * hw:(h + 1) * hw]
             if scale_rows is not None:
                 w = chunk + t * rw + int(slots[i]) * srw
                 pool[slab, w:w + srw] = scale_rows[i]
