@@ -41,11 +41,17 @@ def round_e4m3(x):
     return x.astype(jnp.float8_e4m3fn).astype(jnp.float32)
 
 
-def fp8_queries(q):
-    """q float32 [..., D] -> q8 * scale: each row rounded to e4m3 under a power-of-two scale that
-    brings its absmax into (128, 256], and the scale multiplied back (exact; bf16 holds it too)."""
+def fp8_query_codes(q):
+    """q float32 [..., D] -> (q8 float8_e4m3fn [..., D], sq float32 [..., 1]): each row scaled by the
+    power of two that brings its absmax into (128, 256] and rounded to e4m3; q ~ q8 * sq."""
     factor = pow2_ceil(jnp.maximum(jnp.max(jnp.abs(q), axis=-1, keepdims=True), TINY))
-    return round_e4m3(q * (FP8_HEADROOM / factor)) * (factor / FP8_HEADROOM)
+    return (q * (FP8_HEADROOM / factor)).astype(jnp.float8_e4m3fn), factor / FP8_HEADROOM
+
+
+def fp8_queries(q):
+    """q float32 [..., D] -> q8 * sq (`fp8_query_codes`) as one float32 array (exact; bf16 holds it too)."""
+    q8, sq = fp8_query_codes(q)
+    return q8.astype(jnp.float32) * sq
 
 
 def p_factor(v_scale_max):

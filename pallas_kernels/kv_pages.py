@@ -316,6 +316,22 @@ def read_kv_pages_quantized(pool: jax.Array, layout: KVPageLayout, page_ids: jax
     return out[0], out[1]
 
 
+def read_kv_scales(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """The per-token scales of one layer's K and V, without their values, for a quantized layout:
+    int32[...] page ids -> 2 x float32 [..., T, Hkv] (int4: its scales, not its zeros)."""
+    layout.check_uniform("read_kv_scales")
+    if not layout.quantized:
+        raise ValueError(f"read_kv_scales needs a quantized layout, not {layout.kv_dtype!r}")
+    out = []
+    t, srw = layout.tokens_per_page, layout.scale_row_words
+    for kind in (0, 1):
+        slab, word = _page_origin(layout, page_ids, layer, kind)
+        words = _gather_words(pool, slab, word + layout.scales_offset, t * srw)
+        scales = _words_to_elements(words.reshape(*words.shape[:-1], t, srw), SCALE_DTYPE)
+        out.append(scales[..., :layout.num_kv_heads].astype(jnp.float32))
+    return out[0], out[1]
+
+
 def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
     """K and V of one layer for the given pages: int32[...] page ids -> 2 x dtype[..., T, Hkv, D], in the
     stored dtype, or dequantized to float32 for quantized layouts."""

@@ -6,7 +6,9 @@
   "interpret"  the same Pallas kernels under `interpret=True` (any backend; slow, for tests).
 For "pallas" / "interpret" the query length picks the kernel (S is static): S == 1 (decode) goes to
 the split-K decode kernel (`paged_attention_pallas`), S > 1 (prefill, chunked prefill, or a decode
-batch padded to several query slots) to the prefill kernel (`paged_prefill_pallas`). Both have the
+batch padded to several query slots) to the prefill kernel: int4_fp8 pages to the Mosaic GPU one on
+FP8 tensor cores (`paged_prefill_mgpu`) where its shape rules allow, else the Triton one
+(`paged_prefill_pallas`). All have the
 reference's semantics: causal on each query's position, keys up to the sequence's kv_len (this step's
 writes included, see `kv_write.write_kv`), rows that see no key give 0. `precision`: the prefill
 kernel's dot precision (None: the backend default); the decode kernel has no dot, and the reference
@@ -18,6 +20,7 @@ from __future__ import annotations
 from pallas_kernels.implementation import IMPLEMENTATIONS, check_implementation
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_attention_ref import paged_attention_reference
+from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu, prefill_mgpu_shape_error
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 
 __all__ = ["IMPLEMENTATIONS", "paged_attention"]
@@ -32,5 +35,8 @@ def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *,
     interpret = kernels == "interpret"
     if q.shape[1] == 1:
         return paged_decode_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, interpret=interpret)
+    if prefill_mgpu_shape_error(layout, pool.shape, page_table.shape[1]) is None:
+        return paged_prefill_attention_mgpu(q, pool, layout, layer, page_table, q_positions, kv_lens,
+                                            interpret=interpret)
     return paged_prefill_attention(q, pool, layout, layer, page_table, q_positions, kv_lens,
                                    precision=precision, interpret=interpret)

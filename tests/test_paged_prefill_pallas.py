@@ -76,7 +76,8 @@ _kernel = jax.jit(paged_prefill_attention, static_argnums=2,
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")  # tests/conftest.py
 
 
-def build_pool(rng, layout: KVPageLayout, kv_lens, num_pages_table: int, spare_pages: int = 3):
+def build_pool(rng, layout: KVPageLayout, kv_lens, num_pages_table: int, spare_pages: int = 3,
+               slab_remainder: int = 5):
     """A NaN-poisoned pool holding kv_lens[b] random tokens per sequence in every layer (earlier context
     and this chunk alike: the chunk is written before attention runs) and a page table of random
     distinct pages, its padding entries random valid pages. Returns (pool, table) as device arrays."""
@@ -85,7 +86,7 @@ def build_pool(rng, layout: KVPageLayout, kv_lens, num_pages_table: int, spare_p
     used = [layout.pages_for(int(n)) for n in kv_lens]
     num_slabs = -(-(sum(used) + spare_pages) // layout.pages_per_slab)
     num_pages = num_slabs * layout.pages_per_slab
-    slab_words = layout.pages_per_slab * layout.page_slot_words + 5  # a remainder that fits no page
+    slab_words = layout.pages_per_slab * layout.page_slot_words + slab_remainder  # fits no page
     pool = jnp.full((num_slabs, slab_words), POISON, jnp.uint32)
     order = rng.permutation(num_pages)
     table = rng.integers(0, num_pages, size=(len(kv_lens), num_pages_table)).astype(np.int32)
