@@ -44,6 +44,7 @@ from pallas_kernels.kernel_cases import MATMUL_FORMATS
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.kv_write_pallas import write_kv_tokens_pallas
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
+from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 from pallas_kernels.quantized_matmul import uses_mosaic
 from pallas_kernels.quantized_matmul_pallas import quantized_matmul_pallas
@@ -97,13 +98,19 @@ def decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: int = D
                 args, kv_bytes, 4.0 * batch * q_heads * context * HEAD_DIM)
 
 
-def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK, precision=None) -> Case:
-    """`precision`: of the kernel's dots (None: serving; BF16_BF16_F32_X3: the GPU check's)."""
+def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK, precision=None, mosaic: bool = False) -> Case:
+    """`precision`: of the Triton kernel's dots (None: serving; BF16_BF16_F32_X3: the GPU check's);
+    `mosaic`: the Mosaic GPU FP8 kernel instead (int4_fp8; what the dispatcher runs for it)."""
     layout, q_heads, pages = _layout(kv), KV_HEADS * group, chunk // TOKENS_PER_PAGE
     args = (S((1, chunk, q_heads, HEAD_DIM), jnp.bfloat16), _pool(layout, pages), S((), jnp.int32),
             S((1, pages), jnp.int32), S((1, chunk), jnp.int32), S((1,), jnp.int32))
     io = chunk * (layout.bytes_per_token / NUM_LAYERS + 2 * 2 * q_heads * HEAD_DIM)
     dots = "" if precision is None else " dots=bf16x3" if precision == BF16_X3 else f" dots={precision}"
+    if mosaic:
+        return Case("prefill", f"prefill {kv} G={group} chunk={chunk} mosaic",
+                    lambda q, pool, layer, table, pos, lens: paged_prefill_attention_mgpu(q, pool, layout, layer, table,
+                                                                                          pos, lens),
+                    args, io, 4.0 * chunk * chunk * q_heads * HEAD_DIM, fp8_math=True)
     return Case("prefill", f"prefill {kv} G={group} chunk={chunk}{dots}",
                 lambda q, pool, layer, table, pos, lens: paged_prefill_attention(q, pool, layout, layer, table, pos,
                                                                                  lens, precision=precision),
@@ -136,12 +143,14 @@ def matmul_case(fmt: str, m: int, k: int = MATMUL_K, n: int = MATMUL_N) -> Case:
 
 def cases(subset: str = "full") -> list[Case]:
     """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), a 512-token prefill chunk (and at
-    GQA 4 with the GPU check's bf16x3 dots), a 512-token KV write, in every KV format; every matmul
+    GQA 4 with the GPU check's bf16x3 dots; int4_fp8 also on the Mosaic GPU FP8 kernel), a 512-token
+    KV write, in every KV format; every matmul
     format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast": the GQA-4 attention cases (serving
     dots), the KV writes, and every matmul format at M=16."""
     groups, ms = ((4,), (16,)) if subset == "fast" else ((4, 8), MATMUL_MS)
     out = [decode_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case(kv, g) for g in groups for kv in KV_FORMATS]
+    out += [prefill_case("int4_fp8", g, mosaic=True) for g in groups]
     if subset != "fast":
         # (int4_fp8 has no dot precision: its dots multiply e4m3 values and int4 codes in bf16, exactly)
         out += [prefill_case(kv, 4, precision=BF16_X3) for kv in KV_FORMATS if kv != "int4_fp8"]

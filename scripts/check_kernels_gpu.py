@@ -16,7 +16,8 @@ the engine's, so the dispatcher's default plan gives several blocks and splits);
 T, 3T, random, the whole table, and 0 (an empty row, whose output must be exactly 0). int4_fp8 rounds
 P to e4m3 against the running maximum, so its kernels match the reference only when they walk the
 reference's KV blocks: they are called directly with its blocking (8 pages a step, one split; the
-split-and-merge path does not depend on the format and is checked with the others).
+split-and-merge path does not depend on the format and is checked with the others). int4_fp8 prefill
+runs the Mosaic GPU FP8 kernel where the dispatcher would (each prefill record names its "kernel").
 
 Matmuls (through `pallas_kernels.quantized_matmul`, "pallas"): every weight format with a kernel
 (W4A16 int4 group 32/128 asymmetric and group 32 symmetric, W8A16 int8 per channel and group-wise
@@ -102,6 +103,7 @@ from pallas_kernels.kv_write import write_kv
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
+from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu, prefill_mgpu_shape_error
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 from pallas_kernels.quant_formats import QuantizedTensor
 from pallas_kernels.quantized_matmul import has_kernel, quantized_matmul
@@ -119,7 +121,7 @@ TABLE_PAGES = 24                   # page-table width: a multiple of 8, as the e
                                    # wide enough for several blocks and splits with the default plan
 SPARE_PAGES = 4                    # free (NaN) pages the padding columns may point at
 PAGES_PER_SLAB = 3
-SLAB_REMAINDER_BYTES = 20          # a slab tail no page fits
+SLAB_REMAINDER_BYTES = 64          # a slab tail no page fits (whole int4 head rows: the Mosaic prefill's TMA view)
 BF16_Q_CASE = (16, 4, 128)         # (page size, GQA ratio, head_dim) of the bfloat16-q cases
 
 EPS32 = 2.0 ** -24
@@ -240,9 +242,23 @@ def run_case(record: dict, body, progress) -> dict:
     return record
 
 
+@functools.lru_cache(maxsize=None)
+def mosaic_prefill_callable(implementation: str):
+    return jax.jit(functools.partial(paged_prefill_attention_mgpu, interpret=implementation == "interpret"),
+                   static_argnums=2)
+
+
+def uses_mosaic_prefill(op: str, q, pool, layout: KVPageLayout, layer, page_table, *_) -> bool:
+    """Whether the dispatcher runs the Mosaic GPU FP8 prefill for these arguments."""
+    return op == "prefill" and prefill_mgpu_shape_error(layout, pool.shape, page_table.shape[1]) is None
+
+
 def kernel_attention(impl: str, precision: str, op: str, *args):
-    """The kernel through the dispatcher (at the reference's blocking for REFERENCE_BLOCKED formats),
-    its prefill dots at `precision` (a DOT_PRECISIONS label)."""
+    """The kernel through the dispatcher (at the reference's blocking for REFERENCE_BLOCKED formats:
+    the Mosaic GPU FP8 prefill walks it always), its prefill dots at `precision` (a DOT_PRECISIONS
+    label; the Mosaic kernel's are FP8)."""
+    if uses_mosaic_prefill(op, *args):
+        return jax.block_until_ready(mosaic_prefill_callable(impl)(*args))
     if args[2].kv_dtype in REFERENCE_BLOCKED:
         return jax.block_until_ready(reference_blocked_callable(op, impl, precision)(*args))
     return jax.block_until_ready(attention_callable(impl, precision)(*args))
@@ -347,6 +363,7 @@ def attention_pool_checks(fmt: str, t: int, d: int, sel: Selection, impl: str, s
                 extra = dot_attention_bound(DOT_PRECISIONS[precision][1], *args) if op == "prefill" else 0.0
                 max_err, ratio = attention_mismatch(out, ref, q_dtype, extra)
                 return {"passed": finite and empty_row_zero and ratio <= 1.0, "finite": finite,
+                        "kernel": "mosaic_gpu" if uses_mosaic_prefill(op, *args) else "triton",
                         "empty_row_zero": empty_row_zero, "max_abs_err": max_err, "err_over_tol": ratio}
 
             records.append(run_case(record, body, progress))

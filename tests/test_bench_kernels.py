@@ -104,3 +104,6 @@ def test_check_kernels_interpret(tmp_path, capsys):
                      ("prefill", "bfloat16", "default"), ("kv_write", "-", "-"), ("matmul", None, None)}
     assert all(0 <= c["err_over_tol"] <= 1 for c in cases)
     assert {c["kv_format"] for c in cases if c["kind"] == "prefill"} == {"int4", "int4_fp8"}
+    # int4_fp8 prefill runs the Mosaic GPU FP8 kernel (T = 8, D = 64 here), int4 the Triton one.
+    kernels = {(c["kv_format"], c["kernel"]) for c in cases if c["kind"] == "prefill"}
+    assert kernels == {("int4_fp8", "mosaic_gpu"), ("int4", "triton")}, kernels

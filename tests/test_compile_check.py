@@ -16,7 +16,7 @@ def fast(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm90a_without_spills(fast):
-    assert len(fast) == 26 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
+    assert len(fast) == 27 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
     assert [r["case"] for r in fast if "error" in r] == []
     assert spilling(fast) == []
     for r in fast:
@@ -37,9 +37,18 @@ def test_tensor_core_use(fast):
 def test_prefill_loads_the_next_kv_block_during_the_current_ones_mmas(fast):
     """Triton's software pipeliner issues every prefill loop's K/V loads as cp.async copies into shared
     memory a block ahead (num_stages 2), in every KV format: loading overlaps the dots."""
-    prefill = [(r["case"], k) for r in fast if r["op"] == "prefill" for k in r["kernels"]]
+    prefill = [(r["case"], k) for r in fast if r["op"] == "prefill" for k in r["kernels"]
+               if k.get("backend") != "mosaic_gpu"]
     assert {case.split()[1] for case, _ in prefill} >= {"bf16", "fp8", "int8", "int4", "int4_fp8"}
     assert all(k["num_stages"] >= 2 and k["async_copies"] > 0 for _, k in prefill), prefill
+
+
+def test_fp8_prefill_runs_on_fp8_tensor_cores(fast):
+    """The Mosaic GPU prefill over int4_fp8 pages: both products on e4m3 wgmma (q.k^T over a 128-token
+    block and p.v over head_dim 128, both m64n128k32), page tiles brought in by TMA."""
+    [mosaic] = [k for r in fast if r["case"].endswith("mosaic") for k in r["kernels"]]
+    assert mosaic["kernel"] == "paged_prefill_attention_int4_fp8_mgpu" and mosaic["backend"] == "mosaic_gpu"
+    assert mosaic["mma"] == "wgmma" and mosaic["wgmma_shapes"] == ["m64n128k32.f32.e4m3.e4m3"] and mosaic["tma"]
 
 
 def test_fp8_matmul_runs_on_fp8_tensor_cores(fast):
@@ -63,4 +72,4 @@ def test_the_cases_are_the_benchmark_shapes():
     k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
     assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
-    assert len(cases("full")) == 73
+    assert len(cases("full")) == 75
