@@ -1,7 +1,8 @@
 """The engine with kernels="interpret" (every Pallas kernel: KV write, prefill and decode attention,
 quantized matmuls) generates what it generates with the XLA references, greedy, on tiny random
 models covering a quantized-weight format and a quantized KV format each (int4_fp8: contexts within
-one KV block, so kernels and reference round P against the same running max)."""
+one KV block, so kernels and reference round P against the same running max), and a head_dim-64
+fireq model whose prefill runs the Mosaic GPU FP8 kernel."""
 
 from __future__ import annotations
 
@@ -28,3 +29,23 @@ def test_interpret_kernels_generate_the_reference_tokens(precision, kv, fast_cpu
         tokens[kernels] = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
     assert tokens["interpret"] == tokens["xla"]
     assert all(len(t) == 6 for t in tokens["xla"].values())
+
+
+def test_fireq_prefill_on_the_mosaic_gpu_kernel(fast_cpu_compiles):
+    """head_dim 64: the engine's int4_fp8 prefill goes to the Mosaic GPU FP8 kernel (the dispatcher's
+    shape rules hold for its pool and table), and greedy tokens still equal the XLA reference's. The
+    prompts stay within one KV block of 8 pages (64 tokens), where both round P alike."""
+    from pallas_kernels.paged_prefill_mgpu import prefill_mgpu_shape_error
+
+    cfg = ModelConfig("llama", 128, 128, 256, 2, 2, 2, 64, max_position_embeddings=256)
+    loaded = random_model(cfg, "fireq", "float32", seed=5)
+    prompts = [list(range(3, 40)), [7, 1, 2, 9, 4]]
+    tokens = {}
+    for kernels in ("xla", "interpret"):
+        engine = build_engine(loaded, num_pages=32, tokens_per_page=8, max_num_seqs=2, max_model_len=64,
+                              max_num_batched_tokens=64, prefill_chunk=32, kernels=kernels)
+        assert prefill_mgpu_shape_error(engine.layout, engine.pool.words.shape, engine.runner.table_width) is None
+        for i, p in enumerate(prompts):
+            engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id=str(i))
+        tokens[kernels] = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+    assert tokens["interpret"] == tokens["xla"]
