@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention import paged_attention
@@ -107,6 +109,20 @@ def test_layers_of_a_mixed_format_page(rng):
     args = (random_q(rng, 3, 6, NUM_KV_HEADS * 2, 64), pool, layout, jnp.int32(LAYER), table,
             jnp.asarray(q_pos), jnp.asarray(kv_lens))
     check(_kernel(*args, interpret=True), _ref(*args))
+
+
+def test_the_kv_pipeline_has_no_race(rng):
+    """Three KV blocks through the two buffers (each refilled while the other computes), with the
+    interpreter's race detector on."""
+    layout = KVPageLayout(NUM_LAYERS, NUM_KV_HEADS, 64, 8, "int4_fp8", pages_per_slab=PAGES_PER_SLAB)
+    kv_lens = np.array([150, 70], np.int32)
+    pool, table = _pool(rng, layout, kv_lens, width=24)
+    q_pos = np.stack([np.arange(n - 16, n) for n in kv_lens]).astype(np.int32)
+    args = (random_q(rng, 2, 16, NUM_KV_HEADS * 4, 64), pool, layout, LAYER, table, jnp.asarray(q_pos),
+            jnp.asarray(kv_lens))
+    out = paged_prefill_attention_mgpu(*args, interpret=plgpu.InterpretGPUParams(detect_races=True))
+    assert not get_races().races_found
+    check(out, _ref(*args))
 
 
 @functools.lru_cache(maxsize=None)
