@@ -40,7 +40,7 @@ from pallas_kernels.pow2 import next_pow2
 
 ROWS = 64                  # query rows per program: one warpgroup's wgmma M
 HEAD_DIMS = (64, 128, 256)  # int4 rows of D/2 bytes: a 16-byte multiple TMA box, K a multiple of 32
-TABLE_ROW = 64             # page-table entries per TMA box row (boxes are at most 256 a side)
+TABLE_ROW = 64             # page-table (and per-block 1/c) entries per TMA box row: boxes are <= 256 a side
 
 
 def _swizzled(row_bytes: int) -> tuple:
