@@ -36,6 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.fp8_attention import fp8_query_codes, p_factor
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_scales
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
+from pallas_kernels.paged_prefill_pallas import check_prefill_args, from_query_rows, query_rows
 from pallas_kernels.pow2 import next_pow2
 
 ROWS = 64                  # query rows per program: one warpgroup's wgmma M
@@ -191,14 +192,9 @@ def paged_prefill_attention_mgpu(
     [B, S, Hq, D] in q's dtype. `interpret`: False (compiled, sm_90a), True
     (`plgpu.InterpretGPUParams()`: any backend) or an `InterpretGPUParams`. Raises ValueError for
     layouts and shapes the kernel cannot take."""
+    check_prefill_args(q, layout, q_positions, kv_lens)
     batch, seq, num_q_heads, head_dim = q.shape
     hkv, t = layout.num_kv_heads, layout.tokens_per_page
-    if head_dim != layout.head_dim or num_q_heads % hkv:
-        raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
-                         f"({hkv} kv heads x {layout.head_dim})")
-    if q_positions.shape != (batch, seq) or kv_lens.shape != (batch,):
-        raise ValueError(f"q_positions {q_positions.shape} / kv_lens {kv_lens.shape} do not fit q "
-                         f"[{batch}, {seq}, ...]")
     num_pages = page_table.shape[1]
     if why := prefill_mgpu_shape_error(layout, pool.shape, num_pages):
         raise ValueError(f"Mosaic GPU prefill attention: {why}")
@@ -214,15 +210,9 @@ def paged_prefill_attention_mgpu(
     width = -(-num_pages // TABLE_ROW) * TABLE_ROW          # a multiple of pages_per_block too
     num_blocks = width // pages_per_block
 
-    # Query rows as the Triton kernel orders them: [B, Hkv, S_pad * Gp, D], (token, head) in a KV head.
-    qg = q.reshape(batch, seq, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
-    qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
-    qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, s_pad * gp, head_dim)
+    qg, qpos = query_rows(q, q_positions, hkv, block_q)   # the Triton kernel's rows: [B, Hkv, S_pad * Gp, D]
     q8, sq = fp8_query_codes(qg)
     # Each row's last visible key (-1: none; padding rows and empty sequences).
-    qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
-    qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
-    qpos = jnp.where(jnp.arange(gp)[None, None, :] < group, qpos, -1).reshape(batch, s_pad * gp)
     lim = jnp.minimum(qpos, kv_lens.astype(jnp.int32)[:, None] - 1)
     # KV blocks each program walks: up to its rows' causal limit.
     kv_hi = jnp.clip(lim.reshape(batch, num_q_blocks, ROWS).max(axis=-1) + 1, 0, num_pages * t)
@@ -270,5 +260,4 @@ def paged_prefill_attention_mgpu(
         kernel_name="paged_prefill_attention_int4_fp8_mgpu",
     )
     out = call(q8, sq.reshape(batch, hkv, s_pad * gp), lim, info, table, sk, sv, inv_c, codes)
-    out = out.reshape(batch, hkv, s_pad, gp, head_dim)[:, :, :seq, :group]
-    return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
+    return from_query_rows(out, q)

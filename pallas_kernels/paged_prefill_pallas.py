@@ -76,6 +76,46 @@ def plan_prefill(layout: KVPageLayout, seq: int, group: int, num_pages: int,
     return max(1, block_q), pages_per_block
 
 
+def check_prefill_args(q, layout: KVPageLayout, q_positions, kv_lens) -> None:
+    """ValueError unless q [B, S, Hq, D], q_positions [B, S] and kv_lens [B] fit each other and the layout."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    hkv = layout.num_kv_heads
+    if head_dim != layout.head_dim or num_q_heads % hkv:
+        raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
+                         f"({hkv} kv heads x {layout.head_dim})")
+    if q_positions.shape != (batch, seq) or kv_lens.shape != (batch,):
+        raise ValueError(f"q_positions {q_positions.shape} / kv_lens {kv_lens.shape} do not fit q "
+                         f"[{batch}, {seq}, ...]")
+
+
+def query_rows(q, q_positions, num_kv_heads: int, block_q: int):
+    """The prefill kernels' query rows: q [B, S, Hq, D] scaled by D^-0.5 like the reference, grouped by
+    kv head, S padded to whole blocks of `block_q` tokens and the group G to a power of two Gp, rows
+    ordered (token, head) in a kv head -> (float32 [B, Hkv, S_pad * Gp, D], each row's query position
+    int32 [B, S_pad * Gp], -1 for padding rows (S or G): they see no key)."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    gp = next_pow2(group)
+    s_pad = -(-seq // block_q) * block_q
+    qg = q.reshape(batch, seq, num_kv_heads, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
+    qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, s_pad * gp, head_dim)
+    qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
+    qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
+    qpos = jnp.where(jnp.arange(gp)[None, None, :] < group, qpos, -1).reshape(batch, s_pad * gp)
+    return qg, qpos
+
+
+def from_query_rows(out, q):
+    """Kernel output rows [B, Hkv, S_pad * Gp, D] (`query_rows`' order) -> [B, S, Hq, D] in q's dtype."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    hkv = out.shape[1]
+    group = num_q_heads // hkv
+    gp = next_pow2(group)
+    out = out.reshape(batch, hkv, -1, gp, head_dim)[:, :, :seq, :group]
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
+
+
 def _prefill_kernel(layer_ref, lens_ref, table_ref, qpos_ref, q_ref, pool_ref, out_ref, *,
                     layout: KVPageLayout, pages_per_block: int, max_tokens: int, precision):
     b, h = pl.program_id(0), pl.program_id(1)
@@ -182,14 +222,9 @@ def paged_prefill_attention(
     `precision`: of the two dots (None: the backend default, TF32 on float32 operands on the GPU;
     a `MULTIPASS_DOTS` algorithm for near-float32 accuracy on tensor cores); `interpret`: False
     (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts."""
+    check_prefill_args(q, layout, q_positions, kv_lens)
     batch, seq, num_q_heads, head_dim = q.shape
     hkv = layout.num_kv_heads
-    if head_dim != layout.head_dim or num_q_heads % hkv:
-        raise ValueError(f"q heads/dim {num_q_heads}x{head_dim} do not fit the layout "
-                         f"({hkv} kv heads x {layout.head_dim})")
-    if q_positions.shape != (batch, seq) or kv_lens.shape != (batch,):
-        raise ValueError(f"q_positions {q_positions.shape} / kv_lens {kv_lens.shape} do not fit q "
-                         f"[{batch}, {seq}, ...]")
     group = num_q_heads // hkv
     gp = next_pow2(group)
     num_pages = page_table.shape[1]
@@ -200,17 +235,9 @@ def paged_prefill_attention(
     num_q_blocks = -(-seq // block_q)
     s_pad = num_q_blocks * block_q
 
-    # q: scaled like the reference, grouped by kv head, padded (S to whole blocks, G to Gp), rows
-    # ordered (token, head) inside each kv head: [B, Hkv, S_pad * Gp, D].
-    qg = q.reshape(batch, seq, hkv, group, head_dim).astype(jnp.float32) * head_dim ** -0.5
-    qg = jnp.pad(qg, ((0, 0), (0, s_pad - seq), (0, 0), (0, gp - group), (0, 0)))
-    qg = qg.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, s_pad * gp, head_dim)
+    qg, qpos = query_rows(q, q_positions, hkv, block_q)
     if layout.kv_dtype == "int4_fp8":
         qg = fp8_queries(qg)
-    # Each row's query position; padding rows (S or G) get -1 and see no key.
-    qpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, s_pad - seq)), constant_values=-1)
-    qpos = jnp.broadcast_to(qpos[:, :, None], (batch, s_pad, gp))
-    qpos = jnp.where(jnp.arange(gp)[None, None, :] < group, qpos, -1).reshape(batch, s_pad * gp)
     # Pad the table to whole KV blocks with copies of its last column (valid page ids).
     padded = -(-num_pages // pages_per_block) * pages_per_block
     table = page_table.astype(jnp.int32)
@@ -243,5 +270,4 @@ def paged_prefill_attention(
         name=f"paged_prefill_attention_{layout.kv_dtype}",
     )(layer_arr, kv_lens.astype(jnp.int32), table, qpos, qg, pool)
 
-    out = out.reshape(batch, hkv, s_pad, gp, head_dim)[:, :, :seq, :group]
-    return out.transpose(0, 2, 1, 3, 4).reshape(batch, seq, num_q_heads, head_dim).astype(q.dtype)
+    return from_query_rows(out, q)
