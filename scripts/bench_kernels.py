@@ -23,8 +23,10 @@ What is timed
   reference's like ours. Off the GPU it is skipped, except in --smoke, where it runs interpreted to
   check the re-layout.
 * prefill: one 512-token chunk of one sequence over a 4096-token context (queries at positions
-  3584..4095, the chunk's K/V already in the pages), every KV format, through the same dispatcher
-  (S > 1 goes to the prefill kernel).
+  3584..4095, the chunk's K/V already in the pages), every KV format and FireQ's int4_fp8, through
+  the same dispatcher (S > 1 goes to the prefill kernel: for int4_fp8 the Mosaic GPU FP8 one). For
+  int4_fp8 also "pallas-triton": the Triton prefill kernel (bf16 wgmma on e4m3-exact operands) at the
+  reference's blocking, the kernel the FP8 one replaced, side by side (GPU only).
 * matmul: x [M, K] bf16 @ w [K, N] for M in {1, 16, 256, 4096}, (K, N) = (4096, 14336) and
   (14336, 4096) (8B MLP up / down): W4A16 (int4 group 128, asymmetric), W8A16 (int8 per channel),
   W8A8 (int8 weights, per-token int8 activations), FP8 (e4m3 weights per channel, per-token e4m3
@@ -93,6 +95,8 @@ from pallas_kernels.kernel_cases import (
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
+from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 from pallas_kernels.quant_formats import (
     quantize_fp8_k_major,
     quantize_fp8_per_channel,
@@ -107,7 +111,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OPS = ("copy", "decode", "prefill", "matmul")
 OP_ALIASES = {"attention": ("decode", "prefill")}
-IMPLS = ("pallas", "xla", "interpret", "jax-paged")
+IMPLS = ("pallas", "xla", "interpret", "jax-paged", "pallas-triton")
 KV_FORMATS = ("bf16", "fp8", "int8", "int4")
 
 # name -> (weight quantizer (w [K, N] float32, group size) -> QuantizedTensor, activation format)
@@ -147,13 +151,13 @@ class Shapes:
 
 FULL = Shapes(q_heads=32, kv_heads=8, head_dim=128, tokens_per_page=16,
               decode_batches=(1, 16, 64), decode_contexts=(512, 4096, 16384),
-              prefill=((1, 512, 4096),), prefill_formats=KV_FORMATS,
+              prefill=((1, 512, 4096),), prefill_formats=KV_FORMATS + ("int4_fp8",),
               matmul_ms=(1, 16, 256, 4096), matmul_kn=((4096, 14336), (14336, 4096)), group_size=128,
               copy_bytes=1 << 30, slab_target=DEFAULT_SLAB_BYTES, target_decode=(64, 4096),
               repeats=5, min_repeat_s=0.05, max_calls=2000)
 SMOKE = Shapes(q_heads=4, kv_heads=2, head_dim=64, tokens_per_page=16,
                decode_batches=(2,), decode_contexts=(128,),
-               prefill=((2, 16, 128),), prefill_formats=("bf16", "int4"),
+               prefill=((2, 16, 128),), prefill_formats=("bf16", "int4", "int4_fp8"),
                matmul_ms=(16,), matmul_kn=((256, 128),), group_size=128,
                copy_bytes=16 << 20, slab_target=64 << 10, target_decode=(2, 128),
                repeats=2, min_repeat_s=0.0, max_calls=2)
@@ -240,6 +244,14 @@ def attention_fn(case: AttentionCase, impl: str):
         q, pool, layout, layer, table, qpos, lens, kernels=impl))
 
 
+def triton_prefill_fn(case: AttentionCase):
+    """The Triton prefill kernel at the reference's blocking: for int4_fp8, where the dispatcher runs
+    the Mosaic GPU FP8 kernel, the bf16-wgmma alternative it replaced, side by side."""
+    layout, layer = case.layout, case.layer
+    return jax.jit(lambda q, pool, table, qpos, lens: paged_prefill_attention(
+        q, pool, layout, layer, table, qpos, lens, pages_per_block=REFERENCE_PAGES_PER_BLOCK))
+
+
 def attention_args(case: AttentionCase) -> tuple:
     return case.q, case.pool, case.page_table, case.q_positions, case.kv_lens
 
@@ -315,6 +327,8 @@ def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shape
     for impl in impls:
         if impl == "jax-paged" and (op != "decode" or fmt != "bf16"):
             continue
+        if impl == "pallas-triton" and (op != "prefill" or fmt != "int4_fp8"):
+            continue
         row = meta | {"impl": impl}
         if (why := unavailable(impl, backend, smoke)) is not None:
             rows.append(progress(skipped(row, why)))
@@ -326,6 +340,8 @@ def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shape
             except Exception as e:
                 rows.append(progress(row | {"status": "error", "error": "re-layout: " + error_text(e)}))
                 continue
+        elif impl == "pallas-triton":
+            fn, args = triton_prefill_fn(case), attention_args(case)
         else:
             fn, args = attention_fn(case, impl), attention_args(case)
         row, out = run_variant(row, fn, args, shapes, ref_out)
@@ -337,8 +353,8 @@ def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shape
 
 def unavailable(impl: str, backend: str, smoke: bool) -> str | None:
     """Why an implementation cannot run here, or None."""
-    if impl == "pallas" and backend != "gpu":
-        return f"no GPU (backend {backend}): 'pallas' compiles for the GPU"
+    if impl in ("pallas", "pallas-triton") and backend != "gpu":
+        return f"no GPU (backend {backend}): '{impl}' compiles for the GPU"
     if impl == "interpret" and not smoke:
         return "'interpret' runs only with --smoke (far too slow at full shapes)"
     if impl == "jax-paged" and backend != "gpu" and not smoke:
@@ -588,7 +604,7 @@ def int_list(text: str | None) -> tuple[int, ...] | None:
 def default_impls(backend: str, smoke: bool) -> list[str]:
     if smoke:
         return ["xla", "interpret", "jax-paged"] + (["pallas"] if backend == "gpu" else [])
-    return ["xla", "pallas", "jax-paged"] if backend == "gpu" else ["xla"]
+    return ["xla", "pallas", "jax-paged", "pallas-triton"] if backend == "gpu" else ["xla"]
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ def test_bench_kernels_smoke(tmp_path, capsys):
         return {r["format"] for r in ran if r["op"] == op and r["impl"] == impl}
 
     assert formats("decode", "xla") == formats("decode", "interpret") == KV_FORMATS
-    assert formats("prefill", "xla") == formats("prefill", "interpret") == {"bf16", "int4"}
+    assert formats("prefill", "xla") == formats("prefill", "interpret") == {"bf16", "int4", "int4_fp8"}
     assert formats("decode", "jax-paged") == {"bf16"}                    # the JAX op, interpreted
     assert formats("matmul", "xla") == formats("matmul", "interpret") == MATMUL_FORMATS
     assert formats("matmul", "xla-dot") == {"bf16"}
