@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.engine.paged_forward import PagedForward  # noqa: F401  (re-exported for tests)
@@ -73,3 +74,19 @@ def kv_bytes_per_token_per_layer(
     if bits % 32:
         raise ValueError(f"a token's K row is not a whole number of 32-bit words ({bits} bits)")
     return 2 * (bits + -(-scale_bits // 32) * 32) // 8
+
+
+def check_fp8_p(out, ref, rtol=2e-5, atol=2e-5):
+    """int4_fp8 attention against its reference: tight (rtol = atol = 2e-5) except where float32 summation order puts an unrounded P value on the
+    other side of an e4m3 rounding boundary than the reference's (rare: the values differ by ~1e-7
+    relative, boundaries are 2^-4 apart). A flip moves one P entry of one row by one e4m3 step
+    (2^-3 relative), so that row moves by at most 2^-3 x its largest weight x max|v| (see
+    tests/test_fp8_attention.py): at least 99% of the outputs match tightly, and none by more than
+    2^-3 max|ref| (a wrong page, scale or mask moves whole sequences, far more than 1%)."""
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    assert np.isfinite(out).all(), "NaN/inf in the kernel output"
+    err = np.abs(out - ref)
+    close = err <= atol + rtol * np.abs(ref)
+    assert close.mean() >= 0.99, (close.mean(), err.max())
+    assert err.max() <= 2.0 ** -3 * np.abs(ref).max(), err.max()

@@ -13,7 +13,8 @@ to the Triton kernel).
 Tolerance: the kernel rounds the reference's values (e4m3 queries, int4 codes, e4m3 P with V's
 scales and the block's power of two, the reference's KV blocks of 8 pages in its order), so the two
 differ only in float32 summation order, as the Triton kernel does: rtol = atol = 2e-5 (see that
-file's docstring for the bound).
+file's docstring for the bound), except where that order moves an unrounded P value across an e4m3
+rounding boundary (`check_fp8_p`: 99% tight, none past one flip's bound).
 
 Matrix: page size 8/16 x head_dim 64/128 (4 KV heads), GQA 4 where (T, D) is (8, 64) or (16, 128)
 and 1 elsewhere;
@@ -36,8 +37,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu, prefill_mgpu_shape_error
-from tests.helpers import mixed_page_group
-from tests.test_paged_prefill_pallas import LAYER, NUM_KV_HEADS, NUM_LAYERS, _ref, build_pool, check, chunk_positions
+from tests.helpers import check_fp8_p, mixed_page_group
+from tests.test_paged_prefill_pallas import LAYER, NUM_KV_HEADS, NUM_LAYERS, _ref, build_pool
+from tests.test_paged_prefill_pallas import chunk_positions
 from tests.test_paged_prefill_pallas import _kernel as _triton
 from tests.test_paged_prefill_pallas import random_q
 
@@ -77,7 +79,7 @@ def test_prefill_matches_reference(rng, tokens_per_page, head_dim):
     args = (q, pool, layout, jnp.int32(LAYER), table, jnp.asarray(q_pos), jnp.asarray(kv_lens))
     # G = 1: one program of 64 rows per sequence and head; G = 4: three (16 tokens x 4 heads each).
     out = _kernel(*args, interpret=True)
-    check(out, _ref(*args))
+    check_fp8_p(out, _ref(*args))
     sees_nothing = (q_pos < 0) | (kv_lens[:, None] == 0)
     assert sees_nothing[padding].any()
     assert not np.asarray(out)[sees_nothing].any(), "a row with no keys must give 0"
@@ -95,7 +97,7 @@ def test_group_of_three_bfloat16_queries(rng):
     out = _kernel(*args, interpret=True)
     assert out.dtype == jnp.bfloat16
     ref = np.asarray(_ref(*args), np.float32)
-    check(out, ref, rtol=2.0 ** -7, atol=2.0 ** -7 * np.abs(ref).max())
+    check_fp8_p(out, ref, rtol=2.0 ** -7, atol=2.0 ** -7 * np.abs(ref).max())
 
 
 def test_layers_of_a_mixed_format_page(rng):
@@ -108,7 +110,7 @@ def test_layers_of_a_mixed_format_page(rng):
     q_pos, _ = chunk_positions(rng, contexts, chunks, 6)
     args = (random_q(rng, 3, 6, NUM_KV_HEADS * 2, 64), pool, layout, jnp.int32(LAYER), table,
             jnp.asarray(q_pos), jnp.asarray(kv_lens))
-    check(_kernel(*args, interpret=True), _ref(*args))
+    check_fp8_p(_kernel(*args, interpret=True), _ref(*args))
 
 
 def test_the_kv_pipeline_has_no_race(rng):
@@ -122,7 +124,7 @@ def test_the_kv_pipeline_has_no_race(rng):
             jnp.asarray(kv_lens))
     out = paged_prefill_attention_mgpu(*args, interpret=plgpu.InterpretGPUParams(detect_races=True))
     assert not get_races().races_found
-    check(out, _ref(*args))
+    check_fp8_p(out, _ref(*args))
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +150,7 @@ def test_dispatcher_routes_int4_fp8_prefill_here(rng):
     assert "paged_prefill_attention_int4_fp8_mgpu" in _lowered_kernels(args)
     got = _dispatch()(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(_kernel(*args, interpret=True)))
-    check(got, _ref(*args))
+    check_fp8_p(got, _ref(*args))
     odd = (args[0], jnp.pad(pool, ((0, 0), (0, 3))), *args[2:])   # slabs 3 words past whole rows
     text = _lowered_kernels(odd)
     assert "mgpu" not in text and "paged_prefill_attention_int4_fp8" in text
