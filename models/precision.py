@@ -188,10 +188,13 @@ def layout_kv_dtype(preset: PrecisionPreset, model_dtype) -> str:
     return "float32" if preset.kv_format == "bf16" and model_dtype == jnp.float32 else preset.kv_format
 
 
-def layer_kv_dtypes(preset: PrecisionPreset, model_dtype) -> tuple[tuple[int, str], ...]:
-    """KVPageLayout.layer_kv_dtypes for a preset: its skipped layers in the model dtype's KV format."""
+def layer_kv_dtypes(preset: PrecisionPreset | tuple[int, ...], model_dtype=jnp.bfloat16
+                    ) -> tuple[tuple[int, str], ...]:
+    """KVPageLayout.layer_kv_dtypes for a preset (or its kv_skip_layers): the skipped layers in the
+    model dtype's KV format."""
     wide = "float32" if model_dtype == jnp.float32 else "bf16"
-    return tuple((layer, wide) for layer in preset.kv_skip_layers)
+    layers = preset.kv_skip_layers if isinstance(preset, PrecisionPreset) else preset
+    return tuple((layer, wide) for layer in layers)
 
 
 def kv_page_layout(preset: PrecisionPreset, cfg: ModelConfig, tokens_per_page: int, model_dtype, *,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.config import ModelConfig
-from models.precision import resolve_precision
+from models.precision import layer_kv_dtypes, resolve_precision
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 
@@ -86,7 +86,7 @@ class ModelDemand:
         """The model's KV page on one device of a TP group (its KV heads split across the group)."""
         return KVPageLayout(self.config.num_layers, self.kv_heads_per_device(tp), self.config.head_dim,
                             self.tokens_per_page, kv_dtype or self.kv_dtype,
-                            layer_kv_dtypes=tuple((layer, "bf16") for layer in self.kv_skip_layers))
+                            layer_kv_dtypes=layer_kv_dtypes(self.kv_skip_layers))
 
 
 @dataclass(frozen=True)
