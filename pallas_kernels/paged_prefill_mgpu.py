@@ -40,7 +40,7 @@ from pallas_kernels.paged_prefill_pallas import check_prefill_args, from_query_r
 from pallas_kernels.pow2 import next_pow2
 
 ROWS = 64                  # query rows per program: one warpgroup's wgmma M
-HEAD_DIMS = (64, 128, 256)  # int4 rows of D/2 bytes: a 16-byte multiple TMA box, K a multiple of 32
+HEAD_DIMS = (64, 128)     # e4m3 rows of D bytes: one shared-memory swizzle span (<= 128); D/2-byte TMA rows
 TABLE_ROW = 64             # page-table (and per-block 1/c) entries per TMA box row: boxes are <= 256 a side
 
 
