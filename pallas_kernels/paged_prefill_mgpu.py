@@ -170,11 +170,11 @@ def _kernel(q_gmem, sq_gmem, lim_gmem, info_gmem, table_gmem, sk_gmem, sv_gmem, 
     plgpu.wait_smem_to_gmem(0)
 
 
-def _padded(x: jax.Array, width: int, mode: str = "edge") -> jax.Array:
-    """x [B, n] padded along its last axis to `width` (a multiple of TABLE_ROW), as [B, width / TABLE_ROW,
-    TABLE_ROW] (TMA boxes are at most 256 a side)."""
-    x = jnp.pad(x, ((0, 0), (0, width - x.shape[1])), mode=mode)
-    return x.reshape(x.shape[0], width // TABLE_ROW, TABLE_ROW)
+def _box_rows(x: jax.Array, mode: str) -> jax.Array:
+    """x [B, n] padded (jnp.pad `mode`) to whole rows of TABLE_ROW entries, as [B, rows, TABLE_ROW]
+    (TMA boxes are at most 256 a side)."""
+    width = -(-x.shape[1] // TABLE_ROW) * TABLE_ROW
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), mode=mode).reshape(x.shape[0], -1, TABLE_ROW)
 
 
 def paged_prefill_attention_mgpu(
@@ -207,8 +207,7 @@ def paged_prefill_attention_mgpu(
     num_q_blocks = -(-seq // block_q)
     s_pad = num_q_blocks * block_q
     block = pages_per_block * t
-    width = -(-num_pages // TABLE_ROW) * TABLE_ROW          # a multiple of pages_per_block too
-    num_blocks = width // pages_per_block
+    num_blocks = num_pages // pages_per_block
 
     qg, qpos = query_rows(q, q_positions, hkv, block_q)   # the Triton kernel's rows: [B, Hkv, S_pad * Gp, D]
     q8, sq = fp8_query_codes(qg)
@@ -219,16 +218,15 @@ def paged_prefill_attention_mgpu(
     layer_col = jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (batch, num_q_blocks))
     info = jnp.stack([layer_col, -(-kv_hi // block), jnp.zeros_like(kv_hi), jnp.zeros_like(kv_hi)], axis=-1)
 
-    table = _padded(page_table.astype(jnp.int32), width)
-    # Per-token scales [B, Hkv, width * T], zero past each sequence's end (pages there may hold NaN),
-    # V's times its block's power of two c, and 1 / c per block.
-    live = jnp.arange(width * t)[None, :] < kv_lens[:, None]
-    sk, sv = (jnp.where(live[:, None, :], s.reshape(batch, width * t, hkv).transpose(0, 2, 1), 0.0)
-              for s in read_kv_scales(pool, layout, table.reshape(batch, width), layer))
+    table = _box_rows(page_table.astype(jnp.int32), "edge")          # padding: valid page ids
+    # Per-token scales [B, Hkv, P * T] of the table's pages, zero past each sequence's end (pages there
+    # may hold NaN), V's times its block's power of two c, and 1 / c per block.
+    live = jnp.arange(num_pages * t)[None, :] < kv_lens[:, None]
+    sk, sv = (jnp.where(live[:, None, :], s.reshape(batch, num_pages * t, hkv).transpose(0, 2, 1), 0.0)
+              for s in read_kv_scales(pool, layout, page_table.astype(jnp.int32), layer))
     c = p_factor(sv.reshape(batch, hkv, num_blocks, block).max(axis=-1))       # [B, Hkv, blocks]
-    sv = (sv.reshape(batch, hkv, num_blocks, block) * c[..., None]).reshape(batch, hkv, width * t)
-    inv_c = _padded((1.0 / c).reshape(batch * hkv, num_blocks), -(-num_blocks // TABLE_ROW) * TABLE_ROW,
-                    mode="constant").reshape(batch, hkv, -1, TABLE_ROW)
+    sv = (sv.reshape(batch, hkv, num_blocks, block) * c[..., None]).reshape(batch, hkv, num_pages * t)
+    inv_c = _box_rows((1.0 / c).reshape(batch * hkv, num_blocks), "constant").reshape(batch, hkv, -1, TABLE_ROW)
 
     # The pool as [slab, head row, D] int4 codes: one kv head's [T, D] page tile is T consecutive rows.
     codes = lax.bitcast_convert_type(pool, jnp.int4).reshape(pool.shape[0], -1, head_dim)
