@@ -188,13 +188,11 @@ def layout_kv_dtype(preset: PrecisionPreset, model_dtype) -> str:
     return "float32" if preset.kv_format == "bf16" and model_dtype == jnp.float32 else preset.kv_format
 
 
-def layer_kv_dtypes(preset: PrecisionPreset | tuple[int, ...], model_dtype=jnp.bfloat16
-                    ) -> tuple[tuple[int, str], ...]:
-    """KVPageLayout.layer_kv_dtypes for a preset (or its kv_skip_layers): the skipped layers in the
-    model dtype's KV format."""
+def layer_kv_dtypes(kv_skip_layers, model_dtype=jnp.bfloat16) -> tuple[tuple[int, str], ...]:
+    """KVPageLayout.layer_kv_dtypes for a model's kv_skip_layers: those layers in the model dtype's
+    KV format."""
     wide = "float32" if model_dtype == jnp.float32 else "bf16"
-    layers = preset.kv_skip_layers if isinstance(preset, PrecisionPreset) else preset
-    return tuple((layer, wide) for layer in layers)
+    return tuple((layer, wide) for layer in kv_skip_layers)
 
 
 def kv_page_layout(preset: PrecisionPreset, cfg: ModelConfig, tokens_per_page: int, model_dtype, *,
@@ -203,4 +201,5 @@ def kv_page_layout(preset: PrecisionPreset, cfg: ModelConfig, tokens_per_page: i
     of a tensor-parallel group (default: all)."""
     preset.check_layers(cfg)
     return KVPageLayout(cfg.num_layers, num_kv_heads or cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
-                        layout_kv_dtype(preset, model_dtype), layer_kv_dtypes=layer_kv_dtypes(preset, model_dtype))
+                        layout_kv_dtype(preset, model_dtype),
+                        layer_kv_dtypes=layer_kv_dtypes(preset.kv_skip_layers, model_dtype))

@@ -105,16 +105,14 @@ def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK, precision=None
     args = (S((1, chunk, q_heads, HEAD_DIM), jnp.bfloat16), _pool(layout, pages), S((), jnp.int32),
             S((1, pages), jnp.int32), S((1, chunk), jnp.int32), S((1,), jnp.int32))
     io = chunk * (layout.bytes_per_token / NUM_LAYERS + 2 * 2 * q_heads * HEAD_DIM)
-    dots = "" if precision is None else " dots=bf16x3" if precision == BF16_X3 else f" dots={precision}"
     if mosaic:
-        return Case("prefill", f"prefill {kv} G={group} chunk={chunk} mosaic",
-                    lambda q, pool, layer, table, pos, lens: paged_prefill_attention_mgpu(q, pool, layout, layer, table,
-                                                                                          pos, lens),
-                    args, io, 4.0 * chunk * chunk * q_heads * HEAD_DIM, fp8_math=True)
-    return Case("prefill", f"prefill {kv} G={group} chunk={chunk}{dots}",
-                lambda q, pool, layer, table, pos, lens: paged_prefill_attention(q, pool, layout, layer, table, pos,
-                                                                                 lens, precision=precision),
-                args, io, 4.0 * chunk * chunk * q_heads * HEAD_DIM)
+        kernel, variant = paged_prefill_attention_mgpu, " mosaic"
+    else:
+        kernel = functools.partial(paged_prefill_attention, precision=precision)
+        variant = "" if precision is None else " dots=bf16x3" if precision == BF16_X3 else f" dots={precision}"
+    return Case("prefill", f"prefill {kv} G={group} chunk={chunk}{variant}",
+                lambda q, pool, layer, table, pos, lens: kernel(q, pool, layout, layer, table, pos, lens),
+                args, io, 4.0 * chunk * chunk * q_heads * HEAD_DIM, fp8_math=mosaic)
 
 
 def kv_write_case(kv: str, tokens: int = WRITE_TOKENS) -> Case:

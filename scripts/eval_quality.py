@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     windows = np.asarray(ids[: n_windows * args.window], np.int32).reshape(n_windows, args.window)
 
     runners = {n: PagedForward(m.model, args.window, batch=batch, tokens_per_page=16, kv_dtype=m.kv_dtype,
-                               layer_kv_dtypes=layer_kv_dtypes(m.precision, m.dtype), shuffle_pages=False)
+                               layer_kv_dtypes=layer_kv_dtypes(m.precision.kv_skip_layers, m.dtype),
+                               shuffle_pages=False)
                for n, m in models.items()}
     sums = {n: np.zeros(3) for n in names}
     t0 = time.time()
