@@ -16,17 +16,21 @@ from tests.helpers import build_engine, drain
 CFG = ModelConfig("llama", 128, 64, 128, 2, 4, 2, 32, max_position_embeddings=256)
 
 
+def greedy_tokens(loaded, kernels: str, prompts, **config):
+    """(engine, {request id: 6 greedy tokens}) of an engine running `kernels` over a 32-page pool."""
+    engine = build_engine(loaded, num_pages=32, tokens_per_page=8, max_num_seqs=2, max_model_len=64,
+                          kernels=kernels, **config)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id=str(i))
+    return engine, {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+
+
 @pytest.mark.parametrize("precision,kv", [("w4a16", "int4"), ("w8a8", "fp8"), ("fp8", "int8"), ("fireq", "int4_fp8")])
 def test_interpret_kernels_generate_the_reference_tokens(precision, kv, fast_cpu_compiles):
     loaded = random_model(CFG, precision, "float32", kv_dtype=kv, seed=3)
     prompts = [[5, 9, 13, 2, 7, 1, 3, 8, 10, 4, 6, 12, 11, 14, 15, 16, 17, 18], [3, 1, 4, 1, 5, 9, 2, 6]]
-    tokens = {}
-    for kernels in ("xla", "interpret"):
-        engine = build_engine(loaded, num_pages=32, tokens_per_page=8, max_num_seqs=2, max_model_len=64,
-                              max_num_batched_tokens=32, prefill_chunk=16, kernels=kernels)
-        for i, p in enumerate(prompts):
-            engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id=str(i))
-        tokens[kernels] = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+    tokens = {kernels: greedy_tokens(loaded, kernels, prompts, max_num_batched_tokens=32, prefill_chunk=16)[1]
+              for kernels in ("xla", "interpret")}
     assert tokens["interpret"] == tokens["xla"]
     assert all(len(t) == 6 for t in tokens["xla"].values())
 
@@ -42,10 +46,6 @@ def test_fireq_prefill_on_the_mosaic_gpu_kernel(fast_cpu_compiles):
     prompts = [list(range(3, 40)), [7, 1, 2, 9, 4]]
     tokens = {}
     for kernels in ("xla", "interpret"):
-        engine = build_engine(loaded, num_pages=32, tokens_per_page=8, max_num_seqs=2, max_model_len=64,
-                              max_num_batched_tokens=64, prefill_chunk=32, kernels=kernels)
+        engine, tokens[kernels] = greedy_tokens(loaded, kernels, prompts, max_num_batched_tokens=64, prefill_chunk=32)
         assert prefill_mgpu_shape_error(engine.layout, engine.pool.words.shape, engine.runner.table_width) is None
-        for i, p in enumerate(prompts):
-            engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id=str(i))
-        tokens[kernels] = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
     assert tokens["interpret"] == tokens["xla"]
