@@ -77,9 +77,9 @@ def kv_bytes_per_token_per_layer(
 
 
 def check_fp8_p(out, ref, rtol=2e-5, atol=2e-5):
-    """int4_fp8 attention against its reference: tight (rtol = atol = 2e-5) except where float32 summation order puts an unrounded P value on the
-    other side of an e4m3 rounding boundary than the reference's (rare: the values differ by ~1e-7
-    relative, boundaries are 2^-4 apart). A flip moves one P entry of one row by one e4m3 step
+    """int4_fp8 attention against its reference: tight (rtol = atol = 2e-5) except where float32
+    summation order puts an unrounded P value on the other side of an e4m3 rounding boundary than the
+    reference's (rare: the values differ by ~1e-7 relative, boundaries are 2^-4 apart). A flip moves one P entry of one row by one e4m3 step
     (2^-3 relative), so that row moves by at most 2^-3 x its largest weight x max|v| (see
     tests/test_fp8_attention.py): at least 99% of the outputs match tightly, and none by more than
     2^-3 max|ref| (a wrong page, scale or mask moves whole sequences, far more than 1%)."""
