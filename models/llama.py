@@ -21,8 +21,10 @@ from models.config import ModelConfig
 from models.quant_linear import QuantLinear
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from pallas_kernels.kv_pages import KVPageLayout
-from pallas_kernels.kv_write import write_kv
+from pallas_kernels.kv_write import write_bounds, write_kv
+from pallas_kernels.page_selection import SelectionInputs
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.sparse_attention import sparse_decode_attention
 
 
 class RMSNorm(nnx.Module):
@@ -105,11 +107,16 @@ def dense_causal_attention(q, k, v):
 
 
 class PagedKV:
-    """Where this batch's tokens live in the pool: derived once per forward, shared by all layers."""
+    """Where this batch's tokens live in the pool: derived once per forward, shared by all layers.
+    With `selection` (decode steps of a model whose pages keep key bounds), layers from
+    `dense_layers` on attend only the pages each sequence's policy selects."""
 
-    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, kernels: str):
+    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, kernels: str,
+                 selection: SelectionInputs | None = None, dense_layers: int = 0):
         t = layout.tokens_per_page
         self.layout, self.page_table, self.kernels = layout, page_table, kernels
+        self.selection = selection if seq_len == 1 else None
+        self.dense_layers = dense_layers
         offsets = jnp.arange(seq_len, dtype=jnp.int32)
         self.positions = start_pos[:, None] + offsets[None, :]                      # [B, S]
         self.write_valid = offsets[None, :] < num_new[:, None]                       # [B, S]
@@ -117,29 +124,57 @@ class PagedKV:
         self.write_pages = jnp.take_along_axis(page_table, page_idx, axis=1)         # [B, S]
         self.write_slots = self.positions % t
         self.kv_lens = start_pos + num_new
+        # The pages this step writes into ([B, P'], P' the most S tokens can span) and how many of
+        # their tokens are written after it: their key bounds are recomputed.
+        span = (seq_len + t - 2) // t + 1
+        idx = start_pos[:, None] // t + jnp.arange(span, dtype=jnp.int32)[None, :]
+        touched = (idx * t < self.kv_lens[:, None]) & (num_new[:, None] > 0)
+        self.bound_pages = jnp.take_along_axis(page_table, jnp.where(touched, idx, 0), axis=1).reshape(-1)
+        self.bound_fill = jnp.where(touched, jnp.clip(self.kv_lens[:, None] - idx * t, 0, t), 0).reshape(-1)
 
-    def attend(self, q, k, v, pool, layer):
+    def attend(self, q, k, v, cache, layer):
         """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages.
-        A page mixing KV formats over layers picks the layer's group at run time (`lax.switch`: the
-        layers stay one scan; each group's attention is its own branch)."""
+        `cache` is (pool, pages read so far int32[B]); the pages this layer's kv heads attended are
+        added. A page mixing KV formats over layers picks the layer's group at run time
+        (`lax.switch`: the layers stay one scan; each group's attention is its own branch)."""
+        pool, reads = cache
+        dense = layer < self.dense_layers
         groups = self.layout.layer_groups()
         if len(groups) == 1:
-            return self._attend_group(q, k, v, pool, layer, groups[0].layout)
+            out, pool, read = self._attend_group(q, k, v, pool, dense, layer, groups[0].layout)
+            return out, (pool, reads + read)
         group_of_layer = np.repeat(np.arange(len(groups), dtype=np.int32),
                                    [g.layout.num_layers for g in groups])
         branches = [functools.partial(self._attend_group, layer=layer - g.first_layer, layout=g.layout)
                     for g in groups]
-        return jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool)
+        out, pool, read = jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool, dense)
+        return out, (pool, reads + read)
 
-    def _attend_group(self, q, k, v, pool, layer, layout: KVPageLayout):
+    def _attend_group(self, q, k, v, pool, dense, layer, layout: KVPageLayout):
         b, s, hkv, d = k.shape
         n = b * s
         pool = write_kv(pool, layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
                         self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
                         kernels=self.kernels)
-        out = paged_attention(q, pool, layout, layer, self.page_table, self.positions, self.kv_lens,
-                              kernels=self.kernels)
-        return out, pool
+        if layout.key_bounds:
+            pool = write_bounds(pool, layout, self.bound_pages, self.bound_fill, layer, kernels=self.kernels)
+
+        def attend_dense():
+            out = paged_attention(q, pool, layout, layer, self.page_table, self.positions, self.kv_lens,
+                                  kernels=self.kernels)
+            return out, layout.pages_for(self.kv_lens) * hkv
+
+        if self.selection is None or not layout.key_bounds:
+            out, read = attend_dense()
+            return out, pool, read
+
+        def attend_sparse():
+            out, chosen = sparse_decode_attention(q, pool, layout, layer, self.page_table, self.positions,
+                                                  self.kv_lens, self.selection, kernels=self.kernels)
+            return out, chosen.pages_read.sum(axis=1)
+
+        out, read = jax.lax.cond(dense, attend_dense, attend_sparse)
+        return out, pool, read
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -169,25 +204,28 @@ class LlamaForCausalLM(nnx.Module):
         self.layers.k_rope_scale = nnx.Param(factors)
 
     def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
-                 kernels: str = "xla"):
+                 kernels: str = "xla", selection: SelectionInputs | None = None, dense_layers: int = 0):
         """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P]. `kernels`: the
         implementation of attention, KV writes and quantized matmuls ("xla", "pallas", "interpret").
-        Returns the final hidden states [B, S, hidden] and the updated pool."""
-        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels)
+        `selection`: per sequence page selection for decode steps (the layout must keep key bounds),
+        dense in layers below `dense_layers`. Returns the final hidden states [B, S, hidden], the
+        updated pool and the KV pages attention read per sequence (int32[B], over layers and kv heads)."""
+        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels, selection, dense_layers)
         cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
         x = self.embed_tokens(tokens)
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, xs):
-            x, pool = carry
+            x, cache = carry
             state, layer = xs
-            attend = lambda q, k, v, pool: kv.attend(q, k, v, pool, layer)
-            x, pool = nnx.merge(graphdef, state)(x, cos, sin, attend, pool, kernels=kernels)
-            return (x, pool), None
+            attend = lambda q, k, v, cache: kv.attend(q, k, v, cache, layer)
+            x, cache = nnx.merge(graphdef, state)(x, cos, sin, attend, cache, kernels=kernels)
+            return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, pool), _ = jax.lax.scan(body, (x, pool), (layer_state, layer_ids))
-        return self.norm(x), pool
+        reads = jnp.zeros(tokens.shape[:1], jnp.int32)
+        (x, (pool, reads)), _ = jax.lax.scan(body, (x, (pool, reads)), (layer_state, layer_ids))
+        return self.norm(x), pool, reads
 
     def forward_dense(self, tokens, observe_fn=None):
         """Calibration forward over whole windows without the pool: tokens int32[B, S] -> (final hidden

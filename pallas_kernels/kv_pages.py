@@ -71,6 +71,9 @@ class KVPageLayout:
     # Word offset of layer 0's K chunk inside the page slot: non-zero only for a later group of
     # layers of a mixed-format page (see layer_groups).
     first_word: int = 0
+    # Key bounds for query-aware page selection: per layer and kv head, the channel-wise min and max
+    # of the page's (dequantized) keys, in bfloat16 rounded outward, after the layers' K/V chunks.
+    key_bounds: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
@@ -82,6 +85,8 @@ class KVPageLayout:
                              "fill whole 32-bit words")
         if self.value_bits == 4 and self.head_dim % 2:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
+        if self.key_bounds and self.head_dim % 2:
+            raise ValueError(f"key bounds pack two bfloat16 channels per word; head_dim {self.head_dim} is odd")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
         if self.mixed:
@@ -124,12 +129,13 @@ class KVPageLayout:
                 continue
             groups.append((first, layer - first, self.kv_dtype_of(first), word))
             word += KVPageLayout(layer - first, self.num_kv_heads, self.head_dim, self.tokens_per_page,
-                                 self.kv_dtype_of(first)).page_words
+                                 self.kv_dtype_of(first), key_bounds=self.key_bounds).page_words
             first = layer
         stride = self.page_stride_words or word - self.first_word
         return tuple(KVLayerGroup(first, KVPageLayout(
             n, self.num_kv_heads, self.head_dim, self.tokens_per_page, fmt, self.pages_per_slab,
-            page_stride_words=stride, first_word=start)) for first, n, fmt, start in groups)
+            page_stride_words=stride, first_word=start, key_bounds=self.key_bounds))
+            for first, n, fmt, start in groups)
 
     def check_uniform(self, what: str) -> None:
         """ValueError unless every layer has kv_dtype (what kernels and page reads/writes take)."""
@@ -197,11 +203,22 @@ class KVPageLayout:
         return self.tokens_per_page * (self.row_words + self.scale_row_words)
 
     @property
+    def bounds_words(self) -> int:
+        """Words holding one layer's key bounds of one kv head: min then max, head_dim bfloat16 each."""
+        return self.head_dim if self.key_bounds else 0
+
+    def bounds_origin(self, layer, head=0):
+        """Word offset, from a page slot's start, of kv head `head`'s key bounds for `layer` (the
+        bounds region, [layer][kv_head][min | max][head_dim], follows the layers' K/V chunks)."""
+        return (self.first_word + self.num_layers * 2 * self.chunk_words
+                + (layer * self.num_kv_heads + head) * self.bounds_words)
+
+    @property
     def page_words(self) -> int:
-        """Words of one page, all layers (of every group) with their scales."""
+        """Words of one page, all layers (of every group) with their scales and key bounds."""
         if self.mixed:
-            return sum(group.layout.num_layers * 2 * group.layout.chunk_words for group in self.layer_groups())
-        return self.num_layers * 2 * self.chunk_words
+            return sum(group.layout.page_words for group in self.layer_groups())
+        return self.num_layers * (2 * self.chunk_words + self.num_kv_heads * self.bounds_words)
 
     @property
     def page_bytes(self) -> int:
@@ -224,8 +241,9 @@ class KVPageLayout:
     @classmethod
     def bytes_per_token_for(cls, num_layers: int, num_kv_heads: int, head_dim: int,
                             kv_dtype: str = "bf16", layer_kv_dtypes: tuple[tuple[int, str], ...] = ()) -> int:
-        """`bytes_per_token` of a model's KV cache without a page size (it does not depend on one):
-        what capacity planning should use, so the figure is always what a page stores."""
+        """`bytes_per_token` of a model's KV cache without a page size (it does not depend on one
+        without key bounds): what capacity planning should use, so the figure is always what a page
+        stores."""
         return cls(num_layers, num_kv_heads, head_dim, 1, kv_dtype, layer_kv_dtypes=layer_kv_dtypes).bytes_per_token
 
     def pages_for(self, num_tokens: int) -> int:
@@ -343,6 +361,52 @@ def read_kv_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, la
     return k, v
 
 
+def _read_head_chunks(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """Yield (value elements [..., Hkv, n, T, D or D/2], scale-row entries [..., Hkv, n, T, 2 srw]) of
+    `layer`'s K then V for page_ids [..., Hkv, n]: kv head h reads only its own run of each page."""
+    heads = lax.broadcasted_iota(jnp.int32, page_ids.shape, page_ids.ndim - 2)
+    t = layout.tokens_per_page
+    for kind in (0, 1):
+        slab, word = _page_origin(layout, page_ids, layer, kind)
+        values = _gather_words(pool, slab, word + layout.value_word(heads, 0), t * layout.head_words)
+        values = _words_to_elements(values, layout.value_dtype).reshape(*page_ids.shape, t, -1)
+        scales = None
+        if layout.quantized:
+            words = _gather_words(pool, slab, word + layout.scales_offset, t * layout.scale_row_words)
+            scales = _words_to_elements(words, SCALE_DTYPE).reshape(*page_ids.shape, t, -1)
+        yield values, scales
+
+
+def read_kv_head_pages_quantized(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """K and V of one layer, as stored, each kv head from its own pages: page_ids int32[..., Hkv, n]
+    -> 2 x QuantizedTensor (values [..., Hkv, n, T, D] (int4: uint8 D/2), bfloat16 scales/zeros
+    [..., Hkv, n, T, 1]), with `quantize_kv`'s conventions."""
+    layout.check_uniform("read_kv_head_pages_quantized")
+    if not layout.quantized:
+        raise ValueError(f"read_kv_head_pages_quantized needs a quantized layout, not {layout.kv_dtype!r}")
+    if page_ids.ndim < 2 or page_ids.shape[-2] != layout.num_kv_heads:
+        raise ValueError(f"per-head page ids must be [..., {layout.num_kv_heads}, n], got {page_ids.shape}")
+    h = layout.num_kv_heads
+    head = lax.broadcasted_iota(jnp.int32, page_ids.shape, page_ids.ndim - 2)[..., None, None]
+    out = []
+    for values, entries in _read_head_chunks(pool, layout, page_ids, layer):
+        pick = lambda e: jnp.take_along_axis(entries, e, axis=-1)  # noqa: E731  [..., T, 1]
+        zeros = pick(head + h) if layout.kv_dtype == "int4" else None
+        out.append(QuantizedTensor(values, pick(head), zeros, f"kv_{layout.kv_dtype}", values.ndim - 1))
+    return out[0], out[1]
+
+
+def read_kv_head_pages(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """`read_kv_pages` with each kv head reading its own pages: page_ids int32[..., Hkv, n] -> K and V
+    [..., Hkv, n, T, D], stored dtype or dequantized to float32."""
+    if layout.quantized:
+        k, v = read_kv_head_pages_quantized(pool, layout, page_ids, layer)
+        return dequantize_kv(k), dequantize_kv(v)
+    layout.check_uniform("read_kv_head_pages")
+    k, v = (values for values, _ in _read_head_chunks(pool, layout, page_ids, layer))
+    return k, v
+
+
 def _quantized_rows(layout: KVPageLayout, x: jax.Array):
     """[N, Hkv, D] -> (value words uint32[N, row_words] (head after head), scale words
     uint32[N, scale_row_words])."""
@@ -376,6 +440,65 @@ def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
                               (word[:, None] + layout.value_word(heads, slots[:, None])).reshape(-1),
                               rows.reshape(-1, layout.head_words))
     return pool
+
+
+def bf16_bits_outward(x, up: bool):
+    """float32 -> the bit pattern (uint32, low 16 bits) of the nearest bfloat16 at or above x (`up`)
+    or at or below it: truncation rounds toward zero, and one step of magnitude more moves a
+    truncated value back past x where it lost bits in that direction. Integer ops only, so the
+    Pallas kernels and the reference round alike."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    top = bits >> np.uint32(16)
+    lost = (bits & np.uint32(0xFFFF)) != 0
+    negative = (bits >> np.uint32(31)) != 0
+    away = lost & (negative != up)           # truncation moved x the wrong way: one step outward
+    return top + jnp.where(away, np.uint32(1), np.uint32(0))
+
+
+def bounds_words_of(k_min, k_max):
+    """float32 [..., D] mins and maxes -> uint32 [..., D] words of a head's key bounds: the mins
+    rounded down then the maxes rounded up to bfloat16, two channels per word (low half first)."""
+    out = []
+    for x, up in ((k_min, False), (k_max, True)):
+        bits = bf16_bits_outward(x.astype(jnp.float32), up)
+        out.append(bits[..., 0::2] | (bits[..., 1::2] << np.uint32(16)))
+    return jnp.concatenate(out, axis=-1)
+
+
+def read_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
+    """The key bounds of one layer for the given pages: int32[...] page ids -> (min, max) float32
+    [..., Hkv, D]. Only meaningful for pages whose bounds `write_key_bounds` wrote."""
+    layout.check_uniform("read_key_bounds")
+    if not layout.key_bounds:
+        raise ValueError("read_key_bounds: this layout stores no key bounds (key_bounds=False)")
+    slab = page_ids // layout.pages_per_slab
+    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
+    words = _gather_words(pool, slab, word, layout.num_kv_heads * layout.bounds_words)
+    values = _words_to_elements(words, SCALE_DTYPE).astype(jnp.float32)
+    values = values.reshape(*page_ids.shape, layout.num_kv_heads, 2, layout.head_dim)
+    return values[..., 0, :], values[..., 1, :]
+
+
+def write_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, fill: jax.Array,
+                     layer) -> jax.Array:
+    """Recompute the key bounds of one layer of M pages from their stored keys: page_ids, fill
+    int32[M], `fill` the page's written tokens (slots [0, fill) count; 0: the entry is padding and
+    writes nothing). Min and max are over the dequantized keys, rounded outward to bfloat16, so
+    they bound every key the attention reads. Call it after the tokens are written."""
+    layout.check_uniform("write_key_bounds")
+    if not layout.key_bounds:
+        raise ValueError("write_key_bounds: this layout stores no key bounds (key_bounds=False)")
+    if layout.quantized:
+        k = dequantize_kv(read_kv_pages_quantized(pool, layout, page_ids, layer)[0])
+    else:
+        k = next(_read_chunks(pool, layout, page_ids, layer))[0].astype(jnp.float32)   # [M, T, Hkv, D]
+    live = (jnp.arange(layout.tokens_per_page)[None, :] < fill[:, None])[..., None, None]
+    k_min = jnp.where(live, k, jnp.inf).min(axis=1)
+    k_max = jnp.where(live, k, -jnp.inf).max(axis=1)
+    rows = bounds_words_of(k_min, k_max).reshape(page_ids.shape[0], -1)        # [M, Hkv * D]
+    slab = jnp.where(fill > 0, page_ids // layout.pages_per_slab, pool.shape[0])  # padding: dropped
+    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
+    return _scatter_words(pool, slab, word, rows)
 
 
 def copy_pages(pool: jax.Array, layout: KVPageLayout, src: jax.Array, dst: jax.Array) -> jax.Array:

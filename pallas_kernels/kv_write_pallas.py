@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout
-from pallas_kernels.paged_attention_pallas import _elems_per_word
+from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout, bf16_bits_outward
+from pallas_kernels.paged_attention_pallas import _elems_per_word, decode_element, token_scales
 from pallas_kernels.pow2 import is_pow2
 from pallas_kernels.quant_formats import E4M3_MAX, INT4_SYM_MAX, INT8_MAX, UINT4_MAX
 
@@ -34,10 +34,13 @@ BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, i
 
 
 def write_shape_error(layout: KVPageLayout) -> str | None:
-    """Why the compiled (Triton) kernel cannot take this layout, or None: its tiles are [D / n, n]
-    values (n per word), which Triton needs to be a power of two. Interpret mode has no such limit."""
+    """Why the compiled (Triton) kernels cannot take this layout, or None: the token write's tiles are
+    [D / n, n] values (n per word) and the key-bounds kernel's [T, D / 2], which Triton needs to be
+    powers of two. Interpret mode has no such limit."""
     if not is_pow2(layout.head_dim):
         return f"head_dim {layout.head_dim} is not a power of two"
+    if layout.key_bounds and not is_pow2(layout.tokens_per_page):
+        return f"tokens_per_page {layout.tokens_per_page} is not a power of two"
     return None
 
 
@@ -208,3 +211,75 @@ def write_kv_tokens_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.
         name=f"write_kv_tokens_{layout.kv_dtype}",
     )(jnp.asarray(layer, jnp.int32).reshape(1), page_ids.astype(jnp.int32), slots.astype(jnp.int32),
       valid.astype(jnp.int32), k_tiles, v_tiles, pool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Key bounds (query-aware page selection)
+
+
+def _bounds_kernel(layer_ref, pages_ref, fill_ref, pool_in_ref, pool_ref, *, layout: KVPageLayout):
+    """One page: its key bounds for one layer recomputed from the keys in slots [0, fill)."""
+    del pool_in_ref  # aliased with pool_ref: the same buffer
+    i = pl.program_id(0)
+    t, half = layout.tokens_per_page, layout.head_dim // 2
+    n = _elems_per_word(layout)
+    page, fill, layer = pages_ref[i], fill_ref[i], layer_ref[0]
+    slab = page // layout.pages_per_slab
+    page_origin = (page % layout.pages_per_slab) * layout.page_slot_words
+    origin = page_origin + layout.chunk_origin(layer, 0)
+    slot = lax.broadcasted_iota(jnp.int32, (t,), 0)
+    slab_vec = jnp.broadcast_to(slab, (t,))
+    pair = lax.broadcasted_iota(jnp.int32, (1, half), 1)
+    live = (slot < fill)[:, None]                                                  # [T, 1]
+
+    @pl.when(fill > 0)
+    def _store():
+        for h in range(layout.num_kv_heads):
+            scale = token_scales(pool_ref, layout, slab_vec, origin, slot, h) if layout.quantized else None
+            zero = (token_scales(pool_ref, layout, slab_vec, origin, slot, layout.num_kv_heads + h)
+                    if layout.kv_dtype == "int4" else None)
+            words = []
+            for parity in (0, 1):            # channels 2u and 2u + 1, natural order
+                channel = 2 * pair + parity                                        # [1, D/2]
+                index = (origin + layout.value_word(h, slot))[:, None] + channel // n
+                k = decode_element(pool_ref[jnp.broadcast_to(slab, (t, half)), index],
+                                   (channel % n).astype(jnp.uint32), layout.kv_dtype)  # [T, D/2]
+                if scale is not None:
+                    k = k * scale + (zero if zero is not None else 0.0)
+                words.append((jnp.min(jnp.where(live, k, jnp.inf), axis=0),
+                               jnp.max(jnp.where(live, k, -jnp.inf), axis=0)))
+            bounds = layout.bounds_origin(layer, h) + page_origin
+            for j, up in ((0, False), (1, True)):   # mins rounded down, then maxes rounded up
+                lo, hi = (bf16_bits_outward(words[parity][j], up) for parity in (0, 1))
+                pool_ref[slab, pl.ds(bounds + j * half, half)] = lo | (hi << np.uint32(SCALE_BITS))
+
+
+def write_key_bounds_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, fill: jax.Array,
+                            layer, *, interpret=False, num_warps: int = 1) -> jax.Array:
+    """`kv_pages.write_key_bounds` as a Pallas kernel (one program per page): page_ids, fill int32[M].
+    Returns the pool with those pages' key bounds of `layer` rewritten, bit-identical to the
+    reference; the pool buffer is reused (aliased), so donate it under jit."""
+    if not layout.key_bounds:
+        raise ValueError("write_key_bounds_pallas: this layout stores no key bounds (key_bounds=False)")
+    if page_ids.shape != fill.shape or page_ids.ndim != 1:
+        raise ValueError(f"page_ids {page_ids.shape} and fill {fill.shape} must be one [M] shape")
+    if not interpret and (why := write_shape_error(layout)):
+        raise ValueError(f"compiled Pallas key bounds: {why}")
+    num_pages = page_ids.shape[0]
+    if num_pages == 0:
+        return pool
+    compiler_params = None
+    if not interpret:
+        compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_bounds_kernel, layout=layout),
+        grid=(num_pages,),
+        in_specs=[whole((1,)), whole((num_pages,)), whole((num_pages,)), whole(pool.shape)],
+        out_specs=whole(pool.shape),
+        out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+        input_output_aliases={3: 0},
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name=f"write_key_bounds_{layout.kv_dtype}",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), page_ids.astype(jnp.int32), fill.astype(jnp.int32), pool)

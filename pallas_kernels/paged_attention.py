@@ -10,9 +10,10 @@ batch padded to several query slots) to the prefill kernel: int4_fp8 pages to th
 FP8 tensor cores (`paged_prefill_mgpu`) where its shape rules allow, else the Triton one
 (`paged_prefill_pallas`). All have the
 reference's semantics: causal on each query's position, keys up to the sequence's kv_len (this step's
-writes included, see `kv_write.write_kv`), rows that see no key give 0. `precision`: the prefill
-kernel's dot precision (None: the backend default); the decode kernel has no dot, and the reference
-follows `jax.default_matmul_precision`.
+writes included, see `kv_write.write_kv`), rows that see no key give 0. Decode also takes a page
+table per kv head ([B, Hkv, P] with kv_lens [B, Hkv]: sparse decode over selected pages, see
+`sparse_attention`). `precision`: the prefill kernel's dot precision (None: the backend default);
+the decode kernel has no dot, and the reference follows `jax.default_matmul_precision`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def paged_attention(q, pool, layout, layer, page_table, q_positions, kv_lens, *,
                     precision=None):
     check_implementation(kernels)
     layout.check_uniform("paged_attention")
+    if page_table.ndim == 3 and q.shape[1] != 1:
+        raise ValueError(f"a page table per kv head [B, Hkv, P] is for decode (one query per sequence), "
+                         f"got S={q.shape[1]}")
     if kernels == "xla":
         return paged_attention_reference(q, pool, layout, layer, page_table, q_positions, kv_lens)
     interpret = kernels == "interpret"

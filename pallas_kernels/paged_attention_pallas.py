@@ -137,7 +137,7 @@ def _decode_kernel(layer_ref, lens_ref, table_ref, q_ref, pool_ref, acc_ref, m_r
     hkv = layout.num_kv_heads
     fp8 = layout.kv_dtype == "int4_fp8"           # codes and scales apart: FP8 q . k and p . v
 
-    length = lens_ref[b]
+    length = lens_ref[b, h]
     layer = layer_ref[0]
     split_start = split * (blocks_per_split * block)
     num_blocks = jnp.clip((length - split_start + block - 1) // block, 0, blocks_per_split)
@@ -240,9 +240,9 @@ def paged_decode_attention(
     pool: jax.Array,         # uint32[num_slabs, slab_words]
     layout: KVPageLayout,
     layer,                   # int or traced int32 scalar
-    page_table: jax.Array,   # int32[B, P]; entries past a sequence's pages may be any valid page
+    page_table: jax.Array,   # int32[B, P] or [B, Hkv, P]; entries past a sequence's pages: any valid page
     q_positions: jax.Array,  # int32[B, 1]
-    kv_lens: jax.Array,      # int32[B]
+    kv_lens: jax.Array,      # int32[B], or [B, Hkv] with a per-head table
     *,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
@@ -252,7 +252,9 @@ def paged_decode_attention(
 ) -> jax.Array:
     """Decode attention (one query per sequence) read in place from the pool. Returns [B, 1, Hq, D] in
     q's dtype. `interpret`: False (compiled, GPU Triton lowering) or anything `pl.pallas_call` accepts.
-    `pages_per_block` and `num_warps` default to `decode_tiling`'s."""
+    `pages_per_block` and `num_warps` default to `decode_tiling`'s. A table per kv head (sparse decode
+    over selected pages) gives kv head h of sequence b the pages `page_table[b, h]`, whose first
+    `kv_lens[b, h]` tokens are live (all earlier than the query); every program reads its own row."""
     batch, seq, num_q_heads, head_dim = q.shape
     if seq != 1:
         raise ValueError(f"paged_decode_attention takes one query token per sequence, got S={seq}")
@@ -264,7 +266,11 @@ def paged_decode_attention(
     gp = next_pow2(group)                 # Triton tiles: pad the query group to a power of two
     n = _elems_per_word(layout)
     dw = head_dim // n
-    num_pages = page_table.shape[1]
+    head_tables = page_table.ndim == 3
+    if head_tables and (page_table.shape[:2] != (batch, hkv) or kv_lens.shape != (batch, hkv)):
+        raise ValueError(f"a per-head page table is [B, Hkv, P] = [{batch}, {hkv}, P] with kv_lens [B, Hkv]; "
+                         f"got {page_table.shape} and {kv_lens.shape}")
+    num_pages = page_table.shape[-1]
     tiled_pages, tiled_warps = decode_tiling(layout, group)
     num_warps = num_warps or tiled_warps
     pages_per_block, blocks_per_split, num_splits = plan_splits(layout, num_pages, pages_per_block or tiled_pages,
@@ -279,14 +285,19 @@ def paged_decode_attention(
         qg = fp8_queries(qg)
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
-    # Live tokens: causal on the query position, within kv_len and within the page table.
-    lens = jnp.minimum(kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
+    # Live tokens per (sequence, kv head): causal on the query position (a shared table), within
+    # kv_len and within the page table.
+    if head_tables:
+        lens, table = kv_lens.astype(jnp.int32), page_table.astype(jnp.int32)
+    else:
+        lens = jnp.minimum(kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32) + 1)
+        lens = jnp.broadcast_to(lens[:, None], (batch, hkv))
+        table = jnp.broadcast_to(page_table.astype(jnp.int32)[:, None], (batch, hkv, num_pages))
     lens = jnp.clip(lens, 0, num_pages * layout.tokens_per_page)
     # Pad the table to whole splits with copies of its last column (valid page ids).
     padded = num_splits * blocks_per_split * pages_per_block
-    table = page_table.astype(jnp.int32)
     if padded != num_pages:
-        table = jnp.pad(table, ((0, 0), (0, padded - num_pages)), mode="edge")
+        table = jnp.pad(table, ((0, 0), (0, 0), (0, padded - num_pages)), mode="edge")
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
 
     kernel = functools.partial(_decode_kernel, layout=layout, pages_per_block=pages_per_block,
@@ -300,8 +311,8 @@ def paged_decode_attention(
         grid=grid,
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (0,)),                                 # layer
-            pl.BlockSpec((batch,), lambda b, h, s: (0,)),                             # lens
-            pl.BlockSpec((None, padded), lambda b, h, s: (b, 0)),                     # page table row
+            pl.BlockSpec((batch, hkv), lambda b, h, s: (0, 0)),                       # lens
+            pl.BlockSpec((None, None, padded), lambda b, h, s: (b, h, 0)),            # page table row
             pl.BlockSpec((None, None, gp, head_dim), lambda b, h, s: (b, h, 0, 0)),   # q group
             pl.BlockSpec(pool.shape, lambda b, h, s: (0, 0)),                         # the whole pool
         ],

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.fp8_attention import fp8_probabilities, fp8_queries, p_factor
-from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages, read_kv_pages_quantized
+from pallas_kernels.kv_pages import (KVPageLayout, read_kv_head_pages, read_kv_head_pages_quantized, read_kv_pages,
+                                     read_kv_pages_quantized)
 from pallas_kernels.quant_formats import unpack_int4
 
 REFERENCE_PAGES_PER_BLOCK = 8  # pages per step of the block loop (the engine's table widths are multiples of 8)
@@ -31,16 +32,26 @@ def paged_attention_reference(
     pool: jax.Array,         # uint32[num_slabs, slab_words]
     layout: KVPageLayout,
     layer,                   # int or traced int32 scalar
-    page_table: jax.Array,   # int32[B, P]; entries past a sequence's pages may be any valid page
+    page_table: jax.Array,   # int32[B, P], or [B, Hkv, P] per kv head (decode only, see below)
     q_positions: jax.Array,  # int32[B, S] absolute position of each query
-    kv_lens: jax.Array,      # int32[B] cached tokens per sequence (after this step's writes)
+    kv_lens: jax.Array,      # int32[B] cached tokens per sequence (after this step's writes), or [B, Hkv]
     *,
     pages_per_block: int = REFERENCE_PAGES_PER_BLOCK,
 ) -> jax.Array:
+    """Attention over each sequence's pages; entries of the table past a sequence's pages may be any
+    valid page. With a table per kv head (sparse decode over selected pages: S == 1), kv head h of
+    sequence b reads its own pages `page_table[b, h]`, whose first `kv_lens[b, h]` tokens are live;
+    they are all earlier than the query, so no causal mask applies."""
     batch, seq, num_q_heads, head_dim = q.shape
     num_kv_heads = layout.num_kv_heads
     group = num_q_heads // num_kv_heads
-    num_pages = page_table.shape[1]
+    head_tables = page_table.ndim == 3
+    if head_tables and (seq != 1 or page_table.shape[:2] != (batch, num_kv_heads)
+                        or kv_lens.shape != (batch, num_kv_heads)):
+        raise ValueError(f"per-head page tables are for decode: q [B, 1, Hq, D], table [B, Hkv, P] and "
+                         f"kv_lens [B, Hkv]; got q {q.shape}, table {page_table.shape}, kv_lens {kv_lens.shape}")
+    lens = kv_lens if head_tables else jnp.broadcast_to(kv_lens[:, None], (batch, num_kv_heads))
+    num_pages = page_table.shape[-1]
     pages_per_block = min(pages_per_block, num_pages)
     if num_pages % pages_per_block:
         raise ValueError(f"page table width {num_pages} must be a multiple of {pages_per_block}")
@@ -52,36 +63,52 @@ def paged_attention_reference(
     if fp8:
         qg = fp8_queries(qg)
 
+    def tokens_major(x):
+        """A block read per kv head [B, Hkv, pb, T, ...] -> [B, K, Hkv, ...], as the shared-table reads."""
+        x = x.reshape(batch, num_kv_heads, block_tokens, *x.shape[4:])
+        return jnp.moveaxis(x, 1, 2)
+
     def read_block(ids, k_live):
-        """K and V of the block's tokens [B, K, Hkv, D] float32, zero past each sequence's end, and
-        (int4_fp8) their per-token scales [B, K, Hkv] (codes otherwise dequantized: scales None)."""
-        live = k_live[:, :, None, None]
+        """K and V of the block's tokens [B, K, Hkv, D] float32, zero where not live ([B, K, Hkv]),
+        and (int4_fp8) their per-token scales [B, K, Hkv] (codes otherwise dequantized: scales None)."""
+        live = k_live[..., None]
         if not fp8:
-            k, v = read_kv_pages(pool, layout, ids, layer)             # [B, pb, T, Hkv, D]
-            return [jnp.where(live, x.reshape(batch, block_tokens, num_kv_heads, head_dim).astype(jnp.float32),
-                              0.0) for x in (k, v)] + [None, None]
-        stored = read_kv_pages_quantized(pool, layout, ids, layer)
-        codes = [unpack_int4(x.values, signed=True, axis=x.axis).astype(jnp.float32) for x in stored]
-        scales = [x.scales.astype(jnp.float32).reshape(batch, block_tokens, num_kv_heads) for x in stored]
-        return ([jnp.where(live, c.reshape(batch, block_tokens, num_kv_heads, head_dim), 0.0) for c in codes]
-                + [jnp.where(k_live[:, :, None], x, 0.0) for x in scales])
+            if head_tables:
+                k, v = (tokens_major(x) for x in read_kv_head_pages(pool, layout, ids, layer))
+            else:
+                k, v = (x.reshape(batch, block_tokens, num_kv_heads, head_dim)
+                        for x in read_kv_pages(pool, layout, ids, layer))       # [B, pb, T, Hkv, D]
+            return [jnp.where(live, x.astype(jnp.float32), 0.0) for x in (k, v)] + [None, None]
+        if head_tables:
+            stored = read_kv_head_pages_quantized(pool, layout, ids, layer)
+            codes = [tokens_major(unpack_int4(x.values, signed=True, axis=x.axis)) for x in stored]
+            scales = [tokens_major(x.scales)[..., 0] for x in stored]
+        else:
+            stored = read_kv_pages_quantized(pool, layout, ids, layer)
+            codes = [unpack_int4(x.values, signed=True, axis=x.axis).reshape(batch, block_tokens, num_kv_heads,
+                                                                              head_dim) for x in stored]
+            scales = [x.scales.reshape(batch, block_tokens, num_kv_heads) for x in stored]
+        return ([jnp.where(live, c.astype(jnp.float32), 0.0) for c in codes]
+                + [jnp.where(k_live, x.astype(jnp.float32), 0.0) for x in scales])
     m0 = jnp.full((batch, num_kv_heads, group, seq), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((batch, num_kv_heads, group, seq), jnp.float32)
     acc0 = jnp.zeros((batch, num_kv_heads, group, seq, head_dim), jnp.float32)
 
     def block(i, carry):
         m, l, acc = carry
-        ids = lax.dynamic_slice_in_dim(page_table, i * pages_per_block, pages_per_block, axis=1)
+        ids = lax.dynamic_slice_in_dim(page_table, i * pages_per_block, pages_per_block, axis=-1)
         k_pos = i * block_tokens + jnp.arange(block_tokens)
-        k_live = k_pos[None, :] < kv_lens[:, None]                                   # [B, K]
+        k_live = k_pos[None, :, None] < lens[:, None, :]                            # [B, K, Hkv]
         # Pages past a sequence's end may hold anything (NaN values or scales included): read_block
         # zeroes them before use.
         k, v, k_scale, v_scale = read_block(ids, k_live)
-        mask = k_live[:, None, :] & (k_pos[None, None, :] <= q_positions[:, :, None])  # [B, S, K]
+        mask = jnp.swapaxes(k_live, 1, 2)[:, :, None, :]                            # [B, Hkv, 1, K]
+        if not head_tables:
+            mask = mask & (k_pos[None, None, :] <= q_positions[:, :, None])[:, None]   # [B, Hkv, S, K]
         s = jnp.einsum("bshgd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
         if fp8:
             s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
-        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        s = jnp.where(mask[:, :, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -97,7 +124,7 @@ def paged_attention_reference(
         acc = acc * alpha[..., None] + pv
         return m_new, l, acc
 
-    num_blocks = (jnp.max(kv_lens) + block_tokens - 1) // block_tokens
+    num_blocks = (jnp.max(lens) + block_tokens - 1) // block_tokens
     _, l, acc = lax.fori_loop(0, num_blocks, block, (m0, l0, acc0))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]                 # queries with no keys -> 0
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, num_q_heads, head_dim)

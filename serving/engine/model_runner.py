@@ -91,7 +91,7 @@ class ModelRunner(ShapeBuckets):
 
         def forward(state, pool, tokens, start_pos, num_new, page_table):
             model = nnx.merge(graphdef, state)
-            hidden, pool = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels)
+            hidden, pool, _ = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
             return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
 

@@ -47,7 +47,7 @@ class PagedForward:
         @jax.jit
         def forward(state, words, tokens, start, count, table):
             m = nnx.merge(graphdef, state)
-            hidden, words = m(tokens, start, count, table, words, layout)
+            hidden, words, _ = m(tokens, start, count, table, words, layout)
             return m.logits(hidden), words
 
         self._forward = forward

@@ -1,0 +1,147 @@
+"""Query-aware page selection for sparse decode (Quest, arXiv:2406.10774; TinyServe, arXiv:2509.12211):
+which of a sequence's KV pages each kv head reads this step.
+
+Every page stores, per layer and kv head, the channel-wise min and max of its keys
+(`KVPageLayout.key_bounds`). For a query q, `sum_i max(q_i * min_i, q_i * max_i)` bounds q . k from
+above for every key of the page, so pages with a low bound cannot weigh much in the softmax.
+`page_scores_reference` computes it per query head and takes the max over a kv head's query group:
+all heads of a group share the pages read, so a page one head needs must be read whatever the
+others score it (a sum would let the group's indifferent heads outvote it).
+
+Selection policies (`POLICIES`, chosen per sequence at run time as an int id):
+  full         every page (dense);
+  bbox         the first (sink) and last (current) pages, then the highest-scoring others;
+  sink_window  the first page and the most recent ones (StreamingLLM-style baseline, no scores).
+A sequence is sparse only when its context exceeds its gate and its budget is smaller than its
+pages. `select_pages` turns the choice into a page table per kv head whose selected pages come first,
+in context order, so only the last is partial: attending the first `head_lens` tokens of that table
+is attention over the chosen pages (`paged_attention` with a [B, Hkv, P] table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds
+
+POLICIES = ("full", "bbox", "sink_window")
+POLICY_IDS = {name: i for i, name in enumerate(POLICIES)}
+
+
+def policy_id(name: str) -> int:
+    if name not in POLICY_IDS:
+        raise ValueError(f"unknown page selection policy {name!r}; choose from {list(POLICIES)}")
+    return POLICY_IDS[name]
+
+
+DEFAULT_BUDGET_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """What a model (by default) or a request asks of page selection: a policy, a budget in tokens
+    or as a fraction of the context (default DEFAULT_BUDGET_TOKENS), and the context length past
+    which decoding turns sparse (default twice the budget)."""
+    policy: str = "bbox"
+    budget_tokens: int | None = None
+    budget_fraction: float | None = None
+    gate_tokens: int | None = None
+
+    def __post_init__(self):
+        policy_id(self.policy)
+        if self.budget_tokens is not None and self.budget_fraction is not None:
+            raise ValueError("give budget_tokens or budget_fraction, not both")
+        if self.budget_tokens is not None and (isinstance(self.budget_tokens, bool)
+                                               or not isinstance(self.budget_tokens, int) or self.budget_tokens <= 0):
+            raise ValueError(f"budget_tokens must be a positive integer, got {self.budget_tokens!r}")
+        if self.budget_fraction is not None and (isinstance(self.budget_fraction, bool)
+                                                 or not isinstance(self.budget_fraction, (int, float))
+                                                 or not 0.0 < self.budget_fraction <= 1.0):
+            raise ValueError(f"budget_fraction must be a number in (0, 1], got {self.budget_fraction!r}")
+        if self.gate_tokens is not None and (isinstance(self.gate_tokens, bool)
+                                             or not isinstance(self.gate_tokens, int) or self.gate_tokens < 0):
+            raise ValueError(f"gate_tokens must be a non-negative integer, got {self.gate_tokens!r}")
+
+    def row(self, kv_len: int, tokens_per_page: int) -> tuple[int, int, int]:
+        """(policy id, budget in pages (>= 2), gate in tokens) for a sequence of kv_len tokens: one row
+        of `SelectionInputs`."""
+        if self.budget_fraction is not None:
+            budget = -(-int(self.budget_fraction * kv_len) // tokens_per_page)
+        else:
+            budget = (self.budget_tokens or DEFAULT_BUDGET_TOKENS) // tokens_per_page
+        budget = max(2, budget)
+        gate = self.gate_tokens if self.gate_tokens is not None else 2 * budget * tokens_per_page
+        return POLICY_IDS[self.policy], budget, gate
+
+
+def bound_scores(q, k_min, k_max):
+    """q [..., G, D] and one kv head's bounds [..., P, D] -> float32 [..., P]: the max over the query
+    group of each page's upper bound on q . k."""
+    q = q.astype(jnp.float32)[..., :, None, :]                                    # [..., G, 1, D]
+    upper = jnp.maximum(q * k_min[..., None, :, :], q * k_max[..., None, :, :]).sum(axis=-1)
+    return upper.max(axis=-2)
+
+
+def page_scores_reference(q: jax.Array, pool: jax.Array, layout: KVPageLayout, layer, page_table: jax.Array,
+                          kv_lens: jax.Array) -> jax.Array:
+    """q [B, 1, Hq, D] (RoPE applied), page_table int32[B, P], kv_lens int32[B] -> float32 [B, Hkv, P]
+    upper-bound scores, -inf for columns past each sequence's pages."""
+    batch, _, num_q_heads, head_dim = q.shape
+    hkv = layout.num_kv_heads
+    k_min, k_max = read_key_bounds(pool, layout, page_table, layer)              # [B, P, Hkv, D]
+    qg = q.reshape(batch, hkv, 1, num_q_heads // hkv, head_dim)                   # [B, Hkv, 1, G, D]
+    scores = bound_scores(qg, jnp.swapaxes(k_min, 1, 2)[:, :, None], jnp.swapaxes(k_max, 1, 2)[:, :, None])
+    live = jnp.arange(page_table.shape[1])[None, :] < layout.pages_for(kv_lens)[:, None]
+    return jnp.where(live[:, None, :], scores[:, :, 0], -jnp.inf)
+
+
+class SelectionInputs(NamedTuple):
+    """Per sequence, what `select_pages` is asked for (int32[B] each, traced into the step)."""
+    policy: jax.Array         # POLICY_IDS
+    budget_pages: jax.Array   # pages read when sparse (>= 2: the sink and last pages)
+    gate_tokens: jax.Array    # sparse only past this many tokens of context
+
+
+class PageSelection(NamedTuple):
+    head_table: jax.Array   # int32[B, Hkv, P]: each kv head's selected pages first, in context order
+    head_lens: jax.Array    # int32[B, Hkv]: live tokens of head_table (only its last page is partial)
+    pages_read: jax.Array   # int32[B, Hkv]: pages selected
+    chosen: jax.Array       # bool[B, Hkv, P]: which columns of the page table are selected
+
+
+def select_pages(scores: jax.Array, page_table: jax.Array, kv_lens: jax.Array, inputs: SelectionInputs,
+                 tokens_per_page: int) -> PageSelection:
+    """Which pages each kv head reads: scores float32 [B, Hkv, P] (`page_scores_reference`'s),
+    page_table int32[B, P], kv_lens int32[B] and the sequences' `SelectionInputs`. A dense
+    sequence's head table is its page table and its head_lens its kv_len."""
+    policy, budget_pages, gate_tokens = inputs
+    batch, hkv, width = scores.shape
+    t = tokens_per_page
+    col = jnp.arange(width, dtype=jnp.int32)[None, None, :]
+    num_pages = ((kv_lens + t - 1) // t)[:, None, None]                         # [B, 1, 1]
+    last = num_pages - 1
+    live = col < num_pages
+    sparse = ((policy != POLICY_IDS["full"]) & (kv_lens > gate_tokens)
+              & (budget_pages < num_pages[:, 0, 0]))[:, None, None]
+    keep = jnp.where(sparse, budget_pages[:, None, None], num_pages)
+    # Priority of each page: the sink and last pages first, then by score (bbox) or recency.
+    by_recency = col.astype(jnp.float32)
+    by_score = jnp.where(jnp.isnan(scores), jnp.inf, scores)     # an unbounded page is never dropped
+    priority = jnp.where((policy == POLICY_IDS["bbox"])[:, None, None], by_score, by_recency)
+    priority = jnp.where((col == 0) | (col == last), jnp.inf, priority)
+    priority = jnp.where(live, priority, -jnp.inf)
+    order = jnp.argsort(-priority, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    chosen = live & (rank < keep)
+    # Chosen pages first, in context order (so only the last one is partial), the rest after.
+    columns = jnp.argsort(jnp.where(chosen, col, width + col), axis=-1)
+    head_table = jnp.take_along_axis(jnp.broadcast_to(page_table[:, None, :], scores.shape), columns, axis=-1)
+    pages_read = chosen.sum(axis=-1).astype(jnp.int32)
+    last_len = kv_lens[:, None] - last[:, :, 0] * t
+    head_lens = jnp.where(pages_read > 0, (pages_read - 1) * t + last_len, 0)
+    return PageSelection(head_table.astype(jnp.int32), head_lens.astype(jnp.int32), pages_read, chosen)
+
