@@ -42,7 +42,9 @@ from triton.backends.nvidia import compiler as nvidia_compiler
 from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
 from pallas_kernels.kernel_cases import MATMUL_FORMATS
 from pallas_kernels.kv_pages import KVPageLayout
-from pallas_kernels.kv_write_pallas import write_kv_tokens_pallas
+from pallas_kernels.kv_write_pallas import write_key_bounds_pallas, write_kv_tokens_pallas
+from pallas_kernels.page_scores_pallas import page_scores_pallas
+from pallas_kernels.page_selection import SelectionInputs, select_pages
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
@@ -58,6 +60,7 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SHARED_PER_SM = 65536, 64
 KV_FORMATS = ("bf16", "fp8", "int8", "int4", "int4_fp8")
 NUM_LAYERS, HEAD_DIM, KV_HEADS, TOKENS_PER_PAGE, PAGES_PER_SLAB = 32, 128, 8, 16, 64
 DECODE_BATCH, DECODE_CONTEXT, PREFILL_CHUNK, WRITE_TOKENS = 64, 4096, 512, 512
+SPARSE_CONTEXT, SPARSE_BUDGET = 8192, 1024
 MATMUL_K, MATMUL_N, MATMUL_MS = 4096, 14336, (1, 16, 256, 4096)
 S = jax.ShapeDtypeStruct
 BF16_X3 = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
@@ -65,7 +68,7 @@ BF16_X3 = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
 
 @dataclass(frozen=True)
 class Case:
-    op: str                    # decode | prefill | kv_write | matmul
+    op: str                    # decode | sparse_decode | prefill | kv_write | kv_bounds | matmul
     name: str
     fn: Callable
     args: tuple
@@ -84,8 +87,9 @@ def _pool(layout: KVPageLayout, pages: int) -> S:
     return S((slabs, layout.page_words * PAGES_PER_SLAB), jnp.uint32)
 
 
-def _layout(kv: str) -> KVPageLayout:
-    return KVPageLayout(NUM_LAYERS, KV_HEADS, HEAD_DIM, TOKENS_PER_PAGE, kv, pages_per_slab=PAGES_PER_SLAB)
+def _layout(kv: str, key_bounds: bool = False) -> KVPageLayout:
+    return KVPageLayout(NUM_LAYERS, KV_HEADS, HEAD_DIM, TOKENS_PER_PAGE, kv, pages_per_slab=PAGES_PER_SLAB,
+                        key_bounds=key_bounds)
 
 
 def decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: int = DECODE_CONTEXT) -> Case:
@@ -96,6 +100,27 @@ def decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: int = D
     return Case("decode", f"decode {kv} G={group} B={batch} ctx={context}",
                 lambda q, pool, layer, table, pos, lens: paged_decode_attention(q, pool, layout, layer, table, pos, lens),
                 args, kv_bytes, 4.0 * batch * q_heads * context * HEAD_DIM)
+
+
+def sparse_decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: int = SPARSE_CONTEXT,
+                       budget: int = SPARSE_BUDGET) -> Case:
+    """Decode with query-aware page selection, as `sparse_attention` runs it on the GPU: the score
+    kernel over every page's key bounds, selection in XLA, the decode kernel over per-head tables."""
+    layout, q_heads, pages = _layout(kv, key_bounds=True), KV_HEADS * group, context // TOKENS_PER_PAGE
+    args = (S((batch, 1, q_heads, HEAD_DIM), jnp.bfloat16), _pool(layout, batch * pages), S((), jnp.int32),
+            S((batch, pages), jnp.int32), S((batch, 1), jnp.int32), S((batch,), jnp.int32))
+
+    def fn(q, pool, layer, table, pos, lens):
+        scores = page_scores_pallas(q, pool, layout, layer, table, lens)
+        inputs = SelectionInputs(*(jnp.full((batch,), x, jnp.int32) for x in (1, budget // TOKENS_PER_PAGE, 0)))
+        chosen = select_pages(scores, table, lens, inputs, TOKENS_PER_PAGE)
+        return paged_decode_attention(q, pool, layout, layer, chosen.head_table, pos, chosen.head_lens)
+
+    bounds_bytes = batch * pages * KV_HEADS * layout.bounds_words * 4
+    kv_bytes = batch * budget * (layout.page_words - NUM_LAYERS * KV_HEADS * layout.bounds_words) * 4 / (
+        NUM_LAYERS * TOKENS_PER_PAGE)
+    return Case("sparse_decode", f"sparse decode {kv} G={group} B={batch} ctx={context} budget={budget}", fn,
+                args, bounds_bytes + kv_bytes, 4.0 * batch * q_heads * (budget + 2 * pages) * HEAD_DIM)
 
 
 def prefill_case(kv: str, group: int, chunk: int = PREFILL_CHUNK, precision=None, mosaic: bool = False) -> Case:
@@ -127,6 +152,15 @@ def kv_write_case(kv: str, tokens: int = WRITE_TOKENS) -> Case:
                 args, moved, 0.0)
 
 
+def kv_bounds_case(kv: str, pages: int = WRITE_TOKENS // TOKENS_PER_PAGE) -> Case:
+    layout = _layout(kv, key_bounds=True)
+    args = (_pool(layout, pages), S((pages,), jnp.int32), S((pages,), jnp.int32), S((), jnp.int32))
+    key_bytes = pages * TOKENS_PER_PAGE * layout.bytes_per_token / NUM_LAYERS / 2
+    return Case("kv_bounds", f"kv_bounds {kv} pages={pages}",
+                lambda pool, ids, fill, layer: write_key_bounds_pallas(pool, layout, ids, fill, layer),
+                args, key_bytes + pages * KV_HEADS * layout.bounds_words * 4, 0.0)
+
+
 def matmul_case(fmt: str, m: int, k: int = MATMUL_K, n: int = MATMUL_N) -> Case:
     quantize, act = MATMUL_FORMATS[fmt]
     try:
@@ -140,19 +174,21 @@ def matmul_case(fmt: str, m: int, k: int = MATMUL_K, n: int = MATMUL_N) -> Case:
 
 
 def cases(subset: str = "full") -> list[Case]:
-    """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), a 512-token prefill chunk (and at
-    GQA 4 with the GPU check's bf16x3 dots; int4_fp8 also on the Mosaic GPU FP8 kernel), a 512-token
-    KV write, in every KV format; every matmul
-    format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast": the GQA-4 attention cases (serving
-    dots), the KV writes, and every matmul format at M=16."""
+    """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), sparse decode at ctx=8192 with a
+    1024-token budget, a 512-token prefill chunk (and at GQA 4 with the GPU check's bf16x3 dots;
+    int4_fp8 also on the Mosaic GPU FP8 kernel), a 512-token KV write and its pages' key bounds, in
+    every KV format; every matmul format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast": the
+    GQA-4 attention cases (serving dots), the KV writes and bounds, and every matmul format at M=16."""
     groups, ms = ((4,), (16,)) if subset == "fast" else ((4, 8), MATMUL_MS)
     out = [decode_case(kv, g) for g in groups for kv in KV_FORMATS]
+    out += [sparse_decode_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case("int4_fp8", g, mosaic=True) for g in groups]
     if subset != "fast":
         # (int4_fp8 has no dot precision: its dots multiply e4m3 values and int4 codes in bf16, exactly)
         out += [prefill_case(kv, 4, precision=BF16_X3) for kv in KV_FORMATS if kv != "int4_fp8"]
     out += [kv_write_case(kv) for kv in KV_FORMATS]
+    out += [kv_bounds_case(kv) for kv in KV_FORMATS]
     out += [matmul_case(fmt, m) for fmt in MATMUL_FORMATS for m in ms]
     return out
 

@@ -26,7 +26,15 @@ from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.paged_attention_pallas import _bf16_half_to_f32
 from pallas_kernels.pow2 import is_pow2, next_pow2
 
-DEFAULT_BLOCK_PAGES = 64
+MAX_BLOCK_PAGES = 64
+PRODUCT_ELEMENTS = 8192   # [G, pages, D/2] products per block that fit 4 warps' registers without spills
+
+
+def block_pages_for(group: int, head_dim: int, num_pages: int) -> int:
+    """Pages per loop step: the most that keep a block's [G, pages, D/2] products within
+    PRODUCT_ELEMENTS (sm_90a, 4 warps: `pallas_kernels.compile_check`), a power of two."""
+    fit = max(1, PRODUCT_ELEMENTS // (next_pow2(group) * head_dim // 2))
+    return max(1, min(MAX_BLOCK_PAGES, 1 << (fit.bit_length() - 1), next_pow2(num_pages)))
 
 
 def scores_shape_error(layout: KVPageLayout) -> str | None:
@@ -91,7 +99,7 @@ def page_scores_pallas(q: jax.Array, pool: jax.Array, layout: KVPageLayout, laye
     group = num_q_heads // hkv
     gp = next_pow2(group)
     num_pages = page_table.shape[1]
-    block_pages = block_pages or min(DEFAULT_BLOCK_PAGES, next_pow2(num_pages))
+    block_pages = block_pages or block_pages_for(group, head_dim, num_pages)
     padded = -(-num_pages // block_pages) * block_pages
     table = page_table.astype(jnp.int32)
     if padded != num_pages:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pallas_kernels.compile_check import BF16_X3, cases, check, decode_case, matmul_case, prefill_case, spilling
+from pallas_kernels.compile_check import (BF16_X3, cases, check, decode_case, matmul_case, prefill_case, spilling,
+                                          sparse_decode_case)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,8 @@ def fast(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm90a_without_spills(fast):
-    assert len(fast) == 27 and {r["op"] for r in fast} == {"decode", "prefill", "kv_write", "matmul"}
+    assert len(fast) == 37 and {r["op"] for r in fast} == {"decode", "sparse_decode", "prefill", "kv_write",
+                                                           "kv_bounds", "matmul"}
     assert [r["case"] for r in fast if "error" in r] == []
     assert spilling(fast) == []
     for r in fast:
@@ -31,7 +33,7 @@ def test_tensor_core_use(fast):
     """Prefill's dots run on Hopper's wgmma; decode has no dot (a matrix-vector product per head)."""
     mma = {r["case"]: {k["mma"] for k in r["kernels"]} for r in fast}
     assert all(mma[c] == {"wgmma"} for c in mma if c.startswith("prefill"))
-    assert all(mma[c] == {"none"} for c in mma if c.startswith("decode"))
+    assert all(mma[c] == {"none"} for c in mma if c.startswith(("decode", "sparse decode")))
 
 
 def test_prefill_loads_the_next_kv_block_during_the_current_ones_mmas(fast):
@@ -72,4 +74,7 @@ def test_the_cases_are_the_benchmark_shapes():
     k, n = 4096, 14336                     # int4 values, bf16 g128 scales and zeros, bf16 x and out
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
     assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
-    assert len(cases("full")) == 75
+    sparse = sparse_decode_case("int4", 4)
+    # Every page's bf16 key bounds (8 heads x 2 x 128 x 2 B) and the budget's int4 K and V.
+    assert sparse.bytes == 64 * 512 * 8 * 512 + 64 * 1024 * 8 * 2 * (64 + 4)
+    assert len(cases("full")) == 90
