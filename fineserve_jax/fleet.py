@@ -31,9 +31,10 @@ from fineserve_jax.llm import LLM, check_max_model_len, engine_config
 from models.loader import LoadedModel, check_precision, load_model, with_kv_skip_layers
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.page_selection import SparseSpec
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
-from serving.engine.llm_engine import LLMEngine, pool_bytes_for_device
+from serving.engine.llm_engine import EngineConfig, LLMEngine, pool_bytes_for_device
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
 from serving.kv.pool_sizing import check_reports_memory, check_utilization, device_memory_stats
@@ -64,10 +65,13 @@ class ModelSpec:
     kv_share: float | None = None       # pool_mode="static": its fraction (default: equal)
     seed: int = 0
     kernels: str = "auto"               # see LLM: auto, xla, pallas, interpret
+    sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
+    sparse_dense_layers: int = 2
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
         resolve_kernels(self.kernels)
+        self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -142,12 +146,9 @@ class Fleet:
         engines = {}
         for name, spec in self.specs.items():
             loaded = self.loaded[name]
-            config = engine_config(loaded.config, max_num_seqs=spec.max_num_seqs,
-                                   max_model_len=spec.max_model_len,
-                                   max_num_batched_tokens=spec.max_num_batched_tokens, seed=spec.seed,
-                                   kernels=spec.kernels)
-            engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], self.pool, name, config,
-                                    tokenizer=loaded.tokenizer, eos_token_ids=loaded.eos_token_ids)
+            engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], self.pool, name,
+                                    self._engine_config(name), tokenizer=loaded.tokenizer,
+                                    eos_token_ids=loaded.eos_token_ids)
         self.runtime = assemble_device(self.pool, engines, scheduling)
         engines = self.runtime.engines
         self._outbox: dict[str, list[RequestOutput]] = {name: [] for name in engines}
@@ -159,13 +160,18 @@ class Fleet:
         """The pool's size from the device's memory once the weights are loaded, less the scratch
         memory of the largest step of any model (XLA's analysis of that program)."""
         return pool_bytes_for_device(self.device or jax.devices()[0], utilization, (
-            (self.loaded[name].model, self._layout(name),
-             engine_config(self.loaded[name].config, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-                           max_num_batched_tokens=spec.max_num_batched_tokens, kernels=spec.kernels))
-            for name, spec in self.specs.items()))
+            (self.loaded[name].model, self._layout(name), self._engine_config(name)) for name in self.specs))
+
+    def _engine_config(self, name: str) -> EngineConfig:
+        spec = self.specs[name]
+        return engine_config(self.loaded[name].config, max_num_seqs=spec.max_num_seqs,
+                             max_model_len=spec.max_model_len, max_num_batched_tokens=spec.max_num_batched_tokens,
+                             seed=spec.seed, kernels=spec.kernels, sparse=spec.sparse,
+                             sparse_dense_layers=spec.sparse_dense_layers)
 
     def _layout(self, name: str) -> KVPageLayout:
-        return self.loaded[name].kv_layout(self.specs[name].tokens_per_page)
+        spec = self.specs[name]
+        return self.loaded[name].kv_layout(spec.tokens_per_page, key_bounds=spec.sparse is not None)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> Fleet:

@@ -33,9 +33,10 @@ class LoadedModel:
         """The KV page format this model's pages use (but in its `precision.kv_skip_layers`)."""
         return layout_kv_dtype(self.precision, self.dtype)
 
-    def kv_layout(self, tokens_per_page: int) -> KVPageLayout:
-        """This model's KV page with `tokens_per_page` tokens (its slab placement not yet known)."""
-        return kv_page_layout(self.precision, self.config, tokens_per_page, self.dtype)
+    def kv_layout(self, tokens_per_page: int, key_bounds: bool = False) -> KVPageLayout:
+        """This model's KV page with `tokens_per_page` tokens (its slab placement not yet known);
+        `key_bounds`: with each page's key bounds, for query-aware page selection."""
+        return kv_page_layout(self.precision, self.config, tokens_per_page, self.dtype, key_bounds=key_bounds)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

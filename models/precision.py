@@ -196,10 +196,11 @@ def layer_kv_dtypes(kv_skip_layers, model_dtype=jnp.bfloat16) -> tuple[tuple[int
 
 
 def kv_page_layout(preset: PrecisionPreset, cfg: ModelConfig, tokens_per_page: int, model_dtype, *,
-                   num_kv_heads: int | None = None) -> KVPageLayout:
+                   num_kv_heads: int | None = None, key_bounds: bool = False) -> KVPageLayout:
     """A model's KV page under `preset` (not yet placed in slabs); `num_kv_heads`: one device's share
-    of a tensor-parallel group (default: all)."""
+    of a tensor-parallel group (default: all); `key_bounds`: keep each page's key bounds (query-aware
+    page selection)."""
     preset.check_layers(cfg)
     return KVPageLayout(cfg.num_layers, num_kv_heads or cfg.num_kv_heads, cfg.head_dim, tokens_per_page,
                         layout_kv_dtype(preset, model_dtype),
-                        layer_kv_dtypes=layer_kv_dtypes(preset.kv_skip_layers, model_dtype))
+                        layer_kv_dtypes=layer_kv_dtypes(preset.kv_skip_layers, model_dtype), key_bounds=key_bounds)

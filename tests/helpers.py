@@ -19,7 +19,7 @@ def build_engine(loaded, *, num_pages: int, tokens_per_page: int = 4, pages_per_
     """An LLMEngine over a pool of at least `num_pages` pages (in slabs of `pages_per_slab`)."""
     from serving.engine.llm_engine import EngineConfig, engine_with_own_pool
 
-    layout = loaded.kv_layout(tokens_per_page)
+    layout = loaded.kv_layout(tokens_per_page, key_bounds=config.get("sparse") is not None)
     slab_bytes = layout.page_bytes * pages_per_slab
     return engine_with_own_pool(loaded.model, EngineConfig(**config), layout=layout,
                                 kv_cache_bytes=slab_bytes * -(-num_pages // pages_per_slab), slab_bytes=slab_bytes,

@@ -71,10 +71,12 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_timeout_s: float = 5.0,
                    slo_ttft_s: float = 5.0, pool_bytes: str = "8MiB", step_costs: dict | None = None,
-                   admission: str = "fcfs", drop_hopeless: bool = False, step_policy: str = "edf"):
-    """The server as `fineserve serve` runs it (its default scheduling unless told otherwise)."""
+                   admission: str = "fcfs", drop_hopeless: bool = False, step_policy: str = "edf",
+                   model_options: dict[str, dict] | None = None):
+    """The server as `fineserve serve` runs it (its default scheduling unless told otherwise);
+    `model_options`: more ModelSpec settings by model name."""
     specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
-                       tokens_per_page=8) for m in models]
+                       tokens_per_page=8, **(model_options or {}).get(m.name, {})) for m in models]
     names = [s.served_name for s in specs]
     slos = {n: slo_ttft_s for n in names}
     server = ServerConfig(admission=admission, drop_hopeless=drop_hopeless, step_policy=step_policy)

@@ -27,12 +27,14 @@ import numpy as np
 
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.page_selection import SparseSpec
 from serving.kv.kv_pool import KVPool
 from serving.kv.pool_sizing import check_reports_memory, device_memory_stats, pool_bytes_for_utilization
 from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import ModelRunner
 from serving.engine.page_manager import PageManager
-from serving.engine.sampling import SamplingParams, find_stop, longest_partial_stop_suffix
+from serving.engine.sampling import (SPARSE_MODEL_FIELDS, SamplingParams, find_stop, longest_partial_stop_suffix,
+                                     sparse_spec)
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
@@ -49,10 +51,18 @@ class EngineConfig:
     prefill_chunk: int = 512
     seed: int = 0
     kernels: str = "auto"  # see pallas_kernels.implementation: auto, xla, pallas, interpret
+    # Query-aware page selection for decode: the requests' default (a SparseSpec or a dict of its
+    # fields); None: off, and the model's pages keep no key bounds (requests cannot turn it on).
+    sparse: SparseSpec | dict | None = None
+    sparse_dense_layers: int = 2  # the first layers always attend every page (Quest keeps two)
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        self.sparse = sparse_spec(self.sparse, SPARSE_MODEL_FIELDS)
+        if isinstance(self.sparse_dense_layers, bool) or not isinstance(self.sparse_dense_layers, int) \
+                or self.sparse_dense_layers < 0:
+            raise ValueError(f"sparse_dense_layers must be a non-negative integer, got {self.sparse_dense_layers!r}")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -68,6 +78,8 @@ class StepStats:
     tokens: int = 0
     total_seconds: float = 0.0
     device_seconds: float = 0.0
+    decode_kv_bytes_read: int = 0      # KV bytes decode attention read (page selection reads fewer)
+    decode_kv_bytes_dense: int = 0     # what dense attention would have read in those steps
     # (prefill?, rows, total seconds, device seconds) of the most recent steps
     per_step: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -90,6 +102,8 @@ class LLMEngine:
         self.pool = pool
         self.layout = layout
         self.pages = PageManager(pool.allocator, model_key, layout, reclaim=reclaim)
+        if config.sparse is not None and not layout.key_bounds:
+            raise ValueError("page selection (sparse) needs a page layout with key bounds (key_bounds=True)")
         pool_pages = pool.allocator.capacity_pages(model_key)
         if pool_pages < layout.pages_for(config.max_model_len):
             raise ValueError(
@@ -99,7 +113,8 @@ class LLMEngine:
                                             max_model_len=config.max_model_len,
                                             max_num_batched_tokens=config.max_num_batched_tokens,
                                             prefill_chunk=config.prefill_chunk,
-                                            kernels=resolve_kernels(config.kernels))
+                                            kernels=resolve_kernels(config.kernels), sparse=config.sparse,
+                                            sparse_dense_layers=config.sparse_dense_layers)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
@@ -118,6 +133,7 @@ class LLMEngine:
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = [int(t) for t in prompt_token_ids]
         self.validate_prompt(ids)
+        self.validate_params(params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -165,6 +181,13 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"the prompt is {len(ids)} tokens long; this model's maximum context is {limit} tokens "
                 f"(prompt plus at least one generated token)")
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Raise ValueError for settings this model cannot honour: page selection on a model
+        started without it."""
+        if params.sparse is not None and params.sparse.policy != "full" and self.config.sparse is None:
+            raise ValueError(f"sparse: policy {params.sparse.policy!r} needs a model started with page "
+                             "selection (its sparse setting); this one keeps no key bounds")
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
@@ -245,6 +268,9 @@ class LLMEngine:
         s.tokens += sum(sample_rows)
         s.total_seconds += total
         s.device_seconds += result.device_seconds
+        if not batch.is_prefill:
+            s.decode_kv_bytes_read += result.kv_bytes_read
+            s.decode_kv_bytes_dense += result.kv_bytes_dense
         s.per_step.append((batch.is_prefill, len(batch.seqs), total, result.device_seconds))
         return outputs
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from models.llama import LlamaForCausalLM
 from pallas_kernels.kv_pages import KVPageLayout
+from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpec
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
@@ -75,25 +76,33 @@ class StepResult:
     top_ids: np.ndarray | None      # int32[rows, K]
     top_logprobs: np.ndarray | None
     device_seconds: float           # from dispatch until results were on the host
+    kv_bytes_read: int = 0          # KV bytes attention read: pages attended, and key bounds scored
+    kv_bytes_dense: int = 0         # what dense attention reads for the same step
 
 
 class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
-                 kernels: str = "xla"):
-        """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret")."""
+                 kernels: str = "xla", sparse: SparseSpec | None = None, sparse_dense_layers: int = 2):
+        """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret").
+        sparse: page selection for decode steps (the requests' default; the layout keeps key
+        bounds), dense in the first `sparse_dense_layers` layers; None: off."""
         super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.layout = layout
+        self.sparse = sparse
+        self.dense_layers = min(sparse_dense_layers, model.config.num_layers)
         self.vocab_size = model.config.vocab_size
+        self.num_layers = model.config.num_layers
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
         graphdef, self.state = nnx.split(model)
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table):
+        def forward(state, pool, tokens, start_pos, num_new, page_table, selection):
             model = nnx.merge(graphdef, state)
-            hidden, pool, _ = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels)
+            hidden, pool, reads = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
+                                        selection=selection, dense_layers=sparse_dense_layers)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool
+            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads.sum()
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
 
@@ -122,23 +131,55 @@ class ModelRunner(ShapeBuckets):
         sampling, flags = build_sampling_batch(
             params, histories, [len(s.output_token_ids) for s in seqs], [s.seed for s in seqs],
             batch, self.vocab_size)
+        selection = None if is_prefill else self.selection_inputs(seqs, start + count)
         t0 = time.perf_counter()
-        logits, pool = self._forward(self.state, pool, tokens, start, count, table)
+        logits, pool, reads = self._forward(self.state, pool, tokens, start, count, table, selection)
         out: SamplerOutput = sample(logits, sampling, flags=flags)
         n = len(seqs)
         if any(p.logprobs is not None for p in params):
-            sampled, logprobs, top_ids, top_lp = jax.device_get(
-                (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+            sampled, logprobs, top_ids, top_lp, reads = jax.device_get(
+                (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, reads))
             sampled, logprobs, top_ids, top_lp = sampled[:n], logprobs[:n], top_ids[:n], top_lp[:n]
         else:
-            sampled, logprobs, top_ids, top_lp = np.asarray(out.token_ids)[:n], None, None, None
-        return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0)
+            (sampled, reads), logprobs, top_ids, top_lp = jax.device_get((out.token_ids, reads)), None, None, None
+            sampled = sampled[:n]
+        return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0,
+                                *self.kv_bytes(int(reads), start + count, selection is not None))
+
+    def kv_bytes(self, pages_read: int, kv_lens: np.ndarray, scored: bool) -> tuple[int, int]:
+        """(KV bytes a step read, KV bytes dense attention reads) from the pages its attention read
+        (over layers and kv heads), its rows' kv_lens, and whether it scored pages (then every page
+        of every sparse layer had its key bounds read)."""
+        layout = self.layout
+        head_pages = sum(layout.pages_for(int(n)) for n in kv_lens) * layout.num_kv_heads   # one layer
+        bounds = layout.num_layers * layout.num_kv_heads * layout.bounds_words
+        page_head_bytes = (layout.page_words - bounds) * 4 / (layout.num_layers * layout.num_kv_heads)
+        read = pages_read * page_head_bytes
+        if scored:
+            read += head_pages * (self.num_layers - self.dense_layers) * layout.bounds_words * 4
+        return int(read), int(head_pages * self.num_layers * page_head_bytes)
+
+    def selection_inputs(self, seqs: list[Sequence], kv_lens: np.ndarray) -> SelectionInputs | None:
+        """Each row's page selection for a decode step (its request's, else the model's default;
+        padding rows dense), or None when the model selects no pages."""
+        if self.sparse is None:
+            return None
+        rows = np.zeros((3, len(kv_lens)), np.int32)
+        rows[0] = POLICY_IDS["full"]
+        rows[1] = 2
+        for i, seq in enumerate(seqs):
+            spec = seq.params.sparse or self.sparse
+            rows[:, i] = spec.row(int(kv_lens[i]), self.layout.tokens_per_page)
+        return SelectionInputs(*rows)
 
     def _run_bucket(self, pool: jax.Array, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
         """The forward program of one bucket on zero inputs (page 0 of every row, nothing written)."""
         zeros = np.zeros((batch,), np.int32)
         table = np.zeros((batch, self.table_width), np.int32)
-        return self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table)
+        selection = None if seq > 1 else self.selection_inputs([], zeros)
+        logits, pool, _ = self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table,
+                                        selection)
+        return logits, pool
 
     def largest_step_temp_bytes(self, pool: jax.ShapeDtypeStruct) -> int:
         """Scratch memory (activations) of the largest bucket's program, from XLA's own analysis of
@@ -146,7 +187,7 @@ class ModelRunner(ShapeBuckets):
         batch, seq = max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1])
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
         compiled = self._forward.lower(self.state, pool, jax.ShapeDtypeStruct((batch, seq), jnp.int32), ints, ints,
-                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32)).compile()
+                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32), None).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     @property

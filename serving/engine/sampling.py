@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.page_selection import SparseSpec
 from pallas_kernels.pow2 import next_pow2
 
 # Temperatures below this are treated as greedy, as in vLLM (dividing by them overflows).
@@ -49,6 +50,26 @@ def _is_real(value) -> bool:
     return _is_int(value) or (isinstance(value, (float, np.floating)) and not math.isnan(value))
 
 
+SPARSE_REQUEST_FIELDS = ("policy", "budget_tokens", "budget_fraction")
+SPARSE_MODEL_FIELDS = (*SPARSE_REQUEST_FIELDS, "gate_tokens")
+
+
+def sparse_spec(value, allowed: tuple[str, ...] = SPARSE_REQUEST_FIELDS) -> SparseSpec | None:
+    """Page selection from a SparseSpec or a dict of the `allowed` fields (a request's by default;
+    a model's default may also set gate_tokens); ValueError naming what is wrong."""
+    if value is None or isinstance(value, SparseSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"sparse must be an object like {{'policy': 'bbox', 'budget_tokens': 512}}, got {value!r}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"sparse: unknown field(s) {unknown}; allowed: {list(allowed)}")
+    try:
+        return SparseSpec(**value)
+    except ValueError as e:
+        raise ValueError(f"sparse: {e}") from None
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings. Names, defaults and meaning follow vLLM's SamplingParams."""
@@ -70,6 +91,9 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs to return besides the sampled token's
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Page selection for this request's decode steps (a SparseSpec, or a dict of its fields:
+    # {"policy": "bbox", "budget_tokens": 512}); None: the model's default.
+    sparse: SparseSpec | dict | None = None
 
     def __post_init__(self):
         self._check_int("n", minimum=1)
@@ -99,6 +123,7 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.logprobs is not None:
             self._check_int("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+        self.sparse = sparse_spec(self.sparse)
 
     def _check_int(self, name: str, minimum: int | None = None, maximum: int | None = None):
         value = getattr(self, name)

@@ -51,6 +51,7 @@ class ServedModel:
     tokenizer: object | None          # models.tokenizer.Tokenizer; None: token-id prompts only
     max_model_len: int
     validate_prompt: Callable[[list[int]], None]  # the engine's; raises ValueError
+    validate_params: Callable[[SamplingParams], None] = lambda params: None  # the engine's; raises ValueError
     precision: str = "bf16"
     kv_dtype: str = "bf16"
     slo_ttft_s: float = 2.0
@@ -97,9 +98,19 @@ def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampl
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop,
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
             min_tokens=req.min_tokens, logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens)
+            skip_special_tokens=req.skip_special_tokens,
+            sparse=req.sparse.model_dump(exclude_none=True) if req.sparse is not None else None)
     except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":")) from None
+
+
+def _checked_params(model: ServedModel, params: SamplingParams) -> SamplingParams:
+    """`params` if the model can honour them, else a 400 naming the parameter."""
+    try:
+        model.validate_params(params)
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":")) from None
+    return params
 
 
 def _check_prompt(model: ServedModel, prompt: _Prompt, max_tokens: int | None, param: str) -> int:
@@ -437,7 +448,7 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         prompts = _completion_prompts(model, req.model, req.prompt)
         max_tokens = min(_check_prompt(model, p, req.max_tokens, "prompt") for p in prompts)
-        params = _sampling_params(req, max_tokens, req.logprobs)
+        params = _checked_params(model, _sampling_params(req, max_tokens, req.logprobs))
         job = _Job(server, req.model, "completion")
         job.submit(prompts, params)
         tok = model.tokenizer
@@ -469,7 +480,8 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             raise APIError(400, "pass max_completion_tokens or max_tokens, not both", param="max_tokens")
         prompt = _chat_prompt(model, req.model, req.messages)
         max_tokens = _check_prompt(model, prompt, req.max_completion_tokens or req.max_tokens, "messages")
-        params = _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = _checked_params(model, _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs
+                                                         else None))
         job = _Job(server, req.model, "chat")
         job.submit([prompt], params)
         tok = model.tokenizer

@@ -3,7 +3,8 @@
 Requests are strict: an unknown field, a wrong type or a value out of range is a 400 with an
 OpenAI-style error body naming the parameter, never a silent default. Besides OpenAI's sampling
 fields, the vLLM extensions are accepted (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output). The bounds below are also what the
+stop_token_ids, skip_special_tokens, include_stop_str_in_output), and ours: `sparse`, the request's
+query-aware page selection. The bounds below are also what the
 served OpenAPI schema advertises, so a schema-driven client (or fuzzer) sees the real limits.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.engine.sampling import MAX_LOGPROBS
 
@@ -42,6 +43,20 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class SparseOptions(_Strict):
+    """Page selection for this request's decoding (an extension): a policy and a budget, in tokens
+    or as a fraction of the context."""
+    policy: Literal["full", "bbox", "sink_window"] = "bbox"
+    budget_tokens: int | None = Field(None, ge=1, le=1 << 24)
+    budget_fraction: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.budget_tokens is not None and self.budget_fraction is not None:
+            raise ValueError("give budget_tokens or budget_fraction, not both")
+        return self
+
+
 StopField = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
@@ -68,6 +83,8 @@ class _SamplingRequest(_Strict):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # ours
+    sparse: SparseOptions | None = None
 
 
 class CompletionRequest(_SamplingRequest):

@@ -70,6 +70,10 @@ class _RuntimeCollector:
         preempt = CounterMetricFamily("fineserve_preemptions", "sequences preempted for KV pages", labels=["model"])
         fails = CounterMetricFamily("fineserve_model_failures", "steps that raised (the model recovered)",
                                     labels=["model"])
+        kv_read = CounterMetricFamily("fineserve_decode_kv_bytes_read", "KV bytes decode attention read (pages "
+                                      "attended and, with page selection, key bounds scored)", labels=["model"])
+        kv_dense = CounterMetricFamily("fineserve_decode_kv_bytes_dense", "KV bytes dense decode attention would "
+                                       "have read in the same steps", labels=["model"])
         pool = GaugeMetricFamily("fineserve_pool_bytes", "KV pool size", labels=["device"])
         used = GaugeMetricFamily("fineserve_pool_used_bytes", "KV pool bytes in slabs owned by a model",
                                  labels=["device"])
@@ -85,6 +89,8 @@ class _RuntimeCollector:
                 kv.add_metric([name], m["kv_bytes"])
                 preempt.add_metric([name], m["preemptions"])
                 fails.add_metric([name], m["failures"])
+                kv_read.add_metric([name], m["decode_kv_bytes_read"])
+                kv_dense.add_metric([name], m["decode_kv_bytes_dense"])
             pool.add_metric([rt.name], snap["pool_bytes"])
             used.add_metric([rt.name], snap["used_bytes"])
             util.add_metric([rt.name], snap["live_kv_bytes"] / snap["pool_bytes"])
@@ -92,4 +98,4 @@ class _RuntimeCollector:
                                        "share of ended requests whose TTFT met the model's SLO", labels=["model"])
         for name, (met, total) in self.slo.items():
             attainment.add_metric([name], met / total if total else 1.0)
-        yield from (queue, running, kv, preempt, fails, pool, used, util, attainment)
+        yield from (queue, running, kv, preempt, fails, kv_read, kv_dense, pool, used, util, attainment)

@@ -297,6 +297,8 @@ class AsyncRuntime:
             models[name] = {"waiting": len(waiting), "running": len(running),
                             "preemptions": engine.num_preemptions, "used_pages": used,
                             "kv_bytes": used * stats["models"][name]["page_bytes"],
+                            "decode_kv_bytes_read": engine.stats.decode_kv_bytes_read,
+                            "decode_kv_bytes_dense": engine.stats.decode_kv_bytes_dense,
                             "failures": self.failures[name]}
         self.snapshot = {"pool_bytes": stats["pool_bytes"], "used_bytes": stats["pool_bytes"] - stats["free_bytes"],
                          "live_kv_bytes": stats["live_kv_bytes"], "models": models, "time": time.time()}

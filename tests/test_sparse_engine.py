@@ -1,0 +1,150 @@
+"""Query-aware page selection in the engine: key bounds kept right through chunked prefill and decode,
+sparse decode equal to dense when the budget covers the context, selection per request, KV bytes
+read counted, and bad settings refused.
+
+Tiny random float32 models (4 layers, 2 kv heads, head_dim 32) on the XLA path."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from models.config import ModelConfig
+from models.loader import random_model
+from pallas_kernels.kv_pages import read_key_bounds, read_kv_pages
+from serving.engine.sampling import SamplingParams
+from tests.helpers import build_engine, drain
+
+CFG = ModelConfig("llama", 128, 64, 128, 4, 4, 2, 32, max_position_embeddings=512)
+T = 4
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return random_model(CFG, "bf16", "float32", name="tiny", seed=3)
+
+
+def engine(loaded, sparse=None, **config):
+    return build_engine(loaded, num_pages=96, tokens_per_page=T, max_num_seqs=4, max_model_len=160,
+                        max_num_batched_tokens=32, prefill_chunk=32, sparse=sparse, **config)
+
+
+def prompts(rng, lengths):
+    return [rng.integers(1, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+def run(eng, token_lists, params):
+    ids = [eng.add_request(p, params[i] if isinstance(params, list) else params) for i, p in enumerate(token_lists)]
+    out = drain(eng)
+    return [out[i].outputs[0].token_ids for i in ids]
+
+
+def test_key_bounds_hold_every_pages_keys_after_chunked_prefill_and_decode(rng, loaded):
+    eng = engine(loaded, sparse={"policy": "full"})
+    greedy = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    ids = [eng.add_request(p, greedy) for p in prompts(rng, [45, 13, 70])]   # chunked prefills (32 per step)
+    # Stop mid-way, while the sequences hold their pages, and check every page's bounds.
+    for _ in range(6):
+        eng.step()
+    layout, pool = eng.layout, eng.pool.words
+    checked = 0
+    for rid in ids:
+        seq = eng.requests[rid]
+        n = seq.num_computed
+        pages = np.asarray(seq.pages[:layout.pages_for(n)], np.int32)
+        for layer in range(CFG.num_layers):
+            k = np.asarray(read_kv_pages(pool, layout, pages, layer)[0]).reshape(-1, 2, 32)[:n]
+            lo, hi = (np.asarray(x) for x in read_key_bounds(pool, layout, pages, layer))
+            for i in range(len(pages)):
+                keys = k[i * T:(i + 1) * T]
+                assert (lo[i] <= keys.min(0)).all() and (hi[i] >= keys.max(0)).all()
+                np.testing.assert_allclose(lo[i], keys.min(0), rtol=2 ** -7, atol=1e-30)
+                np.testing.assert_allclose(hi[i], keys.max(0), rtol=2 ** -7, atol=1e-30)
+                checked += 1
+    assert checked > 0
+    drain(eng)
+
+
+def test_sparse_decode_equals_dense_when_the_budget_covers_the_context(rng, loaded):
+    tokens = prompts(rng, [30, 9, 57])
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    dense = run(engine(loaded), tokens, greedy)
+    covering = run(engine(loaded, sparse={"policy": "bbox", "budget_tokens": 160, "gate_tokens": 0}), tokens, greedy)
+    assert covering == dense
+
+
+def test_selection_per_request_and_kv_bytes_read(rng, loaded):
+    tokens = prompts(rng, [100, 100])
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    eng = engine(loaded, sparse={"policy": "bbox", "budget_tokens": 16, "gate_tokens": 32},
+                 sparse_dense_layers=1)
+    full = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, sparse={"policy": "full"})
+    mixed = run(eng, tokens, [greedy, full])
+    stats = eng.stats
+    # ~26 pages of 1 KiB per layer and kv head, key bounds 1/8 of that. Layer 0 reads every page;
+    # layers 1-3 read every page's bounds, then 4 pages (bbox) or all (full): per page of context
+    # (1 + 3 * (4/26 + 1/8) + 1 + 3 * (1 + 1/8)) / 8 = 0.78 of dense.
+    assert 0.74 < stats.decode_kv_bytes_read / stats.decode_kv_bytes_dense < 0.81
+    dense = run(engine(loaded), tokens, greedy)
+    assert mixed[1] == dense[1]                  # the request that asked for full attention
+    window = run(engine(loaded, sparse={"policy": "sink_window", "budget_tokens": 16, "gate_tokens": 32}),
+                 tokens[:1], greedy)
+    assert all(len(x) == 10 for x in mixed + window)
+
+
+def test_bad_selection_settings_are_refused(rng, loaded):
+    with pytest.raises(ValueError, match="policy"):
+        SamplingParams(sparse={"policy": "topk"})
+    with pytest.raises(ValueError, match="unknown field"):
+        SamplingParams(sparse={"policy": "bbox", "gate_tokens": 3})
+    with pytest.raises(ValueError, match="budget_tokens"):
+        SamplingParams(sparse={"budget_tokens": -1})
+    plain = engine(loaded)
+    with pytest.raises(ValueError, match="page selection"):
+        plain.add_request([1, 2, 3], SamplingParams(sparse={"policy": "bbox", "budget_tokens": 64}))
+    plain.add_request([1, 2, 3], SamplingParams(sparse={"policy": "full"}, max_tokens=2))   # full: fine
+    assert len(drain(plain)) == 1
+    with pytest.raises(ValueError, match="sparse_dense_layers"):
+        engine(loaded, sparse={"policy": "bbox"}, sparse_dense_layers=-1)
+
+
+def test_selection_per_request_over_http():
+    """The `sparse` extension field of a request body: honoured, validated, refused by a model
+    started without page selection."""
+    import httpx
+
+    from tests.server_helpers import running_server, tiny_models, tokenizer
+
+    models = tiny_models(tokenizer(), ("bf16", "w8a8"))
+    options = {"tiny-bf16": {"sparse": {"policy": "bbox", "budget_tokens": 16, "gate_tokens": 16},
+                             "sparse_dense_layers": 1}}
+    with running_server(models, model_options=options) as srv:
+        prompt = "one two three four five six seven eight nine ten " * 4
+
+        def post(model, extra):
+            return httpx.post(srv.base_url + "/completions", timeout=60,
+                              json={"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, **extra})
+
+        for extra in ({}, {"sparse": {"policy": "sink_window", "budget_fraction": 0.25}},
+                      {"sparse": {"policy": "full"}}):
+            r = post("tiny-bf16", extra)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 6
+        engine = srv.engine("tiny-bf16")
+        assert 0 < engine.stats.decode_kv_bytes_read < engine.stats.decode_kv_bytes_dense
+        for model, extra, named in (
+                ("tiny-bf16", {"sparse": {"policy": "topk"}}, "sparse.policy"),
+                ("tiny-bf16", {"sparse": {"policy": "bbox", "budget_tokens": 0}}, "sparse.budget_tokens"),
+                ("tiny-bf16", {"sparse": {"budget_tokens": 8, "budget_fraction": 0.5}}, "not both"),
+                ("tiny-w8a8", {"sparse": {"policy": "bbox", "budget_tokens": 64}}, "page selection")):
+            r = post(model, extra)
+            assert r.status_code == 400, (extra, r.text)
+            error = r.json()["error"]
+            assert error["param"] == "sparse" and named in error["message"], error
+        assert post("tiny-w8a8", {"sparse": {"policy": "full"}}).status_code == 200
+        metrics = httpx.get(srv.url + "/metrics").text
+        read = float(re.search(r'fineserve_decode_kv_bytes_read_total\{model="tiny-bf16"\} (\S+)', metrics).group(1))
+        dense = float(re.search(r'fineserve_decode_kv_bytes_dense_total\{model="tiny-bf16"\} (\S+)', metrics).group(1))
+        assert 0 < read < dense
