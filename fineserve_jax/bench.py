@@ -193,7 +193,10 @@ def run_real(system: str, workload: Workload, specs, profile, slo_ttft: dict[str
     clock = WallClock()
     with tqdm(total=len(workload.requests), desc=f"{system} (real)", leave=False) as bar:
         records = replay(fleet.runtime, workload.requests, clock, clock.wait_until, progress=bar.update)
-    return summarize(records, slos, duration_s=workload.duration_s), []
+    stats = [engine.stats for engine in fleet.runtime.engines.values()]
+    dense = sum(s.decode_kv_bytes_dense for s in stats)
+    share = sum(s.decode_kv_bytes_read for s in stats) / dense if dense else None
+    return dataclasses.replace(summarize(records, slos, duration_s=workload.duration_s), kv_read_share=share), []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FineServe's step policy over co-located models (edf: latency-aware; edf_strict, "
                         "round_robin: ablations); the baselines always take turns")
     p.add_argument("--pool-bytes", default="256MiB", help="real runs: the KV pool of the demo fleet")
+    p.add_argument("--sparse", default=None, type=json.loads,
+                   help='real runs: page selection for every demo model, as JSON, e.g. '
+                        '\'{"policy": "bbox", "budget_tokens": 256}\' (the "KV read %%" column shows its effect)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every summary here")
     p.add_argument("--plots", default=None, help="directory for PNG plots")
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     bad = [s for s in systems if s not in known]
     if bad:
         raise SystemExit(f"unknown systems {bad}; choose from {known}")
+    if args.sparse is not None and args.simulate:
+        raise SystemExit("--sparse applies to real runs (the simulator does not model page selection)")
     if args.drift != "none":
         if not args.simulate or args.workload not in ("poisson", "gamma"):
             raise SystemExit("--drift needs --simulate and a poisson or gamma workload")
@@ -344,6 +352,8 @@ def main(argv=None) -> int:
             if scale not in setups:
                 setups[scale] = real_setup(scale, demo_specs)
             specs, profile, slo_ttft = setups[scale]
+            if args.sparse is not None:
+                specs = [dataclasses.replace(s, sparse=args.sparse) for s in specs]
             demo_specs = specs  # loaded once, reused by every system and scale
             names = [s.served_name for s in specs]
             workload = build_workload(args.workload, names, rate, alpha=args.alpha, cv=args.cv,

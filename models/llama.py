@@ -11,6 +11,7 @@ Layers are stacked (one `DecoderLayer` whose parameters carry a leading layer ax
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from models.quant_linear import QuantLinear
 from models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.kv_write import write_bounds, write_kv
-from pallas_kernels.page_selection import SelectionInputs
+from pallas_kernels.page_selection import SelectionInputs, selection_recall
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.sparse_attention import sparse_decode_attention
 
@@ -106,17 +107,30 @@ def dense_causal_attention(q, k, v):
     return out.reshape(b, s, hq, d).astype(q.dtype)
 
 
+class AttentionStats(NamedTuple):
+    """What a forward's attention read, per sequence (int32[B] each), summed over layers and kv heads."""
+    pages_read: jax.Array     # KV pages attended
+    recall_hits: jax.Array    # with measure_recall: selected pages among the top pages by attention mass
+    recall_pages: jax.Array   # ... out of this many selected pages (0: not measured)
+
+    @classmethod
+    def zeros(cls, batch: int) -> AttentionStats:
+        return cls(*(jnp.zeros((batch,), jnp.int32) for _ in range(3)))
+
+
 class PagedKV:
     """Where this batch's tokens live in the pool: derived once per forward, shared by all layers.
     With `selection` (decode steps of a model whose pages keep key bounds), layers from
-    `dense_layers` on attend only the pages each sequence's policy selects."""
+    `dense_layers` on attend only the pages each sequence's policy selects; `measure_recall` also
+    scores each selection against dense attention (`selection_recall`: reads every page, so for
+    evaluation, not serving)."""
 
     def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, kernels: str,
-                 selection: SelectionInputs | None = None, dense_layers: int = 0):
+                 selection: SelectionInputs | None = None, dense_layers: int = 0, measure_recall: bool = False):
         t = layout.tokens_per_page
         self.layout, self.page_table, self.kernels = layout, page_table, kernels
         self.selection = selection if seq_len == 1 else None
-        self.dense_layers = dense_layers
+        self.dense_layers, self.measure_recall = dense_layers, measure_recall
         offsets = jnp.arange(seq_len, dtype=jnp.int32)
         self.positions = start_pos[:, None] + offsets[None, :]                      # [B, S]
         self.write_valid = offsets[None, :] < num_new[:, None]                       # [B, S]
@@ -134,21 +148,21 @@ class PagedKV:
 
     def attend(self, q, k, v, cache, layer):
         """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages.
-        `cache` is (pool, pages read so far int32[B]); the pages this layer's kv heads attended are
-        added. A page mixing KV formats over layers picks the layer's group at run time
-        (`lax.switch`: the layers stay one scan; each group's attention is its own branch)."""
-        pool, reads = cache
+        `cache` is (pool, AttentionStats so far); this layer's are added. A page mixing KV formats
+        over layers picks the layer's group at run time (`lax.switch`: the layers stay one scan; each
+        group's attention is its own branch)."""
+        pool, stats = cache
         dense = layer < self.dense_layers
         groups = self.layout.layer_groups()
         if len(groups) == 1:
-            out, pool, read = self._attend_group(q, k, v, pool, dense, layer, groups[0].layout)
-            return out, (pool, reads + read)
-        group_of_layer = np.repeat(np.arange(len(groups), dtype=np.int32),
-                                   [g.layout.num_layers for g in groups])
-        branches = [functools.partial(self._attend_group, layer=layer - g.first_layer, layout=g.layout)
-                    for g in groups]
-        out, pool, read = jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool, dense)
-        return out, (pool, reads + read)
+            out, pool, step = self._attend_group(q, k, v, pool, dense, layer, groups[0].layout)
+        else:
+            group_of_layer = np.repeat(np.arange(len(groups), dtype=np.int32),
+                                       [g.layout.num_layers for g in groups])
+            branches = [functools.partial(self._attend_group, layer=layer - g.first_layer, layout=g.layout)
+                        for g in groups]
+            out, pool, step = jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool, dense)
+        return out, (pool, AttentionStats(*(a + b for a, b in zip(stats, step))))
 
     def _attend_group(self, q, k, v, pool, dense, layer, layout: KVPageLayout):
         b, s, hkv, d = k.shape
@@ -162,19 +176,23 @@ class PagedKV:
         def attend_dense():
             out = paged_attention(q, pool, layout, layer, self.page_table, self.positions, self.kv_lens,
                                   kernels=self.kernels)
-            return out, layout.pages_for(self.kv_lens) * hkv
+            return out, AttentionStats.zeros(b)._replace(pages_read=layout.pages_for(self.kv_lens) * hkv)
 
         if self.selection is None or not layout.key_bounds:
-            out, read = attend_dense()
-            return out, pool, read
+            out, stats = attend_dense()
+            return out, pool, stats
 
         def attend_sparse():
             out, chosen = sparse_decode_attention(q, pool, layout, layer, self.page_table, self.positions,
                                                   self.kv_lens, self.selection, kernels=self.kernels)
-            return out, chosen.pages_read.sum(axis=1)
+            stats = AttentionStats.zeros(b)._replace(pages_read=chosen.pages_read.sum(axis=1))
+            if self.measure_recall:
+                hits, pages = selection_recall(q, pool, layout, layer, self.page_table, self.kv_lens, chosen.chosen)
+                stats = stats._replace(recall_hits=hits.sum(axis=1), recall_pages=pages.sum(axis=1))
+            return out, stats
 
-        out, read = jax.lax.cond(dense, attend_dense, attend_sparse)
-        return out, pool, read
+        out, stats = jax.lax.cond(dense, attend_dense, attend_sparse)
+        return out, pool, stats
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -204,13 +222,16 @@ class LlamaForCausalLM(nnx.Module):
         self.layers.k_rope_scale = nnx.Param(factors)
 
     def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
-                 kernels: str = "xla", selection: SelectionInputs | None = None, dense_layers: int = 0):
+                 kernels: str = "xla", selection: SelectionInputs | None = None, dense_layers: int = 0,
+                 measure_recall: bool = False):
         """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P]. `kernels`: the
         implementation of attention, KV writes and quantized matmuls ("xla", "pallas", "interpret").
         `selection`: per sequence page selection for decode steps (the layout must keep key bounds),
-        dense in layers below `dense_layers`. Returns the final hidden states [B, S, hidden], the
-        updated pool and the KV pages attention read per sequence (int32[B], over layers and kv heads)."""
-        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels, selection, dense_layers)
+        dense in layers below `dense_layers`; `measure_recall`: score the selections against dense
+        attention (evaluation only). Returns the final hidden states [B, S, hidden], the updated pool
+        and what attention read (`AttentionStats`)."""
+        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels, selection, dense_layers,
+                     measure_recall)
         cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
         x = self.embed_tokens(tokens)
         graphdef, layer_state = nnx.split(self.layers)
@@ -223,9 +244,9 @@ class LlamaForCausalLM(nnx.Module):
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        reads = jnp.zeros(tokens.shape[:1], jnp.int32)
-        (x, (pool, reads)), _ = jax.lax.scan(body, (x, (pool, reads)), (layer_state, layer_ids))
-        return self.norm(x), pool, reads
+        stats = AttentionStats.zeros(tokens.shape[0])
+        (x, (pool, stats)), _ = jax.lax.scan(body, (x, (pool, stats)), (layer_state, layer_ids))
+        return self.norm(x), pool, stats
 
     def forward_dense(self, tokens, observe_fn=None):
         """Calibration forward over whole windows without the pool: tokens int32[B, S] -> (final hidden

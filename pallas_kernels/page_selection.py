@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds
+from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds, read_kv_pages
 
 POLICIES = ("full", "bbox", "sink_window")
 POLICY_IDS = {name: i for i, name in enumerate(POLICIES)}
@@ -145,3 +145,26 @@ def select_pages(scores: jax.Array, page_table: jax.Array, kv_lens: jax.Array, i
     head_lens = jnp.where(pages_read > 0, (pages_read - 1) * t + last_len, 0)
     return PageSelection(head_table.astype(jnp.int32), head_lens.astype(jnp.int32), pages_read, chosen)
 
+
+
+def selection_recall(q: jax.Array, pool: jax.Array, layout: KVPageLayout, layer, page_table: jax.Array,
+                     kv_lens: jax.Array, chosen: jax.Array):
+    """How well a selection caught the pages dense attention weighs most (an offline probe: it reads
+    every page): q [B, 1, Hq, D], chosen bool [B, Hkv, P] -> (hits, pages) int32 [B, Hkv], `pages` the
+    pages chosen and `hits` how many of them are among that many pages of highest attention mass
+    (softmax probability summed over the page's tokens, averaged over the kv head's query group)."""
+    batch, _, num_q_heads, head_dim = q.shape
+    hkv, t = layout.num_kv_heads, layout.tokens_per_page
+    width = page_table.shape[1]
+    k, _ = read_kv_pages(pool, layout, page_table, layer)                       # [B, P, T, Hkv, D]
+    k = k.astype(jnp.float32).reshape(batch, width * t, hkv, head_dim)
+    live = jnp.arange(width * t)[None, :] < kv_lens[:, None]                     # [B, L]
+    k = jnp.where(live[:, :, None, None], k, 0.0)
+    qg = q.reshape(batch, hkv, num_q_heads // hkv, head_dim).astype(jnp.float32) * head_dim ** -0.5
+    s = jnp.einsum("bhgd,blhd->bhgl", qg, k)
+    p = jax.nn.softmax(jnp.where(live[:, None, None, :], s, -jnp.inf), axis=-1)
+    mass = p.mean(axis=2).reshape(batch, hkv, width, t).sum(axis=-1)             # [B, Hkv, P]
+    pages = chosen.sum(axis=-1)
+    rank = jnp.argsort(jnp.argsort(-mass, axis=-1, stable=True), axis=-1)
+    hits = (chosen & (rank < pages[..., None])).sum(axis=-1)
+    return hits.astype(jnp.int32), pages.astype(jnp.int32)

@@ -67,6 +67,8 @@ def test_bad_arguments_are_refused():
         ClusterSpec.parse("lots")
     with pytest.raises(SystemExit):
         main(["--simulate", "--systems", "fineserve,vllm"])
+    with pytest.raises(SystemExit, match="real runs"):
+        main(["--simulate", "--sparse", '{"policy": "bbox"}'])
     with pytest.raises(ValueError, match="unknown workload"):
         build_workload("azure-chat", ["a"], 1.0, alpha=1.0, cv=1.0, duration_s=1.0, seed=0)
 

@@ -102,7 +102,7 @@ class ModelRunner(ShapeBuckets):
             hidden, pool, reads = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
                                         selection=selection, dense_layers=sparse_dense_layers)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads.sum()
+            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads.pages_read.sum()
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
 

@@ -118,11 +118,14 @@ class Summary:
     slos: dict[str, SLO]
     makespan_s: float | None   # last completion - first arrival, over all requests
     duration_s: float | None   # the run's duration when given (goodput per second uses it)
+    # KV bytes decode attention read over what dense attention reads (page selection makes it < 1);
+    # None where the run does not count them (the simulator)
+    kv_read_share: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-safe: plain types only, NaN and infinities as None."""
         return _json_safe({
-            "makespan_s": self.makespan_s, "duration_s": self.duration_s,
+            "makespan_s": self.makespan_s, "duration_s": self.duration_s, "kv_read_share": self.kv_read_share,
             "overall": _group_dict(self.overall),
             "per_model": {m: _group_dict(g) for m, g in self.per_model.items()},
             "slos": {m: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for m, s in self.slos.items()},
@@ -170,7 +173,7 @@ def format_table(summaries: Mapping[str, Summary], per_model: bool = False) -> s
     """A Markdown table comparing systems (one Summary each); with per_model, one row per model too.
     Latencies in ms, attainment in %."""
     header = ["system", "model", "reqs", "done", "drop", "SLO att %", "goodput %", "goodput/s", "tok/s", "req/s",
-              "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p99 ms", "E2E p50 ms"]
+              "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "ITL p99 ms", "E2E p50 ms", "KV read %"]
     rows = []
     for system, summary in summaries.items():
         groups = [("all", summary.overall)]
@@ -181,7 +184,8 @@ def format_table(summaries: Mapping[str, Summary], per_model: bool = False) -> s
                          _fmt(g.slo_attainment, 100, 1), _fmt(g.goodput_attainment, 100, 1),
                          _fmt(g.goodput_req_s, 1, 2), _fmt(g.throughput_tok_s, 1, 1), _fmt(g.throughput_req_s, 1, 2),
                          _fmt(g.ttft.p50, 1e3, 1), _fmt(g.ttft.p99, 1e3, 1), _fmt(g.tpot.p50, 1e3, 2),
-                         _fmt(g.tpot.p99, 1e3, 2), _fmt(g.itl.p99, 1e3, 2), _fmt(g.e2e.p50, 1e3, 1)])
+                         _fmt(g.tpot.p99, 1e3, 2), _fmt(g.itl.p99, 1e3, 2), _fmt(g.e2e.p50, 1e3, 1),
+                         _fmt(summary.kv_read_share if model == "all" else None, 100, 1)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     def line(cells):
         return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
