@@ -72,7 +72,8 @@ class KVPageLayout:
     # layers of a mixed-format page (see layer_groups).
     first_word: int = 0
     # Key bounds for query-aware page selection: per layer and kv head, the channel-wise min and max
-    # of the page's (dequantized) keys, in bfloat16 rounded outward, after the layers' K/V chunks.
+    # of the page's (dequantized) keys as int8 codes of one bfloat16 scale, rounded outward, after
+    # the layers' K/V chunks (`encode_bounds`).
     key_bounds: bool = False
 
     def __post_init__(self):
@@ -85,8 +86,9 @@ class KVPageLayout:
                              "fill whole 32-bit words")
         if self.value_bits == 4 and self.head_dim % 2:
             raise ValueError(f"int4 KV packs two values per byte along head_dim; head_dim {self.head_dim} is odd")
-        if self.key_bounds and self.head_dim % 2:
-            raise ValueError(f"key bounds pack two bfloat16 channels per word; head_dim {self.head_dim} is odd")
+        if self.key_bounds and self.head_dim % 4:
+            raise ValueError(f"key bounds pack four int8 channels per word; head_dim {self.head_dim} is not a "
+                             "multiple of 4")
         if self.tokens_per_page <= 0 or self.pages_per_slab <= 0:
             raise ValueError("tokens_per_page and pages_per_slab must be positive")
         if self.mixed:
@@ -204,8 +206,10 @@ class KVPageLayout:
 
     @property
     def bounds_words(self) -> int:
-        """Words holding one layer's key bounds of one kv head: min then max, head_dim bfloat16 each."""
-        return self.head_dim if self.key_bounds else 0
+        """Words holding one layer's key bounds of one kv head: head_dim int8 min codes, head_dim int8
+        max codes, then a word whose low half is their bfloat16 scale, padded to 4 words so every
+        head's bounds start 16-byte aligned (whole-vector loads)."""
+        return self.head_dim // 2 + BOUNDS_SCALE_WORDS if self.key_bounds else 0
 
     def bounds_origin(self, layer, head=0):
         """Word offset, from a page slot's start, of kv head `head`'s key bounds for `layer` (the
@@ -455,14 +459,53 @@ def bf16_bits_outward(x, up: bool):
     return top + jnp.where(away, np.uint32(1), np.uint32(0))
 
 
-def bounds_words_of(k_min, k_max):
-    """float32 [..., D] mins and maxes -> uint32 [..., D] words of a head's key bounds: the mins
-    rounded down then the maxes rounded up to bfloat16, two channels per word (low half first)."""
-    out = []
+BOUNDS_SCALE_WORDS = 4      # the scale word and its padding
+BOUND_CODE_HEADROOM = 126   # |x| / scale <= 126 (1 + 2^-23): codes, one step outward included, fit +-127
+BF16_ONE = 0x3F80
+
+
+def bounds_scale_bits(absmax):
+    """The bfloat16 bits (uint32) of a head's bound scale from the largest |bound|: absmax / 126
+    rounded up (1 for an all-zero head)."""
+    bits = bf16_bits_outward(absmax / BOUND_CODE_HEADROOM, up=True)
+    return jnp.where(bits == 0, np.uint32(BF16_ONE), bits)
+
+
+def bound_codes(x, scale, up: bool):
+    """float32 bounds x and their head's scale (float32, a bfloat16 value) -> int32 codes c, the
+    exact floor (mins, `up` False) or ceil (maxes) of x / scale: c * scale <= x < (c + 1) * scale,
+    or the mirror. c * scale is exact in float32 (a 7-bit integer times an 8-bit mantissa), so the
+    two checks fix a quotient that rounded either way, whatever the backend makes of the division."""
+    step = 1.0 if up else -1.0
+    c = jnp.ceil(x / scale) if up else jnp.floor(x / scale)
+    back = c - step                                  # one step inward: still a bound?
+    c = jnp.where((back * scale >= x) if up else (back * scale <= x), back, c)
+    c = jnp.where((c * scale < x) if up else (c * scale > x), c + step, c)
+    return c.astype(jnp.int32)
+
+
+def encode_bounds(k_min, k_max):
+    """float32 [..., D] mins and maxes of one kv head -> uint32 [..., D/2 + 4] words of its key
+    bounds: int8 min codes, int8 max codes (four per word, channel 4u + j in byte j of word u), the
+    scale's bfloat16 bits and 3 zero words. Decoded (`decode_bounds`), mins are at or below and maxes at or
+    above the inputs, by less than one scale step (absmax / 126 rounded up to bfloat16)."""
+    absmax = jnp.maximum(jnp.abs(k_min).max(axis=-1), jnp.abs(k_max).max(axis=-1))
+    scale_bits = bounds_scale_bits(absmax)
+    scale = lax.bitcast_convert_type(scale_bits << np.uint32(16), jnp.float32)[..., None]
+    words = []
     for x, up in ((k_min, False), (k_max, True)):
-        bits = bf16_bits_outward(x.astype(jnp.float32), up)
-        out.append(bits[..., 0::2] | (bits[..., 1::2] << np.uint32(16)))
-    return jnp.concatenate(out, axis=-1)
+        codes = lax.bitcast_convert_type(bound_codes(x, scale, up), jnp.uint32) & np.uint32(0xFF)
+        codes = codes.reshape(*codes.shape[:-1], -1, 4) << (np.arange(4, dtype=np.uint32) * np.uint32(8))
+        words.append(codes[..., 0] | codes[..., 1] | codes[..., 2] | codes[..., 3])
+    pad = jnp.zeros((*scale_bits.shape, BOUNDS_SCALE_WORDS - 1), jnp.uint32)
+    return jnp.concatenate(words + [scale_bits[..., None], pad], axis=-1)
+
+
+def decode_bounds(words, head_dim: int):
+    """uint32 [..., bounds_words] bound words of one kv head -> (min, max) float32 [..., D]."""
+    codes = lax.bitcast_convert_type(words[..., :head_dim // 2], jnp.int8).reshape(*words.shape[:-1], 2, head_dim)
+    scale = lax.bitcast_convert_type(words[..., head_dim // 2:head_dim // 2 + 1] << np.uint32(16), jnp.float32)
+    return codes[..., 0, :].astype(jnp.float32) * scale, codes[..., 1, :].astype(jnp.float32) * scale
 
 
 def read_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
@@ -474,16 +517,14 @@ def read_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
     slab = page_ids // layout.pages_per_slab
     word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
     words = _gather_words(pool, slab, word, layout.num_kv_heads * layout.bounds_words)
-    values = _words_to_elements(words, SCALE_DTYPE).astype(jnp.float32)
-    values = values.reshape(*page_ids.shape, layout.num_kv_heads, 2, layout.head_dim)
-    return values[..., 0, :], values[..., 1, :]
+    return decode_bounds(words.reshape(*page_ids.shape, layout.num_kv_heads, layout.bounds_words), layout.head_dim)
 
 
 def write_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, fill: jax.Array,
                      layer) -> jax.Array:
     """Recompute the key bounds of one layer of M pages from their stored keys: page_ids, fill
     int32[M], `fill` the page's written tokens (slots [0, fill) count; 0: the entry is padding and
-    writes nothing). Min and max are over the dequantized keys, rounded outward to bfloat16, so
+    writes nothing). Min and max are over the dequantized keys, rounded outward (`encode_bounds`), so
     they bound every key the attention reads. Call it after the tokens are written."""
     layout.check_uniform("write_key_bounds")
     if not layout.key_bounds:
@@ -495,7 +536,7 @@ def write_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array,
     live = (jnp.arange(layout.tokens_per_page)[None, :] < fill[:, None])[..., None, None]
     k_min = jnp.where(live, k, jnp.inf).min(axis=1)
     k_max = jnp.where(live, k, -jnp.inf).max(axis=1)
-    rows = bounds_words_of(k_min, k_max).reshape(page_ids.shape[0], -1)        # [M, Hkv * D]
+    rows = encode_bounds(k_min, k_max).reshape(page_ids.shape[0], -1)          # [M, Hkv * bounds_words]
     slab = jnp.where(fill > 0, page_ids // layout.pages_per_slab, pool.shape[0])  # padding: dropped
     word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
     return _scatter_words(pool, slab, word, rows)

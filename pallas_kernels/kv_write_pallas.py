@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels.kv_pages import SCALE_BITS, WORD_BITS, KVPageLayout, bf16_bits_outward
+from pallas_kernels.kv_pages import (BOUNDS_SCALE_WORDS, SCALE_BITS, WORD_BITS, KVPageLayout, bound_codes,
+                                     bounds_scale_bits)
 from pallas_kernels.paged_attention_pallas import _elems_per_word, decode_element, token_scales
 from pallas_kernels.pow2 import is_pow2
 from pallas_kernels.quant_formats import E4M3_MAX, INT4_SYM_MAX, INT8_MAX, UINT4_MAX
@@ -35,7 +36,7 @@ BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, i
 
 def write_shape_error(layout: KVPageLayout) -> str | None:
     """Why the compiled (Triton) kernels cannot take this layout, or None: the token write's tiles are
-    [D / n, n] values (n per word) and the key-bounds kernel's [T, D / 2], which Triton needs to be
+    [D / n, n] values (n per word) and the key-bounds kernel's [T, D / 4], which Triton needs to be
     powers of two. Interpret mode has no such limit."""
     if not is_pow2(layout.head_dim):
         return f"head_dim {layout.head_dim} is not a power of two"
@@ -221,7 +222,7 @@ def _bounds_kernel(layer_ref, pages_ref, fill_ref, pool_in_ref, pool_ref, *, lay
     """One page: its key bounds for one layer recomputed from the keys in slots [0, fill)."""
     del pool_in_ref  # aliased with pool_ref: the same buffer
     i = pl.program_id(0)
-    t, half = layout.tokens_per_page, layout.head_dim // 2
+    t, quarter = layout.tokens_per_page, layout.head_dim // 4
     n = _elems_per_word(layout)
     page, fill, layer = pages_ref[i], fill_ref[i], layer_ref[0]
     slab = page // layout.pages_per_slab
@@ -229,7 +230,7 @@ def _bounds_kernel(layer_ref, pages_ref, fill_ref, pool_in_ref, pool_ref, *, lay
     origin = page_origin + layout.chunk_origin(layer, 0)
     slot = lax.broadcasted_iota(jnp.int32, (t,), 0)
     slab_vec = jnp.broadcast_to(slab, (t,))
-    pair = lax.broadcasted_iota(jnp.int32, (1, half), 1)
+    u = lax.broadcasted_iota(jnp.int32, (1, quarter), 1)
     live = (slot < fill)[:, None]                                                  # [T, 1]
 
     @pl.when(fill > 0)
@@ -238,25 +239,34 @@ def _bounds_kernel(layer_ref, pages_ref, fill_ref, pool_in_ref, pool_ref, *, lay
             scale = token_scales(pool_ref, layout, slab_vec, origin, slot, h) if layout.quantized else None
             zero = (token_scales(pool_ref, layout, slab_vec, origin, slot, layout.num_kv_heads + h)
                     if layout.kv_dtype == "int4" else None)
-            words = []
-            for parity in (0, 1):            # channels 2u and 2u + 1, natural order
-                channel = 2 * pair + parity                                        # [1, D/2]
+            lows, highs = [], []
+            for j in range(4):               # channels 4u + j: byte j of bound word u
+                channel = 4 * u + j                                                # [1, D/4]
                 index = (origin + layout.value_word(h, slot))[:, None] + channel // n
-                k = decode_element(pool_ref[jnp.broadcast_to(slab, (t, half)), index],
-                                   (channel % n).astype(jnp.uint32), layout.kv_dtype)  # [T, D/2]
+                k = decode_element(pool_ref[jnp.broadcast_to(slab, (t, quarter)), index],
+                                   (channel % n).astype(jnp.uint32), layout.kv_dtype)  # [T, D/4]
                 if scale is not None:
                     k = k * scale + (zero if zero is not None else 0.0)
-                words.append((jnp.min(jnp.where(live, k, jnp.inf), axis=0),
-                               jnp.max(jnp.where(live, k, -jnp.inf), axis=0)))
+                lows.append(jnp.min(jnp.where(live, k, jnp.inf), axis=0))
+                highs.append(jnp.max(jnp.where(live, k, -jnp.inf), axis=0))
+            absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in lows + highs])
+            scale_bits = bounds_scale_bits(absmax)
+            step = lax.bitcast_convert_type(scale_bits << np.uint32(16), jnp.float32)
             bounds = layout.bounds_origin(layer, h) + page_origin
-            for j, up in ((0, False), (1, True)):   # mins rounded down, then maxes rounded up
-                lo, hi = (bf16_bits_outward(words[parity][j], up) for parity in (0, 1))
-                pool_ref[slab, pl.ds(bounds + j * half, half)] = lo | (hi << np.uint32(SCALE_BITS))
+            for part, (planes, up) in enumerate(((lows, False), (highs, True))):   # min codes, max codes
+                word = sum((lax.bitcast_convert_type(bound_codes(x, step, up), jnp.uint32) & np.uint32(0xFF))
+                           << np.uint32(8 * j) for j, x in enumerate(planes))
+                pool_ref[slab, pl.ds(bounds + part * quarter, quarter)] = word
+            scale_words = jnp.where(lax.broadcasted_iota(jnp.int32, (BOUNDS_SCALE_WORDS,), 0) == 0, scale_bits,
+                                    np.uint32(0))
+            pool_ref[slab, pl.ds(bounds + 2 * quarter, BOUNDS_SCALE_WORDS)] = scale_words
 
 
 def write_key_bounds_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, fill: jax.Array,
-                            layer, *, interpret=False, num_warps: int = 1) -> jax.Array:
+                            layer, *, interpret=False, num_warps: int = 2) -> jax.Array:
     """`kv_pages.write_key_bounds` as a Pallas kernel (one program per page): page_ids, fill int32[M].
+    Two warps: one spills in fp8 (128 registers for [T, D/4] x 4 planes), four spill a word in bf16
+    and int8 (sm_90a, ptxas's choice at 40 registers).
     Returns the pool with those pages' key bounds of `layer` rewritten, bit-identical to the
     reference; the pool buffer is reused (aliased), so donate it under jit."""
     if not layout.key_bounds:

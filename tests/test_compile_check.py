@@ -75,6 +75,6 @@ def test_the_cases_are_the_benchmark_shapes():
     assert matmul_case("w4a16_g128", 1).bytes == k * n // 2 + 2 * 2 * (k // 128) * n + 2 * (k + n)
     assert prefill_case("int8", 4, precision=BF16_X3).name == "prefill int8 G=4 chunk=512 dots=bf16x3"
     sparse = sparse_decode_case("int4", 4)
-    # Every page's bf16 key bounds (8 heads x 2 x 128 x 2 B) and the budget's int4 K and V.
-    assert sparse.bytes == 64 * 512 * 8 * 512 + 64 * 1024 * 8 * 2 * (64 + 4)
+    # Every page's key bounds (8 heads x (2 x 128 int8 + a 16-byte scale word)) and the budget's int4 K and V.
+    assert sparse.bytes == 64 * 512 * 8 * 272 + 64 * 1024 * 8 * 2 * (64 + 4)
     assert len(cases("full")) == 90
