@@ -231,7 +231,7 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     else:  # a float32 compute dtype doubles the unquantized weights: count all of them twice (upper bound)
         dtype = parse_dtype(spec.dtype)
         weights = preset.weight_bytes(cfg) * (2 if dtype == jnp.float32 else 1)
-    layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype)
+    layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype, key_bounds=spec.sparse is not None)
     # profile_model: a private key per model, so that the profile built for placement has one entry each.
     return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
                        weights, layout.bytes_per_token, model.rate, slo,

@@ -87,15 +87,17 @@ def token_slots(table: np.ndarray, lengths: np.ndarray, tokens_per_page: int) ->
 def build_attention_case(seed: int, *, num_kv_heads: int, head_dim: int, tokens_per_page: int,
                          kv_format: str, lengths, group: int, slab_bytes: int, seq: int = 1,
                          q_dtype=jnp.bfloat16, table_pages: int | None = None, spare_pages: int = 0,
-                         fill: int = 0, num_layers: int = 1, layer: int | None = None) -> AttentionCase:
+                         fill: int = 0, num_layers: int = 1, layer: int | None = None,
+                         key_bounds: bool = False) -> AttentionCase:
     """A pool of `slab_bytes` slabs holding `lengths[b]` random tokens per sequence in every layer, in
     pages 0..n-1 (what a fresh slab allocator hands one model) taken in a random order, page-table
     columns past a sequence's pages pointing at random valid pages (free ones included), and random
     queries at the last `seq` positions of each sequence. `fill` is the pool's initial word (a NaN
-    pattern exposes reads of unwritten words); a slab tail no page fits is left as is."""
+    pattern exposes reads of unwritten words); a slab tail no page fits is left as is. `key_bounds`:
+    pages with room for key bounds (not written here: `kv_write.write_bounds`)."""
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int64)
-    probe = KVPageLayout(num_layers, num_kv_heads, head_dim, tokens_per_page, kv_format)
+    probe = KVPageLayout(num_layers, num_kv_heads, head_dim, tokens_per_page, kv_format, key_bounds=key_bounds)
     used = [probe.pages_for(int(n)) for n in lengths]
     pages_per_slab = slab_bytes // probe.page_bytes
     if slab_bytes % WORD_BYTES or not pages_per_slab:

@@ -5,7 +5,7 @@ Two passes: the pages are scored from their key bounds (`page_scores_pallas`, or
 head's pages under the sequence's policy and budget, and `paged_attention` attends over only those,
 through a page table per kv head (the decode kernel reads each head's own row; the reference reads
 only the chosen pages too). A fused single pass would need the top-k inside the attention kernel
-before any page is read; the score pass reads 2 x head_dim bfloat16 per page and kv head, so it
+before any page is read; the score pass reads 2 x head_dim int8 codes per page and kv head, so it
 costs a small fraction of what it lets attention skip. `kernels` as for `paged_attention`.
 """
 

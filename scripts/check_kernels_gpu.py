@@ -19,6 +19,11 @@ reference's KV blocks: they are called directly with its blocking (8 pages a ste
 split-and-merge path does not depend on the format and is checked with the others). int4_fp8 prefill
 runs the Mosaic GPU FP8 kernel where the dispatcher would (each prefill record names its "kernel").
 
+Page selection (per KV format, page size and head_dim, at the largest GQA ratio, pools with key
+bounds): the key-bounds kernel against `write_key_bounds`, the page-score kernel against the
+reference, and the decode kernel over the per-head page tables of a bbox and a sink_window selection
+(4 pages) against the reference attention over the same tables.
+
 Matmuls (through `pallas_kernels.quantized_matmul`, "pallas"): every weight format with a kernel
 (W4A16 int4 group 32/128 asymmetric and group 32 symmetric, W8A16 int8 per channel and group-wise
 GGUF Q8_0, fp8 weight-only, W8A8, FP8, W4A8 on the Triton lowering; FP8 with K-major weights and
@@ -99,7 +104,9 @@ from pallas_kernels.kernel_cases import (
     random_weight,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
-from pallas_kernels.kv_write import write_kv
+from pallas_kernels.kv_write import write_bounds, write_kv
+from pallas_kernels.page_scores_pallas import page_scores_pallas
+from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, page_scores_reference, select_pages
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
@@ -108,7 +115,7 @@ from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
 from pallas_kernels.quant_formats import QuantizedTensor
 from pallas_kernels.quantized_matmul import has_kernel, quantized_matmul
 
-OPS = ("decode", "prefill", "kv_write", "matmul")
+OPS = ("decode", "prefill", "kv_write", "sparse", "matmul")
 KV_FORMATS = ("bf16", "float32", "fp8", "int8", "int4", "int4_fp8")
 REFERENCE_BLOCKED = ("int4_fp8",)  # formats whose kernels are checked at the reference's blocking
 PAGE_SIZES = (8, 16)
@@ -413,6 +420,72 @@ def kv_write_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict
     return records
 
 
+SPARSE_BUDGET_PAGES = 4            # pages each kv head reads per sparse case (sink, last, two chosen)
+
+
+def sparse_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
+    """Query-aware page selection: the key-bounds kernel against `write_key_bounds` (every word the
+    same interpreted; compiled, a bound may move by one code where the kernel's dequantized key
+    differs from XLA's in its last bit: a small share of the written words, nothing else), the score
+    kernel against the reference (rtol = atol = 1e-5: the same products summed in another order),
+    and the decode kernel over the per-head page tables the reference's selection makes (bbox and
+    sink_window), against the reference attention over the same tables (the decode tolerance)."""
+    records = []
+    group = max(sel.gqa)
+    bounds = {name: jax.jit(functools.partial(write_bounds, kernels=name), static_argnums=1) for name in ("xla", impl)}
+    scores_ref = jax.jit(page_scores_reference, static_argnums=2)
+    scores_kernel = jax.jit(functools.partial(page_scores_pallas, interpret=impl == "interpret"), static_argnums=2)
+    select = jax.jit(select_pages, static_argnums=4)
+    for i, (fmt, t, d) in enumerate((f, t, d) for f in sel.kv_formats for t in sel.page_sizes for d in sel.head_dims):
+        case_seed = seed + 9000 + i
+        record = {"kind": "sparse", "kv_format": fmt, "tokens_per_page": t, "gqa": group, "head_dim": d,
+                  "q_dtype": "float32", "kernel_precision": "-", "seed": case_seed}
+
+        def body(fmt=fmt, t=t, d=d, case_seed=case_seed):
+            rng = np.random.default_rng(case_seed)
+            lengths = np.asarray([1, t, 3 * t, int(rng.integers(5 * t, TABLE_PAGES * t + 1)), TABLE_PAGES * t, 0])
+            page_bytes = KVPageLayout(NUM_LAYERS, NUM_KV_HEADS, d, t, fmt, key_bounds=True).page_bytes
+            case = build_attention_case(
+                case_seed, num_kv_heads=NUM_KV_HEADS, head_dim=d, tokens_per_page=t, kv_format=fmt, lengths=lengths,
+                group=group, table_pages=TABLE_PAGES, spare_pages=SPARE_PAGES, fill=POISON, num_layers=NUM_LAYERS,
+                layer=LAYER, q_dtype=jnp.float32, key_bounds=True,
+                slab_bytes=PAGES_PER_SLAB * page_bytes + SLAB_REMAINDER_BYTES)
+            layout, table = case.layout, np.asarray(case.page_table)
+            pages = np.asarray([table[b, j] for b, n in enumerate(lengths) for j in range(layout.pages_for(int(n)))],
+                               np.int32)
+            fill = np.asarray([min(t, int(n) - j * t) for n in lengths for j in range(layout.pages_for(int(n)))],
+                              np.int32)
+            args = (layout, jnp.asarray(pages), jnp.asarray(fill), jnp.int32(LAYER))
+            ref_pool = bounds["xla"](case.pool, *args)
+            out_pool = np.asarray(bounds[impl](case.pool, *args))
+            differ = np.asarray(ref_pool) != out_pool
+            written = np.asarray(ref_pool) != np.asarray(case.pool)
+            outside = int((differ & ~written).sum())
+            share = float(differ.sum() / max(1, written.sum()))
+            limit = 0.0 if impl == "interpret" else WRITE_MIDPOINT_SHARE
+            call = (case.q, ref_pool, layout, jnp.int32(LAYER), case.page_table, case.kv_lens)
+            s_ref, s_out = np.asarray(scores_ref(*call)), np.asarray(scores_kernel(*call))
+            live = np.isfinite(s_ref)
+            scores_ok = bool((np.isfinite(s_out) == live).all()) and bool(np.allclose(
+                s_out[live], s_ref[live], rtol=1e-5, atol=1e-5))
+            worst = 0.0
+            for policy in ("bbox", "sink_window"):
+                inputs = SelectionInputs(*(jnp.full((len(lengths),), x, jnp.int32)
+                                           for x in (POLICY_IDS[policy], SPARSE_BUDGET_PAGES, 0)))
+                chosen = select(jnp.asarray(s_ref), case.page_table, case.kv_lens, inputs, t)
+                attn = (case.q, ref_pool, layout, jnp.int32(LAYER), chosen.head_table, case.q_positions,
+                        chosen.head_lens)
+                _, ratio = attention_mismatch(kernel_attention(impl, "default", "decode", *attn),
+                                              reference_attention(*attn), jnp.float32)
+                worst = max(worst, ratio)
+            return {"passed": outside == 0 and share <= limit and scores_ok and worst <= 1.0,
+                    "bounds_differing_words": int(differ.sum()), "bounds_differing_outside": outside,
+                    "scores_match": scores_ok, "max_abs_err": share, "err_over_tol": worst}
+
+        records.append(run_case(record, body, progress))
+    return records
+
+
 def matmul_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
     records = []
     compiled = impl == "pallas"
@@ -542,6 +615,8 @@ def main(argv=None) -> int:
             records += attention_checks(sel, impl, seed, progress)
         if "kv_write" in sel.ops:
             records += kv_write_checks(sel, impl, seed, progress)
+        if "sparse" in sel.ops:
+            records += sparse_checks(sel, impl, seed, progress)
         if "matmul" in sel.ops:
             records += matmul_checks(sel, impl, seed, progress)
     finally:

@@ -32,7 +32,7 @@ step() {  # name, time limit (s), command...
 }
 
 if [ "$SMOKE" = "--smoke" ]; then
-  step check_kernels 600 $PY scripts/check_kernels_gpu.py --interpret --quiet --ops decode,kv_write,matmul \
+  step check_kernels 600 $PY scripts/check_kernels_gpu.py --interpret --quiet --ops decode,kv_write,sparse,matmul \
     --kv-formats int4 --page-sizes 8 --gqa 4 --head-dims 64 --matmul-formats w8a8 --ms 16 --no-bf16-q \
     --json "$OUT/check_kernels.json"
   step bench_kernels 600 $PY scripts/bench_kernels.py --smoke --no-progress --json "$OUT/bench_kernels.json" \

@@ -98,10 +98,12 @@ def test_check_kernels_interpret(tmp_path, capsys):
     assert len(cases) == doc["passed"] and all(c["passed"] for c in cases)
     kinds = {(c["kind"], c.get("q_dtype"), c.get("kernel_precision")) for c in cases}
     # Decode (no dot) and prefill (float32 and bfloat16 queries, bf16x3 dots; bfloat16 queries also at
-    # the serving precision), the KV write and the matmul.
+    # the serving precision), the KV write, page selection (bounds, scores, sparse decode) and the matmul.
     assert kinds == {("decode", "float32", "default"), ("decode", "bfloat16", "default"),
                      ("prefill", "float32", "bf16x3"), ("prefill", "bfloat16", "bf16x3"),
-                     ("prefill", "bfloat16", "default"), ("kv_write", "-", "-"), ("matmul", None, None)}
+                     ("prefill", "bfloat16", "default"), ("kv_write", "-", "-"), ("sparse", "float32", "-"),
+                     ("matmul", None, None)}
+    assert {c["kv_format"] for c in cases if c["kind"] == "sparse"} == {"int4", "int4_fp8"}
     assert all(0 <= c["err_over_tol"] <= 1 for c in cases)
     assert {c["kv_format"] for c in cases if c["kind"] == "prefill"} == {"int4", "int4_fp8"}
     # int4_fp8 prefill runs the Mosaic GPU FP8 kernel (T = 8, D = 64 here), int4 the Triton one.
