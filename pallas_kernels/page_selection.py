@@ -8,10 +8,13 @@ above for every key of the page, so pages with a low bound cannot weigh much in 
 all heads of a group share the pages read, so a page one head needs must be read whatever the
 others score it (a sum would let the group's indifferent heads outvote it).
 
-Selection policies (`POLICIES`, chosen per sequence at run time as an int id):
+Selection policies are plug-ins (`SelectionPolicy`: a name and a ranking of pages, or none for
+dense), chosen per sequence at run time by their index in `POLICIES`:
   full         every page (dense);
   bbox         the first (sink) and last (current) pages, then the highest-scoring others;
   sink_window  the first page and the most recent ones (StreamingLLM-style baseline, no scores).
+A new policy is one more `SelectionPolicy` there: `select_pages` evaluates every policy's ranking
+and each row takes its own, so the policies share one compiled program.
 A sequence is sparse only when its context exceeds its gate and its budget is smaller than its
 pages. `select_pages` turns the choice into a page table per kv head whose selected pages come first,
 in context order, so only the last is partial: attending the first `head_lens` tokens of that table
@@ -21,20 +24,38 @@ is attention over the chosen pages (`paged_attention` with a [B, Hkv, P] table).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds, read_kv_pages
 
-POLICIES = ("full", "bbox", "sink_window")
-POLICY_IDS = {name: i for i, name in enumerate(POLICIES)}
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """A page selection policy: its name, and how it ranks a sequence's pages once the sink and last
+    pages are kept, `rank(scores [B, Hkv, P], columns [1, 1, P]) -> float32 [B, Hkv, P]`, higher
+    first (ties: earlier pages first); None reads every page."""
+    name: str
+    rank: Callable[[jax.Array, jax.Array], jax.Array] | None
+
+
+def _by_score(scores, columns):
+    return jnp.where(jnp.isnan(scores), jnp.inf, scores)     # a page without a bound is never dropped
+
+
+def _by_recency(scores, columns):
+    return jnp.broadcast_to(columns.astype(jnp.float32), scores.shape)
+
+
+POLICIES = (SelectionPolicy("full", None), SelectionPolicy("bbox", _by_score),
+            SelectionPolicy("sink_window", _by_recency))
+POLICY_IDS = {p.name: i for i, p in enumerate(POLICIES)}
 
 
 def policy_id(name: str) -> int:
     if name not in POLICY_IDS:
-        raise ValueError(f"unknown page selection policy {name!r}; choose from {list(POLICIES)}")
+        raise ValueError(f"unknown page selection policy {name!r}; choose from {list(POLICY_IDS)}")
     return POLICY_IDS[name]
 
 
@@ -114,10 +135,10 @@ class PageSelection(NamedTuple):
 
 
 def select_pages(scores: jax.Array, page_table: jax.Array, kv_lens: jax.Array, inputs: SelectionInputs,
-                 tokens_per_page: int) -> PageSelection:
+                 tokens_per_page: int, policies: tuple[SelectionPolicy, ...] = POLICIES) -> PageSelection:
     """Which pages each kv head reads: scores float32 [B, Hkv, P] (`page_scores_reference`'s),
-    page_table int32[B, P], kv_lens int32[B] and the sequences' `SelectionInputs`. A dense
-    sequence's head table is its page table and its head_lens its kv_len."""
+    page_table int32[B, P], kv_lens int32[B] and the sequences' `SelectionInputs` (policy ids index
+    `policies`). A dense sequence's head table is its page table and its head_lens its kv_len."""
     policy, budget_pages, gate_tokens = inputs
     batch, hkv, width = scores.shape
     t = tokens_per_page
@@ -125,13 +146,14 @@ def select_pages(scores: jax.Array, page_table: jax.Array, kv_lens: jax.Array, i
     num_pages = ((kv_lens + t - 1) // t)[:, None, None]                         # [B, 1, 1]
     last = num_pages - 1
     live = col < num_pages
-    sparse = ((policy != POLICY_IDS["full"]) & (kv_lens > gate_tokens)
-              & (budget_pages < num_pages[:, 0, 0]))[:, None, None]
+    dense_policy = jnp.asarray([p.rank is None for p in policies])[policy]
+    sparse = (~dense_policy & (kv_lens > gate_tokens) & (budget_pages < num_pages[:, 0, 0]))[:, None, None]
     keep = jnp.where(sparse, budget_pages[:, None, None], num_pages)
-    # Priority of each page: the sink and last pages first, then by score (bbox) or recency.
-    by_recency = col.astype(jnp.float32)
-    by_score = jnp.where(jnp.isnan(scores), jnp.inf, scores)     # an unbounded page is never dropped
-    priority = jnp.where((policy == POLICY_IDS["bbox"])[:, None, None], by_score, by_recency)
+    # Priority of each page: the sink and last pages first, then the row's policy's ranking.
+    priority = jnp.zeros(scores.shape, jnp.float32)
+    for i, p in enumerate(policies):
+        if p.rank is not None:
+            priority = jnp.where((policy == i)[:, None, None], p.rank(scores, col), priority)
     priority = jnp.where((col == 0) | (col == last), jnp.inf, priority)
     priority = jnp.where(live, priority, -jnp.inf)
     order = jnp.argsort(-priority, axis=-1, stable=True)
@@ -144,8 +166,6 @@ def select_pages(scores: jax.Array, page_table: jax.Array, kv_lens: jax.Array, i
     last_len = kv_lens[:, None] - last[:, :, 0] * t
     head_lens = jnp.where(pages_read > 0, (pages_read - 1) * t + last_len, 0)
     return PageSelection(head_table.astype(jnp.int32), head_lens.astype(jnp.int32), pages_read, chosen)
-
-
 
 def selection_recall(q: jax.Array, pool: jax.Array, layout: KVPageLayout, layer, page_table: jax.Array,
                      kv_lens: jax.Array, chosen: jax.Array):

@@ -30,8 +30,8 @@ from pallas_kernels.kv_pages import (KVPageLayout, copy_pages, read_key_bounds, 
                                      write_kv_tokens)
 from pallas_kernels.kv_write import write_bounds
 from pallas_kernels.page_scores_pallas import page_scores_pallas
-from pallas_kernels.page_selection import (POLICY_IDS, SelectionInputs, SparseSpec, page_scores_reference,
-                                           select_pages)
+from pallas_kernels.page_selection import (POLICIES, POLICY_IDS, SelectionInputs, SelectionPolicy, SparseSpec,
+                                           page_scores_reference, select_pages)
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.sparse_attention import sparse_decode_attention
 from tests.test_paged_attention_pallas import NUM_LAYERS, build_case
@@ -213,6 +213,19 @@ def test_sink_window_full_gate_and_covering_budget(rng):
         np.testing.assert_array_equal(np.asarray(sel.head_table[0, :, :pages]),
                                       np.broadcast_to(np.asarray(table[0, :pages]), (2, pages)))
         np.testing.assert_array_equal(np.asarray(sel.head_lens), kv_len)
+
+
+def test_a_policy_is_a_plug_in(rng):
+    """A policy is a name and a ranking: an extra one ("oldest": earliest pages first) runs beside the
+    built-in ones, each row taking its own."""
+    policies = (*POLICIES, SelectionPolicy("oldest", lambda scores, columns: -columns.astype(jnp.float32)))
+    scores = jnp.asarray(rng.standard_normal((2, 2, 12)), jnp.float32)
+    inputs = SelectionInputs(jnp.asarray([len(POLICIES), POLICY_IDS["sink_window"]], jnp.int32),
+                             jnp.full((2,), 4, jnp.int32), jnp.zeros((2,), jnp.int32))
+    table = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+    sel = select_pages(scores, table, jnp.asarray([48, 48], jnp.int32), inputs, 4, policies)
+    assert (np.flatnonzero(np.asarray(sel.chosen[0, 0])) == [0, 1, 2, 11]).all()
+    assert (np.flatnonzero(np.asarray(sel.chosen[1, 1])) == [0, 9, 10, 11]).all()
 
 
 def test_sparse_spec_rows_and_bad_specs():

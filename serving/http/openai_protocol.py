@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pallas_kernels.page_selection import POLICY_IDS
 from serving.engine.sampling import MAX_LOGPROBS
 
 MAX_N = 8            # samples per request
@@ -46,7 +47,7 @@ class StreamOptions(_Strict):
 class SparseOptions(_Strict):
     """Page selection for this request's decoding (an extension): a policy and a budget, in tokens
     or as a fraction of the context."""
-    policy: Literal["full", "bbox", "sink_window"] = "bbox"
+    policy: Literal[tuple(POLICY_IDS)] = "bbox"
     budget_tokens: int | None = Field(None, ge=1, le=1 << 24)
     budget_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
