@@ -27,6 +27,12 @@ What is timed
   the same dispatcher (S > 1 goes to the prefill kernel: for int4_fp8 the Mosaic GPU FP8 one). For
   int4_fp8 also "pallas-triton": the Triton prefill kernel (bf16 wgmma on e4m3-exact operands) at the
   reference's blocking, the kernel the FP8 one replaced, side by side (GPU only).
+* sparse: decode with query-aware page selection over pools whose pages keep key bounds (B=1 at 8K
+  and 32K tokens, B=16 at 8K; bf16, int8 and int4 KV): dense decode on that pool (budget "-") and
+  `sparse_attention.sparse_decode_attention` with `bbox` at a 1024-token budget, the page-score
+  pass and selection included, per implementation. Bytes: dense, the live tokens' KV; sparse, every
+  page's key bounds plus the selected pages' KV (what the kernels read). `vs dense`: the dense row's
+  time / this; `KV read`: this row's KV bytes / the dense row's.
 * matmul: x [M, K] bf16 @ w [K, N] for M in {1, 16, 256, 4096}, (K, N) = (4096, 14336) and
   (14336, 4096) (8B MLP up / down): W4A16 (int4 group 128, asymmetric), W8A16 (int8 per channel),
   W8A8 (int8 weights, per-token int8 activations), FP8 (e4m3 weights per channel, per-token e4m3
@@ -94,6 +100,8 @@ from pallas_kernels.kernel_cases import (
     quantized_weights,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
+from pallas_kernels.kv_write import write_bounds
+from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
@@ -105,11 +113,12 @@ from pallas_kernels.quant_formats import (
     quantize_int8_per_channel,
 )
 from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.sparse_attention import sparse_decode_attention
 from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES, slab_bytes_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
-OPS = ("copy", "decode", "prefill", "matmul")
+OPS = ("copy", "decode", "prefill", "sparse", "matmul")
 OP_ALIASES = {"attention": ("decode", "prefill")}
 IMPLS = ("pallas", "xla", "interpret", "jax-paged", "pallas-triton")
 KV_FORMATS = ("bf16", "fp8", "int8", "int4")
@@ -138,6 +147,8 @@ class Shapes:
     decode_contexts: tuple[int, ...]
     prefill: tuple[tuple[int, int, int], ...]        # (batch, chunk, context)
     prefill_formats: tuple[str, ...]
+    sparse: tuple[tuple[int, int, int], ...]         # (batch, context, budget tokens)
+    sparse_formats: tuple[str, ...]
     matmul_ms: tuple[int, ...]
     matmul_kn: tuple[tuple[int, int], ...]
     group_size: int
@@ -152,12 +163,14 @@ class Shapes:
 FULL = Shapes(q_heads=32, kv_heads=8, head_dim=128, tokens_per_page=16,
               decode_batches=(1, 16, 64), decode_contexts=(512, 4096, 16384),
               prefill=((1, 512, 4096),), prefill_formats=KV_FORMATS + ("int4_fp8",),
+              sparse=((1, 8192, 1024), (1, 32768, 1024), (16, 8192, 1024)), sparse_formats=("bf16", "int8", "int4"),
               matmul_ms=(1, 16, 256, 4096), matmul_kn=((4096, 14336), (14336, 4096)), group_size=128,
               copy_bytes=1 << 30, slab_target=DEFAULT_SLAB_BYTES, target_decode=(64, 4096),
               repeats=5, min_repeat_s=0.05, max_calls=2000)
 SMOKE = Shapes(q_heads=4, kv_heads=2, head_dim=64, tokens_per_page=16,
                decode_batches=(2,), decode_contexts=(128,),
                prefill=((2, 16, 128),), prefill_formats=("bf16", "int4", "int4_fp8"),
+               sparse=((2, 256, 64),), sparse_formats=("bf16", "int4"),
                matmul_ms=(16,), matmul_kn=((256, 128),), group_size=128,
                copy_bytes=16 << 20, slab_target=64 << 10, target_decode=(2, 128),
                repeats=2, min_repeat_s=0.0, max_calls=2)
@@ -351,6 +364,67 @@ def attention_case_rows(op: str, batch: int, seq: int, ctx: int, fmt: str, shape
     return rows
 
 
+def sparse_rows(shapes: Shapes, impls: list[str], backend: str, smoke: bool, seed: int, progress) -> list[dict]:
+    rows = []
+    for batch, ctx, budget in shapes.sparse:
+        for fmt in shapes.sparse_formats:
+            rows += sparse_case_rows(batch, ctx, budget, fmt, shapes, impls, backend, smoke, seed, progress)
+    return rows
+
+
+def sparse_case_rows(batch: int, ctx: int, budget: int, fmt: str, shapes: Shapes, impls: list[str], backend: str,
+                     smoke: bool, seed: int, progress) -> list[dict]:
+    """Dense and bbox-selected decode on one pool with key bounds (built here, released on return)."""
+    t = shapes.tokens_per_page
+    meta = {"op": "sparse", "format": fmt}
+    shape = {"batch": batch, "context": ctx, "q_heads": shapes.q_heads, "kv_heads": shapes.kv_heads,
+             "head_dim": shapes.head_dim, "tokens_per_page": t}
+    try:
+        page_bytes = KVPageLayout(1, shapes.kv_heads, shapes.head_dim, t, fmt, key_bounds=True).page_bytes
+        case = build_attention_case(
+            seed, num_kv_heads=shapes.kv_heads, head_dim=shapes.head_dim, tokens_per_page=t, kv_format=fmt,
+            lengths=[ctx] * batch, group=shapes.q_heads // shapes.kv_heads, key_bounds=True,
+            slab_bytes=slab_bytes_for([page_bytes], shapes.slab_target))
+        layout = case.layout
+        pages = layout.pages_for(ctx)
+        table = case.page_table[:, :pages]
+        pool = jax.jit(write_bounds, static_argnums=1)(
+            case.pool, layout, table.reshape(-1), jnp.asarray([min(t, ctx - j * t) for j in range(pages)] * batch),
+            case.layer)
+    except Exception as e:
+        return [progress(meta | {"shape": shape, "impl": "-", "status": "error",
+                                 "error": "building the pool: " + error_text(e)})]
+    bounds = layout.num_kv_heads * layout.bounds_words * 4                        # bytes per page, one layer
+    page_kv = layout.page_bytes - bounds
+    q_out = 2 * case.q.size * case.q.dtype.itemsize
+    rows = []
+    for chosen in (None, budget):
+        read = min(chosen // t, pages) if chosen else pages
+        kv = batch * (read * page_kv + (pages * bounds if chosen else 0))
+        row_meta = meta | {"shape": shape | {"budget": chosen or 0}, "bytes": kv + q_out, "kv_bytes": kv,
+                           "flops": 4 * shapes.q_heads * shapes.head_dim * batch * min(ctx, read * t)}
+        inputs = SelectionInputs(*(jnp.full((batch,), x, jnp.int32) for x in (POLICY_IDS["bbox"], read, 0)))
+        ref_out = None
+        for impl in impls:
+            if impl not in ("xla", "pallas", "interpret"):
+                continue
+            row = row_meta | {"impl": impl}
+            if (why := unavailable(impl, backend, smoke)) is not None:
+                rows.append(progress(skipped(row, why)))
+                continue
+            if chosen is None:
+                fn = attention_fn(case, impl)
+            else:
+                fn = jax.jit(lambda q, pool, table, qpos, lens, impl=impl: sparse_decode_attention(
+                    q, pool, layout, case.layer, table, qpos, lens, inputs, kernels=impl)[0])
+            row, out = run_variant(row, fn, (case.q, pool, case.page_table, case.q_positions, case.kv_lens),
+                                   shapes, ref_out)
+            if impl == "xla":
+                ref_out = out
+            rows.append(progress(row))
+    return rows
+
+
 def unavailable(impl: str, backend: str, smoke: bool) -> str | None:
     """Why an implementation cannot run here, or None."""
     if impl in ("pallas", "pallas-triton") and backend != "gpu":
@@ -412,8 +486,8 @@ def matmul_shape_rows(k: int, n: int, shapes: Shapes, impls: list[str], backend:
 
 
 # ---- derived figures ---------------------------------------------------------------------------
-def shape_key(row: dict) -> tuple:
-    return (row["op"],) + tuple(sorted(row["shape"].items()))
+def shape_key(row: dict, **replace) -> tuple:
+    return (row["op"],) + tuple(sorted((row["shape"] | replace).items()))
 
 
 def add_rates(r: dict, copy_gbps: float | None) -> dict:
@@ -445,6 +519,13 @@ def add_derived(rows: list[dict], copy_gbps: float | None) -> None:
             speedups["vs_w4a16"] = times[(key, "w4a16", r["impl"])] / t
         if r["op"] in ("decode", "prefill") and r["format"] != "bf16" and (key, "bf16", r["impl"]) in times:
             speedups["vs_bf16"] = times[(key, "bf16", r["impl"])] / t
+        if r["op"] == "sparse" and r["shape"]["budget"]:
+            dense = shape_key(r, budget=0)
+            if (dense, r["format"], r["impl"]) in times:
+                speedups["vs_dense"] = times[(dense, r["format"], r["impl"])] / t
+            dense_kv = [d["kv_bytes"] for d in rows
+                        if d["op"] == "sparse" and d["format"] == r["format"] and shape_key(d) == dense]
+            r["kv_read_share"] = r["kv_bytes"] / dense_kv[0] if dense_kv else None
         r["speedups"] = speedups
 
 
@@ -508,6 +589,8 @@ def shape_text(r: dict) -> str:
         return f"B={s['batch']} S={s['seq']} ctx={s['context']}"
     if r["op"] == "matmul":
         return f"M={s['m']} K={s['k']} N={s['n']}"
+    if r["op"] == "sparse":
+        return f"B={s['batch']} ctx={s['context']} budget={s['budget'] or '-'}"
     return f"{s['bytes'] / 2**20:g} MiB"
 
 
@@ -516,7 +599,7 @@ def fmt_num(x, spec: str, suffix: str = "") -> str:
 
 
 COLUMNS = ("op", "format", "impl", "shape", "time (us)", "GB/s", "% copy BW", "TFLOP/s", "vs xla",
-           "vs jax", "vs bf16", "status")
+           "vs jax", "vs bf16", "vs dense", "KV read", "status")
 
 
 def row_cells(r: dict) -> list[str]:
@@ -528,7 +611,9 @@ def row_cells(r: dict) -> list[str]:
     return [r["op"], r["format"], r["impl"], shape_text(r), fmt_num(r.get("time_s") and 1e6 * r["time_s"], ".1f"),
             fmt_num(r.get("gbps"), ".1f"), fmt_num(r.get("pct_copy_bw") and 100 * r["pct_copy_bw"], ".1f", "%"),
             fmt_num(r.get("tflops"), ".3f"), fmt_num(sp.get("vs_xla"), ".2f", "x"),
-            fmt_num(sp.get("vs_jax_paged"), ".2f", "x"), fmt_num(sp.get("vs_bf16"), ".2f", "x"), status]
+            fmt_num(sp.get("vs_jax_paged"), ".2f", "x"), fmt_num(sp.get("vs_bf16"), ".2f", "x"),
+            fmt_num(sp.get("vs_dense"), ".2f", "x"),
+            fmt_num(r.get("kv_read_share") and 100 * r["kv_read_share"], ".1f", "%"), status]
 
 
 def progress_line(r: dict) -> str:
@@ -668,6 +753,8 @@ def main(argv=None) -> int:
         for op in ("decode", "prefill"):
             if op in ops:
                 rows += attention_rows(op, shapes, impls, backend, args.smoke, args.seed, progress)
+        if "sparse" in ops:
+            rows += sparse_rows(shapes, impls, backend, args.smoke, args.seed, progress)
         if "matmul" in ops:
             rows += matmul_rows(shapes, impls, backend, args.smoke, args.seed, progress)
     finally:

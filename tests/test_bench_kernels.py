@@ -86,6 +86,27 @@ def test_bench_kernels_smoke(tmp_path, capsys):
     assert "## decode" in text and "## matmul" in text and "| target |" in text
 
 
+def test_bench_kernels_sparse_smoke(tmp_path):
+    """--ops sparse: dense and bbox-selected decode on one pool per format, with the selected row's
+    KV bytes (every page's bounds + the budget's pages) against the dense row's."""
+    bench = _script("bench_kernels")
+    out = tmp_path / "sparse.json"
+    assert bench.main(["--smoke", "--ops", "sparse", "--json", str(out), "--xla-cache", "", "--no-progress"]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["op"] == "sparse"]
+    assert {(r["format"], r["impl"], r["shape"]["budget"]) for r in rows} == {
+        (f, i, b) for f in ("bf16", "int4") for i in ("xla", "interpret") for b in (0, 64)}
+    assert all(r["status"] == "ok" for r in rows), rows
+    for r in rows:
+        if r["shape"]["budget"]:
+            # 4 of 16 pages read, plus every page's bounds (144 B per kv head at head_dim 64) against a
+            # page's K and V per kv head: int4 1152 B (values + bf16 scales and zeros), bf16 4096 B.
+            share = (4 + 16 * 144 / {"int4": 1152, "bf16": 4096}[r["format"]]) / 16
+            assert math.isclose(r["kv_read_share"], share), r
+            assert _positive(r["speedups"]["vs_dense"])
+        if r["impl"] == "interpret":
+            assert r["max_abs_diff_vs_xla"] <= 1e-4 * max(1.0, r["max_abs_xla"]), r
+
+
 def test_check_kernels_interpret(tmp_path, capsys):
     check = _script("check_kernels_gpu")
     out = tmp_path / "check.json"
