@@ -265,10 +265,10 @@ def _bounds_kernel(layer_ref, pages_ref, fill_ref, pool_in_ref, pool_ref, *, lay
 def write_key_bounds_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, fill: jax.Array,
                             layer, *, interpret=False, num_warps: int = 2) -> jax.Array:
     """`kv_pages.write_key_bounds` as a Pallas kernel (one program per page): page_ids, fill int32[M].
-    Two warps: one spills in fp8 (128 registers for [T, D/4] x 4 planes), four spill a word in bf16
-    and int8 (sm_90a, ptxas's choice at 40 registers).
     Returns the pool with those pages' key bounds of `layer` rewritten, bit-identical to the
-    reference; the pool buffer is reused (aliased), so donate it under jit."""
+    reference; the pool buffer is reused (aliased), so donate it under jit. Two warps by default:
+    one needs 128 registers in fp8 ([T, D/4] x 4 planes), four spill a word in bf16 and int8
+    (sm_90a, ptxas's choice at 40 registers)."""
     if not layout.key_bounds:
         raise ValueError("write_key_bounds_pallas: this layout stores no key bounds (key_bounds=False)")
     if page_ids.shape != fill.shape or page_ids.ndim != 1:
