@@ -67,11 +67,13 @@ class ModelSpec:
     kernels: str = "auto"               # see LLM: auto, xla, pallas, interpret
     sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
     sparse_dense_layers: int = 2
+    sparse_recall_every: int = 0
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
         resolve_kernels(self.kernels)
-        self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers).sparse
+        self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
+                                   sparse_recall_every=self.sparse_recall_every).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -167,7 +169,8 @@ class Fleet:
         return engine_config(self.loaded[name].config, max_num_seqs=spec.max_num_seqs,
                              max_model_len=spec.max_model_len, max_num_batched_tokens=spec.max_num_batched_tokens,
                              seed=spec.seed, kernels=spec.kernels, sparse=spec.sparse,
-                             sparse_dense_layers=spec.sparse_dense_layers)
+                             sparse_dense_layers=spec.sparse_dense_layers,
+                             sparse_recall_every=spec.sparse_recall_every)
 
     def _layout(self, name: str) -> KVPageLayout:
         spec = self.specs[name]

@@ -28,14 +28,14 @@ def check_max_model_len(max_model_len) -> None:
 
 def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | None = None,
                   max_num_batched_tokens: int = 512, seed: int = 0, kernels: str = "auto", sparse=None,
-                  sparse_dense_layers: int = 2) -> EngineConfig:
+                  sparse_dense_layers: int = 2, sparse_recall_every: int = 0) -> EngineConfig:
     """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
     check_max_model_len(max_model_len)
     limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
     return EngineConfig(max_num_seqs=max_num_seqs, max_model_len=limit,
                         max_num_batched_tokens=max_num_batched_tokens,
                         prefill_chunk=max_num_batched_tokens, seed=seed, kernels=kernels, sparse=sparse,
-                        sparse_dense_layers=sparse_dense_layers)
+                        sparse_dense_layers=sparse_dense_layers, sparse_recall_every=sparse_recall_every)
 
 
 class LLM:
@@ -72,6 +72,8 @@ class LLM:
         Pages then keep their keys' bounds (2 x head_dim int8 codes per layer and kv head), and
         requests may choose their own (`SamplingParams.sparse`). None: off, no bounds kept.
       sparse_dense_layers: the first layers attend every page whatever the policy (default 2).
+      sparse_recall_every: every that many decode steps, measure how many selected pages are among
+        the pages dense attention weighs most (reads every page; `engine.stats.recall_*`); 0: never.
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
@@ -79,7 +81,8 @@ class LLM:
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
                  calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
-                 gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2):
+                 gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2,
+                 sparse_recall_every: int = 0):
         check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
@@ -90,12 +93,14 @@ class LLM:
             check_reports_memory(device_memory_stats(jax.devices()[0]))
         check_max_model_len(max_model_len)  # bad values fail before any loading
         resolve_kernels(kernels)
-        EngineConfig(sparse=sparse, sparse_dense_layers=sparse_dense_layers)  # checks them
+        EngineConfig(sparse=sparse, sparse_dense_layers=sparse_dense_layers,
+                     sparse_recall_every=sparse_recall_every)  # checks them
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples,
                             quantized_cache=quantized_cache, kv_skip_layers=kv_skip_layers)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels,
-                               sparse=sparse, sparse_dense_layers=sparse_dense_layers)
+                               sparse=sparse, sparse_dense_layers=sparse_dense_layers,
+                               sparse_recall_every=sparse_recall_every)
         layout = loaded.kv_layout(tokens_per_page, key_bounds=config.sparse is not None)
         if sized:
             kv_cache_bytes = pool_bytes_for_device(jax.devices()[0], gpu_memory_utilization,

@@ -78,7 +78,7 @@ def test_selection_per_request_and_kv_bytes_read(rng, loaded):
     tokens = prompts(rng, [100, 100])
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     eng = engine(loaded, sparse={"policy": "bbox", "budget_tokens": 16, "gate_tokens": 32},
-                 sparse_dense_layers=1)
+                 sparse_dense_layers=1, sparse_recall_every=3)
     full = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, sparse={"policy": "full"})
     mixed = run(eng, tokens, [greedy, full])
     stats = eng.stats
@@ -86,6 +86,8 @@ def test_selection_per_request_and_kv_bytes_read(rng, loaded):
     # every page; layers 1-3 read every page's bounds, then 4 pages (bbox) or all (full): per page of
     # context (1 + 3 * (4/26 + b) + 1 + 3 * (1 + b)) / 8 = 0.74 of dense.
     assert 0.71 < stats.decode_kv_bytes_read / stats.decode_kv_bytes_dense < 0.77
+    # Every third decode step measured its selections: full rows select every page (recall 1).
+    assert stats.recall_pages > 0 and 0 < stats.recall_hits <= stats.recall_pages
     dense = run(engine(loaded), tokens, greedy)
     assert mixed[1] == dense[1]                  # the request that asked for full attention
     window = run(engine(loaded, sparse={"policy": "sink_window", "budget_tokens": 16, "gate_tokens": 32}),
@@ -118,7 +120,7 @@ def test_selection_per_request_over_http():
 
     models = tiny_models(tokenizer(), ("bf16", "w8a8"))
     options = {"tiny-bf16": {"sparse": {"policy": "bbox", "budget_tokens": 16, "gate_tokens": 16},
-                             "sparse_dense_layers": 1}}
+                             "sparse_dense_layers": 1, "sparse_recall_every": 2}}
     with running_server(models, model_options=options) as srv:
         prompt = "one two three four five six seven eight nine ten " * 4
 
@@ -147,3 +149,24 @@ def test_selection_per_request_over_http():
         read = float(re.search(r'fineserve_decode_kv_bytes_read_total\{model="tiny-bf16"\} (\S+)', metrics).group(1))
         dense = float(re.search(r'fineserve_decode_kv_bytes_dense_total\{model="tiny-bf16"\} (\S+)', metrics).group(1))
         assert 0 < read < dense
+        recall = float(re.search(r'fineserve_page_selection_recall\{model="tiny-bf16"\} (\S+)', metrics).group(1))
+        assert 0 < recall <= 1
+
+
+def test_no_compilation_after_warmup_with_selection_and_sampled_recall(rng, loaded):
+    """Policies, budgets and gates are data, and the sampled recall steps have their programs warmed
+    up: serving a mix compiles nothing new."""
+    from tests.test_engine import CompileCounter
+
+    counter = CompileCounter()
+    eng = engine(loaded, sparse={"policy": "bbox", "budget_tokens": 16, "gate_tokens": 32},
+                 sparse_dense_layers=1, sparse_recall_every=2)
+    eng.warmup()
+    programs, compiles = eng.num_compilations, counter.count
+    kinds = [{"policy": "sink_window", "budget_tokens": 24}, {"policy": "full"}, None,
+             {"policy": "bbox", "budget_fraction": 0.25}]
+    for i, p in enumerate(prompts(rng, [90, 40, 120, 70])):
+        eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, sparse=kinds[i]))
+    assert len(drain(eng)) == 4
+    assert eng.num_compilations == programs
+    assert counter.count == compiles, "serving compiled new XLA programs after warm-up"

@@ -55,6 +55,7 @@ class EngineConfig:
     # fields); None: off, and the model's pages keep no key bounds (requests cannot turn it on).
     sparse: SparseSpec | dict | None = None
     sparse_dense_layers: int = 2  # the first layers always attend every page (Quest keeps two)
+    sparse_recall_every: int = 0  # measure selection recall every that many decode steps (0: never)
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
@@ -63,6 +64,9 @@ class EngineConfig:
         if isinstance(self.sparse_dense_layers, bool) or not isinstance(self.sparse_dense_layers, int) \
                 or self.sparse_dense_layers < 0:
             raise ValueError(f"sparse_dense_layers must be a non-negative integer, got {self.sparse_dense_layers!r}")
+        if isinstance(self.sparse_recall_every, bool) or not isinstance(self.sparse_recall_every, int) \
+                or self.sparse_recall_every < 0:
+            raise ValueError(f"sparse_recall_every must be a non-negative integer, got {self.sparse_recall_every!r}")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -80,6 +84,8 @@ class StepStats:
     device_seconds: float = 0.0
     decode_kv_bytes_read: int = 0      # KV bytes decode attention read (page selection reads fewer)
     decode_kv_bytes_dense: int = 0     # what dense attention would have read in those steps
+    recall_hits: int = 0               # sampled steps: selected pages among the top by attention mass
+    recall_pages: int = 0              # ... of this many selected
     # (prefill?, rows, total seconds, device seconds) of the most recent steps
     per_step: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -114,7 +120,8 @@ class LLMEngine:
                                             max_num_batched_tokens=config.max_num_batched_tokens,
                                             prefill_chunk=config.prefill_chunk,
                                             kernels=resolve_kernels(config.kernels), sparse=config.sparse,
-                                            sparse_dense_layers=config.sparse_dense_layers)
+                                            sparse_dense_layers=config.sparse_dense_layers,
+                                            recall_every=config.sparse_recall_every)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
@@ -271,6 +278,8 @@ class LLMEngine:
         if not batch.is_prefill:
             s.decode_kv_bytes_read += result.kv_bytes_read
             s.decode_kv_bytes_dense += result.kv_bytes_dense
+            s.recall_hits += result.recall_hits
+            s.recall_pages += result.recall_pages
         s.per_step.append((batch.is_prefill, len(batch.seqs), total, result.device_seconds))
         return outputs
 

@@ -78,33 +78,42 @@ class StepResult:
     device_seconds: float           # from dispatch until results were on the host
     kv_bytes_read: int = 0          # KV bytes attention read: pages attended, and key bounds scored
     kv_bytes_dense: int = 0         # what dense attention reads for the same step
+    recall_hits: int = 0            # a sampled step's selections: pages among the top by attention mass
+    recall_pages: int = 0           # ... of this many selected (0: not sampled)
 
 
 class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
-                 kernels: str = "xla", sparse: SparseSpec | None = None, sparse_dense_layers: int = 2):
+                 kernels: str = "xla", sparse: SparseSpec | None = None, sparse_dense_layers: int = 2,
+                 recall_every: int = 0):
         """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret").
         sparse: page selection for decode steps (the requests' default; the layout keeps key
-        bounds), dense in the first `sparse_dense_layers` layers; None: off."""
+        bounds), dense in the first `sparse_dense_layers` layers; None: off. recall_every: every
+        that many decode steps, one also measures its selections' recall (a second program per
+        decode bucket that reads every page: `page_selection.selection_recall`); 0: never."""
         super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.layout = layout
         self.sparse = sparse
         self.dense_layers = min(sparse_dense_layers, model.config.num_layers)
+        self.recall_every = recall_every if sparse is not None else 0
+        self._decode_steps = 0
         self.vocab_size = model.config.vocab_size
         self.num_layers = model.config.num_layers
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
         graphdef, self.state = nnx.split(model)
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table, selection):
+        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall=False):
             model = nnx.merge(graphdef, state)
-            hidden, pool, reads = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
-                                        selection=selection, dense_layers=sparse_dense_layers)
+            hidden, pool, stats = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
+                                        selection=selection, dense_layers=sparse_dense_layers,
+                                        measure_recall=measure_recall)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads.pages_read.sum()
+            return (model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool,
+                    jnp.stack([x.sum() for x in stats]))
 
-        self._forward = jax.jit(forward, donate_argnums=(1,))
+        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames="measure_recall")
 
     @property
     def num_compilations(self) -> int:
@@ -132,8 +141,10 @@ class ModelRunner(ShapeBuckets):
             params, histories, [len(s.output_token_ids) for s in seqs], [s.seed for s in seqs],
             batch, self.vocab_size)
         selection = None if is_prefill else self.selection_inputs(seqs, start + count)
+        measure = selection is not None and self._sample_recall()
         t0 = time.perf_counter()
-        logits, pool, reads = self._forward(self.state, pool, tokens, start, count, table, selection)
+        logits, pool, reads = self._forward(self.state, pool, tokens, start, count, table, selection,
+                                            measure_recall=measure)
         out: SamplerOutput = sample(logits, sampling, flags=flags)
         n = len(seqs)
         if any(p.logprobs is not None for p in params):
@@ -143,8 +154,14 @@ class ModelRunner(ShapeBuckets):
         else:
             (sampled, reads), logprobs, top_ids, top_lp = jax.device_get((out.token_ids, reads)), None, None, None
             sampled = sampled[:n]
+        pages_read, hits, selected = (int(x) for x in reads)
         return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0,
-                                *self.kv_bytes(int(reads), start + count, selection is not None))
+                                *self.kv_bytes(pages_read, start + count, selection is not None), hits, selected)
+
+    def _sample_recall(self) -> bool:
+        """Whether this decode step measures recall (every `recall_every`-th)."""
+        self._decode_steps += 1
+        return bool(self.recall_every) and self._decode_steps % self.recall_every == 0
 
     def kv_bytes(self, pages_read: int, kv_lens: np.ndarray, scored: bool) -> tuple[int, int]:
         """(KV bytes a step read, KV bytes dense attention reads) from the pages its attention read
@@ -178,7 +195,10 @@ class ModelRunner(ShapeBuckets):
         table = np.zeros((batch, self.table_width), np.int32)
         selection = None if seq > 1 else self.selection_inputs([], zeros)
         logits, pool, _ = self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table,
-                                        selection)
+                                        selection, measure_recall=False)
+        if selection is not None and self.recall_every:   # the sampled steps' program too
+            _, pool, _ = self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table,
+                                       selection, measure_recall=True)
         return logits, pool
 
     def largest_step_temp_bytes(self, pool: jax.ShapeDtypeStruct) -> int:

@@ -74,6 +74,8 @@ class _RuntimeCollector:
                                       "attended and, with page selection, key bounds scored)", labels=["model"])
         kv_dense = CounterMetricFamily("fineserve_decode_kv_bytes_dense", "KV bytes dense decode attention would "
                                        "have read in the same steps", labels=["model"])
+        recall = GaugeMetricFamily("fineserve_page_selection_recall", "sampled decode steps: share of the selected "
+                                   "KV pages among as many pages of most dense-attention mass", labels=["model"])
         pool = GaugeMetricFamily("fineserve_pool_bytes", "KV pool size", labels=["device"])
         used = GaugeMetricFamily("fineserve_pool_used_bytes", "KV pool bytes in slabs owned by a model",
                                  labels=["device"])
@@ -91,6 +93,8 @@ class _RuntimeCollector:
                 fails.add_metric([name], m["failures"])
                 kv_read.add_metric([name], m["decode_kv_bytes_read"])
                 kv_dense.add_metric([name], m["decode_kv_bytes_dense"])
+                if m["recall_pages"]:
+                    recall.add_metric([name], m["recall_hits"] / m["recall_pages"])
             pool.add_metric([rt.name], snap["pool_bytes"])
             used.add_metric([rt.name], snap["used_bytes"])
             util.add_metric([rt.name], snap["live_kv_bytes"] / snap["pool_bytes"])
@@ -98,4 +102,4 @@ class _RuntimeCollector:
                                        "share of ended requests whose TTFT met the model's SLO", labels=["model"])
         for name, (met, total) in self.slo.items():
             attainment.add_metric([name], met / total if total else 1.0)
-        yield from (queue, running, kv, preempt, fails, kv_read, kv_dense, pool, used, util, attainment)
+        yield from (queue, running, kv, preempt, fails, kv_read, kv_dense, recall, pool, used, util, attainment)

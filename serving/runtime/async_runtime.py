@@ -299,6 +299,7 @@ class AsyncRuntime:
                             "kv_bytes": used * stats["models"][name]["page_bytes"],
                             "decode_kv_bytes_read": engine.stats.decode_kv_bytes_read,
                             "decode_kv_bytes_dense": engine.stats.decode_kv_bytes_dense,
+                            "recall_hits": engine.stats.recall_hits, "recall_pages": engine.stats.recall_pages,
                             "failures": self.failures[name]}
         self.snapshot = {"pool_bytes": stats["pool_bytes"], "used_bytes": stats["pool_bytes"] - stats["free_bytes"],
                          "live_kv_bytes": stats["live_kv_bytes"], "models": models, "time": time.time()}
