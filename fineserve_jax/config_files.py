@@ -85,7 +85,8 @@ Rate = _check(lambda r: r >= 0 and math.isfinite(r), "{key} must be a finite num
 PoolMode = Annotated[StrictStr, _check(lambda v: v in POOL_MODES,
                                        f"unknown pool_mode {{value!r}}; choose one of {POOL_MODES}")]
 _FILE_TYPES = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool,  # what TOML gives
-               tuple[int, ...]: list[StrictInt]}
+               tuple[int, ...]: list[StrictInt],
+               dict: dict[StrictStr, StrictStr | StrictInt | StrictFloat]}    # an inline table (sparse)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from pallas_kernels.page_selection import SparseSpec
+
 from fineserve_jax.fleet import ModelSpec
 from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, ServeConfig, ServedModelConfig,
                                         ServerConfig, build_fleets, place_models, slo_ttft_s, step_cost)
@@ -188,6 +190,20 @@ def test_a_model_entry_takes_every_modelspec_field():
                      kv_reserve_bytes=MIB, kv_max_bytes=2 * MIB, kv_share=0.5, seed=3, kernels="xla")
     entry = {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelSpec)}
     assert ServeConfig.from_dict({"models": [entry]}).models[0].spec == spec
+
+
+def test_a_model_entry_takes_page_selection_as_an_inline_table(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[models]]\nmodel = "smollm2-135m"\nsparse = {policy = "bbox", budget_tokens = 512}\n'
+                    'sparse_dense_layers = 1\nsparse_recall_every = 64\n')
+    spec = ServeConfig.from_toml(path).models[0].spec
+    assert spec.sparse == SparseSpec("bbox", budget_tokens=512)
+    assert (spec.sparse_dense_layers, spec.sparse_recall_every) == (1, 64)
+    for bad, named in (('{policy = "topk"}', "policy"), ('{budget_tokens = "many"}', "budget_tokens"),
+                       ('{policy = "bbox", window = 3}', "window")):
+        path.write_text(f'[[models]]\nmodel = "smollm2-135m"\nsparse = {bad}\n')
+        with pytest.raises(ValueError, match=named):
+            ServeConfig.from_toml(path)
 
 
 def test_unreadable_files_are_refused(tmp_path):
