@@ -18,12 +18,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from pallas_kernels.page_selection import SparseSpec
-
 from fineserve_jax.fleet import ModelSpec
 from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, ServeConfig, ServedModelConfig,
                                         ServerConfig, build_fleets, place_models, slo_ttft_s, step_cost)
 from models.config import ModelConfig
+from pallas_kernels.page_selection import SparseSpec
 from serving.scheduling.cost_model import DeviceProfile, variant_key
 from models.loader import random_model
 
