@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds, read_kv_pages
 
+
 @dataclass(frozen=True)
 class SelectionPolicy:
     """A page selection policy: its name, and how it ranks a sequence's pages once the sink and last
