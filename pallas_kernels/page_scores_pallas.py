@@ -5,10 +5,10 @@ max over the query group of `sum_i max(q_i * min_i, q_i * max_i)` from the page'
 One program per (sequence, kv head) walks the page table in blocks, reading only the bounds region
 of each page (`KVPageLayout.bounds_origin`: 2 x head_dim int8 codes and a scale per page, a small
 fraction of the page's K/V), so the score pass costs little next to attention over the pages it
-selects. The scale is positive, so it leaves the max of each product pair and is applied once. Selection
-(top-k) runs afterwards in XLA over the [B, Hkv, P] scores: a top-k across all pages needs every
-score first, so scoring and attention are two passes (`sparse_attention`). Columns past a sequence's
-pages score -inf.
+selects. The scale is positive, so it leaves the max of each product pair and is applied once.
+Selection (top-k) runs afterwards in XLA over the [B, Hkv, P] scores: a top-k across all pages needs
+every score first, so scoring and attention are two passes (`sparse_attention`). Columns past a
+sequence's pages score -inf.
 
 Written for the Triton-style `pl.pallas_call` lowering, which also runs under `interpret=True` on CPU.
 """
