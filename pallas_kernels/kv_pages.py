@@ -446,29 +446,25 @@ def write_kv_tokens(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, 
     return pool
 
 
-def bf16_bits_outward(x, up: bool):
-    """float32 -> the bit pattern (uint32, low 16 bits) of the nearest bfloat16 at or above x (`up`)
-    or at or below it: truncation rounds toward zero, and one step of magnitude more moves a
-    truncated value back past x where it lost bits in that direction. Integer ops only, so the
-    Pallas kernels and the reference round alike."""
+def bf16_bits_up(x):
+    """float32 x >= 0 -> the bit pattern (uint32, low 16 bits) of the smallest bfloat16 at or above x:
+    truncation rounds down, and one step more where it dropped bits. Integer ops only, so the Pallas
+    kernels and the reference round alike."""
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    top = bits >> np.uint32(16)
     lost = (bits & np.uint32(0xFFFF)) != 0
-    negative = (bits >> np.uint32(31)) != 0
-    away = lost & (negative != up)           # truncation moved x the wrong way: one step outward
-    return top + jnp.where(away, np.uint32(1), np.uint32(0))
+    return (bits >> np.uint32(16)) + jnp.where(lost, np.uint32(1), np.uint32(0))
 
 
 BOUNDS_SCALE_WORDS = 4      # the scale word and its padding
 BOUND_CODE_HEADROOM = 126   # |x| / scale <= 126 (1 + 2^-23): codes, one step outward included, fit +-127
-BF16_ONE = 0x3F80
+BF16_ONE_BITS = 0x3F80      # bfloat16 1.0: the scale of an all-zero row (KV) or head (bounds)
 
 
 def bounds_scale_bits(absmax):
     """The bfloat16 bits (uint32) of a head's bound scale from the largest |bound|: absmax / 126
     rounded up (1 for an all-zero head)."""
-    bits = bf16_bits_outward(absmax / BOUND_CODE_HEADROOM, up=True)
-    return jnp.where(bits == 0, np.uint32(BF16_ONE), bits)
+    bits = bf16_bits_up(absmax / BOUND_CODE_HEADROOM)
+    return jnp.where(bits == 0, np.uint32(BF16_ONE_BITS), bits)
 
 
 def bound_codes(x, scale, up: bool):
@@ -508,14 +504,19 @@ def decode_bounds(words, head_dim: int):
     return codes[..., 0, :].astype(jnp.float32) * scale, codes[..., 1, :].astype(jnp.float32) * scale
 
 
+def _bounds_position(layout: KVPageLayout, page_ids: jax.Array, layer):
+    """(slab index, first word) of `layer`'s key bounds (all kv heads, one run) in each page."""
+    return (page_ids // layout.pages_per_slab,
+            (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer))
+
+
 def read_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, layer):
     """The key bounds of one layer for the given pages: int32[...] page ids -> (min, max) float32
     [..., Hkv, D]. Only meaningful for pages whose bounds `write_key_bounds` wrote."""
     layout.check_uniform("read_key_bounds")
     if not layout.key_bounds:
         raise ValueError("read_key_bounds: this layout stores no key bounds (key_bounds=False)")
-    slab = page_ids // layout.pages_per_slab
-    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
+    slab, word = _bounds_position(layout, page_ids, layer)
     words = _gather_words(pool, slab, word, layout.num_kv_heads * layout.bounds_words)
     return decode_bounds(words.reshape(*page_ids.shape, layout.num_kv_heads, layout.bounds_words), layout.head_dim)
 
@@ -537,9 +538,8 @@ def write_key_bounds(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array,
     k_min = jnp.where(live, k, jnp.inf).min(axis=1)
     k_max = jnp.where(live, k, -jnp.inf).max(axis=1)
     rows = encode_bounds(k_min, k_max).reshape(page_ids.shape[0], -1)          # [M, Hkv * bounds_words]
-    slab = jnp.where(fill > 0, page_ids // layout.pages_per_slab, pool.shape[0])  # padding: dropped
-    word = (page_ids % layout.pages_per_slab) * layout.page_slot_words + layout.bounds_origin(layer)
-    return _scatter_words(pool, slab, word, rows)
+    slab, word = _bounds_position(layout, page_ids, layer)
+    return _scatter_words(pool, jnp.where(fill > 0, slab, pool.shape[0]), word, rows)   # padding: dropped
 
 
 def copy_pages(pool: jax.Array, layout: KVPageLayout, src: jax.Array, dst: jax.Array) -> jax.Array:

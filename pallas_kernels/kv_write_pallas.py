@@ -25,13 +25,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels.kv_pages import (BOUNDS_SCALE_WORDS, SCALE_BITS, WORD_BITS, KVPageLayout, bound_codes,
-                                     bounds_scale_bits)
+from pallas_kernels.kv_pages import (BF16_ONE_BITS, BOUNDS_SCALE_WORDS, SCALE_BITS, WORD_BITS, KVPageLayout,
+                                     bound_codes, bounds_scale_bits)
 from pallas_kernels.paged_attention_pallas import _elems_per_word, decode_element, token_scales
 from pallas_kernels.pow2 import is_pow2
 from pallas_kernels.quant_formats import E4M3_MAX, INT4_SYM_MAX, INT8_MAX, UINT4_MAX
-
-BF16_ONE_BITS = 0x3F80  # bfloat16 1.0: the scale of an all-zero (or constant, int4) row
 
 
 def write_shape_error(layout: KVPageLayout) -> str | None:
@@ -171,6 +169,11 @@ def _write_kernel(layer_ref, pages_ref, slots_ref, valid_ref, k_ref, v_ref, pool
                 pool_ref[slab, pl.ds(scale_row + j, 1)] = jnp.broadcast_to(word, (1,))
 
 
+def _whole(shape) -> pl.BlockSpec:
+    """The whole array as the one block of every program (grid of one axis)."""
+    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+
 def write_kv_tokens_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.Array, slots: jax.Array,
                            valid: jax.Array, layer, k: jax.Array, v: jax.Array, *, interpret=False,
                            num_warps: int = 1) -> jax.Array:
@@ -198,13 +201,12 @@ def write_kv_tokens_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax.
     if not interpret:
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1)
     token_spec = pl.BlockSpec((None, hkv, dw, n), lambda i: (i, 0, 0, 0))
-    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
         functools.partial(_write_kernel, layout=layout),
         grid=(num_tokens,),
-        in_specs=[whole((1,)), whole((num_tokens,)), whole((num_tokens,)), whole((num_tokens,)),
-                  token_spec, token_spec, whole(pool.shape)],
-        out_specs=whole(pool.shape),
+        in_specs=[_whole((1,)), _whole((num_tokens,)), _whole((num_tokens,)), _whole((num_tokens,)),
+                  token_spec, token_spec, _whole(pool.shape)],
+        out_specs=_whole(pool.shape),
         out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
         input_output_aliases={6: 0},
         interpret=interpret,
@@ -281,12 +283,11 @@ def write_key_bounds_pallas(pool: jax.Array, layout: KVPageLayout, page_ids: jax
     compiler_params = None
     if not interpret:
         compiler_params = plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
         functools.partial(_bounds_kernel, layout=layout),
         grid=(num_pages,),
-        in_specs=[whole((1,)), whole((num_pages,)), whole((num_pages,)), whole(pool.shape)],
-        out_specs=whole(pool.shape),
+        in_specs=[_whole((1,)), _whole((num_pages,)), _whole((num_pages,)), _whole(pool.shape)],
+        out_specs=_whole(pool.shape),
         out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
         input_output_aliases={3: 0},
         interpret=interpret,
