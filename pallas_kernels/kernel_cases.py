@@ -84,6 +84,18 @@ def token_slots(table: np.ndarray, lengths: np.ndarray, tokens_per_page: int) ->
     return table[rows, pos // tokens_per_page].astype(np.int32), (pos % tokens_per_page).astype(np.int32)
 
 
+def page_fills(table, lengths, tokens_per_page: int) -> tuple[np.ndarray, np.ndarray]:
+    """(page id, tokens written) of every page the sequences of `lengths` hold, sequence by sequence
+    in table order: what `kv_write.write_bounds` takes to write those pages' key bounds."""
+    table = np.asarray(table)
+    pages, fill = [], []
+    for b, n in enumerate(int(n) for n in lengths):
+        for j in range(-(-n // tokens_per_page)):
+            pages.append(table[b, j])
+            fill.append(min(tokens_per_page, n - j * tokens_per_page))
+    return np.asarray(pages, np.int32), np.asarray(fill, np.int32)
+
+
 def build_attention_case(seed: int, *, num_kv_heads: int, head_dim: int, tokens_per_page: int,
                          kv_format: str, lengths, group: int, slab_bytes: int, seq: int = 1,
                          q_dtype=jnp.bfloat16, table_pages: int | None = None, spare_pages: int = 0,

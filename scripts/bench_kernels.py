@@ -97,6 +97,7 @@ from pallas_kernels.kernel_cases import (
     AttentionCase,
     build_attention_case,
     error_text,
+    page_fills,
     quantized_weights,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
@@ -387,10 +388,9 @@ def sparse_case_rows(batch: int, ctx: int, budget: int, fmt: str, shapes: Shapes
             slab_bytes=slab_bytes_for([page_bytes], shapes.slab_target))
         layout = case.layout
         pages = layout.pages_for(ctx)
-        table = case.page_table[:, :pages]
-        pool = jax.jit(write_bounds, static_argnums=1)(
-            case.pool, layout, table.reshape(-1), jnp.asarray([min(t, ctx - j * t) for j in range(pages)] * batch),
-            case.layer)
+        ids, fill = page_fills(case.page_table, [ctx] * batch, t)
+        pool = jax.jit(write_bounds, static_argnums=1)(case.pool, layout, jnp.asarray(ids), jnp.asarray(fill),
+                                                       case.layer)
     except Exception as e:
         return [progress(meta | {"shape": shape, "impl": "-", "status": "error",
                                  "error": "building the pool: " + error_text(e)})]

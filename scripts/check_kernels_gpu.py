@@ -100,6 +100,7 @@ from pallas_kernels.kernel_cases import (
     build_attention_case,
     consumed_operands,
     error_text,
+    page_fills,
     random_activations,
     random_weight,
 )
@@ -450,11 +451,8 @@ def sparse_checks(sel: Selection, impl: str, seed: int, progress) -> list[dict]:
                 group=group, table_pages=TABLE_PAGES, spare_pages=SPARE_PAGES, fill=POISON, num_layers=NUM_LAYERS,
                 layer=LAYER, q_dtype=jnp.float32, key_bounds=True,
                 slab_bytes=PAGES_PER_SLAB * page_bytes + SLAB_REMAINDER_BYTES)
-            layout, table = case.layout, np.asarray(case.page_table)
-            pages = np.asarray([table[b, j] for b, n in enumerate(lengths) for j in range(layout.pages_for(int(n)))],
-                               np.int32)
-            fill = np.asarray([min(t, int(n) - j * t) for n in lengths for j in range(layout.pages_for(int(n)))],
-                              np.int32)
+            layout = case.layout
+            pages, fill = page_fills(case.page_table, lengths, t)
             args = (layout, jnp.asarray(pages), jnp.asarray(fill), jnp.int32(LAYER))
             ref_pool = bounds["xla"](case.pool, *args)
             out_pool = np.asarray(bounds[impl](case.pool, *args))

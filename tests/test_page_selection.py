@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8_attention import fp8_queries
+from pallas_kernels.kernel_cases import page_fills
 from pallas_kernels.kv_pages import (KVPageLayout, copy_pages, read_key_bounds, read_kv_pages, write_key_bounds,
                                      write_kv_tokens)
 from pallas_kernels.kv_write import write_bounds
@@ -65,12 +66,7 @@ def bounds_case(rng, layout, lengths, num_pages_table, group=1, kernels="xla"):
     """`build_case` (both layers written) plus every live page's key bounds written in both layers."""
     q, pool, table, q_pos, kv_lens = build_case(rng, layout, lengths, num_pages_table=num_pages_table,
                                                 group=group)
-    t = layout.tokens_per_page
-    pages, fill = [], []
-    for b, n in enumerate(lengths):
-        for i in range(layout.pages_for(int(n))):
-            pages.append(int(table[b, i]))
-            fill.append(min(t, int(n) - i * t))
+    pages, fill = page_fills(table, lengths, layout.tokens_per_page)
     for layer in range(NUM_LAYERS):
         pool = _write_bounds(pool, layout, jnp.asarray(pages, jnp.int32), jnp.asarray(fill, jnp.int32),
                              jnp.int32(layer), kernels=kernels)
@@ -99,8 +95,7 @@ def test_key_bounds_bound_the_dequantized_keys(rng, kv_dtype, tokens_per_page):
     lengths = [1, t, 3 * t - 1, int(rng.integers(2, 4 * t + 1)), 0]
     _, pool, table, _, _ = build_case(rng, layout, lengths, num_pages_table=4)
     # Both implementations write the bounds into the same NaN-poisoned bounds regions: bit-identical.
-    pages = jnp.asarray([int(table[b, i]) for b, n in enumerate(lengths) for i in range(layout.pages_for(n))])
-    fill = jnp.asarray([min(t, n - i * t) for n in lengths for i in range(layout.pages_for(n))])
+    pages, fill = (jnp.asarray(x) for x in page_fills(table, lengths, t))
     pool_xla = _write_bounds(pool, layout, pages, fill, jnp.int32(LAYER), kernels="xla")
     pool_kernel = _write_bounds(pool, layout, pages, fill, jnp.int32(LAYER), kernels="interpret")
     np.testing.assert_array_equal(np.asarray(pool_kernel), np.asarray(pool_xla))
