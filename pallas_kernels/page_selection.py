@@ -77,16 +77,13 @@ class SparseSpec:
         policy_id(self.policy)
         if self.budget_tokens is not None and self.budget_fraction is not None:
             raise ValueError("give budget_tokens or budget_fraction, not both")
-        if self.budget_tokens is not None and (isinstance(self.budget_tokens, bool)
-                                               or not isinstance(self.budget_tokens, int) or self.budget_tokens <= 0):
-            raise ValueError(f"budget_tokens must be a positive integer, got {self.budget_tokens!r}")
-        if self.budget_fraction is not None and (isinstance(self.budget_fraction, bool)
-                                                 or not isinstance(self.budget_fraction, (int, float))
-                                                 or not 0.0 < self.budget_fraction <= 1.0):
-            raise ValueError(f"budget_fraction must be a number in (0, 1], got {self.budget_fraction!r}")
-        if self.gate_tokens is not None and (isinstance(self.gate_tokens, bool)
-                                             or not isinstance(self.gate_tokens, int) or self.gate_tokens < 0):
-            raise ValueError(f"gate_tokens must be a non-negative integer, got {self.gate_tokens!r}")
+        for name, minimum, what in (("budget_tokens", 1, "a positive"), ("gate_tokens", 0, "a non-negative")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"{name} must be {what} integer, got {value!r}")
+        f = self.budget_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0):
+            raise ValueError(f"budget_fraction must be a number in (0, 1], got {f!r}")
 
     def row(self, kv_len: int, tokens_per_page: int) -> tuple[int, int, int]:
         """(policy id, budget in pages (>= 2), gate in tokens) for a sequence of kv_len tokens: one row

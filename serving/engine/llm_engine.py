@@ -61,12 +61,10 @@ class EngineConfig:
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         self.sparse = sparse_spec(self.sparse, SPARSE_MODEL_FIELDS)
-        if isinstance(self.sparse_dense_layers, bool) or not isinstance(self.sparse_dense_layers, int) \
-                or self.sparse_dense_layers < 0:
-            raise ValueError(f"sparse_dense_layers must be a non-negative integer, got {self.sparse_dense_layers!r}")
-        if isinstance(self.sparse_recall_every, bool) or not isinstance(self.sparse_recall_every, int) \
-                or self.sparse_recall_every < 0:
-            raise ValueError(f"sparse_recall_every must be a non-negative integer, got {self.sparse_recall_every!r}")
+        for name in ("sparse_dense_layers", "sparse_recall_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
