@@ -44,7 +44,7 @@ from pallas_kernels.kernel_cases import MATMUL_FORMATS
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.kv_write_pallas import write_key_bounds_pallas, write_kv_tokens_pallas
 from pallas_kernels.page_scores_pallas import page_scores_pallas
-from pallas_kernels.page_selection import SelectionInputs, select_pages
+from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, select_pages
 from pallas_kernels.paged_attention_pallas import paged_decode_attention
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_attention_mgpu
 from pallas_kernels.paged_prefill_pallas import paged_prefill_attention
@@ -112,7 +112,8 @@ def sparse_decode_case(kv: str, group: int, batch: int = DECODE_BATCH, context: 
 
     def fn(q, pool, layer, table, pos, lens):
         scores = page_scores_pallas(q, pool, layout, layer, table, lens)
-        inputs = SelectionInputs(*(jnp.full((batch,), x, jnp.int32) for x in (1, budget // TOKENS_PER_PAGE, 0)))
+        inputs = SelectionInputs(*(jnp.full((batch,), x, jnp.int32)
+                                   for x in (POLICY_IDS["bbox"], budget // TOKENS_PER_PAGE, 0)))
         chosen = select_pages(scores, table, lens, inputs, TOKENS_PER_PAGE)
         return paged_decode_attention(q, pool, layout, layer, chosen.head_table, pos, chosen.head_lens)
 

@@ -107,7 +107,7 @@ class ModelRunner(ShapeBuckets):
         def forward(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall=False):
             model = nnx.merge(graphdef, state)
             hidden, pool, stats = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
-                                        selection=selection, dense_layers=sparse_dense_layers,
+                                        selection=selection, dense_layers=self.dense_layers,
                                         measure_recall=measure_recall)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
             return (model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool,
