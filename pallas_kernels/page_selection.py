@@ -12,7 +12,9 @@ Selection policies are plug-ins (`SelectionPolicy`: a name and a ranking of page
 dense), chosen per sequence at run time by their index in `POLICIES`:
   full         every page (dense);
   bbox         the first (sink) and last (current) pages, then the highest-scoring others;
-  sink_window  the first page and the most recent ones (StreamingLLM-style baseline, no scores).
+  sink_window  the first page and the most recent ones (StreamingLLM-style baseline, no scores);
+  bbox_span    bbox, but each page it ranks brings its two neighbours just after it: fewer distinct
+               places read, each with its context (exact recall of a fact that straddles pages).
 A new policy is one more `SelectionPolicy` there: `select_pages` evaluates every policy's ranking
 and each row takes its own, so the policies share one compiled program.
 A sequence is sparse only when its context exceeds its gate and its budget is smaller than its
@@ -49,8 +51,21 @@ def _by_recency(scores, columns):
     return jnp.broadcast_to(columns.astype(jnp.float32), scores.shape)
 
 
+NEIGHBOR_MARGIN = 1e-3   # a neighbour ranks just below its page, above any page that scores less
+
+
+def _by_score_with_neighbors(scores, columns):
+    """A page ranks by its own score or just below its better neighbour's, whichever is higher, so
+    each chosen page brings the pages on either side (a fact split across a page boundary is read
+    whole)."""
+    s = _by_score(scores, columns)
+    pad = jnp.full(s.shape[:-1] + (1,), -jnp.inf, s.dtype)
+    neighbors = jnp.maximum(jnp.concatenate([pad, s[..., :-1]], -1), jnp.concatenate([s[..., 1:], pad], -1))
+    return jnp.maximum(s, neighbors - NEIGHBOR_MARGIN)
+
+
 POLICIES = (SelectionPolicy("full", None), SelectionPolicy("bbox", _by_score),
-            SelectionPolicy("sink_window", _by_recency))
+            SelectionPolicy("sink_window", _by_recency), SelectionPolicy("bbox_span", _by_score_with_neighbors))
 POLICY_IDS = {p.name: i for i, p in enumerate(POLICIES)}
 
 

@@ -1,16 +1,16 @@
 """Long-context quality of query-aware page selection on SmolLM2-135M (8K context).
 
     python scripts/eval_sparse.py [--kv bf16,int4] [--contexts 2048,4096,8192] [--budgets 256,512,1024,2048]
-                                  [--json OUT] [--plot OUT.png]
+                                  [--policies bbox,sink_window,bbox_span] [--json OUT] [--plot OUT.png]
 
 For each KV format, through the serving model code (`PagedForward`, pages with key bounds):
 - passkey retrieval: a 5-digit key hidden at depths 10-90% of filler text of 2K, 4K and 8K tokens, asked
   for at the end in a plain completion prompt; greedy answer of 8 tokens; a hit when it holds the key;
 - NLL of held-out text (benchmarks/data/eval_text.txt) over the last `--nll-tokens` tokens of
   8K-token windows;
-for `full` (dense) and `bbox` / `sink_window` at every budget. The prompt's last token and every
-answer token are decode steps, so every predicted token comes from attention over the selected pages
-(dense in the first two layers, the engine's default). Each prompt is prefilled once; the variants
+for `full` (dense) and each policy (`bbox`, `sink_window`, `bbox_span`) at every budget. The
+prompt's last token and every answer token are decode steps, so every predicted token comes from
+attention over the selected pages (dense in the first two layers, the engine's default). Each prompt is prefilled once; the variants
 continue from that point. Also per variant: the share of KV pages decode attention read (pages
 attended over layers and kv heads, as the model counts them) and the selection's recall (selected
 pages among that many pages of most dense-attention mass, `page_selection.selection_recall`).
@@ -41,8 +41,8 @@ INTRO = "There is an important pass key hidden inside a lot of irrelevant text. 
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def variants(budgets: list[int]) -> list[tuple[str, int | None]]:
-    return [("full", None)] + [(p, b) for p in ("bbox", "sink_window") for b in budgets]
+def variants(budgets: list[int], policies: list[str]) -> list[tuple[str, int | None]]:
+    return [("full", None)] + [(p, b) for p in policies for b in budgets]
 
 
 def spec_of(policy: str, budget: int | None) -> SparseSpec | None:
@@ -96,7 +96,7 @@ def decode(pf: PagedForward, token: int, spec, tally: Tally) -> np.ndarray:
     return logits
 
 
-def run_passkey(pf, tok, contexts, depths, budgets, rng, bar) -> list[dict]:
+def run_passkey(pf, tok, contexts, depths, plan, rng, bar) -> list[dict]:
     rows = []
     for context in contexts:
         for depth in depths:
@@ -104,7 +104,7 @@ def run_passkey(pf, tok, contexts, depths, budgets, rng, bar) -> list[dict]:
             ids = passkey_prompt(tok, context, depth, key)
             prefill(pf, ids[:-1])
             point = pf.checkpoint()
-            for policy, budget in variants(budgets):
+            for policy, budget in plan:
                 pf.restore(point)
                 tally, spec, out = Tally(), spec_of(policy, budget), []
                 token = ids[-1]
@@ -119,14 +119,14 @@ def run_passkey(pf, tok, contexts, depths, budgets, rng, bar) -> list[dict]:
     return rows
 
 
-def run_nll(pf, ids, windows, context, n, budgets, bar) -> list[dict]:
+def run_nll(pf, ids, windows, context, n, plan, bar) -> list[dict]:
     rows = []
     for w in range(windows):
         window = ids[w * context:(w + 1) * context]
         m = context - n
         prefill(pf, window[:m - 1])
         point = pf.checkpoint()
-        for policy, budget in variants(budgets):
+        for policy, budget in plan:
             pf.restore(point)
             tally, spec, nll = Tally(), spec_of(policy, budget), []
             for j in range(n):
@@ -139,10 +139,10 @@ def run_nll(pf, ids, windows, context, n, budgets, bar) -> list[dict]:
     return rows
 
 
-def summarize(kv: str, passkey: list[dict], nll: list[dict], contexts, budgets) -> list[dict]:
+def summarize(kv: str, passkey: list[dict], nll: list[dict], contexts, plan) -> list[dict]:
     out = []
     dense_nll = np.mean([r["nll"] for r in nll if r["policy"] == "full"]) if nll else None
-    for policy, budget in variants(budgets):
+    for policy, budget in plan:
         row = {"kv": kv, "policy": policy, "budget": budget}
         for c in contexts:
             hits = [r["hit"] for r in passkey if r["context"] == c and r["policy"] == policy and r["budget"] == budget]
@@ -171,7 +171,7 @@ def table(summary: list[dict], contexts) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], contexts, budgets, path: Path) -> None:
+def plot(summary: list[dict], contexts, budgets, policies, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -180,7 +180,7 @@ def plot(summary: list[dict], contexts, budgets, path: Path) -> None:
     fig, axes = plt.subplots(1, len(kvs), figsize=(6 * len(kvs), 4), squeeze=False)
     for ax, kv in zip(axes[0], kvs):
         for c, color in zip(contexts, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-            for policy, style in (("bbox", "-o"), ("sink_window", "--x")):
+            for policy, style in zip(policies, ("-o", "--x", "-.s", ":^")):
                 ys = [next(r[f"passkey_{c}"] for r in summary if r["kv"] == kv and r["policy"] == policy
                            and r["budget"] == b) for b in budgets]
                 ax.plot(budgets, ys, style, color=color, label=f"{policy} {c // 1024}K")
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="2048,4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--budgets", default="256,512,1024,2048")
+    ap.add_argument("--policies", default="bbox,sink_window,bbox_span", help="selection policies beside full")
     ap.add_argument("--nll-windows", type=int, default=2, help="windows of the held-out text")
     ap.add_argument("--nll-context", type=int, default=8192, help="tokens per window")
     ap.add_argument("--nll-tokens", type=int, default=128, help="tokens scored at the end of each window")
@@ -215,7 +216,9 @@ def main(argv=None) -> int:
     depths = [float(x) for x in args.depths.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]
     kvs = args.kv.split(",")
-    runs = len(kvs) * len(variants(budgets)) * (len(contexts) * len(depths) + args.nll_windows)
+    policies = args.policies.split(",")
+    plan = variants(budgets, policies)
+    runs = len(kvs) * len(plan) * (len(contexts) * len(depths) + args.nll_windows)
     bar = tqdm(total=runs, desc="prompts x variants", unit="run")
     t0, results, summary = time.time(), {}, []
     text = (ROOT / "benchmarks" / "data" / "eval_text.txt").read_text()
@@ -226,11 +229,11 @@ def main(argv=None) -> int:
         pf = PagedForward(loaded.model, max_len, tokens_per_page=TOKENS_PER_PAGE, kv_dtype=kv, key_bounds=True,
                           measure_recall=True, shuffle_pages=False)
         rng = np.random.default_rng(args.seed)
-        passkey = run_passkey(pf, tok, contexts, depths, budgets, rng, bar)
+        passkey = run_passkey(pf, tok, contexts, depths, plan, rng, bar)
         ids = tok.encode(text, add_special_tokens=False)
-        nll = run_nll(pf, ids, args.nll_windows, min(args.nll_context, max_len), args.nll_tokens, budgets, bar)
+        nll = run_nll(pf, ids, args.nll_windows, min(args.nll_context, max_len), args.nll_tokens, plan, bar)
         results[kv] = {"preset": loaded.precision.name, "passkey": passkey, "nll": nll}
-        summary += summarize(kv, passkey, nll, contexts, budgets)
+        summary += summarize(kv, passkey, nll, contexts, plan)
         if args.json:   # after each format, so a long run keeps what it has measured
             Path(args.json).write_text(json.dumps({"model": args.model, "tokens_per_page": TOKENS_PER_PAGE,
                                                    "seconds": time.time() - t0, "summary": summary,
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
     print(table(summary, contexts))
     print(f"\n{time.time() - t0:.0f} s")
     if args.plot:
-        plot(summary, contexts, budgets, Path(args.plot))
+        plot(summary, contexts, budgets, policies, Path(args.plot))
     return 0
 
 

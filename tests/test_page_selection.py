@@ -210,6 +210,21 @@ def test_sink_window_full_gate_and_covering_budget(rng):
         np.testing.assert_array_equal(np.asarray(sel.head_lens), kv_len)
 
 
+def test_bbox_span_reads_the_best_pages_with_their_neighbours(rng):
+    """One page scores far above the rest: bbox_span reads it with both neighbours, where bbox
+    reads it and the next best pages."""
+    scores = rng.uniform(0.0, 1.0, (1, 2, 12)).astype(np.float32)
+    scores[0, :, 6] = 10.0
+    scores[0, 1, 3] = 5.0                                 # head 1: a second place, and its neighbours
+    _, span = _select_case(scores, [48], "bbox_span", budget=8, gate=0)
+    assert (np.flatnonzero(np.asarray(span.chosen[0, 0]))[[0, -1]] == [0, 11]).all()
+    assert {5, 6, 7} <= set(np.flatnonzero(np.asarray(span.chosen[0, 0])))
+    assert (np.flatnonzero(np.asarray(span.chosen[0, 1])) == [0, 2, 3, 4, 5, 6, 7, 11]).all()
+    _, box = _select_case(scores, [48], "bbox", budget=5, gate=0)
+    best = 1 + np.argsort(-scores[0, 0, 1:11])[:3]
+    assert set(np.flatnonzero(np.asarray(box.chosen[0, 0]))) == {0, 11, *best}
+
+
 def test_a_policy_is_a_plug_in(rng):
     """A policy is a name and a ranking: an extra one ("oldest": earliest pages first) runs beside the
     built-in ones, each row taking its own."""
@@ -261,7 +276,7 @@ def test_sparse_attention_equals_dense_attention_over_the_chosen_pages(rng, kv_d
     layout = KVPageLayout(NUM_LAYERS, 2, 64, t, kv_dtype, pages_per_slab=PAGES_PER_SLAB, key_bounds=True)
     lengths = [width * t - 3, 5 * t, 2 * t + 1, 1]
     q, pool, table, q_pos, kv_lens = bounds_case(rng, layout, lengths, width, group=2)
-    for policy in ("bbox", "sink_window"):
+    for policy in ("bbox", "sink_window", "bbox_span"):
         inputs = SelectionInputs(*(jnp.full((4,), x, jnp.int32) for x in (POLICY_IDS[policy], 3, 0)))
         out, sel = _sparse(q, pool, layout, jnp.int32(LAYER), table, q_pos, kv_lens, inputs, kernels=kernels)
         np.testing.assert_array_equal(np.asarray(sel.pages_read), [[3, 3], [3, 3], [3, 3], [1, 1]])
