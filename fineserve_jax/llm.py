@@ -38,8 +38,18 @@ def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | 
                         sparse_dense_layers=sparse_dense_layers, sparse_recall_every=sparse_recall_every)
 
 
+def tensor_parallel_devices(tp) -> list:
+    """The devices a model of tensor_parallel_size `tp` runs on: the first `tp`."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+    devices = jax.devices()
+    if tp > len(devices):
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; this process has {len(devices)}")
+    return devices[:tp]
+
+
 class LLM:
-    """One model on one device, with its own KV pool.
+    """One model on one device (or tensor parallel over several), with its own KV pool.
 
     Args:
       model: a known name (`smollm2-135m`), an HF checkpoint directory (float, or pre-quantized
@@ -74,6 +84,9 @@ class LLM:
       sparse_dense_layers: the first layers attend every page whatever the policy (default 2).
       sparse_recall_every: every that many decode steps, measure how many selected pages are among
         the pages dense attention weighs most (reads every page; `engine.stats.recall_*`); 0: never.
+      tensor_parallel_size: split the model over the first that many devices (Megatron-style:
+        `models.tensor_parallel`); the heads and MLP columns must divide evenly. The KV pool size
+        (kv_cache_bytes or gpu_memory_utilization) is per device.
     """
 
     def __init__(self, model: str, precision: str | PrecisionPreset = "auto", dtype: str = "bfloat16", *,
@@ -82,8 +95,9 @@ class LLM:
                  max_num_batched_tokens: int = 512, tokens_per_page: int = 16, seed: int = 0,
                  calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
                  gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2,
-                 sparse_recall_every: int = 0):
+                 sparse_recall_every: int = 0, tensor_parallel_size: int = 1):
         check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
+        devices = tensor_parallel_devices(tensor_parallel_size)
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         sized = kv_cache_bytes is None and gpu_memory_utilization is not None
@@ -108,7 +122,7 @@ class LLM:
         engine = engine_with_own_pool(
             loaded.model, config, layout=layout, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             tokenizer=loaded.tokenizer,
-            eos_token_ids=loaded.eos_token_ids, model_key=str(model))
+            eos_token_ids=loaded.eos_token_ids, model_key=str(model), devices=devices)
         self._bind(str(model), loaded, engine, engine.step)
 
     @classmethod

@@ -61,36 +61,41 @@ class DecoderLayer(nnx.Module):
         self.gate_proj = _linear(h, cfg.intermediate_size, False, dtype, rngs)
         self.up_proj = _linear(h, cfg.intermediate_size, False, dtype, rngs)
         self.down_proj = _linear(cfg.intermediate_size, h, False, dtype, rngs)
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.head_dim = d
         self.k_rope_scale = nnx.data(None)  # post-RoPE key scaling, [Hkv * D]: see LlamaForCausalLM.scale_rotated_keys
 
-    def __call__(self, x, cos, sin, attend, cache, observe=None, kernels: str = "xla"):
+    def __call__(self, x, cos, sin, attend, cache, observe=None, kernels: str = "xla", reduce=None):
         """One decoder layer. `attend(q, k, v, cache) -> (out [B, S, Hq, D], cache)` is paged attention
         over the pool in serving and dense causal attention in calibration; `observe(site, x)` sees
         the input of every linear group (calibration statistics), with sites "attn_in", "o_in",
         "mlp_in" and "down_in", and the post-RoPE keys ("k", for SmoothAttention). `kernels`: the
-        implementation quantized linears run ("xla", "pallas", "interpret")."""
+        implementation quantized linears run ("xla", "pallas", "interpret"). `reduce(y)` sums the
+        row-parallel outputs (o_proj, down_proj) over a tensor-parallel group (`lax.psum`). Head
+        counts come from the activations' shapes, so a tensor-parallel shard (the columns of its own
+        heads) runs this same code."""
         observe = observe or (lambda site, value: None)
+        reduce = reduce or (lambda y: y)
         b, s, _ = x.shape
+        d = self.head_dim
         h = self.input_layernorm(x)
         observe("attn_in", h)
-        q = apply_rope(_apply(self.q_proj, h, kernels).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(_apply(self.k_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(_apply(self.q_proj, h, kernels).reshape(b, s, -1, d), cos, sin)
+        k = apply_rope(_apply(self.k_proj, h, kernels).reshape(b, s, -1, d), cos, sin)
         if self.k_rope_scale is not None:   # K * f, Q / f: the scores are unchanged, K's range is not
-            f = self.k_rope_scale[...].reshape(self.num_kv_heads, self.head_dim)
+            f = self.k_rope_scale[...].reshape(-1, d)
             k = (k * f).astype(k.dtype)
-            q = (q / jnp.repeat(f, self.num_heads // self.num_kv_heads, axis=0)).astype(q.dtype)
-        v = _apply(self.v_proj, h, kernels).reshape(b, s, self.num_kv_heads, self.head_dim)
+            q = (q / jnp.repeat(f, q.shape[2] // k.shape[2], axis=0)).astype(q.dtype)
+        v = _apply(self.v_proj, h, kernels).reshape(b, s, -1, d)
         observe("k", k.reshape(b, s, -1))
         attn, cache = attend(q, k, v, cache)
-        attn = attn.reshape(b, s, self.num_heads * self.head_dim)
+        attn = attn.reshape(b, s, -1)
         observe("o_in", attn)
-        x = x + _apply(self.o_proj, attn, kernels)
+        x = x + reduce(_apply(self.o_proj, attn, kernels))
         h = self.post_attention_layernorm(x)
         observe("mlp_in", h)
         act = jax.nn.silu(_apply(self.gate_proj, h, kernels)) * _apply(self.up_proj, h, kernels)
         observe("down_in", act)
-        x = x + _apply(self.down_proj, act, kernels)
+        x = x + reduce(_apply(self.down_proj, act, kernels))
         return x, cache
 
 
@@ -223,24 +228,27 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
                  kernels: str = "xla", selection: SelectionInputs | None = None, dense_layers: int = 0,
-                 measure_recall: bool = False):
+                 measure_recall: bool = False, tp_axis: str | None = None):
         """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P]. `kernels`: the
         implementation of attention, KV writes and quantized matmuls ("xla", "pallas", "interpret").
         `selection`: per sequence page selection for decode steps (the layout must keep key bounds),
         dense in layers below `dense_layers`; `measure_recall`: score the selections against dense
-        attention (evaluation only). Returns the final hidden states [B, S, hidden], the updated pool
-        and what attention read (`AttentionStats`)."""
+        attention (evaluation only). `tp_axis`: inside `shard_map` over a tensor-parallel group, the
+        mesh axis the row-parallel outputs are summed over (this shard's state holds its own heads'
+        columns and `layout` its own kv heads). Returns the final hidden states [B, S, hidden], the
+        updated pool and what attention read (`AttentionStats`, of this shard's kv heads)."""
         kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels, selection, dense_layers,
                      measure_recall)
         cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
         x = self.embed_tokens(tokens)
         graphdef, layer_state = nnx.split(self.layers)
+        reduce = None if tp_axis is None else (lambda y: jax.lax.psum(y, tp_axis))
 
         def body(carry, xs):
             x, cache = carry
             state, layer = xs
             attend = lambda q, k, v, cache: kv.attend(q, k, v, cache, layer)
-            x, cache = nnx.merge(graphdef, state)(x, cos, sin, attend, cache, kernels=kernels)
+            x, cache = nnx.merge(graphdef, state)(x, cos, sin, attend, cache, kernels=kernels, reduce=reduce)
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)

@@ -14,6 +14,11 @@ import pytest
 
 
 LOCKS_ENV = "FINESERVE_TEST_LOCKS"
+HOST_DEVICES = 4   # tensor-parallel tests split models over host (CPU) devices
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before any backend starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={HOST_DEVICES}").strip()
 
 
 def pytest_configure(config):

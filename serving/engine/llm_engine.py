@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.tensor_parallel import check_tensor_parallel, local_layout, tp_mesh
 from pallas_kernels.implementation import KERNEL_CHOICES, resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import SparseSpec
+from serving.kv.group_pool import GroupKVPool
 from serving.kv.kv_pool import KVPool
 from serving.kv.pool_sizing import check_reports_memory, device_memory_stats, pool_bytes_for_utilization
 from serving.kv.slab_geometry import slab_bytes_for
@@ -119,7 +121,7 @@ class LLMEngine:
                                             prefill_chunk=config.prefill_chunk,
                                             kernels=resolve_kernels(config.kernels), sparse=config.sparse,
                                             sparse_dense_layers=config.sparse_dense_layers,
-                                            recall_every=config.sparse_recall_every)
+                                            recall_every=config.sparse_recall_every, mesh=pool.mesh)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
@@ -357,12 +359,21 @@ def pool_bytes_for_device(device, utilization: float,
 
 def engine_with_own_pool(model, config: EngineConfig, *, layout: KVPageLayout, kv_cache_bytes: int,
                          slab_bytes: int | None = None, tokenizer=None,
-                         eos_token_ids: tuple[int, ...] = (), model_key: str = "model") -> LLMEngine:
+                         eos_token_ids: tuple[int, ...] = (), model_key: str = "model",
+                         devices: list | None = None) -> LLMEngine:
     """One model alone on a pool of `kv_cache_bytes` with pages of `layout` (not yet placed; slabs
-    sized for its pages unless given)."""
+    sized for its pages unless given). `devices`: more than one makes the model tensor parallel
+    over them, each with a pool of `kv_cache_bytes` holding its own kv heads; None: the default
+    device."""
+    devices = list(devices) if devices else [None]
+    tp = len(devices)
+    if tp > 1:
+        check_tensor_parallel(model.config, tp)
+        layout = local_layout(layout, tp)
     slab_bytes = slab_bytes or slab_bytes_for([layout.page_bytes])
     if kv_cache_bytes < slab_bytes:
         raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one slab ({slab_bytes} bytes)")
-    pool = KVPool(kv_cache_bytes // slab_bytes, slab_bytes)
+    pools = [KVPool(kv_cache_bytes // slab_bytes, slab_bytes, device) for device in devices]
+    pool = pools[0] if tp == 1 else GroupKVPool(pools, tp_mesh(devices))
     layout = dataclasses.replace(layout, pages_per_slab=pool.allocator.register(model_key, layout.page_bytes))
     return LLMEngine(model, layout, pool, model_key, config, tokenizer=tokenizer, eos_token_ids=eos_token_ids)

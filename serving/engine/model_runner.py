@@ -8,6 +8,9 @@ reports how many programs exist. The cost model and the simulator's stand-in run
 same `ShapeBuckets`, so they see the batches the engine really runs.
 
 The pool is donated to every step, so it is updated in place and never copied (docs/serving.md).
+With a mesh, the model is tensor parallel over its devices: the step runs under `shard_map`, each
+device with its shard of the weights (`models.tensor_parallel`) and its own pool, laid out for its
+own kv heads (`layout` is one device's); logits come back replicated.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from models.llama import LlamaForCausalLM
+from models.tensor_parallel import TP_AXIS, shard_state
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpec
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
@@ -86,12 +91,13 @@ class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
                  kernels: str = "xla", sparse: SparseSpec | None = None, sparse_dense_layers: int = 2,
-                 recall_every: int = 0):
+                 recall_every: int = 0, mesh: Mesh | None = None):
         """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret").
         sparse: page selection for decode steps (the requests' default; the layout keeps key
         bounds), dense in the first `sparse_dense_layers` layers; None: off. recall_every: every
         that many decode steps, one also measures its selections' recall (a second program per
-        decode bucket that reads every page: `page_selection.selection_recall`); 0: never."""
+        decode bucket that reads every page: `page_selection.selection_recall`); 0: never.
+        mesh: the devices of a tensor-parallel group (1-D, `TP_AXIS`); None: one device."""
         super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.layout = layout
         self.sparse = sparse
@@ -102,16 +108,32 @@ class ModelRunner(ShapeBuckets):
         self.num_layers = model.config.num_layers
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
-        graphdef, self.state = nnx.split(model)
+        self.tp = 1 if mesh is None else mesh.devices.size
+        tp_axis = None if mesh is None else TP_AXIS
+        if mesh is None:
+            graphdef, self.state = nnx.split(model)
+        else:
+            graphdef, self.state, state_specs = shard_state(model, mesh)
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall=False):
+        def step(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall):
             model = nnx.merge(graphdef, state)
             hidden, pool, stats = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
                                         selection=selection, dense_layers=self.dense_layers,
-                                        measure_recall=measure_recall)
+                                        measure_recall=measure_recall, tp_axis=tp_axis)
             last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            return (model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool,
-                    jnp.stack([x.sum() for x in stats]))
+            reads = jnp.stack([x.sum() for x in stats])
+            if tp_axis is not None:   # each device counted its own kv heads
+                reads = jax.lax.psum(reads, tp_axis)
+            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads
+
+        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall=False):
+            args = (state, pool, tokens, start_pos, num_new, page_table, selection)
+            if mesh is None:
+                return step(*args, measure_recall)
+            sharded = jax.shard_map(lambda *a: step(*a, measure_recall), mesh=mesh,
+                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 5,
+                                    out_specs=(P(), P(TP_AXIS), P()), check_vma=False)
+            return sharded(*args)
 
         self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames="measure_recall")
 
@@ -168,7 +190,7 @@ class ModelRunner(ShapeBuckets):
         (over layers and kv heads), its rows' kv_lens, and whether it scored pages (then every page
         of every sparse layer had its key bounds read)."""
         layout = self.layout
-        head_pages = sum(layout.pages_for(int(n)) for n in kv_lens) * layout.num_kv_heads   # one layer
+        head_pages = sum(layout.pages_for(int(n)) for n in kv_lens) * layout.num_kv_heads * self.tp  # a layer
         bounds = layout.num_layers * layout.num_kv_heads * layout.bounds_words
         page_head_bytes = (layout.page_words - bounds) * 4 / (layout.num_layers * layout.num_kv_heads)
         read = pages_read * page_head_bytes

@@ -16,7 +16,10 @@ from serving.kv.slab_allocator import SlabAllocator
 
 class KVPool:
     """The device buffer plus its allocator. `words` is replaced after every step that donates it.
-    `fill` is the initial word (tests poison the pool with NaN patterns)."""
+    `fill` is the initial word (tests poison the pool with NaN patterns). `mesh` is None: the pool
+    is one device's (a tensor-parallel group's pools are a `GroupKVPool`)."""
+
+    mesh = None
 
     def __init__(self, num_slabs: int, slab_bytes: int, device: jax.Device | None = None, fill: int = 0):
         self.allocator = SlabAllocator(num_slabs, slab_bytes)

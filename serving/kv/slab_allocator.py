@@ -66,6 +66,12 @@ class SlabAllocator:
         self._models[model] = _ModelSlabs(page_bytes, pages_per_slab, min_slabs, max_slabs)
         return pages_per_slab
 
+    def unregister(self, model: str) -> None:
+        """Forget a model that holds no slabs."""
+        if self._models[model].slabs:
+            raise ValueError(f"model {model!r} still holds slabs of this pool")
+        del self._models[model]
+
     def pages_per_slab(self, model: str) -> int:
         return self._models[model].pages_per_slab
 
@@ -95,20 +101,27 @@ class SlabAllocator:
     def used_pages_of_others(self, model: str) -> int:
         return sum(m.used_pages for name, m in self._models.items() if name != model)
 
-    def allocate(self, model: str, n: int) -> list[int]:
-        """n page ids for `model`, all or nothing; raises PoolExhausted."""
+    def allocate(self, model: str, n: int, fresh_slabs: list[int] | None = None) -> list[int]:
+        """n page ids for `model`, all or nothing; raises PoolExhausted. `fresh_slabs`: the free slabs
+        to format, in order, when the model's partial slabs run out (a tensor-parallel group takes
+        the same slabs on every member pool); default: the most recently freed first."""
         m = self._models[model]
         if n < 0:
             raise ValueError(f"{model}: cannot allocate {n} pages")
         if n > self.num_free_pages(model):
             raise PoolExhausted(f"{model}: {n} pages requested, {self.num_free_pages(model)} free")
         pages: list[int] = []
+        fresh = iter(fresh_slabs) if fresh_slabs is not None else None
         while len(pages) < n:
             if m.free_pages:
                 # Fullest partial slab first: fewest free pages left.
                 slab = min(m.free_pages, key=lambda s: len(m.free_pages[s]))
             else:
-                slab = self._free_slabs.pop()
+                if fresh is None:
+                    slab = self._free_slabs.pop()
+                else:
+                    slab = next(fresh)
+                    self._free_slabs.remove(slab)
                 self._owner[slab] = model
                 m.slabs.add(slab)
                 m.free_pages[slab] = list(range(m.pages_per_slab - 1, -1, -1))
@@ -178,6 +191,13 @@ class SlabAllocator:
     @property
     def num_free_slabs(self) -> int:
         return len(self._free_slabs)
+
+    def free_slab_ids(self) -> set[int]:
+        return set(self._free_slabs)
+
+    def fresh_slabs_for(self, model: str) -> int:
+        """Free slabs `model` may format now (within its cap, after others' outstanding reservations)."""
+        return self._fresh_slabs_for(model)
 
     def stats(self) -> dict:
         """Where the pool's bytes are. Every byte is in exactly one of: pages in use
