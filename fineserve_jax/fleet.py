@@ -27,11 +27,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from fineserve_jax.config_files import fleet_file, parse_bytes, read_toml
-from fineserve_jax.llm import LLM, check_max_model_len, engine_config
+from fineserve_jax.llm import LLM, check_max_model_len, engine_config, group_devices
 from models.loader import LoadedModel, check_precision, load_model, with_kv_skip_layers
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import SparseSpec
+from models.tensor_parallel import check_tensor_parallel, check_tensor_parallel_size, local_layout, tp_mesh
+from serving.kv.group_pool import GroupKVPool
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.engine.llm_engine import EngineConfig, LLMEngine, pool_bytes_for_device
@@ -68,9 +70,11 @@ class ModelSpec:
     sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
     sparse_dense_layers: int = 2
     sparse_recall_every: int = 0
+    tensor_parallel_size: int = 1       # split over the fleet's first that many devices (see LLM)
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
+        check_tensor_parallel_size(self.tensor_parallel_size)
         resolve_kernels(self.kernels)
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every).sparse
@@ -94,16 +98,21 @@ class ModelSpec:
 
 
 class Fleet:
-    """Co-located models on one device: one KV pool, one runtime loop, one jitted program set per
-    model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed per-model partitions) and
-    "single_page" (every page padded to the largest). `device` (a `jax.Device`; default: JAX's
-    default device): where the models are loaded and the pool is allocated; pre-loaded models' weights
-    are moved there. Weights and pool are committed to it, so every step runs there. `scheduling`:
-    each model's admission and the step policy between models (default FCFS, round-robin).
-    `quantized_cache`: a folder caching calibrated weights (see `models.quantized_cache`);
-    `progress`: show a progress bar while loading. `pool_bytes` (default 512 MiB) or, instead,
-    `gpu_memory_utilization` (vLLM's: the pool takes that fraction of the device's memory less the
-    weights and a step's activations, measured after loading; `serving.kv.pool_sizing`)."""
+    """Co-located models on one device (or a device group): one KV pool per device, one runtime
+    loop, one jitted program set per model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed
+    per-model partitions) and "single_page" (every page padded to the largest). `device` (a
+    `jax.Device`; default: JAX's default device): where the models are loaded and the pool is
+    allocated; pre-loaded models' weights are moved there. Weights and pool are committed to it, so
+    every step runs there. `scheduling`: each model's admission and the step policy between models
+    (default FCFS, round-robin). `quantized_cache`: a folder caching calibrated weights (see
+    `models.quantized_cache`); `progress`: show a progress bar while loading. `pool_bytes` (default
+    512 MiB) or, instead, `gpu_memory_utilization` (vLLM's: the pool takes that fraction of the
+    device's memory less the weights and a step's activations, measured after loading;
+    `serving.kv.pool_sizing`).
+    A model with `tensor_parallel_size` N > 1 makes the fleet a device group: `device` and the next
+    devices of `jax.devices()` (N in all, for the widest model), each with a pool of the same plan
+    (pool_bytes is per device); a TP model runs over the first N, with its kv heads in each one's
+    pool, and the TP=1 models on the first, sharing its pool (docs/models.md, docs/kv_slab.md)."""
 
     def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str | None = None, *,
                  pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES,
@@ -126,32 +135,39 @@ class Fleet:
             check_reports_memory(device_memory_stats(device or jax.devices()[0]))
         slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
         self.specs = dict(zip(names, specs))
-        self.device = device
+        self.devices = group_devices(max(s.tensor_parallel_size for s in specs), device)
+        self.device = device if len(self.devices) == 1 else self.devices[0]
         self.loaded: dict[str, LoadedModel] = {}
-        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
             for name, spec in tqdm(self.specs.items(), desc="loading models", unit="model", disable=not progress):
                 self.loaded[name] = with_kv_skip_layers(spec.model, spec.kv_skip_layers) if isinstance(
                     spec.model, LoadedModel) else load_model(
                     spec.model, spec.dtype, spec.precision, kv_dtype=spec.kv_dtype,
                     calib_samples=spec.calib_samples, quantized_cache=quantized_cache,
                     kv_skip_layers=spec.kv_skip_layers)
-        if device is not None:  # commit the weights there (no copy for those already there)
+        for name, loaded in self.loaded.items():
+            check_tensor_parallel(loaded.config, self.specs[name].tensor_parallel_size)
+        if self.device is not None:  # commit the weights there (no copy for those already there)
             for loaded in self.loaded.values():
-                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), device))
+                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), self.device))
         if pool_bytes is None:
             pool_bytes = self._pool_bytes_for(gpu_memory_utilization)
         self.plan: PoolPlan = plan_pool(
             {name: ModelPages(self._layout(name), self.specs[name].kv_reserve_bytes,
                               self.specs[name].kv_max_bytes, self.specs[name].kv_share)
              for name in self.specs}, pool_bytes, pool_mode, slab_bytes)
-        self.pool = self.plan.build(device, fill=pool_fill)
+        self.pools = [self.plan.build(d, fill=pool_fill, models=[n for n, s in self.specs.items()
+                                                                  if i < s.tensor_parallel_size])
+                      for i, d in enumerate(self.devices)]
+        self.pool = self.pools[0]
         engines = {}
         for name, spec in self.specs.items():
-            loaded = self.loaded[name]
-            engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], self.pool, name,
+            loaded, tp = self.loaded[name], spec.tensor_parallel_size
+            pool = self.pool if tp == 1 else GroupKVPool(self.pools[:tp], tp_mesh(self.devices[:tp]))
+            engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], pool, name,
                                     self._engine_config(name), tokenizer=loaded.tokenizer,
                                     eos_token_ids=loaded.eos_token_ids)
-        self.runtime = assemble_device(self.pool, engines, scheduling)
+        self.runtime = assemble_device(self.pools, engines, scheduling)
         engines = self.runtime.engines
         self._outbox: dict[str, list[RequestOutput]] = {name: [] for name in engines}
         self._views = {name: LLM.over_engine(name, self.loaded[name], engines[name],
@@ -173,8 +189,10 @@ class Fleet:
                              sparse_recall_every=spec.sparse_recall_every)
 
     def _layout(self, name: str) -> KVPageLayout:
+        """The model's page on each of its devices (a TP model's: its share of the kv heads)."""
         spec = self.specs[name]
-        return self.loaded[name].kv_layout(spec.tokens_per_page, key_bounds=spec.sparse is not None)
+        layout = self.loaded[name].kv_layout(spec.tokens_per_page, key_bounds=spec.sparse is not None)
+        return local_layout(layout, spec.tensor_parallel_size)
 
     @classmethod
     def from_config(cls, path: str | Path, **overrides) -> Fleet:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
+from models.tensor_parallel import check_tensor_parallel_size
 from pallas_kernels.implementation import resolve_kernels
 from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool, pool_bytes_for_device
 from serving.engine.sampling import SamplingParams
@@ -38,14 +39,19 @@ def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | 
                         sparse_dense_layers=sparse_dense_layers, sparse_recall_every=sparse_recall_every)
 
 
-def tensor_parallel_devices(tp) -> list:
-    """The devices a model of tensor_parallel_size `tp` runs on: the first `tp`."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+def group_devices(n, first: jax.Device | None = None) -> list:
+    """The devices a model (or a fleet) of tensor_parallel_size `n` runs on: [first] (None: the
+    default device) when n is 1, else `first` (default: the first device) and the devices after
+    it in `jax.devices()`."""
+    check_tensor_parallel_size(n)
+    if n == 1:
+        return [first]
     devices = jax.devices()
-    if tp > len(devices):
-        raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; this process has {len(devices)}")
-    return devices[:tp]
+    start = 0 if first is None else devices.index(first)
+    if start + n > len(devices):
+        raise ValueError(f"tensor_parallel_size={n} needs {n} devices from {devices[start]}; this process has "
+                         f"{len(devices) - start}")
+    return devices[start:start + n]
 
 
 class LLM:
@@ -97,7 +103,7 @@ class LLM:
                  gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2,
                  sparse_recall_every: int = 0, tensor_parallel_size: int = 1):
         check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
-        devices = tensor_parallel_devices(tensor_parallel_size)
+        devices = group_devices(tensor_parallel_size)
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
             raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
         sized = kv_cache_bytes is None and gpu_memory_utilization is not None

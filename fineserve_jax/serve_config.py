@@ -246,8 +246,13 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
 def place_models(config: ServeConfig) -> dict[str, list[str]]:
     """Device name -> the served models it hosts (config order; every device listed, maybe empty).
     See the module docstring for the rules; ValueError when the models do not fit in memory."""
-    if len(config.devices) == 1:
+    if len(config.devices) == 1:   # a TP model makes that device's fleet a group of the next devices too
         return {config.devices[0].name: [m.name for m in config.models]}
+    wide = [m.name for m in config.models if m.spec.tensor_parallel_size > 1]
+    if wide:
+        raise ValueError(f"{', '.join(wide)}: tensor_parallel_size > 1 is served by a fleet over one device group "
+                         f"(one [[devices]] entry, the group's first device), not yet by placement over several "
+                         f"[[devices]]")
     scheduler = SchedulerConfig(tp_sizes=(1,), max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
                                 target_slab_bytes=config.slab_bytes)
     devices = [_scheduler_device(config, d, scheduler) for d in config.devices]

@@ -39,10 +39,14 @@ def tp_mesh(devices) -> Mesh:
     return Mesh(np.asarray(list(devices)), (TP_AXIS,))
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Raise ValueError naming what does not split evenly over `tp` devices."""
+def check_tensor_parallel_size(tp) -> None:
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError naming what does not split evenly over `tp` devices."""
+    check_tensor_parallel_size(tp)
     for what, n in (("query heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads),
                     ("MLP columns (intermediate_size)", cfg.intermediate_size)):
         if n % tp:

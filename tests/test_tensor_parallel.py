@@ -211,6 +211,58 @@ def test_what_does_not_split_is_a_clear_error(devices):
     pools = [KVPool(2, 1024, d) for d in devices[:2]]
     with pytest.raises(ValueError, match="given for mesh device"):
         GroupKVPool(pools[::-1], tp_mesh(devices[:2]))
-    from fineserve_jax.llm import tensor_parallel_devices
+    from fineserve_jax.llm import group_devices
     with pytest.raises(ValueError, match="needs 64 devices"):
-        tensor_parallel_devices(64)
+        group_devices(64)
+
+
+def test_fleet_runs_tp_and_single_device_models_over_shared_pools(devices):
+    """A fleet with a TP=2 model becomes a group of two devices: the TP=1 model shares the first
+    device's pool with it; both answer as they do alone, and the memory account covers both pools."""
+    from fineserve_jax.fleet import Fleet, ModelSpec
+
+    tp_loaded = random_model(SMALL, "bf16", "float32", seed=21)
+    solo_loaded = random_model(WIDE, "bf16", "float32", seed=22)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    want_tp = [o.token_ids for o in run(engine(tp_loaded, devices[:1]), prompts(3, 256), params)]
+    want_solo = [o.token_ids for o in run(engine(solo_loaded, devices[:1]), prompts(4, 256), params)]
+    fleet = Fleet([ModelSpec(tp_loaded, name="tp", tokens_per_page=4, tensor_parallel_size=2, max_model_len=128),
+                   ModelSpec(solo_loaded, name="solo", tokens_per_page=4, max_model_len=128)],
+                  pool_bytes=8 << 20, slab_bytes=1 << 20)
+    assert fleet.devices == devices[:2] and len(fleet.pools) == 2
+    assert set(fleet.pools[1].allocator.stats()["models"]) == {"tp"}
+    outs = fleet.generate(prompt_token_ids=prompts(3, 256) + prompts(4, 256), sampling_params=params,
+                          model=["tp"] * 3 + ["solo"] * 3)
+    assert [o.outputs[0].token_ids for o in outs] == want_tp + want_solo
+    stats = fleet.memory_stats()
+    assert stats["pool_bytes"] == 2 * (8 << 20) and stats["kv_bytes"] == 0 and stats["free_bytes"] == stats["pool_bytes"]
+
+
+def test_fleet_file_takes_tensor_parallel_size(tmp_path):
+    from fineserve_jax.config_files import fleet_file
+    from fineserve_jax.fleet import ModelSpec
+
+    config = fleet_file({"models": [{"model": "smollm2-135m", "tensor_parallel_size": 3}]}, ModelSpec, "f.toml")
+    assert config.models[0].spec.tensor_parallel_size == 3
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        fleet_file({"models": [{"model": "smollm2-135m", "tensor_parallel_size": 0}]}, ModelSpec, "f.toml")
+
+
+def test_group_pool_copies_pages_on_every_member(devices):
+    """Compaction of a TP model moves its pages on every device; other pages stay as they were."""
+    layout = local_layout(random_model(SMALL, "bf16", "float32").kv_layout(4), 2)
+    slab = layout.page_bytes * 4
+    rng = np.random.default_rng()
+    pools = [KVPool(3, slab, d) for d in devices[:2]]
+    for p in pools:
+        p.words = jax.device_put(rng.integers(0, 2 ** 32, p.words.shape, dtype=np.uint32), p.words.devices().pop())
+    before = [np.asarray(p.words) for p in pools]
+    group = GroupKVPool(pools, tp_mesh(devices[:2]))
+    layout = dataclasses.replace(layout, pages_per_slab=group.allocator.register("g", layout.page_bytes))
+    group.copy_pages(layout, np.array([9, 2], np.int32), np.array([1, -1], np.int32))   # page 9 -> 1; padding
+    n = layout.page_slot_words
+    for p, old in zip(pools, before):
+        new = np.asarray(p.words).reshape(-1, n)
+        want = old.reshape(-1, n).copy()
+        want[1] = old.reshape(-1, n)[9]
+        np.testing.assert_array_equal(new, want)

@@ -12,10 +12,13 @@ jitted step, which donates it; assigning the result hands each member its buffer
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.tensor_parallel import TP_AXIS
+from pallas_kernels.kv_pages import KVPageLayout, copy_pages
 from serving.kv.kv_pool import KVPool
 from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
 
@@ -113,3 +116,16 @@ class GroupKVPool:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.members)
+
+    def copy_pages(self, layout: KVPageLayout, src, dst) -> None:
+        """Copy page src[i] over page dst[i] of the group's model (`layout`: one device's) on every
+        member, in place."""
+        self.words = _group_copy_pages(self.words, layout, src, dst, self.mesh)
+
+
+@partial(jax.jit, static_argnums=(1, 4), donate_argnums=(0,))
+def _group_copy_pages(words, layout, src, dst, mesh):
+    copy = jax.shard_map(lambda w, s, d: copy_pages(w, layout, s, d), mesh=mesh,
+                         in_specs=(P(TP_AXIS), P(), P()), out_specs=P(TP_AXIS), check_vma=False)
+    return copy(words, src, dst)
+

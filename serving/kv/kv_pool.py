@@ -10,8 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kv_pages import WORD_BYTES
+from pallas_kernels.kv_pages import WORD_BYTES, KVPageLayout, copy_pages
 from serving.kv.slab_allocator import SlabAllocator
+
+_copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
 
 
 class KVPool:
@@ -29,3 +31,7 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         return self.words.size * WORD_BYTES
+
+    def copy_pages(self, layout: KVPageLayout, src, dst) -> None:
+        """Copy page src[i] over page dst[i] of a model with `layout` (`kv_pages.copy_pages`), in place."""
+        self.words = _copy_pages(self.words, layout, src, dst)

@@ -51,15 +51,18 @@ class PoolPlan:
     def pool_bytes(self) -> int:
         return self.slab_bytes * self.num_slabs
 
-    def build(self, device=None, fill: int = 0) -> KVPool:
-        """The device pool with every model registered."""
+    def build(self, device=None, fill: int = 0, models: list[str] | None = None) -> KVPool:
+        """The device pool with every model (or those of `models`: the ones on this device of a
+        group planned together) registered."""
         pool = KVPool(self.num_slabs, self.slab_bytes, device, fill=fill)
-        self.register(pool.allocator)
+        self.register(pool.allocator, models)
         return pool
 
-    def register(self, allocator: SlabAllocator) -> SlabAllocator:
-        """Register every model with `allocator` (one of `num_slabs` x `slab_bytes`)."""
+    def register(self, allocator: SlabAllocator, models: list[str] | None = None) -> SlabAllocator:
+        """Register every model (or those of `models`) with `allocator` (one of `num_slabs` x `slab_bytes`)."""
         for name, layout in self.layouts.items():
+            if models is not None and name not in models:
+                continue
             lo, hi = self.limits[name]
             pps = allocator.register(name, layout.page_slot_bytes, min_slabs=lo, max_slabs=hi)
             assert pps == layout.pages_per_slab

@@ -289,7 +289,7 @@ class AsyncRuntime:
 
     def _publish(self) -> None:
         """A consistent view of the runtime for /metrics and /health, taken between steps."""
-        stats = self.runtime.pool.allocator.stats()
+        stats = self.runtime.pool_stats()
         models = {}
         for name, engine in self.runtime.engines.items():
             used = stats["models"][name]["used_pages"]

@@ -14,27 +14,26 @@ admission policies and this reclaim hook, and the step policy (round-robin by de
 A model whose step raises is isolated: `step` raises ModelStepError naming it, and `recover` fails
 only that model's requests; the other models keep their requests (and, unless the failed program
 took the donated pool with it, their cached KV). Design notes: docs/serving.md, docs/kv_slab.md.
+
+A runtime may also hold a device group: the pools of several devices, each model on one member's
+pool or, tensor parallel, on a `GroupKVPool` of several; the models still step one at a time.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.kv_pages import copy_pages
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.sequence import RequestOutput
 from serving.kv.kv_pool import KVPool
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.scheduling.step_policy import RoundRobin, StepTimes
-
-_copy_pages = jax.jit(copy_pages, static_argnums=(1,), donate_argnums=(0,))
-
 
 class ModelStepError(RuntimeError):
     """One model's step raised; the cause is chained. The runtime is intact: call `recover(model)`."""
@@ -49,14 +48,25 @@ class StepPolicy(Protocol):
         """The model to step next, among those with unfinished requests (in registration order)."""
 
 
+def pool_members(pool) -> list:
+    """The device pools a model's pool is made of (a `GroupKVPool`'s members, or itself)."""
+    return list(getattr(pool, "members", [pool]))
+
+
+def _shares_a_device(a, b) -> bool:
+    return any(x is y for x in pool_members(a) for y in pool_members(b))
+
+
 class DeviceRuntime:
-    def __init__(self, pool: KVPool, engines: dict[str, LLMEngine], policy: StepPolicy | None = None,
-                 step_seconds: StepTimes | None = None):
-        """step_seconds: where each model's step times are kept (shared with a latency-aware policy)."""
+    def __init__(self, pool: KVPool | Sequence[KVPool], engines: dict[str, LLMEngine],
+                 policy: StepPolicy | None = None, step_seconds: StepTimes | None = None):
+        """pool: the device's pool, or a device group's pools (in device order). step_seconds: where
+        each model's step times are kept (shared with a latency-aware policy)."""
+        self.pools = list(pool) if isinstance(pool, (list, tuple)) else [pool]
         for name, engine in engines.items():
-            if engine.pool is not pool:
+            if not all(any(m is p for p in self.pools) for m in pool_members(engine.pool)):
                 raise ValueError(f"engine {name!r} does not use this runtime's pool")
-        self.pool = pool
+        self.pool = self.pools[0]
         self.engines = engines
         self.policy = policy or RoundRobin(list(engines))
         self.pages_moved = 0
@@ -93,21 +103,23 @@ class DeviceRuntime:
         the donated pool, the buffer is gone: allocate a new one and send every other model's
         running sequences back to its queue, to be recomputed (their KV was in the lost buffer)."""
         failed = self.engines[name].abort_all("error")
-        words = self.pool.words
-        if words is not None and words.is_deleted():
-            self.pool.words = jax.device_put(jnp.zeros(words.shape, words.dtype), words.sharding)
-            for engine in self.engines.values():
+        lost = [p for p in self.pools if p.words is not None and p.words.is_deleted()]
+        for pool in lost:
+            pool.words = jax.device_put(jnp.zeros(pool.words.shape, pool.words.dtype), pool.words.sharding)
+        for engine in self.engines.values():
+            if any(_shares_a_device(engine.pool, pool) for pool in lost):
                 engine.preempt_all()
         return failed
 
     def reclaim_for(self, name: str) -> bool:
-        """`name` is short of pages: compact every other model holding more slabs than its pages
-        need (free pages stranded in its slabs), so the emptied slabs serve `name`. Moves pages
-        on the device and renames them in the owners' page tables."""
-        allocator = self.pool.allocator
+        """`name` is short of pages: compact every other model on its devices holding more slabs
+        than its pages need (free pages stranded in its slabs), so the emptied slabs serve `name`.
+        Moves pages on the device and renames them in the owners' page tables."""
         freed = False
+        mine = self.engines[name].pool
         for other, engine in self.engines.items():
-            if other == name or not allocator.reclaimable_slabs(other):
+            allocator = engine.pool.allocator
+            if other == name or not _shares_a_device(mine, engine.pool) or not allocator.reclaimable_slabs(other):
                 continue
             moves = allocator.compact(other)
             if moves:
@@ -116,8 +128,8 @@ class DeviceRuntime:
                 dst = np.full(n, -1, np.int32)
                 src[:len(moves)] = list(moves)
                 dst[:len(moves)] = list(moves.values())
-                if self.pool.words is not None:  # None: a simulated pool (allocator only)
-                    self.pool.words = _copy_pages(self.pool.words, engine.layout, src, dst)
+                if engine.pool.words is not None:  # None: a simulated pool (allocator only)
+                    engine.pool.copy_pages(engine.layout, src, dst)
                 engine.rename_pages(moves)
                 self.pages_moved += len(moves)
             freed = True
@@ -128,13 +140,35 @@ class DeviceRuntime:
         while self.has_unfinished_requests():
             yield from self.step()
 
+    def pool_stats(self) -> dict:
+        """The allocators' `stats()` summed over the runtime's pools: bytes over all devices, and a
+        model's slabs and pages over the devices it lives on (a tensor-parallel model's page is one
+        page slot on each member, of its `page_bytes` each)."""
+        per_pool = [p.allocator.stats() for p in self.pools]
+        if len(per_pool) == 1:
+            return per_pool[0]
+        total = {key: sum(st[key] for st in per_pool) for key in
+                 ("pool_bytes", "free_slabs", "free_bytes", "live_kv_bytes", "stranded_bytes", "slab_tail_bytes")}
+        models: dict[str, dict] = {}
+        for st in per_pool:
+            for name, m in st["models"].items():
+                if name not in models:
+                    models[name] = dict(m)
+                else:
+                    for key in ("slabs", "used_pages", "free_pages"):
+                        models[name][key] += m[key]
+        return {**total, "slab_bytes": per_pool[0]["slab_bytes"],
+                "used_pages": {name: m["used_pages"] for name, m in models.items()},
+                "external_fragmentation": total["stranded_bytes"] / total["pool_bytes"], "models": models}
+
     def memory_stats(self) -> dict:
         """Where the pool's bytes are, down to the token: `kv_bytes` hold cached tokens of live
         sequences; `page_tail_bytes` are allocated pages past their sequence's last token;
         `page_padding_bytes` pad pages to a common size (single-page baseline only); the allocator's
         `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest. `tokens_per_kv_byte`
-        is FineServe's memory efficiency per model: cached tokens per byte of the slabs it holds."""
-        stats = self.pool.allocator.stats()
+        is FineServe's memory efficiency per model: cached tokens per byte of the slabs it holds.
+        Over a device group, bytes are summed over the devices (`pool_stats`)."""
+        stats = self.pool_stats()
         slab = stats["slab_bytes"]
         kv = page_tail = padding = 0
         models = {}
@@ -143,7 +177,7 @@ class DeviceRuntime:
             live = engine.live_sequences()
             tokens = sum(s.num_computed for s in live)
             pages = stats["models"][name]["used_pages"]
-            kv_m = tokens * layout.bytes_per_token
+            kv_m = tokens * layout.bytes_per_token * len(pool_members(engine.pool))   # a TP model: every device
             kv += kv_m
             page_tail += pages * layout.page_bytes - kv_m
             padding += pages * (layout.page_slot_bytes - layout.page_bytes)
@@ -170,7 +204,7 @@ class DeviceRuntime:
         }
 
 
-def assemble_device(pool: KVPool, engines: Mapping[str, Callable[..., LLMEngine]],
+def assemble_device(pool: KVPool | Sequence[KVPool], engines: Mapping[str, Callable[..., LLMEngine]],
                     scheduling: LocalScheduling | None = None) -> DeviceRuntime:
     """One device: each model's engine, made by its factory (e.g. a `partial(LLMEngine, ...)` over
     `pool`) given its admission policy and the runtime's reclaim hook, and the runtime stepping them
