@@ -1,6 +1,7 @@
 """Tensor parallelism over host devices (conftest asks XLA for 4): the same greedy tokens as one
 device, quantized presets sharded consistently, a TP model sharing its members' pools with TP=1
-models, the group allocator's mirroring, and clear errors for what does not split."""
+models (engines, Fleet, server), the group allocator's mirroring, and clear errors for what does
+not split."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import dataclasses
 
 import jax
 import numpy as np
+import openai
 import pytest
 
+from fineserve_jax.config_files import fleet_file
+from fineserve_jax.fleet import Fleet, ModelSpec
+from fineserve_jax.llm import group_devices
 from models.config import ModelConfig
 from models.loader import load_model, random_model
 from models.tensor_parallel import check_tensor_parallel, local_layout, shard_state, tp_mesh
@@ -19,6 +24,7 @@ from serving.kv.group_pool import GroupKVPool, GroupSlabAllocator
 from serving.kv.kv_pool import KVPool
 from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
 from serving.kv.slab_geometry import slab_bytes_for
+from tests.server_helpers import running_server, tiny_models, tokenizer
 
 SMALL = ModelConfig("llama", 256, 64, 128, 2, 8, 4, 16, max_position_embeddings=256)
 # Wide enough that int4 groups of 64-128 split over two devices (o_proj: K = 256, down_proj: K = 512).
@@ -211,7 +217,6 @@ def test_what_does_not_split_is_a_clear_error(devices):
     pools = [KVPool(2, 1024, d) for d in devices[:2]]
     with pytest.raises(ValueError, match="given for mesh device"):
         GroupKVPool(pools[::-1], tp_mesh(devices[:2]))
-    from fineserve_jax.llm import group_devices
     with pytest.raises(ValueError, match="needs 64 devices"):
         group_devices(64)
 
@@ -219,8 +224,6 @@ def test_what_does_not_split_is_a_clear_error(devices):
 def test_fleet_runs_tp_and_single_device_models_over_shared_pools(devices):
     """A fleet with a TP=2 model becomes a group of two devices: the TP=1 model shares the first
     device's pool with it; both answer as they do alone, and the memory account covers both pools."""
-    from fineserve_jax.fleet import Fleet, ModelSpec
-
     tp_loaded = random_model(SMALL, "bf16", "float32", seed=21)
     solo_loaded = random_model(WIDE, "bf16", "float32", seed=22)
     params = SamplingParams(temperature=0.0, max_tokens=8)
@@ -239,9 +242,6 @@ def test_fleet_runs_tp_and_single_device_models_over_shared_pools(devices):
 
 
 def test_fleet_file_takes_tensor_parallel_size(tmp_path):
-    from fineserve_jax.config_files import fleet_file
-    from fineserve_jax.fleet import ModelSpec
-
     config = fleet_file({"models": [{"model": "smollm2-135m", "tensor_parallel_size": 3}]}, ModelSpec, "f.toml")
     assert config.models[0].spec.tensor_parallel_size == 3
     with pytest.raises(ValueError, match="tensor_parallel_size"):
@@ -266,3 +266,21 @@ def test_group_pool_copies_pages_on_every_member(devices):
         want = old.reshape(-1, n).copy()
         want[1] = old.reshape(-1, n)[9]
         np.testing.assert_array_equal(new, want)
+
+
+def test_server_streams_from_a_tp_model_beside_a_single_device_one(devices):
+    """`fineserve serve`'s path (Fleet, engine thread, HTTP) with a TP=2 model and a TP=1 model on
+    its first device: the official client gets the TP model's greedy tokens, streamed and not."""
+    tok = tokenizer()
+    tp_model, solo_model = tiny_models(tok, ("bf16", "w4a16"))
+    prompt = "The quick brown fox"
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    want = run(engine(tp_model, devices[:1], tokens_per_page=8), [tok.encode(prompt)], params)[0].token_ids
+    with running_server([tp_model, solo_model], model_options={"tiny-bf16": {"tensor_parallel_size": 2}}) as srv:
+        assert len(srv.fleet.pools) == 2
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=120)
+        text = client.completions.create(model="tiny-bf16", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+        assert text == tok.decode(want)
+        chunks = client.completions.create(model="tiny-bf16", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert client.completions.create(model="tiny-w4a16", prompt=prompt, max_tokens=4).usage.completion_tokens == 4
