@@ -107,6 +107,8 @@ class ServerConfig:
     admission: Annotated[StrictStr, _one_of(ADMISSIONS)] = "fcfs"
     drop_hopeless: StrictBool = False
     step_policy: Annotated[StrictStr, _one_of(STEP_POLICIES)] = "edf"
+    # serve over this Ray cluster ("auto": the one this machine belongs to, or "HOST:PORT"); as --ray
+    ray_address: Annotated[StrictStr, NonEmpty] | None = None
 
     def scheduling(self, slo_ttft_s: dict[str, float], step_costs: dict[str, StepCost | None]) -> LocalScheduling:
         """One device's local scheduling under this [server] section, for its models' TTFT SLOs

@@ -1,4 +1,4 @@
-"""`fineserve serve [--config fleet.toml] [--host H] [--port P]`: the OpenAI-compatible server.
+"""`fineserve serve [--config fleet.toml] [--host H] [--port P] [--ray [ADDRESS]]`: the OpenAI-compatible server.
 
 With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-bf16, -w8a8 and
 -w4a16 sharing one device pool). A config lists models, precisions, devices, SLOs and pool sizes
@@ -6,7 +6,9 @@ With no config it serves the built-in demo fleet (SmolLM2-135M as smollm2-135m-b
 device runs one Fleet (one KV Slab pool) on its own engine thread, and one HTTP app serves them all.
 Each device is scheduled as `[server] admission/drop_hopeless/step_policy` say: by default FCFS
 admission and FineServe's latency-aware EDF between models; `admission = "saab"` adds its SLO-aware
-batching where the device's cost profile covers the model. Design notes: docs/serving.md.
+batching where the device's cost profile covers the model. With `--ray`, the same fleet is placed
+over a Ray cluster's devices and served by Ray Serve (fineserve_jax/ray_serve.py); without it Ray is
+never imported. Design notes: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -17,47 +19,14 @@ import os
 import sys
 import time
 
-from fastapi import FastAPI
-from tqdm.auto import tqdm
-
 from fineserve_jax.caches import RUNTIME_CACHE_ENV, Caches
 from fineserve_jax.config_files import read_toml
-from fineserve_jax.fleet import Fleet
+from fineserve_jax.serve_app import app_for
 from fineserve_jax.serve_config import ServeConfig, build_fleets
-from serving.http.api_server import ServedModel, build_app, make_server
+from serving.http.api_server import make_server
 from serving.kv.pool_sizing import check_utilization
-from serving.runtime.async_runtime import AsyncRuntime, ModelLimits
 
 log = logging.getLogger("fineserve.serve")
-
-
-def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict[str, int], device=None,
-                  device_name: str = "device0") -> dict[str, ServedModel]:
-    """The fleet's models behind one AsyncRuntime (the fleet's engine thread on `device`)."""
-    engines = fleet.runtime.engines
-    limits = {name: ModelLimits(max_pending=e.config.max_num_seqs + max_queue[name]) for name, e in engines.items()}
-    runtime = AsyncRuntime(fleet.runtime, limits, device=device, name=device_name)
-    return {name: ServedModel(runtime, fleet.loaded[name].tokenizer, e.config.max_model_len, e.validate_prompt,
-                              e.validate_params, precision=fleet.loaded[name].precision.name, kv_dtype=fleet.loaded[name].kv_dtype,
-                              slo_ttft_s=slo_ttft_s[name])
-            for name, e in engines.items()}
-
-
-def app_for(device_fleets, server_config, *, drain_timeout_s: float | None = None, warmup: bool = True) -> FastAPI:
-    """One app over every device's fleet (serve_config.DeviceFleet, each already scheduled as the
-    config's [server] says), warmed up unless told not to."""
-    models: dict[str, ServedModel] = {}
-    for df in device_fleets:
-        if warmup:
-            for name, engine in df.fleet.runtime.engines.items():
-                t0 = time.perf_counter()
-                with tqdm(total=engine.runner.num_buckets, desc=f"warming up {name}", unit="shape") as bar:
-                    engine.warmup(progress=bar.update)
-                log.info("warmed up %s on %s in %.1f s", name, df.device_name, time.perf_counter() - t0)
-        models |= served_models(df.fleet, slo_ttft_s=df.slo_ttft_s, max_queue=df.max_queue,
-                                device=df.jax_device, device_name=df.device_name)
-    drain = drain_timeout_s if drain_timeout_s is not None else server_config.drain_timeout_s
-    return build_app(models, drain_timeout_s=drain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="size each device's KV pool to this fraction of its memory, less weights and a step's "
                         "activations (as vLLM; devices whose [[devices]] entry sets pool_bytes keep it)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="serve over a Ray cluster with Ray Serve: join it (ADDRESS = HOST:PORT of its head; "
+                        "without it, the cluster this machine belongs to), place the models over its devices, "
+                        "one replica per device behind one endpoint (default: the config's [server] ray_address)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -100,6 +73,12 @@ def main(argv=None) -> int:
     caches.enable_compilation_cache()
     try:
         config = ServeConfig.from_toml(args.config) if args.config else ServeConfig.demo()
+        ray_address = args.ray if args.ray is not None else config.server.ray_address
+        if ray_address is not None:
+            from fineserve_jax.ray_serve import serve_on_ray
+            return serve_on_ray(config, ray_address, host=args.host or config.server.host,
+                                port=args.port if args.port is not None else config.server.port,
+                                warmup=not args.no_warmup)
         t0 = time.perf_counter()
         fleets = build_fleets(config, quantized_cache=caches.quantized,
                               gpu_memory_utilization=args.gpu_memory_utilization)

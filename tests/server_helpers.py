@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gguf
 
 from fineserve_jax.fleet import Fleet, ModelSpec
-from fineserve_jax.serve import served_models
+from fineserve_jax.serve_app import served_models
 from fineserve_jax.serve_config import ServerConfig
 from models.config import ModelConfig
 from models.loader import model_cache_dir, random_model

@@ -1,0 +1,159 @@
+"""The cluster's one OpenAI-compatible front door: routes each request by model name to the replica
+that hosts the model and streams its response back unchanged.
+
+Each replica runs a device group's fleet behind the same OpenAI app a single-process server runs
+(`serving.http.api_server`), so validation, errors, streaming and usage are the replica's own; the
+proxy only reads the body's `model`, picks the replica (`Routes.pick`, by the placement's weights
+where a model has several), forwards the request (`forward(replica, method, path, body, headers)`,
+an async iterator of `(status, headers)` then body chunks: a Ray Serve handle call in production)
+and merges what describes the whole cluster: `/v1/models` (every replica's models), `/health`
+(every replica's, 503 if any is not ok) and `/metrics` (every replica's metrics, each sample
+labelled `replica="<name>"`). A model that no replica hosts is a 404 naming the served ones; one the
+placement could not fit anywhere is a 503 saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+Forward = Callable[[str, str, str, bytes, list], AsyncIterator]
+PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+
+
+@dataclass
+class Routes:
+    """Which replicas host each model, with the placement's weights; models it could not place."""
+    replicas: dict[str, dict[str, float]]                 # model -> {replica: weight}
+    unplaced: dict[str, str] = field(default_factory=dict)   # model -> why it is not served
+    rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def replica_names(self) -> list[str]:
+        return sorted({r for hosts in self.replicas.values() for r in hosts})
+
+    def pick(self, model: str) -> str:
+        hosts = self.replicas[model]
+        names = list(hosts)
+        return names[0] if len(names) == 1 else self.rng.choices(names, weights=[hosts[n] for n in names])[0]
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    type_ = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "service_unavailable"
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
+
+
+async def _collect(stream: AsyncIterator) -> tuple[int, dict, bytes]:
+    status, headers, chunks = None, {}, []
+    async for item in stream:
+        if status is None:
+            status, headers = item[0], dict(item[1])
+        else:
+            chunks.append(item)
+    return status, headers, b"".join(chunks)
+
+
+def merge_metrics(texts: dict[str, str]) -> str:
+    """Prometheus text of several replicas as one exposition: each family once (its HELP and TYPE),
+    with every replica's samples labelled replica="<name>"."""
+    families: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for replica, text in texts.items():
+        family = None
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split()[2]
+                head = families.setdefault(family, [])
+                if line not in head:
+                    head.append(line)
+                samples.setdefault(family, [])
+            elif line and not line.startswith("#"):
+                name, _, rest = line.partition(" ")
+                label = f'replica="{replica}"'
+                name = name[:-1] + f",{label}}}" if name.endswith("}") else name + "{" + label + "}"
+                samples.setdefault(family or name, []).append(f"{name} {rest}")
+    out = []
+    for family, lines in samples.items():
+        out += families.get(family, []) + lines
+    return "\n".join(out) + "\n"
+
+
+def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0) -> FastAPI:
+    """The front door over `routes`; `forward` reaches a replica."""
+    app = FastAPI(title="fineserve-jax cluster", version="0.1.0")
+    app.state.routing_ms = []      # the proxy's own time per routed request (until the replica is called)
+
+    async def each_replica(method: str, path: str) -> dict[str, tuple[int, dict, bytes]]:
+        names = routes.replica_names
+        results = await asyncio.gather(*(asyncio.wait_for(_collect(forward(r, method, path, b"", [])), timeout_s)
+                                         for r in names), return_exceptions=True)
+        return dict(zip(names, results))
+
+    async def routed(request: Request, path: str):
+        t0 = time.perf_counter()
+        body = await request.body()
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return _error(400, "the body must be a JSON object with a 'model'", "invalid_json")
+        if model in routes.unplaced:
+            return _error(503, f"the model {model!r} is not served: {routes.unplaced[model]}", "model_unavailable",
+                          "model")
+        if model not in routes.replicas:
+            return _error(404, f"the model {model!r} does not exist; served: {sorted(routes.replicas)}",
+                          "model_not_found", "model")
+        replica = routes.pick(model)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() in ("content-type", "accept")]
+        stream = forward(replica, "POST", path, body, headers)
+        app.state.routing_ms.append((time.perf_counter() - t0) * 1e3)
+        status, response_headers = await stream.__anext__()
+        passed = {k: v for k, v in response_headers if k.lower() in PASSED_HEADERS}
+        passed["x-fineserve-replica"] = replica
+        return StreamingResponse(stream, status_code=status, headers=passed,
+                                 media_type=dict(response_headers).get("content-type"))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await routed(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await routed(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models():
+        data = []
+        for replica, result in (await each_replica("GET", "/v1/models")).items():
+            if not isinstance(result, Exception) and result[0] == 200:
+                data += [dict(card, replica=replica) for card in json.loads(result[2])["data"]]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        replicas, ok = {}, True
+        for replica, result in (await each_replica("GET", "/health")).items():
+            if isinstance(result, Exception):
+                replicas[replica], ok = {"status": "unreachable", "error": repr(result)}, False
+            else:
+                replicas[replica] = json.loads(result[2])
+                ok = ok and result[0] == 200
+        models = {m: body for r in replicas.values() for m, body in r.get("models", {}).items()}
+        body = {"status": "ok" if ok else "degraded", "models": models, "replicas": replicas,
+                "unplaced": routes.unplaced}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        texts = {r: res[2].decode() for r, res in (await each_replica("GET", "/metrics")).items()
+                 if not isinstance(res, Exception) and res[0] == 200}
+        return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
