@@ -11,12 +11,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from fineserve_jax.fleet import Fleet
 from fineserve_jax.ray_serve import DEVICE_RESOURCE, cluster_devices, deploy, place_on_cluster
 from fineserve_jax.serve import main as serve_main
 from fineserve_jax.serve_config import ServeConfig
-from serving.cluster.proxy import merge_metrics
+from serving.cluster.proxy import Routes, build_proxy_app, merge_metrics
 from serving.scheduling.cost_model import DEVICES
 from serving.engine.sampling import SamplingParams
 from tests.helpers import FIXTURES
@@ -119,3 +120,33 @@ def test_merge_metrics_keeps_each_family_once():
     merged = merge_metrics(texts).splitlines()
     assert merged == ["# HELP a_total A", "# TYPE a_total counter", 'a_total{model="x",replica="r0"} 1.0',
                       'a_total{model="y",replica="r1"} 2.0', 'b{replica="r1"} 3']
+
+
+async def _fake_replica(replica, method, path, body, headers):
+    """dead: gone before answering; flaky: dies after one token; anything else answers whole."""
+    if replica == "dead":
+        raise ConnectionError("the actor died")
+    yield 200, [("content-type", "text/event-stream; charset=utf-8")]
+    yield b'data: {"choices": [{"text": "a"}]}\n\n'
+    if replica == "flaky":
+        raise RuntimeError("node lost")
+    yield b"data: [DONE]\n\n"
+
+
+def test_proxy_retries_a_dead_replica_and_ends_broken_streams_explicitly():
+    routes = Routes({"m": {"dead": 1.0, "ok": 1.0}, "lost": {"dead": 1.0}, "cut": {"flaky": 1.0}},
+                    unplaced={"big": "no device has the memory for it"})
+    client = TestClient(build_proxy_app(routes, _fake_replica))
+    for _ in range(4):   # whichever replica is picked first, the live one answers
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+        assert r.status_code == 200 and r.headers["x-fineserve-replica"] == "ok" and r.text.endswith("[DONE]\n\n")
+    r = client.post("/v1/completions", json={"model": "lost", "prompt": "x"})
+    assert r.status_code == 503 and "the actor died" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "cut", "prompt": "x", "stream": True})
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[0].startswith('data: {"choices"') and '"code": "replica_failed"' in events[1]
+    assert events[-1] == "data: [DONE]"
+    r = client.post("/v1/completions", json={"model": "big", "prompt": "x"})
+    assert r.status_code == 503 and "no device has the memory" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", content=b"not json").status_code == 400
+

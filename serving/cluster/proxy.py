@@ -9,20 +9,26 @@ an async iterator of `(status, headers)` then body chunks: a Ray Serve handle ca
 and merges what describes the whole cluster: `/v1/models` (every replica's models), `/health`
 (every replica's, 503 if any is not ok) and `/metrics` (every replica's metrics, each sample
 labelled `replica="<name>"`). A model that no replica hosts is a 404 naming the served ones; one the
-placement could not fit anywhere is a 503 saying why.
+placement could not fit anywhere is a 503 saying why. A replica that fails before answering (its
+actor or node is gone) has sent nothing, so the request goes to another replica of the model (503
+when none is left); one that fails mid-stream ends the stream with an explicit error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+log = logging.getLogger("fineserve.proxy")
 
 Forward = Callable[[str, str, str, bytes, list], AsyncIterator]
 PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
@@ -39,8 +45,11 @@ class Routes:
     def replica_names(self) -> list[str]:
         return sorted({r for hosts in self.replicas.values() for r in hosts})
 
-    def pick(self, model: str) -> str:
-        hosts = self.replicas[model]
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> str | None:
+        """A replica hosting `model` (by weight), none of `exclude`; None when there is none left."""
+        hosts = {n: w for n, w in self.replicas[model].items() if n not in exclude}
+        if not hosts:
+            return None
         names = list(hosts)
         return names[0] if len(names) == 1 else self.rng.choices(names, weights=[hosts[n] for n in names])[0]
 
@@ -59,6 +68,22 @@ async def _collect(stream: AsyncIterator) -> tuple[int, dict, bytes]:
         else:
             chunks.append(item)
     return status, headers, b"".join(chunks)
+
+
+async def _ended_explicitly(stream: AsyncIterator, replica: str, sse: bool) -> AsyncIterator:
+    """The replica's body; if the replica dies mid-way, an SSE stream ends with an error event (the
+    client has its tokens so far and is told the rest will not come) and any other body is cut
+    short (the client sees an incomplete response, never a silent truncation as success)."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception as e:
+        log.warning("replica %s failed mid-response: %s", replica, e)
+        if not sse:
+            raise
+        error = {"error": {"message": f"the replica serving this request failed: {type(e).__name__}",
+                           "type": "server_error", "param": None, "code": "replica_failed"}}
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
 
 
 def merge_metrics(texts: dict[str, str]) -> str:
@@ -89,7 +114,7 @@ def merge_metrics(texts: dict[str, str]) -> str:
 def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0) -> FastAPI:
     """The front door over `routes`; `forward` reaches a replica."""
     app = FastAPI(title="fineserve-jax cluster", version="0.1.0")
-    app.state.routing_ms = []      # the proxy's own time per routed request (until the replica is called)
+    app.state.routing_ms = deque(maxlen=100_000)   # the proxy's own time per routed request, ms
 
     async def each_replica(method: str, path: str) -> dict[str, tuple[int, dict, bytes]]:
         names = routes.replica_names
@@ -110,15 +135,25 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         if model not in routes.replicas:
             return _error(404, f"the model {model!r} does not exist; served: {sorted(routes.replicas)}",
                           "model_not_found", "model")
-        replica = routes.pick(model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in ("content-type", "accept")]
-        stream = forward(replica, "POST", path, body, headers)
-        app.state.routing_ms.append((time.perf_counter() - t0) * 1e3)
-        status, response_headers = await stream.__anext__()
+        failed: dict[str, str] = {}
+        while (replica := routes.pick(model, set(failed))) is not None:
+            stream = forward(replica, "POST", path, body, headers)
+            app.state.routing_ms.append((time.perf_counter() - t0) * 1e3)
+            try:
+                status, response_headers = await stream.__anext__()
+                break
+            except Exception as e:   # the replica is gone before answering: nothing was sent, try another
+                failed[replica] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("replica %s failed before answering a %s request (%s); retrying elsewhere",
+                            replica, model, failed[replica])
+        else:
+            return _error(503, f"no replica of {model!r} could answer: {failed}", "model_unavailable", "model")
         passed = {k: v for k, v in response_headers if k.lower() in PASSED_HEADERS}
         passed["x-fineserve-replica"] = replica
-        return StreamingResponse(stream, status_code=status, headers=passed,
-                                 media_type=dict(response_headers).get("content-type"))
+        media_type = dict(response_headers).get("content-type", "")
+        return StreamingResponse(_ended_explicitly(stream, replica, media_type.startswith("text/event-stream")),
+                                 status_code=status, headers=passed, media_type=media_type or None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
