@@ -181,9 +181,10 @@ def plot(summary: list[dict], contexts, budgets, policies, path: Path) -> None:
     for ax, kv in zip(axes[0], kvs):
         for c, color in zip(contexts, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
             for policy, style in zip(policies, ("-o", "--x", "-.s", ":^")):
-                ys = [next(r[f"passkey_{c}"] for r in summary if r["kv"] == kv and r["policy"] == policy
-                           and r["budget"] == b) for b in budgets]
-                ax.plot(budgets, ys, style, color=color, label=f"{policy} {c // 1024}K")
+                ys = [next((r[f"passkey_{c}"] for r in summary if r["kv"] == kv and r["policy"] == policy
+                            and r["budget"] == b), None) for b in budgets]
+                if None not in ys:   # a policy not run for this KV format has no line
+                    ax.plot(budgets, ys, style, color=color, label=f"{policy} {c // 1024}K")
             full = next(r[f"passkey_{c}"] for r in summary if r["kv"] == kv and r["policy"] == "full")
             ax.axhline(full, color=color, linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)

@@ -84,6 +84,7 @@ def test_cluster_wide_models_health_metrics_and_errors(cluster):
     metrics = httpx.get(url + "/metrics", timeout=TIMEOUT_S).text
     assert metrics.count("# TYPE fineserve_time_to_first_token_seconds histogram") == 1
     assert 'model="llama",replica="' in metrics
+    assert "fineserve_proxy_routing_seconds_count" in metrics
     missing = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=TIMEOUT_S)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     bad = httpx.post(url + "/v1/completions", json={"model": "llama", "prompt": "x", "max_tokens": -1},

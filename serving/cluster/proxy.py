@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -114,7 +113,7 @@ def merge_metrics(texts: dict[str, str]) -> str:
 def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0) -> FastAPI:
     """The front door over `routes`; `forward` reaches a replica."""
     app = FastAPI(title="fineserve-jax cluster", version="0.1.0")
-    app.state.routing_ms = deque(maxlen=100_000)   # the proxy's own time per routed request, ms
+    app.state.routing = {"count": 0, "seconds": 0.0}   # the proxy's own time per routed request
 
     async def each_replica(method: str, path: str) -> dict[str, tuple[int, dict, bytes]]:
         names = routes.replica_names
@@ -139,7 +138,8 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         failed: dict[str, str] = {}
         while (replica := routes.pick(model, set(failed))) is not None:
             stream = forward(replica, "POST", path, body, headers)
-            app.state.routing_ms.append((time.perf_counter() - t0) * 1e3)
+            app.state.routing["count"] += 1
+            app.state.routing["seconds"] += time.perf_counter() - t0
             try:
                 status, response_headers = await stream.__anext__()
                 break
@@ -189,6 +189,11 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
     async def metrics():
         texts = {r: res[2].decode() for r, res in (await each_replica("GET", "/metrics")).items()
                  if not isinstance(res, Exception) and res[0] == 200}
-        return Response(merge_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+        routing = app.state.routing
+        own = ("# HELP fineserve_proxy_routing_seconds The ingress's own time per routed request (reading the "
+               "body, choosing the replica, calling it)\n# TYPE fineserve_proxy_routing_seconds summary\n"
+               f"fineserve_proxy_routing_seconds_count {routing['count']}\n"
+               f"fineserve_proxy_routing_seconds_sum {routing['seconds']}\n")
+        return Response(merge_metrics(texts) + own, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
