@@ -83,8 +83,9 @@ class LLM:
       quantized_cache: a folder caching calibrated weights, so loading the same checkpoint and
         preset again skips calibration (`fineserve_jax.caches.Caches`); None: no cache.
       sparse: query-aware page selection for decoding (TinyServe/Quest), the requests' default: a
-        dict like {"policy": "bbox", "budget_tokens": 1024} (policies "bbox", "sink_window", "full";
-        or "budget_fraction"; "gate_tokens": dense up to that context, default twice the budget).
+        dict like {"policy": "bbox", "budget_tokens": 1024} (policies "bbox", "bbox_span",
+        "sink_window", "full"; or "budget_fraction"; "gate_tokens": dense up to that context,
+        default twice the budget).
         Pages then keep their keys' bounds (2 x head_dim int8 codes per layer and kv head), and
         requests may choose their own (`SamplingParams.sparse`). None: off, no bounds kept.
       sparse_dense_layers: the first layers attend every page whatever the policy (default 2).
