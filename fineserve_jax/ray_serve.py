@@ -23,6 +23,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from fineserve_jax.caches import Caches
 from fineserve_jax.config_files import DeviceConfig
 from fineserve_jax.serve_app import app_for
 from fineserve_jax.serve_config import ServeConfig, build_fleets, place_models
@@ -92,8 +93,9 @@ def replica_config(config: ServeConfig, device: ClusterDevice, models: list[str]
 class FleetReplica:
     """One device's fleet and its OpenAI app, answering forwarded requests (a Ray Serve deployment)."""
 
-    def __init__(self, config: ServeConfig, warmup: bool = True):
-        self.fleets = build_fleets(config)
+    def __init__(self, config: ServeConfig, warmup: bool = True, caches: Caches = Caches(None)):
+        caches.enable_compilation_cache()   # this machine's cache folders, as the CLI's
+        self.fleets = build_fleets(config, quantized_cache=caches.quantized)
         self.app = app_for(self.fleets, config.server, warmup=warmup)
         self._lifespan = None
 
@@ -123,9 +125,11 @@ class ClusterIngress:
         return self.replicas[replica].forward.remote(method, path, body, headers)
 
 
-def deploy(config: ServeConfig, devices: list[ClusterDevice], *, host: str, port: int, warmup: bool = True):
+def deploy(config: ServeConfig, devices: list[ClusterDevice], *, host: str, port: int, warmup: bool = True,
+           caches: Caches = Caches(None)):
     """Place the fleet on the cluster and run it on Ray Serve (ray must be initialised); returns the
-    ingress handle and the placement."""
+    ingress handle and the placement. `caches`: the folders each replica caches compiled programs and
+    calibrated weights in (on its own machine)."""
     from ray import serve
 
     placed = place_on_cluster(config, devices)
@@ -142,7 +146,7 @@ def deploy(config: ServeConfig, devices: list[ClusterDevice], *, host: str, port
         replica = f"fleet{i}"
         replicas[replica] = replica_deployment.options(
             name=replica, ray_actor_options=options | {"runtime_env": {"env_vars": RAY_ENV}},
-            max_ongoing_requests=1024).bind(replica_config(config, device, models), warmup)
+            max_ongoing_requests=1024).bind(replica_config(config, device, models), warmup, caches)
         for m in models:
             routes.setdefault(m, {})[replica] = 1.0
         log.info("replica %s on %s: %s", replica, name, ", ".join(models))
@@ -172,7 +176,8 @@ def connect(address: str | None):
     return ray
 
 
-def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, warmup: bool = True) -> int:
+def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, warmup: bool = True,
+                 caches: Caches = Caches(None)) -> int:
     """`fineserve serve --ray`: deploy, then serve until SIGINT/SIGTERM (Ray Serve's proxy listens
     on host:port), and take the deployment down."""
     ray = connect(address)
@@ -180,7 +185,7 @@ def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, war
         from ray import serve
 
         devices = cluster_devices(ray.nodes())
-        _, placed = deploy(config, devices, host=host, port=port, warmup=warmup)
+        _, placed = deploy(config, devices, host=host, port=port, warmup=warmup, caches=caches)
         log.info("serving %s on http://%s:%d/v1 from %d replica(s) on a Ray cluster of %d device(s)",
                  ", ".join(m.name for m in config.models), host, port, sum(1 for m in placed.values() if m),
                  len(devices))

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             from fineserve_jax.ray_serve import serve_on_ray
             return serve_on_ray(config, ray_address, host=args.host or config.server.host,
                                 port=args.port if args.port is not None else config.server.port,
-                                warmup=not args.no_warmup)
+                                warmup=not args.no_warmup, caches=caches)
         t0 = time.perf_counter()
         fleets = build_fleets(config, quantized_cache=caches.quantized,
                               gpu_memory_utilization=args.gpu_memory_utilization)
