@@ -18,7 +18,11 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 # log handler, and only checkpoints need it; matplotlib only draws `fineserve bench --plots`.
 LOCAL_IMPORTS_ALLOWED = {("models/checkpoint.py", "import orbax.checkpoint as ocp"),
                          ("fineserve_jax/bench.py", "import matplotlib"),
-                         ("fineserve_jax/bench.py", "import matplotlib.pyplot as plt")}
+                         ("fineserve_jax/bench.py", "import matplotlib.pyplot as plt"),
+                         # Ray is loaded only by `fineserve serve --ray`
+                         ("fineserve_jax/serve.py", "from fineserve_jax.ray_serve import serve_on_ray"),
+                         ("fineserve_jax/ray_serve.py", "import ray"),
+                         ("fineserve_jax/ray_serve.py", "from ray import serve")}
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:

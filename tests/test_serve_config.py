@@ -161,7 +161,7 @@ def test_errors_name_the_file_and_the_key(tmp_path):
     assert any(ln.startswith(f"{path}: [[models]] entry 0 ('small'): unknown keys ['colour']; known: [")
                for ln in lines)
     assert (f"{path}: [server]: unknown keys ['tls']; known: ['admission', 'drain_timeout_s', 'drop_hopeless', "
-            f"'host', 'port', 'step_policy']") in lines
+            f"'host', 'port', 'ray_address', 'step_policy']") in lines
     path.write_text('bogus = 1\n[[models]]\nmodel = "smollm2-135m"\n')
     with pytest.raises(ValueError, match=rf"^{path}: unknown serve config keys \['bogus'\]"):
         ServeConfig.from_toml(path)

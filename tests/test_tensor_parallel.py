@@ -91,25 +91,34 @@ def top_logprob_gap(a, b) -> float:
     return max(abs(top_a[t] - top_b[t]) for t in set(top_a) & set(top_b))
 
 
+QUANT_PROMPTS_SEED = 7
+QUANT_PARAMS = SamplingParams(temperature=0.0, max_tokens=6, logprobs=8)
+
+
+@pytest.fixture(scope="module")
+def float_run(devices):
+    """The float model the quantized presets are made from, on one device."""
+    loaded = random_model(WIDE, "bf16", "float32", seed=3)
+    return run(engine(loaded, devices[:1]), prompts(QUANT_PROMPTS_SEED, WIDE.vocab_size), QUANT_PARAMS)
+
+
 @pytest.mark.parametrize("preset", ["w4a16", "w8a8", "fp8", "w4a8kv4", "fireq"])
-def test_quantized_presets_shard_consistently(devices, preset):
+def test_quantized_presets_shard_consistently(devices, float_run, preset):
     """Weight-only int4 gives the same tokens and log-probabilities (to float rounding). Presets
     that quantize activations compute the row-parallel layers' per-token activation scales over
     each device's half of the channels: the activations are rounded differently, not worse, so the
     log-probabilities move by the order of the preset's own quantization error (its gap to the float
     model): at most 1.5 times it."""
     loaded = random_model(WIDE, preset, "float32", seed=3)
-    token_prompts = prompts(7, WIDE.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=8)
-    one = run(engine(loaded, devices[:1]), token_prompts, params)
-    two = run(engine(loaded, devices[:2]), token_prompts, params)
+    token_prompts = prompts(QUANT_PROMPTS_SEED, WIDE.vocab_size)
+    one = run(engine(loaded, devices[:1]), token_prompts, QUANT_PARAMS)
+    two = run(engine(loaded, devices[:2]), token_prompts, QUANT_PARAMS)
     drift = max(top_logprob_gap(a, b) for a, b in zip(one, two))
     if preset == "w4a16":
         assert [o.token_ids for o in two] == [o.token_ids for o in one]
         assert drift < 1e-4
         return
-    floats = run(engine(random_model(WIDE, "bf16", "float32", seed=3), devices[:1]), token_prompts, params)
-    quant_error = max(top_logprob_gap(a, b) for a, b in zip(floats, one))
+    quant_error = max(top_logprob_gap(a, b) for a, b in zip(float_run, one))
     assert 0 < drift <= 1.5 * quant_error
 
 
