@@ -15,6 +15,7 @@ name and streams the replica's response back. Ray is imported only here, so a se
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -97,17 +98,15 @@ class FleetReplica:
         caches.enable_compilation_cache()   # this machine's cache folders, as the CLI's
         self.fleets = build_fleets(config, quantized_cache=caches.quantized)
         self.app = app_for(self.fleets, config.server, warmup=warmup)
-        self._lifespan = None
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self._started: asyncio.Future | None = None
 
     async def forward(self, method: str, path: str, body: bytes, headers: list):
-        if self._lifespan is None:   # the app's startup (its engine threads) runs in the replica's loop
-            self._lifespan = self.app.router.lifespan_context(self.app)
-            await self._lifespan.__aenter__()
+        if self._started is None:   # the app's startup (its engine threads) runs once, in the replica's loop
+            self._started = asyncio.ensure_future(self._lifespan.__aenter__())
+        await self._started
         async for item in call_asgi(self.app, method, path, body, headers):
             yield item
-
-    def models(self) -> list[str]:
-        return [name for df in self.fleets for name in df.fleet.model_names]
 
 
 class ClusterIngress:

@@ -73,7 +73,9 @@ def _quant_specs(lin: QuantLinear, name: str, tp: int) -> dict[str, P]:
         spec = [None] * len(shape)
         if name in COLUMN_PARALLEL:
             spec[n_dim] = TP_AXIS
-        elif shape[k_dim] > 1 or (key == "values" and tp > 1):   # per-channel scales (one row) replicate
+        elif key == "bias":
+            pass                             # row-parallel bias: replicated (refused when tp > 1)
+        elif key == "values" or shape[k_dim] > 1:   # per-channel scales (one row) are replicated
             if shape[k_dim] % tp:
                 raise ValueError(f"{name}: its {lin.fmt} {key} have {shape[k_dim]} rows along the input, which "
                                  f"do not split over tensor_parallel_size={tp} (each device needs whole "

@@ -138,8 +138,9 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         failed: dict[str, str] = {}
         while (replica := routes.pick(model, set(failed))) is not None:
             stream = forward(replica, "POST", path, body, headers)
-            app.state.routing["count"] += 1
-            app.state.routing["seconds"] += time.perf_counter() - t0
+            if not failed:   # the first attempt: the proxy's own time for this request
+                app.state.routing["count"] += 1
+                app.state.routing["seconds"] += time.perf_counter() - t0
             try:
                 status, response_headers = await stream.__anext__()
                 break

@@ -32,10 +32,6 @@ class GroupSlabAllocator:
             raise ValueError("the pools of a tensor-parallel group must have the same slabs on every device")
         self.members = members
 
-    @property
-    def slab_bytes(self) -> int:
-        return self.members[0].slab_bytes
-
     def register(self, model: str, page_bytes: int, *, min_slabs: int = 0, max_slabs: int | None = None) -> int:
         for i, a in enumerate(self.members):
             try:
