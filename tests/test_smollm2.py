@@ -31,7 +31,7 @@ def test_answers_capital_of_france(llm):
 def test_fireq_answers_capital_of_france():
     """FireQ's INT4-FP8 weights (calibrated at load, on two windows to keep the test short; the
     presets' quality at the default eight is the quality eval's) with FP8 activations and int4 KV."""
-    fireq = LLM("smollm2-135m", precision="fireq", max_model_len=1024, kv_cache_bytes=64 << 20, calib_samples=2)
+    fireq = LLM("smollm2-135m", precision="fireq", max_model_len=256, kv_cache_bytes=16 << 20, calib_samples=2)
     assert fireq.precision.weight_format == "int4_fp8"
     out = fireq.chat([{"role": "user", "content": "What is the capital of France?"}],
                      SamplingParams(temperature=0, max_tokens=24))[0]

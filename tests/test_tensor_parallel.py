@@ -60,11 +60,20 @@ def engine(loaded, devs, kv_cache_bytes=4 << 20, tokens_per_page=4, **config):
                                 devices=devs, eos_token_ids=())
 
 
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def small_on_one_device(devices):
+    """A random f32 model and its greedy tokens on one device."""
+    loaded = random_model(SMALL, "bf16", "float32", seed=2)
+    return loaded, [o.token_ids for o in run(engine(loaded, devices[:1]), prompts(2, SMALL.vocab_size), GREEDY)]
+
+
 @pytest.mark.parametrize("tp", [2, 4])
-def test_greedy_tokens_match_one_device(devices, tp):
-    loaded = random_model(SMALL, "bf16", "float32", seed=tp)
-    token_prompts, params = prompts(tp, SMALL.vocab_size), SamplingParams(temperature=0.0, max_tokens=12)
-    want = [o.token_ids for o in run(engine(loaded, devices[:1]), token_prompts, params)]
+def test_greedy_tokens_match_one_device(devices, small_on_one_device, tp):
+    loaded, want = small_on_one_device
+    token_prompts, params = prompts(2, SMALL.vocab_size), GREEDY
     tp_engine = engine(loaded, devices[:tp])
     assert tp_engine.pool.mesh.devices.size == tp and tp_engine.layout.num_kv_heads == SMALL.num_kv_heads // tp
     got = [o.token_ids for o in run(tp_engine, token_prompts, params)]
