@@ -49,10 +49,9 @@ class GroupSlabAllocator:
         return sorted(set.intersection(*(a.free_slab_ids() for a in self.members)))
 
     def num_free_pages(self, model: str) -> int:
-        first = self.members[0]
-        in_slabs = first.num_free_pages(model) - first.fresh_slabs_for(model) * first.pages_per_slab(model)
+        first = self.members[0]   # the model's formatted slabs are the same on every member
         fresh = min([len(self._common_free_slabs())] + [a.fresh_slabs_for(model) for a in self.members])
-        return in_slabs + fresh * first.pages_per_slab(model)
+        return first.free_pages_in_slabs(model) + fresh * first.pages_per_slab(model)
 
     def capacity_pages(self, model: str) -> int:
         return min(a.capacity_pages(model) for a in self.members)
@@ -108,10 +107,6 @@ class GroupKVPool:
         by_device = {shard.device: shard.data for shard in value.addressable_shards}
         for pool, device in zip(self.members, self.mesh.devices.flat):
             pool.words = by_device[device]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.members)
 
     def copy_pages(self, layout: KVPageLayout, src, dst) -> None:
         """Copy page src[i] over page dst[i] of the group's model (`layout`: one device's) on every

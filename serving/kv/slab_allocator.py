@@ -75,7 +75,7 @@ class SlabAllocator:
     def pages_per_slab(self, model: str) -> int:
         return self._models[model].pages_per_slab
 
-    def _fresh_slabs_for(self, model: str) -> int:
+    def fresh_slabs_for(self, model: str) -> int:
         """Free slabs `model` may format now: minus other models' outstanding reservations, within
         its own cap."""
         m = self._models[model]
@@ -85,9 +85,12 @@ class SlabAllocator:
             n = min(n, m.max_slabs - len(m.slabs))
         return n
 
+    def free_pages_in_slabs(self, model: str) -> int:
+        """Free pages inside the slabs already formatted for `model`."""
+        return sum(len(p) for p in self._models[model].free_pages.values())
+
     def num_free_pages(self, model: str) -> int:
-        m = self._models[model]
-        return sum(len(p) for p in m.free_pages.values()) + self._fresh_slabs_for(model) * m.pages_per_slab
+        return self.free_pages_in_slabs(model) + self.fresh_slabs_for(model) * self._models[model].pages_per_slab
 
     def capacity_pages(self, model: str) -> int:
         """Pages `model` could hold if every other model held only its reservation."""
@@ -194,10 +197,6 @@ class SlabAllocator:
 
     def free_slab_ids(self) -> set[int]:
         return set(self._free_slabs)
-
-    def fresh_slabs_for(self, model: str) -> int:
-        """Free slabs `model` may format now (within its cap, after others' outstanding reservations)."""
-        return self._fresh_slabs_for(model)
 
     def stats(self) -> dict:
         """Where the pool's bytes are. Every byte is in exactly one of: pages in use
