@@ -62,6 +62,9 @@ NUM_LAYERS, HEAD_DIM, KV_HEADS, TOKENS_PER_PAGE, PAGES_PER_SLAB = 32, 128, 8, 16
 DECODE_BATCH, DECODE_CONTEXT, PREFILL_CHUNK, WRITE_TOKENS = 64, 4096, 512, 512
 SPARSE_CONTEXT, SPARSE_BUDGET = 8192, 1024
 MATMUL_K, MATMUL_N, MATMUL_MS = 4096, 14336, (1, 16, 256, 4096)
+# one format per matmul kernel family: int4 and int8 weight-only (Triton), int8 and fp8 activations
+# (Triton), W4A8 (Triton), and the Mosaic GPU kernels (K-major fp8, FireQ's int4 x fp8)
+FAST_MATMUL_FORMATS = ("w4a16_g128", "w8a16", "w8a8", "fp8", "w4a8_g128", "fp8_k_major", "int4_fp8_g128")
 S = jax.ShapeDtypeStruct
 BF16_X3 = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
 
@@ -178,19 +181,25 @@ def cases(subset: str = "full") -> list[Case]:
     """The benchmark shapes: decode at B=64 ctx=4096 (GQA 4 and 8), sparse decode at ctx=8192 with a
     1024-token budget, a 512-token prefill chunk (and at GQA 4 with the GPU check's bf16x3 dots;
     int4_fp8 also on the Mosaic GPU FP8 kernel), a 512-token KV write and its pages' key bounds, in
-    every KV format; every matmul format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast": the
-    GQA-4 attention cases (serving dots), the KV writes and bounds, and every matmul format at M=16."""
-    groups, ms = ((4,), (16,)) if subset == "fast" else ((4, 8), MATMUL_MS)
+    every KV format; every matmul format on a 4096x14336 weight at M = 1, 16, 256, 4096. "fast" (the
+    tests'): every kernel at GQA 4 and M=16 (serving dots), each KV format through decode or sparse
+    decode and through prefill, the quantizing KV writes, and each family of matmul kernel once."""
+    if subset == "fast":
+        return ([decode_case(kv, 4) for kv in ("bf16", "int8", "int4_fp8")]
+                + [sparse_decode_case(kv, 4) for kv in ("fp8", "int4")]
+                + [prefill_case(kv, 4) for kv in KV_FORMATS] + [prefill_case("int4_fp8", 4, mosaic=True)]
+                + [kv_write_case(kv) for kv in ("fp8", "int4")] + [kv_bounds_case("int8")]
+                + [matmul_case(fmt, 16) for fmt in FAST_MATMUL_FORMATS])
+    groups = (4, 8)
     out = [decode_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [sparse_decode_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case(kv, g) for g in groups for kv in KV_FORMATS]
     out += [prefill_case("int4_fp8", g, mosaic=True) for g in groups]
-    if subset != "fast":
-        # (int4_fp8 has no dot precision: its dots multiply e4m3 values and int4 codes in bf16, exactly)
-        out += [prefill_case(kv, 4, precision=BF16_X3) for kv in KV_FORMATS if kv != "int4_fp8"]
+    # (int4_fp8 has no dot precision: its dots multiply e4m3 values and int4 codes in bf16, exactly)
+    out += [prefill_case(kv, 4, precision=BF16_X3) for kv in KV_FORMATS if kv != "int4_fp8"]
     out += [kv_write_case(kv) for kv in KV_FORMATS]
     out += [kv_bounds_case(kv) for kv in KV_FORMATS]
-    out += [matmul_case(fmt, m) for fmt in MATMUL_FORMATS for m in ms]
+    out += [matmul_case(fmt, m) for fmt in MATMUL_FORMATS for m in MATMUL_MS]
     return out
 
 
