@@ -306,26 +306,40 @@ def gptq_int4_fp8(w, gram, group_size):
     spread over the rows still to come through the Cholesky factor of the damped inverse Gram matrix,
     so later rows compensate earlier errors in `x @ w`. A group's scales are taken when its first row
     comes up, from the rows as updated so far, by the format's rule (`int4_fp8_scales`; the per-tensor
-    multiplier from the original kernel). Returns the rounded kernel, dequantized (float32)."""
+    multiplier from the original kernel). Returns the rounded kernel, dequantized (float32).
+
+    GPTQ's lazy batch update, one group at a time: a row's error updates only the rest of its group
+    at once, and the group's errors reach every later row in one matrix product when the group is
+    done, which is when those rows are next read. The same arithmetic as updating every later row
+    after each row, with k / group_size fewer passes over the kernel."""
     k, n = w.shape
     w = w.astype(jnp.float32)
     multiplier = int4_fp8_multiplier(jnp.max(jnp.abs(w.reshape(k // group_size, group_size, n)), axis=1))
     gram = gram + GPTQ_DAMP * jnp.mean(jnp.diag(gram)) * jnp.eye(k)
     u = jnp.linalg.cholesky(jnp.linalg.inv(gram)).T                      # upper: H^-1 = U^T U
-    later = jnp.arange(k)[:, None]
+    in_group = jnp.arange(group_size)[:, None]
 
-    def row(i, carry):
-        w, out, scale = carry
-        group = lax.dynamic_slice(w, (i, 0), (group_size, n))
-        scale = jnp.where(i % group_size == 0,
-                          int4_fp8_scales(jnp.abs(group).max(axis=0), multiplier, WEIGHT_SCALE_DTYPE)
-                          .astype(jnp.float32), scale)
-        q = jnp.clip(jnp.round(w[i] / scale), -INT4_SYM_MAX, INT4_SYM_MAX) * scale
-        err = (w[i] - q) / u[i, i]
-        w = w - jnp.where(later > i, u[i][:, None] * err[None, :], 0.0)
-        return w, out.at[i].set(q), scale
+    def group(b, carry):
+        w, out = carry
+        start = b * group_size
+        rows = lax.dynamic_slice(w, (start, 0), (group_size, n))          # updated by every earlier group
+        u_rows = lax.dynamic_slice(u, (start, 0), (group_size, k))
+        u_group = lax.dynamic_slice(u_rows, (0, start), (group_size, group_size))
+        scale = int4_fp8_scales(jnp.abs(rows).max(axis=0), multiplier, WEIGHT_SCALE_DTYPE).astype(jnp.float32)
 
-    _, out, _ = lax.fori_loop(0, k, row, (w, jnp.zeros_like(w), jnp.ones((n,), jnp.float32)))
+        def row(i, carry):
+            rows, errors = carry
+            q = jnp.clip(jnp.round(rows[i] / scale), -INT4_SYM_MAX, INT4_SYM_MAX) * scale
+            err = (rows[i] - q) / u_group[i, i]
+            rows = rows - jnp.where(in_group > i, u_group[i][:, None] * err[None, :], 0.0)
+            return rows.at[i].set(q), errors.at[i].set(err)
+
+        rounded, errors = lax.fori_loop(0, group_size, row, (rows, jnp.zeros_like(rows)))
+        later = jnp.arange(k)[None, :] >= start + group_size
+        w = w - jnp.where(later, u_rows, 0.0).T @ errors
+        return w, lax.dynamic_update_slice(out, rounded, (start, 0))
+
+    _, out = lax.fori_loop(0, k // group_size, group, (w, jnp.zeros_like(w)))
     return out
 
 

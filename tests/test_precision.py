@@ -24,11 +24,13 @@ from models.quantize import (
     model_weight_bytes,
     quantize_model,
     collect_activation_stats,
+    GPTQ_DAMP,
+    WEIGHT_SCALE_DTYPE,
     gptq_int4_fp8,
     smooth_model,
 )
 from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
-from pallas_kernels.quant_formats import dequantize, quantize_int4_groupwise
+from pallas_kernels.quant_formats import dequantize, int4_fp8_multiplier, int4_fp8_scales, quantize_int4_groupwise
 from tests.helpers import FIXTURES, PagedForward
 
 
@@ -204,6 +206,30 @@ def test_quantized_models_track_the_float_model_in_precision_order():
         rel[name] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert 1e-4 < rel["w8a8"] < 0.12 and rel["fp8"] < 0.35 and rel["w4a16"] < 0.8 and rel["w4a8kv4"] < 0.8, rel
     assert rel["w8a8"] < rel["fp8"] < rel["w4a16"], rel
+
+
+def test_gptq_lazy_batches_do_what_updating_every_later_row_after_each_row_does(rng):
+    """The group-at-a-time update against GPTQ as written in the paper's first algorithm (numpy,
+    float64): every row rounded after all earlier rows' errors reached it, each group's scales from
+    its rows as they then are. Equal but for float rounding, which can flip a value sitting on a
+    rounding boundary to the neighbouring code."""
+    k, n, g = 256, 48, 64
+    x = rng.normal(size=(512, k)) @ (np.eye(k) + 0.3 * rng.normal(size=(k, k)))
+    w = (rng.normal(size=(k, n)) * 0.02).astype(np.float32)
+    gram = x.T @ x / len(x)
+    got = np.asarray(gptq_int4_fp8(jnp.asarray(w), jnp.asarray(gram, jnp.float32), g))
+    multiplier = np.asarray(int4_fp8_multiplier(jnp.max(jnp.abs(w.reshape(k // g, g, n)), axis=1)))
+    damped = gram + GPTQ_DAMP * np.mean(np.diag(gram)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T
+    want, rows = np.zeros((k, n)), w.astype(np.float64)
+    for i in range(k):
+        if i % g == 0:
+            scale = np.asarray(int4_fp8_scales(jnp.asarray(np.abs(rows[i:i + g]).max(axis=0), jnp.float32),
+                                               multiplier, WEIGHT_SCALE_DTYPE), np.float64)
+        want[i] = np.clip(np.round(rows[i] / scale), -7, 7) * scale
+        rows[i + 1:] -= np.outer(u[i, i + 1:], (rows[i] - want[i]) / u[i, i])
+    assert np.mean(got == want.astype(np.float32)) > 0.995
+    assert np.linalg.norm(x @ got - x @ w) == pytest.approx(np.linalg.norm(x @ want - x @ w), rel=0.01)
 
 
 def test_gptq_runs_inside_the_fireq_calibration(rng):
