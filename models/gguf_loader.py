@@ -12,6 +12,7 @@ Layout notes:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -123,10 +124,19 @@ def _require(reader, key: str) -> Any:
 
 
 def open_gguf(path: str | os.PathLike):
-    """`gguf.GGUFReader` for `path`, with ModelLoadError/WeightsError naming the path on failure."""
+    """`gguf.GGUFReader` for `path`, with ModelLoadError/WeightsError naming the path on failure.
+    Readers are kept for the last few files (by path, size and modification time): parsing the
+    header of a model with a large vocabulary takes seconds, and a fleet, its placement and its
+    replicas open the same file again and again. The reader's tensors are read-only mappings."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelNotFoundError(f"GGUF file not found: {path}")
+    stat = os.stat(path)
+    return _read_gguf(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf(path: str, size: int, mtime_ns: int):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -135,7 +145,6 @@ def open_gguf(path: str | os.PathLike):
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on malformed input
         raise WeightsError(f"{path}: malformed or truncated GGUF file ({type(e).__name__}: {e})") from None
-    size = os.path.getsize(path)
     for t in reader.tensors:
         end = t.data_offset + t.n_bytes
         if end > size or t.data.nbytes != t.n_bytes:
