@@ -5,12 +5,15 @@
     fineserve serve --ray HEAD:6379 --config fleet.toml
 
 It joins the cluster, reads the devices every node offers (`cluster_devices`: its GPUs, or on
-nodes without any the custom resource `fineserve_device`), runs the global placement over all of
-them (`serve_config.place_models`), and deploys one Ray Serve replica per device that hosts models
-(`FleetReplica`: that device's Fleet and the same OpenAI app a single-process server runs, scheduled
-as [server] says) behind one ingress (`serving.cluster.proxy`) that routes each request by model
-name and streams the replica's response back. Ray is imported only here, so a server without
-`--ray` never loads it. Design notes: docs/serving.md ("Serving on a Ray cluster").
+nodes without any the custom resource `fineserve_device`), places the fleet over all of them
+(`cluster_plan`, every replica the placement plans) and runs one Ray Serve application per device
+that hosts models (`FleetReplica`: that device's Fleet and the same OpenAI app a single-process
+server runs, scheduled as [server] says, pinned to the device's node) behind one ingress
+(`serving.cluster.proxy`) that routes each request by model name and placement weight and streams
+the replica's response back. `ClusterController` (through `RayBackend`) then keeps it on plan: a
+lost node's models are placed again on the survivors, drifted rates re-place the fleet. Ray is
+imported only here, so a server without `--ray` never loads it. Design notes: docs/serving.md
+("Serving on a Ray cluster").
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from fineserve_jax.caches import Caches
+from fineserve_jax.cluster_controller import ClusterController
+from fineserve_jax.cluster_plan import PlanDevice
 from fineserve_jax.config_files import DeviceConfig
 from fineserve_jax.serve_app import app_for
-from fineserve_jax.serve_config import ServeConfig, build_fleets, place_models
+from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.cluster.asgi_call import call_asgi
 from serving.cluster.proxy import Routes, build_proxy_app
+from serving.scheduling.replan import RateObservation, RatesMonitor
 from serving.scheduling.cost_model import DEVICES
 
 log = logging.getLogger("fineserve.ray")
@@ -38,6 +45,8 @@ DEVICE_RESOURCE = "fineserve_device"   # what a node without GPUs offers (ray st
 APP_NAME = "fineserve"
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 CONNECT_TIMEOUT_S = 5.0
+CHECK_EVERY_S = 5.0                   # how often the controller looks for lost devices and drifted rates
+NODE_LABEL = "ray.io/node-id"         # every Ray node's own label: pins a replica to its device's node
 
 
 @dataclass(frozen=True)
@@ -71,20 +80,11 @@ def cluster_devices(nodes: list[dict], *, memory_bytes: int | None = None) -> li
     return devices
 
 
-def place_on_cluster(config: ServeConfig, devices: list[ClusterDevice]) -> dict[str, list[str]]:
-    """Device name -> its models: the global placement over the cluster's devices."""
-    if not devices:
-        raise ValueError(f"the Ray cluster offers no devices: start its nodes with GPUs, or with "
-                         f"--resources='{{\"{DEVICE_RESOURCE}\": 1}}'")
-    if any(m.spec.tensor_parallel_size > 1 for m in config.models):
-        raise ValueError("tensor_parallel_size > 1 is not placed over a Ray cluster yet; serve those models "
-                         "without --ray")
-    entries = [DeviceConfig(name=d.name, jax_device=i, memory_bytes=d.memory_bytes, kind=d.kind)
-               for i, d in enumerate(devices)]
-    return place_models(dataclasses.replace(config, devices=entries))
+def plan_devices(devices: list[ClusterDevice]) -> list[PlanDevice]:
+    return [PlanDevice(d.name, d.kind, d.memory_bytes) for d in devices]
 
 
-def replica_config(config: ServeConfig, device: ClusterDevice, models: list[str]) -> ServeConfig:
+def replica_config(config: ServeConfig, device: ClusterDevice, models: tuple[str, ...]) -> ServeConfig:
     """What one replica serves: its models on its one device (jax device 0 of its process: Ray
     gives a GPU replica exactly its GPU)."""
     return dataclasses.replace(config, models=[config.model(n) for n in models],
@@ -101,58 +101,125 @@ class FleetReplica:
         self._lifespan = self.app.router.lifespan_context(self.app)
         self._started: asyncio.Future | None = None
 
-    async def forward(self, method: str, path: str, body: bytes, headers: list):
-        if self._started is None:   # the app's startup (its engine threads) runs once, in the replica's loop
+    async def ready(self) -> bool:
+        """The app's startup (engine threads, warm-up) has run: once, in the replica's loop."""
+        if self._started is None:
             self._started = asyncio.ensure_future(self._lifespan.__aenter__())
         await self._started
+        return True
+
+    async def forward(self, method: str, path: str, body: bytes, headers: list):
+        await self.ready()
         async for item in call_asgi(self.app, method, path, body, headers):
             yield item
 
 
 class ClusterIngress:
     """The front door (a Ray Serve ingress deployment): `serving.cluster.proxy` over the replicas'
-    handles."""
+    handles, routed as the controller says (`update`); it reports what the controller watches:
+    each replica's requests in flight and each model's observed arrival rate."""
 
-    def __init__(self, routes: Routes, replicas: dict):
-        self.routes = routes
-        self.replicas = {name: handle.options(stream=True) for name, handle in replicas.items()}
+    def __init__(self, hold_s: float = 120.0, rates_window_s: float = 60.0):
+        self.routes = Routes({})
+        self.monitor = RatesMonitor(rates_window_s)
+        self.hold_s = hold_s
+        self.replicas: dict = {}
 
     def __serve_build_asgi_app__(self):
-        return build_proxy_app(self.routes, self._forward)
+        return build_proxy_app(self.routes, self._forward, hold_s=self.hold_s, monitor=self.monitor)
+
+    # async: they run in the loop that serves the app, which owns `routes`
+    async def update(self, routes: dict, unplaced: dict, handles: dict, lost: list[str]) -> None:
+        self.replicas = {name: handle.options(stream=True) for name, handle in handles.items()}
+        self.routes.update(routes, unplaced, lost)
+
+    async def inflight(self) -> dict[str, int]:
+        return {name: n for name, n in self.routes.inflight.items() if n}
+
+    async def rates(self) -> dict[str, RateObservation]:
+        return self.monitor.observe(time.monotonic(), list(self.routes.replicas))
 
     def _forward(self, replica: str, method: str, path: str, body: bytes, headers: list):
         return self.replicas[replica].forward.remote(method, path, body, headers)
 
 
-def deploy(config: ServeConfig, devices: list[ClusterDevice], *, host: str, port: int, warmup: bool = True,
-           caches: Caches = Caches(None)):
-    """Place the fleet on the cluster and run it on Ray Serve (ray must be initialised); returns the
-    ingress handle and the placement. `caches`: the folders each replica caches compiled programs and
-    calibrated weights in (on its own machine)."""
-    from ray import serve
+class RayBackend:
+    """The cluster as `ClusterController` drives it: Ray's nodes are the devices, each replica is a
+    Ray Serve application pinned to its device's node, the ingress is one more (at host:port)."""
 
-    placed = place_on_cluster(config, devices)
-    by_name = {d.name: d for d in devices}
-    serve.start(http_options={"host": host, "port": port})
-    replica_deployment = serve.deployment(FleetReplica)
-    replicas, routes = {}, {}
-    for i, (name, models) in enumerate(placed.items()):
-        if not models:
-            continue
-        device = by_name[name]
-        options = {"num_cpus": 0, "resources": {device.resource: 1}} if device.resource != "GPU" else {
-            "num_cpus": 0, "num_gpus": 1}
-        replica = f"fleet{i}"
-        replicas[replica] = replica_deployment.options(
-            name=replica, ray_actor_options=options | {"runtime_env": {"env_vars": RAY_ENV}},
-            max_ongoing_requests=1024).bind(replica_config(config, device, models), warmup, caches)
-        for m in models:
-            routes.setdefault(m, {})[replica] = 1.0
-        log.info("replica %s on %s: %s", replica, name, ", ".join(models))
-    ingress = serve.deployment(serve.ingress()(ClusterIngress)).options(
-        name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
-    handle = serve.run(ingress.bind(Routes(routes), replicas), name=APP_NAME, route_prefix="/")
-    return handle, placed
+    def __init__(self, config: ServeConfig, *, host: str, port: int, warmup: bool = True,
+                 caches: Caches = Caches(None), memory_bytes: int | None = None, hold_s: float = 120.0,
+                 rates_window_s: float = 60.0, ready_timeout_s: float = 600.0):
+        self.config, self.warmup, self.caches, self.memory_bytes = config, warmup, caches, memory_bytes
+        self.hold_s, self.rates_window_s, self.ready_timeout_s = hold_s, rates_window_s, ready_timeout_s
+        self.http = {"host": host, "port": port}
+        self._known: dict[str, ClusterDevice] = {}
+        self._ingress = None
+        self._serving = False
+
+    def devices(self) -> list[PlanDevice]:
+        import ray
+
+        found = cluster_devices(ray.nodes(), memory_bytes=self.memory_bytes)
+        self._known.update({d.name: d for d in found})
+        return plan_devices(found)
+
+    def _serve(self):
+        """Ray Serve, started once with the ingress's HTTP address (before any application runs)."""
+        from ray import serve
+
+        if not self._serving:
+            # one HTTP entry point, on the head node: the ingress's address stays up when a worker node goes
+            serve.start(proxy_location="HeadOnly", http_options=self.http)
+            self._serving = True
+        return serve
+
+    def start_replicas(self, replicas: dict[str, tuple[str, tuple[str, ...]]]) -> dict:
+        from ray.serve.api import RunTarget
+
+        serve = self._serve()
+        deployment = serve.deployment(FleetReplica)
+        targets = []
+        for name, (device_name, models) in replicas.items():
+            device = self._known[device_name]
+            options = {"num_cpus": 0, "num_gpus": 1} if device.resource == "GPU" else {
+                "num_cpus": 0, "resources": {device.resource: 1}}
+            options |= {"label_selector": {NODE_LABEL: device.node_id}, "runtime_env": {"env_vars": RAY_ENV}}
+            app = deployment.options(name="replica", ray_actor_options=options, max_ongoing_requests=1024,
+                                     graceful_shutdown_timeout_s=5, max_constructor_retry_count=3).bind(
+                replica_config(self.config, device, models), self.warmup, self.caches)
+            targets.append(RunTarget(app, name=name, route_prefix=None))
+        handles = dict(zip(replicas, serve.run_many(targets)))
+        for handle in handles.values():
+            handle.ready.remote().result(timeout_s=self.ready_timeout_s)
+        return handles
+
+    def stop_replica(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+    def route(self, routes: dict, unplaced: dict, handles: dict, lost: list[str]) -> None:
+        if self._ingress is None:
+            import ray
+
+            serve = self._serve()
+            here = {"label_selector": {NODE_LABEL: ray.get_runtime_context().get_node_id()}}  # the driver's node
+            ingress = serve.deployment(serve.ingress()(ClusterIngress)).options(
+                name="ingress", ray_actor_options={"num_cpus": 0} | here, max_ongoing_requests=4096)
+            self._ingress = serve.run(ingress.bind(self.hold_s, self.rates_window_s), name=APP_NAME, route_prefix="/")
+        self._ingress.update.remote(routes, unplaced, handles, lost).result()
+
+    def inflight(self) -> dict[str, int]:
+        return self._ingress.inflight.remote().result() if self._ingress is not None else {}
+
+    def rates(self) -> dict[str, RateObservation]:
+        return self._ingress.rates.remote().result() if self._ingress is not None else {}
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        serve.shutdown()
 
 
 def connect(address: str | None):
@@ -177,23 +244,21 @@ def connect(address: str | None):
 
 def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, warmup: bool = True,
                  caches: Caches = Caches(None)) -> int:
-    """`fineserve serve --ray`: deploy, then serve until SIGINT/SIGTERM (Ray Serve's proxy listens
-    on host:port), and take the deployment down."""
+    """`fineserve serve --ray`: deploy, keep the deployment on plan (`ClusterController`: lost
+    devices, drifted rates) until SIGINT/SIGTERM (Ray Serve's proxy listens on host:port), then take
+    it down."""
     ray = connect(address)
     try:
-        from ray import serve
-
-        devices = cluster_devices(ray.nodes())
-        _, placed = deploy(config, devices, host=host, port=port, warmup=warmup, caches=caches)
-        log.info("serving %s on http://%s:%d/v1 from %d replica(s) on a Ray cluster of %d device(s)",
-                 ", ".join(m.name for m in config.models), host, port, sum(1 for m in placed.values() if m),
-                 len(devices))
+        backend = RayBackend(config, host=host, port=port, warmup=warmup, caches=caches)
+        controller = ClusterController(config, backend)
+        plan = controller.start()
+        log.info("serving %s on http://%s:%d/v1 from %d replica(s) on a Ray cluster", ", ".join(plan.weights),
+                 host, port, len(controller.replicas))
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        serve.delete(APP_NAME)
+        controller.run(stop, poll_s=CHECK_EVERY_S)
+        backend.shutdown()
         return 0
     finally:
         ray.shutdown()
-

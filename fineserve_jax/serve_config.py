@@ -37,6 +37,8 @@ from models.precision import PrecisionPreset, kv_page_layout, resolve_precision
 from models.quantize import model_weight_bytes
 from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roofline_step_cost, variant_key
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
+from serving.scheduling.placement import Placement
+from serving.scheduling.replan import replan
 from serving.scheduling.slo import fineserve_slo_of
 from serving.scheduling.strategies import place
 from serving.kv.pool_sizing import device_memory_stats
@@ -224,13 +226,19 @@ def read_model_config(spec: ModelSpec) -> ModelConfig:
     return read_hf_config(path)
 
 
+def planned_weights(model: ServedModelConfig) -> tuple[int, jnp.dtype]:
+    """The model's weight bytes as placement counts them, and its compute dtype."""
+    spec, preset = model.spec, _planned_preset(model.spec)
+    if isinstance(spec.model, LoadedModel):
+        return model_weight_bytes(spec.model.model), spec.model.dtype
+    # a float32 compute dtype doubles the unquantized weights: count all of them twice (upper bound)
+    dtype = parse_dtype(spec.dtype)
+    return preset.weight_bytes(read_model_config(spec)) * (2 if dtype == jnp.float32 else 1), dtype
+
+
 def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     spec, cfg, preset = model.spec, read_model_config(model.spec), _planned_preset(model.spec)
-    if isinstance(spec.model, LoadedModel):
-        weights, dtype = model_weight_bytes(spec.model.model), spec.model.dtype
-    else:  # a float32 compute dtype doubles the unquantized weights: count all of them twice (upper bound)
-        dtype = parse_dtype(spec.dtype)
-        weights = preset.weight_bytes(cfg) * (2 if dtype == jnp.float32 else 1)
+    weights, dtype = planned_weights(model)
     layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype, key_bounds=spec.sparse is not None)
     # profile_model: a private key per model, so that the profile built for placement has one entry each.
     return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
@@ -243,38 +251,16 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
 # Placement
 
 
+class DoesNotFit(ValueError):
+    """The models do not fit in the devices' memory, even placed by memory only."""
+
+
 def place_models(config: ServeConfig) -> dict[str, list[str]]:
     """Device name -> the served models it hosts (config order; every device listed, maybe empty).
     See the module docstring for the rules; ValueError when the models do not fit in memory."""
     if len(config.devices) == 1:   # a TP model makes that device's fleet a group of the next devices too
         return {config.devices[0].name: [m.name for m in config.models]}
-    wide = [m.name for m in config.models if m.spec.tensor_parallel_size > 1]
-    if wide:
-        raise ValueError(f"{', '.join(wide)}: tensor_parallel_size > 1 is served by a fleet over one device group "
-                         f"(one [[devices]] entry, the group's first device), not yet by placement over several "
-                         f"[[devices]]")
-    scheduler = SchedulerConfig(tp_sizes=(1,), max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
-                                target_slab_bytes=config.slab_bytes)
-    devices = [_scheduler_device(config, d, scheduler) for d in config.devices]
-    kinds = {d.kind for d in devices}
-    kind = kinds.pop() if len(kinds) == 1 else None  # mixed kinds: one profile cannot cost them all
-    profile = DeviceProfile.shipped(kind) if kind is not None else None
-    demands = [_demand(i, m, slo_ttft_s(m, kind, profile)) for i, m in enumerate(config.models)]
-    costs = {}
-    for d, m in zip(demands, config.models):
-        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
-    try:
-        placement = place("fineserve", demands, devices, DeviceProfile(kind or "mixed", "serve", costs), scheduler)
-    except PlacementError as e:
-        log.warning("the expected rates / SLOs cannot be met on these devices (%s); placing by memory only", e)
-        unconstrained = [dataclasses.replace(d, rate=0.0, slo_ttft_s=math.inf) for d in demands]
-        memory_only = DeviceProfile("any", "memory only", {k: MEMORY_ONLY_COST for k in costs})
-        try:
-            placement = place("fineserve", unconstrained, devices, memory_only, scheduler)
-        except PlacementError as e:
-            raise ValueError(f"the models do not fit on the configured devices: {e}") from None
-    for note in placement.notes:
-        log.info("placement: %s", note)
+    placement = plan_placement(config)
     hosts = {d.name: [] for d in config.devices}
     for m in config.models:
         replicas = placement.replicas_of(m.name)
@@ -284,6 +270,51 @@ def place_models(config: ServeConfig) -> dict[str, list[str]]:
                         m.name, len(replicas), m.rate, first)
         hosts[first].append(m.name)
     return hosts
+
+
+def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None,
+                   previous: Placement | None = None) -> Placement:
+    """FineServe's global placement of the config's models over its devices (TP 1), at their
+    configured rates or at `rates` (observed ones). With `previous`, a re-placement
+    (`serving.scheduling.replan`): models whose rate stayed near plan keep their devices where those
+    are still in the config. Where the rates / SLOs cannot be met, the models are placed by memory
+    only; DoesNotFit when even that does not fit."""
+    wide = [m.name for m in config.models if m.spec.tensor_parallel_size > 1]
+    if wide:
+        raise ValueError(f"{', '.join(wide)}: tensor_parallel_size > 1 is served by a fleet over one device group "
+                         f"(one [[devices]] entry, the group's first device), not yet by placement over several "
+                         f"[[devices]]")
+    rates = rates or {}
+    scheduler = SchedulerConfig(tp_sizes=(1,), max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
+                                target_slab_bytes=config.slab_bytes)
+    devices = [_scheduler_device(config, d, scheduler) for d in config.devices]
+    kinds = {d.kind for d in devices}
+    kind = kinds.pop() if len(kinds) == 1 else None  # mixed kinds: one profile cannot cost them all
+    profile = DeviceProfile.shipped(kind) if kind is not None else None
+    demands = [dataclasses.replace(_demand(i, m, slo_ttft_s(m, kind, profile)), rate=rates.get(m.name, m.rate))
+               for i, m in enumerate(config.models)]
+    costs = {}
+    for d, m in zip(demands, config.models):
+        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
+
+    def run(demands, profile):
+        if previous is None:
+            return place("fineserve", demands, devices, profile, scheduler)
+        return replan(previous, demands, profile, devices=devices, config=scheduler).placement
+
+    try:
+        placement = run(demands, DeviceProfile(kind or "mixed", "serve", costs))
+    except PlacementError as e:
+        log.warning("the expected rates / SLOs cannot be met on these devices (%s); placing by memory only", e)
+        unconstrained = [dataclasses.replace(d, rate=0.0, slo_ttft_s=math.inf) for d in demands]
+        memory_only = DeviceProfile("any", "memory only", {k: MEMORY_ONLY_COST for k in costs})
+        try:
+            placement = run(unconstrained, memory_only)
+        except PlacementError as e:
+            raise DoesNotFit(f"the models do not fit on the configured devices: {e}") from None
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    return placement
 
 
 def _scheduler_device(config: ServeConfig, device: DeviceConfig, scheduler: SchedulerConfig) -> Device:

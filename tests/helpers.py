@@ -90,3 +90,12 @@ def check_fp8_p(out, ref, rtol=2e-5, atol=2e-5):
     close = err <= atol + rtol * np.abs(ref)
     assert close.mean() >= 0.99, (close.mean(), err.max())
     assert err.max() <= 2.0 ** -3 * np.abs(ref).max(), err.max()
+
+
+def hf_fleet_config(**per_model):
+    """The three HF fixture models as a serve config (float32, tiny pools): the cluster tests' fleet."""
+    from fineserve_jax.serve_config import ServeConfig
+
+    return ServeConfig.from_dict({"pool_bytes": "8MiB", "models": [
+        {"model": str(FIXTURES / m), "precision": "bf16", "name": m, "dtype": "float32", "max_model_len": 128,
+         "max_num_seqs": 4, "max_num_batched_tokens": 64, "tokens_per_page": 8} | per_model for m in HF_MODELS]})

@@ -22,7 +22,8 @@ LOCAL_IMPORTS_ALLOWED = {("models/checkpoint.py", "import orbax.checkpoint as oc
                          # Ray is loaded only by `fineserve serve --ray`
                          ("fineserve_jax/serve.py", "from fineserve_jax.ray_serve import serve_on_ray"),
                          ("fineserve_jax/ray_serve.py", "import ray"),
-                         ("fineserve_jax/ray_serve.py", "from ray import serve")}
+                         ("fineserve_jax/ray_serve.py", "from ray import serve"),
+                         ("fineserve_jax/ray_serve.py", "from ray.serve.api import RunTarget")}
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:

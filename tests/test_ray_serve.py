@@ -1,11 +1,17 @@
 """Serving over a Ray cluster: a two-node cluster in this machine (loopback only), the fleet placed
 over both nodes' devices, the official client through the one ingress (streaming and not) getting
-what a single-process fleet answers, the cluster-wide /v1/models, /health and /metrics, and the
-one-line errors at start."""
+what a single-process fleet answers, the cluster-wide /v1/models, /health and /metrics, the
+one-line errors at start; then, under load, models moved to new replicas with no request lost, and
+a node killed: every request answered or failed explicitly, its models back on the survivor."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -13,53 +19,52 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from fineserve_jax.cluster_controller import ClusterController
+from fineserve_jax.cluster_plan import plan_cluster
 from fineserve_jax.fleet import Fleet
-from fineserve_jax.ray_serve import DEVICE_RESOURCE, cluster_devices, deploy, place_on_cluster
+from fineserve_jax.ray_serve import DEVICE_RESOURCE, RayBackend, cluster_devices
 from fineserve_jax.serve import main as serve_main
-from fineserve_jax.serve_config import ServeConfig
 from serving.cluster.proxy import Routes, build_proxy_app, merge_metrics
 from serving.scheduling.cost_model import DEVICES
 from serving.engine.sampling import SamplingParams
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, HF_MODELS as MODELS, hf_fleet_config as fixture_config
 
-MODELS = ("llama", "mistral", "qwen2")
 PORT_RANGE = (18100, 18900)
 TIMEOUT_S = 120
-
-
-def fixture_config() -> ServeConfig:
-    return ServeConfig.from_dict({"pool_bytes": "8MiB", "models": [
-        {"model": str(FIXTURES / m), "precision": "bf16", "name": m, "dtype": "float32", "max_model_len": 128,
-         "max_num_seqs": 4, "max_num_batched_tokens": 64, "tokens_per_page": 8} for m in MODELS]})
+DEVICE_MEMORY = 48 << 20
+LOST_AFTER_S = 60      # Ray marks a killed node dead within this (health checks every 0.5 s)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two Ray nodes of one device each; the fleet deployed over them (device memory set so that the
-    three models cannot share one device)."""
+    """Two Ray nodes of one device each; the fleet deployed over them by the controller."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"   # everything on 127.0.0.1
     import ray
-    from ray import serve
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {DEVICE_RESOURCE: 1}})
-    nodes.add_node(num_cpus=1, resources={DEVICE_RESOURCE: 1})
+    nodes = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {DEVICE_RESOURCE: 1},
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+    worker = nodes.add_node(num_cpus=1, resources={DEVICE_RESOURCE: 1})
     ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False)
+    port = int(np.random.default_rng().integers(*PORT_RANGE))
+    backend = RayBackend(fixture_config(), host="127.0.0.1", port=port, warmup=False, memory_bytes=DEVICE_MEMORY)
     try:
-        devices = cluster_devices(ray.nodes(), memory_bytes=48 << 20)
-        port = int(np.random.default_rng().integers(*PORT_RANGE))
-        _, placed = deploy(fixture_config(), devices, host="127.0.0.1", port=port, warmup=False)
-        yield {"url": f"http://127.0.0.1:{port}", "placed": placed, "devices": devices}
+        # re-placement for drifted rates is the fake cluster's test: here the load would trigger it
+        controller = ClusterController(fixture_config(), backend, drain_timeout_s=30, drift_threshold=math.inf)
+        controller.start()
+        yield {"url": f"http://127.0.0.1:{port}", "controller": controller, "nodes": nodes, "worker": worker,
+               "devices": cluster_devices(ray.nodes(), memory_bytes=DEVICE_MEMORY)}
     finally:
-        serve.shutdown()
+        backend.shutdown()
         ray.shutdown()
         nodes.shutdown()
 
 
 def test_fleet_spreads_over_both_nodes_and_answers_as_one_process(cluster):
     assert len(cluster["devices"]) == 2 and len({d.node_id for d in cluster["devices"]}) == 2
-    hosted = [models for models in cluster["placed"].values() if models]
+    hosted = list(cluster["controller"].plan.hosts.values())
     assert len(hosted) == 2 and sorted(m for ms in hosted for m in ms) == sorted(MODELS)
     single = Fleet([m.spec for m in fixture_config().models], "8MiB")
     client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
@@ -92,6 +97,111 @@ def test_cluster_wide_models_health_metrics_and_errors(cluster):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"   # the replica's own validation
 
 
+class Load:
+    """A client per model sending requests in a loop (streamed and not, over one connection each)
+    until stopped; each request's outcome is recorded: "ok" (whole answer), "error" (an explicit
+    error: an HTTP error with its JSON body, or a stream ending in an error event) or "lost"
+    (anything else: a hang, a cut connection, an answer silently short)."""
+
+    MAX_TOKENS = 6
+
+    def __init__(self, url: str):
+        self.url, self.outcomes, self.replicas = url, [], {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(m,), daemon=True) for m in MODELS]
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(TIMEOUT_S)
+
+    def _client(self, model: str):
+        with httpx.Client(base_url=self.url, timeout=TIMEOUT_S) as http:
+            stream = False
+            while not self._stop.is_set():
+                stream = not stream
+                body = {"model": model, "prompt": "Hello there", "max_tokens": self.MAX_TOKENS, "temperature": 0,
+                        "stream": stream}
+                t0 = time.monotonic()
+                try:
+                    r = http.post("/v1/completions", json=body)
+                    self.outcomes.append((model, self._outcome(r, stream)))
+                    self.replicas.setdefault(model, set()).add(r.headers.get("x-fineserve-replica"))
+                except httpx.HTTPError as e:
+                    self.outcomes.append((model, f"lost: {type(e).__name__} after {time.monotonic() - t0:.1f} s"))
+
+    def _outcome(self, r: httpx.Response, stream: bool) -> str:
+        if r.status_code != 200:
+            return "error" if r.json().get("error", {}).get("message") else f"lost: {r.status_code}"
+        if not stream:
+            return "ok" if r.json()["usage"]["completion_tokens"] == self.MAX_TOKENS else "lost: short"
+        events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+        if events[-1] != "[DONE]":
+            return "lost: no [DONE]"
+        if any('"error"' in e for e in events):
+            return "error"
+        return "ok" if sum(1 for e in events[:-1] if '"text"' in e) >= 1 else "lost: empty stream"
+
+    def count(self, outcome: str, model: str | None = None) -> int:
+        return sum(1 for m, o in self.outcomes if o.startswith(outcome) and model in (None, m))
+
+
+def _answers(url: str) -> dict[str, str]:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+    return {m: client.completions.create(model=m, prompt="Hello there, how", max_tokens=6, temperature=0)
+            .choices[0].text for m in MODELS}
+
+
+def test_models_move_to_new_replicas_under_load_without_losing_a_request(cluster):
+    """A popularity flip (llama ten thousand times its planned rate) moves every model: both
+    devices get new replicas, llama one on each; no request fails meanwhile."""
+    controller = cluster["controller"]
+    before, answers = dict(controller.replicas), _answers(cluster["url"])
+    devices = controller.backend.devices()
+    flipped = plan_cluster(controller.config, devices, rates={"llama": 1e4, "mistral": 0.01, "qwen2": 0.01},
+                           previous=controller.plan)
+    assert len(flipped.weights["llama"]) == 2 and flipped.hosts != controller.plan.hosts
+    with Load(cluster["url"]) as load:
+        time.sleep(1.0)
+        controller.apply(flipped)
+        time.sleep(1.0)
+    assert load.count("ok") == len(load.outcomes) and all(load.count("ok", m) >= 2 for m in MODELS), load.outcomes
+    assert {r.name for r in controller.replicas.values()}.isdisjoint(r.name for r in before.values())
+    assert {d: r.models for d, r in controller.replicas.items()} == flipped.hosts
+    assert _answers(cluster["url"]) == answers   # the same tokens from the new replicas
+    assert len(load.replicas["llama"]) >= 2      # llama's requests went to old and new replicas
+
+
+def test_a_killed_node_s_models_come_back_and_no_request_is_lost_silently(cluster):
+    """Runs last in this module: it kills the worker node. Requests in flight there end explicitly
+    (or are retried elsewhere); its models are placed again on the surviving device."""
+    controller, nodes = cluster["controller"], cluster["nodes"]
+    answers = _answers(cluster["url"])
+    worker_id = cluster["worker"].node_id
+    lost = [m for r in controller.replicas.values() if r.device.split("/")[1] == worker_id[:8] for m in r.models]
+    assert lost
+    with Load(cluster["url"]) as load:
+        time.sleep(1.0)
+        nodes.remove_node(cluster["worker"], allow_graceful=False)
+        deadline = time.monotonic() + LOST_AFTER_S
+        while not (any("is lost" in e for e in controller.events) and controller.step() is False):
+            assert time.monotonic() < deadline, f"the lost node's models are not back: {controller.events}"
+            controller.step()   # what the server's controller does every few seconds
+            time.sleep(0.5)
+        time.sleep(1.0)
+    assert load.count("lost") == 0, ([o for o in load.outcomes if o[1].startswith("lost")], controller.events)
+    assert all(load.count("ok", m) >= 1 for m in MODELS)
+    assert any("is lost" in e for e in controller.events)
+    [survivor] = controller.replicas.values()
+    assert sorted(survivor.models) == sorted(MODELS) and not controller.plan.unplaced
+    assert _answers(cluster["url"]) == answers
+
+
 def test_cluster_devices_from_node_resources():
     nodes = [{"NodeID": "b" * 40, "NodeManagerAddress": "10.0.0.2", "Alive": True,
               "Resources": {"GPU": 2.0, "accelerator_type:H100": 1.0, "memory": 1e12}},
@@ -106,8 +216,12 @@ def test_cluster_devices_from_node_resources():
 
 
 def test_a_cluster_without_devices_or_unreachable_fails_at_start_in_one_line(tmp_path, capsys):
+    class NoDevices:
+        def devices(self):
+            return []
+
     with pytest.raises(ValueError, match="offers no devices"):
-        place_on_cluster(fixture_config(), [])
+        ClusterController(fixture_config(), NoDevices()).start()
     config = tmp_path / "fleet.toml"
     config.write_text(f'[[models]]\nmodel = "{FIXTURES / "llama"}"\n')
     assert serve_main(["--ray", "127.0.0.1:1", "--config", str(config)]) == 2
@@ -124,30 +238,48 @@ def test_merge_metrics_keeps_each_family_once():
 
 
 async def _fake_replica(replica, method, path, body, headers):
-    """dead: gone before answering; flaky: dies after one token; anything else answers whole."""
+    """dead: gone before answering; stuck: never answers; flaky: dies after one token; cut: dies
+    before its first token; anything else answers whole."""
     if replica == "dead":
         raise ConnectionError("the actor died")
-    yield 200, [("content-type", "text/event-stream; charset=utf-8")]
-    yield b'data: {"choices": [{"text": "a"}]}\n\n'
+    while replica == "stuck":   # queued for a replica that will never come
+        await asyncio.sleep(0.05)
+    stream = json.loads(body).get("stream", False)
+    yield 200, [("content-type", "text/event-stream; charset=utf-8" if stream else "application/json")]
+    if replica == "cut":
+        raise RuntimeError("node lost")
+    yield b'data: {"choices": [{"text": "a"}]}\n\n' if stream else b'{"choices": '
     if replica == "flaky":
         raise RuntimeError("node lost")
-    yield b"data: [DONE]\n\n"
+    yield b"data: [DONE]\n\n" if stream else b'[{"text": "a"}]}'
 
 
-def test_proxy_retries_a_dead_replica_and_ends_broken_streams_explicitly():
-    routes = Routes({"m": {"dead": 1.0, "ok": 1.0}, "lost": {"dead": 1.0}, "cut": {"flaky": 1.0}},
+def test_proxy_retries_a_replica_that_failed_before_its_first_token_and_ends_broken_streams_explicitly():
+    routes = Routes({"m": {"dead": 1.0, "ok": 1.0}, "n": {"cut": 1.0, "ok": 1.0}, "lost": {"dead": 1.0},
+                     "moving": {}, "gone": {"flaky": 1.0}, "hang": {"stuck": 1.0}},
                     unplaced={"big": "no device has the memory for it"})
-    client = TestClient(build_proxy_app(routes, _fake_replica))
-    for _ in range(4):   # whichever replica is picked first, the live one answers
-        r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
-        assert r.status_code == 200 and r.headers["x-fineserve-replica"] == "ok" and r.text.endswith("[DONE]\n\n")
-    r = client.post("/v1/completions", json={"model": "lost", "prompt": "x"})
-    assert r.status_code == 503 and "the actor died" in r.json()["error"]["message"]
-    r = client.post("/v1/completions", json={"model": "cut", "prompt": "x", "stream": True})
+    client = TestClient(build_proxy_app(routes, _fake_replica, hold_s=1.0))
+    for model in ("m", "n"):
+        for _ in range(4):   # whichever replica is picked first, the live one answers
+            r = client.post("/v1/completions", json={"model": model, "prompt": "x", "stream": True})
+            assert r.status_code == 200 and r.headers["x-fineserve-replica"] == "ok" and r.text.endswith("[DONE]\n\n")
+            r = client.post("/v1/completions", json={"model": model, "prompt": "x"})
+            assert r.status_code == 200 and r.json() == {"choices": [{"text": "a"}]}
+    t0 = time.monotonic()
+    r = client.post("/v1/completions", json={"model": "lost", "prompt": "x"})   # waits for a new replica, then 503
+    assert r.status_code == 503 and "the actor died" in r.json()["error"]["message"] and time.monotonic() - t0 >= 1.0
+    threading.Timer(0.3, routes.update, ({**routes.replicas, "moving": {"ok": 1.0}}, routes.unplaced)).start()
+    r = client.post("/v1/completions", json={"model": "moving", "prompt": "x"})   # held until its replica is up
+    assert r.status_code == 200 and r.headers["x-fineserve-replica"] == "ok"
+    lose = ({**routes.replicas, "hang": {"ok": 1.0}}, routes.unplaced, ["stuck"])
+    threading.Timer(0.3, routes.update, lose).start()
+    r = client.post("/v1/completions", json={"model": "hang", "prompt": "x"})   # its replica's node is lost
+    assert r.status_code == 200 and r.headers["x-fineserve-replica"] == "ok"
+    r = client.post("/v1/completions", json={"model": "gone", "prompt": "x", "stream": True})
     events = [e for e in r.text.split("\n\n") if e]
     assert events[0].startswith('data: {"choices"') and '"code": "replica_failed"' in events[1]
     assert events[-1] == "data: [DONE]"
     r = client.post("/v1/completions", json={"model": "big", "prompt": "x"})
     assert r.status_code == 503 and "no device has the memory" in r.json()["error"]["message"]
     assert client.post("/v1/completions", content=b"not json").status_code == 400
-
+    assert not +routes.inflight   # every request's count came back down

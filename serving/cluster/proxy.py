@@ -9,9 +9,13 @@ an async iterator of `(status, headers)` then body chunks: a Ray Serve handle ca
 and merges what describes the whole cluster: `/v1/models` (every replica's models), `/health`
 (every replica's, 503 if any is not ok) and `/metrics` (every replica's metrics, each sample
 labelled `replica="<name>"`). A model that no replica hosts is a 404 naming the served ones; one the
-placement could not fit anywhere is a 503 saying why. A replica that fails before answering (its
-actor or node is gone) has sent nothing, so the request goes to another replica of the model (503
-when none is left); one that fails mid-stream ends the stream with an explicit error event.
+placement could not fit anywhere is a 503 saying why. Nothing reaches the client before the
+replica's first token (or whole body, unstreamed), so a replica that fails before (its actor or
+node is gone) has sent nothing and the request goes to another replica of the model; while the
+model has none (being moved, or placed again after a loss; `Routes`), the request waits for one, up
+to a hold time, then is a 503. A replica that fails mid-stream ends the stream with an explicit
+error event. The proxy also records arrivals per model (a `RatesMonitor`) and counts each replica's
+requests in flight, which is what the cluster controller watches.
 """
 
 from __future__ import annotations
@@ -21,36 +25,55 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serving.scheduling.replan import RatesMonitor
+
 log = logging.getLogger("fineserve.proxy")
 
 Forward = Callable[[str, str, str, bytes, list], AsyncIterator]
 PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+HOLD_POLL_S = 0.05
 
 
 @dataclass
 class Routes:
-    """Which replicas host each model, with the placement's weights; models it could not place."""
+    """Which replicas host each model, with the placement's weights; models it could not place. A
+    model listed with no replica is being moved: its requests wait at the proxy (up to its hold
+    time) for the replica that will host it. `inflight` counts the requests each replica is
+    answering (what a drain waits for)."""
     replicas: dict[str, dict[str, float]]                 # model -> {replica: weight}
     unplaced: dict[str, str] = field(default_factory=dict)   # model -> why it is not served
     rng: random.Random = field(default_factory=random.Random)
+    inflight: Counter = field(default_factory=Counter)
+    _lost: dict[str, asyncio.Event] = field(default_factory=dict, repr=False)
 
     @property
     def replica_names(self) -> list[str]:
         return sorted({r for hosts in self.replicas.values() for r in hosts})
 
+    def update(self, replicas: dict[str, dict[str, float]], unplaced: dict[str, str], lost=()) -> None:
+        """Route by a new plan from now on (requests already answering stay where they are, but on a
+        `lost` replica, whose node is gone, every request still waiting on it fails at once)."""
+        self.replicas, self.unplaced = replicas, unplaced
+        for replica in lost:
+            self.lost_signal(replica).set()
+
+    def lost_signal(self, replica: str) -> asyncio.Event:
+        return self._lost.setdefault(replica, asyncio.Event())
+
     def pick(self, model: str, exclude: set[str] = frozenset()) -> str | None:
         """A replica hosting `model` (by weight), none of `exclude`; None when there is none left."""
-        hosts = {n: w for n, w in self.replicas[model].items() if n not in exclude}
+        hosts = {n: w for n, w in self.replicas.get(model, {}).items() if n not in exclude}
         if not hosts:
             return None
         names = list(hosts)
-        return names[0] if len(names) == 1 else self.rng.choices(names, weights=[hosts[n] for n in names])[0]
+        return names[0] if len(names) == 1 else self.rng.choices(names, weights=[hosts[n] or 1e-9 for n in names])[0]
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
@@ -69,20 +92,53 @@ async def _collect(stream: AsyncIterator) -> tuple[int, dict, bytes]:
     return status, headers, b"".join(chunks)
 
 
-async def _ended_explicitly(stream: AsyncIterator, replica: str, sse: bool) -> AsyncIterator:
-    """The replica's body; if the replica dies mid-way, an SSE stream ends with an error event (the
-    client has its tokens so far and is told the rest will not come) and any other body is cut
-    short (the client sees an incomplete response, never a silent truncation as success)."""
+async def _until_lost(stream: AsyncIterator, lost: asyncio.Event) -> AsyncIterator:
+    """The replica's items, but a ConnectionError as soon as the replica is declared lost while an
+    item is awaited: a request queued for a replica whose node died would otherwise wait forever."""
+    waiter = asyncio.ensure_future(lost.wait())
     try:
+        while True:
+            item = asyncio.ensure_future(anext(stream))
+            done, _ = await asyncio.wait({item, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if item not in done:
+                item.cancel()
+                raise ConnectionError("the replica was lost with its node")
+            try:
+                yield item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        waiter.cancel()
+
+
+async def _answer_start(stream: AsyncIterator) -> tuple[int, list, bool, list[bytes]]:
+    """A replica's status, headers, whether it streams (SSE), and what the client may have first: an
+    SSE stream's first event (its first token) or a whole body. Nothing reaches the client before,
+    so a replica that fails until then has sent nothing and the request can go elsewhere."""
+    status, headers = await anext(stream)
+    sse = dict(headers).get("content-type", "").startswith("text/event-stream")
+    if not sse:
+        return status, headers, sse, [chunk async for chunk in stream]
+    first = await anext(stream, None)
+    return status, headers, sse, [] if first is None else [first]
+
+
+async def _ended_explicitly(stream: AsyncIterator, first: list[bytes], replica: str, routes: Routes) -> AsyncIterator:
+    """A replica's SSE stream (its first event already read); if the replica dies mid-way, the
+    stream ends with an error event: the client has its tokens so far and is told the rest will not
+    come. The replica's in-flight count drops when the stream ends, however it ends."""
+    try:
+        for chunk in first:
+            yield chunk
         async for chunk in stream:
             yield chunk
     except Exception as e:
         log.warning("replica %s failed mid-response: %s", replica, e)
-        if not sse:
-            raise
         error = {"error": {"message": f"the replica serving this request failed: {type(e).__name__}",
                            "type": "server_error", "param": None, "code": "replica_failed"}}
         yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        routes.inflight[replica] -= 1
 
 
 def merge_metrics(texts: dict[str, str]) -> str:
@@ -110,8 +166,10 @@ def merge_metrics(texts: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0) -> FastAPI:
-    """The front door over `routes`; `forward` reaches a replica."""
+def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0, hold_s: float = 120.0,
+                    monitor: RatesMonitor | None = None) -> FastAPI:
+    """The front door over `routes`; `forward` reaches a replica. A request for a model being moved
+    waits up to `hold_s` for its new replica; `monitor` records each routed request's arrival."""
     app = FastAPI(title="fineserve-jax cluster", version="0.1.0")
     app.state.routing = {"count": 0, "seconds": 0.0}   # the proxy's own time per routed request
 
@@ -120,6 +178,15 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         results = await asyncio.gather(*(asyncio.wait_for(_collect(forward(r, method, path, b"", [])), timeout_s)
                                          for r in names), return_exceptions=True)
         return dict(zip(names, results))
+
+    async def next_replica(model: str, failed: dict[str, str]) -> str | None:
+        """A replica for `model` other than those that failed; while it has none (being moved, or
+        its replicas lost and not yet placed again), wait up to hold_s for one."""
+        deadline = time.monotonic() + hold_s
+        while ((replica := routes.pick(model, set(failed))) is None and model in routes.replicas
+               and time.monotonic() < deadline):
+            await asyncio.sleep(HOLD_POLL_S)
+        return replica
 
     async def routed(request: Request, path: str):
         t0 = time.perf_counter()
@@ -134,27 +201,38 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         if model not in routes.replicas:
             return _error(404, f"the model {model!r} does not exist; served: {sorted(routes.replicas)}",
                           "model_not_found", "model")
+        if monitor is not None:
+            monitor.record(model, time.monotonic())
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in ("content-type", "accept")]
         failed: dict[str, str] = {}
-        while (replica := routes.pick(model, set(failed))) is not None:
-            stream = forward(replica, "POST", path, body, headers)
-            if not failed:   # the first attempt: the proxy's own time for this request
+        while (replica := await next_replica(model, failed)) is not None:
+            if not failed:   # the first attempt: the proxy's own time for this request (a hold excluded)
                 app.state.routing["count"] += 1
                 app.state.routing["seconds"] += time.perf_counter() - t0
+            routes.inflight[replica] += 1
+            stream = _until_lost(forward(replica, "POST", path, body, headers), routes.lost_signal(replica))
             try:
-                status, response_headers = await stream.__anext__()
+                status, response_headers, sse, first = await _answer_start(stream)
                 break
-            except Exception as e:   # the replica is gone before answering: nothing was sent, try another
+            except BaseException as e:
+                routes.inflight[replica] -= 1
+                if not isinstance(e, Exception):   # cancelled: the client went away
+                    raise
+                # the replica is gone before answering: nothing was sent, try another
                 failed[replica] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.warning("replica %s failed before answering a %s request (%s); retrying elsewhere",
                             replica, model, failed[replica])
-        else:
-            return _error(503, f"no replica of {model!r} could answer: {failed}", "model_unavailable", "model")
+        if replica is None:
+            why = routes.unplaced.get(model) or failed or "none is up (it is being moved)"
+            return _error(503, f"no replica of {model!r} could answer: {why}", "model_unavailable", "model")
         passed = {k: v for k, v in response_headers if k.lower() in PASSED_HEADERS}
         passed["x-fineserve-replica"] = replica
-        media_type = dict(response_headers).get("content-type", "")
-        return StreamingResponse(_ended_explicitly(stream, replica, media_type.startswith("text/event-stream")),
-                                 status_code=status, headers=passed, media_type=media_type or None)
+        media_type = dict(response_headers).get("content-type") or None
+        if not sse:
+            routes.inflight[replica] -= 1
+            return Response(b"".join(first), status_code=status, headers=passed, media_type=media_type)
+        return StreamingResponse(_ended_explicitly(stream, first, replica, routes), status_code=status,
+                                 headers=passed, media_type=media_type)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -58,17 +58,19 @@ class RatesMonitor:
         return out
 
 
-def rate_drift(placement: Placement, observed: Mapping[str, float | RateObservation],
+def rate_drift(plan: Placement | Mapping[str, float], observed: Mapping[str, float | RateObservation],
                threshold: float = DEFAULT_DRIFT_THRESHOLD, min_count: int = MIN_DRIFT_OBSERVATIONS) -> dict[str, float]:
-    """Models whose observed rate is off their planned rate by more than `threshold` (relative; +0.6 is
-    60% above plan), with enough evidence: a RateObservation counts once `min_count` arrivals were seen
-    or were expected at the planned rate over its window (so a model that went silent is caught too).
-    Plain floats are taken as trusted rates. Models not in `observed` are skipped."""
+    """Models whose observed rate is off their planned rate (by the placement, or model -> rate) by
+    more than `threshold` (relative; +0.6 is 60% above plan), with enough evidence: a RateObservation
+    counts once `min_count` arrivals were seen or were expected at the planned rate over its window
+    (so a model that went silent is caught too). Plain floats are taken as trusted rates. Models
+    not in `observed` are skipped."""
+    if isinstance(plan, Placement):
+        plan = {m: plan.planned_rate(m) for m in plan.demands}
     drifted = {}
-    for model in placement.demands:
+    for model, planned in plan.items():
         if model not in observed:
             continue
-        planned = placement.planned_rate(model)
         obs = observed[model]
         if isinstance(obs, RateObservation):
             if max(obs.count, planned * obs.window_s) < min_count:

@@ -1,0 +1,192 @@
+"""Keeps a cluster deployment equal to its plan: starts it, re-places models when the observed rates
+drift from plan, and when a device is lost places its models again on the survivors.
+
+The controller owns the plan (`cluster_plan.ClusterPlan`) and which replica runs on which device;
+a `ClusterBackend` does the work (Ray Serve in production, `fineserve_jax.ray_serve.RayBackend`; a
+fake in tests). A replica hosts one device's fleet, whose KV pool is sized at start, so a device
+whose models change gets a new replica, one device at a time:
+
+  1. the ingress stops routing new requests to the device's old replica (its models go to their
+     other replicas; a model with none left waits at the ingress, up to its hold time);
+  2. the old replica drains: the requests it is answering finish (bounded by `drain_timeout_s`);
+  3. it is deleted, which frees the device, and the new replica starts there and warms up;
+  4. the ingress routes to it.
+
+A device holds one replica's pool at a time (a GPU cannot hold a second process's pool beside the
+first), hence drain before start; no request is dropped, a moved model's requests wait instead. A
+lost device's replica is dropped from the routes at once (its requests that had sent nothing are
+retried by the ingress elsewhere, the others end with an explicit error), and its models are
+placed again around the survivors, which keep their devices. A model that fits nowhere is answered
+503 with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from fineserve_jax.cluster_plan import ClusterPlan, PlanDevice, plan_cluster
+from fineserve_jax.serve_config import ServeConfig
+from serving.scheduling.replan import DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, RateObservation, rate_drift
+
+log = logging.getLogger("fineserve.cluster")
+
+DRAIN_POLL_S = 0.1
+
+
+class ClusterBackend(Protocol):
+    """What the controller needs from the cluster (Ray Serve in production)."""
+
+    def devices(self) -> list[PlanDevice]: ...                      # the alive devices
+    def start_replicas(self, replicas: dict[str, tuple[str, tuple[str, ...]]]) -> dict: ...
+    # (name -> (device, models)), started together; returns name -> handle once each is warm
+    def stop_replica(self, name: str) -> None: ...
+    def route(self, routes: dict[str, dict[str, float]], unplaced: dict[str, str], handles: dict,
+              lost: list[str]) -> None: ...   # lost: replicas whose node is gone (what waits on them fails)
+    def inflight(self) -> dict[str, int]: ...                        # replica -> requests it is answering
+    def rates(self) -> dict[str, RateObservation]: ...               # observed arrivals per model
+
+
+@dataclass(frozen=True)
+class Replica:
+    name: str
+    device: str
+    models: tuple[str, ...]
+    handle: object
+
+
+class ClusterController:
+    """The plan and which replica runs where; `start`, then `step` (or `run`) keeps it on plan."""
+
+    def __init__(self, config: ServeConfig, backend: ClusterBackend, *,
+                 drift_threshold: float = DEFAULT_DRIFT_THRESHOLD, min_observations: int = MIN_DRIFT_OBSERVATIONS,
+                 drain_timeout_s: float = 60.0):
+        self.config, self.backend = config, backend
+        self.drift_threshold, self.min_observations = drift_threshold, min_observations
+        self.drain_timeout_s = drain_timeout_s
+        self.plan: ClusterPlan | None = None
+        self.planned_rates = {m.name: m.rate for m in config.models}   # what the plan was made for
+        self.replicas: dict[str, Replica] = {}    # device -> its replica
+        self.events: list[str] = []               # what the controller did, in order (logged too)
+        self._count = 0
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def start(self) -> ClusterPlan:
+        """Place the fleet on the cluster's devices and start a replica on each device that hosts models."""
+        devices = self.backend.devices()
+        if not devices:
+            raise ValueError("the Ray cluster offers no devices: start its nodes with GPUs, or with "
+                             "--resources='{\"fineserve_device\": 1}'")
+        self.apply(plan_cluster(self.config, devices))
+        return self.plan
+
+    def step(self) -> bool:
+        """One check: a lost device or drifted rates re-place the fleet. True when it changed."""
+        devices = self.backend.devices()
+        alive = {d.name for d in devices}
+        lost = [d for d in self.replicas if d not in alive]
+        gone = [self.replicas.pop(device) for device in lost]
+        for replica in gone:
+            self._note(f"device {replica.device} is lost with replica {replica.name} ({', '.join(replica.models)})")
+        self._route(lost=[r.name for r in gone])   # at every check, so that a restarted ingress relearns
+        for replica in gone:   # Ray Serve would otherwise keep trying to start it again
+            self.backend.stop_replica(replica.name)
+        observed = self.backend.rates()
+        drifted = rate_drift(self.planned_rates, observed, self.drift_threshold, self.min_observations)
+        if drifted:
+            self._note("rates drifted from plan: " + ", ".join(f"{m} {d:+.0%}" for m, d in drifted.items()))
+            self.planned_rates = {m: observed[m].rate if m in observed else r for m, r in self.planned_rates.items()}
+        elif not lost:
+            if self._on_plan():
+                return False
+            self._note("the deployment is short of its plan (a replica failed to start); placing again")
+        if not devices:
+            self.plan = ClusterPlan({}, {}, {m.name: "every device of the cluster is lost" for m in self.config.models})
+            self._route()
+            return True
+        self.apply(plan_cluster(self.config, devices, rates=self.planned_rates, previous=self.plan))
+        return True
+
+    def run(self, stop: threading.Event, poll_s: float = 5.0) -> None:
+        """Check every `poll_s` until `stop` is set; a failed check is logged and tried again."""
+        while not stop.wait(poll_s):
+            try:
+                self.step()
+            except Exception:
+                log.exception("cluster check failed; trying again in %.0f s", poll_s)
+
+    # -- carrying out a plan ----------------------------------------------------------------------
+
+    def apply(self, plan: ClusterPlan) -> None:
+        """Make the deployment equal to `plan`, one device at a time (module docstring)."""
+        self.plan = plan
+        for model, why in plan.unplaced.items():
+            self._note(f"{model} is not served: {why}")
+        changed = sorted(d for d in {*self.replicas, *plan.hosts}
+                         if (self.replicas[d].models if d in self.replicas else ()) != plan.hosts.get(d, ()))
+        # devices with no replica yet start together first; their models' other replicas serve meanwhile
+        replaced = [d for d in changed if d in self.replicas]
+        self._start([d for d in changed if d not in self.replicas and plan.hosts.get(d)])
+        self._route()
+        for device in replaced:
+            old = self.replicas.pop(device)
+            self._route()
+            self._drain(old)
+            self.backend.stop_replica(old.name)
+            self._note(f"replica {old.name} on {device} stopped ({', '.join(old.models)})")
+            self._start([device] if plan.hosts.get(device) else [])
+            self._route()
+
+    def _on_plan(self) -> bool:
+        return self.plan is not None and all(device in self.replicas and self.replicas[device].models == models
+                                             for device, models in self.plan.hosts.items())
+
+    def _start(self, devices: list[str]) -> None:
+        """Start these devices' replicas of the plan together. One that fails to start (its node went
+        away meanwhile, say) leaves the deployment short of plan, which the next check places again."""
+        wanted = {}
+        for device in devices:
+            self._count += 1
+            wanted[f"fleet{self._count}"] = (device, self.plan.hosts[device])
+        if not wanted:
+            return
+        try:
+            handles = self.backend.start_replicas(wanted)
+        except Exception as e:
+            self._note(f"replicas {', '.join(wanted)} failed to start: {str(e).splitlines()[0]}")
+            for name in wanted:
+                self.backend.stop_replica(name)
+            return
+        for name, (device, models) in wanted.items():
+            self.replicas[device] = Replica(name, device, models, handles[name])
+            self._note(f"replica {name} on {device} serves {', '.join(models)}")
+
+    def _route(self, lost: list[str] = ()) -> None:
+        """Route every model to the replicas that host it now, by the plan's weights; a placed model
+        with none up yet waits at the ingress; an unplaced one is a 503."""
+        routes: dict[str, dict[str, float]] = {}
+        for model in self.config.models:
+            if self.plan is not None and model.name in self.plan.unplaced:
+                continue
+            weights = self.plan.weights.get(model.name, {}) if self.plan is not None else {}
+            routes[model.name] = {r.name: weights.get(d, 1.0) for d, r in self.replicas.items()
+                                  if model.name in r.models}
+        unplaced = dict(self.plan.unplaced) if self.plan is not None else {}
+        self.backend.route(routes, unplaced, {r.name: r.handle for r in self.replicas.values()}, list(lost))
+
+    def _drain(self, replica: Replica) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while (left := self.backend.inflight().get(replica.name, 0)) > 0:
+            if time.monotonic() > deadline:
+                self._note(f"replica {replica.name}: {left} request(s) still answering after "
+                           f"{self.drain_timeout_s:.0f} s; stopping it (they end with an error)")
+                return
+            time.sleep(DRAIN_POLL_S)
+
+    def _note(self, event: str) -> None:
+        self.events.append(event)
+        log.info("%s", event)

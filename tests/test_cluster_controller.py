@@ -1,0 +1,150 @@
+"""The cluster controller against a fake cluster: it starts the plan, re-places the fleet when the
+observed rates drift and when a device is lost, never routes to a replica that is stopped or gone,
+drains a replica before stopping it, and answers 503 (with the reason) for a model that fits
+nowhere. The same controller drives Ray Serve in tests/test_ray_serve.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fineserve_jax.cluster_controller import ClusterController
+from fineserve_jax.cluster_plan import PlanDevice, plan_cluster
+from serving.scheduling.replan import RateObservation
+from tests.helpers import HF_MODELS as MODELS, hf_fleet_config as fixture_config
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class FakeCluster:
+    """Records what the controller does and checks its invariants as it goes."""
+    devices_up: list[PlanDevice]
+    observed: dict = dataclasses.field(default_factory=dict)
+    live: dict = dataclasses.field(default_factory=dict)       # replica -> (device, models)
+    stopped: list = dataclasses.field(default_factory=list)
+    routes: dict = dataclasses.field(default_factory=dict)
+    unplaced: dict = dataclasses.field(default_factory=dict)
+    held: set = dataclasses.field(default_factory=set)         # models that once had no replica to go to
+    inflight_calls: int = 0
+    failing: set = dataclasses.field(default_factory=set)    # devices whose next start fails
+    lost: list = dataclasses.field(default_factory=list)
+
+    def devices(self):
+        return list(self.devices_up)
+
+    def start_replicas(self, replicas):
+        if failed := {d for d, _ in replicas.values()} & self.failing:
+            self.failing -= failed
+            raise RuntimeError(f"Deploying on {sorted(failed)} failed: the node went away\nmore")
+        for name, (device, models) in replicas.items():
+            assert device in {d.name for d in self.devices_up}
+            assert all(d != device for d, _ in self.live.values()), f"two replicas on {device}"
+            self.live[name] = (device, models)
+        return {name: f"handle-{name}" for name in replicas}
+
+    def stop_replica(self, name):
+        assert all(name not in hosts for hosts in self.routes.values()), f"{name} stopped while routed"
+        self.live.pop(name, None)
+        self.stopped.append(name)
+
+    def route(self, routes, unplaced, handles, lost):
+        self.lost += lost
+        for model, hosts in routes.items():
+            assert set(hosts) <= set(self.live) and set(hosts) <= set(handles), (model, hosts)
+            if not hosts:
+                self.held.add(model)
+        self.routes, self.unplaced = routes, unplaced
+
+    def inflight(self):   # every replica is answering one request at the first look, none after
+        self.inflight_calls += 1
+        return {name: 1 for name in self.live} if self.inflight_calls % 2 else {}
+
+    def rates(self):
+        return self.observed
+
+
+def two_devices(memory=48 * MIB):
+    return [PlanDevice("a", "cpu", memory), PlanDevice("b", "cpu", memory)]
+
+
+def test_start_routes_every_model_to_its_replica():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    plan = controller.start()
+    assert len(cluster.live) == 2 and sorted(m for _, ms in cluster.live.values() for m in ms) == sorted(MODELS)
+    assert {m: len(h) for m, h in cluster.routes.items()} == {m: 1 for m in MODELS} and not cluster.held
+    assert plan.hosts == {d: ms for d, ms in cluster.live.values()}
+    assert controller.step() is False and cluster.stopped == []   # nothing changed
+
+
+def test_drifted_rates_move_models_and_never_route_to_a_stopped_replica():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster, drain_timeout_s=5)
+    controller.start()
+    before = dict(cluster.live)
+    # llama ten thousand times busier than planned: it needs both devices
+    cluster.observed = {"llama": RateObservation(1e4, 10_000, 1.0), "mistral": RateObservation(0.01, 0, 1.0),
+                        "qwen2": RateObservation(0.01, 0, 1.0)}
+    assert controller.step() is True
+    assert any("rates drifted" in e for e in controller.events)
+    assert sorted(cluster.stopped) == sorted(before)                 # both devices got new replicas
+    assert len(cluster.routes["llama"]) == 2 and sum(cluster.routes["llama"].values()) == pytest.approx(1.0)
+    assert all(len(cluster.routes[m]) == 1 for m in ("mistral", "qwen2"))
+    assert controller.planned_rates["llama"] == 1e4
+    assert controller.step() is False                                 # planned for what it sees now
+
+
+def test_a_lost_device_s_models_come_back_on_the_survivor():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    controller.start()
+    [(lost, (_, lost_models))] = [(n, v) for n, v in cluster.live.items() if v[0] == "b"]
+    cluster.devices_up = cluster.devices_up[:1]
+    cluster.live.pop(lost)   # gone with its node
+    assert controller.step() is True
+    assert lost in cluster.stopped and cluster.lost == [lost]
+    assert any("device b is lost" in e for e in controller.events)
+    [(device, models)] = cluster.live.values()
+    assert device == "a" and sorted(models) == sorted(MODELS) and not cluster.unplaced
+    assert all(len(cluster.routes[m]) == 1 for m in MODELS)
+
+
+def test_a_model_that_fits_nowhere_is_unplaced_and_the_rest_keep_serving():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    controller.start()
+    # the survivor is too small for all three: the lost device's model is the one left out
+    cluster.devices_up = [PlanDevice("a", "cpu", 20 * MIB)]
+    for name, (device, _) in list(cluster.live.items()):
+        if device == "b":
+            cluster.live.pop(name)
+    before_on_a = next(ms for d, ms in cluster.live.values() if d == "a")
+    controller.step()
+    assert set(cluster.unplaced) and set(cluster.unplaced).isdisjoint(before_on_a)
+    assert all("does not fit" in why for why in cluster.unplaced.values())
+    assert set(cluster.routes) == set(MODELS) - set(cluster.unplaced)
+
+
+def test_plan_cluster_refuses_tensor_parallel_models_and_an_empty_cluster():
+    with pytest.raises(ValueError, match="no devices"):
+        plan_cluster(fixture_config(), [])
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not placed over a Ray cluster"):
+        plan_cluster(fixture_config(tensor_parallel_size=2), two_devices())
+
+
+def test_a_replica_that_fails_to_start_is_placed_again_at_the_next_check():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    controller.start()
+    cluster.observed = {"llama": RateObservation(1e4, 10_000, 1.0), "mistral": RateObservation(0.01, 0, 1.0),
+                        "qwen2": RateObservation(0.01, 0, 1.0)}
+    cluster.failing = {"b"}
+    assert controller.step() is True
+    assert any("failed to start: Deploying on ['b'] failed" in e for e in controller.events)
+    assert "b" not in {d for d, _ in cluster.live.values()}
+    assert any(not hosts for hosts in cluster.routes.values())      # b's models wait at the ingress
+    assert controller.step() is True and any("short of its plan" in e for e in controller.events)
+    assert {d for d, _ in cluster.live.values()} == {"a", "b"} and all(cluster.routes.values())
+    assert controller.step() is False
