@@ -32,7 +32,7 @@ from models.loader import LoadedModel, check_precision, load_model, with_kv_skip
 from pallas_kernels.implementation import resolve_kernels
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import SparseSpec
-from models.tensor_parallel import check_tensor_parallel, check_tensor_parallel_size, local_layout, tp_mesh
+from models.tensor_parallel import check_tensor_parallel, check_tensor_parallel_size, local_layout, shard_model, tp_mesh
 from serving.kv.group_pool import GroupKVPool
 from serving.runtime.device_runtime import assemble_device
 from serving.scheduling.local_scheduling import LocalScheduling
@@ -150,6 +150,9 @@ class Fleet:
         if self.device is not None:  # commit the weights there (no copy for those already there)
             for loaded in self.loaded.values():
                 nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), self.device))
+        for name, loaded in self.loaded.items():
+            if (tp := self.specs[name].tensor_parallel_size) > 1:   # only its shards stay, one per device
+                shard_model(loaded.model, tp_mesh(self.devices[:tp]))
         if pool_bytes is None:
             pool_bytes = self._pool_bytes_for(gpu_memory_utilization)
         self.plan: PoolPlan = plan_pool(

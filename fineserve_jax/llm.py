@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from models.loader import check_precision, load_model
 from models.precision import PrecisionPreset
 from models.quantize import model_weight_bytes
-from models.tensor_parallel import check_tensor_parallel_size
+from models.tensor_parallel import check_tensor_parallel_size, shard_model, tp_mesh
 from pallas_kernels.implementation import resolve_kernels
 from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_pool, pool_bytes_for_device
 from serving.engine.sampling import SamplingParams
@@ -126,6 +126,8 @@ class LLM:
         if sized:
             kv_cache_bytes = pool_bytes_for_device(jax.devices()[0], gpu_memory_utilization,
                                                    [(loaded.model, layout, config)])
+        if tensor_parallel_size > 1:   # only its shards stay, one per device
+            shard_model(loaded.model, tp_mesh(devices))
         engine = engine_with_own_pool(
             loaded.model, config, layout=layout, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             tokenizer=loaded.tokenizer,

@@ -118,6 +118,13 @@ def partition_specs(model: nnx.Module, state: nnx.State, tp: int) -> nnx.State:
     return jax.tree_util.tree_map_with_path(spec, state)
 
 
+def shard_model(model: nnx.Module, mesh: Mesh) -> None:
+    """Place the model's own variables over `mesh` (in place): the whole copy it was loaded as, on
+    one device, is then freed, and `shard_state` finds every variable already placed (no copy)."""
+    _, sharded, _ = shard_state(model, mesh)
+    nnx.update(model, sharded)
+
+
 def shard_state(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Split `model` and place its state over `mesh` (tensor parallel over its one axis): returns
     the graphdef, the sharded state and the state's PartitionSpecs (for `shard_map`)."""

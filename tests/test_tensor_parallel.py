@@ -257,6 +257,10 @@ def test_fleet_runs_tp_and_single_device_models_over_shared_pools(devices):
     assert [o.outputs[0].token_ids for o in outs] == want_tp + want_solo
     stats = fleet.memory_stats()
     assert stats["pool_bytes"] == 2 * (8 << 20) and stats["kv_bytes"] == 0 and stats["free_bytes"] == stats["pool_bytes"]
+    # the TP model keeps only its shards: no whole copy of a split weight is left on the first device
+    q = fleet.loaded["tp"].model.layers.q_proj.kernel[...]
+    assert q.sharding.device_set == set(devices[:2])
+    assert [s.data.shape[-1] for s in q.addressable_shards] == [q.shape[-1] // 2] * 2
 
 
 def test_fleet_file_takes_tensor_parallel_size(tmp_path):
