@@ -48,6 +48,7 @@ class ClusterBackend(Protocol):
               lost: list[str]) -> None: ...   # lost: replicas whose node is gone (what waits on them fails)
     def inflight(self) -> dict[str, int]: ...                        # replica -> requests it is answering
     def rates(self) -> dict[str, RateObservation]: ...               # observed arrivals per model
+    def close(self) -> None: ...                                     # the ingress refuses new requests
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,17 @@ class ClusterController:
     # -- the loop -------------------------------------------------------------------------------
 
     def start(self) -> ClusterPlan:
-        """Place the fleet on the cluster's devices and start a replica on each device that hosts models."""
+        """Place the fleet on the cluster's devices and start a replica on each device that hosts
+        models; ValueError in one line when the cluster has no devices or not the memory for all."""
         devices = self.backend.devices()
         if not devices:
             raise ValueError("the Ray cluster offers no devices: start its nodes with GPUs, or with "
                              "--resources='{\"fineserve_device\": 1}'")
-        self.apply(plan_cluster(self.config, devices))
+        plan = plan_cluster(self.config, devices)
+        if plan.unplaced:
+            raise ValueError(f"the cluster's {len(devices)} device(s) do not have the memory for "
+                             f"{', '.join(plan.unplaced)} (beside {', '.join(plan.weights) or 'nothing'})")
+        self.apply(plan)
         return self.plan
 
     def step(self) -> bool:
@@ -118,6 +124,14 @@ class ClusterController:
                 self.step()
             except Exception:
                 log.exception("cluster check failed; trying again in %.0f s", poll_s)
+
+    def shutdown(self, drain_timeout_s: float) -> None:
+        """Refuse new requests (503), and give those in flight up to `drain_timeout_s` to finish."""
+        self.backend.close()
+        deadline = time.monotonic() + drain_timeout_s
+        while (left := sum(self.backend.inflight().values())) > 0 and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+        self._note(f"shut down with {left} request(s) still answering" if left else "shut down, drained")
 
     # -- carrying out a plan ----------------------------------------------------------------------
 

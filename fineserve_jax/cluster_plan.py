@@ -1,5 +1,5 @@
 """Where a fleet runs on a cluster: the global placement over the devices that are alive now, with
-every replica it plans, and the models that fit nowhere (served as 503s, not a failed start).
+every replica it plans, and the models that fit nowhere (after a loss, served as 503s).
 
 `plan_cluster` is what the Ray deployment starts from and what its controller re-runs when a
 device is lost (the lost models go where memory is left; the survivors keep their devices) or when
@@ -30,9 +30,6 @@ class ClusterPlan:
     weights: dict[str, dict[str, float]]             # model -> {device: share of its traffic}
     unplaced: dict[str, str] = field(default_factory=dict)   # model -> why it is not served
     placement: Placement | None = None
-
-    def devices_of(self, model: str) -> list[str]:
-        return list(self.weights.get(model, {}))
 
 
 def plan_cluster(config: ServeConfig, devices: list[PlanDevice], *, rates: dict[str, float] | None = None,

@@ -136,6 +136,9 @@ class ClusterIngress:
     async def inflight(self) -> dict[str, int]:
         return {name: n for name, n in self.routes.inflight.items() if n}
 
+    async def close(self) -> None:
+        self.routes.closing = True
+
     async def rates(self) -> dict[str, RateObservation]:
         return self.monitor.observe(time.monotonic(), list(self.routes.replicas))
 
@@ -216,6 +219,10 @@ class RayBackend:
     def rates(self) -> dict[str, RateObservation]:
         return self._ingress.rates.remote().result() if self._ingress is not None else {}
 
+    def close(self) -> None:
+        if self._ingress is not None:
+            self._ingress.close.remote().result()
+
     def shutdown(self) -> None:
         from ray import serve
 
@@ -245,8 +252,9 @@ def connect(address: str | None):
 def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, warmup: bool = True,
                  caches: Caches = Caches(None)) -> int:
     """`fineserve serve --ray`: deploy, keep the deployment on plan (`ClusterController`: lost
-    devices, drifted rates) until SIGINT/SIGTERM (Ray Serve's proxy listens on host:port), then take
-    it down."""
+    devices, drifted rates) until SIGINT/SIGTERM (Ray Serve's proxy listens on host:port), then
+    drain it as one process does (new requests refused, those in flight given [server]
+    drain_timeout_s) and take it down."""
     ray = connect(address)
     try:
         backend = RayBackend(config, host=host, port=port, warmup=warmup, caches=caches)
@@ -258,6 +266,7 @@ def serve_on_ray(config: ServeConfig, address: str, *, host: str, port: int, war
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         controller.run(stop, poll_s=CHECK_EVERY_S)
+        controller.shutdown(config.server.drain_timeout_s)
         backend.shutdown()
         return 0
     finally:

@@ -30,6 +30,7 @@ class FakeCluster:
     inflight_calls: int = 0
     failing: set = dataclasses.field(default_factory=set)    # devices whose next start fails
     lost: list = dataclasses.field(default_factory=list)
+    closed: bool = False
 
     def devices(self):
         return list(self.devices_up)
@@ -63,6 +64,9 @@ class FakeCluster:
 
     def rates(self):
         return self.observed
+
+    def close(self):
+        self.closed = True
 
 
 def two_devices(memory=48 * MIB):
@@ -127,6 +131,13 @@ def test_a_model_that_fits_nowhere_is_unplaced_and_the_rest_keep_serving():
     assert set(cluster.routes) == set(MODELS) - set(cluster.unplaced)
 
 
+def test_a_cluster_without_the_memory_for_the_fleet_fails_at_start_naming_what_does_not_fit():
+    cluster = FakeCluster([PlanDevice("a", "cpu", 20 * MIB)])
+    with pytest.raises(ValueError, match=r"1 device\(s\) do not have the memory for llama \(beside mistral, qwen2\)"):
+        ClusterController(fixture_config(), cluster).start()
+    assert not cluster.live
+
+
 def test_plan_cluster_refuses_tensor_parallel_models_and_an_empty_cluster():
     with pytest.raises(ValueError, match="no devices"):
         plan_cluster(fixture_config(), [])
@@ -148,3 +159,12 @@ def test_a_replica_that_fails_to_start_is_placed_again_at_the_next_check():
     assert controller.step() is True and any("short of its plan" in e for e in controller.events)
     assert {d for d, _ in cluster.live.values()} == {"a", "b"} and all(cluster.routes.values())
     assert controller.step() is False
+
+
+def test_shutdown_refuses_new_requests_and_waits_for_those_in_flight():
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    controller.start()
+    calls = cluster.inflight_calls
+    controller.shutdown(drain_timeout_s=5)
+    assert cluster.closed and cluster.inflight_calls >= calls + 2 and controller.events[-1] == "shut down, drained"

@@ -282,4 +282,7 @@ def test_proxy_retries_a_replica_that_failed_before_its_first_token_and_ends_bro
     r = client.post("/v1/completions", json={"model": "big", "prompt": "x"})
     assert r.status_code == 503 and "no device has the memory" in r.json()["error"]["message"]
     assert client.post("/v1/completions", content=b"not json").status_code == 400
+    routes.closing = True
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert not +routes.inflight   # every request's count came back down

@@ -51,6 +51,7 @@ class Routes:
     unplaced: dict[str, str] = field(default_factory=dict)   # model -> why it is not served
     rng: random.Random = field(default_factory=random.Random)
     inflight: Counter = field(default_factory=Counter)
+    closing: bool = False                                  # shutting down: new requests are refused
     _lost: dict[str, asyncio.Event] = field(default_factory=dict, repr=False)
 
     @property
@@ -190,6 +191,8 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
 
     async def routed(request: Request, path: str):
         t0 = time.perf_counter()
+        if routes.closing:
+            return _error(503, "the server is shutting down", "shutting_down")
         body = await request.body()
         try:
             model = json.loads(body).get("model")
