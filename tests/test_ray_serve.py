@@ -282,7 +282,9 @@ def test_proxy_retries_a_replica_that_failed_before_its_first_token_and_ends_bro
     r = client.post("/v1/completions", json={"model": "big", "prompt": "x"})
     assert r.status_code == 503 and "no device has the memory" in r.json()["error"]["message"]
     assert client.post("/v1/completions", content=b"not json").status_code == 400
+    assert client.get("/health").json()["moving"] == [] and not +routes.inflight
+    assert TestClient(build_proxy_app(Routes({}), _fake_replica)).get("/health").json()["status"] == "starting"
     routes.closing = True
+    assert client.get("/health").status_code == 503
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-    assert not +routes.inflight   # every request's count came back down

@@ -263,9 +263,12 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
                 replicas[replica] = json.loads(result[2])
                 ok = ok and result[0] == 200
         models = {m: body for r in replicas.values() for m, body in r.get("models", {}).items()}
-        body = {"status": "ok" if ok else "degraded", "models": models, "replicas": replicas,
+        status = ("shutting_down" if routes.closing else "starting" if not routes.replicas
+                  else "ok" if ok else "degraded")
+        moving = sorted(m for m, hosts in routes.replicas.items() if not hosts)   # waiting for a replica
+        body = {"status": status, "models": models, "replicas": replicas, "moving": moving,
                 "unplaced": routes.unplaced}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
