@@ -67,15 +67,16 @@ def _test_lock(exclusive: bool):
             fcntl.flock(gate, fcntl.LOCK_UN)
 
 
-# The longest files, longest first: the two workers (`--dist loadfile`) take files in collection
-# order, so starting these first keeps one worker from running a long file alone at the end.
-LONGEST_FILES = ("test_compile_check.py", "test_smollm2.py", "test_tensor_parallel.py", "test_fleet.py",
-                 "test_kernels_e2e.py", "test_page_selection.py", "test_paged_attention_pallas.py",
-                 "test_bench_kernels.py", "test_ray_serve.py")
+# The files that start first, in this order (the two workers, `--dist loadfile`, take files in
+# collection order): the wall-clock test, which runs alone, before any long test it would wait for;
+# then the longest files, longest first, so that no worker runs a long file alone at the end.
+FIRST_FILES = ("test_simulator_wall_clock.py", "test_compile_check.py", "test_smollm2.py",
+               "test_tensor_parallel.py", "test_fleet.py", "test_kernels_e2e.py", "test_page_selection.py",
+               "test_paged_attention_pallas.py", "test_bench_kernels.py", "test_ray_serve.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
 
 
