@@ -147,12 +147,11 @@ class Fleet:
                     kv_skip_layers=spec.kv_skip_layers)
         for name, loaded in self.loaded.items():
             check_tensor_parallel(loaded.config, self.specs[name].tensor_parallel_size)
-        if self.device is not None:  # commit the weights there (no copy for those already there)
-            for loaded in self.loaded.values():
-                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), self.device))
-        for name, loaded in self.loaded.items():
+        for name, loaded in self.loaded.items():   # commit the weights (no copy for those already there)
             if (tp := self.specs[name].tensor_parallel_size) > 1:   # only its shards stay, one per device
                 shard_model(loaded.model, tp_mesh(self.devices[:tp]))
+            elif self.device is not None:
+                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), self.device))
         if pool_bytes is None:
             pool_bytes = self._pool_bytes_for(gpu_memory_utilization)
         self.plan: PoolPlan = plan_pool(

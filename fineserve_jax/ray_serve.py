@@ -35,7 +35,7 @@ from fineserve_jax.config_files import DeviceConfig
 from fineserve_jax.serve_app import app_for
 from fineserve_jax.serve_config import ServeConfig, build_fleets
 from serving.cluster.asgi_call import call_asgi
-from serving.cluster.proxy import Routes, build_proxy_app
+from serving.cluster.proxy import HOLD_S, Routes, build_proxy_app
 from serving.scheduling.replan import RateObservation, RatesMonitor
 from serving.scheduling.cost_model import DEVICES
 
@@ -119,7 +119,7 @@ class ClusterIngress:
     handles, routed as the controller says (`update`); it reports what the controller watches:
     each replica's requests in flight and each model's observed arrival rate."""
 
-    def __init__(self, hold_s: float = 120.0, rates_window_s: float = 60.0):
+    def __init__(self, hold_s: float, rates_window_s: float):
         self.routes = Routes({})
         self.monitor = RatesMonitor(rates_window_s)
         self.hold_s = hold_s
@@ -151,7 +151,7 @@ class RayBackend:
     Ray Serve application pinned to its device's node, the ingress is one more (at host:port)."""
 
     def __init__(self, config: ServeConfig, *, host: str, port: int, warmup: bool = True,
-                 caches: Caches = Caches(None), memory_bytes: int | None = None, hold_s: float = 120.0,
+                 caches: Caches = Caches(None), memory_bytes: int | None = None, hold_s: float = HOLD_S,
                  rates_window_s: float = 60.0, ready_timeout_s: float = 600.0):
         self.config, self.warmup, self.caches, self.memory_bytes = config, warmup, caches, memory_bytes
         self.hold_s, self.rates_window_s, self.ready_timeout_s = hold_s, rates_window_s, ready_timeout_s

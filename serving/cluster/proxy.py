@@ -38,6 +38,7 @@ log = logging.getLogger("fineserve.proxy")
 
 Forward = Callable[[str, str, str, bytes, list], AsyncIterator]
 PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+HOLD_S = 120.0        # how long a request waits for a replica of a model that has none up
 HOLD_POLL_S = 0.05
 
 
@@ -167,7 +168,7 @@ def merge_metrics(texts: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0, hold_s: float = 120.0,
+def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0, hold_s: float = HOLD_S,
                     monitor: RatesMonitor | None = None) -> FastAPI:
     """The front door over `routes`; `forward` reaches a replica. A request for a model being moved
     waits up to `hold_s` for its new replica; `monitor` records each routed request's arrival."""
