@@ -70,7 +70,7 @@ class ModelSpec:
     sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
     sparse_dense_layers: int = 2
     sparse_recall_every: int = 0
-    tensor_parallel_size: int = 1       # split over the fleet's first that many devices (see LLM)
+    tensor_parallel_size: int = 1       # split over that many of the fleet's devices (see LLM, Fleet)
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
@@ -97,6 +97,21 @@ class ModelSpec:
         return f"{Path(str(self.model)).name}-{self.precision}"
 
 
+def _members(specs: dict[str, ModelSpec], num_devices: int, given: dict[str, Seq[int]]) -> dict[str, tuple[int, ...]]:
+    """Which of the group's devices each model runs on: `given`, else its first tensor_parallel_size."""
+    if unknown := sorted(set(given) - set(specs)):
+        raise ValueError(f"members given for models the fleet does not have: {unknown}")
+    members = {}
+    for name, spec in specs.items():
+        idx = tuple(int(i) for i in given.get(name, range(spec.tensor_parallel_size)))
+        if len(idx) != spec.tensor_parallel_size or len(set(idx)) != len(idx) or not all(
+                0 <= i < num_devices for i in idx):
+            raise ValueError(f"{name}: members {list(idx)} must be {spec.tensor_parallel_size} distinct "
+                             f"device(s) of the group's {num_devices} (indices 0..{num_devices - 1})")
+        members[name] = idx
+    return members
+
+
 class Fleet:
     """Co-located models on one device (or a device group): one KV pool per device, one runtime
     loop, one jitted program set per model. `pool_mode`: "slab" (KV Slab), or the baselines "static" (fixed
@@ -110,13 +125,16 @@ class Fleet:
     device's memory less the weights and a step's activations, measured after loading;
     `serving.kv.pool_sizing`).
     A model with `tensor_parallel_size` N > 1 makes the fleet a device group: `device` and the next
-    devices of `jax.devices()` (N in all, for the widest model), each with a pool of the same plan
-    (pool_bytes is per device); a TP model runs over the first N, with its kv heads in each one's
-    pool, and the TP=1 models on the first, sharing its pool (docs/models.md, docs/kv_slab.md)."""
+    devices of `jax.devices()` (N in all, for the widest model), or the devices `device` lists, each
+    with a pool of the same plan (pool_bytes is per device). `members` says which of the group's
+    devices (indices) each model runs on, N of them (default: a TP model the first N, the others the
+    first); a TP model keeps its kv heads in each member's pool, beside the models that run on that
+    device alone (docs/models.md, docs/kv_slab.md)."""
 
     def __init__(self, models: Seq[ModelSpec], pool_bytes: int | str | None = None, *,
                  pool_mode: str = "slab", slab_bytes: int | str = DEFAULT_SLAB_BYTES,
-                 scheduling: LocalScheduling | None = None, pool_fill: int = 0, device: jax.Device | None = None,
+                 scheduling: LocalScheduling | None = None, pool_fill: int = 0,
+                 device: jax.Device | Seq[jax.Device] | None = None, members: dict[str, Seq[int]] | None = None,
                  quantized_cache: str | Path | None = None, progress: bool = False,
                  gpu_memory_utilization: float | None = None):
         specs = list(models)
@@ -131,12 +149,17 @@ class Fleet:
             check_utilization(gpu_memory_utilization)
         if pool_bytes is not None or gpu_memory_utilization is None:
             pool_bytes = parse_bytes(DEFAULT_POOL_BYTES if pool_bytes is None else pool_bytes, "pool_bytes")
-        else:  # sized from the device's memory: fail before loading anything if it cannot be
-            check_reports_memory(device_memory_stats(device or jax.devices()[0]))
         slab_bytes = parse_bytes(slab_bytes, "slab_bytes")
         self.specs = dict(zip(names, specs))
-        self.devices = group_devices(max(s.tensor_parallel_size for s in specs), device)
-        self.device = device if len(self.devices) == 1 else self.devices[0]
+        if device is None or isinstance(device, jax.Device):
+            self.devices = group_devices(max(s.tensor_parallel_size for s in specs), device)
+        else:
+            self.devices = list(device)
+        self.members = _members(self.specs, len(self.devices), members or {})
+        self.device = device if len(self.devices) == 1 and not isinstance(device, Seq) else self.devices[0]
+        if pool_bytes is None:  # sized from the devices' memory: fail before loading anything if it cannot be
+            for d in self.devices:
+                check_reports_memory(device_memory_stats(d or jax.devices()[0]))
         self.loaded: dict[str, LoadedModel] = {}
         with jax.default_device(self.device) if self.device is not None else contextlib.nullcontext():
             for name, spec in tqdm(self.specs.items(), desc="loading models", unit="model", disable=not progress):
@@ -148,24 +171,25 @@ class Fleet:
         for name, loaded in self.loaded.items():
             check_tensor_parallel(loaded.config, self.specs[name].tensor_parallel_size)
         for name, loaded in self.loaded.items():   # commit the weights (no copy for those already there)
-            if (tp := self.specs[name].tensor_parallel_size) > 1:   # only its shards stay, one per device
-                shard_model(loaded.model, tp_mesh(self.devices[:tp]))
-            elif self.device is not None:
-                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), self.device))
+            on = [self.devices[i] for i in self.members[name]]
+            if len(on) > 1:   # only its shards stay, one per device
+                shard_model(loaded.model, tp_mesh(on))
+            elif on[0] is not None:
+                nnx.update(loaded.model, jax.device_put(nnx.state(loaded.model), on[0]))
         if pool_bytes is None:
             pool_bytes = self._pool_bytes_for(gpu_memory_utilization)
         self.plan: PoolPlan = plan_pool(
             {name: ModelPages(self._layout(name), self.specs[name].kv_reserve_bytes,
                               self.specs[name].kv_max_bytes, self.specs[name].kv_share)
              for name in self.specs}, pool_bytes, pool_mode, slab_bytes)
-        self.pools = [self.plan.build(d, fill=pool_fill, models=[n for n, s in self.specs.items()
-                                                                  if i < s.tensor_parallel_size])
+        self.pools = [self.plan.build(d, fill=pool_fill, models=self._hosted_on(i))
                       for i, d in enumerate(self.devices)]
         self.pool = self.pools[0]
         engines = {}
         for name, spec in self.specs.items():
-            loaded, tp = self.loaded[name], spec.tensor_parallel_size
-            pool = self.pool if tp == 1 else GroupKVPool(self.pools[:tp], tp_mesh(self.devices[:tp]))
+            loaded, idx = self.loaded[name], self.members[name]
+            pool = self.pools[idx[0]] if len(idx) == 1 else GroupKVPool(
+                [self.pools[i] for i in idx], tp_mesh([self.devices[i] for i in idx]))
             engines[name] = partial(LLMEngine, loaded.model, self.plan.layouts[name], pool, name,
                                     self._engine_config(name), tokenizer=loaded.tokenizer,
                                     eos_token_ids=loaded.eos_token_ids)
@@ -176,11 +200,17 @@ class Fleet:
                                              lambda name=name: self._step_for(name))
                        for name in engines}
 
+    def _hosted_on(self, index: int) -> list[str]:
+        """The models that run on the group's device `index` (alone or as a TP member)."""
+        return [name for name in self.specs if index in self.members[name]]
+
     def _pool_bytes_for(self, utilization: float) -> int:
-        """The pool's size from the device's memory once the weights are loaded, less the scratch
-        memory of the largest step of any model (XLA's analysis of that program)."""
-        return pool_bytes_for_device(self.device or jax.devices()[0], utilization, (
-            (self.loaded[name].model, self._layout(name), self._engine_config(name)) for name in self.specs))
+        """The pools' size (the same on every device of the group) from each device's memory once the
+        weights are loaded, less the scratch memory of the largest step of the models there (XLA's
+        analysis of that program): the smallest of the devices' answers."""
+        return min(pool_bytes_for_device(d or jax.devices()[0], utilization, (
+            (self.loaded[name].model, self._layout(name), self._engine_config(name)) for name in self._hosted_on(i)))
+            for i, d in enumerate(self.devices) if self._hosted_on(i))
 
     def _engine_config(self, name: str) -> EngineConfig:
         spec = self.specs[name]

@@ -136,10 +136,17 @@ class PrecisionPreset:
                 total += weight_bytes("bf16", (k, n))
         total *= cfg.num_layers
         bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * d if cfg.attention_bias else 0
-        norms = cfg.num_layers * (2 * h + bias) + h
+        key_scale = cfg.num_kv_heads * d if self.post_rope_key_scaling else 0
+        return total + 2 * cfg.num_layers * (bias + key_scale) + self.replicated_weight_bytes(cfg)
+
+    @staticmethod
+    def replicated_weight_bytes(cfg: ModelConfig) -> int:
+        """The bf16 weights every member of a tensor-parallel group holds whole
+        (models.tensor_parallel): the norms, the embedding and the LM head."""
+        h = cfg.hidden_size
+        norms = cfg.num_layers * 2 * h + h
         embeds = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-        key_scale = cfg.num_layers * cfg.num_kv_heads * d if self.post_rope_key_scaling else 0
-        return total + 2 * (norms + embeds + key_scale)
+        return 2 * (norms + embeds)
 
 
 PRESETS: dict[str, PrecisionPreset] = {p.name: p for p in (

@@ -306,3 +306,12 @@ def test_server_streams_from_a_tp_model_beside_a_single_device_one(devices):
         chunks = client.completions.create(model="tiny-bf16", prompt=prompt, max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == text
         assert client.completions.create(model="tiny-w4a16", prompt=prompt, max_tokens=4).usage.completion_tokens == 4
+
+
+def test_fleet_members_must_be_each_model_s_own_distinct_devices(devices):
+    spec = ModelSpec(random_model(SMALL, "bf16", "float32", seed=1), name="tp", tensor_parallel_size=2)
+    for members in ({"tp": [0, 0]}, {"tp": [2]}, {"tp": [1, 3]}):
+        with pytest.raises(ValueError, match=r"tp: members .* must be 2 distinct device\(s\) of the group's 3"):
+            Fleet([spec], device=devices[:3], members=members)
+    with pytest.raises(ValueError, match=r"members given for models the fleet does not have: \['x'\]"):
+        Fleet([spec], device=devices[:3], members={"x": [0]})

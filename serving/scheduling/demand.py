@@ -50,12 +50,16 @@ class ModelDemand:
     tokens_per_page: int = DEFAULT_TOKENS_PER_PAGE
     profile_model: str | None = None  # model key in the DeviceProfile; default: name
     kv_skip_layers: tuple[int, ...] = ()  # layers whose KV stays bf16 whatever kv_dtype is
+    tp_sizes: tuple[int, ...] | None = None  # the TP sizes it may run at; None: the scheduler's
+    replicated_bytes: int = 0     # weights every TP member holds whole (0: all of them split)
 
     def __post_init__(self):
         if self.rate < 0 or self.slo_ttft_s <= 0:
             raise ValueError(f"{self.name}: need rate >= 0 and slo_ttft_s > 0, got {self.rate}, {self.slo_ttft_s}")
         if self.weight_bytes <= 0 or self.mean_prompt <= 0 or self.mean_output < 0:
             raise ValueError(f"{self.name}: weight_bytes and mean_prompt must be positive")
+        if not 0 <= self.replicated_bytes <= self.weight_bytes:
+            raise ValueError(f"{self.name}: replicated_bytes must be in [0, weight_bytes], got {self.replicated_bytes}")
 
     @classmethod
     def from_config(cls, name: str, config: ModelConfig, precision: str, rate: float, slo_ttft_s: float, *,
@@ -80,7 +84,7 @@ class ModelDemand:
         return max(1, -(-self.config.num_kv_heads // tp))  # replicated when tp > KV heads
 
     def weight_bytes_per_device(self, tp: int) -> int:
-        return -(-self.weight_bytes // tp)
+        return self.replicated_bytes + -(-(self.weight_bytes - self.replicated_bytes) // tp)
 
     def page_layout(self, tp: int = 1, kv_dtype: str | None = None) -> KVPageLayout:
         """The model's KV page on one device of a TP group (its KV heads split across the group)."""

@@ -120,7 +120,7 @@ class _Planner:
         """Per TP size, the fewest replicas that are feasible (FineServe adds replicas until the rate
         fits); ranked by `rule`. Also the reasons for the TP sizes without a feasible plan."""
         plans, reasons = [], []
-        for tp in self.config.tp_sizes:
+        for tp in demand.tp_sizes or self.config.tp_sizes:
             if tp > self.max_node_devices:
                 reasons.append(f"tp={tp}: no node has {tp} devices")
                 continue
