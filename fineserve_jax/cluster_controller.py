@@ -1,23 +1,25 @@
 """Keeps a cluster deployment equal to its plan: starts it, re-places models when the observed rates
 drift from plan, and when a device is lost places its models again on the survivors.
 
-The controller owns the plan (`cluster_plan.ClusterPlan`) and which replica runs on which device;
-a `ClusterBackend` does the work (Ray Serve in production, `fineserve_jax.ray_serve.RayBackend`; a
-fake in tests). A replica hosts one device's fleet, whose KV pool is sized at start, so a device
-whose models change gets a new replica, one device at a time:
+The controller owns the plan (`cluster_plan.ClusterPlan`) and which replica runs on which device
+group; a `ClusterBackend` does the work (Ray Serve in production, `fineserve_jax.ray_serve.RayBackend`;
+a fake in tests). A replica hosts one device group's fleet (one device, or the devices a
+tensor-parallel model joins), whose KV pools are sized at start, so a group whose models change
+gets a new replica, one group at a time:
 
-  1. the ingress stops routing new requests to the device's old replica (its models go to their
-     other replicas; a model with none left waits at the ingress, up to its hold time);
-  2. the old replica drains: the requests it is answering finish (bounded by `drain_timeout_s`);
-  3. it is deleted, which frees the device, and the new replica starts there and warms up;
+  1. the ingress stops routing new requests to the old replicas on the group's devices (their
+     models go to their other replicas; a model with none left waits at the ingress, up to its
+     hold time);
+  2. the old replicas drain: the requests they are answering finish (bounded by `drain_timeout_s`);
+  3. they are deleted, which frees the devices, and the new replica starts there and warms up;
   4. the ingress routes to it.
 
 A device holds one replica's pool at a time (a GPU cannot hold a second process's pool beside the
-first), hence drain before start; no request is dropped, a moved model's requests wait instead. A
-lost device's replica is dropped from the routes at once (its requests that had sent nothing are
-retried by the ingress elsewhere, the others end with an explicit error), and its models are
-placed again around the survivors, which keep their devices. A model that fits nowhere is answered
-503 with the reason.
+first), hence drain before start; no request is dropped, a moved model's requests wait instead.
+Groups on devices no replica holds start first, together. A lost device's replica is dropped from
+the routes at once (its requests that had sent nothing are retried by the ingress elsewhere, the
+others end with an explicit error), and its models are placed again around the survivors, which
+keep their devices. A model that fits nowhere is answered 503 with the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fineserve_jax.cluster_plan import ClusterPlan, PlanDevice, plan_cluster
-from fineserve_jax.serve_config import ServeConfig
+from fineserve_jax.serve_config import DeviceGroup, ServeConfig
 from serving.scheduling.replan import DEFAULT_DRIFT_THRESHOLD, MIN_DRIFT_OBSERVATIONS, RateObservation, rate_drift
 
 log = logging.getLogger("fineserve.cluster")
@@ -41,8 +43,8 @@ class ClusterBackend(Protocol):
     """What the controller needs from the cluster (Ray Serve in production)."""
 
     def devices(self) -> list[PlanDevice]: ...                      # the alive devices
-    def start_replicas(self, replicas: dict[str, tuple[str, tuple[str, ...]]]) -> dict: ...
-    # (name -> (device, models)), started together; returns name -> handle once each is warm
+    def start_replicas(self, replicas: dict[str, DeviceGroup]) -> dict: ...
+    # (name -> its device group and models), started together; returns name -> handle once each is warm
     def stop_replica(self, name: str) -> None: ...
     def route(self, routes: dict[str, dict[str, float]], unplaced: dict[str, str], handles: dict,
               lost: list[str]) -> None: ...   # lost: replicas whose node is gone (what waits on them fails)
@@ -54,9 +56,19 @@ class ClusterBackend(Protocol):
 @dataclass(frozen=True)
 class Replica:
     name: str
-    device: str
-    models: tuple[str, ...]
+    group: DeviceGroup
     handle: object
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.group.devices
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.group.models
+
+    def describe(self) -> str:
+        return f"{self.name} on {'+'.join(self.devices)} ({', '.join(self.models)})"
 
 
 class ClusterController:
@@ -70,7 +82,7 @@ class ClusterController:
         self.drain_timeout_s = drain_timeout_s
         self.plan: ClusterPlan | None = None
         self.planned_rates = {m.name: m.rate for m in config.models}   # what the plan was made for
-        self.replicas: dict[str, Replica] = {}    # device -> its replica
+        self.replicas: dict[tuple[str, ...], Replica] = {}    # a group's devices -> its replica
         self.events: list[str] = []               # what the controller did, in order (logged too)
         self._count = 0
 
@@ -94,10 +106,11 @@ class ClusterController:
         """One check: a lost device or drifted rates re-place the fleet. True when it changed."""
         devices = self.backend.devices()
         alive = {d.name for d in devices}
-        lost = [d for d in self.replicas if d not in alive]
-        gone = [self.replicas.pop(device) for device in lost]
+        lost = [g for g in self.replicas if not set(g) <= alive]
+        gone = [self.replicas.pop(group) for group in lost]
         for replica in gone:
-            self._note(f"device {replica.device} is lost with replica {replica.name} ({', '.join(replica.models)})")
+            missing = "+".join(d for d in replica.devices if d not in alive)
+            self._note(f"device {missing} is lost with replica {replica.describe()}")
         self._route(lost=[r.name for r in gone])   # at every check, so that a restarted ingress relearns
         for replica in gone:   # Ray Serve would otherwise keep trying to start it again
             self.backend.stop_replica(replica.name)
@@ -136,36 +149,50 @@ class ClusterController:
     # -- carrying out a plan ----------------------------------------------------------------------
 
     def apply(self, plan: ClusterPlan) -> None:
-        """Make the deployment equal to `plan`, one device at a time (module docstring)."""
+        """Make the deployment equal to `plan`, one device group at a time (module docstring)."""
         self.plan = plan
         for model, why in plan.unplaced.items():
             self._note(f"{model} is not served: {why}")
-        changed = sorted(d for d in {*self.replicas, *plan.hosts}
-                         if (self.replicas[d].models if d in self.replicas else ()) != plan.hosts.get(d, ()))
-        # devices with no replica yet start together first; their models' other replicas serve meanwhile
-        replaced = [d for d in changed if d in self.replicas]
-        self._start([d for d in changed if d not in self.replicas and plan.hosts.get(d)])
+        wanted = plan.hosts
+        changed = [g for g in wanted if g not in self.replicas or self.replicas[g].group != wanted[g]]
+        # groups on free devices start together first; their models' other replicas serve meanwhile
+        fresh = [g for g in changed if not self._overlapping(g)]
+        self._start(fresh)
         self._route()
-        for device in replaced:
-            old = self.replicas.pop(device)
+        for group in changed:
+            if group in fresh:
+                continue
+            self._retire(self._overlapping(group))
+            self._start([group])
             self._route()
-            self._drain(old)
-            self.backend.stop_replica(old.name)
-            self._note(f"replica {old.name} on {device} stopped ({', '.join(old.models)})")
-            self._start([device] if plan.hosts.get(device) else [])
-            self._route()
+        self._retire([g for g in self.replicas if g not in wanted])   # on devices that host nothing now
+
+    def _overlapping(self, group: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """The running replicas on any of `group`'s devices."""
+        return [g for g in self.replicas if set(g) & set(group)]
+
+    def _retire(self, groups: list[tuple[str, ...]]) -> None:
+        """Unroute these replicas, let them drain, stop them."""
+        old = [self.replicas.pop(g) for g in groups]
+        if not old:
+            return
+        self._route()
+        for replica in old:
+            self._drain(replica)
+            self.backend.stop_replica(replica.name)
+            self._note(f"replica {replica.describe()} stopped")
 
     def _on_plan(self) -> bool:
-        return self.plan is not None and all(device in self.replicas and self.replicas[device].models == models
-                                             for device, models in self.plan.hosts.items())
+        return self.plan is not None and all(g in self.replicas and self.replicas[g].group == group
+                                             for g, group in self.plan.hosts.items())
 
-    def _start(self, devices: list[str]) -> None:
-        """Start these devices' replicas of the plan together. One that fails to start (its node went
+    def _start(self, groups: list[tuple[str, ...]]) -> None:
+        """Start these groups' replicas of the plan together. One that fails to start (its node went
         away meanwhile, say) leaves the deployment short of plan, which the next check places again."""
         wanted = {}
-        for device in devices:
+        for group in groups:
             self._count += 1
-            wanted[f"fleet{self._count}"] = (device, self.plan.hosts[device])
+            wanted[f"fleet{self._count}"] = self.plan.hosts[group]
         if not wanted:
             return
         try:
@@ -175,9 +202,9 @@ class ClusterController:
             for name in wanted:
                 self.backend.stop_replica(name)
             return
-        for name, (device, models) in wanted.items():
-            self.replicas[device] = Replica(name, device, models, handles[name])
-            self._note(f"replica {name} on {device} serves {', '.join(models)}")
+        for name, group in wanted.items():
+            replica = self.replicas[group.devices] = Replica(name, group, handles[name])
+            self._note(f"replica {replica.describe()} serves")
 
     def _route(self, lost: list[str] = ()) -> None:
         """Route every model to the replicas that host it now, by the plan's weights; a placed model
@@ -187,7 +214,7 @@ class ClusterController:
             if self.plan is not None and model.name in self.plan.unplaced:
                 continue
             weights = self.plan.weights.get(model.name, {}) if self.plan is not None else {}
-            routes[model.name] = {r.name: weights.get(d, 1.0) for d, r in self.replicas.items()
+            routes[model.name] = {r.name: weights.get(g, 1.0) for g, r in self.replicas.items()
                                   if model.name in r.models}
         unplaced = dict(self.plan.unplaced) if self.plan is not None else {}
         self.backend.route(routes, unplaced, {r.name: r.handle for r in self.replicas.values()}, list(lost))

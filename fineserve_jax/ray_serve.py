@@ -7,8 +7,9 @@
 It joins the cluster, reads the devices every node offers (`cluster_devices`: its GPUs, or on
 nodes without any the custom resource `fineserve_device`), places the fleet over all of them
 (`cluster_plan`, every replica the placement plans) and runs one Ray Serve application per device
-that hosts models (`FleetReplica`: that device's Fleet and the same OpenAI app a single-process
-server runs, scheduled as [server] says, pinned to the device's node) behind one ingress
+group that hosts models (`FleetReplica`: that group's Fleet and the same OpenAI app a
+single-process server runs, scheduled as [server] says, pinned to the group's node; a group is one
+device, or the devices of one node that a tensor-parallel model joins) behind one ingress
 (`serving.cluster.proxy`) that routes each request by model name and placement weight and streams
 the replica's response back. `ClusterController` (through `RayBackend`) then keeps it on plan: a
 lost node's models are placed again on the survivors, drifted rates re-place the fleet. Ray is
@@ -33,7 +34,7 @@ from fineserve_jax.cluster_controller import ClusterController
 from fineserve_jax.cluster_plan import PlanDevice
 from fineserve_jax.config_files import DeviceConfig
 from fineserve_jax.serve_app import app_for
-from fineserve_jax.serve_config import ServeConfig, build_fleets
+from fineserve_jax.serve_config import DeviceGroup, ServeConfig, build_fleets
 from serving.cluster.asgi_call import call_asgi
 from serving.cluster.proxy import HOLD_S, Routes, build_proxy_app
 from serving.scheduling.replan import RateObservation, RatesMonitor
@@ -81,22 +82,32 @@ def cluster_devices(nodes: list[dict], *, memory_bytes: int | None = None) -> li
 
 
 def plan_devices(devices: list[ClusterDevice]) -> list[PlanDevice]:
-    return [PlanDevice(d.name, d.kind, d.memory_bytes) for d in devices]
+    return [PlanDevice(d.name, d.kind, d.memory_bytes, d.node_id) for d in devices]
 
 
-def replica_config(config: ServeConfig, device: ClusterDevice, models: tuple[str, ...]) -> ServeConfig:
-    """What one replica serves: its models on its one device (jax device 0 of its process: Ray
-    gives a GPU replica exactly its GPU)."""
-    return dataclasses.replace(config, models=[config.model(n) for n in models],
-                               devices=[DeviceConfig(name=device.name, jax_device=0, kind=device.kind)])
+def replica_config(config: ServeConfig, group: DeviceGroup, devices: list[ClusterDevice]) -> ServeConfig:
+    """What one replica serves: its group's models on its devices, which are jax devices 0, 1, ...
+    of its process (Ray gives a GPU replica exactly its GPUs; a CPU replica gets as many host
+    devices, `replica_env`)."""
+    return dataclasses.replace(config, models=[config.model(n) for n in group.models],
+                               devices=[DeviceConfig(name=d.name, jax_device=i, kind=d.kind)
+                                        for i, d in enumerate(devices)])
+
+
+def replica_env(devices: list[ClusterDevice]) -> dict[str, str]:
+    """The replica process's environment: a CPU group of k > 1 devices asks XLA for k host devices."""
+    if len(devices) > 1 and devices[0].resource == DEVICE_RESOURCE:
+        return RAY_ENV | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={len(devices)}"}
+    return dict(RAY_ENV)
 
 
 class FleetReplica:
-    """One device's fleet and its OpenAI app, answering forwarded requests (a Ray Serve deployment)."""
+    """One device group's fleet and its OpenAI app, answering forwarded requests (a Ray Serve
+    deployment)."""
 
-    def __init__(self, config: ServeConfig, warmup: bool = True, caches: Caches = Caches(None)):
+    def __init__(self, config: ServeConfig, group: DeviceGroup, warmup: bool = True, caches: Caches = Caches(None)):
         caches.enable_compilation_cache()   # this machine's cache folders, as the CLI's
-        self.fleets = build_fleets(config, quantized_cache=caches.quantized)
+        self.fleets = build_fleets(config, quantized_cache=caches.quantized, groups=[group])
         self.app = app_for(self.fleets, config.server, warmup=warmup)
         self._lifespan = self.app.router.lifespan_context(self.app)
         self._started: asyncio.Future | None = None
@@ -147,8 +158,8 @@ class ClusterIngress:
 
 
 class RayBackend:
-    """The cluster as `ClusterController` drives it: Ray's nodes are the devices, each replica is a
-    Ray Serve application pinned to its device's node, the ingress is one more (at host:port)."""
+    """The cluster as `ClusterController` drives it: Ray's nodes offer the devices, each replica is a
+    Ray Serve application pinned to its group's node, the ingress is one more (at host:port)."""
 
     def __init__(self, config: ServeConfig, *, host: str, port: int, warmup: bool = True,
                  caches: Caches = Caches(None), memory_bytes: int | None = None, hold_s: float = HOLD_S,
@@ -177,20 +188,22 @@ class RayBackend:
             self._serving = True
         return serve
 
-    def start_replicas(self, replicas: dict[str, tuple[str, tuple[str, ...]]]) -> dict:
+    def start_replicas(self, replicas: dict[str, DeviceGroup]) -> dict:
         from ray.serve.api import RunTarget
 
         serve = self._serve()
         deployment = serve.deployment(FleetReplica)
         targets = []
-        for name, (device_name, models) in replicas.items():
-            device = self._known[device_name]
-            options = {"num_cpus": 0, "num_gpus": 1} if device.resource == "GPU" else {
-                "num_cpus": 0, "resources": {device.resource: 1}}
-            options |= {"label_selector": {NODE_LABEL: device.node_id}, "runtime_env": {"env_vars": RAY_ENV}}
+        for name, group in replicas.items():
+            devices = [self._known[d] for d in group.devices]   # one node's (placement keeps a group in one)
+            first, k = devices[0], len(devices)
+            options = {"num_cpus": 0, "num_gpus": k} if first.resource == "GPU" else {
+                "num_cpus": 0, "resources": {first.resource: k}}
+            options |= {"label_selector": {NODE_LABEL: first.node_id},
+                        "runtime_env": {"env_vars": replica_env(devices)}}
             app = deployment.options(name="replica", ray_actor_options=options, max_ongoing_requests=1024,
                                      graceful_shutdown_timeout_s=5, max_constructor_retry_count=3).bind(
-                replica_config(self.config, device, models), self.warmup, self.caches)
+                replica_config(self.config, group, devices), group, self.warmup, self.caches)
             targets.append(RunTarget(app, name=name, route_prefix=None))
         handles = dict(zip(replicas, serve.run_many(targets)))
         for handle in handles.values():

@@ -1,17 +1,18 @@
 """The fleet configuration of `fineserve serve`: which models, on which devices, with which SLOs.
 
     config = ServeConfig.from_toml("fleet.toml")     # or ServeConfig.demo()
-    place_models(config)                              # {"gpu0": ["llama-bf16"], "gpu1": [...]}
-    for df in build_fleets(config):                   # one Fleet (one shared KV pool) per device
+    place_models(config)                              # [DeviceGroup(("gpu0",), (("llama-bf16", (0,)),)), ...]
+    for df in build_fleets(config):                   # one Fleet (one shared KV pool per device) per group
         df.device_name, df.jax_device, df.fleet, df.slo_ttft_s, df.max_queue
 
 A fleet.toml (`Fleet.from_config`) is a valid serve config; a serve config adds a `[server]` section
 (host, port, drain timeout, admission, drop_hopeless, step_policy), `[[devices]]` and, per model,
 `slo_ttft_ms`, `rate` and `max_queue`. SLOs default to FineServe's rule (arXiv 2509.06261) on the
 device's cost profile (serving/scheduling/profiles/<kind>.json) where it covers the model. On several
-devices FineServe's global placement (`serving.scheduling.strategies.place`, TP 1) puts the models,
-from their checkpoints' metadata only; the server runs one replica per model. Every key and the
-placement rules: docs/serving.md.
+devices FineServe's global placement (`serving.scheduling.strategies.place`, each model at its
+tensor_parallel_size) puts the models, from their checkpoints' metadata only; the server runs one
+replica per model, and devices joined by a tensor-parallel model form one group, served by one Fleet.
+Every key and the placement rules: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from models.hf_loader import read_hf_config
 from models.loader import LoadedModel, check_precision, parse_dtype, resolve_model_path
 from models.precision import PrecisionPreset, kv_page_layout, resolve_precision
 from models.quantize import model_weight_bytes
+from models.tensor_parallel import check_tensor_parallel
 from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roofline_step_cost, variant_key
 from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.placement import Placement
@@ -101,6 +103,9 @@ class ServeConfig:
 
     def model(self, name: str) -> ServedModelConfig:
         return next(m for m in self.models if m.name == name)
+
+    def device(self, name: str) -> DeviceConfig:
+        return next(d for d in self.devices if d.name == name)
 
     def device_pool_bytes(self, device: DeviceConfig) -> int | None:
         """The device's pool size as configured; None: sized from its memory (gpu_memory_utilization)."""
@@ -181,24 +186,26 @@ def _planned_preset(spec: ModelSpec) -> PrecisionPreset:
 
 
 def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec) -> StepCost | None:
-    """The profile's step cost of this model and precision (tp 1), if it has one."""
+    """The profile's step cost of this model and precision at its tensor_parallel_size, if it has one."""
     if profile is None or (check_precision(spec.precision, spec.kv_dtype) is None
                            and not isinstance(spec.model, LoadedModel)):
         return None  # precision decided by the checkpoint: no key to look up
     name = spec.model.name if isinstance(spec.model, LoadedModel) else str(spec.model)
     try:
-        return profile.entries.get(variant_key(Path(name).name, _planned_preset(spec).name))
+        return profile.entries.get(variant_key(Path(name).name, _planned_preset(spec).name, spec.tensor_parallel_size))
     except ValueError:
         return None
 
 
 def step_cost(model: ServedModelConfig, kind: str | None, profile: DeviceProfile | None,
               config: ModelConfig | None = None) -> StepCost | None:
-    """The model's step times on a device of `kind`: the device profile's where it covers the model,
-    else the roofline of a known GPU kind (`config`: the model's, if already read), else None."""
+    """The model's step times (at its tensor_parallel_size) on devices of `kind`: the device
+    profile's where it covers the model, else the roofline of a known GPU kind (`config`: the
+    model's, if already read), else None."""
     cost = _profile_cost(profile, model.spec)
     if cost is None and kind in DEVICES:
-        cost = roofline_step_cost(config or read_model_config(model.spec), _planned_preset(model.spec), DEVICES[kind])
+        cost = roofline_step_cost(config or read_model_config(model.spec), _planned_preset(model.spec), DEVICES[kind],
+                                  model.spec.tensor_parallel_size)
     return cost
 
 
@@ -238,13 +245,20 @@ def planned_weights(model: ServedModelConfig) -> tuple[int, jnp.dtype]:
 
 def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     spec, cfg, preset = model.spec, read_model_config(model.spec), _planned_preset(model.spec)
+    tp = spec.tensor_parallel_size
+    try:
+        check_tensor_parallel(cfg, tp)
+    except ValueError as e:
+        raise ValueError(f"{model.name}: {e}") from None
     weights, dtype = planned_weights(model)
     layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype, key_bounds=spec.sparse is not None)
+    replicated = PrecisionPreset.replicated_weight_bytes(cfg) * (2 if dtype == jnp.float32 else 1)
     # profile_model: a private key per model, so that the profile built for placement has one entry each.
     return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
                        weights, layout.bytes_per_token, model.rate, slo,
                        tokens_per_page=spec.tokens_per_page, profile_model=f"m{index}",
-                       kv_skip_layers=preset.kv_skip_layers)
+                       kv_skip_layers=preset.kv_skip_layers, tp_sizes=(tp,),
+                       replicated_bytes=min(replicated, weights))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,39 +269,79 @@ class DoesNotFit(ValueError):
     """The models do not fit in the devices' memory, even placed by memory only."""
 
 
-def place_models(config: ServeConfig) -> dict[str, list[str]]:
-    """Device name -> the served models it hosts (config order; every device listed, maybe empty).
-    See the module docstring for the rules; ValueError when the models do not fit in memory."""
+@dataclass(frozen=True)
+class DeviceGroup:
+    """Devices that one Fleet serves from (a KV pool on each) and which of them each of its models
+    runs on: indices into `devices`, as many as the model's tensor_parallel_size. Devices joined by
+    a tensor-parallel model are one group; a device whose models all run on it alone is a group of
+    one. (A group of one [[devices]] entry with a TP-N model extends over that entry's jax device
+    and the next N - 1: Fleet's rule for one device.)"""
+    devices: tuple[str, ...]
+    members: tuple[tuple[str, tuple[int, ...]], ...]   # (served model, its devices' indices), config order
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.members)
+
+
+def device_groups(hosting: list[tuple[str, tuple[str, ...]]], order: list[str]) -> list[DeviceGroup]:
+    """The groups of `hosting` ((model, the devices one of its replicas runs on), config order):
+    devices sharing a replica are one group, in `order` (the devices' names). A model with two
+    replicas in one group keeps one there (the group's one runtime would step both anyway)."""
+    root = {d: d for _, devices in hosting for d in devices}
+
+    def find(d: str) -> str:
+        while root[d] != d:
+            d = root[d]
+        return d
+
+    for _, devices in hosting:
+        for d in devices[1:]:
+            root[find(d)] = find(devices[0])
+    joined: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for model, devices in hosting:
+        joined.setdefault(find(devices[0]), []).append((model, devices))
+    groups = []
+    for hosted in joined.values():
+        devices = sorted({d for _, ds in hosted for d in ds}, key=order.index)
+        members = {}
+        for model, ds in hosted:
+            members.setdefault(model, tuple(devices.index(d) for d in ds))
+        groups.append(DeviceGroup(tuple(devices), tuple(members.items())))
+    return sorted(groups, key=lambda g: order.index(g.devices[0]))
+
+
+def place_models(config: ServeConfig) -> list[DeviceGroup]:
+    """The device groups that host models (config order). See the module docstring for the rules;
+    ValueError when the models do not fit in memory."""
     if len(config.devices) == 1:   # a TP model makes that device's fleet a group of the next devices too
-        return {config.devices[0].name: [m.name for m in config.models]}
+        return [DeviceGroup((config.devices[0].name,),
+                            tuple((m.name, tuple(range(m.spec.tensor_parallel_size))) for m in config.models))]
     placement = plan_placement(config)
-    hosts = {d.name: [] for d in config.devices}
+    hosting = []
     for m in config.models:
         replicas = placement.replicas_of(m.name)
-        first = replicas[0].devices[0]
         if len(replicas) > 1:
             log.warning("%s: the placement plans %d replicas for %.3g req/s; the server runs one, on %s",
-                        m.name, len(replicas), m.rate, first)
-        hosts[first].append(m.name)
-    return hosts
+                        m.name, len(replicas), m.rate, "+".join(replicas[0].devices))
+        hosting.append((m.name, replicas[0].devices))
+    return device_groups(hosting, [d.name for d in config.devices])
 
 
 def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None,
-                   previous: Placement | None = None) -> Placement:
-    """FineServe's global placement of the config's models over its devices (TP 1), at their
-    configured rates or at `rates` (observed ones). With `previous`, a re-placement
+                   previous: Placement | None = None, nodes: dict[str, int] | None = None) -> Placement:
+    """FineServe's global placement of the config's models over its devices (each model at its
+    tensor_parallel_size, a TP group inside one node: `nodes`, device name -> node, default all on
+    one), at their configured rates or at `rates` (observed ones). With `previous`, a re-placement
     (`serving.scheduling.replan`): models whose rate stayed near plan keep their devices where those
     are still in the config. Where the rates / SLOs cannot be met, the models are placed by memory
     only; DoesNotFit when even that does not fit."""
-    wide = [m.name for m in config.models if m.spec.tensor_parallel_size > 1]
-    if wide:
-        raise ValueError(f"{', '.join(wide)}: tensor_parallel_size > 1 is served by a fleet over one device group "
-                         f"(one [[devices]] entry, the group's first device), not yet by placement over several "
-                         f"[[devices]]")
-    rates = rates or {}
-    scheduler = SchedulerConfig(tp_sizes=(1,), max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
+    rates, nodes = rates or {}, nodes or {}
+    scheduler = SchedulerConfig(tp_sizes=tuple(sorted({m.spec.tensor_parallel_size for m in config.models})),
+                                max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
                                 target_slab_bytes=config.slab_bytes)
-    devices = [_scheduler_device(config, d, scheduler) for d in config.devices]
+    devices = [dataclasses.replace(_scheduler_device(config, d, scheduler), node=nodes.get(d.name, 0))
+               for d in config.devices]
     kinds = {d.kind for d in devices}
     kind = kinds.pop() if len(kinds) == 1 else None  # mixed kinds: one profile cannot cost them all
     profile = DeviceProfile.shipped(kind) if kind is not None else None
@@ -295,7 +349,8 @@ def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None
                for i, m in enumerate(config.models)]
     costs = {}
     for d, m in zip(demands, config.models):
-        costs[variant_key(d.profile_key, d.precision)] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
+        key = variant_key(d.profile_key, d.precision, m.spec.tensor_parallel_size)
+        costs[key] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
 
     def run(demands, profile):
         if previous is None:
@@ -337,38 +392,40 @@ def _scheduler_device(config: ServeConfig, device: DeviceConfig, scheduler: Sche
 
 @dataclass
 class DeviceFleet:
-    """The models one device serves: their Fleet (one shared KV pool) and serving limits."""
+    """The models one device (or device group) serves: their Fleet (one shared KV pool per device)
+    and serving limits."""
 
-    device_name: str
-    jax_device: jax.Device
+    device_name: str          # a group's: its devices' names joined by "+"
+    jax_device: jax.Device    # a group's: its first device
     fleet: Fleet
     slo_ttft_s: dict[str, float]   # served name -> TTFT SLO, seconds
     max_queue: dict[str, int]      # served name -> waiting requests allowed
 
 
 def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
-                 gpu_memory_utilization: float | None = None) -> list[DeviceFleet]:
-    """Place the models and build one Fleet per device that hosts any, its weights and pool on that
-    jax device (`Fleet(device=...)`; the server's engine thread also steps it under
+                 gpu_memory_utilization: float | None = None,
+                 groups: list[DeviceGroup] | None = None) -> list[DeviceFleet]:
+    """Place the models (or take `groups`) and build one Fleet per device group, its weights and
+    pools on those jax devices (`Fleet(device=...)`; the server's engine thread also steps it under
     `jax.default_device(jax_device)`), calibrated weights cached in `quantized_cache` if given.
     With `gpu_memory_utilization` (the command line's, else the file's), a device whose [[devices]]
-    entry gives no pool_bytes sizes its pool from its memory instead of the file's pool_bytes."""
-    placed = place_models(config)
+    entry gives no pool_bytes sizes its pool from its memory instead of the file's pool_bytes (a
+    group's pools take the smallest size of its devices')."""
     fleets = []
-    for d in config.devices:
-        names = placed[d.name]
-        if not names:
-            continue  # hosts nothing: no pool is allocated
-        jd, kind = _jax_device(d), device_kind(d)
+    for group in place_models(config) if groups is None else groups:
+        entries = [config.device(n) for n in group.devices]
+        jds, kind = [_jax_device(d) for d in entries], device_kind(entries[0])
         profile = DeviceProfile.shipped(kind)
-        models = [config.model(n) for n in names]
+        models = [config.model(n) for n in group.models]
         slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
         costs = {m.name: step_cost(m, kind, profile) for m in models}
-        pool_bytes = d.pool_bytes if gpu_memory_utilization is not None else config.device_pool_bytes(d)
-        fleet = Fleet([m.spec for m in models], pool_bytes,
+        sizes = [d.pool_bytes if gpu_memory_utilization is not None else config.device_pool_bytes(d) for d in entries]
+        placed = {"device": jds[0]} if len(jds) == 1 else {"device": jds, "members": dict(group.members)}
+        fleet = Fleet([m.spec for m in models], None if None in sizes else min(sizes),
                       gpu_memory_utilization=gpu_memory_utilization or config.gpu_memory_utilization,
                       pool_mode=config.pool_mode,
                       slab_bytes=config.slab_bytes, scheduling=config.server.scheduling(slos, costs),
-                      device=jd, quantized_cache=quantized_cache, progress=True)  # loads, commits, allocates on jd
-        fleets.append(DeviceFleet(d.name, jd, fleet, slos, {m.name: m.max_queue for m in models}))
+                      quantized_cache=quantized_cache, progress=True, **placed)  # loads, commits, allocates there
+        fleets.append(DeviceFleet("+".join(group.devices), jds[0], fleet, slos,
+                                  {m.name: m.max_queue for m in models}))
     return fleets

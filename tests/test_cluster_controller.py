@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 
 from fineserve_jax.cluster_controller import ClusterController
-from fineserve_jax.cluster_plan import PlanDevice, plan_cluster
+from fineserve_jax.cluster_plan import ClusterPlan, PlanDevice, plan_cluster
+from fineserve_jax.serve_config import DeviceGroup
 from serving.scheduling.replan import RateObservation
 from tests.helpers import HF_MODELS as MODELS, hf_fleet_config as fixture_config
 
@@ -22,7 +23,7 @@ class FakeCluster:
     """Records what the controller does and checks its invariants as it goes."""
     devices_up: list[PlanDevice]
     observed: dict = dataclasses.field(default_factory=dict)
-    live: dict = dataclasses.field(default_factory=dict)       # replica -> (device, models)
+    live: dict = dataclasses.field(default_factory=dict)       # replica -> its DeviceGroup
     stopped: list = dataclasses.field(default_factory=list)
     routes: dict = dataclasses.field(default_factory=dict)
     unplaced: dict = dataclasses.field(default_factory=dict)
@@ -36,14 +37,19 @@ class FakeCluster:
         return list(self.devices_up)
 
     def start_replicas(self, replicas):
-        if failed := {d for d, _ in replicas.values()} & self.failing:
+        if failed := {d for g in replicas.values() for d in g.devices} & self.failing:
             self.failing -= failed
             raise RuntimeError(f"Deploying on {sorted(failed)} failed: the node went away\nmore")
-        for name, (device, models) in replicas.items():
-            assert device in {d.name for d in self.devices_up}
-            assert all(d != device for d, _ in self.live.values()), f"two replicas on {device}"
-            self.live[name] = (device, models)
+        for name, group in replicas.items():
+            assert set(group.devices) <= {d.name for d in self.devices_up}
+            busy = {d for g in self.live.values() for d in g.devices} & set(group.devices)
+            assert not busy, f"two replicas on {busy}"
+            self.live[name] = group
         return {name: f"handle-{name}" for name in replicas}
+
+    def on(self, device):
+        """The live replica on `device` (name, group)."""
+        return next((n, g) for n, g in self.live.items() if device in g.devices)
 
     def stop_replica(self, name):
         assert all(name not in hosts for hosts in self.routes.values()), f"{name} stopped while routed"
@@ -77,9 +83,9 @@ def test_start_routes_every_model_to_its_replica():
     cluster = FakeCluster(two_devices())
     controller = ClusterController(fixture_config(), cluster)
     plan = controller.start()
-    assert len(cluster.live) == 2 and sorted(m for _, ms in cluster.live.values() for m in ms) == sorted(MODELS)
+    assert len(cluster.live) == 2 and sorted(m for g in cluster.live.values() for m in g.models) == sorted(MODELS)
     assert {m: len(h) for m, h in cluster.routes.items()} == {m: 1 for m in MODELS} and not cluster.held
-    assert plan.hosts == {d: ms for d, ms in cluster.live.values()}
+    assert sorted(plan.groups, key=str) == sorted(cluster.live.values(), key=str)
     assert controller.step() is False and cluster.stopped == []   # nothing changed
 
 
@@ -104,14 +110,14 @@ def test_a_lost_device_s_models_come_back_on_the_survivor():
     cluster = FakeCluster(two_devices())
     controller = ClusterController(fixture_config(), cluster)
     controller.start()
-    [(lost, (_, lost_models))] = [(n, v) for n, v in cluster.live.items() if v[0] == "b"]
+    lost, _ = cluster.on("b")
     cluster.devices_up = cluster.devices_up[:1]
     cluster.live.pop(lost)   # gone with its node
     assert controller.step() is True
     assert lost in cluster.stopped and cluster.lost == [lost]
     assert any("device b is lost" in e for e in controller.events)
-    [(device, models)] = cluster.live.values()
-    assert device == "a" and sorted(models) == sorted(MODELS) and not cluster.unplaced
+    [group] = cluster.live.values()
+    assert group.devices == ("a",) and sorted(group.models) == sorted(MODELS) and not cluster.unplaced
     assert all(len(cluster.routes[m]) == 1 for m in MODELS)
 
 
@@ -121,10 +127,8 @@ def test_a_model_that_fits_nowhere_is_unplaced_and_the_rest_keep_serving():
     controller.start()
     # the survivor is too small for all three: the lost device's model is the one left out
     cluster.devices_up = [PlanDevice("a", "cpu", 20 * MIB)]
-    for name, (device, _) in list(cluster.live.items()):
-        if device == "b":
-            cluster.live.pop(name)
-    before_on_a = next(ms for d, ms in cluster.live.values() if d == "a")
+    cluster.live.pop(cluster.on("b")[0])
+    before_on_a = cluster.on("a")[1].models
     controller.step()
     assert set(cluster.unplaced) and set(cluster.unplaced).isdisjoint(before_on_a)
     assert all("does not fit" in why for why in cluster.unplaced.values())
@@ -138,11 +142,50 @@ def test_a_cluster_without_the_memory_for_the_fleet_fails_at_start_naming_what_d
     assert not cluster.live
 
 
-def test_plan_cluster_refuses_tensor_parallel_models_and_an_empty_cluster():
+def test_plan_cluster_refuses_an_empty_cluster():
     with pytest.raises(ValueError, match="no devices"):
         plan_cluster(fixture_config(), [])
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not placed over a Ray cluster"):
-        plan_cluster(fixture_config(tensor_parallel_size=2), two_devices())
+
+
+def three_devices_two_nodes(memory=48 * MIB):
+    return [PlanDevice("a", "cpu", memory, "n0"), PlanDevice("b", "cpu", memory, "n0"),
+            PlanDevice("c", "cpu", memory, "n1")]
+
+
+def test_a_tensor_parallel_model_gets_a_group_of_devices_in_one_node():
+    config = fixture_config()
+    config.models[0].spec.tensor_parallel_size = 2          # llama over two devices of one node
+    cluster = FakeCluster(three_devices_two_nodes())
+    controller = ClusterController(config, cluster)
+    plan = controller.start()
+    [group] = [g for g in plan.groups if "llama" in g.models]
+    assert group.devices == ("a", "b") and dict(group.members)["llama"] == (0, 1)
+    assert all(len(dict(g.members)[m]) == 1 for g in plan.groups for m in g.models if m != "llama")
+    assert sorted(cluster.live.values(), key=str) == sorted(plan.groups, key=str)
+    assert sorted(m for g in plan.groups for m in g.models) == sorted(MODELS)
+    # b is lost: llama's group with it; a and c are on two nodes, so llama fits nowhere now
+    lost, _ = cluster.on("b")
+    cluster.devices_up = [d for d in cluster.devices_up if d.name != "b"]
+    cluster.live.pop(lost)
+    assert controller.step() is True
+    assert "no node has 2 devices" in cluster.unplaced["llama"] and "llama" not in cluster.routes
+    assert {m for g in cluster.live.values() for m in g.models} == {"mistral", "qwen2"}
+    assert all(len(cluster.routes[m]) == 1 for m in ("mistral", "qwen2"))
+
+
+def test_a_group_over_busy_devices_starts_after_their_replicas_drained():
+    """Moving to a plan whose TP group spans two devices with a replica each: both are unrouted and
+    drained before the group starts (the fake refuses two replicas on a device)."""
+    cluster = FakeCluster(two_devices())
+    controller = ClusterController(fixture_config(), cluster)
+    controller.start()
+    old = set(cluster.live)
+    joined = DeviceGroup(("a", "b"), (("llama", (0, 1)), ("mistral", (0,)), ("qwen2", (1,))))
+    controller.apply(ClusterPlan((joined,), {m: {("a", "b"): 1.0} for m in MODELS}))
+    assert set(cluster.stopped) == old and list(cluster.live.values()) == [joined]
+    assert cluster.held == set(MODELS)                      # their requests waited at the ingress meanwhile
+    assert all(list(hosts) == [next(iter(cluster.live))] for hosts in cluster.routes.values())
+    assert controller.step() is False
 
 
 def test_a_replica_that_fails_to_start_is_placed_again_at_the_next_check():
@@ -154,10 +197,10 @@ def test_a_replica_that_fails_to_start_is_placed_again_at_the_next_check():
     cluster.failing = {"b"}
     assert controller.step() is True
     assert any("failed to start: Deploying on ['b'] failed" in e for e in controller.events)
-    assert "b" not in {d for d, _ in cluster.live.values()}
+    assert "b" not in {d for g in cluster.live.values() for d in g.devices}
     assert any(not hosts for hosts in cluster.routes.values())      # b's models wait at the ingress
     assert controller.step() is True and any("short of its plan" in e for e in controller.events)
-    assert {d for d, _ in cluster.live.values()} == {"a", "b"} and all(cluster.routes.values())
+    assert {d for g in cluster.live.values() for d in g.devices} == {"a", "b"} and all(cluster.routes.values())
     assert controller.step() is False
 
 

@@ -1,5 +1,5 @@
 """Serving over a Ray cluster: a two-node cluster in this machine (loopback only), the fleet placed
-over both nodes' devices, the official client through the one ingress (streaming and not) getting
+over both nodes' three devices (llama tensor-parallel over the head node's two), the official client through the one ingress (streaming and not) getting
 what a single-process fleet answers, the cluster-wide /v1/models, /health and /metrics, the
 one-line errors at start; then, under load, models moved to new replicas with no request lost, and
 a node killed: every request answered or failed explicitly, its models back on the survivor."""
@@ -35,24 +35,31 @@ DEVICE_MEMORY = 48 << 20
 LOST_AFTER_S = 60      # Ray marks a killed node dead within this (health checks every 0.5 s)
 
 
+def ray_fleet_config():
+    """The fixture fleet with llama split over two devices (which must be one node's)."""
+    config = fixture_config()
+    config.model("llama").spec.tensor_parallel_size = 2
+    return config
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """Two Ray nodes of one device each; the fleet deployed over them by the controller."""
+    """Two Ray nodes, of two devices and one; the fleet deployed over them by the controller."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"   # everything on 127.0.0.1
     import ray
     from ray.cluster_utils import Cluster
 
     nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {DEVICE_RESOURCE: 1},
+        "num_cpus": 1, "resources": {DEVICE_RESOURCE: 2},
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
     worker = nodes.add_node(num_cpus=1, resources={DEVICE_RESOURCE: 1})
     ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False)
     port = int(np.random.default_rng().integers(*PORT_RANGE))
-    backend = RayBackend(fixture_config(), host="127.0.0.1", port=port, warmup=False, memory_bytes=DEVICE_MEMORY)
+    backend = RayBackend(ray_fleet_config(), host="127.0.0.1", port=port, warmup=False, memory_bytes=DEVICE_MEMORY)
     try:
         # re-placement for drifted rates is the fake cluster's test: here the load would trigger it
-        controller = ClusterController(fixture_config(), backend, drain_timeout_s=30, drift_threshold=math.inf)
+        controller = ClusterController(ray_fleet_config(), backend, drain_timeout_s=30, drift_threshold=math.inf)
         controller.start()
         yield {"url": f"http://127.0.0.1:{port}", "controller": controller, "nodes": nodes, "worker": worker,
                "devices": cluster_devices(ray.nodes(), memory_bytes=DEVICE_MEMORY)}
@@ -63,10 +70,14 @@ def cluster():
 
 
 def test_fleet_spreads_over_both_nodes_and_answers_as_one_process(cluster):
-    assert len(cluster["devices"]) == 2 and len({d.node_id for d in cluster["devices"]}) == 2
-    hosted = list(cluster["controller"].plan.hosts.values())
-    assert len(hosted) == 2 and sorted(m for ms in hosted for m in ms) == sorted(MODELS)
-    single = Fleet([m.spec for m in fixture_config().models], "8MiB")
+    devices = cluster["devices"]
+    assert len(devices) == 3 and len({d.node_id for d in devices}) == 2
+    groups = cluster["controller"].plan.groups
+    assert len(groups) == 2 and sorted(m for g in groups for m in g.models) == sorted(MODELS)
+    [tp] = [g for g in groups if "llama" in g.models]   # the head node's two devices, one replica
+    assert len(tp.devices) == 2 and dict(tp.members)["llama"] == (0, 1)
+    assert len({d.node_id for d in devices if d.name in tp.devices}) == 1
+    single = Fleet([m.spec for m in fixture_config().models], "8MiB")   # every model on one device
     client = openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
     for model in MODELS:
         want = single.generate("Hello there, how", SamplingParams(temperature=0.0, max_tokens=8), model=model)[0]
@@ -158,23 +169,23 @@ def _answers(url: str) -> dict[str, str]:
 
 
 def test_models_move_to_new_replicas_under_load_without_losing_a_request(cluster):
-    """A popularity flip (llama ten thousand times its planned rate) moves every model: both
-    devices get new replicas, llama one on each; no request fails meanwhile."""
+    """A popularity flip (mistral ten thousand times its planned rate) moves mistral into the
+    head node's group beside llama: both groups get new replicas; no request fails meanwhile."""
     controller = cluster["controller"]
     before, answers = dict(controller.replicas), _answers(cluster["url"])
     devices = controller.backend.devices()
-    flipped = plan_cluster(controller.config, devices, rates={"llama": 1e4, "mistral": 0.01, "qwen2": 0.01},
+    flipped = plan_cluster(controller.config, devices, rates={"llama": 0.01, "mistral": 1e4, "qwen2": 0.01},
                            previous=controller.plan)
-    assert len(flipped.weights["llama"]) == 2 and flipped.hosts != controller.plan.hosts
+    assert flipped.weights["mistral"] != controller.plan.weights["mistral"] and flipped.hosts != controller.plan.hosts
     with Load(cluster["url"]) as load:
         time.sleep(1.0)
         controller.apply(flipped)
         time.sleep(1.0)
     assert load.count("ok") == len(load.outcomes) and all(load.count("ok", m) >= 2 for m in MODELS), load.outcomes
     assert {r.name for r in controller.replicas.values()}.isdisjoint(r.name for r in before.values())
-    assert {d: r.models for d, r in controller.replicas.items()} == flipped.hosts
+    assert {d: r.group for d, r in controller.replicas.items()} == flipped.hosts
     assert _answers(cluster["url"]) == answers   # the same tokens from the new replicas
-    assert len(load.replicas["llama"]) >= 2      # llama's requests went to old and new replicas
+    assert len(load.replicas["mistral"]) >= 2    # mistral's requests went to old and new replicas
 
 
 def test_a_killed_node_s_models_come_back_and_no_request_is_lost_silently(cluster):
@@ -183,7 +194,7 @@ def test_a_killed_node_s_models_come_back_and_no_request_is_lost_silently(cluste
     controller, nodes = cluster["controller"], cluster["nodes"]
     answers = _answers(cluster["url"])
     worker_id = cluster["worker"].node_id
-    lost = [m for r in controller.replicas.values() if r.device.split("/")[1] == worker_id[:8] for m in r.models]
+    lost = [m for r in controller.replicas.values() if r.devices[0].split("/")[1] == worker_id[:8] for m in r.models]
     assert lost
     with Load(cluster["url"]) as load:
         time.sleep(1.0)

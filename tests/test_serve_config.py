@@ -1,32 +1,29 @@
 """The fleet configuration of `fineserve serve`: parsing, the demo fleet, placement, building fleets.
 
-Placement reads model shapes from config.json files written here (no weights); fleets are built
-from tiny random models. Two devices: fake ones for placement, forced host devices in a subprocess
-for building."""
+Placement reads model shapes from config.json files written here (no weights) and places them on
+fake devices; fleets are built from tiny random models on the host devices conftest asks XLA for."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
 import pytest
+from flax import nnx
 
-from fineserve_jax.fleet import ModelSpec
-from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, ServeConfig, ServedModelConfig,
-                                        ServerConfig, build_fleets, place_models, slo_ttft_s, step_cost)
+from fineserve_jax.fleet import Fleet, ModelSpec
+from serving.engine.sampling import SamplingParams
+from fineserve_jax.serve_config import (DEFAULT_SLO_TTFT_S, DeviceConfig, DeviceGroup, ServeConfig, ServedModelConfig,
+                                        ServerConfig, build_fleets, device_groups, place_models, slo_ttft_s,
+                                        step_cost)
 from models.config import ModelConfig
 from pallas_kernels.page_selection import SparseSpec
 from serving.scheduling.cost_model import DeviceProfile, variant_key
 from models.loader import random_model
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
 GOOD = """
@@ -85,7 +82,7 @@ def test_the_demo_is_smollm2_three_ways_on_one_device_without_loading_anything()
     assert [m.name for m in c.models] == ["smollm2-135m-bf16", "smollm2-135m-w8a8", "smollm2-135m-w4a16"]
     assert all(m.spec.model == "smollm2-135m" for m in c.models)  # names, not loaded models
     assert [d.name for d in c.devices] == ["device0"]
-    assert place_models(c) == {"device0": [m.name for m in c.models]}
+    assert place_models(c) == [DeviceGroup(("device0",), tuple((m.name, (0,)) for m in c.models))]
     # The CPU profile covers the demo: FineServe's SLO from it; no profile covers it on an H100.
     assert all(slo_ttft_s(m, "cpu") > 1 for m in c.models)
     assert all(slo_ttft_s(m, "h100") == DEFAULT_SLO_TTFT_S for m in c.models)
@@ -234,6 +231,10 @@ def two_models(tmp_path):
     return [small, big]
 
 
+def hosts(groups: list[DeviceGroup]) -> dict[tuple[str, ...], list[str]]:
+    return {g.devices: list(g.models) for g in groups}
+
+
 def fake_devices(*memory_mb, kind="cpu"):
     # Indices need not exist: placement only reads name, kind and memory when they are given.
     return [DeviceConfig(f"d{i}", i, int(mb * 1e6), kind) for i, mb in enumerate(memory_mb)]
@@ -241,11 +242,11 @@ def fake_devices(*memory_mb, kind="cpu"):
 
 def test_a_model_that_does_not_fit_the_first_device_goes_to_the_second(two_models):
     config = ServeConfig(two_models, fake_devices(8, 200), pool_bytes=2 * MIB, slab_bytes=64 << 10)
-    placed = place_models(config)
-    assert "big" in placed["d1"] and sorted(placed["d0"] + placed["d1"]) == ["big", "small"]
+    placed = hosts(place_models(config))
+    assert "big" in placed[("d1",)] and sorted(m for ms in placed.values() for m in ms) == ["big", "small"]
     # Where both fit, the scheduler may spread them.
-    assert place_models(ServeConfig(two_models, fake_devices(200, 200), pool_bytes=2 * MIB,
-                                    slab_bytes=64 << 10)) == {"d0": ["big"], "d1": ["small"]}
+    assert hosts(place_models(ServeConfig(two_models, fake_devices(200, 200), pool_bytes=2 * MIB,
+                                          slab_bytes=64 << 10))) == {("d0",): ["big"], ("d1",): ["small"]}
 
 
 def test_models_that_fit_nowhere_are_refused_with_the_reason(two_models):
@@ -267,8 +268,42 @@ def test_unmeetable_rates_fall_back_to_memory_only_placement(two_models, caplog)
     two_models[1].rate = 1e9
     config = ServeConfig(two_models, fake_devices(8, 200, kind="h100"), pool_bytes=2 * MIB, slab_bytes=64 << 10)
     with caplog.at_level(logging.WARNING, logger="fineserve.config"):
-        assert "big" in place_models(config)["d1"]
+        assert "big" in hosts(place_models(config))[("d1",)]
     assert "placing by memory only" in caplog.text
+
+
+def test_a_tensor_parallel_model_gets_a_device_group_and_the_others_fit_beside_it(tmp_path, two_models):
+    # ~10 MB of embedding and LM head, which each of its two devices holds whole
+    wide = ServedModelConfig(ModelSpec(hf_dir(tmp_path, "wide", layers=2, hidden=256, vocab=10000), "bf16",
+                                       name="wide", tensor_parallel_size=2))
+
+    def place(*memory_mb):
+        return place_models(ServeConfig([wide, *two_models], fake_devices(*memory_mb), pool_bytes=2 * MIB,
+                                        slab_bytes=64 << 10))
+
+    groups = place(46, 46, 46)
+    [group] = [g for g in groups if "wide" in g.models]
+    assert len(group.devices) == 2 and dict(group.members)["wide"] == (0, 1)
+    assert sorted(m for g in groups for m in g.models) == ["big", "small", "wide"]   # each once
+    # on two devices "big" (~34 MB) shares one with wide's share: at 60 MB each it fits ...
+    [group] = place(60, 60)
+    assert group.devices == ("d0", "d1") and dict(group.members)["wide"] == (0, 1)
+    assert len(dict(group.members)["big"]) == 1 and len(dict(group.members)["small"]) == 1
+    # ... at 54 MB it would only if wide's embedding were split too (5 MB a device, not 10)
+    with pytest.raises(ValueError, match="cannot place wide: tp=2 x 1: no node has 2 device"):
+        place(54, 54)
+    # what does not split is refused before anything loads, naming the model
+    wide.spec.tensor_parallel_size = 8
+    with pytest.raises(ValueError, match="wide: tensor_parallel_size=8 does not divide the model's 4 query heads"):
+        place(60, 60)
+
+
+def test_device_groups_join_the_devices_a_replica_spans():
+    groups = device_groups([("a", ("d2",)), ("tp", ("d1", "d2")), ("b", ("d0",)), ("c", ("d3",)), ("a", ("d1",))],
+                           ["d0", "d1", "d2", "d3"])
+    assert groups == [DeviceGroup(("d0",), (("b", (0,)),)),
+                      DeviceGroup(("d1", "d2"), (("a", (1,)), ("tp", (0, 1)))),   # a: one replica per group
+                      DeviceGroup(("d3",), (("c", (0,)),))]
 
 
 # ---- building fleets -----------------------------------------------------------------------------
@@ -294,13 +329,7 @@ def test_build_fleets_on_one_device():
     assert 0.9 * MIB < df.fleet.pool.nbytes <= MIB and df.fleet.pool.words.devices() == {jax.devices()[0]}
 
 
-TWO_DEVICES = textwrap.dedent("""
-    import jax
-    from flax import nnx
-    from fineserve_jax.serve_config import DeviceConfig, ServeConfig, ServedModelConfig, build_fleets
-    from serving.engine.sampling import SamplingParams
-    from tests.test_serve_config import tiny, tiny_spec
-
+def test_build_fleets_puts_each_fleet_on_its_own_device():
     models = [ServedModelConfig(tiny_spec(tiny(n, i))) for i, n in enumerate(["a", "b"])]  # made on cpu:0
     devices = [DeviceConfig("left", 0, 10**9), DeviceConfig("right", 1, 10**9, pool_bytes=2 << 20)]
     fleets = build_fleets(ServeConfig(models, devices, pool_bytes=1 << 20, slab_bytes=64 << 10))
@@ -314,12 +343,30 @@ TWO_DEVICES = textwrap.dedent("""
         out = f.fleet.generate(prompt_token_ids=[[1, 2, 3]], model=f.fleet.model_names[0],
                                sampling_params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         assert len(out[0].token_ids) == 2 and f.fleet.pool.words.devices() == {jd}
-    print("ok")
-""")
 
 
-def test_build_fleets_puts_each_fleet_on_its_own_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+def test_build_fleets_runs_each_model_of_a_group_on_its_own_devices():
+    """A group of three devices: a TP=2 model on the last two, a TP=1 model on the first and one on
+    the last (sharing that device's pool with the TP model); each answers as it does alone."""
+    devices = [DeviceConfig(f"d{i}", i, 10**9) for i in range(3)]
+    loaded = {"tp": tiny("tp", 5), "a": tiny("a", 6), "b": tiny("b", 7, layers=3)}
+    config = ServeConfig([ServedModelConfig(tiny_spec(m)) for m in loaded.values()], devices,
+                         pool_bytes=MIB, slab_bytes=64 << 10)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    want = {n: [o.token_ids for o in Fleet([tiny_spec(m)], MIB, slab_bytes=64 << 10).generate(
+        prompt_token_ids=prompt, sampling_params=params, model=n)] for n, m in loaded.items()}
+    for spec in config.models:
+        spec.spec.tensor_parallel_size = 2 if spec.name == "tp" else 1
+    group = DeviceGroup(("d0", "d1", "d2"), (("tp", (1, 2)), ("a", (0,)), ("b", (2,))))
+    [df] = build_fleets(config, groups=[group])
+    jds = jax.devices()[:3]
+    assert (df.device_name, df.jax_device) == ("d0+d1+d2", jds[0])
+    fleet = df.fleet
+    assert [set(p.allocator.stats()["models"]) for p in fleet.pools] == [{"a"}, {"tp"}, {"tp", "b"}]
+    assert [p.words.devices() for p in fleet.pools] == [{d} for d in jds]
+    placed_on = {n: {d for w in jax.tree.leaves(nnx.state(fleet.loaded[n].model)) for d in w.devices()}
+                 for n in loaded}
+    assert placed_on == {"tp": set(jds[1:]), "a": {jds[0]}, "b": {jds[2]}}
+    outs = fleet.generate(prompt_token_ids=prompt * 3, sampling_params=params, model=[n for n in loaded for _ in prompt])
+    assert {n: [o.token_ids for o in outs[2 * i:2 * i + 2]] for i, n in enumerate(loaded)} == want
