@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import re
 import tomllib
 import typing
@@ -162,12 +163,13 @@ class ServedModelEntry(ModelEntry):
 
 @functools.cache
 def _entry(base: type[ModelEntry], spec: type) -> type[ModelEntry]:
-    """`base` with a field for each field of the dataclass `spec` (ModelSpec): the first of its types
-    that a file can hold (the model: a name or a path, not a loaded one), a size for *_bytes fields."""
+    """`base` with a field for each field of the dataclass `spec` (ModelSpec): those of its types that
+    a file can hold (the model: a name or a path, not a loaded one), a size for *_bytes fields."""
     hints, fields = typing.get_type_hints(spec), {}
     for f in dataclasses.fields(spec):
         types = typing.get_args(hints[f.name]) or (hints[f.name],)
-        kind = ByteSize if f.name.endswith("_bytes") else next(_FILE_TYPES[t] for t in types if t in _FILE_TYPES)
+        kind = ByteSize if f.name.endswith("_bytes") else functools.reduce(
+            operator.or_, [_FILE_TYPES[t] for t in types if t in _FILE_TYPES])
         fields[f.name] = (kind | None if type(None) in types else kind,
                           ... if f.default is dataclasses.MISSING else f.default)
     entry = create_model(base.__name__, __base__=base, **fields)

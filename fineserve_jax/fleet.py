@@ -44,6 +44,7 @@ from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
 DEFAULT_POOL_BYTES = 512 << 20
+AUTO_TP = "auto"
 
 
 @dataclass
@@ -70,11 +71,17 @@ class ModelSpec:
     sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
     sparse_dense_layers: int = 2
     sparse_recall_every: int = 0
-    tensor_parallel_size: int = 1       # split over that many of the fleet's devices (see LLM, Fleet)
+    tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
+    # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
-        check_tensor_parallel_size(self.tensor_parallel_size)
+        if self.tensor_parallel_size != AUTO_TP:
+            try:
+                check_tensor_parallel_size(self.tensor_parallel_size)
+            except ValueError:
+                raise ValueError(f"tensor_parallel_size must be a positive integer or {AUTO_TP!r}, got "
+                                 f"{self.tensor_parallel_size!r}") from None
         resolve_kernels(self.kernels)
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every).sparse
@@ -141,6 +148,9 @@ class Fleet:
         if not specs or not all(isinstance(s, ModelSpec) for s in specs):
             raise ValueError("a Fleet needs a non-empty list of ModelSpec")
         names = [s.served_name for s in specs]
+        if auto := [n for n, s in zip(names, specs) if s.tensor_parallel_size == AUTO_TP]:
+            raise ValueError(f"{', '.join(auto)}: tensor_parallel_size='auto' is the placement's choice (fineserve "
+                             f"serve over several [[devices]] or a Ray cluster); a Fleet needs a number")
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}; set ModelSpec(name=...)")
         if pool_mode not in POOL_MODES:

@@ -10,7 +10,7 @@ A fleet.toml (`Fleet.from_config`) is a valid serve config; a serve config adds 
 `slo_ttft_ms`, `rate` and `max_queue`. SLOs default to FineServe's rule (arXiv 2509.06261) on the
 device's cost profile (serving/scheduling/profiles/<kind>.json) where it covers the model. On several
 devices FineServe's global placement (`serving.scheduling.strategies.place`, each model at its
-tensor_parallel_size) puts the models, from their checkpoints' metadata only; the server runs one
+tensor_parallel_size or, for "auto", the size it chooses) puts the models, from their checkpoints' metadata only; the server runs one
 replica per model, and devices joined by a tensor-parallel model form one group, served by one Fleet.
 Every key and the placement rules: docs/serving.md.
 """
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fineserve_jax.config_files import DEFAULT_RATE, DeviceConfig, ServerConfig, parse_bytes, read_toml, serve_file
 from fineserve_jax.demo import demo_fleet_specs
-from fineserve_jax.fleet import DEFAULT_POOL_BYTES, Fleet, ModelSpec
+from fineserve_jax.fleet import AUTO_TP, DEFAULT_POOL_BYTES, Fleet, ModelSpec
 from models.config import ModelConfig
 from models.gguf_loader import config_from_gguf_metadata, open_gguf
 from models.hf_loader import read_hf_config
@@ -38,7 +38,7 @@ from models.precision import PrecisionPreset, kv_page_layout, resolve_precision
 from models.quantize import model_weight_bytes
 from models.tensor_parallel import check_tensor_parallel
 from serving.scheduling.cost_model import DEVICES, DeviceProfile, StepCost, roofline_step_cost, variant_key
-from serving.scheduling.demand import Device, ModelDemand, PlacementError, SchedulerConfig
+from serving.scheduling.demand import TP_SIZES, Device, ModelDemand, PlacementError, SchedulerConfig
 from serving.scheduling.placement import Placement
 from serving.scheduling.replan import replan
 from serving.scheduling.slo import fineserve_slo_of
@@ -185,27 +185,48 @@ def _planned_preset(spec: ModelSpec) -> PrecisionPreset:
     return resolve_precision(preset, kv_skip_layers=spec.kv_skip_layers)
 
 
-def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec) -> StepCost | None:
-    """The profile's step cost of this model and precision at its tensor_parallel_size, if it has one."""
+def _fixed_tp(spec: ModelSpec) -> int:
+    """The model's tensor_parallel_size; 1 for "auto" before placement chose."""
+    return 1 if spec.tensor_parallel_size == AUTO_TP else spec.tensor_parallel_size
+
+
+def tp_choices(spec: ModelSpec, cfg: ModelConfig) -> tuple[int, ...]:
+    """The TP sizes placement may give the model: its tensor_parallel_size, or for "auto" each of the
+    scheduler's sizes that its heads and MLP split over evenly. ValueError naming the model when a
+    fixed size does not split it."""
+    if spec.tensor_parallel_size == AUTO_TP:
+        return tuple(tp for tp in TP_SIZES if not any(n % tp for n in (cfg.num_heads, cfg.num_kv_heads,
+                                                                          cfg.intermediate_size)))
+    try:
+        check_tensor_parallel(cfg, spec.tensor_parallel_size)
+    except ValueError as e:
+        raise ValueError(f"{spec.served_name}: {e}") from None
+    return (spec.tensor_parallel_size,)
+
+
+def _profile_cost(profile: DeviceProfile | None, spec: ModelSpec, tp: int | None = None) -> StepCost | None:
+    """The profile's step cost of this model and precision at `tp` (default: its tensor_parallel_size),
+    if it has one."""
     if profile is None or (check_precision(spec.precision, spec.kv_dtype) is None
                            and not isinstance(spec.model, LoadedModel)):
         return None  # precision decided by the checkpoint: no key to look up
     name = spec.model.name if isinstance(spec.model, LoadedModel) else str(spec.model)
     try:
-        return profile.entries.get(variant_key(Path(name).name, _planned_preset(spec).name, spec.tensor_parallel_size))
+        return profile.entries.get(variant_key(Path(name).name, _planned_preset(spec).name, tp or _fixed_tp(spec)))
     except ValueError:
         return None
 
 
 def step_cost(model: ServedModelConfig, kind: str | None, profile: DeviceProfile | None,
-              config: ModelConfig | None = None) -> StepCost | None:
-    """The model's step times (at its tensor_parallel_size) on devices of `kind`: the device
-    profile's where it covers the model, else the roofline of a known GPU kind (`config`: the
-    model's, if already read), else None."""
-    cost = _profile_cost(profile, model.spec)
+              config: ModelConfig | None = None, tp: int | None = None) -> StepCost | None:
+    """The model's step times at `tp` (default: its tensor_parallel_size) on devices of `kind`: the
+    device profile's where it covers the model, else the roofline of a known GPU kind (`config`:
+    the model's, if already read), else None."""
+    tp = tp or _fixed_tp(model.spec)
+    cost = _profile_cost(profile, model.spec, tp)
     if cost is None and kind in DEVICES:
         cost = roofline_step_cost(config or read_model_config(model.spec), _planned_preset(model.spec), DEVICES[kind],
-                                  model.spec.tensor_parallel_size)
+                                  tp)
     return cost
 
 
@@ -245,11 +266,6 @@ def planned_weights(model: ServedModelConfig) -> tuple[int, jnp.dtype]:
 
 def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     spec, cfg, preset = model.spec, read_model_config(model.spec), _planned_preset(model.spec)
-    tp = spec.tensor_parallel_size
-    try:
-        check_tensor_parallel(cfg, tp)
-    except ValueError as e:
-        raise ValueError(f"{model.name}: {e}") from None
     weights, dtype = planned_weights(model)
     layout = kv_page_layout(preset, cfg, spec.tokens_per_page, dtype, key_bounds=spec.sparse is not None)
     replicated = PrecisionPreset.replicated_weight_bytes(cfg) * (2 if dtype == jnp.float32 else 1)
@@ -257,7 +273,7 @@ def _demand(index: int, model: ServedModelConfig, slo: float) -> ModelDemand:
     return ModelDemand(model.name, cfg, preset.name, layout.kv_dtype,
                        weights, layout.bytes_per_token, model.rate, slo,
                        tokens_per_page=spec.tokens_per_page, profile_model=f"m{index}",
-                       kv_skip_layers=preset.kv_skip_layers, tp_sizes=(tp,),
+                       kv_skip_layers=preset.kv_skip_layers, tp_sizes=tp_choices(spec, cfg),
                        replicated_bytes=min(replicated, weights))
 
 
@@ -316,7 +332,7 @@ def place_models(config: ServeConfig) -> list[DeviceGroup]:
     ValueError when the models do not fit in memory."""
     if len(config.devices) == 1:   # a TP model makes that device's fleet a group of the next devices too
         return [DeviceGroup((config.devices[0].name,),
-                            tuple((m.name, tuple(range(m.spec.tensor_parallel_size))) for m in config.models))]
+                            tuple((m.name, tuple(range(_fixed_tp(m.spec)))) for m in config.models))]
     placement = plan_placement(config)
     hosting = []
     for m in config.models:
@@ -331,13 +347,14 @@ def place_models(config: ServeConfig) -> list[DeviceGroup]:
 def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None,
                    previous: Placement | None = None, nodes: dict[str, int] | None = None) -> Placement:
     """FineServe's global placement of the config's models over its devices (each model at its
-    tensor_parallel_size, a TP group inside one node: `nodes`, device name -> node, default all on
-    one), at their configured rates or at `rates` (observed ones). With `previous`, a re-placement
+    tensor_parallel_size, or at the size placement chooses for "auto"; a TP group inside one node:
+    `nodes`, device name -> node, default all on one), at their configured rates or at `rates` (observed ones). With `previous`, a re-placement
     (`serving.scheduling.replan`): models whose rate stayed near plan keep their devices where those
     are still in the config. Where the rates / SLOs cannot be met, the models are placed by memory
     only; DoesNotFit when even that does not fit."""
     rates, nodes = rates or {}, nodes or {}
-    scheduler = SchedulerConfig(tp_sizes=tuple(sorted({m.spec.tensor_parallel_size for m in config.models})),
+    demands = [_demand(i, m, 1.0) for i, m in enumerate(config.models)]   # SLO and rate set below
+    scheduler = SchedulerConfig(tp_sizes=tuple(sorted({tp for d in demands for tp in d.tp_sizes})),
                                 max_num_seqs=max(m.spec.max_num_seqs for m in config.models),
                                 target_slab_bytes=config.slab_bytes)
     devices = [dataclasses.replace(_scheduler_device(config, d, scheduler), node=nodes.get(d.name, 0))
@@ -345,12 +362,12 @@ def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None
     kinds = {d.kind for d in devices}
     kind = kinds.pop() if len(kinds) == 1 else None  # mixed kinds: one profile cannot cost them all
     profile = DeviceProfile.shipped(kind) if kind is not None else None
-    demands = [dataclasses.replace(_demand(i, m, slo_ttft_s(m, kind, profile)), rate=rates.get(m.name, m.rate))
-               for i, m in enumerate(config.models)]
+    demands = [dataclasses.replace(d, slo_ttft_s=slo_ttft_s(m, kind, profile), rate=rates.get(m.name, m.rate))
+               for d, m in zip(demands, config.models)]
     costs = {}
     for d, m in zip(demands, config.models):
-        key = variant_key(d.profile_key, d.precision, m.spec.tensor_parallel_size)
-        costs[key] = step_cost(m, kind, profile, d.config) or MEMORY_ONLY_COST
+        for tp in d.tp_sizes:
+            costs[variant_key(d.profile_key, d.precision, tp)] = step_cost(m, kind, profile, d.config, tp) or MEMORY_ONLY_COST
 
     def run(demands, profile):
         if previous is None:
@@ -416,11 +433,13 @@ def build_fleets(config: ServeConfig, quantized_cache: str | Path | None = None,
         entries = [config.device(n) for n in group.devices]
         jds, kind = [_jax_device(d) for d in entries], device_kind(entries[0])
         profile = DeviceProfile.shipped(kind)
-        models = [config.model(n) for n in group.models]
+        members = dict(group.members)   # "auto" TP models get the size placement chose
+        models = [dataclasses.replace(m, spec=dataclasses.replace(m.spec, tensor_parallel_size=len(members[m.name])))
+                  for m in (config.model(n) for n in group.models)]
         slos = {m.name: slo_ttft_s(m, kind, profile) for m in models}
         costs = {m.name: step_cost(m, kind, profile) for m in models}
         sizes = [d.pool_bytes if gpu_memory_utilization is not None else config.device_pool_bytes(d) for d in entries]
-        placed = {"device": jds[0]} if len(jds) == 1 else {"device": jds, "members": dict(group.members)}
+        placed = {"device": jds[0]} if len(jds) == 1 else {"device": jds, "members": members}
         fleet = Fleet([m.spec for m in models], None if None in sizes else min(sizes),
                       gpu_memory_utilization=gpu_memory_utilization or config.gpu_memory_utilization,
                       pool_mode=config.pool_mode,

@@ -298,6 +298,20 @@ def test_a_tensor_parallel_model_gets_a_device_group_and_the_others_fit_beside_i
         place(60, 60)
 
 
+def test_placement_chooses_the_tensor_parallel_size_of_an_auto_model(tmp_path):
+    # ~42 MB of bf16 weights, nearly all in its linears: too much for one 40 MB device, fine split over two
+    deep = ServedModelConfig(ModelSpec(hf_dir(tmp_path, "deep", layers=8, hidden=512, vocab=512), "bf16",
+                                       name="deep", tensor_parallel_size="auto"))
+    [group] = place_models(ServeConfig([deep], fake_devices(40, 40, 40), pool_bytes=2 * MIB, slab_bytes=64 << 10))
+    assert len(group.devices) == 2 and dict(group.members)["deep"] == (0, 1)
+    # on one device there is nothing to choose
+    assert place_models(ServeConfig([deep], fake_devices(80))) == [DeviceGroup(("d0",), (("deep", (0,)),))]
+    with pytest.raises(ValueError, match="tensor_parallel_size='auto' is the placement's choice"):
+        Fleet([deep.spec])
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer or 'auto', got 'two'"):
+        ServeConfig.from_dict({"models": [{"model": "x", "tensor_parallel_size": "two"}]})
+
+
 def test_device_groups_join_the_devices_a_replica_spans():
     groups = device_groups([("a", ("d2",)), ("tp", ("d1", "d2")), ("b", ("d0",)), ("c", ("d3",)), ("a", ("d1",))],
                            ["d0", "d1", "d2", "d3"])
@@ -356,8 +370,8 @@ def test_build_fleets_runs_each_model_of_a_group_on_its_own_devices():
     prompt = [[3, 1, 4, 1, 5], [9, 2, 6]]
     want = {n: [o.token_ids for o in Fleet([tiny_spec(m)], MIB, slab_bytes=64 << 10).generate(
         prompt_token_ids=prompt, sampling_params=params, model=n)] for n, m in loaded.items()}
-    for spec in config.models:
-        spec.spec.tensor_parallel_size = 2 if spec.name == "tp" else 1
+    for spec in config.models:   # "auto": the group's members decide (2)
+        spec.spec.tensor_parallel_size = "auto" if spec.name == "tp" else 1
     group = DeviceGroup(("d0", "d1", "d2"), (("tp", (1, 2)), ("a", (0,)), ("b", (2,))))
     [df] = build_fleets(config, groups=[group])
     jds = jax.devices()[:3]
