@@ -14,6 +14,8 @@ import pytest
 
 
 LOCKS_ENV = "FINESERVE_TEST_LOCKS"
+JAX_CACHE_ENV = "FINESERVE_TEST_JAX_CACHE"
+JAX_CACHE_MAX_BYTES = 16 << 30   # a size limit turns on the cache's file lock: workers share it safely
 HOST_DEVICES = 4   # tensor-parallel tests split models over host (CPU) devices
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before any backend starts
@@ -22,27 +24,31 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache per test process, shared with the subprocesses tests start
-    (servers, CLIs): many tests build engines of the same tiny models, and each engine's programs
-    compile again otherwise. It starts empty in every session, so nothing outlives the run.
-    The main process (not an xdist worker) also makes the lock files `timing` tests take."""
+    """One persistent XLA compilation cache per test session, shared by the xdist workers and the
+    subprocesses tests start (servers, CLIs): many tests build engines of the same tiny models, and
+    each engine's programs compile again otherwise. It starts empty in every session, so nothing
+    outlives the run. The main process (not an xdist worker) makes it and the lock files `timing`
+    tests take; each process keeps its own calibrated-weights cache."""
     if not hasattr(config, "workerinput"):
         config._lock_dir = tempfile.mkdtemp(prefix="fineserve-jax-test-locks-")
         os.environ[LOCKS_ENV] = config._lock_dir
-    cache = tempfile.mkdtemp(prefix="fineserve-jax-test-cache-")
+        config._jax_cache_dir = tempfile.mkdtemp(prefix="fineserve-jax-test-xla-")
+        os.environ[JAX_CACHE_ENV] = config._jax_cache_dir
+    config._own_dir = tempfile.mkdtemp(prefix="fineserve-jax-test-cache-")
     # servers and CLIs that tests start cache calibrated weights here, not in the user's cache
-    os.environ["FINESERVE_RUNTIME_CACHE"] = os.path.join(cache, "runtime")
-    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")  # the sm_90a compile check
-    config._jax_cache_dir = cache
-    settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
-                "jax_persistent_cache_min_entry_size_bytes": -1}
+    os.environ["FINESERVE_RUNTIME_CACHE"] = os.path.join(config._own_dir, "runtime")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(config._own_dir, "triton")  # the sm_90a compile check
+    settings = {"jax_compilation_cache_dir": os.environ[JAX_CACHE_ENV],
+                "jax_compilation_cache_max_size": JAX_CACHE_MAX_BYTES,
+                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": -1}
     for name, value in settings.items():
         jax.config.update(name, value)
         os.environ[name.upper()] = str(value)
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(getattr(config, "_jax_cache_dir", ""), ignore_errors=True)
+    shutil.rmtree(getattr(config, "_own_dir", ""), ignore_errors=True)
+    shutil.rmtree(getattr(config, "_jax_cache_dir", ""), ignore_errors=True)   # the main process's only
     shutil.rmtree(getattr(config, "_lock_dir", ""), ignore_errors=True)
 
 
