@@ -297,6 +297,10 @@ class Tokenizer:
 
     # ---- encode / decode -------------------------------------------------------------------
 
+    def backend_json(self) -> str:
+        """The `tokenizers` tokenizer as its JSON text (what grammar engines build their own from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special-token strings in the text (e.g. `<|im_start|>`) map to their
         ids. BOS is prepended only if the model adds it and the text does not already start with it."""

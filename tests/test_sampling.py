@@ -19,6 +19,7 @@ from serving.engine.sampling import (
     SamplerOutput,
     SamplingBatch,
     SamplingParams,
+    apply_logit_bias,
     apply_penalties,
     build_sampling_batch,
     find_stop,
@@ -97,6 +98,12 @@ BAD_PARAMS = [
     ({"stop": [1]}, "stop"),
     ({"stop": 5}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"logit_bias": {"3": 1.0}}, "logit_bias"),
+    ({"logit_bias": {3: 100.5}}, "logit_bias"),
+    ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+    ({"logit_bias": [3, 1.0]}, "logit_bias"),
+    ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
     ({"stop_token_ids": ["a"]}, "stop_token_ids"),
     ({"stop_token_ids": 3}, "stop_token_ids"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
@@ -475,6 +482,26 @@ def test_build_batch_with_penalties_and_padding():
 
     short, _ = build_sampling_batch([params[0]], [([1, 2, 3], 1)], [0], [0], B, V)
     assert short.history_ids.shape == (B, 16)  # minimum padded length
+
+
+def test_logit_bias_is_added_to_the_raw_logits_of_its_rows_only():
+    logits = random_logits()
+    bias = {int(t): float(v) for t, v in zip(rng.choice(V, 5, replace=False), rng.uniform(-100, 100, 5))}
+    params = [SamplingParams(temperature=0, logit_bias=bias), SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={3: -100.0})]
+    batch, flags = build_sampling_batch(params, [([], 0)] * 3, [0] * 3, [0] * 3, B, V)
+    assert flags.use_logit_bias and batch.bias_ids.shape == batch.bias_values.shape == (B, 16)
+    want = logits.copy()
+    want[0, list(bias)] += list(bias.values())
+    want[2, 3] -= 100.0
+    np.testing.assert_allclose(np.asarray(apply_logit_bias(jnp.asarray(logits), batch)), want, rtol=1e-6)
+    out, _, _ = run(params, logits)
+    assert list(out.token_ids[:3]) == list(want[:3].argmax(axis=-1)) and out.token_ids[2] != 3
+    # logprobs stay those of the raw logits (vLLM's raw_logprobs)
+    np.testing.assert_allclose(out.logprobs[:3], log_softmax(logits)[np.arange(3), out.token_ids[:3]], atol=1e-5)
+    # +100 on one token makes a random row draw it every time
+    forced = [SamplingParams(temperature=1.0, logit_bias={7: 100.0}, seed=i) for i in range(B)]
+    assert set(run(forced, random_logits())[0].token_ids) == {7}
 
 
 def test_build_batch_all_greedy_and_empty():

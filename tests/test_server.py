@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import httpx
 import openai
@@ -123,7 +124,17 @@ def _error(response: httpx.Response) -> dict:
     ({"model": "tiny-bf16", "prompt": "x", "n": 100}, "n"),
     ({"model": "tiny-bf16", "prompt": ["a", "b", "c", "d"], "n": 4}, "n"),  # 16 > the queue bound, 12
     ({"model": "tiny-bf16", "prompt": ["x"] * 13}, "prompt"),
-    ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+    ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {"1": "5"}}, "logit_bias"),
+    ({"model": "tiny-bf16", "prompt": "x", "logit_bias": {str(10**6): 5}}, "logit_bias"),   # not in the vocabulary
+    ({"model": "tiny-bf16", "prompt": "x", "guided_regex": "[a-"}, "guided_regex"),   # does not compile
+    ({"model": "tiny-bf16", "prompt": "x", "guided_choice": "yes"}, "guided_choice"),
+    ({"model": "tiny-bf16", "prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
+    ({"model": "tiny-bf16", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}},
+     "structured_outputs"),
+    ({"model": "tiny-bf16", "prompt": "x", "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+     "stream_options"),   # unknown fields inside known objects stay errors
     ({"model": "tiny-bf16", "prompt": ""}, "prompt"),
     ({"model": "tiny-bf16", "prompt": [10**9]}, "prompt"),
     ({"model": "tiny-bf16"}, "prompt"),
@@ -144,9 +155,16 @@ def test_invalid_completion_parameters_are_400(srv, body, param):
 @pytest.mark.parametrize("body, param", [
     ({"model": "tiny-bf16", "messages": []}, "messages"),
     ({"model": "tiny-bf16", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
      "response_format"),
+    ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}},
+     "response_format"),   # a schema llguidance cannot compile
     ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
+      "guided_json": {"type": "object"}}, "response_format"),
     ({"model": "tiny-bf16", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
 ])
 def test_invalid_chat_parameters_are_400(srv, body, param):
@@ -195,3 +213,90 @@ def test_metrics_and_the_request_log_line(srv, client, caplog):
     count = [ln for ln in text.splitlines()
              if ln.startswith('fineserve_time_to_first_token_seconds_count{model="tiny-w8a8"}')]
     assert count and float(count[0].split()[-1]) >= 1
+
+
+def test_unknown_fields_are_ignored_and_named_known_ones_stay_strict(srv, tok, caplog):
+    """As vLLM: a client's vendor fields do not fail the request; the server names them in its log
+    and in a response header. guidellm's streamed body, exactly as it sends it, is answered."""
+    body = {"model": "tiny-bf16", "prompt": "Hello there", "max_tokens": 4, "temperature": 0,
+            "stop": None, "ignore_eos": True, "some_vendor_field": {"x": 1}, "another": 2}
+    with caplog.at_level(logging.WARNING, logger="fineserve.server"):
+        r = httpx.post(srv.base_url + "/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert r.headers["x-fineserve-ignored-fields"] == "another, some_vendor_field"
+    assert "ignored unknown request field(s) 'another', 'some_vendor_field'" in caplog.text
+    plain = httpx.post(srv.base_url + "/completions", json={k: v for k, v in body.items() if k in (
+        "model", "prompt", "max_tokens", "temperature", "ignore_eos")}, timeout=60)
+    assert plain.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    assert "x-fineserve-ignored-fields" not in plain.headers
+    odd = httpx.post(srv.base_url + "/completions", json=body | {"bad\u001fname": 1, **{f"f{i}": i for i in range(40)}})
+    assert odd.status_code == 200   # names a header cannot hold, and those past the first 32, are counted
+    assert odd.headers["x-fineserve-ignored-fields"].endswith(", (11 more)")   # 43 unknown, 32 named
+    guidellm = body | {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    r = httpx.post(srv.base_url + "/completions", json=guidellm, timeout=60)
+    assert r.status_code == 200 and r.headers["x-fineserve-ignored-fields"] == "another, some_vendor_field"
+    events = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+    # usage in every chunk, growing by one token per chunk; the last (include_usage) is the total
+    prompt_tokens = len(tok.encode("Hello there"))
+    assert all(e["usage"]["prompt_tokens"] == prompt_tokens for e in events)
+    assert [e["usage"]["completion_tokens"] for e in events] == [1, 2, 3, 4, 4] and not events[-1]["choices"]
+
+
+def test_chat_stream_with_continuous_usage_counts_from_zero(srv, client):
+    stream = client.chat.completions.create(
+        model="tiny-w8a8", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {"include_usage": True,
+                                                                              "continuous_usage_stats": True},
+                                                            "ignore_eos": True})
+    counts = [ch.usage.completion_tokens for ch in stream]   # the role chunk first, then one per token
+    assert counts[0] == 0 and counts[-1] == 3 and counts == sorted(counts) and {1, 2, 3} <= set(counts)
+
+
+def test_logit_bias_bans_and_forces_tokens(client, tok):
+    kw = dict(model="tiny-bf16", prompt=[5, 6, 7], max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kw).choices[0].text
+    hello = tok.encode("hello", add_special_tokens=False)[0]
+    forced = client.completions.create(**kw, logit_bias={str(hello): 100}).choices[0].text
+    assert forced == tok.decode([hello] * 6)
+    ids = tok.encode(greedy, add_special_tokens=False)
+    banned = client.completions.create(**kw, logit_bias={str(i): -100 for i in ids}).choices[0].text
+    assert banned != greedy and not banned.startswith(tok.decode(ids[:1]))
+
+
+def test_tokenize_and_detokenize_as_vllm(srv, tok):
+    url = srv.url
+    r = httpx.post(url + "/tokenize", json={"model": "tiny-bf16", "prompt": "Hello world"}).json()
+    assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_MODEL_LEN
+    back = httpx.post(url + "/detokenize", json={"model": "tiny-bf16", "tokens": r["tokens"]}).json()
+    assert back["prompt"] == tok.decode(r["tokens"], skip_special_tokens=False)
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(url + "/tokenize", json={"model": "tiny-bf16", "messages": messages}).json()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert chat["tokens"] == tok.encode(text, add_special_tokens=False)
+    for body, param in (({"model": "tiny-bf16", "tokens": [10**6]}, "tokens"),):
+        assert _error(httpx.post(url + "/detokenize", json=body))["param"] == param
+    both = httpx.post(url + "/tokenize", json={"model": "tiny-bf16", "prompt": "x", "messages": messages})
+    assert both.status_code == 400 and "either prompt or messages" in _error(both)["message"]
+    assert httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+def test_structured_outputs_over_http(client):
+    """OpenAI's response_format and vLLM's guided_* hold even a random model to the constraint."""
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny-w8a8", messages=[{"role": "user", "content": "Pick a colour."}], max_tokens=30, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}})
+    assert json.loads(r.choices[0].message.content)["colour"] in ("red", "blue")
+    assert r.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model="tiny-w8a8", messages=[{"role": "user", "content": "Pick a colour."}], max_tokens=30, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    choice = client.completions.create(model="tiny-bf16", prompt="Answer:", max_tokens=10, temperature=0,
+                                       extra_body={"guided_choice": ["maybe", "never"]})
+    assert choice.choices[0].text in ("maybe", "never")
+    regex = client.completions.create(model="tiny-bf16", prompt="Code:", max_tokens=10, temperature=1.0, n=3,
+                                      extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]"}})
+    assert all(re.fullmatch("[A-Z]{2}[0-9]", c.text) for c in regex.choices)

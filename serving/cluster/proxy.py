@@ -14,8 +14,9 @@ replica's first token (or whole body, unstreamed), so a replica that fails befor
 node is gone) has sent nothing and the request goes to another replica of the model; while the
 model has none (being moved, or placed again after a loss; `Routes`), the request waits for one, up
 to a hold time, then is a 503. A replica that fails mid-stream ends the stream with an explicit
-error event. The proxy also records arrivals per model (a `RatesMonitor`) and counts each replica's
-requests in flight, which is what the cluster controller watches.
+error event. `/tokenize` and `/detokenize` are routed the same way (not counted as arrivals). The
+proxy also records arrivals per model (a `RatesMonitor`) and counts each replica's requests in
+flight, which is what the cluster controller watches.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from serving.scheduling.replan import RatesMonitor
 log = logging.getLogger("fineserve.proxy")
 
 Forward = Callable[[str, str, str, bytes, list], AsyncIterator]
-PASSED_HEADERS = ("content-type", "retry-after", "x-request-id")
+PASSED_HEADERS = ("content-type", "retry-after", "x-request-id", "x-fineserve-ignored-fields")
 HOLD_S = 120.0        # how long a request waits for a replica of a model that has none up
 HOLD_POLL_S = 0.05
 
@@ -190,7 +191,8 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
             await asyncio.sleep(HOLD_POLL_S)
         return replica
 
-    async def routed(request: Request, path: str):
+    async def routed(request: Request, path: str, arrival: bool = True):
+        """Forward to a replica of the body's model; `arrival`: count it in the model's rate."""
         t0 = time.perf_counter()
         if routes.closing:
             return _error(503, "the server is shutting down", "shutting_down")
@@ -205,7 +207,7 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
         if model not in routes.replicas:
             return _error(404, f"the model {model!r} does not exist; served: {sorted(routes.replicas)}",
                           "model_not_found", "model")
-        if monitor is not None:
+        if monitor is not None and arrival:
             monitor.record(model, time.monotonic())
         headers = [(k, v) for k, v in request.headers.items() if k.lower() in ("content-type", "accept")]
         failed: dict[str, str] = {}
@@ -245,6 +247,14 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await routed(request, "/v1/chat/completions")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await routed(request, "/tokenize", arrival=False)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await routed(request, "/detokenize", arrival=False)
 
     @app.get("/v1/models")
     async def models():

@@ -38,6 +38,7 @@ from serving.engine.page_manager import PageManager
 from serving.engine.sampling import (SPARSE_MODEL_FIELDS, SamplingParams, find_stop, longest_partial_stop_suffix,
                                      sparse_spec)
 from serving.engine.scheduler import Scheduler
+from serving.engine.structured_output import GrammarCache
 from serving.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
 
@@ -127,6 +128,7 @@ class LLMEngine:
                                    prefill_chunk=config.prefill_chunk,
                                    prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock)
         self.vocab_size = self.runner.vocab_size
+        self._grammars: GrammarCache | None = None   # built on the first structured-output request
         self._seeds = np.random.default_rng(config.seed)
         self._ids = itertools.count()
         self.requests: dict[str, Sequence] = {}
@@ -146,8 +148,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
         detok = self.tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens) if self.tokenizer else None
+        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
         seq = Sequence(request_id, prompt, ids, params, seed, detok,
-                       arrival_time if arrival_time is not None else self.clock())
+                       arrival_time if arrival_time is not None else self.clock(), matcher)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -191,10 +194,24 @@ class LLMEngine:
 
     def validate_params(self, params: SamplingParams) -> None:
         """Raise ValueError for settings this model cannot honour: page selection on a model
-        started without it."""
+        started without it, logit_bias on tokens outside the vocabulary, a structured-output
+        constraint that does not compile (compiled here once, then cached)."""
+        if params.logit_bias and (bad := [t for t in params.logit_bias if t >= self.vocab_size]):
+            raise ValueError(f"logit_bias: token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if params.structured_outputs is not None:
+            self.grammars.matcher(params.structured_outputs)
         if params.sparse is not None and params.sparse.policy != "full" and self.config.sparse is None:
             raise ValueError(f"sparse: policy {params.sparse.policy!r} needs a model started with page "
                              "selection (its sparse setting); this one keeps no key bounds")
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """The model's structured-output engine (ValueError without a tokenizer)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: the model has no tokenizer to build a grammar against")
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, tuple(self.eos_token_ids))
+        return self._grammars
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
@@ -301,12 +318,16 @@ class LLMEngine:
             top = {int(t): float(v) for t, v in zip(result.top_ids[row][:k], result.top_logprobs[row][:k])}
             seq.output_logprobs.append(TokenLogprobs(token, float(result.logprobs[row]), top))
         checked_from = len(seq.text)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(token) or ""
         num_out = len(seq.output_token_ids)
         may_stop = num_out >= p.min_tokens
         reason, stop_reason = None, None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_stopped():   # the constraint is complete
             reason = "stop"
         elif may_stop and token in p.stop_token_ids:
             reason, stop_reason = "stop", token

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
+from llguidance.numpy import fill_next_token_bitmask
 
 from models.llama import LlamaForCausalLM
 from models.tensor_parallel import TP_AXIS, shard_state
@@ -32,6 +33,7 @@ from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpe
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
+from serving.engine.structured_output import mask_width
 from serving.engine.sequence import Sequence
 
 MIN_PREFILL_BUCKET = 16
@@ -161,7 +163,7 @@ class ModelRunner(ShapeBuckets):
                      if s.params.uses_penalties else ((), 0) for s in seqs]
         sampling, flags = build_sampling_batch(
             params, histories, [len(s.output_token_ids) for s in seqs], [s.seed for s in seqs],
-            batch, self.vocab_size)
+            batch, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
         selection = None if is_prefill else self.selection_inputs(seqs, start + count)
         measure = selection is not None and self._sample_recall()
         t0 = time.perf_counter()
@@ -231,6 +233,16 @@ class ModelRunner(ShapeBuckets):
         compiled = self._forward.lower(self.state, pool, jax.ShapeDtypeStruct((batch, seq), jnp.int32), ints, ints,
                                        jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32), None).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
+
+    def token_masks(self, seqs: list[Sequence], num_tokens: list[int]) -> list[np.ndarray | None] | None:
+        """The allowed-token bitmask of each row that samples under a structured-output matcher."""
+        if not any(seq.matcher is not None for seq in seqs):
+            return None
+        masks = np.full((len(seqs), mask_width(self.vocab_size)), -1, np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
+            if seq.matcher is not None and seq.num_computed + n == seq.num_tokens:
+                fill_next_token_bitmask(seq.matcher, masks, i)
+        return [masks[i] if seq.matcher is not None else None for i, seq in enumerate(seqs)]
 
     @property
     def num_buckets(self) -> int:

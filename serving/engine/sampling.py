@@ -5,8 +5,9 @@ per-row arrays, `SamplingBatch`, and static `SamplerFlags` that pick a compiled 
 strings, on the host).
 
 Order of operations in `sample` (vLLM V1):
-  1. logprobs from the raw logits (before penalties and temperature);
-  2. penalties: repetition (prompt + output tokens), then frequency and presence (output only);
+  1. logprobs from the raw logits (before masks, bias, penalties and temperature);
+  2. structured outputs' token masks (tokens the request's grammar forbids get -inf), logit bias (OpenAI's `logit_bias`: added to the named tokens' logits), then penalties:
+     repetition (prompt + output tokens), then frequency and presence (output only);
   3. greedy rows: argmax of the penalised logits;
   4. random rows: temperature, min-p, top-k, top-p, then Gumbel-max with a per-request key
      `fold_in(key(seed), step)`.
@@ -25,6 +26,7 @@ import numpy as np
 
 from pallas_kernels.page_selection import SparseSpec
 from pallas_kernels.pow2 import next_pow2
+from serving.engine.structured_output import StructuredOutputsParams, mask_width
 
 # Temperatures below this are treated as greedy, as in vLLM (dividing by them overflows).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -32,8 +34,11 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 # Smallest padded history length; lengths are rounded up to powers of two to bound compilations.
 MIN_HISTORY_LEN = 16
-# Padding value in `SamplingBatch.history_ids`.
+# Padding value in `SamplingBatch.history_ids` and `bias_ids`.
 HISTORY_PAD_ID = -1
+# OpenAI's bounds on logit_bias values; and ours on its entries per request (a padded row each).
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +96,10 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs to return besides the sampled token's
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    # What the output must match (JSON schema, regex, choice, grammar): a StructuredOutputsParams
+    # or a dict of its fields, e.g. {"json": {...schema...}} or {"choice": ["yes", "no"]}.
+    structured_outputs: StructuredOutputsParams | dict | None = None
     # Page selection for this request's decode steps (a SparseSpec, or a dict of its fields:
     # {"policy": "bbox", "budget_tokens": 512}); None: the model's default.
     sparse: SparseSpec | dict | None = None
@@ -123,7 +132,24 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.logprobs is not None:
             self._check_int("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         self.sparse = sparse_spec(self.sparse)
+
+    @staticmethod
+    def _normalise_logit_bias(bias) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(bias)}")
+        for token, value in bias.items():
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+            if not _is_real(value) or not -MAX_ABS_LOGIT_BIAS <= value <= MAX_ABS_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r} for token {token}")
+        return {int(t): float(v) for t, v in bias.items()} or None
 
     def _check_int(self, name: str, minimum: int | None = None, maximum: int | None = None):
         value = getattr(self, name)
@@ -193,6 +219,8 @@ class SamplerFlags:
     use_top_k_top_p: bool = False
     use_min_p: bool = False
     use_penalties: bool = False
+    use_logit_bias: bool = False
+    use_token_mask: bool = False
     num_logprobs: int = 0  # top logprobs per row; 0 = none
 
 
@@ -212,6 +240,9 @@ class SamplingBatch:
     frequency_penalty: jax.Array  # f32[B]
     history_ids: jax.Array  # i32[B, H]; prompt + output ids, padded with -1
     history_is_output: jax.Array  # bool[B, H]; True for generated tokens
+    bias_ids: jax.Array  # i32[B, K]; logit_bias tokens, padded with -1
+    bias_values: jax.Array  # f32[B, K]
+    token_mask: jax.Array  # i32[B, ceil(V / 32)]: bit t % 32 of word t // 32 allows token t; [B, 1] when unused
 
 
 @jax.tree_util.register_dataclass
@@ -239,6 +270,21 @@ def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     logits = logits - batch.frequency_penalty[:, None] * output_counts
     logits = logits - batch.presence_penalty[:, None] * (output_counts > 0)
     return logits
+
+
+def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """-inf for the tokens each row's bitmask forbids (a row of -1 words allows every token)."""
+    num_rows, vocab_size = logits.shape
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size].astype(jnp.bool_)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def apply_logit_bias(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Add each row's logit_bias to its tokens' logits (padding, -1, is dropped)."""
+    num_rows, vocab_size = logits.shape
+    ids = jnp.where((batch.bias_ids >= 0) & (batch.bias_ids < vocab_size), batch.bias_ids, vocab_size)
+    return logits.at[jnp.arange(num_rows)[:, None], ids].add(batch.bias_values, mode="drop")
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -290,6 +336,10 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, flags: SamplerFlags) -> S
     logits = logits.astype(jnp.float32)
     raw_logits = logits
 
+    if flags.use_token_mask:
+        logits = apply_token_mask(logits, batch.token_mask)
+    if flags.use_logit_bias:
+        logits = apply_logit_bias(logits, batch)
     if flags.use_penalties:
         logits = apply_penalties(logits, batch)
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -340,8 +390,10 @@ def build_sampling_batch(
     seeds: list[int],
     batch_size: int,
     vocab_size: int,
+    token_masks: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[SamplingBatch, SamplerFlags]:
     """Per-row arrays for `sample`. Rows past len(params) are greedy padding.
+    token_masks[i]: row i's allowed-token bitmask (structured outputs), None for no constraint.
 
     histories[i] = (prompt + output token ids, number of prompt tokens). Seeds are the resolved
     per-request seeds (any int; reduced mod 2**32). History is only copied when some row uses
@@ -386,12 +438,28 @@ def build_sampling_batch(
         history_ids = np.full((batch_size, 1), HISTORY_PAD_ID, np.int32)
         history_is_output = np.zeros((batch_size, 1), np.bool_)
 
+    biased_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    width = _padded_history_len(max(len(params[i].logit_bias) for i in biased_rows)) if biased_rows else 1
+    bias_ids = np.full((batch_size, width), HISTORY_PAD_ID, np.int32)
+    bias_values = np.zeros((batch_size, width), np.float32)
+    for i in biased_rows:
+        bias = params[i].logit_bias
+        bias_ids[i, :len(bias)] = list(bias)
+        bias_values[i, :len(bias)] = list(bias.values())
+
+    masked_rows = [i for i, m in enumerate(token_masks or ()) if m is not None]
+    token_mask = np.full((batch_size, mask_width(vocab_size) if masked_rows else 1), -1, np.int32)
+    for i in masked_rows:
+        token_mask[i] = token_masks[i]
+
     random_rows = ~greedy
     flags = SamplerFlags(
         all_greedy=bool(greedy.all()),
         use_top_k_top_p=bool(np.any(random_rows & ((top_k < vocab_size) | (top_p < 1.0)))),
         use_min_p=bool(np.any(random_rows & (min_p > 0.0))),
         use_penalties=bool(penalised_rows),
+        use_logit_bias=bool(biased_rows),
+        use_token_mask=bool(masked_rows),
         num_logprobs=max((p.logprobs or 0 for p in params), default=0),
     )
     batch = SamplingBatch(
@@ -406,6 +474,9 @@ def build_sampling_batch(
         frequency_penalty=jnp.asarray(frequency, jnp.float32),
         history_ids=jnp.asarray(history_ids),
         history_is_output=jnp.asarray(history_is_output),
+        bias_ids=jnp.asarray(bias_ids),
+        bias_values=jnp.asarray(bias_values),
+        token_mask=jnp.asarray(token_mask),
     )
     return batch, flags
 

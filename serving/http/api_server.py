@@ -4,7 +4,9 @@
     serve(app, host="127.0.0.1", port=8000)             # uvicorn, with a graceful SIGTERM/SIGINT drain
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with SSE or
-not), GET /health, GET /metrics (Prometheus), and the OpenAPI schema at /openapi.json.
+not), POST /tokenize and /detokenize (vLLM's), GET /health, GET /metrics (Prometheus), and the
+OpenAPI schema at /openapi.json. Unknown top-level request fields are ignored, logged and named in
+the `X-Fineserve-Ignored-Fields` response header (openai_protocol).
 
 Errors have OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
 parameters or a prompt longer than the context, 404 for an unknown model, 429 (with Retry-After)
@@ -22,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,9 +41,15 @@ from serving.runtime.async_runtime import AsyncRuntime, ModelFailed, Overloaded,
 from serving.engine.llm_engine import PromptTooLongError
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
+from serving.engine.structured_output import StructuredOutputsParams
 from serving.http.server_metrics import ServerMetrics
 
 request_log = logging.getLogger("fineserve.requests")
+log = logging.getLogger("fineserve.server")
+
+IGNORED_FIELDS_HEADER = "X-Fineserve-Ignored-Fields"
+MAX_NAMED_FIELDS = 32
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 @dataclass
@@ -88,9 +97,74 @@ class _Prompt:
     text: str | None
 
 
+def _ignored_fields(req, endpoint: str) -> dict[str, str]:
+    """The response header naming the request's unknown fields (logged too); {} when none. Names
+    that are not plain identifiers (a header holds visible ASCII only), and any past the first
+    MAX_NAMED_FIELDS, are counted instead."""
+    if not (ignored := req.ignored_fields):
+        return {}
+    log.warning("%s: ignored unknown request field(s) %s", endpoint, ", ".join(map(repr, ignored[:MAX_NAMED_FIELDS])))
+    named = [n for n in ignored if PLAIN_NAME.fullmatch(n)][:MAX_NAMED_FIELDS]
+    rest = len(ignored) - len(named)
+    return {IGNORED_FIELDS_HEADER: ", ".join(named + ([f"({rest} more)"] if rest else []))}
+
+
+def _constraints(req) -> dict[str, object]:
+    """The request's fields that constrain its output (response_format's JSON modes, vLLM's
+    guided_* and structured_outputs), as StructuredOutputsParams fields, by field name."""
+    given = {}
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        given["response_format"] = {"json_object": True}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = (fmt.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format: json_schema needs a 'schema' object", param="response_format")
+        given["response_format"] = {"json": schema}
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            given[name] = {key: getattr(req, name)}
+    if req.structured_outputs is not None:
+        given["structured_outputs"] = req.structured_outputs
+    return given
+
+
+def _structured_outputs(req) -> StructuredOutputsParams | None:
+    """The request's output constraint (one at most), a 400 naming the field when it is malformed."""
+    given = _constraints(req)
+    if len(given) > 1:
+        raise APIError(400, f"give one output constraint, got {sorted(given)}", param=sorted(given)[1])
+    if not given:
+        return None
+    [(param, value)] = given.items()
+    try:
+        return StructuredOutputsParams.of(value)
+    except (TypeError, ValueError) as e:
+        raise APIError(400, f"{param}: {str(e).removeprefix('structured_outputs: ')}", param=param) from None
+
+
+def _refuse_tools(req) -> None:
+    """A 400 for tools, which are not served, rather than an answer that ignores them."""
+    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if getattr(req, tools, None) and getattr(req, choice, None) != "none":
+            raise APIError(400, f"{tools}: tool calling is not served by this server; send no {tools}, or "
+                                f"{choice}='none'", param=tools)
+
+
+def _logit_bias(req) -> dict[int, float] | None:
+    if req.logit_bias is None:
+        return None
+    if bad := [k for k in req.logit_bias if not k.isdigit()]:
+        raise APIError(400, f"logit_bias keys must be token ids (decimal strings), got {bad[:5]}", param="logit_bias")
+    return {int(k): v for k, v in req.logit_bias.items()}
+
+
 def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     if getattr(req, "best_of", None) not in (None, req.n):
         raise APIError(400, "best_of must equal n (no server-side re-ranking)", param="best_of")
+    _refuse_tools(req)
+    structured = _structured_outputs(req)
     try:
         return SamplingParams(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -98,18 +172,22 @@ def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampl
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=req.stop,
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, max_tokens=max_tokens,
             min_tokens=req.min_tokens, logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens, logit_bias=_logit_bias(req), structured_outputs=structured,
             sparse=req.sparse.model_dump(exclude_none=True) if req.sparse is not None else None)
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":")) from None
 
 
-def _checked_params(model: ServedModel, params: SamplingParams) -> SamplingParams:
-    """`params` if the model can honour them, else a 400 naming the parameter."""
+def _checked_params(model: ServedModel, params: SamplingParams, req) -> SamplingParams:
+    """`params` if the model can honour them, else a 400 naming the request's parameter."""
     try:
         model.validate_params(params)
     except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":")) from None
+        message, param = str(e), str(e).split(" ", 1)[0].rstrip(":")
+        if param == "structured_outputs":   # the request's name for its constraint
+            param = next(iter(_constraints(req)), param)
+            message = param + message.removeprefix("structured_outputs")
+        raise APIError(400, message, param=param) from None
     return params
 
 
@@ -149,16 +227,20 @@ def _completion_prompts(model: ServedModel, name: str, prompt) -> list[_Prompt]:
     return [_Prompt(list(ids), None) for ids in prompt]
 
 
-def _chat_prompt(model: ServedModel, name: str, messages: list[api.ChatMessage]) -> _Prompt:
-    tok = _tokenizer(model, name)
+def _chat_text(model: ServedModel, name: str, messages: list[api.ChatMessage],
+               add_generation_prompt: bool = True) -> str:
+    """The messages through the model's chat template."""
     plain = [{"role": m.role if m.role != "developer" else "system",
               "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
              for m in messages]
     try:
-        text = tok.apply_chat_template(plain, add_generation_prompt=True)
+        return _tokenizer(model, name).apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    return _Prompt(tok.encode(text, add_special_tokens=False), None)
+
+
+def _chat_prompt(model: ServedModel, name: str, messages: list[api.ChatMessage]) -> _Prompt:
+    return _Prompt(model.tokenizer.encode(_chat_text(model, name, messages), add_special_tokens=False), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,9 +346,10 @@ class _Job:
             "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs if o.outputs[0].finish_reason})}))
 
 
-def _usage(job: _Job, finals: dict[int, RequestOutput]) -> api.Usage:
+def _usage(job: _Job, outputs: dict[int, RequestOutput]) -> api.Usage:
+    """Usage of the request's choices, final or so far."""
     prompt = sum(len(p.ids) for p in job.prompts)
-    completion = sum(len(o.outputs[0].token_ids) for o in finals.values())
+    completion = sum(len(o.outputs[0].token_ids) for o in outputs.values())
     return api.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -441,14 +524,38 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions", response_model=api.CompletionResponse, responses=ERROR_RESPONSES)
-    async def completions(req: api.CompletionRequest, request: Request):
+    @app.post("/tokenize", response_model=api.TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(req: api.TokenizeRequest, response: Response):
         model = server.model(req.model)
+        response.headers.update(_ignored_fields(req, "tokenize"))
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt" if req.prompt is None else "messages")
+        if req.messages is not None:   # the chat template writes the special tokens; more only if asked
+            text, special = _chat_text(model, req.model, req.messages, req.add_generation_prompt), False
+        else:
+            text, special = req.prompt, True
+        add = special if req.add_special_tokens is None else req.add_special_tokens
+        ids = _tokenizer(model, req.model).encode(text, add_special_tokens=add)
+        return api.TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", response_model=api.DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(req: api.DetokenizeRequest, response: Response):
+        model = server.model(req.model)
+        response.headers.update(_ignored_fields(req, "detokenize"))
+        tok = _tokenizer(model, req.model)
+        if bad := [t for t in req.tokens if t >= tok.vocab_size]:
+            raise APIError(400, f"token ids outside the vocabulary [0, {tok.vocab_size}): {bad[:5]}", param="tokens")
+        return api.DetokenizeResponse(prompt=tok.decode(req.tokens, skip_special_tokens=False))
+
+    @app.post("/v1/completions", response_model=api.CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(req: api.CompletionRequest, request: Request, response: Response):
+        model = server.model(req.model)
+        ignored = _ignored_fields(req, "completions")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         prompts = _completion_prompts(model, req.model, req.prompt)
         max_tokens = min(_check_prompt(model, p, req.max_tokens, "prompt") for p in prompts)
-        params = _checked_params(model, _sampling_params(req, max_tokens, req.logprobs))
+        params = _checked_params(model, _sampling_params(req, max_tokens, req.logprobs), req)
         job = _Job(server, req.model, "completion")
         job.submit(prompts, params)
         tok = model.tokenizer
@@ -458,7 +565,9 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             return (p.text if p.text is not None else tok.decode(p.ids) if tok else "") if req.echo else ""
 
         if req.stream:
-            return _stream(job, request, req, lambda index, out, d: _completion_chunk(job, req, tok, index, out, d, echo))
+            return _stream(job, request, req, lambda index, out, d: _completion_chunk(job, req, tok, index, out, d, echo),
+                           ignored)
+        response.headers.update(ignored)
         finals = await _run_to_end(request, job)
         choices = []
         for i in sorted(finals):
@@ -470,8 +579,9 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
                                       usage=_usage(job, finals))
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERROR_RESPONSES)
-    async def chat_completions(req: api.ChatCompletionRequest, request: Request):
+    async def chat_completions(req: api.ChatCompletionRequest, request: Request, response: Response):
         model = server.model(req.model)
+        ignored = _ignored_fields(req, "chat/completions")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         if req.top_logprobs is not None and not req.logprobs:
@@ -481,12 +591,13 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
         prompt = _chat_prompt(model, req.model, req.messages)
         max_tokens = _check_prompt(model, prompt, req.max_completion_tokens or req.max_tokens, "messages")
         params = _checked_params(model, _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs
-                                                         else None))
+                                                         else None), req)
         job = _Job(server, req.model, "chat")
         job.submit([prompt], params)
         tok = model.tokenizer
         if req.stream:
-            return _stream(job, request, req, lambda index, out, d: _chat_chunk(job, req, tok, index, out, d))
+            return _stream(job, request, req, lambda index, out, d: _chat_chunk(job, req, tok, index, out, d), ignored)
+        response.headers.update(ignored)
         finals = await _run_to_end(request, job)
         choices = [api.ChatChoice(index=i, message=api.AssistantMessage(content=finals[i].outputs[0].text),
                                   logprobs=_chat_logprobs(tok, finals[i].outputs[0].logprobs) if req.logprobs else None,
@@ -522,26 +633,34 @@ def _chat_chunk(job, req, tok, index, out, delta: _Delta) -> api.ChatCompletionC
                             finish_reason=_finish(c.finish_reason) if c.finished else None)])
 
 
-def _stream(job: _Job, request: Request, req, chunk) -> StreamingResponse:
-    """Server-sent events, as OpenAI sends them: chunks, an optional usage chunk, `data: [DONE]`.
-    An error after the stream started is sent as one `data: {"error": ...}` event. If the client
-    goes away, Starlette cancels this generator and `finally` aborts the request."""
+def _stream(job: _Job, request: Request, req, chunk, headers: dict[str, str]) -> StreamingResponse:
+    """Server-sent events, as OpenAI sends them: chunks, an optional usage chunk, `data: [DONE]`
+    (with vLLM's continuous_usage_stats, every chunk also carries the usage so far). An error after
+    the stream started is sent as one `data: {"error": ...}` event. If the client goes away,
+    Starlette cancels this generator and `finally` aborts the request."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     chat = job.kind == "chat"
 
     async def events():
         deltas: dict[int, _Delta] = {}
         finals: dict[int, RequestOutput] = {}
+        latest: dict[int, RequestOutput] = {}
         try:
             if chat:  # OpenAI opens each choice with the assistant role
                 for i in range(len(job.prompts) * req.n):
-                    yield _sse(api.ChatCompletionChunk(id=job.id, created=job.created, model=req.model, choices=[
-                        api.ChatChunkChoice(index=i, delta=api.Delta(role="assistant", content=""))]))
+                    yield _sse(api.ChatCompletionChunk(
+                        id=job.id, created=job.created, model=req.model,
+                        choices=[api.ChatChunkChoice(index=i, delta=api.Delta(role="assistant", content=""))],
+                        usage=_usage(job, latest) if continuous else None))
             async for index, out in job.events():
                 piece = chunk(index, out, deltas.setdefault(index, _Delta()))
+                latest[index] = out
                 if out.finished:
                     finals[index] = out
                 if piece is not None:
+                    if continuous:
+                        piece.usage = _usage(job, latest)
                     yield _sse(piece)
             if include_usage:
                 cls = api.ChatCompletionChunk if chat else api.CompletionResponse
@@ -556,7 +675,7 @@ def _stream(job: _Job, request: Request, req, chunk) -> StreamingResponse:
             job.close("cancelled")  # no-op if already closed
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Request-Id": job.id})
+                             headers={"Cache-Control": "no-cache", "X-Request-Id": job.id} | headers)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
 """The OpenAI API's request and response bodies (the subset served), as pydantic models.
 
-Requests are strict: an unknown field, a wrong type or a value out of range is a 400 with an
-OpenAI-style error body naming the parameter, never a silent default. Besides OpenAI's sampling
-fields, the vLLM extensions are accepted (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output), and ours: `sparse`, the request's
-query-aware page selection. The bounds below are also what the
+Known fields are strict: a wrong type or a value out of range is a 400 with an OpenAI-style error
+body naming the parameter, never a silent default; so is a known feature the server does not
+offer (tools). Structured outputs come as OpenAI's `response_format` (json_object, json_schema)
+or vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` / `structured_outputs`. Unknown top-level fields are accepted and ignored, as
+vLLM does (clients send vendor fields), and the server names them in its log and in the
+`X-Fineserve-Ignored-Fields` response header; inside nested objects unknown fields stay errors.
+Besides OpenAI's sampling fields, the vLLM extensions are accepted (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
+include_stop_str_in_output, stream_options.continuous_usage_stats, /tokenize, /detokenize), and
+ours: `sparse`, the request's query-aware page selection. The bounds below are also what the
 served OpenAPI schema advertises, so a schema-driven client (or fuzzer) sees the real limits.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pallas_kernels.page_selection import POLICY_IDS
-from serving.engine.sampling import MAX_LOGPROBS
+from serving.engine.sampling import MAX_ABS_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 
 MAX_N = 8            # samples per request
 MAX_STOP = 8         # stop strings per request
@@ -25,6 +30,15 @@ MAX_SEED = 2**63 - 1
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as the schema says: no true for 1
+
+
+class _Body(BaseModel):
+    """A request body: strict about its fields, lenient about fields it does not know."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -42,6 +56,7 @@ class ErrorResponse(BaseModel):
 # ---- requests -----------------------------------------------------------------------------------
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's: usage so far in every chunk
 
 
 class SparseOptions(_Strict):
@@ -62,7 +77,13 @@ StopField = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
-class _SamplingRequest(_Strict):
+Unserved = Any | None   # a known field whose feature is not served: a 400 when a request asks for it
+
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]],
+                      Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
+
+
+class _SamplingRequest(_Body):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -75,6 +96,7 @@ class _SamplingRequest(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
+    logit_bias: LogitBias | None = None   # token id (as a string) -> bias
     # vLLM extensions
     top_k: int = Field(0, ge=-1, le=1 << 20)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -84,6 +106,12 @@ class _SamplingRequest(_Strict):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs (vLLM's; one at most, or response_format on chat)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None   # {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     # ours
     sparse: SparseOptions | None = None
 
@@ -112,7 +140,8 @@ class ChatMessage(_Strict):
 
 
 class ResponseFormat(_Strict):
-    type: Literal["text"]  # JSON modes need constrained decoding, which is not served
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None   # {"name", "schema", "strict"}: the output follows "schema"
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -121,6 +150,26 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: Unserved = None
+    tool_choice: Unserved = None
+    parallel_tool_calls: bool | None = None
+    functions: Unserved = None
+    function_call: Unserved = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a completion prompt, or chat messages through the model's chat template
+    (one of the two)."""
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    add_special_tokens: bool | None = None     # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[TokenId]
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -228,3 +277,13 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "draining"]
     models: dict[str, dict[str, int]]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

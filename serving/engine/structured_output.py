@@ -1,0 +1,126 @@
+"""Structured outputs: a request's JSON schema, JSON object, regex, choice or grammar, enforced
+token by token.
+
+llguidance (the grammar engine of vLLM's `guidance` backend and of SGLang's) compiles the
+constraint against the model's tokenizer into a matcher; before each sampled token the matcher
+writes the sequence's allowed-token bitmask (32 tokens per int32 word), which the jitted sampler
+applies to the logits (`sampling.apply_token_mask`), and the sampled token is then fed back to
+it. Chosen over xgrammar because it needs neither torch nor transformers: the bitmask is plain
+numpy, built on the host beside the batch. Compiled constraints are cached per model
+(`GrammarCache`): a new request copies a compiled matcher instead of compiling again, and the
+sampler never recompiles for a new schema (the mask is an input, not a static argument).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+import llguidance
+from llguidance.gbnf_to_lark import any_to_lark
+
+MAX_CACHED_GRAMMARS = 64
+# JSON without free whitespace between tokens (vLLM's disable_any_whitespace): still valid JSON, and
+# a small model cannot loop on whitespace until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a request's output must match (vLLM's StructuredOutputsParams): exactly one of
+    `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`,
+    `choice` (one of these strings) or `grammar` (Lark, llguidance's dialect; GBNF/EBNF is
+    converted)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
+                raise ValueError(f"structured_outputs: choice must be a non-empty list of strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name, kind in (("json", (dict, str)), ("regex", str), ("grammar", str)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"structured_outputs: {name} has the wrong type: {type(value).__name__}")
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs: json_object must be a bool, got {self.json_object!r}")
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: give exactly one of json, json_object, regex, choice or grammar; "
+                             f"got {given or 'none'}")
+
+    @classmethod
+    def of(cls, value) -> StructuredOutputsParams | None:
+        """From a StructuredOutputsParams or a dict of its fields; ValueError naming what is wrong."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"structured_outputs must be an object like {{'json': {{...}}}}, got {value!r}")
+        if unknown := sorted(set(value) - {f.name for f in fields(cls)}):
+            raise ValueError(f"structured_outputs: unknown field(s) {unknown}")
+        return cls(**value)
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint (the compiled-grammar cache's key)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
+
+    def grammar_text(self) -> str:
+        """The constraint as an llguidance grammar."""
+        if self.json is not None:
+            return llguidance.LLMatcher.grammar_from_json_schema(self.json, defaults=JSON_OPTIONS)
+        if self.json_object:
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        if self.regex is not None:
+            return llguidance.LLMatcher.grammar_from_regex(self.regex)
+        if self.choice is not None:
+            return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(self.grammar))
+
+
+def mask_width(vocab_size: int) -> int:
+    """int32 words of one row's bitmask."""
+    return (vocab_size + 31) // 32
+
+
+class GrammarCache:
+    """One model's grammar engine: its tokenizer as llguidance sees it (built on first use, about a
+    second), and the compiled constraints of recent requests (LRU). `matcher` gives a request its
+    own matcher, copied from the compiled one."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, tuple(eos_token_ids)
+        self._lltokenizer: llguidance.LLTokenizer | None = None
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+
+    @property
+    def lltokenizer(self) -> llguidance.LLTokenizer:
+        if self._lltokenizer is None:
+            self._lltokenizer = llguidance.LLTokenizer(self.tokenizer.backend_json(), n_vocab=self.vocab_size,
+                                                       eos_token=list(self.eos_token_ids) or None)
+        return self._lltokenizer
+
+    def matcher(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """A fresh matcher for `params`; ValueError with llguidance's message when it does not compile."""
+        key = params.key
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            try:
+                grammar = params.grammar_text()
+            except ValueError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+            compiled = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+            if compiled.is_error():
+                raise ValueError(f"structured_outputs: the constraint does not compile: {compiled.get_error()}")
+            self._compiled[key] = compiled
+            if len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return compiled.deep_copy()
+
