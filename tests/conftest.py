@@ -74,9 +74,10 @@ def _test_lock(exclusive: bool):
 
 
 # The files that start first, in this order (the two workers, `--dist loadfile`, take files in
-# collection order): the wall-clock test, which runs alone, before any long test it would wait for;
-# then the longest files, longest first, so that no worker runs a long file alone at the end.
-FIRST_FILES = ("test_simulator_wall_clock.py", "test_compile_check.py", "test_smollm2.py",
+# collection order): the wall-clock file, whose timed test runs alone once its engines are compiled,
+# beside a file of short tests (the timed test waits only for the current one of those); then the
+# longest files, longest first, so that no worker runs a long file alone at the end.
+FIRST_FILES = ("test_simulator_wall_clock.py", "test_sampling.py", "test_compile_check.py", "test_smollm2.py",
                "test_tensor_parallel.py", "test_fleet.py", "test_kernels_e2e.py", "test_page_selection.py",
                "test_paged_attention_pallas.py", "test_bench_kernels.py", "test_ray_serve.py")
 
