@@ -13,7 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from fineserve_jax.config_files import DeviceConfig
-from fineserve_jax.serve_config import DeviceGroup, DoesNotFit, ServeConfig, device_groups, plan_placement, planned_weights
+from fineserve_jax.serve_config import (DeviceGroup, DoesNotFit, ServeConfig, device_groups, plan_placement,
+                                        planned_weights)
 from serving.scheduling.placement import Placement
 
 

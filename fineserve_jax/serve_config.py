@@ -10,9 +10,9 @@ A fleet.toml (`Fleet.from_config`) is a valid serve config; a serve config adds 
 `slo_ttft_ms`, `rate` and `max_queue`. SLOs default to FineServe's rule (arXiv 2509.06261) on the
 device's cost profile (serving/scheduling/profiles/<kind>.json) where it covers the model. On several
 devices FineServe's global placement (`serving.scheduling.strategies.place`, each model at its
-tensor_parallel_size or, for "auto", the size it chooses) puts the models, from their checkpoints' metadata only; the server runs one
-replica per model, and devices joined by a tensor-parallel model form one group, served by one Fleet.
-Every key and the placement rules: docs/serving.md.
+tensor_parallel_size or, for "auto", the size it chooses) puts the models, from their checkpoints'
+metadata only; the server runs one replica per model, and devices joined by a tensor-parallel model
+form one group, served by one Fleet. Every key and the placement rules: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -348,10 +348,10 @@ def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None
                    previous: Placement | None = None, nodes: dict[str, int] | None = None) -> Placement:
     """FineServe's global placement of the config's models over its devices (each model at its
     tensor_parallel_size, or at the size placement chooses for "auto"; a TP group inside one node:
-    `nodes`, device name -> node, default all on one), at their configured rates or at `rates` (observed ones). With `previous`, a re-placement
-    (`serving.scheduling.replan`): models whose rate stayed near plan keep their devices where those
-    are still in the config. Where the rates / SLOs cannot be met, the models are placed by memory
-    only; DoesNotFit when even that does not fit."""
+    `nodes`, device name -> node, default all on one), at their configured rates or at `rates`
+    (observed ones). With `previous`, a re-placement (`serving.scheduling.replan`): models whose
+    rate stayed near plan keep their devices where those are still in the config. Where the rates /
+    SLOs cannot be met, the models are placed by memory only; DoesNotFit when even that does not fit."""
     rates, nodes = rates or {}, nodes or {}
     demands = [_demand(i, m, 1.0) for i, m in enumerate(config.models)]   # SLO and rate set below
     scheduler = SchedulerConfig(tp_sizes=tuple(sorted({tp for d in demands for tp in d.tp_sizes})),
@@ -367,7 +367,8 @@ def plan_placement(config: ServeConfig, *, rates: dict[str, float] | None = None
     costs = {}
     for d, m in zip(demands, config.models):
         for tp in d.tp_sizes:
-            costs[variant_key(d.profile_key, d.precision, tp)] = step_cost(m, kind, profile, d.config, tp) or MEMORY_ONLY_COST
+            cost = step_cost(m, kind, profile, d.config, tp)
+            costs[variant_key(d.profile_key, d.precision, tp)] = cost or MEMORY_ONLY_COST
 
     def run(demands, profile):
         if previous is None:

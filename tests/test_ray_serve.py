@@ -1,8 +1,9 @@
 """Serving over a Ray cluster: a two-node cluster in this machine (loopback only), the fleet placed
-over both nodes' three devices (llama tensor-parallel over the head node's two), the official client through the one ingress (streaming and not) getting
-what a single-process fleet answers, the cluster-wide /v1/models, /health and /metrics, the
-one-line errors at start; then, under load, models moved to new replicas with no request lost, and
-a node killed: every request answered or failed explicitly, its models back on the survivor."""
+over both nodes' three devices (llama tensor-parallel over the head node's two), the official client
+through the one ingress (streaming and not) getting what a single-process fleet answers, the
+cluster-wide /v1/models, /health and /metrics, the one-line errors at start; then, under load,
+models moved to new replicas with no request lost, and a node killed: every request answered or
+failed explicitly, its models back on the survivor."""
 
 from __future__ import annotations
 

@@ -382,5 +382,6 @@ def test_build_fleets_runs_each_model_of_a_group_on_its_own_devices():
     placed_on = {n: {d for w in jax.tree.leaves(nnx.state(fleet.loaded[n].model)) for d in w.devices()}
                  for n in loaded}
     assert placed_on == {"tp": set(jds[1:]), "a": {jds[0]}, "b": {jds[2]}}
-    outs = fleet.generate(prompt_token_ids=prompt * 3, sampling_params=params, model=[n for n in loaded for _ in prompt])
+    outs = fleet.generate(prompt_token_ids=prompt * 3, sampling_params=params,
+                          model=[n for n in loaded for _ in prompt])
     assert {n: [o.token_ids for o in outs[2 * i:2 * i + 2]] for i, n in enumerate(loaded)} == want

@@ -6,8 +6,9 @@ strings, on the host).
 
 Order of operations in `sample` (vLLM V1):
   1. logprobs from the raw logits (before masks, bias, penalties and temperature);
-  2. structured outputs' token masks (tokens the request's grammar forbids get -inf), logit bias (OpenAI's `logit_bias`: added to the named tokens' logits), then penalties:
-     repetition (prompt + output tokens), then frequency and presence (output only);
+  2. structured outputs' token masks (what the request's grammar forbids gets -inf), then logit
+     bias (OpenAI's `logit_bias`, added to the named tokens' logits), then penalties: repetition
+     (prompt + output tokens), then frequency and presence (output only);
   3. greedy rows: argmax of the penalised logits;
   4. random rows: temperature, min-p, top-k, top-p, then Gumbel-max with a per-request key
      `fold_in(key(seed), step)`.

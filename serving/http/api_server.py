@@ -565,8 +565,8 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             return (p.text if p.text is not None else tok.decode(p.ids) if tok else "") if req.echo else ""
 
         if req.stream:
-            return _stream(job, request, req, lambda index, out, d: _completion_chunk(job, req, tok, index, out, d, echo),
-                           ignored)
+            return _stream(job, request, req,
+                           lambda index, out, d: _completion_chunk(job, req, tok, index, out, d, echo), ignored)
         response.headers.update(ignored)
         finals = await _run_to_end(request, job)
         choices = []
