@@ -15,7 +15,6 @@ import pytest
 
 LOCKS_ENV = "FINESERVE_TEST_LOCKS"
 JAX_CACHE_ENV = "FINESERVE_TEST_JAX_CACHE"
-JAX_CACHE_MAX_BYTES = 16 << 30   # a size limit turns on the cache's file lock: workers share it safely
 HOST_DEVICES = 4   # tensor-parallel tests split models over host (CPU) devices
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before any backend starts
@@ -38,8 +37,10 @@ def pytest_configure(config):
     # servers and CLIs that tests start cache calibrated weights here, not in the user's cache
     os.environ["FINESERVE_RUNTIME_CACHE"] = os.path.join(config._own_dir, "runtime")
     os.environ["TRITON_CACHE_DIR"] = os.path.join(config._own_dir, "triton")  # the sm_90a compile check
+    # No size limit: with one, every write scans (and every read stamps) the whole cache under a
+    # file lock, thousands of entries deep. A read that meets an entry still being written fails
+    # its decompression, and JAX compiles instead (with a warning).
     settings = {"jax_compilation_cache_dir": os.environ[JAX_CACHE_ENV],
-                "jax_compilation_cache_max_size": JAX_CACHE_MAX_BYTES,
                 "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": -1}
     for name, value in settings.items():
         jax.config.update(name, value)
@@ -73,11 +74,12 @@ def _test_lock(exclusive: bool):
             fcntl.flock(gate, fcntl.LOCK_UN)
 
 
-# The files that start first, in this order (the two workers, `--dist loadfile`, take files in
+# The files that start first, in this order (the workers, `--dist loadfile`, take files in
 # collection order): the wall-clock file, whose timed test runs alone once its engines are compiled,
-# beside a file of short tests (the timed test waits only for the current one of those); then the
-# longest files, longest first, so that no worker runs a long file alone at the end.
-FIRST_FILES = ("test_simulator_wall_clock.py", "test_sampling.py", "test_compile_check.py", "test_smollm2.py",
+# beside files of short tests (the timed test waits only for their current ones); then the longest
+# files, longest first, so that no worker runs a long file alone at the end.
+FIRST_FILES = ("test_simulator_wall_clock.py", "test_sampling.py", "test_cost_model.py", "test_compile_check.py",
+               "test_smollm2.py",
                "test_tensor_parallel.py", "test_fleet.py", "test_kernels_e2e.py", "test_page_selection.py",
                "test_paged_attention_pallas.py", "test_bench_kernels.py", "test_ray_serve.py")
 
