@@ -62,7 +62,8 @@ def test_matchers_come_from_a_cache_and_each_request_gets_its_own(tok):
     allowed = {t for t in range(tok.vocab_size) if masks[0, t // 32] >> (t % 32) & 1}
     assert tok.encode("yes", add_special_tokens=False)[0] in allowed and len(allowed) < 10
     for bad, message in ((StructuredOutputsParams(regex="[a-"), "does not compile"),
-                         (StructuredOutputsParams(grammar="start: undefined_rule"), "does not compile")):
+                         (StructuredOutputsParams(grammar="start: undefined_rule"), "does not compile"),
+                         (StructuredOutputsParams(grammar="\x86 ::= x"), "Expected name")):   # GBNF, garbled
         with pytest.raises(ValueError, match=message):
             cache.matcher(bad)
 

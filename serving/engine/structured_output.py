@@ -113,7 +113,7 @@ class GrammarCache:
         if compiled is None:
             try:
                 grammar = params.grammar_text()
-            except ValueError as e:
+            except Exception as e:   # the grammar converters' own errors, on what the request sent
                 raise ValueError(f"structured_outputs: {e}") from None
             compiled = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
             if compiled.is_error():
