@@ -53,8 +53,7 @@ def cluster():
 
     nodes = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {DEVICE_RESOURCE: 2},
-        # a node is dead after 10 missed checks (5 s): the test workers share the cores with Ray
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 10}})
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
     worker = nodes.add_node(num_cpus=1, resources={DEVICE_RESOURCE: 1})
     ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False)
     port = int(np.random.default_rng().integers(*PORT_RANGE))

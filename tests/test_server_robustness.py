@@ -236,7 +236,7 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(models, mode):
             if mode is schemathesis.GenerationMode.NEGATIVE and op.method.upper() == "GET":
                 continue  # no parameters to get wrong
 
-            @hypothesis.settings(max_examples=25, deadline=None, database=None, derandomize=False,
+            @hypothesis.settings(max_examples=18, deadline=None, database=None, derandomize=False,
                                  suppress_health_check=list(hypothesis.HealthCheck))
             @hypothesis.given(case=op.as_strategy(generation_mode=mode), model=st.sampled_from(names))
             def fuzz(case, model):
