@@ -19,6 +19,8 @@ from models.config import ModelConfig
 from models.loader import random_model
 from serving.scheduling.step_policy import RoundRobin
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
+
 NAN_WORD = 0x7FC07FC0  # NaN as one float32 and as two bfloat16
 VOCAB = 384
 

@@ -24,6 +24,8 @@ from pallas_kernels.page_selection import SparseSpec
 from serving.scheduling.cost_model import DeviceProfile, variant_key
 from models.loader import random_model
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
+
 MIB = 1 << 20
 
 GOOD = """

@@ -14,6 +14,8 @@ import pytest
 
 from tests.server_helpers import MAX_MODEL_LEN, running_server, tiny_models, tokenizer
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
+
 
 @pytest.fixture(scope="module")
 def tok():

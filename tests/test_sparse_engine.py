@@ -18,6 +18,8 @@ from serving.engine.sampling import SamplingParams
 from tests.helpers import build_engine, drain
 from tests.test_page_selection import check_bounds
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
+
 CFG = ModelConfig("llama", 128, 64, 128, 4, 4, 2, 32, max_position_embeddings=512)
 T = 4
 

@@ -18,6 +18,8 @@ from serving.engine.sampling import SamplingParams, apply_token_mask
 from serving.engine.structured_output import GrammarCache, StructuredOutputsParams, mask_width
 from tests.server_helpers import tiny_models, tokenizer
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
+
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["answer", "n"], "additionalProperties": False}
