@@ -199,7 +199,7 @@ class LLMEngine:
         if params.logit_bias and (bad := [t for t in params.logit_bias if t >= self.vocab_size]):
             raise ValueError(f"logit_bias: token ids outside [0, {self.vocab_size}): {bad[:5]}")
         if params.structured_outputs is not None:
-            self.grammars.matcher(params.structured_outputs)
+            self.grammars.compiled(params.structured_outputs)
         if params.sparse is not None and params.sparse.policy != "full" and self.config.sparse is None:
             raise ValueError(f"sparse: policy {params.sparse.policy!r} needs a model started with page "
                              "selection (its sparse setting); this one keeps no key bounds")

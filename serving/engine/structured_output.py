@@ -107,7 +107,12 @@ class GrammarCache:
         return self._lltokenizer
 
     def matcher(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
-        """A fresh matcher for `params`; ValueError with llguidance's message when it does not compile."""
+        """A fresh matcher for `params` (a copy of the compiled one)."""
+        return self.compiled(params).deep_copy()
+
+    def compiled(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The compiled matcher of `params` (not to be fed tokens); ValueError with llguidance's
+        message when it does not compile."""
         key = params.key
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -122,5 +127,5 @@ class GrammarCache:
             if len(self._compiled) > MAX_CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
-        return compiled.deep_copy()
+        return compiled
 
