@@ -42,6 +42,7 @@ from serving.kv.pool_plan import POOL_MODES, ModelPages, PoolPlan, plan_pool
 from serving.kv.pool_sizing import check_reports_memory, check_utilization, device_memory_stats
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
+from serving.http.tool_calls import TOOL_CALL_FORMATS
 
 DEFAULT_POOL_BYTES = 512 << 20
 AUTO_TP = "auto"
@@ -73,6 +74,7 @@ class ModelSpec:
     sparse_recall_every: int = 0
     tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
     # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
+    tool_call_parser: str | None = "hermes"  # how the server reads tool calls in tool_choice="auto"; None: no auto
 
     def __post_init__(self):
         check_precision(self.precision, self.kv_dtype, self.kv_skip_layers)
@@ -83,6 +85,9 @@ class ModelSpec:
                 raise ValueError(f"tensor_parallel_size must be a positive integer or {AUTO_TP!r}, got "
                                  f"{self.tensor_parallel_size!r}") from None
         resolve_kernels(self.kernels)
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_FORMATS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_FORMATS)} or None, got "
+                             f"{self.tool_call_parser!r}")
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):

@@ -25,7 +25,7 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
     runtime = AsyncRuntime(fleet.runtime, limits, device=device, name=device_name)
     return {name: ServedModel(runtime, fleet.loaded[name].tokenizer, e.config.max_model_len, e.validate_prompt,
                               e.validate_params, precision=fleet.loaded[name].precision.name, kv_dtype=fleet.loaded[name].kv_dtype,
-                              slo_ttft_s=slo_ttft_s[name])
+                              slo_ttft_s=slo_ttft_s[name], tool_call_parser=fleet.specs[name].tool_call_parser)
             for name, e in engines.items()}
 
 

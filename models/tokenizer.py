@@ -9,6 +9,7 @@ import os
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
+from jinja2 import meta
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -76,14 +77,18 @@ def _strftime_now(fmt: str) -> str:
 _JINJA_CACHE: dict[str, Any] = {}
 
 
+def _template_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
 def _compile_template(source: str):
     compiled = _JINJA_CACHE.get(source)
     if compiled is None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        compiled = env.from_string(source)
+        compiled = _template_env().from_string(source)
         _JINJA_CACHE[source] = compiled
     return compiled
 
@@ -288,6 +293,17 @@ class Tokenizer:
     @property
     def chat_template(self) -> str | None:
         return self._chat_template
+
+    @property
+    def chat_template_renders_tools(self) -> bool:
+        """Whether the chat template reads a `tools` variable (HF's convention for offering tools);
+        False when it has none or does not parse."""
+        if not self._chat_template:
+            return False
+        try:
+            return "tools" in meta.find_undeclared_variables(_template_env().parse(self._chat_template))
+        except TemplateError:
+            return False
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

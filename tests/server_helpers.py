@@ -32,7 +32,7 @@ def tiny_models(tok: Tokenizer, precisions=("bf16", "w8a8", "w4a16")):
     """One tiny random model per precision (different depths), with a real tokenizer."""
     out = []
     for i, p in enumerate(precisions):
-        cfg = ModelConfig("llama", tok.vocab_size, 64, 128, 2 + i, 4, 2, 16, max_position_embeddings=256)
+        cfg = ModelConfig("llama", tok.vocab_size, 64, 128, 2 + i, 4, 2, 16, max_position_embeddings=1024)
         m = random_model(cfg, p, "float32", name=f"tiny-{p}", seed=i)
         m.tokenizer = tok
         out.append(m)
@@ -75,8 +75,8 @@ def running_server(models, *, max_queue: int = 8, max_num_seqs: int = 4, drain_t
                    model_options: dict[str, dict] | None = None):
     """The server as `fineserve serve` runs it (its default scheduling unless told otherwise);
     `model_options`: more ModelSpec settings by model name."""
-    specs = [ModelSpec(m, max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
-                       tokens_per_page=8, **(model_options or {}).get(m.name, {})) for m in models]
+    specs = [ModelSpec(m, **(dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=32, max_model_len=MAX_MODEL_LEN,
+                                  tokens_per_page=8) | (model_options or {}).get(m.name, {}))) for m in models]
     names = [s.served_name for s in specs]
     slos = {n: slo_ttft_s for n in names}
     server = ServerConfig(admission=admission, drop_hopeless=drop_hopeless, step_policy=step_policy)

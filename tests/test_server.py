@@ -9,7 +9,9 @@ import logging
 import re
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from tests.server_helpers import MAX_MODEL_LEN, running_server, tiny_models, tokenizer
@@ -22,9 +24,12 @@ def tok():
     return tokenizer()
 
 
+TOOLS_MODEL, TOOLS_MODEL_LEN = "tiny-w4a16", 640   # room for the tools in the prompt
+
+
 @pytest.fixture(scope="module")
 def srv(tok):
-    with running_server(tiny_models(tok)) as s:
+    with running_server(tiny_models(tok), model_options={TOOLS_MODEL: {"max_model_len": TOOLS_MODEL_LEN}}) as s:
         yield s
 
 
@@ -37,7 +42,9 @@ def test_models_and_health(srv, client):
     ids = [m.id for m in client.models.list()]
     assert ids == ["tiny-bf16", "tiny-w8a8", "tiny-w4a16"]
     body = httpx.get(srv.base_url + "/models").json()
-    assert body["object"] == "list" and {m["max_model_len"] for m in body["data"]} == {MAX_MODEL_LEN}
+    assert body["object"] == "list"
+    assert {m["id"]: m["max_model_len"] for m in body["data"]} == {
+        "tiny-bf16": MAX_MODEL_LEN, "tiny-w8a8": MAX_MODEL_LEN, TOOLS_MODEL: TOOLS_MODEL_LEN}
     assert [m["precision"] for m in body["data"]] == ["bf16", "w8a8", "w4a16"]
     health = httpx.get(srv.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -194,7 +201,7 @@ def test_prompt_too_long_unknown_model_and_bad_json(srv, client):
 
 
 def test_chat_max_tokens_defaults_to_the_rest_of_the_context(client, tok):
-    r = client.chat.completions.create(model="tiny-w4a16", messages=[{"role": "user", "content": "go on"}],
+    r = client.chat.completions.create(model="tiny-w8a8", messages=[{"role": "user", "content": "go on"}],
                                        temperature=0, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == MAX_MODEL_LEN
@@ -302,3 +309,137 @@ def test_structured_outputs_over_http(client):
     regex = client.completions.create(model="tiny-bf16", prompt="Code:", max_tokens=10, temperature=1.0, n=3,
                                       extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]"}})
     assert all(re.fullmatch("[A-Z]{2}[0-9]", c.text) for c in regex.choices)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+BOOKING = {"type": "function", "function": {
+    "name": "book_table", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["guests", "when"],
+        "properties": {"guests": {"type": "integer", "minimum": 1, "maximum": 8},
+                       "when": {"type": "object", "additionalProperties": False, "required": ["day"],
+                                "properties": {"day": {"enum": ["mon", "tue"]}}},
+                       "notes": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2}}}}}
+TOOLS = [WEATHER, BOOKING]
+ASK = [{"role": "user", "content": "Is it raining in Paris? Book for two on Monday."}]
+
+
+def _valid_call(call) -> dict:
+    """The call's arguments, checked against its tool's schema."""
+    tool = {t["function"]["name"]: t["function"] for t in TOOLS}[call.function.name]
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, tool["parameters"])
+    assert call.type == "function" and call.id.startswith("call_")
+    return arguments
+
+
+def _streamed_calls(stream) -> tuple[str, list[dict], str]:
+    """Content, the calls the tool-call deltas add up to, and the finish reason of a chat stream."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+                call["arguments"] += d.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tool_choice_required_and_named_give_calls_that_follow_the_schemas(client):
+    """`required` and a named function decode under the tools' schemas (even a random model's calls
+    validate), stream as tool-call deltas adding up to the same call, and finish with tool_calls."""
+    r = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       max_tokens=120, temperature=1.0, n=3, seed=5)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls and all(_valid_call(c) is not None for c in choice.message.tool_calls)
+    one = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=120, temperature=1.0, n=4, seed=2)
+    assert all(len(c.message.tool_calls) == 1 for c in one.choices)
+    named = {"type": "function", "function": {"name": "book_table"}}
+    r = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice=named,
+                                       max_tokens=120, temperature=0)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "book_table" and 1 <= _valid_call(call)["guests"] <= 8
+    assert r.choices[0].finish_reason == "tool_calls"
+    content, calls, finish = _streamed_calls(client.chat.completions.create(
+        model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=120, temperature=0, stream=True))
+    assert content == "" and finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls] == [("book_table", call.function.arguments)]
+
+
+def test_tool_choice_auto_parses_hermes_calls_out_of_the_text(client):
+    """With tool_choice auto the answer is free text, and `<tool_call>` blocks in it become calls:
+    here a regex holds the random model to a reply that holds one, so the parse is exercised
+    end to end, whole and streamed."""
+    reply = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+             r'"unit": "C"\}\}\n</tool_call>')
+    kwargs = dict(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,
+                  extra_body={"structured_outputs": {"regex": reply}})
+    r = client.chat.completions.create(**kwargs)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].message.content == "Checking." and r.choices[0].finish_reason == "tool_calls"
+    assert _valid_call(call)["city"] in ("Paris", "Rome")
+    content, calls, finish = _streamed_calls(client.chat.completions.create(**kwargs, stream=True))
+    assert content.strip() == "Checking." and finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", json.loads(call.function.arguments))]
+    plain = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, max_tokens=8, temperature=0,
+                                           extra_body={"guided_choice": ["<tool_call> not JSON"]})
+    assert plain.choices[0].message.content == "<tool_call> not JSON" and not plain.choices[0].message.tool_calls
+
+
+def test_tool_calls_and_results_go_back_through_the_template(srv, client, tok):
+    """A conversation with an assistant's calls and the tools' results renders (the tiny models'
+    ChatML template knows no tools, so the Hermes format writes them into the turns) and is answered."""
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain, 12 C"}]
+    ids = httpx.post(srv.url + "/tokenize", json={"model": TOOLS_MODEL, "messages": history, "tools": TOOLS}).json()
+    text = tok.decode(ids["tokens"], skip_special_tokens=False)
+    assert "<tools>" in text and '"name": "book_table"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\nrain, 12 C\n</tool_response>" in text
+    r = client.chat.completions.create(model=TOOLS_MODEL, messages=history, tools=TOOLS, max_tokens=4)
+    assert r.usage.prompt_tokens == ids["count"]
+    none = httpx.post(srv.url + "/tokenize", json={"model": TOOLS_MODEL, "messages": ASK}).json()
+    r = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4)
+    assert r.usage.prompt_tokens == none["count"] and not r.choices[0].message.tool_calls   # tools not shown
+
+
+def test_openai_parse_helpers_get_typed_answers(client):
+    """The openai client's `parse` with a pydantic model, as response_format and as a strict tool."""
+    class Weather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=10)
+        rain: bool
+
+    r = client.chat.completions.parse(model=TOOLS_MODEL, messages=ASK, response_format=Weather, max_tokens=60,
+                                      temperature=0)
+    assert isinstance(r.choices[0].message.parsed, Weather)
+    r = client.chat.completions.parse(model=TOOLS_MODEL, messages=ASK, tools=[openai.pydantic_function_tool(Weather)],
+                                      tool_choice="required", max_tokens=80, temperature=0)
+    assert isinstance(r.choices[0].message.tool_calls[0].function.parsed_arguments, Weather)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}],
+      "tool_choice": "required"}, "tools"),   # a parameters schema that does not compile
+    ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_invalid_tool_requests_are_400(srv, extra, param):
+    body = {"model": TOOLS_MODEL, "messages": ASK, "tools": TOOLS} | extra
+    r = httpx.post(srv.base_url + "/chat/completions", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 400, r.text
+    assert _error(r)["param"] == param, r.text

@@ -43,6 +43,7 @@ from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 from serving.engine.structured_output import StructuredOutputsParams
 from serving.http.server_metrics import ServerMetrics
+from serving.http.tool_calls import TOOL_CALL_FORMATS, ToolRequest, merge_calls
 
 request_log = logging.getLogger("fineserve.requests")
 log = logging.getLogger("fineserve.server")
@@ -64,6 +65,7 @@ class ServedModel:
     precision: str = "bf16"
     kv_dtype: str = "bf16"
     slo_ttft_s: float = 2.0
+    tool_call_parser: str | None = "hermes"   # how tool_choice="auto" reads calls (tool_calls); None: no auto
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -109,10 +111,13 @@ def _ignored_fields(req, endpoint: str) -> dict[str, str]:
     return {IGNORED_FIELDS_HEADER: ", ".join(named + ([f"({rest} more)"] if rest else []))}
 
 
-def _constraints(req) -> dict[str, object]:
+def _constraints(req, tools: ToolRequest | None = None) -> dict[str, object]:
     """The request's fields that constrain its output (response_format's JSON modes, vLLM's
-    guided_* and structured_outputs), as StructuredOutputsParams fields, by field name."""
+    guided_* and structured_outputs, a required or named tool_choice), as StructuredOutputsParams
+    (or their fields), by field name."""
     given = {}
+    if tools is not None and (constraint := tools.constraint()) is not None:
+        given["tools"] = constraint
     fmt = getattr(req, "response_format", None)
     if fmt is not None and fmt.type == "json_object":
         given["response_format"] = {"json_object": True}
@@ -130,9 +135,8 @@ def _constraints(req) -> dict[str, object]:
     return given
 
 
-def _structured_outputs(req) -> StructuredOutputsParams | None:
+def _structured_outputs(given: dict[str, object]) -> StructuredOutputsParams | None:
     """The request's output constraint (one at most), a 400 naming the field when it is malformed."""
-    given = _constraints(req)
     if len(given) > 1:
         raise APIError(400, f"give one output constraint, got {sorted(given)}", param=sorted(given)[1])
     if not given:
@@ -144,12 +148,31 @@ def _structured_outputs(req) -> StructuredOutputsParams | None:
         raise APIError(400, f"{param}: {str(e).removeprefix('structured_outputs: ')}", param=param) from None
 
 
-def _refuse_tools(req) -> None:
-    """A 400 for tools, which are not served, rather than an answer that ignores them."""
-    for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
-        if getattr(req, tools, None) and getattr(req, choice, None) != "none":
-            raise APIError(400, f"{tools}: tool calling is not served by this server; send no {tools}, or "
-                                f"{choice}='none'", param=tools)
+def _refuse_functions(req) -> None:
+    """A 400 for the legacy `functions`, rather than an answer that ignores them."""
+    if getattr(req, "functions", None) and getattr(req, "function_call", None) != "none":
+        raise APIError(400, "functions: the legacy function calling is not served; send the functions as tools",
+                       param="functions")
+
+
+def _tool_request(model: ServedModel, tools: list[api.Tool] | None, choice=None, parallel: bool = True,
+                  ) -> ToolRequest:
+    """A chat request's tools and tool_choice, checked against the model (a 400 naming the field)."""
+    if choice is not None and choice != "none" and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    dumped = [t.model_dump(exclude_none=True) for t in tools or []]
+    names = [t["function"]["name"] for t in dumped]
+    if len(set(names)) != len(names):
+        raise APIError(400, f"tools: function names must be unique, got {names}", param="tools")
+    choice = (choice.function.name if isinstance(choice, api.NamedToolChoice) else choice) or (
+        "auto" if tools else "none")
+    if choice == "auto" and tools and model.tool_call_parser is None:
+        raise APIError(400, "tool_choice: this model has no tool-call parser, so no 'auto'; use 'required' or "
+                            "name a function", param="tool_choice")
+    try:
+        return ToolRequest(dumped, choice, parallel, TOOL_CALL_FORMATS[model.tool_call_parser or "hermes"])
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
 
 
 def _logit_bias(req) -> dict[int, float] | None:
@@ -160,11 +183,12 @@ def _logit_bias(req) -> dict[int, float] | None:
     return {int(k): v for k, v in req.logit_bias.items()}
 
 
-def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req, max_tokens: int | None, logprobs: int | None,
+                     constraints: dict[str, object]) -> SamplingParams:
     if getattr(req, "best_of", None) not in (None, req.n):
         raise APIError(400, "best_of must equal n (no server-side re-ranking)", param="best_of")
-    _refuse_tools(req)
-    structured = _structured_outputs(req)
+    _refuse_functions(req)
+    structured = _structured_outputs(constraints)
     try:
         return SamplingParams(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -178,14 +202,15 @@ def _sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampl
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":")) from None
 
 
-def _checked_params(model: ServedModel, params: SamplingParams, req) -> SamplingParams:
-    """`params` if the model can honour them, else a 400 naming the request's parameter."""
+def _checked_params(model: ServedModel, params: SamplingParams, constraints: dict[str, object]) -> SamplingParams:
+    """`params` if the model can honour them, else a 400 naming the request's parameter (for a
+    constraint, the field that asked for it)."""
     try:
         model.validate_params(params)
     except ValueError as e:
         message, param = str(e), str(e).split(" ", 1)[0].rstrip(":")
         if param == "structured_outputs":   # the request's name for its constraint
-            param = next(iter(_constraints(req)), param)
+            param = next(iter(constraints), param)
             message = param + message.removeprefix("structured_outputs")
         raise APIError(400, message, param=param) from None
     return params
@@ -227,20 +252,29 @@ def _completion_prompts(model: ServedModel, name: str, prompt) -> list[_Prompt]:
     return [_Prompt(list(ids), None) for ids in prompt]
 
 
-def _chat_text(model: ServedModel, name: str, messages: list[api.ChatMessage],
+def _plain_message(m: api.ChatMessage) -> dict:
+    plain = {"role": m.role if m.role != "developer" else "system",
+             "content": m.content if isinstance(m.content, str | None) else "".join(p.text for p in m.content)}
+    if m.tool_calls:
+        plain["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        plain["tool_call_id"] = m.tool_call_id
+    return plain
+
+
+def _chat_text(model: ServedModel, name: str, messages: list[api.ChatMessage], tools: ToolRequest,
                add_generation_prompt: bool = True) -> str:
-    """The messages through the model's chat template."""
-    plain = [{"role": m.role if m.role != "developer" else "system",
-              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-             for m in messages]
+    """The messages (and the tools offered) through the model's chat template."""
+    tok = _tokenizer(model, name)
+    plain, variables = tools.messages([_plain_message(m) for m in messages], tok.chat_template_renders_tools)
     try:
-        return _tokenizer(model, name).apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **variables)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
 
 
-def _chat_prompt(model: ServedModel, name: str, messages: list[api.ChatMessage]) -> _Prompt:
-    return _Prompt(model.tokenizer.encode(_chat_text(model, name, messages), add_special_tokens=False), None)
+def _chat_prompt(model: ServedModel, name: str, messages: list[api.ChatMessage], tools: ToolRequest) -> _Prompt:
+    return _Prompt(model.tokenizer.encode(_chat_text(model, name, messages, tools), add_special_tokens=False), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -531,7 +565,8 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt" if req.prompt is None else "messages")
         if req.messages is not None:   # the chat template writes the special tokens; more only if asked
-            text, special = _chat_text(model, req.model, req.messages, req.add_generation_prompt), False
+            tools = _tool_request(model, req.tools)
+            text, special = _chat_text(model, req.model, req.messages, tools, req.add_generation_prompt), False
         else:
             text, special = req.prompt, True
         add = special if req.add_special_tokens is None else req.add_special_tokens
@@ -555,7 +590,8 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         prompts = _completion_prompts(model, req.model, req.prompt)
         max_tokens = min(_check_prompt(model, p, req.max_tokens, "prompt") for p in prompts)
-        params = _checked_params(model, _sampling_params(req, max_tokens, req.logprobs), req)
+        constraints = _constraints(req)
+        params = _checked_params(model, _sampling_params(req, max_tokens, req.logprobs, constraints), constraints)
         job = _Job(server, req.model, "completion")
         job.submit(prompts, params)
         tok = model.tokenizer
@@ -588,21 +624,28 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise APIError(400, "pass max_completion_tokens or max_tokens, not both", param="max_tokens")
-        prompt = _chat_prompt(model, req.model, req.messages)
+        tools = _tool_request(model, req.tools, req.tool_choice, req.parallel_tool_calls)
+        prompt = _chat_prompt(model, req.model, req.messages, tools)
         max_tokens = _check_prompt(model, prompt, req.max_completion_tokens or req.max_tokens, "messages")
+        constraints = _constraints(req, tools)
         params = _checked_params(model, _sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs
-                                                         else None), req)
+                                                         else None, constraints), constraints)
         job = _Job(server, req.model, "chat")
         job.submit([prompt], params)
         tok = model.tokenizer
         if req.stream:
-            return _stream(job, request, req, lambda index, out, d: _chat_chunk(job, req, tok, index, out, d), ignored)
+            parsers = {}
+
+            def chunk(index, out, d):
+                parser = parsers.setdefault(index, tools.parser()) if tools.active else None
+                return _chat_chunk(job, req, tok, index, out, d, parser)
+
+            return _stream(job, request, req, chunk, ignored)
         response.headers.update(ignored)
         finals = await _run_to_end(request, job)
-        choices = [api.ChatChoice(index=i, message=api.AssistantMessage(content=finals[i].outputs[0].text),
-                                  logprobs=_chat_logprobs(tok, finals[i].outputs[0].logprobs) if req.logprobs else None,
-                                  finish_reason=_finish(finals[i].outputs[0].finish_reason))
-                   for i in sorted(finals)]
+        choices = [api.ChatChoice(index=i, message=message, finish_reason=finish,
+                                  logprobs=_chat_logprobs(tok, finals[i].outputs[0].logprobs) if req.logprobs else None)
+                   for i in sorted(finals) for message, finish in [_chat_answer(finals[i].outputs[0], tools)]]
         return api.ChatCompletionResponse(id=job.id, created=job.created, model=req.model, choices=choices,
                                           usage=_usage(job, finals))
 
@@ -622,15 +665,45 @@ def _completion_chunk(job, req, tok, index, out, delta: _Delta, echo) -> api.Com
                              finish_reason=_finish(c.finish_reason) if c.finished else None)])
 
 
-def _chat_chunk(job, req, tok, index, out, delta: _Delta) -> api.ChatCompletionChunk | None:
+def _chat_answer(c, tools: ToolRequest) -> tuple[api.AssistantMessage, str | None]:
+    """A whole choice's message (its tool calls parsed out when tools are active) and finish reason."""
+    if not tools.active:
+        return api.AssistantMessage(content=c.text), _finish(c.finish_reason)
+    parser = tools.parser()
+    content, deltas = parser.feed(c.text)
+    rest, more = parser.finish()
+    calls = [api.ToolCall(id=call.id, function=api.FunctionCall(name=call.name, arguments=call.arguments))
+             for call in merge_calls(deltas + more)]
+    content = (content + rest).strip() if calls else content + rest
+    return (api.AssistantMessage(content=content or None, tool_calls=calls or None),
+            _tool_finish(c.finish_reason, bool(calls)))
+
+
+def _tool_finish(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else _finish(reason)
+
+
+def _chat_chunk(job, req, tok, index, out, delta: _Delta, parser=None) -> api.ChatCompletionChunk | None:
     text, lp = delta.step(out)
     c = out.outputs[0]
-    if not text and not lp and not c.finished:
+    calls = []
+    if parser is not None:
+        text, calls = parser.feed(text)
+        if c.finished:
+            rest, more = parser.finish()
+            text, calls = text + rest, calls + more
+    if not text and not calls and not lp and not c.finished:
         return None
+    tool_calls = [api.DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,
+                                    function=api.DeltaFunctionCall(name=d.name, arguments=d.arguments))
+                  for d in calls] or None
+    finish = None
+    if c.finished:
+        finish = _tool_finish(c.finish_reason, parser.count > 0) if parser is not None else _finish(c.finish_reason)
     return api.ChatCompletionChunk(id=job.id, created=job.created, model=req.model, choices=[
-        api.ChatChunkChoice(index=index, delta=api.Delta(content=text),
-                            logprobs=_chat_logprobs(tok, lp) if req.logprobs else None,
-                            finish_reason=_finish(c.finish_reason) if c.finished else None)])
+        api.ChatChunkChoice(index=index, delta=api.Delta(content=text if text or not tool_calls else None,
+                                                         tool_calls=tool_calls),
+                            logprobs=_chat_logprobs(tok, lp) if req.logprobs else None, finish_reason=finish)])
 
 
 def _stream(job: _Job, request: Request, req, chunk, headers: dict[str, str]) -> StreamingResponse:

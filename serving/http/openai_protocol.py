@@ -2,7 +2,7 @@
 
 Known fields are strict: a wrong type or a value out of range is a 400 with an OpenAI-style error
 body naming the parameter, never a silent default; so is a known feature the server does not
-offer (tools). Structured outputs come as OpenAI's `response_format` (json_object, json_schema)
+offer (the legacy `functions`). Tool calling is `tools` / `tool_choice` (tool_calls). Structured outputs come as OpenAI's `response_format` (json_object, json_schema)
 or vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` /
 `structured_outputs`. Unknown top-level fields are accepted and ignored, as vLLM does (clients send
 vendor fields), and the server names them in its log and in the `X-Fineserve-Ignored-Fields`
@@ -134,10 +134,58 @@ class TextPart(_Strict):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: str = Field(max_length=1 << 20)   # JSON text, as the model wrote it
+
+
+class MessageToolCall(_Strict):
+    """A call an earlier assistant turn made."""
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None   # null only on an assistant turn that made tool calls
     name: str | None = Field(None, max_length=64)
+    tool_calls: Annotated[list[MessageToolCall], Field(min_length=1, max_length=64)] | None = None  # assistant
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)   # a tool result's call
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only on an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = Field(None, max_length=1 << 16)
+    parameters: dict[str, Any] | None = None   # a JSON schema of the arguments object
+    strict: bool | None = None                 # arguments always follow `parameters` when constrained
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Strict):
@@ -151,10 +199,10 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: Unserved = None
-    tool_choice: Unserved = None
-    parallel_tool_calls: bool | None = None
-    functions: Unserved = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+    functions: Unserved = None   # the legacy form of tools
     function_call: Unserved = None
 
 
@@ -164,6 +212,7 @@ class TokenizeRequest(_Body):
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None   # shown to the model, with messages
     add_special_tokens: bool | None = None     # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
 
@@ -174,7 +223,7 @@ class DetokenizeRequest(_Body):
 
 
 # ---- responses ----------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "tool_calls", "abort"] | None
 
 
 class Usage(BaseModel):
@@ -228,9 +277,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Choice):
@@ -244,9 +305,24 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: the first names it (id, type, function.name), later ones add
+    to its arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Choice):
