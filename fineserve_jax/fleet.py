@@ -85,8 +85,10 @@ class ModelSpec:
                 raise ValueError(f"tensor_parallel_size must be a positive integer or {AUTO_TP!r}, got "
                                  f"{self.tensor_parallel_size!r}") from None
         resolve_kernels(self.kernels)
+        if self.tool_call_parser == "none":   # as a TOML file says it
+            self.tool_call_parser = None
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_FORMATS:
-            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_FORMATS)} or None, got "
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_FORMATS)} or 'none', got "
                              f"{self.tool_call_parser!r}")
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every).sparse

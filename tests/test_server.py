@@ -29,7 +29,8 @@ TOOLS_MODEL, TOOLS_MODEL_LEN = "tiny-w4a16", 640   # room for the tools in the p
 
 @pytest.fixture(scope="module")
 def srv(tok):
-    with running_server(tiny_models(tok), model_options={TOOLS_MODEL: {"max_model_len": TOOLS_MODEL_LEN}}) as s:
+    options = {TOOLS_MODEL: {"max_model_len": TOOLS_MODEL_LEN}, "tiny-w8a8": {"tool_call_parser": "none"}}
+    with running_server(tiny_models(tok), model_options=options) as s:
         yield s
 
 
@@ -437,6 +438,7 @@ def test_openai_parse_helpers_get_typed_answers(client):
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": None}]}, "messages"),
     ({"functions": [{"name": "f"}]}, "functions"),
+    ({"model": "tiny-w8a8"}, "tool_choice"),   # no tool-call parser: no auto
 ])
 def test_invalid_tool_requests_are_400(srv, extra, param):
     body = {"model": TOOLS_MODEL, "messages": ASK, "tools": TOOLS} | extra
