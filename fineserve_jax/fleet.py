@@ -72,6 +72,7 @@ class ModelSpec:
     sparse: SparseSpec | dict | None = None   # query-aware page selection, the requests' default (see LLM)
     sparse_dense_layers: int = 2
     sparse_recall_every: int = 0
+    enable_prefix_caching: bool = True   # see LLM
     tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
     # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
     tool_call_parser: str | None = "hermes"  # how the server reads tool calls in tool_choice="auto"; None: no auto
@@ -91,7 +92,8 @@ class ModelSpec:
             raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_FORMATS)} or 'none', got "
                              f"{self.tool_call_parser!r}")
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
-                                   sparse_recall_every=self.sparse_recall_every).sparse
+                                   sparse_recall_every=self.sparse_recall_every,
+                                   enable_prefix_caching=self.enable_prefix_caching).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -235,7 +237,8 @@ class Fleet:
                              max_model_len=spec.max_model_len, max_num_batched_tokens=spec.max_num_batched_tokens,
                              seed=spec.seed, kernels=spec.kernels, sparse=spec.sparse,
                              sparse_dense_layers=spec.sparse_dense_layers,
-                             sparse_recall_every=spec.sparse_recall_every)
+                             sparse_recall_every=spec.sparse_recall_every,
+                             enable_prefix_caching=spec.enable_prefix_caching)
 
     def _layout(self, name: str) -> KVPageLayout:
         """The model's page on each of its devices (a TP model's: its share of the kv heads)."""

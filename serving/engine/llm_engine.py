@@ -35,6 +35,7 @@ from serving.kv.pool_sizing import check_reports_memory, device_memory_stats, po
 from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import ModelRunner
 from serving.engine.page_manager import PageManager
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampling import (SPARSE_MODEL_FIELDS, SamplingParams, find_stop, longest_partial_stop_suffix,
                                      sparse_spec)
 from serving.engine.scheduler import Scheduler
@@ -59,11 +60,14 @@ class EngineConfig:
     sparse: SparseSpec | dict | None = None
     sparse_dense_layers: int = 2  # the first layers always attend every page (Quest keeps two)
     sparse_recall_every: int = 0  # measure selection recall every that many decode steps (0: never)
+    enable_prefix_caching: bool = True  # reuse the KV pages of earlier requests' equal prefixes
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         self.sparse = sparse_spec(self.sparse, SPARSE_MODEL_FIELDS)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         for name in ("sparse_dense_layers", "sparse_recall_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -108,7 +112,8 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.pool = pool
         self.layout = layout
-        self.pages = PageManager(pool.allocator, model_key, layout, reclaim=reclaim)
+        self.pages = PageManager(pool.allocator, model_key, layout, reclaim=reclaim,
+                                 cache=PrefixCache() if config.enable_prefix_caching else None)
         if config.sparse is not None and not layout.key_bounds:
             raise ValueError("page selection (sparse) needs a page layout with key bounds (key_bounds=True)")
         pool_pages = pool.allocator.capacity_pages(model_key)
@@ -253,6 +258,7 @@ class LLMEngine:
         """The pool moved these pages (old -> new page id): update the page tables."""
         for seq in self.scheduler.running:
             seq.pages = [moves.get(p, p) for p in seq.pages]
+        self.pages.rename(moves)
 
     @property
     def num_compilations(self) -> int:
@@ -280,6 +286,7 @@ class LLMEngine:
         outputs = dropped
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             seq.num_computed += n
+            self.pages.offer_full_pages(seq)
             if not sample_rows[i]:
                 continue
             self._append_token(seq, int(result.sampled[i]), result, i, now)

@@ -9,7 +9,8 @@ in what order, and which are dropped as hopeless is the admission policy's choic
 requests finish at once with reason "dropped" and wait in `dropped` until the engine reports them.
 When the pool runs out of pages during decode, the most recently admitted sequence is preempted: its
 pages are freed and it is recomputed later from its prompt plus the tokens it has generated (its
-outputs are kept). Design notes: docs/serving.md.
+outputs are kept). A sequence admitted with the prefix cache on starts after the cached pages of its
+longest cached prefix (PageManager.reuse_prefix); a preempted one often finds its own pages there. Design notes: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -86,9 +87,16 @@ class Scheduler:
 
         def take(seq: Sequence) -> bool:
             nonlocal budget
+            fresh = not seq.pages and seq.num_computed == 0
+            reused = self.pages.reuse_prefix(seq) if fresh else 0
             n = min(seq.num_uncomputed, self.prefill_chunk, budget)
             if n <= 0 or not self.prefill_fits(counts + [n]) or not self.pages.can_grow(seq, n):
+                if fresh:   # back to how it was: the cached pages it took are idle again
+                    self.pages.release(seq)
+                    seq.num_computed = 0
                 return False
+            if fresh and self.pages.cache is not None:
+                self.pages.cache.record(seq.num_tokens, reused)
             self.pages.grow(seq, n)
             seqs.append(seq)
             counts.append(n)

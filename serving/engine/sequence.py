@@ -86,6 +86,8 @@ class Sequence:
         self.output_logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose KV is in the pool
+        self.page_keys: list[bytes] = []   # prefix-cache keys of its first full pages (tokens never change)
+        self.num_offered_pages = 0         # its first pages the prefix cache has seen
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -76,6 +76,12 @@ class _RuntimeCollector:
                                        "have read in the same steps", labels=["model"])
         recall = GaugeMetricFamily("fineserve_page_selection_recall", "sampled decode steps: share of the selected "
                                    "KV pages among as many pages of most dense-attention mass", labels=["model"])
+        cache = GaugeMetricFamily("fineserve_prefix_cache_bytes", "KV pool bytes in idle cached prefix pages "
+                                  "(reclaimed first)", labels=["model"])
+        queries = CounterMetricFamily("fineserve_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      labels=["model"])
+        hits = CounterMetricFamily("fineserve_prefix_cache_hits", "prompt tokens found in the prefix cache",
+                                   labels=["model"])
         pool = GaugeMetricFamily("fineserve_pool_bytes", "KV pool size", labels=["device"])
         used = GaugeMetricFamily("fineserve_pool_used_bytes", "KV pool bytes in slabs owned by a model",
                                  labels=["device"])
@@ -93,6 +99,9 @@ class _RuntimeCollector:
                 fails.add_metric([name], m["failures"])
                 kv_read.add_metric([name], m["decode_kv_bytes_read"])
                 kv_dense.add_metric([name], m["decode_kv_bytes_dense"])
+                cache.add_metric([name], m["prefix_cache_bytes"])
+                queries.add_metric([name], m["prefix_queried_tokens"])
+                hits.add_metric([name], m["prefix_hit_tokens"])
                 if m["recall_pages"]:
                     recall.add_metric([name], m["recall_hits"] / m["recall_pages"])
             pool.add_metric([rt.name], snap["pool_bytes"])
@@ -102,4 +111,5 @@ class _RuntimeCollector:
                                        "share of ended requests whose TTFT met the model's SLO", labels=["model"])
         for name, (met, total) in self.slo.items():
             attainment.add_metric([name], met / total if total else 1.0)
-        yield from (queue, running, kv, preempt, fails, kv_read, kv_dense, recall, pool, used, util, attainment)
+        yield from (queue, running, kv, preempt, fails, kv_read, kv_dense, recall, cache, queries, hits, pool, used,
+                    util, attainment)

@@ -56,6 +56,9 @@ class GroupSlabAllocator:
     def capacity_pages(self, model: str) -> int:
         return min(a.capacity_pages(model) for a in self.members)
 
+    def used_pages(self, model: str) -> int:
+        return self.members[0].used_pages(model)
+
     def used_pages_of_others(self, model: str) -> int:
         return sum(a.used_pages_of_others(model) for a in self.members)
 

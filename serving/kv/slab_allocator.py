@@ -101,6 +101,9 @@ class SlabAllocator:
             slabs = min(slabs, m.max_slabs)
         return slabs * m.pages_per_slab
 
+    def used_pages(self, model: str) -> int:
+        return self._models[model].used_pages
+
     def used_pages_of_others(self, model: str) -> int:
         return sum(m.used_pages for name, m in self._models.items() if name != model)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import jax
 
-from serving.runtime.device_runtime import DeviceRuntime, ModelStepError
+from serving.runtime.device_runtime import DeviceRuntime, ModelStepError, pool_members
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
@@ -292,14 +292,20 @@ class AsyncRuntime:
         stats = self.runtime.pool_stats()
         models = {}
         for name, engine in self.runtime.engines.items():
-            used = stats["models"][name]["used_pages"]
+            cached = engine.pages.num_idle_cached * len(pool_members(engine.pool))   # a TP model's, on each device
+            used = stats["models"][name]["used_pages"] - cached
+            cache = engine.pages.cache
             waiting, running = engine.queues()
             models[name] = {"waiting": len(waiting), "running": len(running),
-                            "preemptions": engine.num_preemptions, "used_pages": used,
+                            "preemptions": engine.num_preemptions, "used_pages": used, "cached_pages": cached,
                             "kv_bytes": used * stats["models"][name]["page_bytes"],
+                            "prefix_cache_bytes": cached * stats["models"][name]["page_bytes"],
+                            "prefix_queried_tokens": cache.queried_tokens if cache is not None else 0,
+                            "prefix_hit_tokens": cache.hit_tokens if cache is not None else 0,
                             "decode_kv_bytes_read": engine.stats.decode_kv_bytes_read,
                             "decode_kv_bytes_dense": engine.stats.decode_kv_bytes_dense,
                             "recall_hits": engine.stats.recall_hits, "recall_pages": engine.stats.recall_pages,
                             "failures": self.failures[name]}
         self.snapshot = {"pool_bytes": stats["pool_bytes"], "used_bytes": stats["pool_bytes"] - stats["free_bytes"],
-                         "live_kv_bytes": stats["live_kv_bytes"], "models": models, "time": time.time()}
+                         "live_kv_bytes": stats["live_kv_bytes"] - sum(m["prefix_cache_bytes"] for m in models.values()),
+                         "models": models, "time": time.time()}

@@ -112,14 +112,18 @@ class DeviceRuntime:
         return failed
 
     def reclaim_for(self, name: str) -> bool:
-        """`name` is short of pages: compact every other model on its devices holding more slabs
-        than its pages need (free pages stranded in its slabs), so the emptied slabs serve `name`.
-        Moves pages on the device and renames them in the owners' page tables."""
+        """`name` is short of pages: every other model on its devices evicts its idle cached pages
+        (prefix cache), then those holding more slabs than their pages need (free pages stranded in
+        their slabs) are compacted, so the emptied slabs serve `name`. Moves pages on the device and
+        renames them in the owners' page tables."""
         freed = False
         mine = self.engines[name].pool
         for other, engine in self.engines.items():
+            if other == name or not _shares_a_device(mine, engine.pool):
+                continue
+            freed |= engine.pages.evict(engine.pages.num_idle_cached) > 0
             allocator = engine.pool.allocator
-            if other == name or not _shares_a_device(mine, engine.pool) or not allocator.reclaimable_slabs(other):
+            if not allocator.reclaimable_slabs(other):
                 continue
             moves = allocator.compact(other)
             if moves:
@@ -164,29 +168,34 @@ class DeviceRuntime:
     def memory_stats(self) -> dict:
         """Where the pool's bytes are, down to the token: `kv_bytes` hold cached tokens of live
         sequences; `page_tail_bytes` are allocated pages past their sequence's last token;
-        `page_padding_bytes` pad pages to a common size (single-page baseline only); the allocator's
+        `page_padding_bytes` pad pages to a common size (single-page baseline only);
+        `prefix_cache_bytes` are idle cached pages (no sequence holds them; evicted first); the allocator's
         `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest. `tokens_per_kv_byte`
         is FineServe's memory efficiency per model: cached tokens per byte of the slabs it holds.
         Over a device group, bytes are summed over the devices (`pool_stats`)."""
         stats = self.pool_stats()
         slab = stats["slab_bytes"]
-        kv = page_tail = padding = 0
+        kv = page_tail = padding = cache = 0
         models = {}
         for name, engine in self.engines.items():
             layout = engine.layout
             live = engine.live_sequences()
+            members = len(pool_members(engine.pool))   # a TP model: every device
             tokens = sum(s.num_computed for s in live)
-            pages = stats["models"][name]["used_pages"]
-            kv_m = tokens * layout.bytes_per_token * len(pool_members(engine.pool))   # a TP model: every device
+            cached = engine.pages.num_idle_cached * members
+            pages = stats["models"][name]["used_pages"] - cached
+            kv_m = tokens * layout.bytes_per_token * members
             kv += kv_m
+            cache += cached * layout.page_bytes
             page_tail += pages * layout.page_bytes - kv_m
-            padding += pages * (layout.page_slot_bytes - layout.page_bytes)
+            padding += (pages + cached) * (layout.page_slot_bytes - layout.page_bytes)
             held = stats["models"][name]["slabs"] * slab
             models[name] = {"sequences": len(live), "tokens": tokens, "kv_bytes": kv_m, "pages": pages,
+                            "cached_pages": cached,
                             "slabs": stats["models"][name]["slabs"],
                             "tokens_per_kv_byte": tokens / held if held else 0.0}
         pool = stats["pool_bytes"]
-        accounted = kv + page_tail + padding + stats["stranded_bytes"] + stats["slab_tail_bytes"] + stats["free_bytes"]
+        accounted = kv + page_tail + padding + cache + stats["stranded_bytes"] + stats["slab_tail_bytes"] + stats["free_bytes"]
         assert accounted == pool, (accounted, pool)
         return {
             "pool_bytes": pool,
@@ -194,6 +203,7 @@ class DeviceRuntime:
             "kv_share": kv / pool,
             "page_tail_bytes": page_tail,
             "page_padding_bytes": padding,
+            "prefix_cache_bytes": cache,
             "stranded_bytes": stats["stranded_bytes"],
             "slab_tail_bytes": stats["slab_tail_bytes"],
             "free_bytes": stats["free_bytes"],

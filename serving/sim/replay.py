@@ -1,7 +1,7 @@
 """Replaying a workload on one device's models: the loop shared by real runs and the simulator.
 
 A `Workload` request carries lengths, not text, so the replay sends a synthetic prompt of the given
-length and forces the output length (`max_tokens`, EOS ignored), as trace replays do. `replay` feeds
+length (distinct per request) and forces the output length (`max_tokens`, EOS ignored), as trace replays do. `replay` feeds
 requests to a `DeviceRuntime` when their arrival time comes on `clock`, steps the runtime while any
 model has work, and waits for the next arrival when idle. On a wall clock that is a real run (times
 relative to the start); on a simulated clock whose time the stand-in runners advance (see
@@ -14,6 +14,7 @@ docs/scheduling.md (simulator).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
@@ -23,7 +24,16 @@ from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 from serving.sim.workload import Request
 
-PROMPT_TOKEN = 1  # synthetic prompts repeat one in-vocabulary token
+PROMPT_TOKEN = 1  # synthetic prompts repeat one in-vocabulary token ...
+ID_BITS = 32      # ... after their request id's hash in tokens 0 and 1 (in every vocabulary)
+
+
+def synthetic_prompt(request: Request) -> list[int]:
+    """`request.prompt_len` tokens that start with 32 bits of a hash of its id: two requests of a
+    trace never share a prefix (and prefix-cache pages) by accident, as real prompts seldom do."""
+    bits = int.from_bytes(hashlib.blake2b(request.request_id.encode(), digest_size=4).digest(), "little")
+    head = [bits >> i & 1 for i in range(ID_BITS)]
+    return (head + [PROMPT_TOKEN] * max(0, request.prompt_len - ID_BITS))[:request.prompt_len]
 
 
 class WallClock:
@@ -94,7 +104,7 @@ def _submit(runtime: DeviceRuntime, request: Request, records: dict[str, Request
         raise ValueError(f"request {request.request_id!r} names model {request.model!r}, not on this device "
                          f"({sorted(runtime.engines)})")
     try:
-        engine.add_request([PROMPT_TOKEN] * request.prompt_len, replay_params(request),
+        engine.add_request(synthetic_prompt(request), replay_params(request),
                            request_id=request.request_id, arrival_time=request.arrival_s)
     except ValueError:  # e.g. longer than the model's context: an explicit failure, not a loss
         records[request.request_id] = record_of(request, None)
