@@ -219,7 +219,9 @@ def build_fleet(loaded, w: Workload, mode: str, pool_bytes: int | None = None, h
 
     specs = [ModelSpec(m, max_num_seqs=w.max_num_seqs, max_model_len=w.max_model_len,
                        max_num_batched_tokens=w.max_num_batched_tokens,
-                       tokens_per_page=w.tokens_per_page) for m in loaded]
+                       tokens_per_page=w.tokens_per_page,
+                       enable_prefix_caching=False)   # random prompts share nothing: the pool's own figures
+             for m in loaded]
     fleet = Fleet(specs, pool_bytes=pool_bytes or w.pool_bytes, pool_mode=mode, slab_bytes=w.slab_target)
     if host_only:
         for engine in fleet.runtime.engines.values():
@@ -253,8 +255,8 @@ def stepped_model(rt, before: dict[str, int]) -> str | None:
 
 
 # ---- one mode --------------------------------------------------------------------------------
-BREAKDOWN = ("kv_bytes", "page_tail_bytes", "page_padding_bytes", "stranded_bytes", "slab_tail_bytes",
-             "free_bytes")
+BREAKDOWN = ("kv_bytes", "page_tail_bytes", "page_padding_bytes", "prefix_cache_bytes", "stranded_bytes",
+             "slab_tail_bytes", "free_bytes")
 
 
 def run_mode(mode: str, loaded, stream: list[Request], w: Workload, *, execute: bool, progress: bool,
