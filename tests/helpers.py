@@ -38,6 +38,14 @@ def mixed_page_group(num_layers: int, num_kv_heads: int, head_dim: int, tokens_p
     return group.layout
 
 
+def evict_prefix_caches(*engines) -> None:
+    """Once no sequence holds a page: give every idle cached page back to the pool (then a test can
+    check that every slab is free)."""
+    for engine in engines:
+        assert engine.pages.num_used_pages == 0, "a sequence still holds pages"
+        engine.pages.evict(engine.pages.num_idle_cached)
+
+
 def drain(engine) -> dict[str, object]:
     """Run an engine until idle; the final RequestOutput of each request by id."""
     return {o.request_id: o for o in engine.run_until_done() if o.finished}

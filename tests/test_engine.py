@@ -8,7 +8,7 @@ import pytest
 
 from fineserve_jax import LLM, SamplingParams
 from models.loader import load_model
-from tests.helpers import FIXTURES, build_engine, drain
+from tests.helpers import FIXTURES, build_engine, drain, evict_prefix_caches
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -56,6 +56,7 @@ def test_continuous_batching_is_exact_and_returns_every_page(loaded):
     finished.update(drain(engine))
     assert [finished[i].token_ids for i in ids] == expected
     assert engine.pages.num_free_pages == free_before
+    evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
     assert max(rows for prefill, rows, *_ in engine.stats.per_step if not prefill) > 8  # truly batched
 
@@ -70,6 +71,7 @@ def test_preemption_by_recompute_is_exact(loaded):
     out = drain(engine)
     assert engine.scheduler.num_preemptions > 0
     assert [out[i].token_ids for i in ids] == expected
+    evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
 
 

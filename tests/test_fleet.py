@@ -18,6 +18,7 @@ from fineserve_jax.fleet import Fleet, ModelSpec, parse_bytes
 from models.config import ModelConfig
 from models.loader import random_model
 from serving.scheduling.step_policy import RoundRobin
+from tests.helpers import evict_prefix_caches
 
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
 
@@ -115,9 +116,10 @@ class ScribblingPolicy(RoundRobin):
         return mask
 
     def live_words(self, name: str) -> np.ndarray:
-        """The words of `name`'s pages held by its live sequences."""
+        """The words of `name`'s pages held by its live sequences or its prefix cache."""
         engine = self.fleet.runtime.engines[name]
-        return self.page_words(name, [p for seq in engine.scheduler.running for p in seq.pages])
+        cached = engine.pages.cache.pages() if engine.pages.cache is not None else []
+        return self.page_words(name, [p for seq in engine.scheduler.running for p in seq.pages] + cached)
 
     def pick(self, ready):
         self.settle()
@@ -180,6 +182,7 @@ def test_colocated_models_match_alone_with_poisoned_and_scribbled_pool(models, a
     assert sum(e.scheduler.num_preemptions for e in engines) > 0
     # Models short of pages had others compacted (live pages moved on the device) and got slabs.
     assert fleet.runtime.pages_moved == policy.pages_moved > 0
+    evict_prefix_caches(*engines)
     assert fleet.pool.allocator.num_free_slabs == fleet.plan.num_slabs  # every page came back
 
 
@@ -201,6 +204,7 @@ def test_a_page_mixing_kv_formats_over_layers_shares_the_pool(models):
     out = fleet.generate(prompt_token_ids=prompts, sampling_params=params, model=names)
     policy.settle()
     assert [out[i].token_ids for i in mine] == [o.token_ids for o in alone]
+    evict_prefix_caches(*fleet.runtime.engines.values())
     assert policy.scribbles > 0 and fleet.pool.allocator.num_free_slabs == fleet.plan.num_slabs
 
 

@@ -23,7 +23,7 @@ from serving.engine.prefix_cache import PrefixCache, page_keys
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import Sequence
 from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
-from tests.helpers import build_engine, drain
+from tests.helpers import build_engine, drain, evict_prefix_caches
 
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
 
@@ -244,8 +244,8 @@ def test_shared_prefixes_are_reused_and_decode_as_if_computed_afresh(kv_model):
     # turn's 48: its 40 prompt tokens and 9 of its 10 answer tokens have KV (the last was never fed)
     assert cache.hit_tokens == 3 * 36 + 20 + 48, cache.hit_tokens
     assert cache.queried_tokens == sum(len(p) for p in prompts)
-    assert engine.pages.num_used_pages == 0 and engine.pages.num_idle_cached > 0
-    engine.pages.evict(engine.pages.num_idle_cached)
+    assert engine.pages.num_idle_cached > 0
+    evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
 
 
@@ -256,7 +256,8 @@ def test_preempted_sequences_come_back_through_the_cache(kv_model):
     system = rng.integers(3, VOCAB, 24).tolist()
     prompts = [system + rng.integers(3, VOCAB, int(k)).tolist() for k in rng.integers(1, 20, 6)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    expected = build_engine(kv_model, num_pages=128, max_model_len=128, enable_prefix_caching=False)
+    expected = build_engine(kv_model, num_pages=128, max_model_len=128, max_num_batched_tokens=16,
+                            enable_prefix_caching=False)
     ids = [expected.add_request(p, params) for p in prompts]
     want = drain(expected)
     engine = build_engine(kv_model, num_pages=32, max_model_len=128, max_num_batched_tokens=16)

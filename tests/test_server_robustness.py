@@ -20,6 +20,7 @@ import schemathesis
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
 from serving.scheduling.cost_model import StepCost
+from tests.helpers import evict_prefix_caches
 from tests.server_helpers import running_server, tiny_models, tokenizer, wait_for
 
 
@@ -145,6 +146,7 @@ def test_shutdown_finishes_or_explicitly_fails_every_request(models):
         assert status == 200 and events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == "shutting_down"
         assert events[:-2] and all(e["choices"][0]["text"] for e in events[:-2])  # it had streamed tokens
+        evict_prefix_caches(*srv.fleet.runtime.engines.values())   # the engine thread has stopped
         assert srv.fleet.pool.allocator.stats()["used_pages"] == {m: 0 for m in srv.fleet.model_names}
 
 

@@ -24,6 +24,7 @@ from serving.kv.group_pool import GroupKVPool, GroupSlabAllocator
 from serving.kv.kv_pool import KVPool
 from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
 from serving.kv.slab_geometry import slab_bytes_for
+from tests.helpers import evict_prefix_caches
 from tests.server_helpers import running_server, tiny_models, tokenizer
 
 SMALL = ModelConfig("llama", 256, 64, 128, 2, 8, 4, 16, max_position_embeddings=256)
@@ -78,6 +79,7 @@ def test_greedy_tokens_match_one_device(devices, small_on_one_device, tp):
     assert tp_engine.pool.mesh.devices.size == tp and tp_engine.layout.num_kv_heads == SMALL.num_kv_heads // tp
     got = [o.token_ids for o in run(tp_engine, token_prompts, params)]
     assert got == want
+    evict_prefix_caches(tp_engine)
     assert tp_engine.pool.allocator.members[0].stats()["used_pages"]["model"] == 0   # all pages returned
 
 
@@ -181,6 +183,7 @@ def test_tp_model_shares_pools_with_single_device_models(devices):
     assert owners_checked   # both models held slabs of device 0 at the same time
     assert [outs["tp", i] for i in ids["tp"]] == want_tp
     assert [outs["solo", i] for i in ids["solo"]] == want_solo
+    evict_prefix_caches(tp_engine, solo_engine)
     assert all(p.allocator.num_free_slabs == 12 for p in pools)
 
 
@@ -255,6 +258,7 @@ def test_fleet_runs_tp_and_single_device_models_over_shared_pools(devices):
     outs = fleet.generate(prompt_token_ids=prompts(3, 256) + prompts(4, 256), sampling_params=params,
                           model=["tp"] * 3 + ["solo"] * 3)
     assert [o.outputs[0].token_ids for o in outs] == want_tp + want_solo
+    evict_prefix_caches(*fleet.runtime.engines.values())
     stats = fleet.memory_stats()
     assert stats["pool_bytes"] == 2 * (8 << 20) and stats["kv_bytes"] == 0 and stats["free_bytes"] == stats["pool_bytes"]
     # the TP model keeps only its shards: no whole copy of a split weight is left on the first device

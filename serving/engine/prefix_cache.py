@@ -48,6 +48,10 @@ class PrefixCache:
     def num_cached(self) -> int:
         return len(self._key_of)
 
+    def pages(self) -> list[int]:
+        """Every page the cache holds, idle or not."""
+        return list(self._key_of)
+
     def lookup(self, keys: list[bytes]) -> list[int]:
         """The pages of the longest cached run of `keys` from the first; the caller now holds them."""
         pages = []
