@@ -445,3 +445,18 @@ def test_invalid_tool_requests_are_400(srv, extra, param):
     r = httpx.post(srv.base_url + "/chat/completions", json={k: v for k, v in body.items() if v is not None})
     assert r.status_code == 400, r.text
     assert _error(r)["param"] == param, r.text
+
+
+def test_a_repeated_system_prompt_hits_the_prefix_cache(srv, client):
+    """The second chat with the same long system prompt reuses its pages; /metrics counts the hit."""
+    def counter(name: str) -> float:
+        text = httpx.get(srv.url + "/metrics").text
+        return float(re.search(rf'^{name}{{model="{TOOLS_MODEL}"}} (\S+)$', text, re.M).group(1))
+
+    system = {"role": "system", "content": "You answer questions about the weather, briefly. " * 12}
+    before = counter("fineserve_prefix_cache_hits_total")
+    for question in ("Rain in Oslo?", "Sun in Rome?"):
+        r = client.chat.completions.create(model=TOOLS_MODEL, messages=[system, {"role": "user", "content": question}],
+                                           max_tokens=2)
+    assert counter("fineserve_prefix_cache_hits_total") - before >= 0.9 * r.usage.prompt_tokens - 16
+    assert counter("fineserve_prefix_cache_queries_total") >= r.usage.prompt_tokens
