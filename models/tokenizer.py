@@ -4,6 +4,7 @@ incremental (streaming) detokenization."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -294,7 +295,7 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
-    @property
+    @functools.cached_property
     def chat_template_renders_tools(self) -> bool:
         """Whether the chat template reads a `tools` variable (HF's convention for offering tools);
         False when it has none or does not parse."""
