@@ -411,6 +411,8 @@ def test_tool_calls_and_results_go_back_through_the_template(srv, client, tok):
     none = httpx.post(srv.url + "/tokenize", json={"model": TOOLS_MODEL, "messages": ASK}).json()
     r = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4)
     assert r.usage.prompt_tokens == none["count"] and not r.choices[0].message.tool_calls   # tools not shown
+    shown = httpx.post(srv.url + "/tokenize", json={"model": "tiny-w8a8", "messages": ASK, "tools": TOOLS})
+    assert shown.status_code == 200 and shown.json()["count"] > none["count"]   # no parser needed to render
 
 
 def test_openai_parse_helpers_get_typed_answers(client):

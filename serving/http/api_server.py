@@ -155,9 +155,10 @@ def _refuse_functions(req) -> None:
                        param="functions")
 
 
-def _tool_request(model: ServedModel, tools: list[api.Tool] | None, choice=None, parallel: bool = True,
-                  ) -> ToolRequest:
-    """A chat request's tools and tool_choice, checked against the model (a 400 naming the field)."""
+def _tool_request(model: ServedModel, tools: list[api.Tool] | None, choice=None, parallel: bool = True, *,
+                  generating: bool = True) -> ToolRequest:
+    """A chat request's tools and tool_choice, checked against the model (a 400 naming the field;
+    `generating` False: only to render a prompt, so no parser is needed)."""
     if choice is not None and choice != "none" and not tools:
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
     dumped = [t.model_dump(exclude_none=True) for t in tools or []]
@@ -166,7 +167,7 @@ def _tool_request(model: ServedModel, tools: list[api.Tool] | None, choice=None,
         raise APIError(400, f"tools: function names must be unique, got {names}", param="tools")
     choice = (choice.function.name if isinstance(choice, api.NamedToolChoice) else choice) or (
         "auto" if tools else "none")
-    if choice == "auto" and tools and model.tool_call_parser is None:
+    if choice == "auto" and tools and model.tool_call_parser is None and generating:
         raise APIError(400, "tool_choice: this model has no tool-call parser, so no 'auto'; use 'required' or "
                             "name a function", param="tool_choice")
     try:
@@ -565,7 +566,7 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt" if req.prompt is None else "messages")
         if req.messages is not None:   # the chat template writes the special tokens; more only if asked
-            tools = _tool_request(model, req.tools)
+            tools = _tool_request(model, req.tools, generating=False)
             text, special = _chat_text(model, req.model, req.messages, tools, req.add_generation_prompt), False
         else:
             text, special = req.prompt, True
