@@ -14,6 +14,10 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 ROOT = Path(__file__).resolve().parent.parent
 KV_FORMATS = {"bf16", "fp8", "int8", "int4"}
 MATMUL_FORMATS = {"w4a16", "w8a16", "w8a8", "fp8", "fp8_k_major", "fireq", "w4a8"}

@@ -24,6 +24,8 @@ from models.loader import load_model
 from models.precision import PRESETS
 from tests.helpers import FIXTURES, PagedForward
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 LLAMA = FIXTURES / "llama"
 CASES = [(name, "float32") for name in PRESETS] + [("w4a16", "bfloat16")]
 

@@ -10,6 +10,8 @@ from fineserve_jax import LLM, SamplingParams
 from models.loader import load_model
 from tests.helpers import FIXTURES, build_engine, drain, evict_prefix_caches
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 

@@ -22,6 +22,8 @@ from tests.helpers import kv_bytes_per_token_per_layer
 from tests.test_paged_attention import (_dequantize_kv, _quantize_kv, _read, _write, bits, model_write,
                                         quantized_words)
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 QUANTIZED = ("fp8", "int8", "int4", "int4_fp8")
 ALL_FORMATS = ("bf16", "float32") + QUANTIZED
 VALUE_BITS = {"bf16": 16, "float32": 32, "fp8": 8, "int8": 8, "int4": 4, "int4_fp8": 4}

@@ -35,6 +35,8 @@ from pallas_kernels.paged_attention_ref import paged_attention_reference
 from pallas_kernels.quant_formats import dequantize_kv, quantize_kv
 from serving.kv.slab_allocator import SlabAllocator
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 # 0x7FC00000 is a float32 quiet NaN, but read as two bfloat16 elements its low half is +0.0. The
 # pattern 0x7FC07FC0 is a NaN whether the word is read as one float32 or as two bfloat16s.
 POISON = np.uint32(0x7FC07FC0)

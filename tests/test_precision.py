@@ -33,6 +33,8 @@ from pallas_kernels.kv_pages import KVPageLayout, read_kv_pages
 from pallas_kernels.quant_formats import dequantize, int4_fp8_multiplier, int4_fp8_scales, quantize_int4_groupwise
 from tests.helpers import FIXTURES, PagedForward
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 
 def test_resolve_precision_names_and_kv_override():
     assert resolve_precision("W4A16") is PRESETS["w4a16"]

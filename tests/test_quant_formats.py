@@ -37,6 +37,8 @@ from pallas_kernels.quant_formats import (
     weight_kn,
 )
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 

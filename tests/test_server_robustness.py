@@ -23,6 +23,8 @@ from serving.scheduling.cost_model import StepCost
 from tests.helpers import evict_prefix_caches
 from tests.server_helpers import running_server, tiny_models, tokenizer, wait_for
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 
 @pytest.fixture(scope="module")
 def models():

@@ -27,6 +27,8 @@ from serving.kv.slab_geometry import slab_bytes_for
 from tests.helpers import evict_prefix_caches
 from tests.server_helpers import running_server, tiny_models, tokenizer
 
+pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # compiling dominates these tests
+
 SMALL = ModelConfig("llama", 256, 64, 128, 2, 8, 4, 16, max_position_embeddings=256)
 # Wide enough that int4 groups of 64-128 split over two devices (o_proj: K = 256, down_proj: K = 512).
 WIDE = ModelConfig("llama", 256, 128, 512, 2, 8, 4, 32, max_position_embeddings=256)
