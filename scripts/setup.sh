@@ -16,7 +16,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q --no-compile -e ".[dev]"   # modules compile to .pyc when first imported
 
 CACHE=${FINESERVE_CACHE:-$HOME/.cache/fineserve-jax}/models/smollm2-135m
 GGUF=$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
