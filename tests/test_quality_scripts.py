@@ -51,7 +51,8 @@ def test_every_preset_serves_the_same_prompt_in_one_process(tmp_path):
     assert list(rows) == list(PRESETS)
     for name, row in rows.items():
         assert row["answer"].strip() and row["finish_reason"] in ("stop", "length"), row
-    assert "Paris" in rows["bf16"]["answer"]
+    # every preset but fireq answers even round-to-nearest; fireq needs its calibration (test_smollm2)
+    assert [n for n, r in rows.items() if "Paris" not in r["answer"]] in ([], ["fireq"]), rows
     kv = {n: r["kv_bytes_per_token"] for n, r in rows.items()}
     # SmolLM2: 30 layers x 3 KV heads x 64: bf16 23040; fp8 1 byte + word-padded bf16 scales; int4 packed
     # with scales and zeros, int4_fp8 packed with scales.
