@@ -261,13 +261,16 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> list[str]:
         """Write this tokenizer as an HF directory that `from_hf_dir` reads back identically:
         `tokenizer.json` (the `tokenizers` model, added/special tokens included),
-        `tokenizer_config.json` (bos token, add_bos_token, chat template) and
-        `generation_config.json` (every EOS id, in order). Returns the file names written."""
+        `tokenizer_config.json` (the class transformers should load it as, bos and first eos token,
+        add_bos_token, chat template) and `generation_config.json` (every EOS id, in order). Returns
+        the file names written."""
         path = os.fspath(path)
         self._tok.save(os.path.join(path, "tokenizer.json"))
-        cfg: dict[str, Any] = {"add_bos_token": self.add_bos_token}
+        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos_token}
         if self._bos_token_id is not None:
             cfg["bos_token"] = self._tok.id_to_token(self._bos_token_id)
+        if self._eos_token_ids:
+            cfg["eos_token"] = self._tok.id_to_token(self._eos_token_ids[0])
         if self._chat_template is not None:
             cfg["chat_template"] = self._chat_template
         files = {"tokenizer_config.json": cfg,

@@ -223,6 +223,8 @@ def test_metrics_and_the_request_log_line(srv, client, caplog):
     count = [ln for ln in text.splitlines()
              if ln.startswith('fineserve_time_to_first_token_seconds_count{model="tiny-w8a8"}')]
     assert count and float(count[0].split()[-1]) >= 1
+    head = httpx.head(srv.url + "/metrics")   # how some scrapers (aiperf's) probe it
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/plain") and not head.content
 
 
 def test_unknown_fields_are_ignored_and_named_known_ones_stay_strict(srv, tok, caplog):

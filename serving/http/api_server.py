@@ -555,7 +555,7 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
                           models={n: {"pending": m.runtime.pending(n)} for n, m in models.items()})
         return JSONResponse(body.model_dump(), status_code=503 if server.draining else 200)
 
-    @app.get("/metrics", response_class=Response)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)   # scrapers probe with HEAD
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
