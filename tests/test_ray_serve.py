@@ -183,10 +183,15 @@ def test_models_move_to_new_replicas_under_load_without_losing_a_request(cluster
     flipped = plan_cluster(controller.config, devices, rates={"llama": 0.01, "mistral": 1e4, "qwen2": 0.01},
                            previous=controller.plan)
     assert flipped.weights["mistral"] != controller.plan.weights["mistral"] and flipped.hosts != controller.plan.hosts
+    old_hosts = {r.name for r in before.values() if "mistral" in r.models}
     with Load(cluster["url"]) as load:
         time.sleep(1.0)
         controller.apply(flipped)
+        moved = {r.name for r in controller.replicas.values() if "mistral" in r.models} != old_hosts
+        deadline = time.monotonic() + 30   # a loaded CI machine: wait for an answer from a new replica
         time.sleep(1.0)
+        while moved and not load.replicas["mistral"] - old_hosts and time.monotonic() < deadline:
+            time.sleep(0.2)
     assert load.count("ok") == len(load.outcomes) and all(load.count("ok", m) >= 2 for m in MODELS), load.outcomes
     old_names = {r.name for r in before.values()}
     for devices, replica in controller.replicas.items():
@@ -194,7 +199,8 @@ def test_models_move_to_new_replicas_under_load_without_losing_a_request(cluster
         assert (replica.name == before[devices].name) if kept else (replica.name not in old_names)
     assert {d: r.group for d, r in controller.replicas.items()} == flipped.hosts
     assert _answers(cluster["url"]) == answers   # the same tokens from the new replicas
-    assert len(load.replicas["mistral"]) >= 2    # mistral's requests went to old and new replicas
+    if moved:   # node ids are random, so the new plan may leave mistral's replica as it was
+        assert len(load.replicas["mistral"]) >= 2    # mistral's requests went to old and new replicas
 
 
 def test_a_killed_node_s_models_come_back_and_no_request_is_lost_silently(cluster):
