@@ -22,6 +22,7 @@ from serving.engine.page_manager import PageManager
 from serving.engine.prefix_cache import PrefixCache, page_keys
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import Sequence
+from serving.runtime.device_runtime import DeviceRuntime
 from serving.kv.slab_allocator import PoolExhausted, SlabAllocator
 from tests.helpers import build_engine, drain, evict_prefix_caches
 
@@ -247,6 +248,25 @@ def test_shared_prefixes_are_reused_and_decode_as_if_computed_afresh(kv_model):
     assert engine.pages.num_idle_cached > 0
     evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
+
+
+def test_shared_pages_are_counted_once_in_the_memory_breakdown(kv_model):
+    """Sequences running on the same cached pages: the pool's byte breakdown counts those pages'
+    tokens once (no negative page tails), and every byte is still in one bucket."""
+    system = np.random.default_rng().integers(3, VOCAB, 40).tolist()
+    engine = build_engine(kv_model, num_pages=64, max_model_len=128)
+    name = engine.pages.model_key
+    runtime = DeviceRuntime(engine.pool, {name: engine})
+    engine.add_request(system + [5], GREEDY)
+    drain(engine)
+    for tail in ([6], [7, 8], [9]):
+        engine.add_request(system + tail, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()
+    shared = {p for s in engine.live_sequences() for p in s.pages[:10]}
+    assert len(engine.live_sequences()) == 3 and len(shared) == 10   # all three on the same ten pages
+    stats = runtime.memory_stats()
+    assert stats["page_tail_bytes"] >= 0 and stats["models"][name]["tokens"] == 40 + 1 + 2 + 1
+    drain(engine)
 
 
 def test_preempted_sequences_come_back_through_the_cache(kv_model):

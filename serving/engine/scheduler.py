@@ -10,7 +10,8 @@ requests finish at once with reason "dropped" and wait in `dropped` until the en
 When the pool runs out of pages during decode, the most recently admitted sequence is preempted: its
 pages are freed and it is recomputed later from its prompt plus the tokens it has generated (its
 outputs are kept). A sequence admitted with the prefix cache on starts after the cached pages of its
-longest cached prefix (PageManager.reuse_prefix); a preempted one often finds its own pages there. Design notes: docs/serving.md.
+longest cached prefix (PageManager.reuse_prefix); a preempted one often finds its own pages there.
+Design notes: docs/serving.md.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class DeviceRuntime:
 
     def memory_stats(self) -> dict:
         """Where the pool's bytes are, down to the token: `kv_bytes` hold cached tokens of live
-        sequences; `page_tail_bytes` are allocated pages past their sequence's last token;
+        sequences (a page they share counted once); `page_tail_bytes` are allocated pages past their sequence's last token;
         `page_padding_bytes` pad pages to a common size (single-page baseline only);
         `prefix_cache_bytes` are idle cached pages (no sequence holds them; evicted first); the allocator's
         `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest. `tokens_per_kv_byte`
@@ -181,7 +181,7 @@ class DeviceRuntime:
             layout = engine.layout
             live = engine.live_sequences()
             members = len(pool_members(engine.pool))   # a TP model: every device
-            tokens = sum(s.num_computed for s in live)
+            tokens = _tokens_in_pages(live, layout.tokens_per_page)
             cached = engine.pages.num_idle_cached * members
             pages = stats["models"][name]["used_pages"] - cached
             kv_m = tokens * layout.bytes_per_token * members
@@ -212,6 +212,16 @@ class DeviceRuntime:
             "sequences": sum(m["sequences"] for m in models.values()),
             "models": models,
         }
+
+
+def _tokens_in_pages(seqs, tokens_per_page: int) -> int:
+    """Tokens cached in the pages these sequences hold, a page shared by several (prefix cache)
+    counted once."""
+    filled: dict[int, int] = {}
+    for s in seqs:
+        for i, page in enumerate(s.pages):
+            filled[page] = max(filled.get(page, 0), min(tokens_per_page, max(0, s.num_computed - i * tokens_per_page)))
+    return sum(filled.values())
 
 
 def assemble_device(pool: KVPool | Sequence[KVPool], engines: Mapping[str, Callable[..., LLMEngine]],
