@@ -69,11 +69,11 @@ def test_required_calls_come_from_the_array_as_each_completes():
 
 
 def test_a_named_function_streams_its_arguments():
-    parser = ToolRequest(TOOLS, "get_weather").parser()
+    parser = ToolRequest(TOOLS, "function", function="get_weather").parser()
     first, more = parser.feed('{"ci')[1], parser.feed('ty": "Oslo"}')[1]
     assert first[0].name == "get_weather" and first[0].id and more[0].id is None
     assert merge_calls(first + more + parser.finish()[1])[0].arguments == '{"city": "Oslo"}'
-    empty = ToolRequest(TOOLS, "time_now").parser()
+    empty = ToolRequest(TOOLS, "function", function="time_now").parser()
     assert [c.name for c in merge_calls(empty.finish()[1])] == ["time_now"]
 
 
@@ -83,11 +83,15 @@ def test_constraints_of_required_and_named():
     names = [item["properties"]["name"]["const"] for item in schema["items"]["anyOf"]]
     assert names == ["get_weather", "time_now"]
     assert ToolRequest(TOOLS, "required", parallel=False).constraint().json["maxItems"] == 1
-    assert ToolRequest(TOOLS, "get_weather").constraint().json == WEATHER["function"]["parameters"]
-    assert ToolRequest(TOOLS, "time_now").constraint().json == {"type": "object", "properties": {}}
+    named = ToolRequest(TOOLS, "function", function="get_weather").constraint()
+    assert named.json == WEATHER["function"]["parameters"]
+    assert ToolRequest(TOOLS, "function", function="time_now").constraint().json == {"type": "object",
+                                                                                     "properties": {}}
     assert ToolRequest(TOOLS, "auto").constraint() is None and not ToolRequest(TOOLS, "none").active
     with pytest.raises(ValueError, match="nope"):
-        ToolRequest(TOOLS, "nope")
+        ToolRequest(TOOLS, "function", function="nope")
+    with pytest.raises(ValueError, match="unknown tool_choice"):
+        ToolRequest(TOOLS, "get_weather")
 
 
 HISTORY = [

@@ -165,13 +165,13 @@ def _tool_request(model: ServedModel, tools: list[api.Tool] | None, choice=None,
     names = [t["function"]["name"] for t in dumped]
     if len(set(names)) != len(names):
         raise APIError(400, f"tools: function names must be unique, got {names}", param="tools")
-    choice = (choice.function.name if isinstance(choice, api.NamedToolChoice) else choice) or (
-        "auto" if tools else "none")
+    function = choice.function.name if isinstance(choice, api.NamedToolChoice) else None
+    choice = "function" if function is not None else choice or ("auto" if tools else "none")
     if choice == "auto" and tools and model.tool_call_parser is None and generating:
         raise APIError(400, "tool_choice: this model has no tool-call parser, so no 'auto'; use 'required' or "
                             "name a function", param="tool_choice")
     try:
-        return ToolRequest(dumped, choice, parallel, TOOL_CALL_FORMATS[model.tool_call_parser or "hermes"])
+        return ToolRequest(dumped, choice, parallel, TOOL_CALL_FORMATS[model.tool_call_parser or "hermes"], function)
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
 

@@ -221,17 +221,22 @@ TOOL_CALL_FORMATS = {"hermes": HermesFormat()}
 class ToolRequest:
     """A chat request's tools and choice: what the prompt shows, the constraint on the output (for
     required and named) and the parser of the answer. `tools` are OpenAI tool objects as dicts;
-    `choice` is "none", "auto", "required" or a function's name."""
+    `choice` is "none", "auto", "required" or "function" (the one named by `function`)."""
 
     tools: list[dict]
     choice: str
     parallel: bool = True
     format: HermesFormat = field(default_factory=HermesFormat)
+    function: str | None = None
 
     def __post_init__(self):
         self.functions = {t["function"]["name"]: t["function"] for t in self.tools}
-        if self.choice not in ("none", "auto", "required") and self.choice not in self.functions:
-            raise ValueError(f"tool_choice names the function {self.choice!r}, which is not among the tools "
+        if self.choice not in ("none", "auto", "required", "function"):
+            raise ValueError(f"unknown tool_choice {self.choice!r}")
+        if (self.choice == "function") != (self.function is not None):
+            raise ValueError("a function is named for tool_choice 'function', and only then")
+        if self.function is not None and self.function not in self.functions:
+            raise ValueError(f"tool_choice names the function {self.function!r}, which is not among the tools "
                              f"{sorted(self.functions)}")
         if self.choice != "none" and not self.tools:
             raise ValueError(f"tool_choice {self.choice!r} needs tools")
@@ -248,15 +253,15 @@ class ToolRequest:
             if not self.parallel:
                 schema["maxItems"] = 1
             return StructuredOutputsParams(json=schema)
-        if self.choice in self.functions:
-            return StructuredOutputsParams(json=_parameters(self.functions[self.choice]))
+        if self.choice == "function":
+            return StructuredOutputsParams(json=_parameters(self.functions[self.function]))
         return None
 
     def parser(self):
         if self.choice == "required":
             return ArrayParser()
-        if self.choice in self.functions:
-            return NamedParser(self.choice)
+        if self.choice == "function":
+            return NamedParser(self.function)
         return self.format.parser(self.functions, self.parallel)
 
     def messages(self, messages: list[dict], template_renders_tools: bool) -> tuple[list[dict], dict]:
