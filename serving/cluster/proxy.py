@@ -281,7 +281,8 @@ def build_proxy_app(routes: Routes, forward: Forward, *, timeout_s: float = 60.0
                 "unplaced": routes.unplaced}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])   # scrapers probe with HEAD
+    @app.get("/metrics")
+    @app.head("/metrics", include_in_schema=False)   # scrapers probe with HEAD
     async def metrics():
         texts = {r: res[2].decode() for r, res in (await each_replica("GET", "/metrics")).items()
                  if not isinstance(res, Exception) and res[0] == 200}

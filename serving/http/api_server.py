@@ -555,7 +555,8 @@ def build_app(models: dict[str, ServedModel], *, drain_timeout_s: float = 30.0) 
                           models={n: {"pending": m.runtime.pending(n)} for n, m in models.items()})
         return JSONResponse(body.model_dump(), status_code=503 if server.draining else 200)
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)   # scrapers probe with HEAD
+    @app.get("/metrics", response_class=Response)
+    @app.head("/metrics", response_class=Response, include_in_schema=False)   # scrapers probe with HEAD
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
