@@ -71,9 +71,7 @@ class PageManager:
         if self.cache is None or seq.pages:
             return 0
         tpp = self.layout.tokens_per_page
-        keys = page_keys(seq.prompt_token_ids + seq.output_token_ids, tpp, (seq.num_tokens - 1) // tpp,
-                         seq.page_keys)
-        seq.pages = self.cache.lookup(keys)
+        seq.pages = self.cache.lookup(self._keys(seq, (seq.num_tokens - 1) // tpp))
         seq.num_offered_pages = len(seq.pages)
         seq.num_computed = len(seq.pages) * tpp
         return seq.num_computed
@@ -83,11 +81,15 @@ class PageManager:
         full = seq.num_computed // self.layout.tokens_per_page
         if self.cache is None or full <= seq.num_offered_pages:
             return
-        keys = page_keys(seq.prompt_token_ids + seq.output_token_ids, self.layout.tokens_per_page, full,
-                         seq.page_keys)
+        keys = self._keys(seq, full)
         for i in range(seq.num_offered_pages, full):
             self.cache.offer(seq.pages[i], keys[i])
         seq.num_offered_pages = full
+
+    def _keys(self, seq: Sequence, num_pages: int) -> list[bytes]:
+        """The prefix-cache keys of `seq`'s first `num_pages` full pages (kept on the sequence)."""
+        return page_keys(seq.prompt_token_ids + seq.output_token_ids, self.layout.tokens_per_page, num_pages,
+                         seq.page_keys)
 
     def release(self, seq: Sequence) -> None:
         if seq.pages:
