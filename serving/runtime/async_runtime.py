@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import jax
 
-from serving.runtime.device_runtime import DeviceRuntime, ModelStepError, pool_members
+from serving.runtime.device_runtime import DeviceRuntime, ModelStepError
 from serving.engine.sampling import SamplingParams
 from serving.engine.sequence import RequestOutput
 
@@ -292,7 +292,7 @@ class AsyncRuntime:
         stats = self.runtime.pool_stats()
         models = {}
         for name, engine in self.runtime.engines.items():
-            cached = engine.pages.num_idle_cached * len(pool_members(engine.pool))   # a TP model's, on each device
+            cached = self.runtime.cached_pages(name)
             used = stats["models"][name]["used_pages"] - cached
             cache = engine.pages.cache
             waiting, running = engine.queues()
@@ -307,5 +307,6 @@ class AsyncRuntime:
                             "recall_hits": engine.stats.recall_hits, "recall_pages": engine.stats.recall_pages,
                             "failures": self.failures[name]}
         self.snapshot = {"pool_bytes": stats["pool_bytes"], "used_bytes": stats["pool_bytes"] - stats["free_bytes"],
-                         "live_kv_bytes": stats["live_kv_bytes"] - sum(m["prefix_cache_bytes"] for m in models.values()),
+                         "live_kv_bytes": stats["live_kv_bytes"]
+                         - sum(m["prefix_cache_bytes"] for m in models.values()),
                          "models": models, "time": time.time()}

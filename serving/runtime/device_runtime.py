@@ -165,14 +165,20 @@ class DeviceRuntime:
                 "used_pages": {name: m["used_pages"] for name, m in models.items()},
                 "external_fragmentation": total["stranded_bytes"] / total["pool_bytes"], "models": models}
 
+    def cached_pages(self, name: str) -> int:
+        """`name`'s idle cached pages, counted as `pool_stats` counts pages: on every device it
+        lives on (a tensor-parallel page is a slot in each member's pool)."""
+        engine = self.engines[name]
+        return engine.pages.num_idle_cached * len(pool_members(engine.pool))
+
     def memory_stats(self) -> dict:
         """Where the pool's bytes are, down to the token: `kv_bytes` hold cached tokens of live
-        sequences (a page they share counted once); `page_tail_bytes` are allocated pages past their sequence's last token;
-        `page_padding_bytes` pad pages to a common size (single-page baseline only);
-        `prefix_cache_bytes` are idle cached pages (no sequence holds them; evicted first); the allocator's
-        `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest. `tokens_per_kv_byte`
-        is FineServe's memory efficiency per model: cached tokens per byte of the slabs it holds.
-        Over a device group, bytes are summed over the devices (`pool_stats`)."""
+        sequences (a page they share counted once); `page_tail_bytes` are allocated pages past their
+        sequence's last token; `page_padding_bytes` pad pages to a common size (single-page baseline
+        only); `prefix_cache_bytes` are idle cached pages (no sequence holds them; evicted first); the
+        allocator's `stranded_bytes`, `slab_tail_bytes` and `free_bytes` make up the rest.
+        `tokens_per_kv_byte` is FineServe's memory efficiency per model: cached tokens per byte of
+        the slabs it holds. Over a device group, bytes are summed over the devices (`pool_stats`)."""
         stats = self.pool_stats()
         slab = stats["slab_bytes"]
         kv = page_tail = padding = cache = 0
@@ -182,7 +188,7 @@ class DeviceRuntime:
             live = engine.live_sequences()
             members = len(pool_members(engine.pool))   # a TP model: every device
             tokens = _tokens_in_pages(live, layout.tokens_per_page)
-            cached = engine.pages.num_idle_cached * members
+            cached = self.cached_pages(name)
             pages = stats["models"][name]["used_pages"] - cached
             kv_m = tokens * layout.bytes_per_token * members
             kv += kv_m
@@ -195,7 +201,8 @@ class DeviceRuntime:
                             "slabs": stats["models"][name]["slabs"],
                             "tokens_per_kv_byte": tokens / held if held else 0.0}
         pool = stats["pool_bytes"]
-        accounted = kv + page_tail + padding + cache + stats["stranded_bytes"] + stats["slab_tail_bytes"] + stats["free_bytes"]
+        accounted = (kv + page_tail + padding + cache + stats["stranded_bytes"] + stats["slab_tail_bytes"]
+                     + stats["free_bytes"])
         assert accounted == pool, (accounted, pool)
         return {
             "pool_bytes": pool,
@@ -220,7 +227,8 @@ def _tokens_in_pages(seqs, tokens_per_page: int) -> int:
     filled: dict[int, int] = {}
     for s in seqs:
         for i, page in enumerate(s.pages):
-            filled[page] = max(filled.get(page, 0), min(tokens_per_page, max(0, s.num_computed - i * tokens_per_page)))
+            in_page = min(tokens_per_page, max(0, s.num_computed - i * tokens_per_page))
+            filled[page] = max(filled.get(page, 0), in_page)
     return sum(filled.values())
 
 
