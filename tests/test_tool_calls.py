@@ -23,11 +23,11 @@ TOOLS = [WEATHER, CLOCK]
 def _parse(request: ToolRequest, text: str, cuts: list[int]) -> tuple[str, list]:
     """Feed `text` cut at `cuts`, then finish: the content and the whole calls."""
     parser, content, deltas = request.parser(), "", []
-    for a, b in zip([0] + cuts, cuts + [len(text)]):
-        c, d = parser.feed(text[a:b])
+    ends = cuts + [len(text)]
+    for a, b in zip([0] + cuts, ends):
+        c, d = parser.step(text[a:b], final=b == ends[-1])
         content, deltas = content + c, deltas + d
-    c, d = parser.finish()
-    return content + c, merge_calls(deltas + d)
+    return content, merge_calls(deltas)
 
 
 def _splits(text: str, n: int = 40) -> list[list[int]]:

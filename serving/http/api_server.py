@@ -671,12 +671,10 @@ def _chat_answer(c, tools: ToolRequest) -> tuple[api.AssistantMessage, str | Non
     """A whole choice's message (its tool calls parsed out when tools are active) and finish reason."""
     if not tools.active:
         return api.AssistantMessage(content=c.text), _finish(c.finish_reason)
-    parser = tools.parser()
-    content, deltas = parser.feed(c.text)
-    rest, more = parser.finish()
+    content, deltas = tools.parser().step(c.text, final=True)
     calls = [api.ToolCall(id=call.id, function=api.FunctionCall(name=call.name, arguments=call.arguments))
-             for call in merge_calls(deltas + more)]
-    content = (content + rest).strip() if calls else content + rest
+             for call in merge_calls(deltas)]
+    content = content.strip() if calls else content
     return (api.AssistantMessage(content=content or None, tool_calls=calls or None),
             _tool_finish(c.finish_reason, bool(calls)))
 
@@ -690,10 +688,7 @@ def _chat_chunk(job, req, tok, index, out, delta: _Delta, parser=None) -> api.Ch
     c = out.outputs[0]
     calls = []
     if parser is not None:
-        text, calls = parser.feed(text)
-        if c.finished:
-            rest, more = parser.finish()
-            text, calls = text + rest, calls + more
+        text, calls = parser.step(text, c.finished)
     if not text and not calls and not lp and not c.finished:
         return None
     tool_calls = [api.DeltaToolCall(index=d.index, id=d.id, type="function" if d.id else None,

@@ -63,7 +63,26 @@ def merge_calls(deltas: list[CallDelta]) -> list[ToolCall]:
 # Parsers
 
 
-class HermesParser:
+class ToolCallParser:
+    """Reads calls out of an output as it grows: `feed` the new text, `finish` at the end; each
+    returns (content, call deltas) and `count` is the calls made so far."""
+
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
+        raise NotImplementedError
+
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        raise NotImplementedError
+
+    def step(self, text: str, final: bool) -> tuple[str, list[CallDelta]]:
+        """`feed` the text, and `finish` if the output ends with it."""
+        content, calls = self.feed(text)
+        if final:
+            rest, more = self.finish()
+            content, calls = content + rest, calls + more
+        return content, calls
+
+
+class HermesParser(ToolCallParser):
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in free text. Text that may
     still become an opening tag is held back; a call missing only its closing tag at the end of the
     output still counts."""
@@ -127,7 +146,7 @@ class HermesParser:
         return CallDelta(self.count - 1, new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
 
 
-class ArrayParser:
+class ArrayParser(ToolCallParser):
     """What `tool_choice="required"` constrains the output to: `[{"name", "arguments"}, ...]`; each
     element becomes a call as soon as it is complete."""
 
@@ -157,7 +176,7 @@ class ArrayParser:
         return "", []
 
 
-class NamedParser:
+class NamedParser(ToolCallParser):
     """A named function's call: the whole output is its arguments, streamed as they come."""
 
     def __init__(self, name: str):
@@ -257,7 +276,7 @@ class ToolRequest:
             return StructuredOutputsParams(json=_parameters(self.functions[self.function]))
         return None
 
-    def parser(self):
+    def parser(self) -> ToolCallParser:
         if self.choice == "required":
             return ArrayParser()
         if self.choice == "function":
