@@ -24,8 +24,9 @@ def served_models(fleet: Fleet, *, slo_ttft_s: dict[str, float], max_queue: dict
     limits = {name: ModelLimits(max_pending=e.config.max_num_seqs + max_queue[name]) for name, e in engines.items()}
     runtime = AsyncRuntime(fleet.runtime, limits, device=device, name=device_name)
     return {name: ServedModel(runtime, fleet.loaded[name].tokenizer, e.config.max_model_len, e.validate_prompt,
-                              e.validate_params, precision=fleet.loaded[name].precision.name, kv_dtype=fleet.loaded[name].kv_dtype,
-                              slo_ttft_s=slo_ttft_s[name], tool_call_parser=fleet.specs[name].tool_call_parser)
+                              e.validate_params, precision=fleet.loaded[name].precision.name,
+                              kv_dtype=fleet.loaded[name].kv_dtype, slo_ttft_s=slo_ttft_s[name],
+                              tool_call_parser=fleet.specs[name].tool_call_parser)
             for name, e in engines.items()}
 
 

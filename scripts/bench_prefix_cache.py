@@ -103,7 +103,8 @@ def main() -> None:
             "device": str(jax.devices()[0]), "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype, "ttft_p50_speedup": speedup,
             "answers_identical": same, "answers": len(off["answers"]), "answer_tokens_agreeing": agree,
-            "runs": {k: {key: v for key, v in r.items() if key not in ("answers", "texts")} for k, r in results.items()}},
+            "runs": {k: {key: v for key, v in r.items() if key not in ("answers", "texts")}
+                     for k, r in results.items()}},
             indent=1))
         print(f"wrote {args.json}")
 

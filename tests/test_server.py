@@ -389,7 +389,8 @@ def test_tool_choice_auto_parses_hermes_calls_out_of_the_text(client):
     assert _valid_call(call)["city"] in ("Paris", "Rome")
     content, calls, finish = _streamed_calls(client.chat.completions.create(**kwargs, stream=True))
     assert content.strip() == "Checking." and finish == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", json.loads(call.function.arguments))]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("get_weather", json.loads(call.function.arguments))]
     plain = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, tools=TOOLS, max_tokens=8, temperature=0,
                                            extra_body={"guided_choice": ["<tool_call> not JSON"]})
     assert plain.choices[0].message.content == "<tool_call> not JSON" and not plain.choices[0].message.tool_calls

@@ -333,8 +333,8 @@ def _hf_message(m: dict) -> dict:
     out = {k: v for k, v in m.items() if v is not None}
     out["content"] = m.get("content") or ""
     if m.get("tool_calls"):
-        out["tool_calls"] = [{"type": "function", "id": c.get("id"),
-                              "function": {"name": c["function"]["name"], "arguments": _object(c["function"]["arguments"])}}
+        out["tool_calls"] = [{"type": "function", "id": c.get("id"), "function": {
+                                  "name": c["function"]["name"], "arguments": _object(c["function"]["arguments"])}}
                              for c in m["tool_calls"]]
     return out
 
