@@ -100,8 +100,9 @@ class DeviceRuntime:
     def recover(self, name: str) -> list[RequestOutput]:
         """After `name`'s step raised: finish all its requests with reason "error" (their pages
         return to the pool) and return their final outputs. If the failed program had been given
-        the donated pool, the buffer is gone: allocate a new one and send every other model's
-        running sequences back to its queue, to be recomputed (their KV was in the lost buffer)."""
+        the donated pool, the buffer is gone: allocate a new one, send every other model's running
+        sequences back to its queue, to be recomputed, and empty every prefix cache on it (their KV
+        was in the lost buffer)."""
         failed = self.engines[name].abort_all("error")
         lost = [p for p in self.pools if p.words is not None and p.words.is_deleted()]
         for pool in lost:
@@ -109,6 +110,7 @@ class DeviceRuntime:
         for engine in self.engines.values():
             if any(_shares_a_device(engine.pool, pool) for pool in lost):
                 engine.preempt_all()
+                engine.pages.evict(engine.pages.num_idle_cached)   # the cached KV was in the lost buffer
         return failed
 
     def reclaim_for(self, name: str) -> bool:
