@@ -73,6 +73,7 @@ class ModelSpec:
     sparse_dense_layers: int = 2
     sparse_recall_every: int = 0
     enable_prefix_caching: bool = True   # see LLM
+    async_scheduling: bool = True        # see LLM
     tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
     # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
     tool_call_parser: str | None = "hermes"  # how the server reads tool calls in tool_choice="auto"; None: no auto
@@ -93,7 +94,8 @@ class ModelSpec:
                              f"{self.tool_call_parser!r}")
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every,
-                                   enable_prefix_caching=self.enable_prefix_caching).sparse
+                                   enable_prefix_caching=self.enable_prefix_caching,
+                                   async_scheduling=self.async_scheduling).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -238,7 +240,8 @@ class Fleet:
                              seed=spec.seed, kernels=spec.kernels, sparse=spec.sparse,
                              sparse_dense_layers=spec.sparse_dense_layers,
                              sparse_recall_every=spec.sparse_recall_every,
-                             enable_prefix_caching=spec.enable_prefix_caching)
+                             enable_prefix_caching=spec.enable_prefix_caching,
+                             async_scheduling=spec.async_scheduling)
 
     def _layout(self, name: str) -> KVPageLayout:
         """The model's page on each of its devices (a TP model's: its share of the kv heads)."""

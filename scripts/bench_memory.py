@@ -225,15 +225,15 @@ def build_fleet(loaded, w: Workload, mode: str, pool_bytes: int | None = None, h
     fleet = Fleet(specs, pool_bytes=pool_bytes or w.pool_bytes, pool_mode=mode, slab_bytes=w.slab_target)
     if host_only:
         for engine in fleet.runtime.engines.values():
-            engine.runner.execute = _host_only_execute
+            engine.runner.dispatch = _host_only_dispatch
     return fleet
 
 
-def _host_only_execute(pool, is_prefill, seqs, num_tokens):
-    """ModelRunner.execute without the device program: token 0 for every row, pool untouched."""
-    from serving.engine.model_runner import StepResult
+def _host_only_dispatch(pool, is_prefill, seqs, num_tokens):
+    """ModelRunner.dispatch without the device program: token 0 for every row, pool untouched."""
+    from serving.engine.model_runner import CompletedStep, StepResult
 
-    return pool, StepResult(np.zeros(len(seqs), np.int32), None, None, None, 0.0)
+    return pool, CompletedStep(StepResult(np.zeros(len(seqs), np.int32), None, None, None, 0.0))
 
 
 def memory_bound(fleet) -> bool:

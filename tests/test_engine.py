@@ -77,6 +77,45 @@ def test_preemption_by_recompute_is_exact(loaded):
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
 
 
+def test_async_scheduling_matches_synchronous(loaded):
+    """One step ahead gives every request what waiting for each step gives: mid-run arrivals,
+    chunked prefill, preemption, stop ids and strings, EOS, logprobs, seeded sampling and penalties
+    (which wait for the tokens) in one mixed run; every page comes back."""
+    rng = np.random.default_rng()
+    prompts = random_prompts(14, loaded.config.vocab_size, lo=5, hi=50)
+    kinds = [SamplingParams(temperature=0, max_tokens=int(rng.integers(3, 30)), ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=25, stop=["e", "a"]),
+             SamplingParams(temperature=0, max_tokens=25, stop_token_ids=[int(t) for t in rng.integers(3, 200, 20)]),
+             SamplingParams(temperature=0.9, seed=int(rng.integers(1 << 30)), max_tokens=20, logprobs=2),
+             SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.3, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=40, min_tokens=3)]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    runs = {}
+    for mode in (False, True):
+        # 40 pages of 4 tokens: not every sequence stays resident, so some are preempted.
+        engine = build_engine(loaded, num_pages=40, max_model_len=128, max_num_batched_tokens=32,
+                              async_scheduling=mode)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:8], params[:8])]
+        outs = {}
+        for _ in range(5):
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+        ids += [engine.add_request(p, sp) for p, sp in zip(prompts[8:], params[8:])]
+        outs.update(drain(engine))
+        runs[mode] = [outs[i] for i in ids]
+        assert engine.in_flight is None and engine.pages.num_used_pages == 0
+        evict_prefix_caches(engine)
+        assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
+        assert (engine.stats.ahead > 0) == mode
+        assert engine.scheduler.num_preemptions > 0
+    for sync, ahead in zip(runs[False], runs[True]):
+        assert (ahead.token_ids, ahead.text, ahead.finish_reason, ahead.outputs[0].stop_reason) == \
+            (sync.token_ids, sync.text, sync.finish_reason, sync.outputs[0].stop_reason)
+        if sync.outputs[0].logprobs is not None:
+            np.testing.assert_allclose([lp.logprob for lp in ahead.outputs[0].logprobs],
+                                       [lp.logprob for lp in sync.outputs[0].logprobs], rtol=1e-5, atol=1e-6)
+    assert {o.finish_reason for o in runs[True]} == {"stop", "length"}
+
+
 class CompileCounter:
     """Counts XLA backend compilations anywhere in the process."""
 

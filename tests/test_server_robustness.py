@@ -34,13 +34,13 @@ def models():
 def slow_steps(server, seconds: float = 0.02) -> None:
     """Every model step takes at least `seconds` longer."""
     for engine in server.fleet.runtime.engines.values():
-        execute = engine.runner.execute
+        dispatch = engine.runner.dispatch
 
-        def slowed(*args, execute=execute, **kwargs):
+        def slowed(*args, dispatch=dispatch, **kwargs):
             time.sleep(seconds)
-            return execute(*args, **kwargs)
+            return dispatch(*args, **kwargs)
 
-        engine.runner.execute = slowed
+        engine.runner.dispatch = slowed
 
 
 def long_request(model: str, max_tokens: int = 64, **extra) -> dict:
@@ -156,7 +156,7 @@ def _flaky(engine, lose_pool: bool):
     """Make `engine`'s next step raise once armed; optionally as if the failing program had taken the
     donated pool with it (the buffer is deleted)."""
     armed = threading.Event()
-    execute = engine.runner.execute
+    dispatch = engine.runner.dispatch
 
     def failing(words, *args, **kwargs):
         if armed.is_set():
@@ -164,9 +164,9 @@ def _flaky(engine, lose_pool: bool):
             if lose_pool:
                 words.delete()
             raise RuntimeError("injected fault")
-        return execute(words, *args, **kwargs)
+        return dispatch(words, *args, **kwargs)
 
-    engine.runner.execute = failing
+    engine.runner.dispatch = failing
     return armed
 
 

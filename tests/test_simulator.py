@@ -15,7 +15,7 @@ from serving.runtime.device_runtime import DeviceRuntime
 from serving.engine.llm_engine import EngineConfig
 from serving.scheduling.slo import SLO
 from serving.sim.metrics import summarize
-from serving.sim.simulator import SimModel, SystemPolicy, build_device, device_groups, route, simulate_device
+from serving.sim.simulator import SimModel, SystemPolicy, TimedStep, build_device, device_groups, route, simulate_device
 from serving.sim.workload import FixedLengths, Request, Workload, synthetic_workload
 
 CONFIG = EngineConfig(max_num_seqs=8, max_model_len=512, max_num_batched_tokens=128, prefill_chunk=128)
@@ -206,8 +206,9 @@ def test_replanning_follows_a_popularity_flip():
 
 
 class CostClockRunner:
-    """Wraps a ModelRunner: runs the real model, then advances `clock` by what `cost` predicts for the
-    batch the engine really formed (what a SimulatedRunner does, minus the model)."""
+    """Wraps a ModelRunner: runs the real model, its step ending on `clock`'s device timeline when
+    `cost` predicts for the batch the engine really formed (what a SimulatedRunner does, minus the
+    model)."""
 
     def __init__(self, runner, cost: StepCost, clock):
         self.runner, self.cost, self.clock = runner, cost, clock
@@ -215,11 +216,11 @@ class CostClockRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def execute(self, pool, is_prefill, seqs, num_tokens):
+    def dispatch(self, pool, is_prefill, seqs, num_tokens):
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
-        pool, result = self.runner.execute(pool, is_prefill, seqs, num_tokens)
-        self.clock.now += self.cost.step_seconds(is_prefill, num_tokens, context)
-        return pool, result
+        pool, step = self.runner.dispatch(pool, is_prefill, seqs, num_tokens)
+        return pool, TimedStep(self.clock, self.clock.launch(self.cost.step_seconds(is_prefill, num_tokens, context)),
+                               step)
 
 
 def test_simulator_replays_the_real_engines_schedule_exactly():
@@ -236,7 +237,8 @@ def test_simulator_replays_the_real_engines_schedule_exactly():
 
     cfg = ModelConfig("llama", 128, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
-    config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
+    config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256,
+                          async_scheduling=False)   # as the simulator's engines run
     # a CPU-like fit: ~10 ms fixed per step, prefill ~0.1 ms per token, decode ~1 ms per row
     cost = StepCost(prefill=(1e-2, 1e-4, 1e-8), decode=(1e-2, 1e-3, 2e-6, 2e-3), attention_block=128)
     per_request = cost.ttft_seconds(200) + 23 * cost.decode_seconds([224] * 4) / 4

@@ -5,6 +5,7 @@ starts this file first, before anything long it would wait for."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 from pallas_kernels.kv_pages import KVPageLayout
 from serving.runtime.device_runtime import DeviceRuntime
 from serving.engine.llm_engine import EngineConfig
+from serving.engine.model_runner import CompletedStep
 from serving.scheduling.slo import SLO
 from serving.sim.metrics import summarize
 from serving.sim.simulator import SimModel, build_device, simulate_device
@@ -41,14 +43,15 @@ class RecordingRunner:
             self.idle += time.perf_counter() - t0
         return wait
 
-    def execute(self, pool, is_prefill, seqs, num_tokens):
+    def dispatch(self, pool, is_prefill, seqs, num_tokens):
+        """The step, waited for (the engine schedules synchronously here)."""
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
         t0 = time.perf_counter()
         host = 0.0 if self.last_end is None else max(0.0, t0 - self.last_end - self.idle)
         pool, result = self.runner.execute(pool, is_prefill, seqs, num_tokens)
         self.last_end, self.idle = time.perf_counter(), 0.0
         self.steps.append((is_prefill, list(num_tokens), context, self.last_end - t0 + host))
-        return pool, result
+        return pool, CompletedStep(result)
 
 
 @dataclass
@@ -75,12 +78,15 @@ def warm() -> WarmEngines:
     # back-to-back profile does not see) stays small next to them.
     cfg = ModelConfig("llama", 512, 768, 1536, 4, 4, 2, 64, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
-    config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
+    # Synchronous steps: each recorded step time holds its host work, which the simulator's steps
+    # must include too.
+    config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256,
+                          async_scheduling=False)
     grid = ProfileGrid.for_config(config, quick=True)
     profiler = build_profile_engine(loaded, config, grid)
     profile_engine(profiler, grid, repeats=1, progress=False)   # compiles every step it times
     engine = build_engine(loaded, num_pages=8 * 64, tokens_per_page=16, pages_per_slab=8,
-                          max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256)
+                          **dataclasses.asdict(config))
     engine.warmup()
     return WarmEngines(loaded, cfg, config, grid, profiler, engine)
 

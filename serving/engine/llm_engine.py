@@ -7,6 +7,13 @@ Requests that arrive while others are decoding join the running batch at the nex
 vLLM's continuous batching (arXiv 2309.06180). `add_samples` queues a request's `n` samples as n
 one-sample requests, all or nothing.
 
+With `async_scheduling` (the default) a step launches the next batch before it reads the tokens of
+the one launched before (one step ahead), so the host's scheduling, batching and detokenising run
+while the device computes: a token reaches its request one step after its batch is launched, and a
+sequence that finished in the step before computes one more token, thrown away. A step whose
+batch needs the previous tokens on the host (penalties over the history, structured outputs)
+waits for them first. `async_scheduling=False` waits for every step's tokens before the next.
+
 The simulator builds the same engine with a runner that stands in for the device (`runner=`), an
 allocator-only pool and its own clock (`clock=`), so scheduling runs the code that serves.
 Design notes: docs/serving.md.
@@ -38,7 +45,7 @@ from serving.engine.page_manager import PageManager
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampling import (SPARSE_MODEL_FIELDS, SamplingParams, find_stop, longest_partial_stop_suffix,
                                      sparse_spec)
-from serving.engine.scheduler import Scheduler
+from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.structured_output import GrammarCache
 from serving.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
@@ -61,13 +68,15 @@ class EngineConfig:
     sparse_dense_layers: int = 2  # the first layers always attend every page (Quest keeps two)
     sparse_recall_every: int = 0  # measure selection recall every that many decode steps (0: never)
     enable_prefix_caching: bool = True  # reuse the KV pages of earlier requests' equal prefixes
+    async_scheduling: bool = True       # launch each step before the last one's tokens reach the host
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         self.sparse = sparse_spec(self.sparse, SPARSE_MODEL_FIELDS)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("sparse_dense_layers", "sparse_recall_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -91,12 +100,23 @@ class StepStats:
     decode_kv_bytes_dense: int = 0     # what dense attention would have read in those steps
     recall_hits: int = 0               # sampled steps: selected pages among the top by attention mass
     recall_pages: int = 0              # ... of this many selected
-    # (prefill?, rows, total seconds, device seconds) of the most recent steps
+    ahead: int = 0                     # steps launched before the previous step's tokens were read
+    # (prefill?, rows, total seconds, device seconds) of the most recent steps: total is the host's
+    # time in `step`, device the part of it spent waiting for a step's tokens
     per_step: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
     @property
     def host_share(self) -> float:
         return 1.0 - self.device_seconds / self.total_seconds if self.total_seconds else 0.0
+
+
+@dataclass
+class LaunchedStep:
+    """A batch launched on the device whose sampled tokens the engine has not read yet."""
+
+    batch: ScheduledBatch
+    sample_rows: list[bool]   # rows that sample a token (the others are mid-prefill)
+    pending: object           # the runner's handle: `result()` waits for the tokens
 
 
 class LLMEngine:
@@ -131,7 +151,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
-                                   prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock)
+                                   prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock,
+                                   max_model_len=config.max_model_len)
         self.vocab_size = self.runner.vocab_size
         self._grammars: GrammarCache | None = None   # built on the first structured-output request
         self._seeds = np.random.default_rng(config.seed)
@@ -139,6 +160,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.stats = StepStats()
         self.blocked = False  # the last step found requests but no pages for any of them
+        self.in_flight: LaunchedStep | None = None   # launched, tokens not read yet (async scheduling)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
@@ -224,7 +246,9 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def abort_all(self, reason: str = "abort") -> list[RequestOutput]:
-        """Finish every request with `reason`, freeing its pages; their final outputs."""
+        """Finish every request with `reason`, freeing its pages; their final outputs. The step in
+        flight, if any, is forgotten (its tokens would belong to finished requests)."""
+        self.in_flight = None
         outputs = []
         for seq in list(self.requests.values()):
             if not seq.is_finished:
@@ -235,7 +259,8 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests queued or running, or a launched step whose tokens are still to be read."""
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def queues(self) -> tuple[Iterable[Sequence], list[Sequence]]:
         """(waiting, running): the queued sequences in queue order, the admitted ones in admission order."""
@@ -271,40 +296,83 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next batch, then read the tokens of the batch launched before it
+        (async scheduling) or of this one; the outputs of requests that got a token or finished."""
         t0 = time.perf_counter()
+        waited = 0.0
+        outputs: list[RequestOutput] = []
+
+        def read(launched: LaunchedStep) -> None:
+            nonlocal waited
+            t = time.perf_counter()
+            outputs.extend(self._read_tokens(launched))
+            waited += time.perf_counter() - t
+
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None and any(seq.num_pending and (seq.matcher is not None or seq.params.uses_penalties)
+                                        for seq in self.scheduler.running):
+            read(previous)   # the next batch is built from these tokens
+            previous = None
         batch = self.scheduler.schedule()
-        dropped = self._report_dropped()
-        self.blocked = batch is None and self.scheduler.has_unfinished()
-        if batch is None:
+        outputs += self._report_dropped()
+        launched = self._launch(batch) if batch is not None else None
+        if previous is not None:
+            self.stats.ahead += launched is not None
+            read(previous)
+        self.blocked = batch is None and previous is None and self.scheduler.has_unfinished()
+        if launched is None:
             if self.blocked and not self.pool.allocator.used_pages_of_others(self.pages.model_key):
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return dropped  # idle, or waiting for pages other models of a shared pool hold
+            return outputs  # idle, or waiting for pages other models of a shared pool hold
+        if self.config.async_scheduling:
+            self.in_flight = launched
+        else:
+            read(launched)
+        total = time.perf_counter() - t0
+        s = self.stats
+        s.steps += 1
+        s.total_seconds += total
+        s.device_seconds += waited
+        s.per_step.append((batch.is_prefill, len(batch.seqs), total, waited))
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Launch `batch` on the device; its sequences count the tokens it computes as computed,
+        and those it samples as pending."""
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
-        self.pool.words, result = self.runner.execute(self.pool.words, batch.is_prefill, batch.seqs,
-                                                      batch.num_tokens)
-        now = self.clock()
-        outputs = dropped
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+        self.pool.words, pending = self.runner.dispatch(self.pool.words, batch.is_prefill, batch.seqs,
+                                                        batch.num_tokens)
+        for seq, n, samples in zip(batch.seqs, batch.num_tokens, sample_rows):
             seq.num_computed += n
+            seq.num_pending += samples
             self.pages.offer_full_pages(seq)
-            if not sample_rows[i]:
+        return LaunchedStep(batch, sample_rows, pending)
+
+    def _read_tokens(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched batch's tokens and append them to their requests (a request that
+        finished meanwhile drops its token); the outputs of those that got one."""
+        result = launched.pending.result()
+        now = self.clock()
+        outputs = []
+        for i, seq in enumerate(launched.batch.seqs):
+            if not launched.sample_rows[i]:
+                continue
+            seq.num_pending -= 1
+            if seq.is_finished:
                 continue
             self._append_token(seq, int(result.sampled[i]), result, i, now)
             outputs.append(self._output(seq))
             if seq.is_finished:
-                del self.requests[seq.request_id]
-        total = time.perf_counter() - t0
+                self.requests.pop(seq.request_id, None)
+            else:   # a page the next step computed may be full of known tokens now
+                self.pages.offer_full_pages(seq)
         s = self.stats
-        s.steps += 1
-        s.tokens += sum(sample_rows)
-        s.total_seconds += total
-        s.device_seconds += result.device_seconds
-        if not batch.is_prefill:
+        s.tokens += len(outputs)
+        if not launched.batch.is_prefill:
             s.decode_kv_bytes_read += result.kv_bytes_read
             s.decode_kv_bytes_dense += result.kv_bytes_dense
             s.recall_hits += result.recall_hits
             s.recall_pages += result.recall_pages
-        s.per_step.append((batch.is_prefill, len(batch.seqs), total, result.device_seconds))
         return outputs
 
     def _report_dropped(self) -> list[RequestOutput]:
@@ -344,7 +412,7 @@ class LLMEngine:
             reason, stop_reason = "stop", stop
         elif p.max_tokens is not None and num_out >= p.max_tokens:
             reason = "length"
-        elif seq.num_tokens >= self.config.max_model_len:
+        elif seq.num_known >= self.config.max_model_len:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)

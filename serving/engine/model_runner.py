@@ -8,6 +8,10 @@ reports how many programs exist. The cost model and the simulator's stand-in run
 same `ShapeBuckets`, so they see the batches the engine really runs.
 
 The pool is donated to every step, so it is updated in place and never copied (docs/serving.md).
+`dispatch` launches a step and returns at once; its `PendingStep.result()` brings the sampled tokens
+to the host. The engine schedules and launches the next step in between (one step ahead): a row
+whose input token is still on its way (`Sequence.num_pending`) reads it on the device from the
+previous step's samples, kept padded to the largest batch.
 With a mesh, the model is tensor parallel over its devices: the step runs under `shard_map`, each
 device with its shard of the weights (`models.tensor_parallel`) and its own pool, laid out for its
 own kv heads (`layout` is one device's); logits come back replicated.
@@ -89,6 +93,48 @@ class StepResult:
     recall_pages: int = 0           # ... of this many selected (0: not sampled)
 
 
+class CompletedStep:
+    """A step whose result is already on the host (runners that stand in for the device)."""
+
+    def __init__(self, result: StepResult):
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
+
+    def wait(self) -> None:
+        pass
+
+
+class PendingStep:
+    """A launched step: its outputs are device arrays until `result()` copies them to the host."""
+
+    def __init__(self, runner: "ModelRunner", out: SamplerOutput, reads: jax.Array, rows: int, logprobs: bool,
+                 kv_lens: np.ndarray, scored: bool, started: float):
+        self._runner, self._out, self._reads = runner, out, reads
+        self._rows, self._logprobs, self._kv_lens, self._scored, self._started = rows, logprobs, kv_lens, scored, started
+        self._result: StepResult | None = None
+
+    def wait(self) -> None:
+        """Wait until the device has run the step (nothing copied)."""
+        jax.block_until_ready((self._out, self._reads))
+
+    def result(self) -> StepResult:
+        """Wait for the step and return its sampled tokens (and logprobs, reads); once."""
+        if self._result is None:
+            out, n = self._out, self._rows
+            if self._logprobs:
+                sampled, logprobs, top_ids, top_lp, reads = jax.device_get(
+                    (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, self._reads))
+                logprobs, top_ids, top_lp = logprobs[:n], top_ids[:n], top_lp[:n]
+            else:
+                (sampled, reads), logprobs, top_ids, top_lp = jax.device_get((out.token_ids, self._reads)), None, None, None
+            pages_read, hits, selected = (int(x) for x in reads)
+            self._result = StepResult(sampled[:n], logprobs, top_ids, top_lp, time.perf_counter() - self._started,
+                                      *self._runner.kv_bytes(pages_read, self._kv_lens, self._scored), hits, selected)
+        return self._result
+
+
 class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
@@ -117,7 +163,12 @@ class ModelRunner(ShapeBuckets):
         else:
             graphdef, self.state, state_specs = shard_state(model, mesh)
 
-        def step(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall):
+        def step(state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row,
+                 measure_recall):
+            # A row's pending input token (always its only one: a decode row) is the previous step's
+            # sample of row from_row.
+            pending = (from_row >= 0)[:, None] & (jnp.arange(tokens.shape[1]) == 0)[None, :]
+            tokens = jnp.where(pending, last_sampled[jnp.maximum(from_row, 0)][:, None], tokens)
             model = nnx.merge(graphdef, state)
             hidden, pool, stats = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
                                         selection=selection, dense_layers=self.dense_layers,
@@ -128,33 +179,53 @@ class ModelRunner(ShapeBuckets):
                 reads = jax.lax.psum(reads, tp_axis)
             return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, measure_recall=False):
-            args = (state, pool, tokens, start_pos, num_new, page_table, selection)
+        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row,
+                    measure_recall=False):
+            args = (state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row)
             if mesh is None:
                 return step(*args, measure_recall)
             sharded = jax.shard_map(lambda *a: step(*a, measure_recall), mesh=mesh,
-                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 5,
+                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 7,
                                     out_specs=(P(), P(TP_AXIS), P()), check_vma=False)
             return sharded(*args)
 
         self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames="measure_recall")
+        max_batch = self.max_batch
+        self._pad_sampled = jax.jit(lambda ids: jnp.zeros((max_batch,), jnp.int32).at[:ids.shape[0]].set(ids))
+        self._last_sampled = self._pad_sampled(np.zeros((1,), np.int32))   # the last step's samples, padded
+        self._last_rows: dict[int, tuple[int, Sequence]] = {}   # the last step's sampling rows, by id(sequence)
 
     @property
     def num_compilations(self) -> int:
-        return self._forward._cache_size() + sample._cache_size()
+        return self._forward._cache_size() + sample._cache_size() + self._pad_sampled._cache_size()
 
     # ---- execution -----------------------------------------------------------------------------
     def execute(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int]
                 ) -> tuple[jax.Array, StepResult]:
-        """Run one step: seqs[i] computes its next num_tokens[i] tokens. Returns the new pool and a
-        token sampled after each row's last token (the caller ignores it for mid-prefill rows)."""
+        """Run one step and wait for it (`dispatch`, then its result)."""
+        pool, step = self.dispatch(pool, is_prefill, seqs, num_tokens)
+        return pool, step.result()
+
+    def dispatch(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int]
+                 ) -> tuple[jax.Array, PendingStep]:
+        """Launch one step: seqs[i] computes its next num_tokens[i] tokens. Returns the new pool and
+        the step, whose result is a token sampled after each row's last token (the caller ignores it
+        for mid-prefill rows). A row whose last token is pending must have sampled it in the step
+        launched just before this one."""
         batch, seq_len = self.bucket_for(is_prefill, num_tokens)
         tokens = np.zeros((batch, seq_len), np.int32)
         start = np.zeros((batch,), np.int32)
         count = np.zeros((batch,), np.int32)
+        from_row = np.full((batch,), -1, np.int32)
         table = np.zeros((batch, self.table_width), np.int32)
         for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
-            tokens[i, :n] = seq.tokens(seq.num_computed, seq.num_computed + n)
+            known = seq.tokens(seq.num_computed, seq.num_computed + n)
+            tokens[i, :len(known)] = known
+            if len(known) < n:
+                row, sampler = self._last_rows.get(id(seq), (-1, None))
+                if n - len(known) > 1 or sampler is not seq:
+                    raise RuntimeError(f"request {seq.request_id}: its input tokens were not sampled by the last step")
+                from_row[i] = row
             start[i] = seq.num_computed
             count[i] = n
             table[i, :len(seq.pages)] = seq.pages
@@ -162,25 +233,19 @@ class ModelRunner(ShapeBuckets):
         histories = [(s.prompt_token_ids + s.output_token_ids, len(s.prompt_token_ids))
                      if s.params.uses_penalties else ((), 0) for s in seqs]
         sampling, flags = build_sampling_batch(
-            params, histories, [len(s.output_token_ids) for s in seqs], [s.seed for s in seqs],
+            params, histories, [len(s.output_token_ids) + s.num_pending for s in seqs], [s.seed for s in seqs],
             batch, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
         selection = None if is_prefill else self.selection_inputs(seqs, start + count)
         measure = selection is not None and self._sample_recall()
         t0 = time.perf_counter()
         logits, pool, reads = self._forward(self.state, pool, tokens, start, count, table, selection,
-                                            measure_recall=measure)
+                                            self._last_sampled, from_row, measure_recall=measure)
         out: SamplerOutput = sample(logits, sampling, flags=flags)
-        n = len(seqs)
-        if any(p.logprobs is not None for p in params):
-            sampled, logprobs, top_ids, top_lp, reads = jax.device_get(
-                (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, reads))
-            sampled, logprobs, top_ids, top_lp = sampled[:n], logprobs[:n], top_ids[:n], top_lp[:n]
-        else:
-            (sampled, reads), logprobs, top_ids, top_lp = jax.device_get((out.token_ids, reads)), None, None, None
-            sampled = sampled[:n]
-        pages_read, hits, selected = (int(x) for x in reads)
-        return pool, StepResult(sampled, logprobs, top_ids, top_lp, time.perf_counter() - t0,
-                                *self.kv_bytes(pages_read, start + count, selection is not None), hits, selected)
+        self._last_sampled = self._pad_sampled(out.token_ids)
+        self._last_rows = {id(seq): (i, seq) for i, (seq, n) in enumerate(zip(seqs, num_tokens))
+                           if seq.num_computed + n == seq.num_tokens}
+        return pool, PendingStep(self, out, reads, len(seqs), any(p.logprobs is not None for p in params),
+                                 start + count, selection is not None, t0)
 
     def _sample_recall(self) -> bool:
         """Whether this decode step measures recall (every `recall_every`-th)."""
@@ -218,11 +283,11 @@ class ModelRunner(ShapeBuckets):
         zeros = np.zeros((batch,), np.int32)
         table = np.zeros((batch, self.table_width), np.int32)
         selection = None if seq > 1 else self.selection_inputs([], zeros)
-        logits, pool, _ = self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table,
-                                        selection, measure_recall=False)
+        args = (self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table, selection,
+                self._last_sampled, zeros - 1)
+        logits, pool, _ = self._forward(*args, measure_recall=False)
         if selection is not None and self.recall_every:   # the sampled steps' program too
-            _, pool, _ = self._forward(self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table,
-                                       selection, measure_recall=True)
+            _, pool, _ = self._forward(self.state, pool, *args[2:], measure_recall=True)
         return logits, pool
 
     def largest_step_temp_bytes(self, pool: jax.ShapeDtypeStruct) -> int:
@@ -231,7 +296,8 @@ class ModelRunner(ShapeBuckets):
         batch, seq = max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1])
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
         compiled = self._forward.lower(self.state, pool, jax.ShapeDtypeStruct((batch, seq), jnp.int32), ints, ints,
-                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32), None).compile()
+                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32), None,
+                                       self._last_sampled, ints).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def token_masks(self, seqs: list[Sequence], num_tokens: list[int]) -> list[np.ndarray | None] | None:
@@ -260,7 +326,8 @@ class ModelRunner(ShapeBuckets):
             logits, pool = self._run_bucket(pool, b, s)
             for v in variants:
                 batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
-                sample(logits, batch, flags=flags)
+                out = sample(logits, batch, flags=flags)
+            self._pad_sampled(out.token_ids)   # as a step keeps its samples
             if progress is not None:
                 progress(1)
         jax.block_until_ready(pool)

@@ -77,8 +77,8 @@ class PageManager:
         return seq.num_computed
 
     def offer_full_pages(self, seq: Sequence) -> None:
-        """Offer the pages `seq` has filled since last time to the cache."""
-        full = seq.num_computed // self.layout.tokens_per_page
+        """Offer the pages `seq` has filled since last time, with tokens the host knows, to the cache."""
+        full = min(seq.num_computed, seq.num_known) // self.layout.tokens_per_page
         if self.cache is None or full <= seq.num_offered_pages:
             return
         keys = self._keys(seq, full)

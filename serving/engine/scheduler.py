@@ -11,6 +11,9 @@ When the pool runs out of pages during decode, the most recently admitted sequen
 pages are freed and it is recomputed later from its prompt plus the tokens it has generated (its
 outputs are kept). A sequence admitted with the prefix cache on starts after the cached pages of its
 longest cached prefix (PageManager.reuse_prefix); a preempted one often finds its own pages there.
+Scheduled one step ahead, a sequence may have a sampled token still on its way to the host
+(`num_pending`): it decodes it all the same (the device has it), unless that token ends it by
+length; preempted, it waits for its pending tokens before it is admitted again.
 Design notes: docs/serving.md.
 """
 
@@ -53,7 +56,8 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, pages: PageManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  prefill_chunk: int, prefill_fits: Callable[[list[int]], bool] = lambda counts: True,
-                 admission: AdmissionPolicy | None = None, clock: Callable[[], float] = time.time):
+                 admission: AdmissionPolicy | None = None, clock: Callable[[], float] = time.time,
+                 max_model_len: int | None = None):
         self.pages = pages
         self.admission = admission or FCFSAdmission()
         self.clock = clock  # wall time in serving; the simulator's clock in simulation
@@ -61,6 +65,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
+        self.max_model_len = max_model_len if max_model_len is not None else float("inf")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.dropped: list[Sequence] = []  # finished by admission, not yet reported
@@ -76,7 +81,7 @@ class Scheduler:
         batch = self._schedule_prefill()
         if batch is None:
             batch = self._schedule_decode()
-        if batch is None and self.running:
+        if batch is None and self.running and not any(seq.num_pending for seq in self.running):
             # Every running sequence is mid-prefill and none can get a page: free the newest.
             self.preempt(self.running[-1])
             return self.schedule()
@@ -88,6 +93,8 @@ class Scheduler:
 
         def take(seq: Sequence) -> bool:
             nonlocal budget
+            if seq.num_pending:   # preempted while a step sampled for it: its tokens are not here yet
+                return False
             fresh = not seq.pages and seq.num_computed == 0
             reused = self.pages.reuse_prefix(seq) if fresh else 0
             n = min(seq.num_uncomputed, self.prefill_chunk, budget)
@@ -131,8 +138,8 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs = []
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted below while making room
+            if seq.status is not SequenceStatus.RUNNING or seq.reaches_length(self.max_model_len):
+                continue  # preempted below while making room, or finished by the token on its way
             while not self.pages.can_grow(seq, 1):
                 victim = self.running[-1]
                 self.preempt(victim)

@@ -85,7 +85,8 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.pages: list[int] = []
-        self.num_computed = 0  # tokens whose KV is in the pool
+        self.num_computed = 0  # tokens whose KV is in the pool (or being written by a dispatched step)
+        self.num_pending = 0   # tokens sampled by dispatched steps whose ids are not on the host yet
         self.page_keys: list[bytes] = []   # prefix-cache keys of its first full pages (tokens never change)
         self.num_offered_pages = 0         # its first pages the prefix cache has seen
         self.status = SequenceStatus.WAITING
@@ -98,10 +99,25 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Its length: prompt, outputs, and the sampled tokens still on their way to the host."""
+        return self.num_known + self.num_pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host has: prompt and outputs."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def tokens(self, start: int, stop: int) -> list[int]:
+        """The ids of tokens start..stop that the host has (shorter where some are pending)."""
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+
+    def reaches_length(self, max_model_len: int) -> bool:
+        """Whether its pending tokens alone end it by length (max_tokens or the model's context):
+        a step ahead need not compute past them."""
+        p = self.params
+        return (self.num_pending > 0 and ((p.max_tokens is not None
+                                           and len(self.output_token_ids) + self.num_pending >= p.max_tokens)
+                                          or self.num_tokens >= max_model_len))
 
     @property
     def num_uncomputed(self) -> int:

@@ -4,8 +4,9 @@ What is real: the engines, their schedulers and admission policies, the page man
 allocator (one per device, planned by `serving.kv.pool_plan` exactly as a real pool), the device
 runtime and its step policy (`serving.scheduling.local_scheduling.LocalScheduling`), and the global
 scheduler's placement. What is simulated: the device. A `SimulatedRunner` stands in for each model's
-`ModelRunner`: same padded shape buckets, a token per row, and its device's clock advanced by the
-step time `serving.scheduling.cost_model.StepCost` predicts. The pool has no device buffer.
+`ModelRunner`: same padded shape buckets, a token per row, each step ending on its device's timeline
+the step time `serving.scheduling.cost_model.StepCost` predicts after the steps before it. The pool
+has no device buffer.
 
 `simulate_device` replays requests on one device (`serving.sim.replay`); `simulate_placement` runs a
 `serving.scheduling.placement.Placement` as independent device groups, routing each model's
@@ -34,22 +35,45 @@ from serving.kv.slab_geometry import DEFAULT_SLAB_BYTES
 from serving.scheduling.local_scheduling import LocalScheduling
 from serving.scheduling.slo import SLO
 from serving.sim.metrics import RequestRecord
-from serving.engine.model_runner import ShapeBuckets, StepResult
+from serving.engine.model_runner import CompletedStep, ShapeBuckets, StepResult
 from serving.kv.pool_plan import ModelPages, PoolPlan, plan_pool
 from serving.sim.replay import replay
 from serving.sim.workload import Request
 
 class SimClock:
-    """A device's simulated time: runners advance it by step times; idle waits jump it."""
+    """A device's simulated time: the host's `now`, which waits for steps to end and for arrivals,
+    and when the device ends the steps launched so far (one after another, as a device queue runs
+    them). Host work itself takes no simulated time."""
 
     def __init__(self, start: float = 0.0):
         self.now = start
+        self.device_free_at = start
 
     def __call__(self) -> float:
         return self.now
 
     def wait_until(self, t: float) -> None:
         self.now = max(self.now, t)
+
+    def launch(self, seconds: float) -> float:
+        """A step of `seconds` launched now; when it ends."""
+        self.device_free_at = max(self.now, self.device_free_at) + seconds
+        return self.device_free_at
+
+
+class TimedStep:
+    """A step on a simulated timeline: its result is there once the clock reaches `done_at`."""
+
+    def __init__(self, clock, done_at: float, step):
+        self.clock, self.done_at, self.step = clock, done_at, step
+
+    def result(self) -> StepResult:
+        self.clock.wait_until(self.done_at)
+        return self.step.result()
+
+    def wait(self) -> None:
+        """Wait for the underlying step (the timeline's end is `done_at`)."""
+        self.step.wait()
 
 
 class SimulatedPool:
@@ -71,12 +95,16 @@ class SimulatedRunner(ShapeBuckets):
         self.vocab_size = vocab_size
         self.steps: list[tuple[bool, int, float]] = []  # (prefill?, rows, seconds)
 
-    def execute(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
+    def dispatch(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
         seconds = self.cost.step_seconds(is_prefill, num_tokens, context)
-        self.clock.now += seconds
         self.steps.append((is_prefill, len(seqs), seconds))
-        return pool, StepResult(np.zeros(len(seqs), np.int32), None, None, None, seconds)
+        result = StepResult(np.zeros(len(seqs), np.int32), None, None, None, seconds)
+        return pool, TimedStep(self.clock, self.clock.launch(seconds), CompletedStep(result))
+
+    def execute(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
+        pool, step = self.dispatch(pool, is_prefill, seqs, num_tokens)
+        return pool, step.result()
 
 
 @dataclass
@@ -112,7 +140,10 @@ def build_device(models: list[SimModel], pool_bytes: int, *, pool_mode: str = "s
         # longer requests explicitly (a static partition's limit).
         layout = plan.layouts[m.name]
         fits = pool.allocator.capacity_pages(m.name) * layout.tokens_per_page
-        config = dataclasses.replace(m.config, max_model_len=min(m.config.max_model_len, fits))
+        # Host work takes no simulated time, so launching a step ahead would only delay when the host
+        # sees tokens: the engines run synchronously, as the cost model's validation does.
+        config = dataclasses.replace(m.config, max_model_len=min(m.config.max_model_len, fits),
+                                     async_scheduling=False)
         runners[m.name] = SimulatedRunner(m.cost, clock, config)
         engines[m.name] = partial(LLMEngine, None, layout, pool, m.name, config, runner=runners[m.name], clock=clock)
     scheduling = LocalScheduling(admission, policy, {m.name: m.slo for m in models}, {m.name: m.cost for m in models})
