@@ -1,6 +1,6 @@
 """Serve one prompt through every precision preset in one process, via the offline `LLM` API.
 
-    python scripts/serve_presets.py [--model smollm2-135m] [--prompt "..."] [--json OUT]
+    python scripts/serve_presets.py [--model smollm2-135m] [--prompt "..."] [--calibrate fireq] [--json OUT]
 
 Prints, per preset: the greedy chat answer, load (+ quantization) time, weight MiB and KV bytes per
 token (the page layout's, scales included).
@@ -26,14 +26,19 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows (0: round-to-nearest)")
+    ap.add_argument("--calibrate", default=None,
+                    help="comma-separated presets that get the calibration; the others round to nearest "
+                         "(default: every preset)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    calibrated = None if args.calibrate is None else {p.strip() for p in args.calibrate.split(",")}
     rows = []
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         t0 = time.perf_counter()
+        samples = args.calib_samples if calibrated is None or name in calibrated else 0
         llm = LLM(args.model, precision=name, max_model_len=512, kv_cache_bytes=32 << 20, max_num_seqs=4,
-                  calib_samples=args.calib_samples)
+                  calib_samples=samples)
         load_s = time.perf_counter() - t0
         out = llm.chat([{"role": "user", "content": args.prompt}],
                        SamplingParams(temperature=0, max_tokens=args.max_tokens))[0]
