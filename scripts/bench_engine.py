@@ -215,7 +215,8 @@ def main():
           "| of device bound | end-to-end tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['device']} | {r['models']} | {r['batch']} | {'one step ahead' if r['async_scheduling'] else 'sync'} "
+        scheduling = "one step ahead" if r["async_scheduling"] else "sync"
+        print(f"| {r['device']} | {r['models']} | {r['batch']} | {scheduling} "
               f"| {r['exposed_host_ms_median']:.2f} | {r['host_ms_median']:.2f} | {r['device_ms_median']:.2f} "
               f"| {r['decode_tokens_per_s']:.0f} | {100 * r['device_bound_share']:.1f}% "
               f"| {r['end_to_end_tokens_per_s']:.0f} |")

@@ -12,6 +12,7 @@ The pool is donated to every step, so it is updated in place and never copied (d
 to the host. The engine schedules and launches the next step in between (one step ahead): a row
 whose input token is still on its way (`Sequence.num_pending`) reads it on the device from the
 previous step's samples, kept padded to the largest batch.
+
 With a mesh, the model is tensor parallel over its devices: the step runs under `shard_map`, each
 device with its shard of the weights (`models.tensor_parallel`) and its own pool, laid out for its
 own kv heads (`layout` is one device's); logits come back replicated.
@@ -106,32 +107,38 @@ class CompletedStep:
         pass
 
 
+@dataclass
 class PendingStep:
     """A launched step: its outputs are device arrays until `result()` copies them to the host."""
 
-    def __init__(self, runner: "ModelRunner", out: SamplerOutput, reads: jax.Array, rows: int, logprobs: bool,
-                 kv_lens: np.ndarray, scored: bool, started: float):
-        self._runner, self._out, self._reads = runner, out, reads
-        self._rows, self._logprobs, self._kv_lens, self._scored, self._started = rows, logprobs, kv_lens, scored, started
-        self._result: StepResult | None = None
+    runner: ModelRunner
+    out: SamplerOutput
+    reads: jax.Array          # (pages read, recall hits, pages selected), summed over the batch
+    rows: int                 # the scheduled rows (the rest is padding)
+    logprobs: bool            # some row asked for logprobs
+    kv_lens: np.ndarray
+    scored: bool              # page selection scored every page's key bounds
+    started: float            # perf_counter at launch
+    _result: StepResult | None = None
 
     def wait(self) -> None:
         """Wait until the device has run the step (nothing copied)."""
-        jax.block_until_ready((self._out, self._reads))
+        jax.block_until_ready((self.out, self.reads))
 
     def result(self) -> StepResult:
-        """Wait for the step and return its sampled tokens (and logprobs, reads); once."""
+        """Wait for the step and return its sampled tokens (and logprobs, reads); copied once."""
         if self._result is None:
-            out, n = self._out, self._rows
-            if self._logprobs:
+            out, n = self.out, self.rows
+            logprobs = top_ids = top_lp = None
+            if self.logprobs:
                 sampled, logprobs, top_ids, top_lp, reads = jax.device_get(
-                    (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, self._reads))
+                    (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, self.reads))
                 logprobs, top_ids, top_lp = logprobs[:n], top_ids[:n], top_lp[:n]
             else:
-                (sampled, reads), logprobs, top_ids, top_lp = jax.device_get((out.token_ids, self._reads)), None, None, None
+                sampled, reads = jax.device_get((out.token_ids, self.reads))
             pages_read, hits, selected = (int(x) for x in reads)
-            self._result = StepResult(sampled[:n], logprobs, top_ids, top_lp, time.perf_counter() - self._started,
-                                      *self._runner.kv_bytes(pages_read, self._kv_lens, self._scored), hits, selected)
+            self._result = StepResult(sampled[:n], logprobs, top_ids, top_lp, time.perf_counter() - self.started,
+                                      *self.runner.kv_bytes(pages_read, self.kv_lens, self.scored), hits, selected)
         return self._result
 
 
