@@ -155,6 +155,39 @@ def summary(runs: list[dict], batch: int, models: int) -> dict:
     }
 
 
+def mixed_run(fleet: Fleet, decoders: int, long_prompt: int, interval: float, arrivals: int, vocab: int,
+              rng) -> dict:
+    """`decoders` requests decode while a `long_prompt`-token prompt arrives every `interval` seconds
+    (`arrivals` of them): the decoders' inter-token latencies from the first arrival on, and the long
+    prompts' time to first token."""
+    engine = next(iter(fleet.runtime.engines.values()))
+    limit = engine.config.max_model_len
+    decode = SamplingParams(temperature=0, max_tokens=limit - 65, ignore_eos=True)
+    ids = [engine.add_request(rng.integers(10, vocab, 64).tolist(), decode) for _ in range(decoders)]
+    seqs = [engine.requests[i] for i in ids]
+    while min(len(s.output_token_ids) for s in seqs) < 4:   # decoding steadily before the first arrival
+        engine.step()
+    start = time.time()
+    long_seqs = []
+    while len(long_seqs) < arrivals or not all(s.is_finished for s in long_seqs):
+        if len(long_seqs) < arrivals and time.time() >= start + len(long_seqs) * interval:
+            rid = engine.add_request(rng.integers(10, vocab, long_prompt).tolist(),
+                                     SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            long_seqs.append(engine.requests[rid])
+        engine.step()
+    end = time.time()
+    itl = [b - a for s in seqs for a, b in zip(s.metrics.token_times, s.metrics.token_times[1:]) if a >= start]
+    ttft = [s.metrics.ttft for s in long_seqs]
+    prefill_steps = sum(1 for prefill, *_ in engine.stats.per_step if prefill)
+    engine.abort_all()
+    return {"decoders": decoders, "long_prompt": long_prompt, "interval_s": interval, "arrivals": arrivals,
+            "seconds": end - start, "itl_ms_p50": 1e3 * float(np.percentile(itl, 50)),
+            "itl_ms_p99": 1e3 * float(np.percentile(itl, 99)), "itl_ms_max": 1e3 * max(itl),
+            "itl_p99_over_p50": float(np.percentile(itl, 99) / np.percentile(itl, 50)),
+            "itl_over_2x_p50": float(np.mean(np.asarray(itl) > 2 * np.percentile(itl, 50))),
+            "long_ttft_ms_p50": 1e3 * float(np.median(ttft)), "prefill_steps": prefill_steps}
+
+
 def build(device: str, models: int, async_scheduling: bool, max_batch: int, max_model_len: int, smollm2) -> Fleet:
     """A fleet of `models` copies of the model on one pool, every runner recorded on one timeline."""
     if device == "cpu":
@@ -181,8 +214,17 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--gen-len", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, sync and async alternated")
+    ap.add_argument("--mixed", action="store_true",
+                    help="instead: --decoders requests decode while --long-prompt-token prompts arrive every "
+                         "--interval seconds; the decoders' inter-token latency")
+    ap.add_argument("--decoders", type=int, default=16)
+    ap.add_argument("--long-prompt", type=int, default=2048)
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--arrivals", type=int, default=5)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    if args.mixed:
+        return mixed_main(args)
 
     smollm2 = load_model("smollm2-135m", "bfloat16") if "cpu" in args.devices else None
     rng = np.random.default_rng(0)
@@ -224,6 +266,33 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"prompt_len": args.prompt_len, "gen_len": args.gen_len, "stand_in": STAND_IN_MODEL,
                        "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=2)
+
+
+def mixed_main(args) -> None:
+    smollm2 = load_model("smollm2-135m", "bfloat16") if "cpu" in args.devices else None
+    rng = np.random.default_rng(0)
+    rows = []
+    for device in args.devices:
+        vocab = (smollm2.config if device == "cpu" else STAND_IN_CONFIG).vocab_size
+        for mode in (False, True):
+            fleet = build(device, 1, mode, 2 * args.decoders, 4096, smollm2)   # room for the long prompts
+            r = mixed_run(fleet, args.decoders, args.long_prompt, args.interval, args.arrivals, vocab, rng)
+            rows.append({"device": device, "async_scheduling": mode, **r})
+            print(f"{device} async={mode}: ITL p50 {r['itl_ms_p50']:.1f} ms, p99 {r['itl_ms_p99']:.1f} ms "
+                  f"({r['itl_p99_over_p50']:.2f}x), long-prompt TTFT p50 {r['long_ttft_ms_p50']:.0f} ms", flush=True)
+    print(f"\n{args.decoders} requests decoding while a {args.long_prompt}-token prompt arrives every "
+          f"{args.interval:g} s ({args.arrivals} of them)\n")
+    print("| device | scheduling | decode ITL p50 ms | p99 ms | max ms | p99 / p50 | ITLs over 2x p50 "
+          "| long-prompt TTFT p50 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        scheduling = "one step ahead" if r["async_scheduling"] else "sync"
+        print(f"| {r['device']} | {scheduling} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | {r['itl_ms_max']:.1f} "
+              f"| {r['itl_p99_over_p50']:.2f} | {100 * r['itl_over_2x_p50']:.1f}% | {r['long_ttft_ms_p50']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"mixed": True, "stand_in": STAND_IN_MODEL, "machine": platform.machine(),
+                       "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
