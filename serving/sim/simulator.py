@@ -4,9 +4,9 @@ What is real: the engines, their schedulers and admission policies, the page man
 allocator (one per device, planned by `serving.kv.pool_plan` exactly as a real pool), the device
 runtime and its step policy (`serving.scheduling.local_scheduling.LocalScheduling`), and the global
 scheduler's placement. What is simulated: the device. A `SimulatedRunner` stands in for each model's
-`ModelRunner`: same padded shape buckets, a token per row, each step ending on its device's timeline
-the step time `serving.scheduling.cost_model.StepCost` predicts after the steps before it. The pool
-has no device buffer.
+`ModelRunner`: same padded shape buckets, a token per row, and each step taking the time
+`serving.scheduling.cost_model.StepCost` predicts on its device's timeline, after the steps launched
+before it. The pool has no device buffer.
 
 `simulate_device` replays requests on one device (`serving.sim.replay`); `simulate_placement` runs a
 `serving.scheduling.placement.Placement` as independent device groups, routing each model's
