@@ -80,8 +80,7 @@ def _test_lock(exclusive: bool):
 # files, longest first, so that no worker runs a long file alone at the end.
 FIRST_FILES = ("test_simulator_wall_clock.py", "test_sampling.py", "test_cost_model.py",
                "test_compile_check.py", "test_quality_scripts.py", "test_smollm2.py", "test_tensor_parallel.py",
-               "test_fleet.py",
-               "test_kernels_e2e.py", "test_page_selection.py", "test_paged_attention_pallas.py",
+               "test_fleet.py", "test_kernels_e2e.py", "test_page_selection.py", "test_paged_attention_pallas.py",
                "test_bench_kernels.py", "test_ray_serve.py")
 
 
