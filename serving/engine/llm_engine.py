@@ -410,9 +410,7 @@ class LLMEngine:
             index, stop = hit
             seq.text = seq.text[:index + (len(stop) if p.include_stop_str_in_output else 0)]
             reason, stop_reason = "stop", stop
-        elif p.max_tokens is not None and num_out >= p.max_tokens:
-            reason = "length"
-        elif seq.num_known >= self.config.max_model_len:
+        elif seq.length_reached(self.config.max_model_len):
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -138,7 +138,8 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs = []
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.reaches_length(self.max_model_len):
+            if seq.status is not SequenceStatus.RUNNING or (
+                    seq.num_pending and seq.length_reached(self.max_model_len, pending=True)):
                 continue  # preempted below while making room, or finished by the token on its way
             while not self.pages.can_grow(seq, 1):
                 victim = self.running[-1]

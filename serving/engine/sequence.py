@@ -111,13 +111,13 @@ class Sequence:
         """The ids of tokens start..stop that the host has (shorter where some are pending)."""
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
-    def reaches_length(self, max_model_len: int) -> bool:
-        """Whether its pending tokens alone end it by length (max_tokens or the model's context):
-        a step ahead need not compute past them."""
+    def length_reached(self, max_model_len: int, *, pending: bool = False) -> bool:
+        """Whether its outputs reach `max_tokens` or the model's context; with `pending`, counting the
+        tokens on their way too (then a step ahead need not compute past them)."""
+        ahead = self.num_pending if pending else 0
         p = self.params
-        return (self.num_pending > 0 and ((p.max_tokens is not None
-                                           and len(self.output_token_ids) + self.num_pending >= p.max_tokens)
-                                          or self.num_tokens >= max_model_len))
+        return ((p.max_tokens is not None and len(self.output_token_ids) + ahead >= p.max_tokens)
+                or self.num_known + ahead >= max_model_len)
 
     @property
     def num_uncomputed(self) -> int:
