@@ -253,19 +253,13 @@ def main():
 
     print(f"\n{platform.processor() or platform.machine()}, {jax.devices()[0].platform}; prompt {args.prompt_len}, "
           f"generate {args.gen_len}; per full decode step, medians\n")
-    print("| device | models | batch | scheduling | exposed host ms | host ms | device ms | decode tok/s "
-          "| of device bound | end-to-end tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        scheduling = "one step ahead" if r["async_scheduling"] else "sync"
-        print(f"| {r['device']} | {r['models']} | {r['batch']} | {scheduling} "
-              f"| {r['exposed_host_ms_median']:.2f} | {r['host_ms_median']:.2f} | {r['device_ms_median']:.2f} "
-              f"| {r['decode_tokens_per_s']:.0f} | {100 * r['device_bound_share']:.1f}% "
-              f"| {r['end_to_end_tokens_per_s']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"prompt_len": args.prompt_len, "gen_len": args.gen_len, "stand_in": STAND_IN_MODEL,
-                       "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=2)
+    print_table(rows, [("device", "{device}"), ("models", "{models}"), ("batch", "{batch}"),
+                       ("scheduling", "{scheduling}"), ("exposed host ms", "{exposed_host_ms_median:.2f}"),
+                       ("host ms", "{host_ms_median:.2f}"),
+                       ("device ms", "{device_ms_median:.2f}"), ("decode tok/s", "{decode_tokens_per_s:.0f}"),
+                       ("of device bound", "{device_bound_share:.1%}"),
+                       ("end-to-end tok/s", "{end_to_end_tokens_per_s:.0f}")])
+    write_json(args.json, rows, prompt_len=args.prompt_len, gen_len=args.gen_len)
 
 
 def mixed_main(args) -> None:
@@ -282,16 +276,28 @@ def mixed_main(args) -> None:
                   f"({r['itl_p99_over_p50']:.2f}x), long-prompt TTFT p50 {r['long_ttft_ms_p50']:.0f} ms", flush=True)
     print(f"\n{args.decoders} requests decoding while a {args.long_prompt}-token prompt arrives every "
           f"{args.interval:g} s ({args.arrivals} of them)\n")
-    print("| device | scheduling | decode ITL p50 ms | p99 ms | max ms | p99 / p50 | ITLs over 2x p50 "
-          "| long-prompt TTFT p50 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table(rows, [("device", "{device}"), ("scheduling", "{scheduling}"),
+                       ("decode ITL p50 ms", "{itl_ms_p50:.1f}"),
+                       ("p99 ms", "{itl_ms_p99:.1f}"), ("max ms", "{itl_ms_max:.1f}"),
+                       ("p99 / p50", "{itl_p99_over_p50:.2f}"), ("ITLs over 2x p50", "{itl_over_2x_p50:.1%}"),
+                       ("long-prompt TTFT p50 ms", "{long_ttft_ms_p50:.0f}")])
+    write_json(args.json, rows, mixed=True)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """A markdown table of `rows`, one column per (header, format of the row's fields); `scheduling`
+    names the row's mode."""
+    print("| " + " | ".join(header for header, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
         scheduling = "one step ahead" if r["async_scheduling"] else "sync"
-        print(f"| {r['device']} | {scheduling} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | {r['itl_ms_max']:.1f} "
-              f"| {r['itl_p99_over_p50']:.2f} | {100 * r['itl_over_2x_p50']:.1f}% | {r['long_ttft_ms_p50']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"mixed": True, "stand_in": STAND_IN_MODEL, "machine": platform.machine(),
+        print("| " + " | ".join(cell.format(**r, scheduling=scheduling) for _, cell in columns) + " |")
+
+
+def write_json(path: str | None, rows: list[dict], **meta) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({**meta, "stand_in": STAND_IN_MODEL, "machine": platform.machine(),
                        "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=2)
 
 
