@@ -253,16 +253,19 @@ def main() -> int:
     sub.add_parser("export-tokenizer").add_argument("folder")
     sub.add_parser("check-tokenizer").add_argument("folder")
     o = sub.add_parser("openai")
-    o.add_argument("base_url"); o.add_argument("model"); o.add_argument("rows")  # noqa: E702
+    for a in ("base_url", "model", "rows"):
+        o.add_argument(a)
     for name in ("guidellm", "aiperf"):
         s = sub.add_parser(name)
-        s.add_argument("path"); s.add_argument("mode"); s.add_argument("concurrency", type=int)  # noqa: E702
-        s.add_argument("requests", type=int); s.add_argument("rows"); s.add_argument("--version", default="")  # noqa: E702
+        for a, kind in (("path", str), ("mode", str), ("concurrency", int), ("requests", int), ("rows", str)):
+            s.add_argument(a, type=kind)
+        s.add_argument("--version", default="")
     f = sub.add_parser("fail")
     for a in ("client", "mode", "concurrency", "requests", "why", "rows"):
         f.add_argument(a)
     r = sub.add_parser("report")
-    r.add_argument("rows"); r.add_argument("--json", required=True)  # noqa: E702
+    r.add_argument("rows")
+    r.add_argument("--json", required=True)
     r.add_argument("--meta", action="append", default=[], help="KEY=VALUE recorded in the summary")
     a = p.parse_args()
     if a.cmd == "export-tokenizer":
