@@ -3,10 +3,11 @@
 Known fields are strict: a wrong type or a value out of range is a 400 with an OpenAI-style error
 body naming the parameter, never a silent default; so is a known feature the server does not
 offer (the legacy `functions`). Tool calling is `tools` / `tool_choice` (tool_calls). Structured
-outputs come as OpenAI's `response_format` (json_object, json_schema) or vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` /
-`structured_outputs`. Unknown top-level fields are accepted and ignored, as vLLM does (clients send
-vendor fields), and the server names them in its log and in the `X-Fineserve-Ignored-Fields`
-response header; inside nested objects unknown fields stay errors.
+outputs come as OpenAI's `response_format` (json_object, json_schema) or vLLM's `guided_json` /
+`guided_regex` / `guided_choice` / `guided_grammar` / `structured_outputs`. Unknown top-level
+fields are accepted and ignored, as vLLM does (clients send vendor fields), and the server names
+them in its log and in the `X-Fineserve-Ignored-Fields` response header; inside nested objects
+unknown fields stay errors.
 Besides OpenAI's sampling fields, the vLLM extensions are accepted (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output, stream_options.continuous_usage_stats, /tokenize, /detokenize), and

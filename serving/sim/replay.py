@@ -3,9 +3,10 @@
 A `Workload` request carries lengths, not text, so the replay sends a synthetic prompt of the given
 length (distinct per request) and forces the output length (`max_tokens`, EOS ignored), as trace
 replays do. `replay` feeds requests to a `DeviceRuntime` when their arrival time comes on `clock`,
-steps the runtime while any model has work, and waits for the next arrival when idle. On a wall clock that is a real run (times
-relative to the start); on a simulated clock whose time the stand-in runners advance (see
-`serving.sim.simulator`) the same loop is a discrete-event simulation of that device.
+steps the runtime while any model has work, and waits for the next arrival when idle. On a wall
+clock that is a real run (times relative to the start); on a simulated clock whose time the
+stand-in runners advance (see `serving.sim.simulator`) the same loop is a discrete-event simulation
+of that device.
 
 Every request ends as one `RequestRecord`: finished, dropped by admission, or failed (refused at
 submission, e.g. a prompt longer than the model's context), never lost. Design notes:
