@@ -74,6 +74,7 @@ class ModelSpec:
     sparse_recall_every: int = 0
     enable_prefix_caching: bool = True   # see LLM
     async_scheduling: bool = True        # see LLM
+    mixed_steps: bool = True             # see LLM
     tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
     # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
     tool_call_parser: str | None = "hermes"  # how the server reads tool calls in tool_choice="auto"; None: no auto
@@ -95,7 +96,7 @@ class ModelSpec:
         self.sparse = EngineConfig(sparse=self.sparse, sparse_dense_layers=self.sparse_dense_layers,
                                    sparse_recall_every=self.sparse_recall_every,
                                    enable_prefix_caching=self.enable_prefix_caching,
-                                   async_scheduling=self.async_scheduling).sparse
+                                   async_scheduling=self.async_scheduling, mixed_steps=self.mixed_steps).sparse
         if isinstance(self.model, LoadedModel) and self.precision not in ("auto", self.model.precision.name):
             raise ValueError(f"model {self.model.name!r} is already loaded as {self.model.precision.name}; "
                              f"use precision='auto'")
@@ -241,7 +242,7 @@ class Fleet:
                              sparse_dense_layers=spec.sparse_dense_layers,
                              sparse_recall_every=spec.sparse_recall_every,
                              enable_prefix_caching=spec.enable_prefix_caching,
-                             async_scheduling=spec.async_scheduling)
+                             async_scheduling=spec.async_scheduling, mixed_steps=spec.mixed_steps)
 
     def _layout(self, name: str) -> KVPageLayout:
         """The model's page on each of its devices (a TP model's: its share of the kv heads)."""

@@ -30,7 +30,8 @@ def check_max_model_len(max_model_len) -> None:
 def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | None = None,
                   max_num_batched_tokens: int = 512, seed: int = 0, kernels: str = "auto", sparse=None,
                   sparse_dense_layers: int = 2, sparse_recall_every: int = 0,
-                  enable_prefix_caching: bool = True, async_scheduling: bool = True) -> EngineConfig:
+                  enable_prefix_caching: bool = True, async_scheduling: bool = True,
+                  mixed_steps: bool = True) -> EngineConfig:
     """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
     check_max_model_len(max_model_len)
     limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
@@ -38,7 +39,8 @@ def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | 
                         max_num_batched_tokens=max_num_batched_tokens,
                         prefill_chunk=max_num_batched_tokens, seed=seed, kernels=kernels, sparse=sparse,
                         sparse_dense_layers=sparse_dense_layers, sparse_recall_every=sparse_recall_every,
-                        enable_prefix_caching=enable_prefix_caching, async_scheduling=async_scheduling)
+                        enable_prefix_caching=enable_prefix_caching, async_scheduling=async_scheduling,
+                        mixed_steps=mixed_steps)
 
 
 def group_devices(n, first: jax.Device | None = None) -> list:
@@ -97,6 +99,9 @@ class LLM:
         vLLM's automatic prefix caching; idle cached pages are the first memory reclaimed).
       async_scheduling: launch each step before the previous step's tokens reach the host, so host
         work overlaps the device (vLLM's async scheduling); False waits for every step (debugging).
+      mixed_steps: while sequences decode, a prompt's chunk runs in their step (at most
+        max_num_batched_tokens tokens in all), so a long prompt never stalls them (vLLM's chunked
+        prefill); False: prompts get steps of their own.
       tensor_parallel_size: split the model over the first that many devices (Megatron-style:
         `models.tensor_parallel`); the heads and MLP columns must divide evenly. The KV pool size
         (kv_cache_bytes or gpu_memory_utilization) is per device.
@@ -109,7 +114,7 @@ class LLM:
                  calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
                  gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2,
                  sparse_recall_every: int = 0, tensor_parallel_size: int = 1, enable_prefix_caching: bool = True,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, mixed_steps: bool = True):
         check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
         devices = group_devices(tensor_parallel_size)
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):
@@ -122,14 +127,15 @@ class LLM:
         check_max_model_len(max_model_len)  # bad values fail before any loading
         resolve_kernels(kernels)
         EngineConfig(sparse=sparse, sparse_dense_layers=sparse_dense_layers, sparse_recall_every=sparse_recall_every,
-                     enable_prefix_caching=enable_prefix_caching, async_scheduling=async_scheduling)  # checks them
+                     enable_prefix_caching=enable_prefix_caching, async_scheduling=async_scheduling,
+                     mixed_steps=mixed_steps)  # checks them
         loaded = load_model(model, dtype, precision, kv_dtype=kv_dtype, calib_samples=calib_samples,
                             quantized_cache=quantized_cache, kv_skip_layers=kv_skip_layers)
         config = engine_config(loaded.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens, seed=seed, kernels=kernels,
                                sparse=sparse, sparse_dense_layers=sparse_dense_layers,
                                sparse_recall_every=sparse_recall_every, enable_prefix_caching=enable_prefix_caching,
-                               async_scheduling=async_scheduling)
+                               async_scheduling=async_scheduling, mixed_steps=mixed_steps)
         layout = loaded.kv_layout(tokens_per_page, key_bounds=config.sparse is not None)
         if sized:
             kv_cache_bytes = pool_bytes_for_device(jax.devices()[0], gpu_memory_utilization,

@@ -1,8 +1,10 @@
 """Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2): GQA, RMSNorm, SwiGLU.
 
 The model reads and writes its KV cache only through page tables into the shared pool: every forward
-call takes a batch of token rows `[B, S]` (S = 1 for decode, a chunk for prefill) starting at
-`start_pos[b]`, writes their K/V into the sequence's pages and attends over all cached tokens.
+call takes one or more `Segment`s of token rows `[B, S]` (S = 1 for decode, a chunk for prefill),
+row b starting at `start_pos[b]`, writes their K/V into the sequence's pages and attends over all
+cached tokens. Several segments (a mixed step: decode rows `[B, 1]` beside a prompt chunk `[1, S]`)
+share every matmul as one token axis; only attention runs per segment, each with its own kernel.
 
 Layers are stacked (one `DecoderLayer` whose parameters carry a leading layer axis) and run under
 `lax.scan`, so compile time does not grow with depth.
@@ -123,33 +125,59 @@ class AttentionStats(NamedTuple):
         return cls(*(jnp.zeros((batch,), jnp.int32) for _ in range(3)))
 
 
-class PagedKV:
-    """Where this batch's tokens live in the pool: derived once per forward, shared by all layers.
-    With `selection` (decode steps of a model whose pages keep key bounds), layers from
-    `dense_layers` on attend only the pages each sequence's policy selects; `measure_recall` also
-    scores each selection against dense attention (`selection_recall`: reads every page, so for
-    evaluation, not serving)."""
+class Segment(NamedTuple):
+    """Rows of one padded shape in a step: tokens int32[B, S]; row b computes its first num_new[b]
+    tokens at positions start_pos[b] onwards, into the pages of page_table[b] (int32[B, P])."""
+    tokens: jax.Array
+    start_pos: jax.Array
+    num_new: jax.Array
+    page_table: jax.Array
 
-    def __init__(self, layout: KVPageLayout, page_table, start_pos, num_new, seq_len, kernels: str,
-                 selection: SelectionInputs | None = None, dense_layers: int = 0, measure_recall: bool = False):
-        t = layout.tokens_per_page
-        self.layout, self.page_table, self.kernels = layout, page_table, kernels
-        self.selection = selection if seq_len == 1 else None
-        self.dense_layers, self.measure_recall = dense_layers, measure_recall
-        offsets = jnp.arange(seq_len, dtype=jnp.int32)
-        self.positions = start_pos[:, None] + offsets[None, :]                      # [B, S]
-        self.write_valid = offsets[None, :] < num_new[:, None]                       # [B, S]
+
+class _SegmentPages:
+    """Where one segment's tokens live in the pool (see PagedKV)."""
+
+    def __init__(self, seg: Segment, t: int):
+        b, s = seg.tokens.shape
+        self.shape, self.page_table = (b, s), seg.page_table
+        offsets = jnp.arange(s, dtype=jnp.int32)
+        self.positions = seg.start_pos[:, None] + offsets[None, :]                  # [B, S]
+        self.write_valid = offsets[None, :] < seg.num_new[:, None]                   # [B, S]
         page_idx = jnp.where(self.write_valid, self.positions // t, 0)
-        self.write_pages = jnp.take_along_axis(page_table, page_idx, axis=1)         # [B, S]
+        self.write_pages = jnp.take_along_axis(seg.page_table, page_idx, axis=1)    # [B, S]
         self.write_slots = self.positions % t
-        self.kv_lens = start_pos + num_new
+        self.kv_lens = seg.start_pos + seg.num_new
         # The pages this step writes into ([B, P'], P' the most S tokens can span) and how many of
         # their tokens are written after it: their key bounds are recomputed.
-        span = (seq_len + t - 2) // t + 1
-        idx = start_pos[:, None] // t + jnp.arange(span, dtype=jnp.int32)[None, :]
-        touched = (idx * t < self.kv_lens[:, None]) & (num_new[:, None] > 0)
-        self.bound_pages = jnp.take_along_axis(page_table, jnp.where(touched, idx, 0), axis=1).reshape(-1)
+        span = (s + t - 2) // t + 1
+        idx = seg.start_pos[:, None] // t + jnp.arange(span, dtype=jnp.int32)[None, :]
+        touched = (idx * t < self.kv_lens[:, None]) & (seg.num_new[:, None] > 0)
+        self.bound_pages = jnp.take_along_axis(seg.page_table, jnp.where(touched, idx, 0), axis=1).reshape(-1)
         self.bound_fill = jnp.where(touched, jnp.clip(self.kv_lens[:, None] - idx * t, 0, t), 0).reshape(-1)
+
+
+class PagedKV:
+    """Where this step's tokens live in the pool: derived once per forward, shared by all layers.
+    One segment keeps its [B, S] layout; several are laid out as one row [1, sum(B * S)], in order,
+    and attention splits them again. With `selection` (decode steps of a model whose pages keep key
+    bounds), the one-token segment's layers from `dense_layers` on attend only the pages each
+    sequence's policy selects; `measure_recall` also scores each selection against dense attention
+    (`selection_recall`: reads every page, so for evaluation, not serving)."""
+
+    def __init__(self, layout: KVPageLayout, segments: tuple[Segment, ...], kernels: str,
+                 selection: SelectionInputs | None = None, dense_layers: int = 0, measure_recall: bool = False):
+        self.layout, self.kernels = layout, kernels
+        self.segments = [_SegmentPages(seg, layout.tokens_per_page) for seg in segments]
+        if sum(p.shape[1] == 1 for p in self.segments) > 1:
+            raise ValueError("a step has at most one segment of one-token (decode) rows")
+        self.selection = selection
+        self.dense_layers, self.measure_recall = dense_layers, measure_recall
+
+        flat = lambda name: jnp.concatenate([getattr(p, name).reshape(-1) for p in self.segments])
+        # [B, S], or [1, T] for several segments
+        self.positions = self.segments[0].positions if len(self.segments) == 1 else flat("positions")[None]
+        self.write_pages, self.write_slots, self.write_valid, self.bound_pages, self.bound_fill = (
+            flat(name) for name in ("write_pages", "write_slots", "write_valid", "bound_pages", "bound_fill"))
 
     def attend(self, q, k, v, cache, layer):
         """Write this step's K/V (quantized on write for quantized layouts) and attend over the pages.
@@ -170,34 +198,47 @@ class PagedKV:
         return out, (pool, AttentionStats(*(a + b for a, b in zip(stats, step))))
 
     def _attend_group(self, q, k, v, pool, dense, layer, layout: KVPageLayout):
-        b, s, hkv, d = k.shape
-        n = b * s
-        pool = write_kv(pool, layout, self.write_pages.reshape(n), self.write_slots.reshape(n),
-                        self.write_valid.reshape(n), layer, k.reshape(n, hkv, d), v.reshape(n, hkv, d),
-                        kernels=self.kernels)
+        hkv, d = k.shape[2:]
+        n = k.shape[0] * k.shape[1]
+        pool = write_kv(pool, layout, self.write_pages, self.write_slots, self.write_valid, layer,
+                        k.reshape(n, hkv, d), v.reshape(n, hkv, d), kernels=self.kernels)
         if layout.key_bounds:
             pool = write_bounds(pool, layout, self.bound_pages, self.bound_fill, layer, kernels=self.kernels)
+        if len(self.segments) == 1:
+            out, stats = self._attend_segment(q, pool, dense, layer, layout, self.segments[0])
+            return out, pool, stats
+        outs, stats, start = [], [], 0
+        for seg in self.segments:
+            b, s = seg.shape
+            out, st = self._attend_segment(q[:, start:start + b * s].reshape(b, s, *q.shape[2:]), pool, dense,
+                                           layer, layout, seg)
+            outs.append(out.reshape(1, b * s, *q.shape[2:]))
+            stats.append(st)
+            start += b * s
+        return (jnp.concatenate(outs, axis=1), pool,
+                AttentionStats(*(jnp.concatenate(parts) for parts in zip(*stats))))
+
+    def _attend_segment(self, q, pool, dense, layer, layout: KVPageLayout, seg: _SegmentPages):
+        b, hkv = seg.shape[0], layout.num_kv_heads
 
         def attend_dense():
-            out = paged_attention(q, pool, layout, layer, self.page_table, self.positions, self.kv_lens,
+            out = paged_attention(q, pool, layout, layer, seg.page_table, seg.positions, seg.kv_lens,
                                   kernels=self.kernels)
-            return out, AttentionStats.zeros(b)._replace(pages_read=layout.pages_for(self.kv_lens) * hkv)
+            return out, AttentionStats.zeros(b)._replace(pages_read=layout.pages_for(seg.kv_lens) * hkv)
 
-        if self.selection is None or not layout.key_bounds:
-            out, stats = attend_dense()
-            return out, pool, stats
+        if self.selection is None or not layout.key_bounds or seg.shape[1] != 1:
+            return attend_dense()
 
         def attend_sparse():
-            out, chosen = sparse_decode_attention(q, pool, layout, layer, self.page_table, self.positions,
-                                                  self.kv_lens, self.selection, kernels=self.kernels)
+            out, chosen = sparse_decode_attention(q, pool, layout, layer, seg.page_table, seg.positions,
+                                                  seg.kv_lens, self.selection, kernels=self.kernels)
             stats = AttentionStats.zeros(b)._replace(pages_read=chosen.pages_read.sum(axis=1))
             if self.measure_recall:
-                hits, pages = selection_recall(q, pool, layout, layer, self.page_table, self.kv_lens, chosen.chosen)
+                hits, pages = selection_recall(q, pool, layout, layer, seg.page_table, seg.kv_lens, chosen.chosen)
                 stats = stats._replace(recall_hits=hits.sum(axis=1), recall_pages=pages.sum(axis=1))
             return out, stats
 
-        out, stats = jax.lax.cond(dense, attend_dense, attend_sparse)
-        return out, pool, stats
+        return jax.lax.cond(dense, attend_dense, attend_sparse)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -226,19 +267,23 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(f"key scale factors must be {shape}, got {factors.shape}")
         self.layers.k_rope_scale = nnx.Param(factors)
 
-    def __call__(self, tokens, start_pos, num_new, page_table, pool, layout: KVPageLayout,
+    def __call__(self, segments: Segment | tuple[Segment, ...], pool, layout: KVPageLayout,
                  kernels: str = "xla", selection: SelectionInputs | None = None, dense_layers: int = 0,
                  measure_recall: bool = False, tp_axis: str | None = None):
-        """tokens int32[B, S]; start_pos, num_new int32[B]; page_table int32[B, P]. `kernels`: the
-        implementation of attention, KV writes and quantized matmuls ("xla", "pallas", "interpret").
-        `selection`: per sequence page selection for decode steps (the layout must keep key bounds),
-        dense in layers below `dense_layers`; `measure_recall`: score the selections against dense
-        attention (evaluation only). `tp_axis`: inside `shard_map` over a tensor-parallel group, the
-        mesh axis the row-parallel outputs are summed over (this shard's state holds its own heads'
-        columns and `layout` its own kv heads). Returns the final hidden states [B, S, hidden], the
-        updated pool and what attention read (`AttentionStats`, of this shard's kv heads)."""
-        kv = PagedKV(layout, page_table, start_pos, num_new, tokens.shape[1], kernels, selection, dense_layers,
-                     measure_recall)
+        """segments: the step's token rows (`Segment`; several for a mixed step, at most one of them
+        of one-token rows). `kernels`: the implementation of attention, KV writes and quantized
+        matmuls ("xla", "pallas", "interpret"). `selection`: per row of the one-token segment, page
+        selection (the layout must keep key bounds), dense in layers below `dense_layers`;
+        `measure_recall`: score the selections against dense attention (evaluation only).
+        `tp_axis`: inside `shard_map` over a tensor-parallel group, the mesh axis the row-parallel
+        outputs are summed over (this shard's state holds its own heads' columns and `layout` its
+        own kv heads). Returns the final hidden states ([B, S, hidden] for one segment; [1, T,
+        hidden] for several, their rows flattened in order), the updated pool and what attention
+        read (`AttentionStats` per row, segments in order, of this shard's kv heads)."""
+        segments = (segments,) if isinstance(segments, Segment) else tuple(segments)
+        kv = PagedKV(layout, segments, kernels, selection, dense_layers, measure_recall)
+        tokens = segments[0].tokens if len(segments) == 1 else jnp.concatenate(
+            [seg.tokens.reshape(1, -1) for seg in segments], axis=1)
         cos, sin = rope_cos_sin(kv.positions, jnp.asarray(inverse_frequencies(self.config)), self.dtype)
         x = self.embed_tokens(tokens)
         graphdef, layer_state = nnx.split(self.layers)
@@ -252,7 +297,7 @@ class LlamaForCausalLM(nnx.Module):
             return (x, cache), None
 
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        stats = AttentionStats.zeros(tokens.shape[0])
+        stats = AttentionStats.zeros(sum(seg.tokens.shape[0] for seg in segments))
         (x, (pool, stats)), _ = jax.lax.scan(body, (x, (pool, stats)), (layer_state, layer_ids))
         return self.norm(x), pool, stats
 

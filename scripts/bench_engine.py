@@ -16,7 +16,11 @@ runner's host work (batches, sampling inputs, dispatch, copies) and a device tim
 step's time from the shipped H100 profile (`serving/scheduling/profiles/h100.json`), so host
 time is real and device time is the profile's.
 
+`--mixed` instead measures the decoders' inter-token latency while long prompts arrive, with the
+prompts in steps of their own (synchronous and one step ahead) and in mixed steps.
+
     .venv/bin/python scripts/bench_engine.py [--devices cpu h100] [--batch-sizes 1 8 32 64] [--json OUT]
+    .venv/bin/python scripts/bench_engine.py --mixed [--devices cpu h100] [--json OUT]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fineserve_jax import Fleet, ModelSpec, SamplingParams
 from models.config import ModelConfig
 from models.loader import load_model, random_model
 from serving.scheduling.cost_model import DeviceProfile
+from serving.engine.scheduler import StepKind
 from serving.sim.simulator import TimedStep
 
 STAND_IN_MODEL = "llama3-8b"   # the H100 profile entry the stand-in's steps take their time from
@@ -101,15 +106,15 @@ class Recorded:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def dispatch(self, pool, is_prefill, seqs, num_tokens):
+    def dispatch(self, pool, kind, seqs, num_tokens):
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
-        pool, step = self.runner.dispatch(pool, is_prefill, seqs, num_tokens)
+        pool, step = self.runner.dispatch(pool, kind, seqs, num_tokens)
         t = time.perf_counter()   # the program is in the device's queue from here
         seconds = None
         if self.cost is not None:
-            seconds = self.cost.step_seconds(is_prefill, num_tokens, context)
+            seconds = self.cost.step_seconds(kind, num_tokens, context)
             step = TimedStep(self.clock, self.clock.launch(seconds), step)
-        self.timeline.launched(is_prefill, len(seqs), t, step, seconds)
+        self.timeline.launched(kind == StepKind.PREFILL, len(seqs), t, step, seconds)
         return pool, step
 
 
@@ -134,7 +139,7 @@ def run(fleet: Fleet, batch: int, prompt_len: int, gen_len: int, vocab: int, rng
             exposed.append(max(0.0, step[2] - before[3]))
             device.append(step[4] if step[4] is not None else step[3] - max(step[2], before[3]))
     host = [total - waited for e in runtime.engines.values()
-            for prefill, rows, total, waited in e.stats.per_step if not prefill and rows == batch]
+            for kind, rows, total, waited in e.stats.per_step if kind == StepKind.DECODE and rows == batch]
     return {"exposed": exposed, "device": device, "host": host, "tokens": tokens, "wall": wall}
 
 
@@ -177,25 +182,31 @@ def mixed_run(fleet: Fleet, decoders: int, long_prompt: int, interval: float, ar
         engine.step()
     end = time.time()
     itl = [b - a for s in seqs for a, b in zip(s.metrics.token_times, s.metrics.token_times[1:]) if a >= start]
+    if not itl:
+        raise RuntimeError("no decoder got two tokens after the first long prompt arrived: give them more "
+                           "max_model_len or fewer arrivals")
     ttft = [s.metrics.ttft for s in long_seqs]
-    prefill_steps = sum(1 for prefill, *_ in engine.stats.per_step if prefill)
+    kinds = [kind for kind, *_ in engine.stats.per_step]
     engine.abort_all()
     return {"decoders": decoders, "long_prompt": long_prompt, "interval_s": interval, "arrivals": arrivals,
             "seconds": end - start, "itl_ms_p50": 1e3 * float(np.percentile(itl, 50)),
             "itl_ms_p99": 1e3 * float(np.percentile(itl, 99)), "itl_ms_max": 1e3 * max(itl),
             "itl_p99_over_p50": float(np.percentile(itl, 99) / np.percentile(itl, 50)),
             "itl_over_2x_p50": float(np.mean(np.asarray(itl) > 2 * np.percentile(itl, 50))),
-            "long_ttft_ms_p50": 1e3 * float(np.median(ttft)), "prefill_steps": prefill_steps}
+            "long_ttft_ms_p50": 1e3 * float(np.median(ttft)), "prefill_steps": kinds.count(StepKind.PREFILL),
+            "mixed_steps": kinds.count(StepKind.MIXED)}
 
 
-def build(device: str, models: int, async_scheduling: bool, max_batch: int, max_model_len: int, smollm2) -> Fleet:
+def build(device: str, models: int, async_scheduling: bool, max_batch: int, max_model_len: int, smollm2,
+          mixed_steps: bool = True) -> Fleet:
     """A fleet of `models` copies of the model on one pool, every runner recorded on one timeline."""
     if device == "cpu":
         loaded = smollm2
     else:
         loaded = random_model(STAND_IN_CONFIG, "bf16", "float32", name="stand-in")
     specs = [ModelSpec(loaded, name=f"m{i}", max_num_seqs=max_batch, max_model_len=max_model_len,
-                       async_scheduling=async_scheduling, enable_prefix_caching=False) for i in range(models)]
+                       async_scheduling=async_scheduling, mixed_steps=mixed_steps, enable_prefix_caching=False)
+             for i in range(models)]
     fleet = Fleet(specs, pool_bytes=(256 << 20) * models)
     timeline = Timeline()
     cost = DeviceProfile.shipped("h100").get(STAND_IN_MODEL, "bf16") if device == "h100" else None
@@ -216,7 +227,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, sync and async alternated")
     ap.add_argument("--mixed", action="store_true",
                     help="instead: --decoders requests decode while --long-prompt-token prompts arrive every "
-                         "--interval seconds; the decoders' inter-token latency")
+                         "--interval seconds; the decoders' inter-token latency, with prompts in steps of their "
+                         "own (sync and one step ahead) and in mixed steps")
     ap.add_argument("--decoders", type=int, default=16)
     ap.add_argument("--long-prompt", type=int, default=2048)
     ap.add_argument("--interval", type=float, default=1.0)
@@ -268,19 +280,22 @@ def mixed_main(args) -> None:
     rows = []
     for device in args.devices:
         vocab = (smollm2.config if device == "cpu" else STAND_IN_CONFIG).vocab_size
-        for mode in (False, True):
-            fleet = build(device, 1, mode, 2 * args.decoders, 4096, smollm2)   # room for the long prompts
+        for mode, mixed in ((False, False), (True, False), (True, True)):
+            fleet = build(device, 1, mode, 2 * args.decoders, 4096, smollm2, mixed)   # room for the long prompts
             r = mixed_run(fleet, args.decoders, args.long_prompt, args.interval, args.arrivals, vocab, rng)
-            rows.append({"device": device, "async_scheduling": mode, **r})
-            print(f"{device} async={mode}: ITL p50 {r['itl_ms_p50']:.1f} ms, p99 {r['itl_ms_p99']:.1f} ms "
-                  f"({r['itl_p99_over_p50']:.2f}x), long-prompt TTFT p50 {r['long_ttft_ms_p50']:.0f} ms", flush=True)
+            rows.append({"device": device, "async_scheduling": mode, "prompts": "mixed steps" if mixed else
+                         "own steps", **r})
+            print(f"{device} async={mode} mixed={mixed}: ITL p50 {r['itl_ms_p50']:.1f} ms, p99 {r['itl_ms_p99']:.1f} "
+                  f"ms ({r['itl_p99_over_p50']:.2f}x), max {r['itl_ms_max']:.1f} ms, long-prompt TTFT p50 "
+                  f"{r['long_ttft_ms_p50']:.0f} ms", flush=True)
     print(f"\n{args.decoders} requests decoding while a {args.long_prompt}-token prompt arrives every "
           f"{args.interval:g} s ({args.arrivals} of them)\n")
-    print_table(rows, [("device", "{device}"), ("scheduling", "{scheduling}"),
+    print_table(rows, [("device", "{device}"), ("scheduling", "{scheduling}"), ("prompts in", "{prompts}"),
                        ("decode ITL p50 ms", "{itl_ms_p50:.1f}"),
                        ("p99 ms", "{itl_ms_p99:.1f}"), ("max ms", "{itl_ms_max:.1f}"),
                        ("p99 / p50", "{itl_p99_over_p50:.2f}"), ("ITLs over 2x p50", "{itl_over_2x_p50:.1%}"),
-                       ("long-prompt TTFT p50 ms", "{long_ttft_ms_p50:.0f}")])
+                       ("long-prompt TTFT p50 ms", "{long_ttft_ms_p50:.0f}"),
+                       ("prefill / mixed steps", "{prefill_steps} / {mixed_steps}")])
     write_json(args.json, rows, mixed=True)
 
 

@@ -390,8 +390,8 @@ def real_check(loaded, stream: list[Request], w: Workload, replay: list[dict], p
         "steps": w.real_steps,
         "models_stepped": sorted({m for m in stepped if m}),
         "model_switches": switches,
-        "prefill_steps": sum(sum(1 for x in e.stats.per_step if x[0]) for e in rt.engines.values()),
-        "decode_steps": sum(sum(1 for x in e.stats.per_step if not x[0]) for e in rt.engines.values()),
+        "prefill_steps": sum(sum(1 for x in e.stats.per_step if x[0] == "prefill") for e in rt.engines.values()),
+        "decode_steps": sum(sum(1 for x in e.stats.per_step if x[0] != "prefill") for e in rt.engines.values()),
         "pointer_unchanged": changes == 0,
         "pointer_changes": changes,
         "memory_stats_identical_to_stub": not mismatches,
@@ -431,7 +431,7 @@ def pool_size_timing(loaded, w: Workload, factor: int = 16) -> dict:
     pools, pages = [], []
     for fleet, ptr in zip(fleets, ptrs):
         engine = fleet.runtime.engines[name]
-        steps = [s for s in engine.stats.per_step if not s[0]]
+        steps = [s for s in engine.stats.per_step if s[0] == "decode"]
         pages.append([list(s.pages) for s in engine.scheduler.running])
         jax.block_until_ready(copy(fleet.pool.words))
         copies = []

@@ -25,6 +25,7 @@ from serving.scheduling.cost_model import (
     StepSample,
     decode_features,
     fit_step_cost,
+    mixed_features,
     prefill_features,
     roofline_step_cost,
     variant_key,
@@ -79,7 +80,7 @@ def test_bad_rows_are_rejected():
         prefill_features([1, 2], [5], pad_to_buckets=False, attention_block=128)
     cost = StepCost((1.0, 0, 0), (1.0, 0, 0))
     with pytest.raises(ValueError, match="one token per row"):
-        cost.step_seconds(False, [2], [10])
+        cost.step_seconds("decode", [2], [10])
     with pytest.raises(ValueError, match="3 coefficients"):
         StepCost((1.0, 2.0), (1.0, 0, 0))
     with pytest.raises(ValueError, match="4 coefficients"):
@@ -93,9 +94,9 @@ def test_bad_rows_are_rejected():
 def test_step_ttft_and_tau():
     cost = StepCost(prefill=(0.01, 1e-4, 1e-8), decode=(0.005, 1e-4, 1e-7, 0.002), pad_to_buckets=False)
     assert cost.decode_seconds([]) == 0.0 and cost.prefill_seconds([], []) == 0.0
-    assert cost.step_seconds(False, [1, 1], [10, 20]) == pytest.approx(0.005 + 2e-4 + 30e-7 + 0.002)
+    assert cost.step_seconds("decode", [1, 1], [10, 20]) == pytest.approx(0.005 + 2e-4 + 30e-7 + 0.002)
     assert cost.decode_seconds([10]) == pytest.approx(0.005 + 1e-4 + 10e-7)
-    assert cost.step_seconds(True, [4], [10]) == pytest.approx(0.01 + 4e-4 + 40e-8)
+    assert cost.step_seconds("prefill", [4], [10]) == pytest.approx(0.01 + 4e-4 + 40e-8)
     # 903 tokens: chunks of 512 and 391, the second one attending to all 903
     ttft = (0.01 + 512e-4 + 512 * 512e-8) + (0.01 + 391e-4 + 391 * 903e-8)
     assert cost.ttft_seconds(903) == pytest.approx(ttft)
@@ -339,3 +340,17 @@ def test_profile_grid_and_cli_errors(capsys):
     assert main(["--random-shape", "8b"]) == 2
     assert "too big for a CPU" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_a_mixed_step_is_costed_as_a_prefill_of_its_rows():
+    """Decode rows beside one chunk: exact rows are a ragged prefill; padded, the decode rows count
+    as the next power of two and the chunk as its bucket, each attending over its own context."""
+    cost = StepCost(prefill=(0.01, 1e-4, 1e-8), decode=(0.005, 1e-4, 1e-7, 0.002), pad_to_buckets=False)
+    rows, context = [1, 1, 30], [10, 20, 30]
+    assert cost.step_seconds("mixed", rows, context) == pytest.approx(cost.prefill_seconds(rows, context))
+    f = mixed_features([1, 1, 1, 20], [100, 50, 7, 40], pad_to_buckets=True, attention_block=128)
+    np.testing.assert_array_equal(f, [1, 4 + 32, 4 * 128 + 32 * 128])
+    padded = dataclasses.replace(cost, pad_to_buckets=True)
+    assert padded.step_seconds("mixed", [1, 1, 1, 20], [100, 50, 7, 40]) == pytest.approx(0.01 + 36e-4 + 36 * 128e-8)
+    with pytest.raises(ValueError, match="not a valid StepKind"):
+        cost.step_seconds("both", rows, context)

@@ -60,7 +60,7 @@ def test_continuous_batching_is_exact_and_returns_every_page(loaded):
     assert engine.pages.num_free_pages == free_before
     evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
-    assert max(rows for prefill, rows, *_ in engine.stats.per_step if not prefill) > 8  # truly batched
+    assert max(rows for kind, rows, *_ in engine.stats.per_step if kind != "prefill") > 8  # truly batched
 
 
 def test_preemption_by_recompute_is_exact(loaded):
@@ -116,6 +116,36 @@ def test_async_scheduling_matches_synchronous(loaded):
     assert {o.finish_reason for o in runs[True]} == {"stop", "length"}
 
 
+def test_a_long_prompt_rides_along_the_decodes(loaded):
+    """With mixed steps, a prompt that arrives while others decode is prefilled in chunks inside their
+    steps: no step leaves them out, and every request gets the tokens that separate prefill and
+    decode steps give it; every page comes back."""
+    rng = np.random.default_rng()
+    vocab = loaded.config.vocab_size
+    prompts = random_prompts(3, vocab, lo=5, hi=10) + [rng.integers(3, vocab, 120).tolist()]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * 3 + [
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    runs, kinds = {}, {}
+    for mixed in (False, True):
+        engine = build_engine(loaded, num_pages=256, max_model_len=256, max_num_batched_tokens=32, mixed_steps=mixed)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+        for _ in range(3):
+            engine.step()
+        engine.stats.per_step.clear()
+        ids.append(engine.add_request(prompts[3], params[3]))
+        outs = drain(engine)
+        runs[mixed] = [outs[i].token_ids for i in ids]
+        kinds[mixed] = [kind for kind, *_ in engine.stats.per_step]
+        assert engine.in_flight is None and engine.pages.num_used_pages == 0
+        evict_prefix_caches(engine)
+        assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
+    assert runs[True] == runs[False]
+    # 120 prompt tokens in chunks of at most 32 - 3 beside the three decodes; never a prefill step
+    assert "prefill" not in kinds[True] and kinds[True].count("mixed") == 5
+    assert kinds[True][:5] == ["mixed"] * 5
+    assert kinds[False].count("prefill") == 4 and "mixed" not in kinds[False]
+
+
 class CompileCounter:
     """Counts XLA backend compilations anywhere in the process."""
 
@@ -148,6 +178,7 @@ def test_no_compilation_after_warmup(loaded):
             done.update({o.request_id: o for o in engine.step() if o.finished})
     done.update(drain(engine))
     assert len(done) == 50
+    assert {kind for kind, *_ in engine.stats.per_step} == {"prefill", "decode", "mixed"}
     assert engine.num_compilations == programs
     assert counter.count == compiles, "serving compiled new XLA programs after warm-up"
 

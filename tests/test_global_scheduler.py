@@ -60,8 +60,8 @@ class FakeCost:
     def decode_seconds(self, context_lens) -> float:
         return self.decode_base
 
-    def step_seconds(self, is_prefill, num_tokens, context_lens) -> float:
-        return self.prefill_seconds(num_tokens, context_lens) if is_prefill else self.decode_seconds(context_lens)
+    def step_seconds(self, kind, num_tokens, context_lens) -> float:
+        return self.decode_seconds(context_lens) if kind == "decode" else self.prefill_seconds(num_tokens, context_lens)
 
     def ttft_seconds(self, prompt_len: int) -> float:
         return self.prefill_seconds([prompt_len], [prompt_len])

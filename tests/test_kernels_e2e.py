@@ -1,7 +1,8 @@
 """The engine with kernels="interpret" (every Pallas kernel: KV write, prefill and decode attention,
 quantized matmuls) generates what it generates with the XLA references, greedy, on tiny random
 models covering a quantized-weight format and a quantized KV format each (int4_fp8: contexts within
-one KV block, so kernels and reference round P against the same running max), and a head_dim-64
+one KV block, so kernels and reference round P against the same running max), through prefill,
+mixed and decode steps, and a head_dim-64
 fireq model whose prefill runs the Mosaic GPU FP8 kernel."""
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def greedy_tokens(loaded, kernels: str, prompts, **config):
 def test_interpret_kernels_generate_the_reference_tokens(precision, kv, fast_cpu_compiles):
     loaded = random_model(CFG, precision, "float32", kv_dtype=kv, seed=3)
     prompts = [[5, 9, 13, 2, 7, 1, 3, 8, 10, 4, 6, 12, 11, 14, 15, 16, 17, 18], [3, 1, 4, 1, 5, 9, 2, 6]]
-    tokens = {kernels: greedy_tokens(loaded, kernels, prompts, max_num_batched_tokens=32, prefill_chunk=16)[1]
-              for kernels in ("xla", "interpret")}
+    tokens = {}
+    for kernels in ("xla", "interpret"):
+        engine, tokens[kernels] = greedy_tokens(loaded, kernels, prompts, max_num_batched_tokens=32, prefill_chunk=16)
+        # the second prompt decodes while the first one's last chunk rides along: both attention kernels in a step
+        assert [kind for kind, *_ in engine.stats.per_step][:2] == ["prefill", "mixed"]
     assert tokens["interpret"] == tokens["xla"]
     assert all(len(t) == 6 for t in tokens["xla"].values())
 

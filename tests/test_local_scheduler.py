@@ -284,3 +284,55 @@ def test_latency_aware_edf_treats_late_first_tokens_as_at_risk():
     engines = fake_engines(clock, a=([], [a_dec]), b=([seq("late", 5, 0.0)], []))  # due 3.0: late
     edf = deadline_first(engines, {"a": SLO(10.0), "b": SLO(3.0)}, step_seconds={"a": 0.01, "b": 0.01})
     assert [edf.pick(["a", "b"]) for _ in range(3)] == ["b", "b", "b"]
+
+
+def _decoding(sched: Scheduler, n: int) -> list[Sequence]:
+    """n sequences admitted, prefilled and given their first token: each decodes next."""
+    seqs = [seq(f"d{i}", 10, 0.0) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    _ran(sched.schedule())
+    assert all(s.num_uncomputed == 1 for s in seqs)
+    return seqs
+
+
+def _ran(batch) -> None:
+    """As the engine does once a batch has run: its tokens are computed, and each sequence whose
+    prompt is done has sampled a token."""
+    for s, count in zip(batch.seqs, batch.num_tokens):
+        s.num_computed += count
+        if s.num_computed == s.num_tokens:
+            s.output_token_ids.append(1)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_long_prompt_rides_along_the_decodes_in_chunks(mixed):
+    sched = _scheduler(FCFSAdmission(), lambda: 0.0)
+    sched.mixed_steps, sched.max_num_batched_tokens = mixed, 64
+    decoders = _decoding(sched, 2)
+    long = seq("long", 300, 0.0)
+    sched.add(long)
+    batch = sched.schedule()
+    if mixed:   # every decode row, then one chunk of what the budget leaves
+        assert (batch.kind, batch.seqs, batch.num_tokens) == ("mixed", decoders + [long], [1, 1, 62])
+    else:       # the prompt first: the decodes wait a step
+        assert (batch.kind, batch.seqs, batch.num_tokens) == ("prefill", [long], [64])
+
+
+def test_short_prompts_that_fit_one_step_get_a_prefill_step_together():
+    sched = _scheduler(FCFSAdmission(), lambda: 0.0)
+    sched.mixed_steps = True
+    decoders = _decoding(sched, 2)
+    short = [seq(f"s{i}", 20, 0.0) for i in range(3)]
+    for s in short:
+        sched.add(s)
+    batch = sched.schedule()
+    assert (batch.kind, batch.seqs, batch.num_tokens) == ("prefill", short, [20] * 3)
+    _ran(batch)
+    batch = sched.schedule()   # the prompts are computed: every sequence decodes
+    assert batch.kind == "decode" and batch.seqs == decoders + short
+    _ran(batch)
+    one = seq("one", 20, 0.0)
+    sched.add(one)
+    batch = sched.schedule()   # a single prompt rides along
+    assert (batch.kind, batch.seqs[-1], batch.num_tokens[-1]) == ("mixed", one, 20)

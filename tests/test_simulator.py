@@ -216,10 +216,10 @@ class CostClockRunner:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def dispatch(self, pool, is_prefill, seqs, num_tokens):
+    def dispatch(self, pool, kind, seqs, num_tokens):
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
-        pool, step = self.runner.dispatch(pool, is_prefill, seqs, num_tokens)
-        return pool, TimedStep(self.clock, self.clock.launch(self.cost.step_seconds(is_prefill, num_tokens, context)),
+        pool, step = self.runner.dispatch(pool, kind, seqs, num_tokens)
+        return pool, TimedStep(self.clock, self.clock.launch(self.cost.step_seconds(kind, num_tokens, context)),
                                step)
 
 

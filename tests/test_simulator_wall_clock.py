@@ -43,14 +43,14 @@ class RecordingRunner:
             self.idle += time.perf_counter() - t0
         return wait
 
-    def dispatch(self, pool, is_prefill, seqs, num_tokens):
+    def dispatch(self, pool, kind, seqs, num_tokens):
         """The step, waited for (the engine schedules synchronously here)."""
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
         t0 = time.perf_counter()
         host = 0.0 if self.last_end is None else max(0.0, t0 - self.last_end - self.idle)
-        pool, result = self.runner.execute(pool, is_prefill, seqs, num_tokens)
+        pool, result = self.runner.execute(pool, kind, seqs, num_tokens)
         self.last_end, self.idle = time.perf_counter(), 0.0
-        self.steps.append((is_prefill, list(num_tokens), context, self.last_end - t0 + host))
+        self.steps.append((kind == "prefill", list(num_tokens), context, self.last_end - t0 + host))
         return pool, CompletedStep(result)
 
 
@@ -79,9 +79,9 @@ def warm() -> WarmEngines:
     cfg = ModelConfig("llama", 512, 768, 1536, 4, 4, 2, 64, max_position_embeddings=1024)
     loaded = random_model(cfg, "bf16", "float32")
     # Synchronous steps: each recorded step time holds its host work, which the simulator's steps
-    # must include too.
+    # must include too. Prefill and decode steps only: the profile measures those two kinds.
     config = EngineConfig(max_num_seqs=8, max_model_len=1024, max_num_batched_tokens=256, prefill_chunk=256,
-                          async_scheduling=False)
+                          async_scheduling=False, mixed_steps=False)
     grid = ProfileGrid.for_config(config, quick=True)
     profiler = build_profile_engine(loaded, config, grid)
     profile_engine(profiler, grid, repeats=1, progress=False)   # compiles every step it times
@@ -127,7 +127,7 @@ def _real_vs_simulated_trial(warm: WarmEngines):
 
     steps = [StepSample(p, tuple(n), tuple(c), s) for p, n, c, s in recorder.steps]
     fit_half, _ = fit_step_cost(steps[0::2], attention_block=128)
-    ratio = float(np.median([fit_half.step_seconds(s.is_prefill, s.num_tokens, s.context_lens) / s.seconds
+    ratio = float(np.median([fit_half.step_seconds("prefill" if s.is_prefill else "decode", s.num_tokens, s.context_lens) / s.seconds
                              for s in steps[1::2]]))
     cost, errors = fit_step_cost(steps, attention_block=128)
     layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, warm.loaded.kv_dtype)

@@ -64,23 +64,26 @@ def engine(loaded, devs, kv_cache_bytes=4 << 20, tokens_per_page=4, **config):
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+MIXED = dict(max_num_batched_tokens=32, prefill_chunk=32)   # the 40-token prompt rides along the others' decodes
 
 
 @pytest.fixture(scope="module")
 def small_on_one_device(devices):
     """A random f32 model and its greedy tokens on one device."""
     loaded = random_model(SMALL, "bf16", "float32", seed=2)
-    return loaded, [o.token_ids for o in run(engine(loaded, devices[:1]), prompts(2, SMALL.vocab_size), GREEDY)]
+    return loaded, [o.token_ids for o in run(engine(loaded, devices[:1], **MIXED), prompts(2, SMALL.vocab_size),
+                                             GREEDY)]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_greedy_tokens_match_one_device(devices, small_on_one_device, tp):
     loaded, want = small_on_one_device
     token_prompts, params = prompts(2, SMALL.vocab_size), GREEDY
-    tp_engine = engine(loaded, devices[:tp])
+    tp_engine = engine(loaded, devices[:tp], **MIXED)
     assert tp_engine.pool.mesh.devices.size == tp and tp_engine.layout.num_kv_heads == SMALL.num_kv_heads // tp
     got = [o.token_ids for o in run(tp_engine, token_prompts, params)]
     assert got == want
+    assert {kind for kind, *_ in tp_engine.stats.per_step} == {"prefill", "mixed", "decode"}
     evict_prefix_caches(tp_engine)
     assert tp_engine.pool.allocator.members[0].stats()["used_pages"]["model"] == 0   # all pages returned
 

@@ -69,12 +69,13 @@ class EngineConfig:
     sparse_recall_every: int = 0  # measure selection recall every that many decode steps (0: never)
     enable_prefix_caching: bool = True  # reuse the KV pages of earlier requests' equal prefixes
     async_scheduling: bool = True       # launch each step before the last one's tokens reach the host
+    mixed_steps: bool = True            # decode rows and a prompt chunk in one step (no prefill stalls)
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         self.sparse = sparse_spec(self.sparse, SPARSE_MODEL_FIELDS)
-        for name in ("enable_prefix_caching", "async_scheduling"):
+        for name in ("enable_prefix_caching", "async_scheduling", "mixed_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("sparse_dense_layers", "sparse_recall_every"):
@@ -101,7 +102,7 @@ class StepStats:
     recall_hits: int = 0               # sampled steps: selected pages among the top by attention mass
     recall_pages: int = 0              # ... of this many selected
     ahead: int = 0                     # steps launched before the previous step's tokens were read
-    # (prefill?, rows, total seconds, device seconds) of the most recent steps: total is the host's
+    # (StepKind, rows, total seconds, device seconds) of the most recent steps: total is the host's
     # time in `step`, device the part of it spent waiting for a step's tokens
     per_step: deque = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -147,12 +148,14 @@ class LLMEngine:
                                             prefill_chunk=config.prefill_chunk,
                                             kernels=resolve_kernels(config.kernels), sparse=config.sparse,
                                             sparse_dense_layers=config.sparse_dense_layers,
-                                            recall_every=config.sparse_recall_every, mesh=pool.mesh)
+                                            recall_every=config.sparse_recall_every, mesh=pool.mesh,
+                                            mixed_steps=config.mixed_steps)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    prefill_chunk=config.prefill_chunk,
                                    prefill_fits=self.runner.prefill_fits, admission=admission, clock=clock,
-                                   max_model_len=config.max_model_len)
+                                   max_model_len=config.max_model_len,
+                                   mixed_steps=config.mixed_steps and self.runner.mixed_steps)
         self.vocab_size = self.runner.vocab_size
         self._grammars: GrammarCache | None = None   # built on the first structured-output request
         self._seeds = np.random.default_rng(config.seed)
@@ -333,15 +336,14 @@ class LLMEngine:
         s.steps += 1
         s.total_seconds += total
         s.device_seconds += waited
-        s.per_step.append((batch.is_prefill, len(batch.seqs), total, waited))
+        s.per_step.append((batch.kind, len(batch.seqs), total, waited))
         return outputs
 
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """Launch `batch` on the device; its sequences count the tokens it computes as computed,
         and those it samples as pending."""
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
-        self.pool.words, pending = self.runner.dispatch(self.pool.words, batch.is_prefill, batch.seqs,
-                                                        batch.num_tokens)
+        self.pool.words, pending = self.runner.dispatch(self.pool.words, batch.kind, batch.seqs, batch.num_tokens)
         for seq, n, samples in zip(batch.seqs, batch.num_tokens, sample_rows):
             seq.num_computed += n
             seq.num_pending += samples
@@ -436,7 +438,7 @@ def step_scratch_bytes(model, layout: KVPageLayout, config: EngineConfig) -> int
     of that program, compiled but not run (the pool's size does not change it)."""
     runner = ModelRunner(model, layout, max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                          max_num_batched_tokens=config.max_num_batched_tokens, prefill_chunk=config.prefill_chunk,
-                         kernels=resolve_kernels(config.kernels))
+                         kernels=resolve_kernels(config.kernels), mixed_steps=config.mixed_steps)
     return runner.largest_step_temp_bytes(jax.ShapeDtypeStruct((1, layout.page_words), jnp.uint32))
 
 

@@ -2,7 +2,8 @@
 
 Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up to max_num_seqs;
 prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
-budget. The page table always has the width of a maximum-length sequence, so it never changes a
+budget; mixed, every decode row padded to `[max_batch, 1]` beside one prompt chunk `[1, S]` (S as
+prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). The page table always has the width of a maximum-length sequence, so it never changes a
 shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
 reports how many programs exist. The cost model and the simulator's stand-in runner pad with the
 same `ShapeBuckets`, so they see the batches the engine really runs.
@@ -31,13 +32,14 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 from llguidance.numpy import fill_next_token_bitmask
 
-from models.llama import LlamaForCausalLM
+from models.llama import LlamaForCausalLM, Segment
 from models.tensor_parallel import TP_AXIS, shard_state
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpec
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
+from serving.engine.scheduler import StepKind
 from serving.engine.structured_output import mask_width
 from serving.engine.sequence import Sequence
 
@@ -49,14 +51,19 @@ class ShapeBuckets:
     """The padded shapes a model's steps run in (see the module docstring); shared with the
     simulator's stand-in runner so simulated batches are the ones the engine forms."""
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, prefill_chunk: int, mixed_steps: bool = False):
         self.max_batch = next_pow2(max_num_seqs)
+        self.mixed_steps = mixed_steps and self.max_batch > 1   # a chunk needs a row beside a decode row
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
         self._prefill_set = set(self.prefill_buckets())
 
     def decode_buckets(self) -> list[int]:
         return [1 << i for i in range(self.max_batch.bit_length())]
+
+    def mixed_buckets(self) -> list[int]:
+        """The chunk lengths S of mixed steps (beside max_batch decode rows); none without them."""
+        return sorted({s for _, s in self.prefill_buckets()}) if self.mixed_steps else []
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
         out = []
@@ -75,7 +82,8 @@ class ShapeBuckets:
 
     @staticmethod
     def bucket_for(is_prefill: bool, num_tokens: list[int]) -> tuple[int, int]:
-        """(rows, tokens per row) of the padded step for these per-row token counts."""
+        """(rows, tokens per row) of the padded step for these per-row token counts (of a mixed
+        step: of its chunk)."""
         batch = next_pow2(len(num_tokens))
         seq = max(MIN_PREFILL_BUCKET, next_pow2(max(num_tokens))) if is_prefill else 1
         return batch, seq
@@ -113,7 +121,8 @@ class PendingStep:
 
     runner: ModelRunner
     out: SamplerOutput
-    reads: jax.Array          # (pages read, recall hits, pages selected), summed over the batch
+    reads: jax.Array          # (pages read, recall hits, pages selected), summed over the batch (a
+                              # mixed step's decode rows)
     rows: int                 # the scheduled rows (the rest is padding)
     logprobs: bool            # some row asked for logprobs
     kv_lens: np.ndarray
@@ -146,14 +155,15 @@ class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
                  kernels: str = "xla", sparse: SparseSpec | None = None, sparse_dense_layers: int = 2,
-                 recall_every: int = 0, mesh: Mesh | None = None):
+                 recall_every: int = 0, mesh: Mesh | None = None, mixed_steps: bool = False):
         """kernels: the implementation every kernel dispatcher gets ("xla", "pallas", "interpret").
         sparse: page selection for decode steps (the requests' default; the layout keeps key
         bounds), dense in the first `sparse_dense_layers` layers; None: off. recall_every: every
         that many decode steps, one also measures its selections' recall (a second program per
         decode bucket that reads every page: `page_selection.selection_recall`); 0: never.
-        mesh: the devices of a tensor-parallel group (1-D, `TP_AXIS`); None: one device."""
-        super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk)
+        mesh: the devices of a tensor-parallel group (1-D, `TP_AXIS`); None: one device.
+        mixed_steps: compile the mixed steps' programs (decode rows beside a prompt chunk)."""
+        super().__init__(max_num_seqs, max_num_batched_tokens, prefill_chunk, mixed_steps)
         self.layout = layout
         self.sparse = sparse
         self.dense_layers = min(sparse_dense_layers, model.config.num_layers)
@@ -170,29 +180,34 @@ class ModelRunner(ShapeBuckets):
         else:
             graphdef, self.state, state_specs = shard_state(model, mesh)
 
-        def step(state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row,
-                 measure_recall):
-            # A row's pending input token (always its only one: a decode row) is the previous step's
-            # sample of row from_row.
-            pending = (from_row >= 0)[:, None] & (jnp.arange(tokens.shape[1]) == 0)[None, :]
-            tokens = jnp.where(pending, last_sampled[jnp.maximum(from_row, 0)][:, None], tokens)
+        def step(state, pool, segments, selection, last_sampled, from_row, sample_index, measure_recall):
+            # A row's pending input token (always its only one: a decode row, in the first segment)
+            # is the previous step's sample of row from_row.
+            first = segments[0]
+            pending = (from_row >= 0)[:, None] & (jnp.arange(first.tokens.shape[1]) == 0)[None, :]
+            tokens = jnp.where(pending, last_sampled[jnp.maximum(from_row, 0)][:, None], first.tokens)
+            segments = (first._replace(tokens=tokens),) + tuple(segments[1:])
             model = nnx.merge(graphdef, state)
-            hidden, pool, stats = model(tokens, start_pos, num_new, page_table, pool, layout, kernels=kernels,
-                                        selection=selection, dense_layers=self.dense_layers,
-                                        measure_recall=measure_recall, tp_axis=tp_axis)
-            last = jnp.maximum(num_new - 1, 0)[:, None, None]
-            reads = jnp.stack([x.sum() for x in stats])
+            hidden, pool, stats = model(segments, pool, layout, kernels=kernels, selection=selection,
+                                        dense_layers=self.dense_layers, measure_recall=measure_recall,
+                                        tp_axis=tp_axis)
+            if sample_index is None:   # one segment: each row samples after its last new token
+                last = jnp.maximum(first.num_new - 1, 0)[:, None, None]
+                hidden = jnp.take_along_axis(hidden, last, axis=1)[:, 0]
+            else:                      # several: the rows' last tokens, by index into the joined row
+                hidden = hidden[0, sample_index]
+            reads = jnp.stack([x[:first.tokens.shape[0]].sum() for x in stats])   # a mixed step's decode rows
             if tp_axis is not None:   # each device counted its own kv heads
                 reads = jax.lax.psum(reads, tp_axis)
-            return model.logits(jnp.take_along_axis(hidden, last, axis=1)[:, 0]), pool, reads
+            return model.logits(hidden), pool, reads
 
-        def forward(state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row,
+        def forward(state, pool, segments, selection, last_sampled, from_row, sample_index=None,
                     measure_recall=False):
-            args = (state, pool, tokens, start_pos, num_new, page_table, selection, last_sampled, from_row)
+            args = (state, pool, segments, selection, last_sampled, from_row, sample_index)
             if mesh is None:
                 return step(*args, measure_recall)
             sharded = jax.shard_map(lambda *a: step(*a, measure_recall), mesh=mesh,
-                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 7,
+                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 5,
                                     out_specs=(P(), P(TP_AXIS), P()), check_vma=False)
             return sharded(*args)
 
@@ -207,52 +222,76 @@ class ModelRunner(ShapeBuckets):
         return self._forward._cache_size() + sample._cache_size() + self._pad_sampled._cache_size()
 
     # ---- execution -----------------------------------------------------------------------------
-    def execute(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int]
+    def execute(self, pool: jax.Array, kind: StepKind, seqs: list[Sequence], num_tokens: list[int]
                 ) -> tuple[jax.Array, StepResult]:
         """Run one step and wait for it (`dispatch`, then its result)."""
-        pool, step = self.dispatch(pool, is_prefill, seqs, num_tokens)
+        pool, step = self.dispatch(pool, kind, seqs, num_tokens)
         return pool, step.result()
 
-    def dispatch(self, pool: jax.Array, is_prefill: bool, seqs: list[Sequence], num_tokens: list[int]
+    def dispatch(self, pool: jax.Array, kind: StepKind, seqs: list[Sequence], num_tokens: list[int]
                  ) -> tuple[jax.Array, PendingStep]:
-        """Launch one step: seqs[i] computes its next num_tokens[i] tokens. Returns the new pool and
-        the step, whose result is a token sampled after each row's last token (the caller ignores it
-        for mid-prefill rows). A row whose last token is pending must have sampled it in the step
-        launched just before this one."""
-        batch, seq_len = self.bucket_for(is_prefill, num_tokens)
-        tokens = np.zeros((batch, seq_len), np.int32)
-        start = np.zeros((batch,), np.int32)
-        count = np.zeros((batch,), np.int32)
-        from_row = np.full((batch,), -1, np.int32)
-        table = np.zeros((batch, self.table_width), np.int32)
-        for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
-            known = seq.tokens(seq.num_computed, seq.num_computed + n)
-            tokens[i, :len(known)] = known
-            if len(known) < n:
-                row, sampler = self._last_rows.get(id(seq), (-1, None))
-                if n - len(known) > 1 or sampler is not seq:
-                    raise RuntimeError(f"request {seq.request_id}: its input tokens were not sampled by the last step")
-                from_row[i] = row
-            start[i] = seq.num_computed
-            count[i] = n
-            table[i, :len(seq.pages)] = seq.pages
+        """Launch one step: seqs[i] computes its next num_tokens[i] tokens (a mixed step: seqs[:-1]
+        decode one token each, seqs[-1] computes a chunk of its prompt). Returns the new pool and the
+        step, whose result is a token sampled after each row's last token (the caller ignores it
+        for mid-prefill rows). A row whose last token is pending must be a decode row that sampled
+        it in the step launched just before this one."""
+        kind = StepKind(kind)
+        if kind is StepKind.MIXED and (not self.mixed_steps or len(seqs) > self.max_batch):
+            raise ValueError(f"a mixed step of {len(seqs)} rows: this runner's mixed steps take at most "
+                             f"{self.max_batch if self.mixed_steps else 0}")
+        from_row = np.full((self.max_batch if kind is StepKind.MIXED else next_pow2(len(seqs)),), -1, np.int32)
+        sample_index = None
+        if kind is StepKind.MIXED:
+            chunk = max(MIN_PREFILL_BUCKET, next_pow2(num_tokens[-1]))
+            segments = (self._segment(self.max_batch, 1, seqs[:-1], num_tokens[:-1], from_row),
+                        self._segment(1, chunk, seqs[-1:], num_tokens[-1:], None))
+            sample_index = np.zeros((self.max_batch,), np.int32)
+            sample_index[:len(seqs) - 1] = np.arange(len(seqs) - 1)
+            sample_index[len(seqs) - 1] = self.max_batch + num_tokens[-1] - 1
+        else:
+            segments = (self._segment(*self.bucket_for(kind is StepKind.PREFILL, num_tokens), seqs, num_tokens,
+                                      from_row),)
+        rows = from_row.shape[0]
         params = [s.params for s in seqs]
         histories = [(s.prompt_token_ids + s.output_token_ids, len(s.prompt_token_ids))
                      if s.params.uses_penalties else ((), 0) for s in seqs]
         sampling, flags = build_sampling_batch(
             params, histories, [len(s.output_token_ids) + s.num_pending for s in seqs], [s.seed for s in seqs],
-            batch, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
-        selection = None if is_prefill else self.selection_inputs(seqs, start + count)
-        measure = selection is not None and self._sample_recall()
+            rows, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
+        first = segments[0]
+        decoding = seqs[:-1] if kind is StepKind.MIXED else seqs
+        selection = None if kind is StepKind.PREFILL else self.selection_inputs(decoding, first.start_pos + first.num_new)
+        measure = selection is not None and kind is StepKind.DECODE and self._sample_recall()
         t0 = time.perf_counter()
-        logits, pool, reads = self._forward(self.state, pool, tokens, start, count, table, selection,
-                                            self._last_sampled, from_row, measure_recall=measure)
+        logits, pool, reads = self._forward(self.state, pool, segments, selection, self._last_sampled, from_row,
+                                            sample_index, measure_recall=measure)
         out: SamplerOutput = sample(logits, sampling, flags=flags)
         self._last_sampled = self._pad_sampled(out.token_ids)
         self._last_rows = {id(seq): (i, seq) for i, (seq, n) in enumerate(zip(seqs, num_tokens))
                            if seq.num_computed + n == seq.num_tokens}
         return pool, PendingStep(self, out, reads, len(seqs), any(p.logprobs is not None for p in params),
-                                 start + count, selection is not None, t0)
+                                 first.start_pos + first.num_new, selection is not None, t0)
+
+    def _segment(self, rows: int, seq_len: int, seqs: list[Sequence], num_tokens: list[int],
+                 from_row: np.ndarray | None) -> Segment:
+        """The padded rows of `seqs` (numpy arrays); a row whose last input token is pending reads it
+        from the last step's samples (`from_row`; None: no row may be pending)."""
+        tokens = np.zeros((rows, seq_len), np.int32)
+        start = np.zeros((rows,), np.int32)
+        count = np.zeros((rows,), np.int32)
+        table = np.zeros((rows, self.table_width), np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
+            known = seq.tokens(seq.num_computed, seq.num_computed + n)
+            tokens[i, :len(known)] = known
+            if len(known) < n:
+                row, sampler = self._last_rows.get(id(seq), (-1, None))
+                if n - len(known) > 1 or sampler is not seq or from_row is None:
+                    raise RuntimeError(f"request {seq.request_id}: its input tokens were not sampled by the last step")
+                from_row[i] = row
+            start[i] = seq.num_computed
+            count[i] = n
+            table[i, :len(seq.pages)] = seq.pages
+        return Segment(tokens, start, count, table)
 
     def _sample_recall(self) -> bool:
         """Whether this decode step measures recall (every `recall_every`-th)."""
@@ -285,27 +324,47 @@ class ModelRunner(ShapeBuckets):
             rows[:, i] = spec.row(int(kv_lens[i]), self.layout.tokens_per_page)
         return SelectionInputs(*rows)
 
-    def _run_bucket(self, pool: jax.Array, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
-        """The forward program of one bucket on zero inputs (page 0 of every row, nothing written)."""
-        zeros = np.zeros((batch,), np.int32)
-        table = np.zeros((batch, self.table_width), np.int32)
-        selection = None if seq > 1 else self.selection_inputs([], zeros)
-        args = (self.state, pool, np.zeros((batch, seq), np.int32), zeros, zeros, table, selection,
-                self._last_sampled, zeros - 1)
+    def _run_bucket(self, pool: jax.Array, kind: StepKind, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
+        """The forward program of one bucket on zero inputs (page 0 of every row, nothing written);
+        of a mixed step, `seq` is its chunk's length."""
+        segments = [self._zero_segment(self.max_batch if kind is StepKind.MIXED else batch,
+                                       1 if kind is StepKind.MIXED else seq)]
+        sample_index = None
+        if kind is StepKind.MIXED:
+            segments.append(self._zero_segment(1, seq))
+            sample_index = np.zeros((self.max_batch,), np.int32)
+        rows = segments[0].tokens.shape[0]
+        selection = None if kind is StepKind.PREFILL else self.selection_inputs([], np.zeros((rows,), np.int32))
+        args = (self.state, pool, tuple(segments), selection, self._last_sampled, np.full((rows,), -1, np.int32),
+                sample_index)
         logits, pool, _ = self._forward(*args, measure_recall=False)
-        if selection is not None and self.recall_every:   # the sampled steps' program too
+        if selection is not None and kind is StepKind.DECODE and self.recall_every:   # the sampled steps' program
             _, pool, _ = self._forward(self.state, pool, *args[2:], measure_recall=True)
         return logits, pool
 
+    def _zero_segment(self, rows: int, seq_len: int) -> Segment:
+        zeros = np.zeros((rows,), np.int32)
+        return Segment(np.zeros((rows, seq_len), np.int32), zeros, zeros, np.zeros((rows, self.table_width), np.int32))
+
     def largest_step_temp_bytes(self, pool: jax.ShapeDtypeStruct) -> int:
-        """Scratch memory (activations) of the largest bucket's program, from XLA's own analysis of
-        it compiled for a pool of this shape: the most a step needs beside weights and pool."""
+        """Scratch memory (activations) of the largest buckets' programs (prefill and mixed), from
+        XLA's own analysis of them compiled for a pool of this shape: the most a step needs beside
+        weights and pool."""
+        ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        segment = lambda b, s: Segment(ints(b, s), ints(b), ints(b), ints(b, self.table_width))
         batch, seq = max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1])
-        ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
-        compiled = self._forward.lower(self.state, pool, jax.ShapeDtypeStruct((batch, seq), jnp.int32), ints, ints,
-                                       jax.ShapeDtypeStruct((batch, self.table_width), jnp.int32), None,
-                                       self._last_sampled, ints).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        largest = [((segment(batch, seq),), ints(batch), None)]
+        if self.mixed_buckets():
+            largest.append(((segment(self.max_batch, 1), segment(1, max(self.mixed_buckets()))),
+                            ints(self.max_batch), ints(self.max_batch)))
+        temp = 0
+        for segments, from_row, sample_index in largest:
+            rows = segments[0].tokens.shape[0]
+            selection = None if segments[0].tokens.shape[1] > 1 else self.selection_inputs([], np.zeros((rows,), np.int32))
+            compiled = self._forward.lower(self.state, pool, segments, selection, self._last_sampled, from_row,
+                                           sample_index).compile()
+            temp = max(temp, int(compiled.memory_analysis().temp_size_in_bytes))
+        return temp
 
     def token_masks(self, seqs: list[Sequence], num_tokens: list[int]) -> list[np.ndarray | None] | None:
         """The allowed-token bitmask of each row that samples under a structured-output matcher."""
@@ -319,7 +378,7 @@ class ModelRunner(ShapeBuckets):
 
     @property
     def num_buckets(self) -> int:
-        return len(self.decode_buckets()) + len(self.prefill_buckets())
+        return len(self.decode_buckets()) + len(self.prefill_buckets()) + len(self.mixed_buckets())
 
     def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None,
                progress: Callable[[int], object] | None = None) -> jax.Array:
@@ -328,13 +387,16 @@ class ModelRunner(ShapeBuckets):
         variants = sampling_variants or [SamplingParams(temperature=0.0),
                                          SamplingParams(temperature=0.8, top_p=0.95, top_k=50),
                                          SamplingParams(temperature=0.8)]
-        shapes = [(b, 1) for b in self.decode_buckets()] + self.prefill_buckets()
-        for b, s in shapes:
-            logits, pool = self._run_bucket(pool, b, s)
-            for v in variants:
-                batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
-                out = sample(logits, batch, flags=flags)
-            self._pad_sampled(out.token_ids)   # as a step keeps its samples
+        shapes = ([(StepKind.DECODE, b, 1) for b in self.decode_buckets()]
+                  + [(StepKind.PREFILL, b, s) for b, s in self.prefill_buckets()]
+                  + [(StepKind.MIXED, self.max_batch, s) for s in self.mixed_buckets()])
+        for kind, b, s in shapes:
+            logits, pool = self._run_bucket(pool, kind, b, s)
+            if kind is not StepKind.MIXED:   # a mixed step samples max_batch rows, as the largest decode step
+                for v in variants:
+                    batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
+                    out = sample(logits, batch, flags=flags)
+                self._pad_sampled(out.token_ids)   # as a step keeps its samples
             if progress is not None:
                 progress(1)
         jax.block_until_ready(pool)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.llama import Segment
 from pallas_kernels.kv_pages import KVPageLayout
 from pallas_kernels.page_selection import SelectionInputs, SparseSpec
 from serving.kv.kv_pool import KVPool
@@ -52,7 +53,7 @@ class PagedForward:
         @jax.jit
         def forward(state, words, tokens, start, count, table, selection):
             m = nnx.merge(graphdef, state)
-            hidden, words, reads = m(tokens, start, count, table, words, layout, selection=selection,
+            hidden, words, reads = m(Segment(tokens, start, count, table), words, layout, selection=selection,
                                      dense_layers=sparse_dense_layers, measure_recall=measure_recall)
             return m.logits(hidden), words, reads
 

@@ -1,11 +1,14 @@
 """Step-time model of one model variant on one device kind: what the global scheduler, SAAB and the
 simulator use instead of running the model.
 
-A step's time is a linear form in a few features, split by step kind because the engine never mixes
-prefill and decode in one step (`context_lens` count the cached tokens after the step):
+A step's time is a linear form in a few features, split by step kind (`context_lens` count the
+cached tokens after the step):
 
     prefill = [1, T, A]      T = new tokens, A = sum(new_i x ctx_i) (attention work)
     decode  = [1, B, C, M]   B = rows, C = sum(ctx_i) (KV read), M = [rows > 1]
+
+A mixed step (decode rows beside one prompt chunk) is costed as a prefill of ragged rows: its
+matmuls run on every row's tokens at once, as a prefill's do.
 
 Measured profiles (`fit_step_cost`, from `serving.sim.profiler`) compute the features on the engine's
 padded bucket shapes (`pad_to_buckets=True`); roofline profiles (`roofline_step_cost`, GPUs until
@@ -29,8 +32,10 @@ from scipy.optimize import nnls
 
 from models.config import ModelConfig
 from models.precision import PrecisionPreset, resolve_precision
+from pallas_kernels.pow2 import next_pow2
 from serving.engine.llm_engine import EngineConfig
-from serving.engine.model_runner import ShapeBuckets
+from serving.engine.model_runner import MIN_PREFILL_BUCKET, ShapeBuckets
+from serving.engine.scheduler import StepKind
 
 # Device cost profiles shipped with the package (package data: a wheel installs them too).
 PROFILE_DIR = Path(str(resources.files(__package__).joinpath("profiles")))
@@ -73,6 +78,21 @@ def prefill_features(num_tokens: Sequence[int], context_lens: Sequence[int], *, 
         tokens = sum(num_tokens)
         attention = sum(n * c for n, c in zip(num_tokens, context_lens))
     return np.array([1.0, tokens, attention], dtype=np.float64)
+
+
+def mixed_features(num_tokens: Sequence[int], context_lens: Sequence[int], *, pad_to_buckets: bool,
+                   attention_block: int) -> np.ndarray:
+    """[1, T, A] of one mixed step: one token for every row but the last, a chunk for the last. Padded,
+    the decode rows count as the next power of two (the engine pads them to its largest batch,
+    which this model does not know) and the chunk as its bucket."""
+    _check_rows(num_tokens, context_lens)
+    if not pad_to_buckets or len(num_tokens) == 0:
+        return prefill_features(num_tokens, context_lens, pad_to_buckets=False, attention_block=attention_block)
+    rows = next_pow2(len(num_tokens) - 1) if len(num_tokens) > 1 else 0
+    chunk = max(MIN_PREFILL_BUCKET, next_pow2(num_tokens[-1]))
+    decode_ctx = _round_up(max(context_lens[:-1]), attention_block) if rows else 0
+    attention = rows * decode_ctx + chunk * _round_up(context_lens[-1], attention_block)
+    return np.array([1.0, rows + chunk, attention], dtype=np.float64)
 
 
 def decode_features(context_lens: Sequence[int], *, pad_to_buckets: bool, attention_block: int) -> np.ndarray:
@@ -135,9 +155,15 @@ class StepCost:
         f = decode_features(context_lens, pad_to_buckets=self.pad_to_buckets, attention_block=self.attention_block)
         return self._evaluate(f, self.decode, self.decode_compute)
 
-    def step_seconds(self, is_prefill: bool, num_tokens: Sequence[int], context_lens: Sequence[int]) -> float:
-        if is_prefill:
+    def step_seconds(self, kind: StepKind, num_tokens: Sequence[int], context_lens: Sequence[int]) -> float:
+        """One step of the engine's `kind` (prefill, decode or mixed; see `ScheduledBatch`)."""
+        kind = StepKind(kind)
+        if kind is StepKind.PREFILL:
             return self.prefill_seconds(num_tokens, context_lens)
+        if kind is StepKind.MIXED:
+            f = mixed_features(num_tokens, context_lens, pad_to_buckets=self.pad_to_buckets,
+                               attention_block=self.attention_block)
+            return self._evaluate(f, self.prefill, self.prefill_compute)
         if any(n != 1 for n in num_tokens) or len(num_tokens) != len(context_lens):
             raise ValueError(f"a decode step computes one token per row, got num_tokens={list(num_tokens)}")
         return self.decode_seconds(context_lens)

@@ -50,6 +50,7 @@ from serving.engine.llm_engine import EngineConfig, LLMEngine, engine_with_own_p
 from serving.kv.slab_geometry import slab_bytes_for
 from serving.engine.model_runner import PAGES_PER_ATTENTION_BLOCK
 from serving.engine.sampling import SamplingParams
+from serving.engine.scheduler import StepKind
 from serving.engine.sequence import Sequence
 
 RANDOM_SHAPES = {"8b": ("llama3-8b", LLAMA3_8B), "70b": ("llama3-70b", LLAMA3_70B)}  # profile name, config
@@ -197,7 +198,8 @@ def measure_engine(engine: LLMEngine, grid: ProfileGrid, *, repeats: int = DEFAU
                 seqs = _synthetic_rows(engine, rows, n, ctx, rng)
                 try:
                     t0 = time.perf_counter()
-                    engine.pool.words, _ = runner.execute(engine.pool.words, is_prefill, seqs, [n] * rows)
+                    engine.pool.words, _ = runner.execute(engine.pool.words, StepKind.PREFILL if is_prefill else StepKind.DECODE,
+                                                               seqs, [n] * rows)
                     times[i].append(time.perf_counter() - t0)
                 finally:
                     for seq in seqs:

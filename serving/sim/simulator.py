@@ -36,6 +36,7 @@ from serving.scheduling.local_scheduling import LocalScheduling
 from serving.scheduling.slo import SLO
 from serving.sim.metrics import RequestRecord
 from serving.engine.model_runner import CompletedStep, ShapeBuckets, StepResult
+from serving.engine.scheduler import StepKind
 from serving.kv.pool_plan import ModelPages, PoolPlan, plan_pool
 from serving.sim.replay import replay
 from serving.sim.workload import Request
@@ -89,21 +90,22 @@ class SimulatedRunner(ShapeBuckets):
     """Stands in for a model's `ModelRunner`: same buckets, cost-model time, token 0 for every row."""
 
     def __init__(self, cost: StepCost, clock: SimClock, config: EngineConfig, vocab_size: int = 2):
-        super().__init__(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk)
+        super().__init__(config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk,
+                         config.mixed_steps)
         self.cost = cost
         self.clock = clock
         self.vocab_size = vocab_size
-        self.steps: list[tuple[bool, int, float]] = []  # (prefill?, rows, seconds)
+        self.steps: list[tuple[StepKind, int, float]] = []  # (kind, rows, seconds)
 
-    def dispatch(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
+    def dispatch(self, pool, kind: StepKind, seqs, num_tokens: list[int]):
         context = [s.num_computed + n for s, n in zip(seqs, num_tokens)]
-        seconds = self.cost.step_seconds(is_prefill, num_tokens, context)
-        self.steps.append((is_prefill, len(seqs), seconds))
+        seconds = self.cost.step_seconds(kind, num_tokens, context)
+        self.steps.append((StepKind(kind), len(seqs), seconds))
         result = StepResult(np.zeros(len(seqs), np.int32), None, None, None, seconds)
         return pool, TimedStep(self.clock, self.clock.launch(seconds), CompletedStep(result))
 
-    def execute(self, pool, is_prefill: bool, seqs, num_tokens: list[int]):
-        pool, step = self.dispatch(pool, is_prefill, seqs, num_tokens)
+    def execute(self, pool, kind: StepKind, seqs, num_tokens: list[int]):
+        pool, step = self.dispatch(pool, kind, seqs, num_tokens)
         return pool, step.result()
 
 
