@@ -127,7 +127,8 @@ def _real_vs_simulated_trial(warm: WarmEngines):
 
     steps = [StepSample(p, tuple(n), tuple(c), s) for p, n, c, s in recorder.steps]
     fit_half, _ = fit_step_cost(steps[0::2], attention_block=128)
-    ratio = float(np.median([fit_half.step_seconds("prefill" if s.is_prefill else "decode", s.num_tokens, s.context_lens) / s.seconds
+    kinds = {True: "prefill", False: "decode"}
+    ratio = float(np.median([fit_half.step_seconds(kinds[s.is_prefill], s.num_tokens, s.context_lens) / s.seconds
                              for s in steps[1::2]]))
     cost, errors = fit_step_cost(steps, attention_block=128)
     layout = KVPageLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, warm.loaded.kv_dtype)

@@ -3,8 +3,8 @@
 Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up to max_num_seqs;
 prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
 budget; mixed, every decode row padded to `[max_batch, 1]` beside one prompt chunk `[1, S]` (S as
-prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). The page table always has the width of a maximum-length sequence, so it never changes a
-shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
+prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). The page table
+always has the width of a maximum-length sequence, so it never changes a shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
 reports how many programs exist. The cost model and the simulator's stand-in runner pad with the
 same `ShapeBuckets`, so they see the batches the engine really runs.
 
@@ -280,7 +280,8 @@ class ModelRunner(ShapeBuckets):
             rows, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
         first = segments[0]
         decoding = seqs[:-1] if kind is StepKind.MIXED else seqs
-        selection = None if kind is StepKind.PREFILL else self.selection_inputs(decoding, first.start_pos + first.num_new)
+        kv_lens = first.start_pos + first.num_new
+        selection = None if kind is StepKind.PREFILL else self.selection_inputs(decoding, kv_lens)
         measure = selection is not None and kind is StepKind.DECODE and self._sample_recall()
         t0 = time.perf_counter()
         logits, pool, reads = self._forward(self.state, pool, segments, selection, self._last_sampled, from_row,
@@ -290,7 +291,7 @@ class ModelRunner(ShapeBuckets):
         self._last_rows = {id(seq): (i, seq) for i, (seq, n) in enumerate(zip(seqs, num_tokens))
                            if seq.num_computed + n == seq.num_tokens}
         return pool, PendingStep(self, out, reads, len(seqs), any(p.logprobs is not None for p in params),
-                                 first.start_pos + first.num_new, selection is not None, t0)
+                                 kv_lens, selection is not None, t0)
 
     def _segment(self, rows: int, seq_len: int, seqs: list[Sequence], num_tokens: list[int],
                  from_row: np.ndarray | None) -> Segment:
@@ -380,7 +381,8 @@ class ModelRunner(ShapeBuckets):
         temp = 0
         for segments, from_row, sample_index in largest:
             rows = segments[0].tokens.shape[0]
-            selection = None if segments[0].tokens.shape[1] > 1 else self.selection_inputs([], np.zeros((rows,), np.int32))
+            decode = segments[0].tokens.shape[1] == 1
+            selection = self.selection_inputs([], np.zeros((rows,), np.int32)) if decode else None
             compiled = self._forward.lower(self.state, pool, segments, selection, self._last_sampled, from_row,
                                            sample_index).compile()
             temp = max(temp, int(compiled.memory_analysis().temp_size_in_bytes))

@@ -7,10 +7,11 @@ sequence ready to decode gets its token and one prompt chunk rides along (within
 less the decode rows), so a long prompt never stalls the decodes (as Sarathi-Serve, vLLM V1).
 Without running decodes, prefill goes first so new requests join the decode batch as soon as
 possible. A mixed step admits at most one new request, so several short prompts that fit in one
-step together get a prefill step of their own (one stall instead of one admission per step). Which waiting requests are admitted,
-in what order, and which are dropped as hopeless is the admission policy's choice
-(FCFS by default as here, as vLLM; or `serving.scheduling.admission`'s SLO-aware SAAB); dropped
-requests finish at once with reason "dropped" and wait in `dropped` until the engine reports them.
+step together get a prefill step of their own (one stall instead of one admission per step).
+Which waiting requests are admitted, in what order, and which are dropped as hopeless is the
+admission policy's choice (FCFS by default as here, as vLLM; or `serving.scheduling.admission`'s
+SLO-aware SAAB); dropped requests finish at once with reason "dropped" and wait in `dropped` until
+the engine reports them.
 When the pool runs out of pages during decode, the most recently admitted sequence is preempted: its
 pages are freed and it is recomputed later from its prompt plus the tokens it has generated (its
 outputs are kept). A sequence admitted with the prefix cache on starts after the cached pages of its

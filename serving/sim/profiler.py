@@ -198,8 +198,8 @@ def measure_engine(engine: LLMEngine, grid: ProfileGrid, *, repeats: int = DEFAU
                 seqs = _synthetic_rows(engine, rows, n, ctx, rng)
                 try:
                     t0 = time.perf_counter()
-                    engine.pool.words, _ = runner.execute(engine.pool.words, StepKind.PREFILL if is_prefill else StepKind.DECODE,
-                                                               seqs, [n] * rows)
+                    kind = StepKind.PREFILL if is_prefill else StepKind.DECODE
+                    engine.pool.words, _ = runner.execute(engine.pool.words, kind, seqs, [n] * rows)
                     times[i].append(time.perf_counter() - t0)
                 finally:
                     for seq in seqs:
