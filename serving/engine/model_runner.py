@@ -21,7 +21,6 @@ own kv heads (`layout` is one device's); logits come back replicated.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -152,58 +151,6 @@ class PendingStep:
         return self._result
 
 
-def _forward_program(graphdef, layout: KVPageLayout, kernels: str, dense_layers: int, mesh: Mesh | None = None,
-                     state_specs=None):
-    """The jitted step of a model (its graph, page layout, kernels and dense layers): tokens in,
-    logits at each row's last token, the updated pool and what attention read out. With a mesh, it
-    runs under `shard_map` over the tensor-parallel group (`state_specs`: the state's sharding)."""
-    tp_axis = None if mesh is None else TP_AXIS
-
-    def step(state, pool, segments, selection, last_sampled, from_row, sample_index, measure_recall):
-        # A row's pending input token (always its only one: a decode row, in the first segment)
-        # is the previous step's sample of row from_row.
-        first = segments[0]
-        pending = (from_row >= 0)[:, None] & (jnp.arange(first.tokens.shape[1]) == 0)[None, :]
-        tokens = jnp.where(pending, last_sampled[jnp.maximum(from_row, 0)][:, None], first.tokens)
-        segments = (first._replace(tokens=tokens),) + tuple(segments[1:])
-        model = nnx.merge(graphdef, state)
-        hidden, pool, stats = model(segments, pool, layout, kernels=kernels, selection=selection,
-                                    dense_layers=dense_layers, measure_recall=measure_recall,
-                                    tp_axis=tp_axis)
-        if sample_index is None:   # one segment: each row samples after its last new token
-            last = jnp.maximum(first.num_new - 1, 0)[:, None, None]
-            hidden = jnp.take_along_axis(hidden, last, axis=1)[:, 0]
-        else:                      # several: the rows' last tokens, by index into the joined row
-            hidden = hidden[0, sample_index]
-        reads = jnp.stack([x[:first.tokens.shape[0]].sum() for x in stats])   # a mixed step's decode rows
-        if tp_axis is not None:   # each device counted its own kv heads
-            reads = jax.lax.psum(reads, tp_axis)
-        return model.logits(hidden), pool, reads
-
-    def forward(state, pool, segments, selection, last_sampled, from_row, sample_index=None,
-                measure_recall=False):
-        args = (state, pool, segments, selection, last_sampled, from_row, sample_index)
-        if mesh is None:
-            return step(*args, measure_recall)
-        sharded = jax.shard_map(lambda *a: step(*a, measure_recall), mesh=mesh,
-                                in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 5,
-                                out_specs=(P(), P(TP_AXIS), P()), check_vma=False)
-        return sharded(*args)
-
-    return jax.jit(forward, donate_argnums=(1,), static_argnames="measure_recall")
-
-
-# Runners of equal models (same graph, layout, kernels) share one jitted step, so a second engine of
-# a model finds its programs traced and compiled (the weights are an argument, not a constant).
-_shared_forward_program = functools.lru_cache(maxsize=32)(_forward_program)
-
-
-@functools.lru_cache(maxsize=32)
-def _pad_program(max_batch: int):
-    """Pads a step's sampled tokens to `max_batch` rows (what the next step reads pending tokens from)."""
-    return jax.jit(lambda ids: jnp.zeros((max_batch,), jnp.int32).at[:ids.shape[0]].set(ids))
-
-
 class ModelRunner(ShapeBuckets):
     def __init__(self, model: LlamaForCausalLM, layout: KVPageLayout, *, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, prefill_chunk: int,
@@ -227,13 +174,46 @@ class ModelRunner(ShapeBuckets):
         pages = layout.pages_for(max_model_len)
         self.table_width = -(-pages // PAGES_PER_ATTENTION_BLOCK) * PAGES_PER_ATTENTION_BLOCK
         self.tp = 1 if mesh is None else mesh.devices.size
+        tp_axis = None if mesh is None else TP_AXIS
         if mesh is None:
             graphdef, self.state = nnx.split(model)
-            self._forward = _shared_forward_program(graphdef, layout, kernels, self.dense_layers)
         else:
             graphdef, self.state, state_specs = shard_state(model, mesh)
-            self._forward = _forward_program(graphdef, layout, kernels, self.dense_layers, mesh, state_specs)
-        self._pad_sampled = _pad_program(self.max_batch)
+
+        def step(state, pool, segments, selection, last_sampled, from_row, sample_index, measure_recall):
+            # A row's pending input token (always its only one: a decode row, in the first segment)
+            # is the previous step's sample of row from_row.
+            first = segments[0]
+            pending = (from_row >= 0)[:, None] & (jnp.arange(first.tokens.shape[1]) == 0)[None, :]
+            tokens = jnp.where(pending, last_sampled[jnp.maximum(from_row, 0)][:, None], first.tokens)
+            segments = (first._replace(tokens=tokens),) + tuple(segments[1:])
+            model = nnx.merge(graphdef, state)
+            hidden, pool, stats = model(segments, pool, layout, kernels=kernels, selection=selection,
+                                        dense_layers=self.dense_layers, measure_recall=measure_recall,
+                                        tp_axis=tp_axis)
+            if sample_index is None:   # one segment: each row samples after its last new token
+                last = jnp.maximum(first.num_new - 1, 0)[:, None, None]
+                hidden = jnp.take_along_axis(hidden, last, axis=1)[:, 0]
+            else:                      # several: the rows' last tokens, by index into the joined row
+                hidden = hidden[0, sample_index]
+            reads = jnp.stack([x[:first.tokens.shape[0]].sum() for x in stats])   # a mixed step's decode rows
+            if tp_axis is not None:   # each device counted its own kv heads
+                reads = jax.lax.psum(reads, tp_axis)
+            return model.logits(hidden), pool, reads
+
+        def forward(state, pool, segments, selection, last_sampled, from_row, sample_index=None,
+                    measure_recall=False):
+            args = (state, pool, segments, selection, last_sampled, from_row, sample_index)
+            if mesh is None:
+                return step(*args, measure_recall)
+            sharded = jax.shard_map(lambda *a: step(*a, measure_recall), mesh=mesh,
+                                    in_specs=(state_specs, P(TP_AXIS)) + (P(),) * 5,
+                                    out_specs=(P(), P(TP_AXIS), P()), check_vma=False)
+            return sharded(*args)
+
+        self._forward = jax.jit(forward, donate_argnums=(1,), static_argnames="measure_recall")
+        max_batch = self.max_batch
+        self._pad_sampled = jax.jit(lambda ids: jnp.zeros((max_batch,), jnp.int32).at[:ids.shape[0]].set(ids))
         self._last_sampled = self._pad_sampled(np.zeros((1,), np.int32))   # the last step's samples, padded
         self._last_rows: dict[int, tuple[int, Sequence]] = {}   # the last step's sampling rows, by id(sequence)
 
