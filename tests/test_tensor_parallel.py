@@ -64,7 +64,7 @@ def engine(loaded, devs, kv_cache_bytes=4 << 20, tokens_per_page=4, **config):
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
-MIXED = dict(max_num_batched_tokens=32, prefill_chunk=32)   # the 40-token prompt rides along the others' decodes
+MIXED = dict(max_num_batched_tokens=32, prefill_chunk=32, mixed_steps=True)   # the 40-token prompt rides along the others' decodes
 
 
 @pytest.fixture(scope="module")
