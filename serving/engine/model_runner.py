@@ -4,9 +4,10 @@ Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up 
 prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
 budget; mixed, every decode row padded to `[max_batch, 1]` beside one prompt chunk `[1, S]` (S as
 prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). The page table
-always has the width of a maximum-length sequence, so it never changes a shape. Once each bucket has run (see `warmup`), serving compiles nothing new; `num_compilations`
-reports how many programs exist. The cost model and the simulator's stand-in runner pad with the
-same `ShapeBuckets`, so they see the batches the engine really runs.
+always has the width of a maximum-length sequence, so it never changes a shape. Once each bucket
+has run (see `warmup`), serving compiles nothing new; `num_compilations` reports how many programs
+exist. The cost model and the simulator's stand-in runner pad with the same `ShapeBuckets`, so they
+see the batches the engine really runs.
 
 The pool is donated to every step, so it is updated in place and never copied (docs/serving.md).
 `dispatch` launches a step and returns at once; its `PendingStep.result()` brings the sampled tokens
@@ -60,6 +61,11 @@ class ShapeBuckets:
 
     def decode_buckets(self) -> list[int]:
         return [1 << i for i in range(self.max_batch.bit_length())]
+
+    def segment_shapes(self, kind: StepKind, batch: int, seq: int) -> list[tuple[int, int]]:
+        """(rows, tokens per row) of each segment of a step in bucket (batch, seq): one, or for a
+        mixed step its decode rows and its chunk of `seq` tokens."""
+        return [(self.max_batch, 1), (1, seq)] if kind is StepKind.MIXED else [(batch, seq)]
 
     def mixed_buckets(self) -> list[int]:
         """The chunk lengths S of mixed steps (beside max_batch decode rows); none without them."""
@@ -239,19 +245,18 @@ class ModelRunner(ShapeBuckets):
         if kind is StepKind.MIXED and (not self.mixed_steps or len(seqs) > self.max_batch):
             raise ValueError(f"a mixed step of {len(seqs)} rows: this runner's mixed steps take at most "
                              f"{self.max_batch if self.mixed_steps else 0}")
-        from_row = np.full((self.max_batch if kind is StepKind.MIXED else next_pow2(len(seqs)),), -1, np.int32)
+        mixed = kind is StepKind.MIXED
+        parts = [(seqs[:-1], num_tokens[:-1]), (seqs[-1:], num_tokens[-1:])] if mixed else [(seqs, num_tokens)]
+        shapes = self.segment_shapes(kind, *self.bucket_for(kind is not StepKind.DECODE, parts[-1][1]))
+        rows = shapes[0][0]
+        from_row = np.full((rows,), -1, np.int32)   # pending tokens: the first segment's rows only
+        segments = tuple(self._segment(b, s, part_seqs, counts, from_row if i == 0 else None)
+                         for i, ((b, s), (part_seqs, counts)) in enumerate(zip(shapes, parts)))
         sample_index = None
-        if kind is StepKind.MIXED:
-            chunk = max(MIN_PREFILL_BUCKET, next_pow2(num_tokens[-1]))
-            segments = (self._segment(self.max_batch, 1, seqs[:-1], num_tokens[:-1], from_row),
-                        self._segment(1, chunk, seqs[-1:], num_tokens[-1:], None))
-            sample_index = np.zeros((self.max_batch,), np.int32)
+        if mixed:   # each decode row's one token, then the chunk's last, in the joined row
+            sample_index = np.zeros((rows,), np.int32)
             sample_index[:len(seqs) - 1] = np.arange(len(seqs) - 1)
-            sample_index[len(seqs) - 1] = self.max_batch + num_tokens[-1] - 1
-        else:
-            segments = (self._segment(*self.bucket_for(kind is StepKind.PREFILL, num_tokens), seqs, num_tokens,
-                                      from_row),)
-        rows = from_row.shape[0]
+            sample_index[len(seqs) - 1] = rows + num_tokens[-1] - 1
         params = [s.params for s in seqs]
         histories = [(s.prompt_token_ids + s.output_token_ids, len(s.prompt_token_ids))
                      if s.params.uses_penalties else ((), 0) for s in seqs]
@@ -328,16 +333,11 @@ class ModelRunner(ShapeBuckets):
     def _run_bucket(self, pool: jax.Array, kind: StepKind, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
         """The forward program of one bucket on zero inputs (page 0 of every row, nothing written);
         of a mixed step, `seq` is its chunk's length."""
-        segments = [self._zero_segment(self.max_batch if kind is StepKind.MIXED else batch,
-                                       1 if kind is StepKind.MIXED else seq)]
-        sample_index = None
-        if kind is StepKind.MIXED:
-            segments.append(self._zero_segment(1, seq))
-            sample_index = np.zeros((self.max_batch,), np.int32)
-        rows = segments[0].tokens.shape[0]
+        shapes = self.segment_shapes(kind, batch, seq)
+        rows = shapes[0][0]
         selection = None if kind is StepKind.PREFILL else self.selection_inputs([], np.zeros((rows,), np.int32))
-        args = (self.state, pool, tuple(segments), selection, self._last_sampled, np.full((rows,), -1, np.int32),
-                sample_index)
+        args = (self.state, pool, tuple(self._zero_segment(b, s) for b, s in shapes), selection, self._last_sampled,
+                np.full((rows,), -1, np.int32), np.zeros((rows,), np.int32) if kind is StepKind.MIXED else None)
         logits, pool, _ = self._forward(*args, measure_recall=False)
         if selection is not None and kind is StepKind.DECODE and self.recall_every:   # the sampled steps' program
             _, pool, _ = self._forward(self.state, pool, *args[2:], measure_recall=True)
@@ -353,18 +353,17 @@ class ModelRunner(ShapeBuckets):
         weights and pool."""
         ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
         segment = lambda b, s: Segment(ints(b, s), ints(b), ints(b), ints(b, self.table_width))
-        batch, seq = max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1])
-        largest = [((segment(batch, seq),), ints(batch), None)]
+        largest = [(StepKind.PREFILL, *max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1]))]
         if self.mixed_buckets():
-            largest.append(((segment(self.max_batch, 1), segment(1, max(self.mixed_buckets()))),
-                            ints(self.max_batch), ints(self.max_batch)))
+            largest.append((StepKind.MIXED, self.max_batch, max(self.mixed_buckets())))
         temp = 0
-        for segments, from_row, sample_index in largest:
-            rows = segments[0].tokens.shape[0]
-            decode = segments[0].tokens.shape[1] == 1
-            selection = self.selection_inputs([], np.zeros((rows,), np.int32)) if decode else None
-            compiled = self._forward.lower(self.state, pool, segments, selection, self._last_sampled, from_row,
-                                           sample_index).compile()
+        for kind, batch, seq in largest:   # a prefill step selects no pages; a mixed step's decode rows do
+            shapes = self.segment_shapes(kind, batch, seq)
+            rows = shapes[0][0]
+            selection = None if kind is StepKind.PREFILL else self.selection_inputs([], np.zeros((rows,), np.int32))
+            compiled = self._forward.lower(self.state, pool, tuple(segment(b, s) for b, s in shapes), selection,
+                                           self._last_sampled, ints(rows),
+                                           ints(rows) if kind is StepKind.MIXED else None).compile()
             temp = max(temp, int(compiled.memory_analysis().temp_size_in_bytes))
         return temp
 
