@@ -350,14 +350,25 @@ def gptq_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) ->
     quantizer re-derives the scales from that kernel: the same ones, except in a group column where
     GPTQ left no code at +-7 (or where the tensor's largest group moved its power-of-two multiplier);
     those re-round (under 1% of the weights on SmolLM2)."""
-    _rewrite_kernels(model, preset, inputs, lambda x, w, g: gptq_int4_fp8(w, x.T @ x / x.shape[0], g))
+    _rewrite_kernels(model, preset, inputs, _gptq_kernel)
+
+
+def _gptq_kernel(x, w, group_size, weight_format):
+    return gptq_int4_fp8(w, x.T @ x / x.shape[0], group_size)
+
+
+@jax.jit(static_argnums=(0, 3, 4))
+def _rewrite_layers(fn, x, w, group_size, weight_format):
+    return jax.vmap(lambda x, w: fn(x, w, group_size, weight_format))(x, w)
 
 
 def _rewrite_kernels(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray], fn, skip=()) -> None:
-    """Replace each layer's kernel of every linear in `inputs` (but `skip`) by `fn(x, w, g)`: x its
-    sampled inputs [n, in], w its float32 kernel [in, out], g the preset's group size for it.
-    Layers go through together (vmapped), as many as fit in REWRITE_CHUNK_BYTES of float32 scratch
-    (GPTQ's in x in Gram matrix dominates): the small per-row steps of one layer leave a CPU idle."""
+    """Replace each layer's kernel of every linear in `inputs` (but `skip`) by `fn(x, w, g, f)`: x its
+    sampled inputs [n, in], w its float32 kernel [in, out], g the preset's group size for it, f its
+    weight format. Layers go through together (vmapped), as many as fit in REWRITE_CHUNK_BYTES of
+    float32 scratch (GPTQ's in x in Gram matrix dominates): the small per-row steps of one layer
+    leave a CPU idle. Every chunk has the same number of layers (the last one padded), so linears of
+    one shape share one program."""
     for name, x in inputs.items():
         if name in skip:
             continue
@@ -366,10 +377,12 @@ def _rewrite_kernels(model, preset: PrecisionPreset, inputs: dict[str, np.ndarra
         g = preset.group_size_for(kernel.shape[1])
         layers, k, n = kernel.shape
         chunk = max(1, min(layers, REWRITE_CHUNK_BYTES // (4 * (k * k + 3 * k * n + x.shape[1] * k))))
-        run = jax.jit(jax.vmap(lambda x, w: fn(x, w, g)))
-        out = [run(jnp.asarray(x[i:i + chunk], jnp.float32), jnp.asarray(kernel[i:i + chunk]))
+        pad = -layers % chunk   # repeat the last layer, and drop what comes out for it
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]).astype(np.float32)
+        kernel = np.concatenate([kernel, np.repeat(kernel[-1:], pad, axis=0)])
+        out = [_rewrite_layers(fn, x[i:i + chunk], kernel[i:i + chunk], g, preset.weight_format)
                for i in range(0, layers, chunk)]
-        lin.kernel[...] = jnp.concatenate(out).astype(lin.kernel[...].dtype)
+        lin.kernel[...] = jnp.concatenate(out)[:layers].astype(lin.kernel[...].dtype)
 
 
 def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStats]) -> dict[str, np.ndarray]:
@@ -403,8 +416,7 @@ def smooth_model(model, preset: PrecisionPreset, stats: dict[str, ActivationStat
 
 def clip_model(model, preset: PrecisionPreset, inputs: dict[str, np.ndarray]) -> None:
     """AWQ clipping of every int4 kernel but q/k, from each linear's sampled inputs."""
-    _rewrite_kernels(model, preset, inputs, lambda x, w, g: awq_clip(x, w, g, preset.weight_format),
-                     skip=UNCLIPPED)
+    _rewrite_kernels(model, preset, inputs, awq_clip, skip=UNCLIPPED)
 
 
 def calibrate_model(model, preset: PrecisionPreset, calibration: np.ndarray) -> None:
