@@ -240,24 +240,31 @@ def quantize_weight(kernel: jax.Array, preset: PrecisionPreset) -> QuantizedTens
     """A stacked kernel [L, in, out] -> QuantizedTensor whose arrays carry the layer axis in front
     (each layer's slice is an axis-0-reduced `[in, out]` weight, or for FP8 weights with FP8
     activations a K-major `[out, in]` one, axis 1: what the FP8 tensor-core kernel reads)."""
-    k = kernel.shape[1]
     fmt = preset.weight_format
+    if fmt == "fp8" and preset.activation_format == "fp8":
+        fmt = "fp8_k_major"
+    group_size = preset.group_size_for(kernel.shape[1]) if fmt in ("int4", "int4_fp8") else 0
+    return _quantize_layers(kernel.astype(jnp.float32), fmt, group_size)
+
+
+@jax.jit(static_argnums=(1, 2))
+def _quantize_layers(kernel, fmt: str, group_size: int) -> QuantizedTensor:
+    """`quantize_weight` over the layer axis; one program per format, group size and kernel shape,
+    so the linears of one shape (and every model with them) share it."""
     if fmt == "int8":
         fn = lambda w: quantize_int8_per_channel(w, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE)
-    elif fmt == "fp8" and preset.activation_format == "fp8":
+    elif fmt == "fp8_k_major":
         fn = lambda w: quantize_fp8_k_major(w, scale_dtype=WEIGHT_SCALE_DTYPE)
     elif fmt == "fp8":
         fn = lambda w: quantize_fp8_per_channel(w, axis=0, scale_dtype=WEIGHT_SCALE_DTYPE)
     elif fmt == "int4":
-        g = preset.group_size_for(k)
-        fn = lambda w: quantize_int4_groupwise(w, group_size=g, axis=0, asymmetric=True,
+        fn = lambda w: quantize_int4_groupwise(w, group_size=group_size, axis=0, asymmetric=True,
                                                scale_dtype=WEIGHT_SCALE_DTYPE)
     elif fmt == "int4_fp8":
-        g = preset.group_size_for(k)
-        fn = lambda w: quantize_int4_fp8(w, group_size=g, scale_dtype=WEIGHT_SCALE_DTYPE)
+        fn = lambda w: quantize_int4_fp8(w, group_size=group_size, scale_dtype=WEIGHT_SCALE_DTYPE)
     else:
         raise ValueError(f"no quantizer for weight format {fmt!r}")
-    return jax.jit(jax.vmap(fn))(kernel.astype(jnp.float32))
+    return jax.vmap(fn)(kernel)
 
 
 def rotated_outlier_channels(amax: np.ndarray, top_k: int = POST_ROPE_TOP_K) -> np.ndarray:
