@@ -22,6 +22,7 @@ own kv heads (`layout` is one device's); logits come back replicated.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -383,19 +384,21 @@ class ModelRunner(ShapeBuckets):
 
     def warmup(self, pool: jax.Array, sampling_variants: list[SamplingParams] | None = None,
                progress: Callable[[int], object] | None = None) -> jax.Array:
-        """Compile every bucket (and the given sampling variants at every batch size); `progress(1)`
-        after each bucket."""
+        """Compile every bucket (and the given sampling variants at every batch size, each also under
+        a structured-output mask); `progress(1)` after each bucket."""
         variants = sampling_variants or [SamplingParams(temperature=0.0),
                                          SamplingParams(temperature=0.8, top_p=0.95, top_k=50),
                                          SamplingParams(temperature=0.8)]
+        allowed = np.full((mask_width(self.vocab_size),), -1, np.int32)   # every token: a mask's program
         shapes = ([(StepKind.DECODE, b, 1) for b in self.decode_buckets()]
                   + [(StepKind.PREFILL, b, s) for b, s in self.prefill_buckets()]
                   + [(StepKind.MIXED, self.max_batch, s) for s in self.mixed_buckets()])
         for kind, b, s in shapes:
             logits, pool = self._run_bucket(pool, kind, b, s)
             if kind is not StepKind.MIXED:   # a mixed step samples max_batch rows, as the largest decode step
-                for v in variants:
-                    batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size)
+                for v, mask in itertools.product(variants, (None, allowed)):
+                    batch, flags = build_sampling_batch([v], [((), 0)], [0], [0], b, self.vocab_size,
+                                                        token_masks=[mask])
                     out = sample(logits, batch, flags=flags)
                 self._pad_sampled(out.token_ids)   # as a step keeps its samples
             if progress is not None:
