@@ -168,7 +168,10 @@ def test_no_compilation_after_warmup(loaded):
     rng = np.random.default_rng()
     kinds = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
              SamplingParams(temperature=0.8, max_tokens=12, seed=7),
-             SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=12)]
+             SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=12),
+             # structured outputs: the sampler under a token mask, greedy and sampled
+             SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["yes", "no"]}),
+             SamplingParams(temperature=0.8, max_tokens=12, structured_outputs={"regex": "[a-z]{1,8}"})]
     prompts = random_prompts(50, loaded.config.vocab_size, lo=1, hi=100)
     done = {}
     for wave in range(5):  # requests arrive in waves while others decode

@@ -122,16 +122,3 @@ def test_a_constraint_that_does_not_compile_is_refused_before_queueing(fleet):
         fleet.generate(prompt_token_ids=[[1, 2]], sampling_params=greedy(regex="(unclosed"), model=name)
     assert not fleet.runtime.engines[name].has_unfinished_requests()
 
-
-def test_constrained_sampling_is_compiled_in_warm_up(fleet):
-    """After warm-up, constrained rows (greedy and sampled, beside a free one) compile nothing."""
-    from tests.test_engine import CompileCounter
-
-    name = fleet.model_names[0]
-    fleet.runtime.engines[name].warmup()
-    counter = CompileCounter()
-    params = [greedy(choice=["red", "green"]), SamplingParams(temperature=0.8, max_tokens=6, structured_outputs={
-        "regex": "[a-z]{3}"}), SamplingParams(temperature=0, max_tokens=6)]
-    outs = fleet.generate(prompt_token_ids=[[11, 12, 13]] * 3, sampling_params=params, model=[name] * 3)
-    assert outs[0].outputs[0].text in ("red", "green") and re.fullmatch("[a-z]{3}", outs[1].outputs[0].text)
-    assert counter.count == 0, "a constrained request compiled after warm-up"
