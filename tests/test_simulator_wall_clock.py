@@ -5,7 +5,6 @@ starts this file first, before anything long it would wait for."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -72,7 +71,6 @@ def warm() -> WarmEngines:
     from models.config import ModelConfig
     from models.loader import random_model
     from serving.sim.profiler import ProfileGrid, build_profile_engine, profile_engine
-    from tests.helpers import build_engine
 
     # Steps of ~5-40 ms: long enough that XLA:CPU's wake-up after an idle gap (~3 ms, which the
     # back-to-back profile does not see) stays small next to them.
@@ -85,8 +83,9 @@ def warm() -> WarmEngines:
     grid = ProfileGrid.for_config(config, quick=True)
     profiler = build_profile_engine(loaded, config, grid)
     profile_engine(profiler, grid, repeats=1, progress=False)   # compiles every step it times
-    engine = build_engine(loaded, num_pages=8 * 64, tokens_per_page=16, pages_per_slab=8,
-                          **dataclasses.asdict(config))
+    # The serving engine as the profiling one (pool and all): its programs are the profiler's, so
+    # they come from the compilation cache.
+    engine = build_profile_engine(loaded, config, grid)
     engine.warmup()
     return WarmEngines(loaded, cfg, config, grid, profiler, engine)
 
