@@ -121,4 +121,3 @@ def test_a_constraint_that_does_not_compile_is_refused_before_queueing(fleet):
     with pytest.raises(ValueError, match="does not compile"):
         fleet.generate(prompt_token_ids=[[1, 2]], sampling_params=greedy(regex="(unclosed"), model=name)
     assert not fleet.runtime.engines[name].has_unfinished_requests()
-
