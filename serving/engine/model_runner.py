@@ -243,10 +243,10 @@ class ModelRunner(ShapeBuckets):
         for mid-prefill rows). A row whose last token is pending must be a decode row that sampled
         it in the step launched just before this one."""
         kind = StepKind(kind)
-        if kind is StepKind.MIXED and (not self.mixed_steps or len(seqs) > self.max_batch):
+        mixed = kind is StepKind.MIXED
+        if mixed and (not self.mixed_steps or len(seqs) > self.max_batch):
             raise ValueError(f"a mixed step of {len(seqs)} rows: this runner's mixed steps take at most "
                              f"{self.max_batch if self.mixed_steps else 0}")
-        mixed = kind is StepKind.MIXED
         parts = [(seqs[:-1], num_tokens[:-1]), (seqs[-1:], num_tokens[-1:])] if mixed else [(seqs, num_tokens)]
         shapes = self.segment_shapes(kind, *self.bucket_for(kind is not StepKind.DECODE, parts[-1][1]))
         rows = shapes[0][0]
@@ -265,9 +265,8 @@ class ModelRunner(ShapeBuckets):
             params, histories, [len(s.output_token_ids) + s.num_pending for s in seqs], [s.seed for s in seqs],
             rows, self.vocab_size, token_masks=self.token_masks(seqs, num_tokens))
         first = segments[0]
-        decoding = seqs[:-1] if kind is StepKind.MIXED else seqs
         kv_lens = first.start_pos + first.num_new
-        selection = None if kind is StepKind.PREFILL else self.selection_inputs(decoding, kv_lens)
+        selection = None if kind is StepKind.PREFILL else self.selection_inputs(parts[0][0], kv_lens)   # decode rows
         measure = selection is not None and kind is StepKind.DECODE and self._sample_recall()
         t0 = time.perf_counter()
         logits, pool, reads = self._forward(self.state, pool, segments, selection, self._last_sampled, from_row,
