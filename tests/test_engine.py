@@ -46,21 +46,29 @@ def test_continuous_batching_is_exact_and_returns_every_page(loaded):
     free_before = engine.pages.num_free_pages
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:8], params[:8])]
     finished = {}
-    decode_steps_with_running = 0
-    for _ in range(6):  # the first requests get going ...
+
+    def step() -> set[str]:
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
-    decode_steps_with_running = len(engine.scheduler.running)
-    assert decode_steps_with_running > 0
+        return {seq.request_id for seq in engine.scheduler.running}
+
+    for _ in range(6):  # the first requests get going ...
+        running = step()
+    assert running
     # ... then the rest arrive mid-run and join the running batch.
+    first = set(ids)
     ids += [engine.add_request(p, sp) for p, sp in zip(prompts[8:], params[8:])]
-    finished.update(drain(engine))
+    together = 0   # steps after which requests of both waves run
+    while engine.has_unfinished_requests():
+        running = step()
+        together += bool(running & first) and bool(running - first)
+    assert together > 0
     assert [finished[i].token_ids for i in ids] == expected
     assert engine.pages.num_free_pages == free_before
     evict_prefix_caches(engine)
     assert engine.pool.allocator.num_free_slabs == engine.pool.allocator.num_slabs
-    assert max(rows for kind, rows, *_ in engine.stats.per_step if kind != "prefill") > 8  # truly batched
+    assert max(rows for kind, rows, *_ in engine.stats.per_step if kind != "prefill") > 1  # truly batched
 
 
 def test_preemption_by_recompute_is_exact(loaded):
@@ -182,6 +190,12 @@ def test_no_compilation_after_warmup(loaded):
     done.update(drain(engine))
     assert len(done) == 50
     assert {kind for kind, *_ in engine.stats.per_step} == {"prefill", "decode", "mixed"}
+    # a lone prompt on the idle engine: its chunks run in the mixed program, no prefill program of one row
+    assert all(b > 1 for b, _ in engine.runner.prefill_buckets())
+    engine.stats.per_step.clear()
+    engine.add_request(rng.integers(3, loaded.config.vocab_size, 70).tolist(), kinds[0])
+    drain(engine)
+    assert [(kind, rows) for kind, rows, *_ in engine.stats.per_step][:2] == [("prefill", 1)] * 2   # 64 + 6 tokens
     assert engine.num_compilations == programs
     assert counter.count == compiles, "serving compiled new XLA programs after warm-up"
 
