@@ -3,9 +3,7 @@
 Every step pads its batch to a bucket: decode `[B, 1]` with B a power of two up to max_num_seqs;
 prefill `[B, S]` with S a power of two from 16 up to the prefill chunk and B * S within the token
 budget; mixed, every decode row padded to `[max_batch, 1]` beside one prompt chunk `[1, S]` (S as
-prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). With mixed steps
-a lone prompt chunk runs in the mixed program (no decode rows), so prefill programs start at B = 2
-and mixed steps add no program: padding rows cost a memory-bound GPU step next to nothing. The page table
+prefill's), sampling max_batch rows (the chunk's is the row after the decode rows). The page table
 always has the width of a maximum-length sequence, so it never changes a shape. Once each bucket
 has run (see `warmup`), serving compiles nothing new; `num_compilations` reports how many programs
 exist. The cost model and the simulator's stand-in runner pad with the same `ShapeBuckets`, so they
@@ -60,8 +58,7 @@ class ShapeBuckets:
         self.mixed_steps = mixed_steps and self.max_batch > 1   # a chunk needs a row beside a decode row
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
-        # the shapes a prefill batch may pad to: a lone chunk's run as a mixed step when there are any
-        self._prefill_set = set(self.prefill_buckets()) | {(1, s) for s in self.mixed_buckets()}
+        self._prefill_set = set(self.prefill_buckets())
 
     def decode_buckets(self) -> list[int]:
         return [1 << i for i in range(self.max_batch.bit_length())]
@@ -71,32 +68,19 @@ class ShapeBuckets:
         mixed step its decode rows and its chunk of `seq` tokens."""
         return [(self.max_batch, 1), (1, seq)] if kind is StepKind.MIXED else [(batch, seq)]
 
-    def program_kind(self, kind: StepKind, rows: int) -> StepKind:
-        """The program a step of `kind` with `rows` scheduled rows runs: with mixed steps, a lone
-        prompt chunk runs as a mixed step with no decode rows."""
-        kind = StepKind(kind)
-        return StepKind.MIXED if kind is StepKind.PREFILL and rows == 1 and self.mixed_steps else kind
-
     def mixed_buckets(self) -> list[int]:
         """The chunk lengths S of mixed steps (beside max_batch decode rows); none without them."""
-        return self._chunk_lengths() if self.mixed_steps else []
-
-    def _chunk_lengths(self) -> list[int]:
-        """Powers of two from MIN_PREFILL_BUCKET up to the prefill chunk's."""
-        out, s = [], MIN_PREFILL_BUCKET
-        while s <= next_pow2(self.prefill_chunk):
-            out.append(s)
-            s *= 2
-        return out
+        return sorted({s for _, s in self.prefill_buckets()}) if self.mixed_steps else []
 
     def prefill_buckets(self) -> list[tuple[int, int]]:
-        """(B, S) of prefill programs (B from 2 with mixed steps: a lone chunk runs as a mixed step)."""
         out = []
-        for s in self._chunk_lengths():
-            b = 2 if self.mixed_steps else 1
+        s = MIN_PREFILL_BUCKET
+        while s <= next_pow2(self.prefill_chunk):
+            b = 1
             while b <= self.max_batch and b * s <= max(self.max_num_batched_tokens, s):
                 out.append((b, s))
                 b *= 2
+            s *= 2
         return out
 
     def prefill_fits(self, num_tokens: list[int]) -> bool:
@@ -258,7 +242,7 @@ class ModelRunner(ShapeBuckets):
         step, whose result is a token sampled after each row's last token (the caller ignores it
         for mid-prefill rows). A row whose last token is pending must be a decode row that sampled
         it in the step launched just before this one."""
-        kind = self.program_kind(kind, len(seqs))
+        kind = StepKind(kind)
         mixed = kind is StepKind.MIXED
         if mixed and (not self.mixed_steps or len(seqs) > self.max_batch):
             raise ValueError(f"a mixed step of {len(seqs)} rows: this runner's mixed steps take at most "
@@ -369,8 +353,7 @@ class ModelRunner(ShapeBuckets):
         weights and pool."""
         ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
         segment = lambda b, s: Segment(ints(b, s), ints(b), ints(b), ints(b, self.table_width))
-        largest = [(StepKind.PREFILL, *max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1]))
-                   ] if self.prefill_buckets() else []
+        largest = [(StepKind.PREFILL, *max(self.prefill_buckets(), key=lambda bs: bs[0] * bs[1]))]
         if self.mixed_buckets():
             largest.append((StepKind.MIXED, self.max_batch, max(self.mixed_buckets())))
         temp = 0
