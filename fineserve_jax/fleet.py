@@ -74,7 +74,7 @@ class ModelSpec:
     sparse_recall_every: int = 0
     enable_prefix_caching: bool = True   # see LLM
     async_scheduling: bool = True        # see LLM
-    mixed_steps: bool = False            # see LLM
+    mixed_steps: bool = True             # see LLM
     tensor_parallel_size: int | str = 1  # split over that many of the fleet's devices (see LLM, Fleet);
     # "auto": the placement's choice (`fineserve serve` over several [[devices]] or a Ray cluster)
     tool_call_parser: str | None = "hermes"  # how the server reads tool calls in tool_choice="auto"; None: no auto

@@ -31,7 +31,7 @@ def engine_config(model_config, *, max_num_seqs: int = 32, max_model_len: int | 
                   max_num_batched_tokens: int = 512, seed: int = 0, kernels: str = "auto", sparse=None,
                   sparse_dense_layers: int = 2, sparse_recall_every: int = 0,
                   enable_prefix_caching: bool = True, async_scheduling: bool = True,
-                  mixed_steps: bool = False) -> EngineConfig:
+                  mixed_steps: bool = True) -> EngineConfig:
     """Batching limits as in vLLM; max_model_len defaults to (and is capped at) the model's own."""
     check_max_model_len(max_model_len)
     limit = model_config.max_model_len if max_model_len is None else min(max_model_len, model_config.max_model_len)
@@ -101,7 +101,7 @@ class LLM:
         work overlaps the device (vLLM's async scheduling); False waits for every step (debugging).
       mixed_steps: while sequences decode, a prompt's chunk runs in their step (at most
         max_num_batched_tokens tokens in all), so a long prompt never stalls them (vLLM's chunked
-        prefill); False (for now the default): prompts get steps of their own.
+        prefill); False: prompts get steps of their own.
       tensor_parallel_size: split the model over the first that many devices (Megatron-style:
         `models.tensor_parallel`); the heads and MLP columns must divide evenly. The KV pool size
         (kv_cache_bytes or gpu_memory_utilization) is per device.
@@ -114,7 +114,7 @@ class LLM:
                  calib_samples: int = 8, kernels: str = "auto", quantized_cache: str | Path | None = None,
                  gpu_memory_utilization: float | None = None, sparse=None, sparse_dense_layers: int = 2,
                  sparse_recall_every: int = 0, tensor_parallel_size: int = 1, enable_prefix_caching: bool = True,
-                 async_scheduling: bool = True, mixed_steps: bool = False):
+                 async_scheduling: bool = True, mixed_steps: bool = True):
         check_precision(precision, kv_dtype, kv_skip_layers)  # bad names fail before any loading
         devices = group_devices(tensor_parallel_size)
         if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes <= 0):

@@ -201,7 +201,7 @@ def mixed_run(fleet: Fleet, decoders: int, long_prompt: int, interval: float, ar
 
 
 def build(device: str, models: int, async_scheduling: bool, max_batch: int, max_model_len: int, smollm2,
-          mixed_steps: bool = False) -> Fleet:
+          mixed_steps: bool = True) -> Fleet:
     """A fleet of `models` copies of the model on one pool, every runner recorded on one timeline."""
     if device == "cpu":
         loaded = smollm2

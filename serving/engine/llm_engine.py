@@ -69,7 +69,7 @@ class EngineConfig:
     sparse_recall_every: int = 0  # measure selection recall every that many decode steps (0: never)
     enable_prefix_caching: bool = True  # reuse the KV pages of earlier requests' equal prefixes
     async_scheduling: bool = True       # launch each step before the last one's tokens reach the host
-    mixed_steps: bool = False           # decode rows and a prompt chunk in one step (no prefill stalls)
+    mixed_steps: bool = True            # decode rows and a prompt chunk in one step (no prefill stalls)
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
