@@ -50,15 +50,16 @@ def _token_content(tok: Any) -> str | None:
     return None
 
 
-def _pick_chat_template(value: Any) -> str | None:
-    """HF `chat_template` is a string, or a list of {"name", "template"} (we pick "default")."""
+def _split_chat_templates(value: Any) -> tuple[str | None, dict[str, str]]:
+    """HF `chat_template` is a string, or a list of {"name", "template"}: (the "default" one, the
+    others by name, e.g. "tool_use")."""
     if isinstance(value, str):
-        return value
+        return value, {}
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        template = named.get("default")
-        return template if isinstance(template, str) else None
-    return None
+        named = {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)}
+        return named.pop("default", None), named
+    return None, {}
 
 
 def _raise_exception(message: str):
@@ -129,19 +130,23 @@ class Tokenizer:
 
     def __init__(self, tokenizer: _HFTokenizer, *, bos_token_id: int | None = None,
                  eos_token_ids: Iterable[int] = (), add_bos_token: bool = False,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, named_chat_templates: dict[str, str] | None = None):
+        """named_chat_templates: templates besides the default by name; as in transformers, a
+        "tool_use" one renders the chats that offer tools."""
         self._tok = tokenizer
         self._bos_token_id = bos_token_id
         self._eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self.add_bos_token = bool(add_bos_token and bos_token_id is not None)
         self._chat_template = chat_template
+        self._named_chat_templates = dict(named_chat_templates or {})
 
     # ---- construction ----------------------------------------------------------------------
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja`,
-        `generation_config.json` when present) from a HF model directory."""
+        `additional_chat_templates/*.jinja`, `generation_config.json` when present) from a HF model
+        directory."""
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
@@ -184,15 +189,19 @@ class Tokenizer:
             probe = tok.encode("a", add_special_tokens=True).ids
             add_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
 
-        template = None
+        template, named = _split_chat_templates(cfg.get("chat_template"))
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 template = f.read()
-        if template is None:
-            template = _pick_chat_template(cfg.get("chat_template"))
+        extra = os.path.join(path, "additional_chat_templates")   # transformers' files of named templates
+        if os.path.isdir(extra):
+            for name in sorted(os.listdir(extra)):
+                if name.endswith(".jinja"):
+                    with open(os.path.join(extra, name), encoding="utf-8") as f:
+                        named[name.removesuffix(".jinja")] = f.read()
         return cls(tok, bos_token_id=bos_id, eos_token_ids=eos_ids, add_bos_token=add_bos,
-                   chat_template=template)
+                   chat_template=template, named_chat_templates=named)
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
@@ -256,7 +265,9 @@ class Tokenizer:
             add_bos = pre == "llama-bpe"  # llama.cpp's default for BPE vocabularies, except Llama 3
         return cls(tok, bos_token_id=None if bos is None else int(bos),
                    eos_token_ids=[int(i) for i in eos_ids if i is not None], add_bos_token=bool(add_bos),
-                   chat_template=_gguf_value(reader, "tokenizer.chat_template"))
+                   chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+                   named_chat_templates={str(name): _gguf_value(reader, f"tokenizer.chat_template.{name}")
+                                         for name in _gguf_value(reader, "tokenizer.chat_templates", [])})
 
     def save(self, path: str | os.PathLike) -> list[str]:
         """Write this tokenizer as an HF directory that `from_hf_dir` reads back identically:
@@ -271,7 +282,10 @@ class Tokenizer:
             cfg["bos_token"] = self._tok.id_to_token(self._bos_token_id)
         if self._eos_token_ids:
             cfg["eos_token"] = self._tok.id_to_token(self._eos_token_ids[0])
-        if self._chat_template is not None:
+        if self._named_chat_templates:
+            default = [] if self._chat_template is None else [{"name": "default", "template": self._chat_template}]
+            cfg["chat_template"] = default + [{"name": n, "template": t} for n, t in self._named_chat_templates.items()]
+        elif self._chat_template is not None:
             cfg["chat_template"] = self._chat_template
         files = {"tokenizer_config.json": cfg,
                  "generation_config.json": {"eos_token_id": list(self._eos_token_ids)}}
@@ -296,12 +310,27 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
+        """The default chat template."""
+        return self._chat_template
+
+    @property
+    def named_chat_templates(self) -> dict[str, str]:
+        return dict(self._named_chat_templates)
+
+    def chat_template_for(self, tools: bool) -> str | None:
+        """The template a chat renders with: the "tool_use" one when it offers tools and the model has
+        one (transformers' choice), else the default."""
+        if tools and "tool_use" in self._named_chat_templates:
+            return self._named_chat_templates["tool_use"]
         return self._chat_template
 
     @functools.cached_property
     def chat_template_renders_tools(self) -> bool:
-        """Whether the chat template reads a `tools` variable (HF's convention for offering tools);
-        False when it has none or does not parse."""
+        """Whether chats that offer tools render them through the template: it has a "tool_use"
+        template, or the default reads a `tools` variable (HF's convention); False when it has none
+        or does not parse."""
+        if "tool_use" in self._named_chat_templates:
+            return True
         if not self._chat_template:
             return False
         try:
@@ -346,12 +375,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **template_vars: Any) -> str:
-        """Render `messages` with the model's jinja chat template, the way HF transformers does."""
-        if not self._chat_template:
+        """Render `messages` with the model's jinja chat template, the way HF transformers does (its
+        "tool_use" template, where it has one, when `tools` are given)."""
+        source = self.chat_template_for(template_vars.get("tools") is not None)
+        if not source:
             raise ValueError("model has no chat template")
         validate_messages(messages)
         try:
-            template = _compile_template(self._chat_template)
+            template = _compile_template(source)
         except TemplateError as e:
             raise ValueError(f"model's chat template is invalid: {e}") from None
         eos = self._eos_token_ids[0] if self._eos_token_ids else None

@@ -96,6 +96,41 @@ def test_hf_dir_chat_template(hf_tok):
         == "<s><|user|>hi</s>"
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+TOOL_USE = "{% for t in tools %}[{{ t['function']['name'] }}]{% endfor %}{{ messages[0]['content'] }}"
+
+
+def test_a_tool_use_template_renders_the_chats_that_offer_tools(tmp_path, hf_tok, hf_dir):
+    """As in transformers: a named "tool_use" template renders a chat given `tools`, the default one
+    every other chat; named templates survive `save` and come from `additional_chat_templates/`."""
+    hi = [{"role": "user", "content": "hi"}]
+    assert hf_tok.named_chat_templates == {"tool_use": "TOOLS"} and hf_tok.chat_template_renders_tools
+    assert hf_tok.apply_chat_template(hi, tools=TOOLS) == "TOOLS"
+    assert hf_tok.apply_chat_template(hi) == "<s><|user|>hi</s><|assistant|>"
+    hf_tok.save(tmp_path)
+    again = Tokenizer.from_hf_dir(tmp_path)
+    assert (again.chat_template, again.named_chat_templates) == (hf_tok.chat_template, hf_tok.named_chat_templates)
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    files = Tokenizer.from_hf_dir(tmp_path)
+    assert files.apply_chat_template(hi, tools=TOOLS) == "[f]hi" and files.apply_chat_template(hi) == "hi!"
+
+
+def test_a_gguf_tool_use_template(tmp_path):
+    """llama.cpp stores named templates as `tokenizer.chat_template.<name>`, listed in
+    `tokenizer.chat_templates`."""
+    config = tiny_config()
+    path = write_llama_gguf(tmp_path / "t.gguf", random_llama_weights(config), config,
+                            chat_template=[{"name": "default", "template": CHATML_TEMPLATE},
+                                           {"name": "tool_use", "template": TOOL_USE}])
+    tok = Tokenizer.from_gguf(open_gguf(path))
+    assert tok.chat_template == CHATML_TEMPLATE and tok.named_chat_templates == {"tool_use": TOOL_USE}
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS) == "[f]hi"
+    plain = write_llama_gguf(tmp_path / "p.gguf", random_llama_weights(config), config)
+    assert Tokenizer.from_gguf(open_gguf(plain)).named_chat_templates == {}
+
+
 def test_hf_dir_string_template_and_defaults(tmp_path, hf_dir):
     (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": "X"}))
