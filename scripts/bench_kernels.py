@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_kernels.py [--smoke] [--json OUT] [--markdown OUT]
                                               [--ops copy,decode,prefill,matmul] [--impls ...]
+                                              [--tokens-per-page 16] [--sparse-formats bf16,int8,int4]
 
 What is timed
 -------------
@@ -32,7 +33,8 @@ What is timed
   `sparse_attention.sparse_decode_attention` with `bbox` at a 1024-token budget, the page-score
   pass and selection included, per implementation. Bytes: dense, the live tokens' KV; sparse, every
   page's key bounds plus the selected pages' KV (what the kernels read). `vs dense`: the dense row's
-  time / this; `KV read`: this row's KV bytes / the dense row's.
+  time / this; `KV read`: this row's KV bytes / the dense row's. `--tokens-per-page` changes the page
+  size of every op (a quantized page holds fewer bytes, so its key bounds weigh more).
 * matmul: x [M, K] bf16 @ w [K, N] for M in {1, 16, 256, 4096}, (K, N) = (4096, 14336) and
   (14336, 4096) (8B MLP up / down): W4A16 (int4 group 128, asymmetric), W8A16 (int8 per channel),
   W8A8 (int8 weights, per-token int8 activations), FP8 (e4m3 weights per channel, per-token e4m3
@@ -705,6 +707,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=None, help="decode batch sizes, comma list (default 1,16,64)")
     ap.add_argument("--contexts", default=None, help="decode context lengths, comma list (default 512,4096,16384)")
     ap.add_argument("--ms", default=None, help="matmul M values, comma list (default 1,16,256,4096)")
+    ap.add_argument("--tokens-per-page", type=int, default=None, help="KV page size in tokens (default 16)")
+    ap.add_argument("--sparse-formats", default=None, help="KV formats of the sparse op, comma list "
+                    "(default bf16,int8,int4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per repeat (sets calls per repeat)")
     ap.add_argument("--max-calls", type=int, default=None, help="cap on calls per repeat")
@@ -723,7 +728,9 @@ def main(argv=None) -> int:
     shapes = SMOKE if args.smoke else FULL
     over = {"repeats": args.repeats, "min_repeat_s": args.min_time, "max_calls": args.max_calls,
             "decode_batches": int_list(args.batches),
-            "decode_contexts": int_list(args.contexts), "matmul_ms": int_list(args.ms)}
+            "decode_contexts": int_list(args.contexts), "matmul_ms": int_list(args.ms),
+            "tokens_per_page": args.tokens_per_page,
+            "sparse_formats": tuple(args.sparse_formats.split(",")) if args.sparse_formats else None}
     shapes = dataclasses.replace(shapes, **{k: v for k, v in over.items() if v is not None})
     if "xla" in impls:  # the reference first: the other implementations' outputs are compared with it
         impls = ["xla"] + [i for i in impls if i != "xla"]

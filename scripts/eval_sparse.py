@@ -1,13 +1,15 @@
 """Long-context quality of query-aware page selection on SmolLM2-135M (8K context).
 
     python scripts/eval_sparse.py [--kv bf16,int4] [--contexts 2048,4096,8192] [--budgets 256,512,1024,2048]
-                                  [--policies bbox,sink_window,bbox_span] [--json OUT] [--plot OUT.png]
+                                  [--policies bbox,sink_window,bbox_span] [--tokens-per-page 16]
+                                  [--json OUT] [--plot OUT.png]
 
 For each KV format, through the serving model code (`PagedForward`, pages with key bounds):
 - passkey retrieval: a 5-digit key hidden at depths 10-90% of filler text of 2K, 4K and 8K tokens, asked
   for at the end in a plain completion prompt; greedy answer of 8 tokens; a hit when it holds the key;
 - NLL of held-out text (benchmarks/data/eval_text.txt) over the last `--nll-tokens` tokens of
-  8K-token windows;
+  8K-token windows (by default every whole window of the text, 3, and 512 tokens each: 1536
+  predictions, as fewer swing by more than the 1% the target allows);
 for `full` (dense) and each policy (`bbox`, `sink_window`, `bbox_span`) at every budget. The
 prompt's last token and every answer token are decode steps, so every predicted token comes from
 attention over the selected pages (dense in the first two layers, the engine's default). Each prompt is prefilled once; the variants
@@ -33,7 +35,6 @@ from pallas_kernels.page_selection import SparseSpec
 from serving.engine.paged_forward import PagedForward
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENS_PER_PAGE = 16
 PREFILL_CHUNK = 512
 ANSWER_TOKENS = 8
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -206,9 +207,10 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--budgets", default="256,512,1024,2048")
     ap.add_argument("--policies", default="bbox,sink_window,bbox_span", help="selection policies beside full")
-    ap.add_argument("--nll-windows", type=int, default=2, help="windows of the held-out text")
+    ap.add_argument("--nll-windows", type=int, default=3, help="windows of the held-out text")
     ap.add_argument("--nll-context", type=int, default=8192, help="tokens per window")
-    ap.add_argument("--nll-tokens", type=int, default=128, help="tokens scored at the end of each window")
+    ap.add_argument("--nll-tokens", type=int, default=512, help="tokens scored at the end of each window")
+    ap.add_argument("--tokens-per-page", type=int, default=16, help="KV page size (the selection's unit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -227,16 +229,19 @@ def main(argv=None) -> int:
         loaded = load_model(args.model, "bfloat16", "bf16", kv_dtype=None if kv == "bf16" else kv)
         tok = loaded.tokenizer
         max_len = loaded.config.max_position_embeddings
-        pf = PagedForward(loaded.model, max_len, tokens_per_page=TOKENS_PER_PAGE, kv_dtype=kv, key_bounds=True,
+        pf = PagedForward(loaded.model, max_len, tokens_per_page=args.tokens_per_page, kv_dtype=kv, key_bounds=True,
                           measure_recall=True, shuffle_pages=False)
         rng = np.random.default_rng(args.seed)
         passkey = run_passkey(pf, tok, contexts, depths, plan, rng, bar)
         ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) < args.nll_windows * min(args.nll_context, max_len):
+            raise SystemExit(f"the held-out text has {len(ids)} tokens: fewer than {args.nll_windows} windows of "
+                             f"{min(args.nll_context, max_len)}")
         nll = run_nll(pf, ids, args.nll_windows, min(args.nll_context, max_len), args.nll_tokens, plan, bar)
         results[kv] = {"preset": loaded.precision.name, "passkey": passkey, "nll": nll}
         summary += summarize(kv, passkey, nll, contexts, plan)
         if args.json:   # after each format, so a long run keeps what it has measured
-            Path(args.json).write_text(json.dumps({"model": args.model, "tokens_per_page": TOKENS_PER_PAGE,
+            Path(args.json).write_text(json.dumps({"model": args.model, "tokens_per_page": args.tokens_per_page,
                                                    "seconds": time.time() - t0, "summary": summary,
                                                    "runs": results}, indent=1))
     bar.close()

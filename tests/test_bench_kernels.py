@@ -92,19 +92,21 @@ def test_bench_kernels_smoke(tmp_path, capsys):
 
 def test_bench_kernels_sparse_smoke(tmp_path):
     """--ops sparse: dense and bbox-selected decode on one pool per format, with the selected row's
-    KV bytes (every page's bounds + the budget's pages) against the dense row's."""
+    KV bytes (every page's bounds + the budget's pages) against the dense row's; at 32-token pages
+    (--tokens-per-page)."""
     bench = _script("bench_kernels")
     out = tmp_path / "sparse.json"
-    assert bench.main(["--smoke", "--ops", "sparse", "--json", str(out), "--xla-cache", "", "--no-progress"]) == 0
+    assert bench.main(["--smoke", "--ops", "sparse", "--tokens-per-page", "32", "--json", str(out),
+                       "--xla-cache", "", "--no-progress"]) == 0
     rows = [r for r in json.loads(out.read_text())["rows"] if r["op"] == "sparse"]
     assert {(r["format"], r["impl"], r["shape"]["budget"]) for r in rows} == {
         (f, i, b) for f in ("bf16", "int4") for i in ("xla", "interpret") for b in (0, 64)}
-    assert all(r["status"] == "ok" for r in rows), rows
+    assert all(r["status"] == "ok" and r["shape"]["tokens_per_page"] == 32 for r in rows), rows
     for r in rows:
         if r["shape"]["budget"]:
-            # 4 of 16 pages read, plus every page's bounds (144 B per kv head at head_dim 64) against a
-            # page's K and V per kv head: int4 1152 B (values + bf16 scales and zeros), bf16 4096 B.
-            share = (4 + 16 * 144 / {"int4": 1152, "bf16": 4096}[r["format"]]) / 16
+            # 2 of 8 pages read, plus every page's bounds (144 B per kv head at head_dim 64) against a
+            # page's K and V per kv head: int4 2304 B (values + bf16 scales and zeros), bf16 8192 B.
+            share = (2 + 8 * 144 / {"int4": 2304, "bf16": 8192}[r["format"]]) / 8
             assert math.isclose(r["kv_read_share"], share), r
             assert _positive(r["speedups"]["vs_dense"])
         if r["impl"] == "interpret":
