@@ -723,6 +723,8 @@ def main(argv=None) -> int:
         ops = parse_list(args.ops, OPS, OP_ALIASES)
         backend = jax.default_backend()
         impls = parse_list(args.impls, IMPLS) if args.impls else default_impls(backend, args.smoke)
+        sparse_formats = (tuple(parse_list(args.sparse_formats, KV_FORMATS + ("int4_fp8",)))
+                          if args.sparse_formats else None)
     except argparse.ArgumentTypeError as e:
         ap.error(str(e))
     shapes = SMOKE if args.smoke else FULL
@@ -730,7 +732,7 @@ def main(argv=None) -> int:
             "decode_batches": int_list(args.batches),
             "decode_contexts": int_list(args.contexts), "matmul_ms": int_list(args.ms),
             "tokens_per_page": args.tokens_per_page,
-            "sparse_formats": tuple(args.sparse_formats.split(",")) if args.sparse_formats else None}
+            "sparse_formats": sparse_formats}
     shapes = dataclasses.replace(shapes, **{k: v for k, v in over.items() if v is not None})
     if "xla" in impls:  # the reference first: the other implementations' outputs are compared with it
         impls = ["xla"] + [i for i in impls if i != "xla"]

@@ -232,12 +232,13 @@ def main(argv=None) -> int:
         pf = PagedForward(loaded.model, max_len, tokens_per_page=args.tokens_per_page, kv_dtype=kv, key_bounds=True,
                           measure_recall=True, shuffle_pages=False)
         rng = np.random.default_rng(args.seed)
-        passkey = run_passkey(pf, tok, contexts, depths, plan, rng, bar)
         ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) < args.nll_windows * min(args.nll_context, max_len):
+        nll_context = min(args.nll_context, max_len)
+        if len(ids) < args.nll_windows * nll_context:   # before the passkey runs' minutes
             raise SystemExit(f"the held-out text has {len(ids)} tokens: fewer than {args.nll_windows} windows of "
-                             f"{min(args.nll_context, max_len)}")
-        nll = run_nll(pf, ids, args.nll_windows, min(args.nll_context, max_len), args.nll_tokens, plan, bar)
+                             f"{nll_context}")
+        passkey = run_passkey(pf, tok, contexts, depths, plan, rng, bar)
+        nll = run_nll(pf, ids, args.nll_windows, nll_context, args.nll_tokens, plan, bar)
         results[kv] = {"preset": loaded.precision.name, "passkey": passkey, "nll": nll}
         summary += summarize(kv, passkey, nll, contexts, plan)
         if args.json:   # after each format, so a long run keeps what it has measured
