@@ -11,11 +11,10 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from llguidance.numpy import fill_next_token_bitmask
 
 from fineserve_jax.fleet import Fleet, ModelSpec
 from serving.engine.sampling import SamplingParams, apply_token_mask
-from serving.engine.structured_output import GrammarCache, StructuredOutputsParams, mask_width
+from serving.engine.structured_output import MAX_NUMBER_DIGITS, GrammarCache, StructuredOutputsParams, mask_width
 from tests.server_helpers import tiny_models, tokenizer
 
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
@@ -52,22 +51,63 @@ def test_a_malformed_constraint_is_refused_naming_the_problem(value, message):
         SamplingParams(structured_outputs=value)
 
 
+def allowed_tokens(constraint, vocab_size: int) -> set[int]:
+    masks = np.zeros((1, mask_width(vocab_size)), np.int32)
+    constraint.fill_bitmask(masks, 0)
+    return {t for t in range(vocab_size) if masks[0, t // 32] >> (t % 32) & 1}
+
+
 def test_matchers_come_from_a_cache_and_each_request_gets_its_own(tok):
     cache = GrammarCache(tok, tok.vocab_size, tok.eos_token_ids)
     params = StructuredOutputsParams(choice=("yes", "no"))
-    a, b = cache.matcher(params), cache.matcher(StructuredOutputsParams.of({"choice": ["yes", "no"]}))
+    a, b = cache.constraint(params), cache.constraint(StructuredOutputsParams.of({"choice": ["yes", "no"]}))
     assert len(cache._compiled) == 1
-    assert a.consume_tokens(tok.encode("yes", add_special_tokens=False)) and a.is_accepting()
-    assert not b.is_accepting()   # its own state
-    masks = np.zeros((1, mask_width(tok.vocab_size)), np.int32)
-    fill_next_token_bitmask(b, masks, 0)
-    allowed = {t for t in range(tok.vocab_size) if masks[0, t // 32] >> (t % 32) & 1}
+    assert all(a.consume_token(t) for t in tok.encode("yes", add_special_tokens=False)) and a.is_stopped()
+    assert not b.matcher.is_accepting()   # its own state
+    allowed = allowed_tokens(b, tok.vocab_size)
     assert tok.encode("yes", add_special_tokens=False)[0] in allowed and len(allowed) < 10
     for bad, message in ((StructuredOutputsParams(regex="[a-"), "does not compile"),
                          (StructuredOutputsParams(grammar="start: undefined_rule"), "does not compile"),
                          (StructuredOutputsParams(grammar="\x86 ::= x"), "Expected name")):   # GBNF, garbled
         with pytest.raises(ValueError, match=message):
-            cache.matcher(bad)
+            cache.constraint(bad)
+
+
+def feed(constraint, tok, text: str) -> None:
+    for t in tok.encode(text, add_special_tokens=False):
+        assert constraint.consume_token(t), text
+
+
+@pytest.mark.parametrize("schema, answer, capped", [
+    ({"type": "object", "properties": {"n": {"type": "integer"}}}, '{"n":-', True),
+    ({"type": "object", "properties": {"x": {"type": "number"}}}, '{"x":3.', True),   # the fraction's run
+    ({"type": "array", "items": {"type": "number"}}, '[1e', True),                     # the exponent's
+    ({"type": "object", "properties": {"s": {"type": "string"}}}, '{"s":"a\\"', False),   # in a string
+])
+def test_a_json_number_closes_after_its_digit_cap(tok, schema, answer, capped):
+    cache = GrammarCache(tok, tok.vocab_size, tok.eos_token_ids)
+    digits = {t for t in range(tok.vocab_size) if cache.digits.leading[t]}
+    assert len(digits) >= 10
+    rng = np.random.default_rng()
+    for params, cap_applies in ((StructuredOutputsParams(json=schema), capped),
+                                (StructuredOutputsParams(regex=r"\d+"), False)):   # not JSON: no cap
+        constraint = cache.constraint(params)
+        if params.is_json:
+            feed(constraint, tok, answer)
+        run = "".join(rng.choice(list("123456789"), size=MAX_NUMBER_DIGITS - 1))
+        feed(constraint, tok, run)
+        assert digits <= allowed_tokens(constraint, tok.vocab_size)   # one digit left to write
+        feed(constraint, tok, "7")
+        after = allowed_tokens(constraint, tok.vocab_size)
+        assert not (after & digits) if cap_applies else digits <= after
+        assert after   # the grammar always has a way on
+    closing = cache.constraint(StructuredOutputsParams(json=schema))
+    feed(closing, tok, answer + "9" * MAX_NUMBER_DIGITS)
+    if capped:   # what is left closes the number and then the answer
+        end = {"{": "}", "[": "]"}[answer[0]]
+        assert tok.encode(end, add_special_tokens=False)[0] in allowed_tokens(closing, tok.vocab_size)
+        feed(closing, tok, end)
+        assert closing.is_stopped()
 
 
 def test_the_sampler_never_picks_a_masked_token():
@@ -121,3 +161,19 @@ def test_a_constraint_that_does_not_compile_is_refused_before_queueing(fleet):
     with pytest.raises(ValueError, match="does not compile"):
         fleet.generate(prompt_token_ids=[[1, 2]], sampling_params=greedy(regex="(unclosed"), model=name)
     assert not fleet.runtime.engines[name].has_unfinished_requests()
+
+
+def test_a_model_stuck_on_digits_still_closes_its_json_number(fleet, tok):
+    """Every digit's logit pushed up by 100: free, the answer is all digits; held to a schema with an
+    unbounded integer, the number stops at the cap and the object closes before max_tokens."""
+    digits = {t: 100.0 for t in tok.encode("0123456789", add_special_tokens=False)}
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    params = [SamplingParams(temperature=0, max_tokens=60, logit_bias=digits, structured_outputs=s)
+              for s in ({"json": schema}, None)]
+    held, free = fleet.generate(prompt_token_ids=[[11, 12, 13]] * 2, sampling_params=params,
+                                model=[fleet.model_names[0]] * 2)
+    assert free.outputs[0].text.isdigit() and free.outputs[0].finish_reason == "length"
+    answer = held.outputs[0]
+    assert answer.finish_reason == "stop" and json.loads(answer.text) == {"n": int(answer.text[5:-1])}
+    assert len(answer.text[5:-1].lstrip("-")) == MAX_NUMBER_DIGITS

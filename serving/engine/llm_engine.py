@@ -178,9 +178,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
         detok = self.tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens) if self.tokenizer else None
-        matcher = self.grammars.matcher(params.structured_outputs) if params.structured_outputs else None
+        constraint = self.grammars.constraint(params.structured_outputs) if params.structured_outputs else None
         seq = Sequence(request_id, prompt, ids, params, seed, detok,
-                       arrival_time if arrival_time is not None else self.clock(), matcher)
+                       arrival_time if arrival_time is not None else self.clock(), constraint)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -312,7 +312,7 @@ class LLMEngine:
             waited += time.perf_counter() - t
 
         previous, self.in_flight = self.in_flight, None
-        if previous is not None and any(seq.num_pending and (seq.matcher is not None or seq.params.uses_penalties)
+        if previous is not None and any(seq.num_pending and (seq.constraint is not None or seq.params.uses_penalties)
                                         for seq in self.scheduler.running):
             read(previous)   # the next batch is built from these tokens
             previous = None
@@ -395,8 +395,8 @@ class LLMEngine:
             top = {int(t): float(v) for t, v in zip(result.top_ids[row][:k], result.top_logprobs[row][:k])}
             seq.output_logprobs.append(TokenLogprobs(token, float(result.logprobs[row]), top))
         checked_from = len(seq.text)
-        if seq.matcher is not None:
-            seq.matcher.consume_token(token)
+        if seq.constraint is not None:
+            seq.constraint.consume_token(token)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(token) or ""
         num_out = len(seq.output_token_ids)
@@ -404,7 +404,7 @@ class LLMEngine:
         reason, stop_reason = None, None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
-        elif seq.matcher is not None and seq.matcher.is_stopped():   # the constraint is complete
+        elif seq.constraint is not None and seq.constraint.is_stopped():   # the constraint is complete
             reason = "stop"
         elif may_stop and token in p.stop_token_ids:
             reason, stop_reason = "stop", token

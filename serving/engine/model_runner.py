@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
-from llguidance.numpy import fill_next_token_bitmask
 
 from models.llama import LlamaForCausalLM, Segment
 from models.tensor_parallel import TP_AXIS, shard_state
@@ -368,14 +367,14 @@ class ModelRunner(ShapeBuckets):
         return temp
 
     def token_masks(self, seqs: list[Sequence], num_tokens: list[int]) -> list[np.ndarray | None] | None:
-        """The allowed-token bitmask of each row that samples under a structured-output matcher."""
-        if not any(seq.matcher is not None for seq in seqs):
+        """The allowed-token bitmask of each row that samples under a structured-output constraint."""
+        if not any(seq.constraint is not None for seq in seqs):
             return None
         masks = np.full((len(seqs), mask_width(self.vocab_size)), -1, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, num_tokens)):
-            if seq.matcher is not None and seq.num_computed + n == seq.num_tokens:
-                fill_next_token_bitmask(seq.matcher, masks, i)
-        return [masks[i] if seq.matcher is not None else None for i, seq in enumerate(seqs)]
+            if seq.constraint is not None and seq.num_computed + n == seq.num_tokens:
+                seq.constraint.fill_bitmask(masks, i)
+        return [masks[i] if seq.constraint is not None else None for i, seq in enumerate(seqs)]
 
     @property
     def num_buckets(self) -> int:

@@ -76,7 +76,7 @@ class RequestOutput:
 class Sequence:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seed: int, detokenizer=None, arrival_time: float | None = None,
-                 matcher=None):
+                 constraint=None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -94,7 +94,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.detokenizer = detokenizer  # object with step(token_id) -> str, or None
-        self.matcher = matcher  # structured outputs: an llguidance matcher fed every output token, or None
+        self.constraint = constraint  # structured outputs: an OutputConstraint fed every output token, or None
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.time())
 
     @property

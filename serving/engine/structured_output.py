@@ -9,6 +9,10 @@ it. Chosen over xgrammar because it needs neither torch nor transformers: the bi
 numpy, built on the host beside the batch. Compiled constraints are cached per model
 (`GrammarCache`): a new request copies a compiled matcher instead of compiling again, and the
 sampler never recompiles for a new schema (the mask is an input, not a static argument).
+
+JSON answers also get a cap on a number's digit runs (`MAX_NUMBER_DIGITS`): JSON bounds no number's
+length, and a small model can loop on digits until `max_tokens` cuts the answer short; past the cap
+only the tokens that end the run are allowed, so the number closes and the answer stays valid.
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import llguidance
+import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.numpy import fill_next_token_bitmask
 
 MAX_CACHED_GRAMMARS = 64
 # JSON without free whitespace between tokens (vLLM's disable_any_whitespace): still valid JSON, and
 # a small model cannot loop on whitespace until max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False}
+# The most digits in a row a JSON answer's number may have (its integer part, fraction and exponent
+# each): int64 needs 19, a double round-trips in 17 significant digits; more only comes from a loop.
+MAX_NUMBER_DIGITS = 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,10 @@ class StructuredOutputsParams:
         return cls(**value)
 
     @property
+    def is_json(self) -> bool:
+        return self.json is not None or self.json_object
+
+    @property
     def key(self) -> str:
         """A canonical text of the constraint (the compiled-grammar cache's key)."""
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
@@ -89,15 +102,72 @@ def mask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+class NumberDigits:
+    """One model's tokens seen as digits: each token's bytes and how many digits it starts with,
+    and the bitmask of the tokens allowed when a number has room for `room` more digits."""
+
+    def __init__(self, lltokenizer: llguidance.LLTokenizer, vocab_size: int):
+        self.token_bytes = [b"" if lltokenizer.is_special_token(t) else lltokenizer.decode_bytes([t])
+                            for t in range(vocab_size)]
+        self.leading = np.array([len(b) - len(b.lstrip(b"0123456789")) for b in self.token_bytes], np.int32)
+        self.longest = int(self.leading.max(initial=0))
+        self._masks: dict[int, np.ndarray] = {}
+
+    def allowed(self, room: int) -> np.ndarray:
+        """The int32 bitmask row of the tokens that add at most `room` digits to a run."""
+        room = max(room, 0)
+        if room not in self._masks:
+            bits = np.ones(mask_width(len(self.leading)) * 32, bool)
+            bits[:len(self.leading)] = self.leading <= room
+            self._masks[room] = np.packbits(bits, bitorder="little").view("<i4").astype(np.int32)
+        return self._masks[room]
+
+
+class OutputConstraint:
+    """One sequence's constraint: its llguidance matcher, fed every output token, and for JSON the
+    digit cap, which scans the answer's bytes for whether it is in a string and, outside one, how
+    many digits in a row it ends with."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, digits: NumberDigits | None):
+        self.matcher, self.digits = matcher, digits
+        self.in_string = self.escaped = False
+        self.digit_run = 0
+
+    def fill_bitmask(self, masks: np.ndarray, row: int) -> None:
+        """Write the allowed next tokens into `masks[row]`."""
+        fill_next_token_bitmask(self.matcher, masks, row)
+        near_cap = self.digits is not None and self.digit_run + self.digits.longest > MAX_NUMBER_DIGITS
+        if near_cap and not self.in_string:
+            capped = masks[row] & self.digits.allowed(MAX_NUMBER_DIGITS - self.digit_run)
+            if capped.any():   # never leave the grammar without a way on
+                masks[row] = capped
+
+    def consume_token(self, token: int) -> bool:
+        ok = self.matcher.consume_token(token)
+        if self.digits is not None:
+            for byte in self.digits.token_bytes[token]:
+                if self.in_string:
+                    self.in_string = self.escaped or byte != ord('"')
+                    self.escaped = not self.escaped and byte == ord("\\")
+                else:
+                    self.in_string = byte == ord('"')
+                    self.digit_run = self.digit_run + 1 if ord("0") <= byte <= ord("9") else 0
+        return ok
+
+    def is_stopped(self) -> bool:
+        return self.matcher.is_stopped()
+
+
 class GrammarCache:
     """One model's grammar engine: its tokenizer as llguidance sees it (built on first use, about a
-    second), and the compiled constraints of recent requests (LRU). `matcher` gives a request its
-    own matcher, copied from the compiled one."""
+    second), and the compiled constraints of recent requests (LRU). `constraint` gives a request its
+    own, with a copy of the compiled matcher."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, tuple(eos_token_ids)
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._digits: NumberDigits | None = None
 
     @property
     def lltokenizer(self) -> llguidance.LLTokenizer:
@@ -106,9 +176,15 @@ class GrammarCache:
                                                        eos_token=list(self.eos_token_ids) or None)
         return self._lltokenizer
 
-    def matcher(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
-        """A fresh matcher for `params` (a copy of the compiled one)."""
-        return self.compiled(params).deep_copy()
+    @property
+    def digits(self) -> NumberDigits:
+        if self._digits is None:
+            self._digits = NumberDigits(self.lltokenizer, self.vocab_size)
+        return self._digits
+
+    def constraint(self, params: StructuredOutputsParams) -> OutputConstraint:
+        """A fresh constraint for `params`: a copy of the compiled matcher, and the digit cap for JSON."""
+        return OutputConstraint(self.compiled(params).deep_copy(), self.digits if params.is_json else None)
 
     def compiled(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         """The compiled matcher of `params` (not to be fed tokens); ValueError with llguidance's
