@@ -263,11 +263,13 @@ class Tokenizer:
         add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
         if add_bos is None:
             add_bos = pre == "llama-bpe"  # llama.cpp's default for BPE vocabularies, except Llama 3
+        named = {str(name): _gguf_value(reader, f"tokenizer.chat_template.{name}")
+                 for name in _gguf_value(reader, "tokenizer.chat_templates", [])}
         return cls(tok, bos_token_id=None if bos is None else int(bos),
                    eos_token_ids=[int(i) for i in eos_ids if i is not None], add_bos_token=bool(add_bos),
                    chat_template=_gguf_value(reader, "tokenizer.chat_template"),
-                   named_chat_templates={str(name): _gguf_value(reader, f"tokenizer.chat_template.{name}")
-                                         for name in _gguf_value(reader, "tokenizer.chat_templates", [])})
+                   # a name listed without its template is dropped, as a nameless HF entry is
+                   named_chat_templates={k: v for k, v in named.items() if isinstance(v, str)})
 
     def save(self, path: str | os.PathLike) -> list[str]:
         """Write this tokenizer as an HF directory that `from_hf_dir` reads back identically:

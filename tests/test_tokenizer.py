@@ -127,6 +127,9 @@ def test_a_gguf_tool_use_template(tmp_path):
     tok = Tokenizer.from_gguf(open_gguf(path))
     assert tok.chat_template == CHATML_TEMPLATE and tok.named_chat_templates == {"tool_use": TOOL_USE}
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=TOOLS) == "[f]hi"
+    listed_only = open_gguf(path)   # a name listed without its template is dropped, not kept as None
+    del listed_only.fields["tokenizer.chat_template.tool_use"]
+    assert Tokenizer.from_gguf(listed_only).named_chat_templates == {}
     plain = write_llama_gguf(tmp_path / "p.gguf", random_llama_weights(config), config)
     assert Tokenizer.from_gguf(open_gguf(plain)).named_chat_templates == {}
 
