@@ -2,11 +2,13 @@
 
     python scripts/eval_sparse.py [--kv bf16,int4] [--contexts 2048,4096,8192] [--budgets 256,512,1024,2048]
                                   [--policies bbox,sink_window,bbox_span] [--tokens-per-page 16]
+                                  [--depths 0.1,0.3,0.5,0.7,0.9] [--keys-per-depth 1]
                                   [--json OUT] [--plot OUT.png]
 
 For each KV format, through the serving model code (`PagedForward`, pages with key bounds):
 - passkey retrieval: a 5-digit key hidden at depths 10-90% of filler text of 2K, 4K and 8K tokens, asked
-  for at the end in a plain completion prompt; greedy answer of 8 tokens; a hit when it holds the key;
+  for at the end in a plain completion prompt; greedy answer of 8 tokens; a hit when it holds the key
+  (`--keys-per-depth` random keys at each depth: a larger sample resolves smaller differences);
 - NLL of held-out text (benchmarks/data/eval_text.txt) over the last `--nll-tokens` tokens of
   8K-token windows (by default every whole window of the text, 3, and 512 tokens each: 1536
   predictions, as fewer swing by more than the 1% the target allows);
@@ -97,10 +99,10 @@ def decode(pf: PagedForward, token: int, spec, tally: Tally) -> np.ndarray:
     return logits
 
 
-def run_passkey(pf, tok, contexts, depths, plan, rng, bar) -> list[dict]:
+def run_passkey(pf, tok, contexts, depths, keys_per_depth, plan, rng, bar) -> list[dict]:
     rows = []
     for context in contexts:
-        for depth in depths:
+        for depth in [d for d in depths for _ in range(keys_per_depth)]:
             key = str(rng.integers(10000, 100000))
             ids = passkey_prompt(tok, context, depth, key)
             prefill(pf, ids[:-1])
@@ -148,6 +150,7 @@ def summarize(kv: str, passkey: list[dict], nll: list[dict], contexts, plan) -> 
         for c in contexts:
             hits = [r["hit"] for r in passkey if r["context"] == c and r["policy"] == policy and r["budget"] == budget]
             row[f"passkey_{c}"] = float(np.mean(hits)) if hits else None
+            row[f"prompts_{c}"] = len(hits)
         mine = [r for r in nll if r["policy"] == policy and r["budget"] == budget]
         if mine:
             row["nll"] = float(np.mean([r["nll"] for r in mine]))
@@ -160,7 +163,8 @@ def summarize(kv: str, passkey: list[dict], nll: list[dict], contexts, plan) -> 
 
 
 def table(summary: list[dict], contexts) -> str:
-    head = ("| KV | policy | budget | " + " | ".join(f"passkey {c // 1024}K" for c in contexts)
+    head = ("| KV | policy | budget | " + " | ".join(f"passkey {c // 1024}K ({summary[0][f'prompts_{c}']})"
+                                                      for c in contexts)
             + " | NLL | ΔNLL | pages read (NLL) | recall |")
     lines = [head, "|" + "---|" * (7 + len(contexts))]
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
@@ -205,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", default="bf16,int4", help="KV formats (the bf16 model with that KV cache)")
     ap.add_argument("--contexts", default="2048,4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--keys-per-depth", type=int, default=1, help="passkey prompts (random keys) per depth")
     ap.add_argument("--budgets", default="256,512,1024,2048")
     ap.add_argument("--policies", default="bbox,sink_window,bbox_span", help="selection policies beside full")
     ap.add_argument("--nll-windows", type=int, default=3, help="windows of the held-out text")
@@ -221,7 +226,9 @@ def main(argv=None) -> int:
     kvs = args.kv.split(",")
     policies = args.policies.split(",")
     plan = variants(budgets, policies)
-    runs = len(kvs) * len(plan) * (len(contexts) * len(depths) + args.nll_windows)
+    if args.keys_per_depth < 1:
+        ap.error("--keys-per-depth must be at least 1")
+    runs = len(kvs) * len(plan) * (len(contexts) * len(depths) * args.keys_per_depth + args.nll_windows)
     bar = tqdm(total=runs, desc="prompts x variants", unit="run")
     t0, results, summary = time.time(), {}, []
     text = (ROOT / "benchmarks" / "data" / "eval_text.txt").read_text()
@@ -237,7 +244,7 @@ def main(argv=None) -> int:
         if len(ids) < args.nll_windows * nll_context:   # before the passkey runs' minutes
             raise SystemExit(f"the held-out text has {len(ids)} tokens: fewer than {args.nll_windows} windows of "
                              f"{nll_context}")
-        passkey = run_passkey(pf, tok, contexts, depths, plan, rng, bar)
+        passkey = run_passkey(pf, tok, contexts, depths, args.keys_per_depth, plan, rng, bar)
         nll = run_nll(pf, ids, args.nll_windows, nll_context, args.nll_tokens, plan, bar)
         results[kv] = {"preset": loaded.precision.name, "passkey": passkey, "nll": nll}
         summary += summarize(kv, passkey, nll, contexts, plan)
