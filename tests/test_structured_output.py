@@ -51,10 +51,15 @@ def test_a_malformed_constraint_is_refused_naming_the_problem(value, message):
         SamplingParams(structured_outputs=value)
 
 
+def mask_bits(row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """An int32 bitmask row -> bool[vocab_size], token t at bit t % 32 of word t // 32."""
+    return np.array([(row[t // 32] >> (t % 32)) & 1 for t in range(vocab_size)], bool)
+
+
 def allowed_tokens(constraint, vocab_size: int) -> set[int]:
     masks = np.zeros((1, mask_width(vocab_size)), np.int32)
     constraint.fill_bitmask(masks, 0)
-    return {t for t in range(vocab_size) if masks[0, t // 32] >> (t % 32) & 1}
+    return set(np.flatnonzero(mask_bits(masks[0], vocab_size)).tolist())
 
 
 def test_matchers_come_from_a_cache_and_each_request_gets_its_own(tok):
@@ -115,7 +120,7 @@ def test_the_sampler_never_picks_a_masked_token():
     logits = rng.normal(scale=3.0, size=(4, 100)).astype(np.float32)
     mask = rng.integers(-2**31, 2**31, size=(4, mask_width(100)), dtype=np.int64).astype(np.int32)
     mask[3] = -1   # a row without a constraint
-    allowed = np.array([[(mask[r, t // 32] >> (t % 32)) & 1 for t in range(100)] for r in range(4)], bool)
+    allowed = np.stack([mask_bits(row, 100) for row in mask])
     out = np.asarray(apply_token_mask(jnp.asarray(logits), jnp.asarray(mask)))
     np.testing.assert_array_equal(out[allowed], logits[allowed])
     assert np.all(np.isneginf(out[~allowed])) and allowed[3].all()
