@@ -87,7 +87,8 @@ PoolMode = Annotated[StrictStr, _check(lambda v: v in POOL_MODES,
                                        f"unknown pool_mode {{value!r}}; choose one of {POOL_MODES}")]
 _FILE_TYPES = {str: StrictStr, int: StrictInt, float: StrictFloat, bool: StrictBool,  # what TOML gives
                tuple[int, ...]: list[StrictInt],
-               dict: dict[StrictStr, StrictStr | StrictInt | StrictFloat]}    # an inline table (sparse)
+               # an inline table (sparse; its layer_weights a list)
+               dict: dict[StrictStr, StrictStr | StrictInt | StrictFloat | list[StrictInt | StrictFloat]]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -161,8 +161,9 @@ class PagedKV:
     One segment keeps its [B, S] layout; several are laid out as one row [1, sum(B * S)], in order,
     and attention splits them again. With `selection` (decode steps of a model whose pages keep key
     bounds), the one-token segment's layers from `dense_layers` on attend only the pages each
-    sequence's policy selects; `measure_recall` also scores each selection against dense attention
-    (`selection_recall`: reads every page, so for evaluation, not serving)."""
+    sequence's policy selects, under its budget for the layer (`selection.budget_pages` [B, L]);
+    `measure_recall` also scores each selection against dense attention (`selection_recall`: reads
+    every page, so for evaluation, not serving)."""
 
     def __init__(self, layout: KVPageLayout, segments: tuple[Segment, ...], kernels: str,
                  selection: SelectionInputs | None = None, dense_layers: int = 0, measure_recall: bool = False):
@@ -186,18 +187,20 @@ class PagedKV:
         group's attention is its own branch)."""
         pool, stats = cache
         dense = layer < self.dense_layers
+        selection = None if self.selection is None else self.selection.at_layer(layer)
         groups = self.layout.layer_groups()
         if len(groups) == 1:
-            out, pool, step = self._attend_group(q, k, v, pool, dense, layer, groups[0].layout)
+            out, pool, step = self._attend_group(q, k, v, pool, dense, selection, layer, groups[0].layout)
         else:
             group_of_layer = np.repeat(np.arange(len(groups), dtype=np.int32),
                                        [g.layout.num_layers for g in groups])
             branches = [functools.partial(self._attend_group, layer=layer - g.first_layer, layout=g.layout)
                         for g in groups]
-            out, pool, step = jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool, dense)
+            out, pool, step = jax.lax.switch(jnp.asarray(group_of_layer)[layer], branches, q, k, v, pool, dense,
+                                             selection)
         return out, (pool, AttentionStats(*(a + b for a, b in zip(stats, step))))
 
-    def _attend_group(self, q, k, v, pool, dense, layer, layout: KVPageLayout):
+    def _attend_group(self, q, k, v, pool, dense, selection, layer, layout: KVPageLayout):
         hkv, d = k.shape[2:]
         n = k.shape[0] * k.shape[1]
         pool = write_kv(pool, layout, self.write_pages, self.write_slots, self.write_valid, layer,
@@ -205,20 +208,20 @@ class PagedKV:
         if layout.key_bounds:
             pool = write_bounds(pool, layout, self.bound_pages, self.bound_fill, layer, kernels=self.kernels)
         if len(self.segments) == 1:
-            out, stats = self._attend_segment(q, pool, dense, layer, layout, self.segments[0])
+            out, stats = self._attend_segment(q, pool, dense, selection, layer, layout, self.segments[0])
             return out, pool, stats
         outs, stats, start = [], [], 0
         for seg in self.segments:
             b, s = seg.shape
             out, st = self._attend_segment(q[:, start:start + b * s].reshape(b, s, *q.shape[2:]), pool, dense,
-                                           layer, layout, seg)
+                                           selection, layer, layout, seg)
             outs.append(out.reshape(1, b * s, *q.shape[2:]))
             stats.append(st)
             start += b * s
         return (jnp.concatenate(outs, axis=1), pool,
                 AttentionStats(*(jnp.concatenate(parts) for parts in zip(*stats))))
 
-    def _attend_segment(self, q, pool, dense, layer, layout: KVPageLayout, seg: _SegmentPages):
+    def _attend_segment(self, q, pool, dense, selection, layer, layout: KVPageLayout, seg: _SegmentPages):
         b, hkv = seg.shape[0], layout.num_kv_heads
 
         def attend_dense():
@@ -226,12 +229,12 @@ class PagedKV:
                                   kernels=self.kernels)
             return out, AttentionStats.zeros(b)._replace(pages_read=layout.pages_for(seg.kv_lens) * hkv)
 
-        if self.selection is None or not layout.key_bounds or seg.shape[1] != 1:
+        if selection is None or not layout.key_bounds or seg.shape[1] != 1:
             return attend_dense()
 
         def attend_sparse():
             out, chosen = sparse_decode_attention(q, pool, layout, layer, seg.page_table, seg.positions,
-                                                  seg.kv_lens, self.selection, kernels=self.kernels)
+                                                  seg.kv_lens, selection, kernels=self.kernels)
             stats = AttentionStats.zeros(b)._replace(pages_read=chosen.pages_read.sum(axis=1))
             if self.measure_recall:
                 hits, pages = selection_recall(q, pool, layout, layer, seg.page_table, seg.kv_lens, chosen.chosen)
@@ -273,7 +276,8 @@ class LlamaForCausalLM(nnx.Module):
         """segments: the step's token rows (`Segment`; several for a mixed step, at most one of them
         of one-token rows). `kernels`: the implementation of attention, KV writes and quantized
         matmuls ("xla", "pallas", "interpret"). `selection`: per row of the one-token segment, page
-        selection (the layout must keep key bounds), dense in layers below `dense_layers`;
+        selection (the layout must keep key bounds; budget_pages [B, L], each layer's own), dense in
+        layers below `dense_layers`;
         `measure_recall`: score the selections against dense attention (evaluation only).
         `tp_axis`: inside `shard_map` over a tensor-parallel group, the mesh axis the row-parallel
         outputs are summed over (this shard's state holds its own heads' columns and `layout` its

@@ -25,11 +25,13 @@ is attention over the chosen pages (`paged_attention` with a [B, Hkv, P] table).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.kv_pages import KVPageLayout, read_key_bounds, read_kv_pages
 
@@ -81,15 +83,28 @@ DEFAULT_BUDGET_TOKENS = 1024
 @dataclass(frozen=True)
 class SparseSpec:
     """What a model (by default) or a request asks of page selection: a policy, a budget in tokens
-    or as a fraction of the context (default DEFAULT_BUDGET_TOKENS), and the context length past
-    which decoding turns sparse (default twice the budget)."""
+    or as a fraction of the context (default DEFAULT_BUDGET_TOKENS), the context length past which
+    decoding turns sparse (default twice the budget), and how the budget is shared out over the
+    layers: `layer_weights`, one positive weight per layer (None: every layer alike). A sparse
+    layer reads the budget times its weight over the mean weight of the sparse layers, so the
+    pages read over all layers stay the budget's (layers whose bounds rank pages less sharply can
+    read more at no cost in bytes)."""
     policy: str = "bbox"
     budget_tokens: int | None = None
     budget_fraction: float | None = None
     gate_tokens: int | None = None
+    layer_weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
         policy_id(self.policy)
+        w = self.layer_weights
+        if w is not None:
+            if (isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)) or not w
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                               for x in w)):
+                raise ValueError(f"layer_weights must be a non-empty list of positive numbers, one per layer, "
+                                 f"got {w!r}")
+            object.__setattr__(self, "layer_weights", tuple(float(x) for x in w))
         if self.budget_tokens is not None and self.budget_fraction is not None:
             raise ValueError("give budget_tokens or budget_fraction, not both")
         for name, minimum, what in (("budget_tokens", 1, "a positive"), ("gate_tokens", 0, "a non-negative")):
@@ -110,6 +125,23 @@ class SparseSpec:
         budget = max(2, budget)
         gate = self.gate_tokens if self.gate_tokens is not None else 2 * budget * tokens_per_page
         return POLICY_IDS[self.policy], budget, gate
+
+    def layer_budgets(self, budget_pages: int, num_layers: int, dense_layers: int) -> np.ndarray:
+        """int32 [num_layers]: each layer's share of a budget of `budget_pages` per layer (>= 2 each;
+        the first `dense_layers` attend every page and keep the plain budget, unused)."""
+        budgets = np.full((num_layers,), budget_pages, np.int32)
+        if self.layer_weights is None or dense_layers >= num_layers:
+            return budgets
+        self.check_layers(num_layers)
+        w = np.asarray(self.layer_weights[dense_layers:], np.float64)
+        budgets[dense_layers:] = np.maximum(2, np.rint(budget_pages * w / w.mean()))
+        return budgets
+
+    def check_layers(self, num_layers: int) -> None:
+        """ValueError unless the layer weights (if any) are one per layer of a num_layers model."""
+        if self.layer_weights is not None and len(self.layer_weights) != num_layers:
+            raise ValueError(f"layer_weights has {len(self.layer_weights)} entries; the model has {num_layers} "
+                             f"layers")
 
 
 def bound_scores(q, k_min, k_max):
@@ -134,10 +166,17 @@ def page_scores_reference(q: jax.Array, pool: jax.Array, layout: KVPageLayout, l
 
 
 class SelectionInputs(NamedTuple):
-    """Per sequence, what `select_pages` is asked for (int32[B] each, traced into the step)."""
+    """Per sequence, what `select_pages` is asked for (int32[B] each, traced into the step). A
+    model's step carries every layer's budget, budget_pages [B, L], and gives each layer its own
+    column."""
     policy: jax.Array         # POLICY_IDS
     budget_pages: jax.Array   # pages read when sparse (>= 2: the sink and last pages)
     gate_tokens: jax.Array    # sparse only past this many tokens of context
+
+    def at_layer(self, layer) -> "SelectionInputs":
+        """A model step's inputs (budget_pages [B, L]) for one layer (traced index)."""
+        return self._replace(budget_pages=jax.lax.dynamic_index_in_dim(self.budget_pages, layer, axis=1,
+                                                                       keepdims=False))
 
 
 class PageSelection(NamedTuple):

@@ -248,6 +248,22 @@ def test_sparse_spec_rows_and_bad_specs():
             SparseSpec(**bad)
 
 
+def test_layer_weights_share_the_budget_out_over_the_sparse_layers():
+    spec = SparseSpec("bbox", budget_tokens=512, layer_weights=[9, 9, 1, 3])
+    assert spec.layer_weights == (9.0, 9.0, 1.0, 3.0)       # a list (TOML's) becomes a tuple
+    np.testing.assert_array_equal(spec.layer_budgets(32, 4, 2), [32, 32, 16, 48])   # dense layers unused
+    np.testing.assert_array_equal(spec.layer_budgets(32, 4, 0), [52, 52, 6, 17])    # 32 * w / 5.5
+    np.testing.assert_array_equal(SparseSpec("bbox", layer_weights=(1, 1, 1, 100)).layer_budgets(4, 4, 1),
+                                  [4, 2, 2, 12])                      # 4 * 100 / 34, and >= 2 pages each
+    np.testing.assert_array_equal(SparseSpec("bbox").layer_budgets(32, 4, 2), [32] * 4)
+    np.testing.assert_array_equal(spec.layer_budgets(32, 4, 4), [32] * 4)          # every layer dense
+    with pytest.raises(ValueError, match="layer_weights has 4 entries; the model has 6 layers"):
+        spec.layer_budgets(32, 6, 2)
+    for bad in ([], [1, 0], [1, -2], [1, "2"], [1, True], [1, float("nan")], [1, float("inf")], "12", 3):
+        with pytest.raises(ValueError, match="layer_weights"):
+            SparseSpec("bbox", layer_weights=bad)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sparse decode attention
 

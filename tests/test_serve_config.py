@@ -192,13 +192,14 @@ def test_a_model_entry_takes_every_modelspec_field():
 
 def test_a_model_entry_takes_page_selection_as_an_inline_table(tmp_path):
     path = tmp_path / "fleet.toml"
-    path.write_text('[[models]]\nmodel = "smollm2-135m"\nsparse = {policy = "bbox", budget_tokens = 512}\n'
+    path.write_text('[[models]]\nmodel = "smollm2-135m"\n'
+                    'sparse = {policy = "bbox", budget_tokens = 512, layer_weights = [1, 0.5, 1.5]}\n'
                     'sparse_dense_layers = 1\nsparse_recall_every = 64\n')
     spec = ServeConfig.from_toml(path).models[0].spec
-    assert spec.sparse == SparseSpec("bbox", budget_tokens=512)
+    assert spec.sparse == SparseSpec("bbox", budget_tokens=512, layer_weights=(1.0, 0.5, 1.5))
     assert (spec.sparse_dense_layers, spec.sparse_recall_every) == (1, 64)
     for bad, named in (('{policy = "topk"}', "policy"), ('{budget_tokens = "many"}', "budget_tokens"),
-                       ('{policy = "bbox", window = 3}', "window")):
+                       ('{policy = "bbox", window = 3}', "window"), ('{layer_weights = [1, -1]}', "layer_weights")):
         path.write_text(f'[[models]]\nmodel = "smollm2-135m"\nsparse = {bad}\n')
         with pytest.raises(ValueError, match=named):
             ServeConfig.from_toml(path)

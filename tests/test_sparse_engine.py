@@ -7,6 +7,7 @@ Tiny random float32 models (4 layers, 2 kv heads, head_dim 32) on the XLA path."
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ import pytest
 from models.config import ModelConfig
 from models.loader import random_model
 from pallas_kernels.kv_pages import read_key_bounds, read_kv_pages
+from pallas_kernels.page_selection import SparseSpec
 from serving.engine.sampling import SamplingParams
-from tests.helpers import build_engine, drain
+from tests.helpers import PagedForward, build_engine, drain
 from tests.test_page_selection import check_bounds
 
 pytestmark = pytest.mark.usefixtures("fast_cpu_compiles")   # tiny models: compiling dominates
@@ -95,6 +97,34 @@ def test_selection_per_request_and_kv_bytes_read(rng, loaded):
     window = run(engine(loaded, sparse={"policy": "sink_window", "budget_tokens": 16, "gate_tokens": 32}),
                  tokens[:1], greedy)
     assert all(len(x) == 10 for x in mixed + window)
+
+
+def test_layer_weights_set_each_layers_budget(rng, loaded):
+    """A layer reads its own share of the budget: the pages attention read add up layer by layer;
+    the model's weights share out a request's own budget too."""
+    pf = PagedForward(loaded.model, 128, tokens_per_page=T, key_bounds=True, sparse_dense_layers=1)
+    pf.step(prompts(rng, [99])[0])
+    point = pf.checkpoint()
+    reads = {}
+    for weights in (None, (5, 1, 1, 3)):
+        pf.restore(point)
+        pf.step([7], sparse=SparseSpec("bbox", budget_tokens=16, gate_tokens=0, layer_weights=weights))
+        reads[weights] = int(pf.last_stats.pages_read.sum())
+    # 100 tokens: 25 pages a kv head in dense layer 0; 4-page budgets, or 4 * (1, 1, 3) / (5 / 3)
+    assert reads == {None: CFG.num_kv_heads * (25 + 3 * 4), (5, 1, 1, 3): CFG.num_kv_heads * (25 + 2 + 2 + 7)}
+
+    eng = engine(loaded, sparse={"policy": "bbox", "budget_tokens": 16, "layer_weights": [5, 1, 1, 3]},
+                 sparse_dense_layers=1)
+    own = SamplingParams(sparse={"policy": "bbox", "budget_tokens": 32})
+    inputs = eng.runner.selection_inputs([SimpleNamespace(params=own), SimpleNamespace(params=SamplingParams())],
+                                         np.asarray([200, 200, 5]))
+    np.testing.assert_array_equal(inputs.budget_pages, [[8, 5, 5, 14], [4, 2, 2, 7], [2, 2, 2, 2]])
+    with pytest.raises(ValueError, match="layer_weights has 2 entries; the model has 4 layers"):
+        eng.add_request([1, 2, 3], SamplingParams(sparse=SparseSpec("bbox", layer_weights=(1, 2))))
+    with pytest.raises(ValueError, match="layer_weights has 3 entries"):
+        engine(loaded, sparse={"policy": "bbox", "layer_weights": [1, 2, 3]})
+    with pytest.raises(ValueError, match="unknown field"):   # the model's to set, not a request's
+        SamplingParams(sparse={"policy": "bbox", "layer_weights": [1, 1, 1, 1]})
 
 
 def test_bad_selection_settings_are_refused(rng, loaded):

@@ -233,6 +233,11 @@ class LLMEngine:
         if params.sparse is not None and params.sparse.policy != "full" and self.config.sparse is None:
             raise ValueError(f"sparse: policy {params.sparse.policy!r} needs a model started with page "
                              "selection (its sparse setting); this one keeps no key bounds")
+        if params.sparse is not None:
+            try:
+                params.sparse.check_layers(self.layout.num_layers)
+            except ValueError as e:
+                raise ValueError(f"sparse: {e}") from None
 
     @property
     def grammars(self) -> GrammarCache:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import jax
@@ -173,6 +173,8 @@ class ModelRunner(ShapeBuckets):
         self.layout = layout
         self.sparse = sparse
         self.dense_layers = min(sparse_dense_layers, model.config.num_layers)
+        if sparse is not None:
+            sparse.check_layers(model.config.num_layers)
         self.recall_every = recall_every if sparse is not None else 0
         self._decode_steps = 0
         self.vocab_size = model.config.vocab_size
@@ -321,13 +323,16 @@ class ModelRunner(ShapeBuckets):
         padding rows dense), or None when the model selects no pages."""
         if self.sparse is None:
             return None
-        rows = np.zeros((3, len(kv_lens)), np.int32)
-        rows[0] = POLICY_IDS["full"]
-        rows[1] = 2
+        batch = len(kv_lens)
+        policy, gate = np.full((batch,), POLICY_IDS["full"], np.int32), np.zeros((batch,), np.int32)
+        budget = np.full((batch, self.num_layers), 2, np.int32)
         for i, seq in enumerate(seqs):
             spec = seq.params.sparse or self.sparse
-            rows[:, i] = spec.row(int(kv_lens[i]), self.layout.tokens_per_page)
-        return SelectionInputs(*rows)
+            if spec.layer_weights is None:   # a request's own budget, shared out as the model's
+                spec = replace(spec, layer_weights=self.sparse.layer_weights)
+            policy[i], pages, gate[i] = spec.row(int(kv_lens[i]), self.layout.tokens_per_page)
+            budget[i] = spec.layer_budgets(pages, self.num_layers, self.dense_layers)
+        return SelectionInputs(policy, budget, gate)
 
     def _run_bucket(self, pool: jax.Array, kind: StepKind, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
         """The forward program of one bucket on zero inputs (page 0 of every row, nothing written);

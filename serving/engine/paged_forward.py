@@ -47,6 +47,7 @@ class PagedForward:
         table[:, :pages_per_seq] = np.asarray(pages, np.int32).reshape(batch, pages_per_seq)
         self.table = jnp.asarray(table)
         self.batch, self.max_tokens, self.length = batch, max_tokens, 0
+        self.dense_layers = sparse_dense_layers
         graphdef, self.state = nnx.split(model)
         layout = self.layout
 
@@ -84,8 +85,10 @@ class PagedForward:
         if sparse is not None:
             if n != 1 or not self.layout.key_bounds:
                 raise ValueError("page selection needs one-token steps over pages with key bounds")
-            row = sparse.row(self.length + 1, self.layout.tokens_per_page)
-            selection = SelectionInputs(*(np.full((self.batch,), x, np.int32) for x in row))
+            policy, budget, gate = sparse.row(self.length + 1, self.layout.tokens_per_page)
+            layers = sparse.layer_budgets(budget, self.layout.num_layers, self.dense_layers)
+            selection = SelectionInputs(np.full((self.batch,), policy, np.int32), np.tile(layers, (self.batch, 1)),
+                                        np.full((self.batch,), gate, np.int32))
         padded = np.zeros((self.batch, n if selection is not None else max(MIN_STEP_TOKENS, n)), np.int32)
         padded[:, :n] = tokens
         start = np.full((self.batch,), self.length, np.int32)

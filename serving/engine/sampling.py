@@ -57,12 +57,12 @@ def _is_real(value) -> bool:
 
 
 SPARSE_REQUEST_FIELDS = ("policy", "budget_tokens", "budget_fraction")
-SPARSE_MODEL_FIELDS = (*SPARSE_REQUEST_FIELDS, "gate_tokens")
+SPARSE_MODEL_FIELDS = (*SPARSE_REQUEST_FIELDS, "gate_tokens", "layer_weights")
 
 
 def sparse_spec(value, allowed: tuple[str, ...] = SPARSE_REQUEST_FIELDS) -> SparseSpec | None:
     """Page selection from a SparseSpec or a dict of the `allowed` fields (a request's by default;
-    a model's default may also set gate_tokens); ValueError naming what is wrong."""
+    a model's default may also set gate_tokens and layer_weights); ValueError naming what is wrong."""
     if value is None or isinstance(value, SparseSpec):
         return value
     if not isinstance(value, dict):
