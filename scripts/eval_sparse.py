@@ -2,6 +2,7 @@
 
     python scripts/eval_sparse.py [--kv bf16,int4] [--contexts 2048,4096,8192] [--budgets 256,512,1024,2048]
                                   [--policies bbox,sink_window,bbox_span] [--tokens-per-page 16]
+                                  [--layer-weights 16:0.5:1.5 --policies bbox,bbox+layers]
                                   [--depths 0.1,0.3,0.5,0.7,0.9] [--keys-per-depth 1]
                                   [--json OUT] [--plot OUT.png]
 
@@ -12,7 +13,8 @@ For each KV format, through the serving model code (`PagedForward`, pages with k
 - NLL of held-out text (benchmarks/data/eval_text.txt) over the last `--nll-tokens` tokens of
   8K-token windows (by default every whole window of the text, 3, and 512 tokens each: 1536
   predictions, as fewer swing by more than the 1% the target allows);
-for `full` (dense) and each policy (`bbox`, `sink_window`, `bbox_span`) at every budget. The
+for `full` (dense) and each policy (`bbox`, `sink_window`, `bbox_span`; `<policy>+layers` shares the
+budget out over the layers by `--layer-weights`, `SparseSpec.layer_weights`) at every budget. The
 prompt's last token and every answer token are decode steps, so every predicted token comes from
 attention over the selected pages (dense in the first two layers, the engine's default). Each prompt is prefilled once; the variants
 continue from that point. Also per variant: the share of KV pages decode attention read (pages
@@ -44,12 +46,25 @@ INTRO = "There is an important pass key hidden inside a lot of irrelevant text. 
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def variants(budgets: list[int], policies: list[str]) -> list[tuple[str, int | None]]:
-    return [("full", None)] + [(p, b) for p in policies for b in budgets]
+LAYERS_SUFFIX = "+layers"   # a policy named so shares its budget out by --layer-weights
 
 
-def spec_of(policy: str, budget: int | None) -> SparseSpec | None:
-    return None if policy == "full" else SparseSpec(policy, budget_tokens=budget)
+def variants(budgets: list[int], policies: list[str], layer_weights: tuple[float, ...] | None
+             ) -> list[tuple[str, int | None, SparseSpec | None]]:
+    """(label, budget, selection) of every variant: full, then each policy at each budget."""
+    def spec(label, budget):
+        policy = label.removesuffix(LAYERS_SUFFIX)
+        return SparseSpec(policy, budget_tokens=budget,
+                          layer_weights=layer_weights if label.endswith(LAYERS_SUFFIX) else None)
+    return [("full", None, None)] + [(p, b, spec(p, b)) for p in policies for b in budgets]
+
+
+def parse_layer_weights(text: str, num_layers: int) -> tuple[float, ...]:
+    """One weight per layer ("w0,w1,..."), or "K:A:B": A for the layers below K, B from K on."""
+    if text.count(":") == 2:
+        k, a, b = text.split(":")
+        return (float(a),) * int(k) + (float(b),) * (num_layers - int(k))
+    return tuple(float(x) for x in text.split(","))
 
 
 def passkey_prompt(tok, context: int, depth: float, key: str) -> list[int]:
@@ -107,9 +122,9 @@ def run_passkey(pf, tok, contexts, depths, keys_per_depth, plan, rng, bar) -> li
             ids = passkey_prompt(tok, context, depth, key)
             prefill(pf, ids[:-1])
             point = pf.checkpoint()
-            for policy, budget in plan:
+            for policy, budget, spec in plan:
                 pf.restore(point)
-                tally, spec, out = Tally(), spec_of(policy, budget), []
+                tally, out = Tally(), []
                 token = ids[-1]
                 for _ in range(ANSWER_TOKENS):
                     token = int(np.argmax(decode(pf, token, spec, tally)))
@@ -129,9 +144,9 @@ def run_nll(pf, ids, windows, context, n, plan, bar) -> list[dict]:
         m = context - n
         prefill(pf, window[:m - 1])
         point = pf.checkpoint()
-        for policy, budget in plan:
+        for policy, budget, spec in plan:
             pf.restore(point)
-            tally, spec, nll = Tally(), spec_of(policy, budget), []
+            tally, nll = Tally(), []
             for j in range(n):
                 logits = decode(pf, window[m - 1 + j], spec, tally).astype(np.float64)
                 top = logits.max()
@@ -145,7 +160,7 @@ def run_nll(pf, ids, windows, context, n, plan, bar) -> list[dict]:
 def summarize(kv: str, passkey: list[dict], nll: list[dict], contexts, plan) -> list[dict]:
     out = []
     dense_nll = np.mean([r["nll"] for r in nll if r["policy"] == "full"]) if nll else None
-    for policy, budget in plan:
+    for policy, budget, _ in plan:
         row = {"kv": kv, "policy": policy, "budget": budget}
         for c in contexts:
             hits = [r["hit"] for r in passkey if r["context"] == c and r["policy"] == policy and r["budget"] == budget]
@@ -207,11 +222,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--kv", default="bf16,int4", help="KV formats (the bf16 model with that KV cache)")
-    ap.add_argument("--contexts", default="2048,4096,8192")
+    ap.add_argument("--contexts", default="2048,4096,8192", help="passkey context lengths ('': none)")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--keys-per-depth", type=int, default=1, help="passkey prompts (random keys) per depth")
     ap.add_argument("--budgets", default="256,512,1024,2048")
-    ap.add_argument("--policies", default="bbox,sink_window,bbox_span", help="selection policies beside full")
+    ap.add_argument("--policies", default="bbox,sink_window,bbox_span",
+                    help=f"selection policies beside full; one named <policy>{LAYERS_SUFFIX} shares its budget out "
+                         f"over the layers by --layer-weights")
+    ap.add_argument("--layer-weights", default=None,
+                    help='one weight per layer ("w0,w1,...") or "K:A:B" (A below layer K, B from K on)')
     ap.add_argument("--nll-windows", type=int, default=3, help="windows of the held-out text")
     ap.add_argument("--nll-context", type=int, default=8192, help="tokens per window")
     ap.add_argument("--nll-tokens", type=int, default=512, help="tokens scored at the end of each window")
@@ -220,15 +239,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args(argv)
-    contexts = [int(x) for x in args.contexts.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",") if x]   # none: NLL only
     depths = [float(x) for x in args.depths.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]
     kvs = args.kv.split(",")
     policies = args.policies.split(",")
-    plan = variants(budgets, policies)
     if args.keys_per_depth < 1:
         ap.error("--keys-per-depth must be at least 1")
-    runs = len(kvs) * len(plan) * (len(contexts) * len(depths) * args.keys_per_depth + args.nll_windows)
+    if any(p.endswith(LAYERS_SUFFIX) for p in policies) != (args.layer_weights is not None):
+        ap.error(f"--layer-weights goes with a policy named <policy>{LAYERS_SUFFIX}, and one needs it")
+    try:
+        variants(budgets, policies, None)   # names checked before any loading
+    except ValueError as e:
+        ap.error(str(e))
+    prompts = len(contexts) * len(depths) * args.keys_per_depth + args.nll_windows
+    runs = len(kvs) * (1 + len(policies) * len(budgets)) * prompts
     bar = tqdm(total=runs, desc="prompts x variants", unit="run")
     t0, results, summary = time.time(), {}, []
     text = (ROOT / "benchmarks" / "data" / "eval_text.txt").read_text()
@@ -236,6 +261,14 @@ def main(argv=None) -> int:
         loaded = load_model(args.model, "bfloat16", "bf16", kv_dtype=None if kv == "bf16" else kv)
         tok = loaded.tokenizer
         max_len = loaded.config.max_position_embeddings
+        weights = None
+        if args.layer_weights is not None:
+            try:
+                weights = parse_layer_weights(args.layer_weights, loaded.config.num_layers)
+                SparseSpec(layer_weights=weights).check_layers(loaded.config.num_layers)
+            except ValueError as e:
+                raise SystemExit(f"--layer-weights: {e}") from None
+        plan = variants(budgets, policies, weights)
         pf = PagedForward(loaded.model, max_len, tokens_per_page=args.tokens_per_page, kv_dtype=kv, key_bounds=True,
                           measure_recall=True, shuffle_pages=False)
         rng = np.random.default_rng(args.seed)
