@@ -89,7 +89,8 @@ class LLM:
       sparse: query-aware page selection for decoding (TinyServe/Quest), the requests' default: a
         dict like {"policy": "bbox", "budget_tokens": 1024} (policies "bbox", "bbox_span",
         "sink_window", "full"; or "budget_fraction"; "gate_tokens": dense up to that context,
-        default twice the budget).
+        default twice the budget; "layer_weights": one weight per layer sharing the budget out over
+        the layers, default even).
         Pages then keep their keys' bounds (2 x head_dim int8 codes per layer and kv head), and
         requests may choose their own (`SamplingParams.sparse`). None: off, no bounds kept.
       sparse_dense_layers: the first layers attend every page whatever the policy (default 2).
