@@ -58,7 +58,10 @@ def paged_attention_reference(
     block_tokens = pages_per_block * layout.tokens_per_page
     scale = head_dim ** -0.5
 
-    qg = q.reshape(batch, seq, num_kv_heads, group, head_dim).astype(jnp.float32) * scale
+    # [B, Hkv, G, S, D]: with the queries' rows next to head_dim, XLA's CPU dot computes each row
+    # the same way whatever S is (from [B, S, Hkv, G, D] it does not), so a token's attention does
+    # not depend on how many others share its step (a prefix cache's reused KV equals recomputed KV).
+    qg = jnp.moveaxis(q.reshape(batch, seq, num_kv_heads, group, head_dim), 1, 3).astype(jnp.float32) * scale
     fp8 = layout.kv_dtype == "int4_fp8"
     if fp8:
         qg = fp8_queries(qg)
@@ -105,7 +108,7 @@ def paged_attention_reference(
         mask = jnp.swapaxes(k_live, 1, 2)[:, :, None, :]                            # [B, Hkv, 1, K]
         if not head_tables:
             mask = mask & (k_pos[None, None, :] <= q_positions[:, :, None])[:, None]   # [B, Hkv, S, K]
-        s = jnp.einsum("bshgd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
+        s = jnp.einsum("bhgsd,bkhd->bhgsk", qg, k, preferred_element_type=jnp.float32)
         if fp8:
             s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
         s = jnp.where(mask[:, :, None], s, -jnp.inf)

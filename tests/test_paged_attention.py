@@ -563,3 +563,33 @@ def test_empty_rows_give_zeros():
     assert not out[0].any() and not out[2].any()
     ref = dense_attention(np.asarray(q[1]), k, v, np.asarray(pos[1]), n)
     np.testing.assert_allclose(out[1], ref, rtol=1e-5, atol=5e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A query's output does not depend on its step
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int4_fp8"])
+def test_a_querys_output_does_not_depend_on_its_prefill_step(kv_dtype):
+    """The same query over the same pages gives the same bits whether its prefill step holds 128
+    queries, 100 or 36, with or without another sequence beside it: however a prompt is chunked (a
+    prefix cache's hit, the chunk budget), its KV comes out the same."""
+    rng = np.random.default_rng()
+    hq, n = 9, 128                                        # SmolLM2's 3 query heads per kv head
+    layout = KVPageLayout(1, 3, 64, 16, kv_dtype, pages_per_slab=4)
+    pool = jnp.asarray(make_pool(layout, 3))
+    keys, values = (jnp.asarray(rng.standard_normal((n, 3, 64)), jnp.float32) for _ in range(2))
+    pool = _write(pool, layout, jnp.arange(n, dtype=jnp.int32) // 16, jnp.arange(n, dtype=jnp.int32) % 16,
+                  jnp.ones(n, bool), jnp.int32(0), keys, values)
+    q = jnp.asarray(rng.standard_normal((2, n, hq, 64)), jnp.float32)
+    table = jnp.asarray(np.tile(np.arange(8, dtype=np.int32), (2, 1)))
+    positions = jnp.arange(n, dtype=jnp.int32)[None].repeat(2, axis=0)
+    lens = jnp.asarray([n, n], jnp.int32)
+
+    def attend(rows, first, count):
+        return np.asarray(_attn(q[rows, first:first + count], pool, layout, jnp.int32(0), table[rows],
+                                positions[rows, first:first + count], lens[rows], pages_per_block=8))
+
+    whole = attend(slice(0, 1), 0, n)[0]
+    for first, count in ((92, 36), (64, 64), (3, 100), (120, 8)):
+        np.testing.assert_array_equal(attend(slice(0, 1), first, count)[0], whole[first:first + count])
+        np.testing.assert_array_equal(attend(slice(0, 2), first, count)[0], whole[first:first + count])
