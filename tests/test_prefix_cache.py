@@ -186,7 +186,7 @@ def test_a_hit_is_counted_and_lru_evicts_the_oldest_idle_page_first():
         seq = Sequence(str(first), None, [first, 0, 0, 0, 9], SamplingParams(), 0)
         assert pages.reuse_prefix(seq) == 0
         pages.grow(seq, 5)
-        seq.num_computed = 5
+        seq.num_computed = seq.num_prefilled = 5
         pages.offer_full_pages(seq)
         seqs.append(seq)
     for seq in seqs:
@@ -197,6 +197,29 @@ def test_a_hit_is_counted_and_lru_evicts_the_oldest_idle_page_first():
     assert pages.evict(1) == 1   # the oldest idle page: the last page of the first sequence
     assert pages.reuse_prefix(Sequence("4", None, [1, 0, 0, 0, 7], SamplingParams(), 0)) == 2
     assert pages.num_idle_cached == 0
+
+
+def test_only_pages_prompt_chunks_computed_are_offered():
+    """Decode's KV can round differently from a prefill's (bfloat16), so pages it filled are not
+    cached: a later prompt that repeats them computes them once more, as an uncached run does."""
+    layout = KVPageLayout(1, 1, 8, 2, "bf16", pages_per_slab=8)
+    allocator = SlabAllocator(1, layout.page_bytes * 8)
+    allocator.register("m", layout.page_bytes)
+    pages = PageManager(allocator, "m", layout, cache=PrefixCache())
+    seq = Sequence("1", None, [1, 2, 3, 4, 5], SamplingParams(), 0)
+    pages.grow(seq, 5)
+    seq.num_computed = seq.num_prefilled = 5
+    pages.offer_full_pages(seq)
+    for token in (6, 7, 8):            # decoded: computed one by one, not by a prompt chunk
+        seq.output_token_ids.append(token)
+        pages.grow(seq, 1)
+        seq.num_computed += 1
+        pages.offer_full_pages(seq)
+    assert seq.num_offered_pages == 2
+    pages.release(seq)
+    assert pages.num_idle_cached == 2 and seq.num_prefilled == 0
+    turn = Sequence("2", None, [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(), 0)
+    assert pages.reuse_prefix(turn) == 4 and turn.num_prefilled == 4
 
 
 # ---- in the engine, on tiny random models ------------------------------------------------------
@@ -242,8 +265,8 @@ def test_shared_prefixes_are_reused_and_decode_as_if_computed_afresh(kv_model):
     assert cached == plain
     cache = engine.pages.cache
     # 36 tokens (9 pages) of the prefix for three, 20 of the short one, and for the follow-up the first
-    # turn's 48: its 40 prompt tokens and 9 of its 10 answer tokens have KV (the last was never fed)
-    assert cache.hit_tokens == 3 * 36 + 20 + 48, cache.hit_tokens
+    # turn's 40 prompt tokens (10 pages; its answer's KV came from decode steps: computed again)
+    assert cache.hit_tokens == 3 * 36 + 20 + 40, cache.hit_tokens
     assert cache.queried_tokens == sum(len(p) for p in prompts)
     assert engine.pages.num_idle_cached > 0
     evict_prefix_caches(engine)

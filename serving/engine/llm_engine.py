@@ -45,7 +45,7 @@ from serving.engine.page_manager import PageManager
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampling import (SPARSE_MODEL_FIELDS, SamplingParams, find_stop, longest_partial_stop_suffix,
                                      sparse_spec)
-from serving.engine.scheduler import ScheduledBatch, Scheduler
+from serving.engine.scheduler import ScheduledBatch, Scheduler, StepKind
 from serving.engine.structured_output import GrammarCache
 from serving.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
@@ -349,8 +349,11 @@ class LLMEngine:
         and those it samples as pending."""
         sample_rows = [seq.num_computed + n == seq.num_tokens for seq, n in zip(batch.seqs, batch.num_tokens)]
         self.pool.words, pending = self.runner.dispatch(self.pool.words, batch.kind, batch.seqs, batch.num_tokens)
-        for seq, n, samples in zip(batch.seqs, batch.num_tokens, sample_rows):
+        chunks = {StepKind.PREFILL: len(batch.seqs), StepKind.MIXED: 1, StepKind.DECODE: 0}[batch.kind]
+        for i, (seq, n, samples) in enumerate(zip(batch.seqs, batch.num_tokens, sample_rows)):
             seq.num_computed += n
+            if i >= len(batch.seqs) - chunks:   # a prompt chunk's row (a mixed step's is its last)
+                seq.num_prefilled = seq.num_computed
             seq.num_pending += samples
             self.pages.offer_full_pages(seq)
         return LaunchedStep(batch, sample_rows, pending)

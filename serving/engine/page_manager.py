@@ -73,12 +73,16 @@ class PageManager:
         tpp = self.layout.tokens_per_page
         seq.pages = self.cache.lookup(self._keys(seq, (seq.num_tokens - 1) // tpp))
         seq.num_offered_pages = len(seq.pages)
-        seq.num_computed = len(seq.pages) * tpp
+        seq.num_computed = seq.num_prefilled = len(seq.pages) * tpp
         return seq.num_computed
 
     def offer_full_pages(self, seq: Sequence) -> None:
-        """Offer the pages `seq` has filled since last time, with tokens the host knows, to the cache."""
-        full = min(seq.num_computed, seq.num_known) // self.layout.tokens_per_page
+        """Offer the pages `seq` has filled since last time, with tokens the host knows, to the cache.
+        Only pages whose KV prompt chunks computed: a decode step's (one row of one token) can round
+        differently from a prefill's in bfloat16, so reusing it could change a later request's greedy
+        tokens against an uncached run. A finished answer's pages are cached once a later turn's
+        prompt brings them back (its prefill computes them once more)."""
+        full = min(seq.num_prefilled, seq.num_known) // self.layout.tokens_per_page
         if self.cache is None or full <= seq.num_offered_pages:
             return
         keys = self._keys(seq, full)
@@ -97,7 +101,7 @@ class PageManager:
             if free:
                 self.allocator.free(self.model_key, free)
             seq.pages = []
-        seq.num_offered_pages = 0
+        seq.num_offered_pages = seq.num_prefilled = 0
 
     def rename(self, moves: dict[int, int]) -> None:
         """The pool moved pages (compaction): follow them in the cache."""

@@ -86,6 +86,7 @@ class Sequence:
         self.output_logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.pages: list[int] = []
         self.num_computed = 0  # tokens whose KV is in the pool (or being written by a dispatched step)
+        self.num_prefilled = 0  # of those, the first ones a prompt chunk computed (or the prefix cache held)
         self.num_pending = 0   # tokens sampled by dispatched steps whose ids are not on the host yet
         self.page_keys: list[bytes] = []   # prefix-cache keys of its first full pages (tokens never change)
         self.num_offered_pages = 0         # its first pages the prefix cache has seen
