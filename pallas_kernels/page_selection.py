@@ -86,9 +86,9 @@ class SparseSpec:
     or as a fraction of the context (default DEFAULT_BUDGET_TOKENS), the context length past which
     decoding turns sparse (default twice the budget), and how the budget is shared out over the
     layers: `layer_weights`, one positive weight per layer (None: every layer alike). A sparse
-    layer reads the budget times its weight over the mean weight of the sparse layers, so the
-    pages read over all layers stay the budget's (layers whose bounds rank pages less sharply can
-    read more at no cost in bytes)."""
+    layer reads the budget times its weight over the mean weight of the sparse layers (at least 2
+    pages), so the pages read over all layers stay about the budget's (layers whose bounds rank
+    pages less sharply can read more at no cost in bytes)."""
     policy: str = "bbox"
     budget_tokens: int | None = None
     budget_fraction: float | None = None

@@ -59,8 +59,9 @@ def paged_attention_reference(
     scale = head_dim ** -0.5
 
     # [B, Hkv, G, S, D]: with the queries' rows next to head_dim, XLA's CPU dot computes each row
-    # the same way whatever S is (from [B, S, Hkv, G, D] it does not), so a token's attention does
-    # not depend on how many others share its step (a prefix cache's reused KV equals recomputed KV).
+    # the same way whatever S is (from [B, S, Hkv, G, D] it does not), so a prompt token's attention
+    # does not depend on how many others share its prefill step (a prefix cache's reused KV equals
+    # recomputed KV).
     qg = jnp.moveaxis(q.reshape(batch, seq, num_kv_heads, group, head_dim), 1, 3).astype(jnp.float32) * scale
     fp8 = layout.kv_dtype == "int4_fp8"
     if fp8:
