@@ -127,21 +127,31 @@ class SparseSpec:
         return POLICY_IDS[self.policy], budget, gate
 
     def layer_budgets(self, budget_pages: int, num_layers: int, dense_layers: int) -> np.ndarray:
-        """int32 [num_layers]: each layer's share of a budget of `budget_pages` per layer (>= 2 each;
-        the first `dense_layers` attend every page and keep the plain budget, unused)."""
-        budgets = np.full((num_layers,), budget_pages, np.int32)
-        if self.layer_weights is None or dense_layers >= num_layers:
-            return budgets
-        self.check_layers(num_layers)
-        w = np.asarray(self.layer_weights[dense_layers:], np.float64)
-        budgets[dense_layers:] = np.maximum(2, np.rint(budget_pages * w / w.mean()))
-        return budgets
+        """`share_budget` by this spec's layer weights."""
+        return share_budget(budget_pages, self.layer_weights, num_layers, dense_layers)
 
     def check_layers(self, num_layers: int) -> None:
         """ValueError unless the layer weights (if any) are one per layer of a num_layers model."""
-        if self.layer_weights is not None and len(self.layer_weights) != num_layers:
-            raise ValueError(f"layer_weights has {len(self.layer_weights)} entries; the model has {num_layers} "
-                             f"layers")
+        _check_layers(self.layer_weights, num_layers)
+
+
+def _check_layers(layer_weights: tuple[float, ...] | None, num_layers: int) -> None:
+    if layer_weights is not None and len(layer_weights) != num_layers:
+        raise ValueError(f"layer_weights has {len(layer_weights)} entries; the model has {num_layers} layers")
+
+
+def share_budget(budget_pages: int, layer_weights: tuple[float, ...] | None, num_layers: int,
+                 dense_layers: int) -> np.ndarray:
+    """int32 [num_layers]: each layer's share of a budget of `budget_pages` per layer by
+    `layer_weights` (None: alike), >= 2 each; the first `dense_layers` attend every page and keep
+    the plain budget, unused."""
+    budgets = np.full((num_layers,), budget_pages, np.int32)
+    if layer_weights is None or dense_layers >= num_layers:
+        return budgets
+    _check_layers(layer_weights, num_layers)
+    w = np.asarray(layer_weights[dense_layers:], np.float64)
+    budgets[dense_layers:] = np.maximum(2, np.rint(budget_pages * w / w.mean()))
+    return budgets
 
 
 def bound_scores(q, k_min, k_max):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -36,7 +36,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.llama import LlamaForCausalLM, Segment
 from models.tensor_parallel import TP_AXIS, shard_state
 from pallas_kernels.kv_pages import KVPageLayout
-from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpec
+from pallas_kernels.page_selection import POLICY_IDS, SelectionInputs, SparseSpec, share_budget
 from pallas_kernels.paged_attention_ref import REFERENCE_PAGES_PER_BLOCK
 from pallas_kernels.pow2 import next_pow2
 from serving.engine.sampling import SamplerOutput, SamplingParams, build_sampling_batch, sample
@@ -328,10 +328,10 @@ class ModelRunner(ShapeBuckets):
         budget = np.full((batch, self.num_layers), 2, np.int32)
         for i, seq in enumerate(seqs):
             spec = seq.params.sparse or self.sparse
-            if spec.layer_weights is None:   # a request's own budget, shared out as the model's
-                spec = replace(spec, layer_weights=self.sparse.layer_weights)
             policy[i], pages, gate[i] = spec.row(int(kv_lens[i]), self.layout.tokens_per_page)
-            budget[i] = spec.layer_budgets(pages, self.num_layers, self.dense_layers)
+            # a request's own budget without weights is shared out as the model's
+            budget[i] = share_budget(pages, spec.layer_weights or self.sparse.layer_weights, self.num_layers,
+                                     self.dense_layers)
         return SelectionInputs(policy, budget, gate)
 
     def _run_bucket(self, pool: jax.Array, kind: StepKind, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
